@@ -1,0 +1,369 @@
+"""ExpertArtifact: what an owner sends to the coordinator, and its validation.
+
+One safetensors file (never pickle). Tensors, for every decoder layer ``L``::
+
+    layers.{L}.expert.{name}      the expert MLP's parameters, named as in the base MLP
+    layers.{L}.router.embedding   [hidden]  the owner's router row r_j
+    layers.{L}.router.bias        [1]       the owner's raw bias beta_j (used as min(beta_j, 0))
+
+Metadata (all strings): format version, base fingerprint, spec sha256, architecture,
+layer count, hidden and intermediate sizes, dtype, owner name, training tokens.
+
+The file comes from another party, so :meth:`ExpertArtifact.load` checks the raw bytes
+before safetensors sees them, and every problem raises :class:`ArtifactError` naming the
+owner, the field, and what was expected and found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT_VERSION = "1"
+DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
+_MAX_HEADER_BYTES = 100 * 2**20
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias)$")
+_REQUIRED_METADATA = (
+    "format_version",
+    "owner",
+    "fingerprint",
+    "spec_sha256",
+    "architecture",
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "dtype",
+    "training_tokens",
+)
+
+
+class ArtifactError(ValueError):
+    """An expert artifact is unusable. ``owner``, ``field``, ``expected`` and ``got`` say why."""
+
+    def __init__(self, owner: str, field: str, expected, got, *, source: str | os.PathLike | None = None, hint=""):
+        self.owner, self.field, self.expected, self.got = owner, field, expected, got
+        self.source = str(source) if source is not None else None
+        where = f" ({self.source})" if self.source else ""
+        msg = f"expert artifact of owner {owner!r}{where}: {field}: expected {expected}, got {got}"
+        super().__init__(msg + (f". {hint}" if hint else ""))
+
+
+@dataclass
+class ExpertArtifact:
+    """One owner's expert: MLP weights, router embedding and bias for every layer."""
+
+    owner: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+
+    # -- metadata accessors -------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.metadata["fingerprint"]
+
+    @property
+    def spec_sha256(self) -> str:
+        return self.metadata["spec_sha256"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.metadata["num_layers"])
+
+    @property
+    def training_tokens(self) -> int:
+        return int(self.metadata["training_tokens"])
+
+    def layer(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``(expert state dict, router embedding [H], router bias [1])`` of one layer."""
+        prefix = f"layers.{index}.expert."
+        state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+        return state, self.tensors[f"layers.{index}.router.embedding"], self.tensors[f"layers.{index}.router.bias"]
+
+    # -- building ---------------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        owner: str,
+        expert: int | str = 1,
+        *,
+        spec_sha256: str = "",
+        training_tokens: int = 0,
+        fingerprint: str | None = None,
+    ) -> ExpertArtifact:
+        """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact."""
+        from flexmoe.upcycle import expert_index, moe_blocks
+        from flexmoe.upcycle import fingerprint as model_fingerprint
+
+        j = expert_index(model, expert)
+        if j == 0:
+            raise ValueError("expert 0 is the public model, not an owner's expert")
+        blocks = moe_blocks(model)
+        tensors: dict[str, torch.Tensor] = {}
+        for L, block in enumerate(blocks):
+            for name, t in block.experts[j].state_dict().items():
+                tensors[f"layers.{L}.expert.{name}"] = t.detach().cpu().contiguous()
+            tensors[f"layers.{L}.router.embedding"] = block.router.weight.detach()[j].cpu().contiguous()
+            tensors[f"layers.{L}.router.bias"] = block.router.bias.detach()[j : j + 1].float().cpu().contiguous()
+        cfg = model.config
+        dtype = next(blocks[0].experts[j].parameters()).dtype
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "owner": owner,
+            "fingerprint": fingerprint or model_fingerprint(model),
+            "spec_sha256": spec_sha256,
+            "architecture": cfg.model_type,
+            "num_layers": str(len(blocks)),
+            "hidden_size": str(cfg.hidden_size),
+            "intermediate_size": str(cfg.intermediate_size),
+            "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+            "training_tokens": str(int(training_tokens)),
+        }
+        art = cls(owner=owner, tensors=tensors, metadata=metadata)
+        art.check_structure()
+        return art
+
+    # -- I/O --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file (atomically: a crash never leaves half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str | None = None,
+        spec_sha256: str | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> ExpertArtifact:
+        """Read and validate an artifact file. Raises :class:`ArtifactError` on any problem."""
+        path = Path(path)
+        header = read_safetensors_header(path, max_bytes=max_bytes)
+        metadata = header.pop("__metadata__", None) or {}
+        owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
+        _check_metadata(metadata, owner, path)
+        for name, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path)
+        tensors = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ArtifactError(owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path) from e
+        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
+        art.check_structure()
+        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
+        return art
+
+    # -- validation -------------------------------------------------------------------
+    def _error(self, field, expected, got, hint=""):
+        return ArtifactError(self.owner, field, expected, got, source=self.source, hint=hint)
+
+    def check_identity(self, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
+        """Check the artifact was trained on this public model and under this spec."""
+        if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
+            raise self._error(
+                "fingerprint", fingerprint, self.metadata.get("fingerprint"),
+                hint="the expert was trained on a different public model",
+            )  # fmt: skip
+        if spec_sha256 is not None and self.metadata.get("spec_sha256") != spec_sha256:
+            raise self._error(
+                "spec_sha256", spec_sha256, self.metadata.get("spec_sha256"),
+                hint="the expert was trained under a different FederationSpec",
+            )  # fmt: skip
+
+    def check_structure(self) -> None:
+        """Self-consistency: key layout, layer set, shapes vs metadata, dtypes, finite values."""
+        n = self.num_layers
+        hidden, dtype = int(self.metadata["hidden_size"]), self.metadata["dtype"]
+        per_layer: dict[int, set[str]] = {}
+        for name in self.tensors:
+            m = _KEY.match(name)
+            if m is None:
+                raise self._error("tensor names", "layers.{L}.expert.* or layers.{L}.router.{embedding,bias}", name)
+            per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
+        if set(per_layer) != set(range(n)):
+            missing = sorted(set(range(n)) - set(per_layer))
+            extra = sorted(set(per_layer) - set(range(n)))
+            raise self._error("layers", f"0..{n - 1}", f"missing {missing}, extra {extra}")
+        reference = per_layer[0]
+        for L in range(n):
+            names = per_layer[L]
+            for required in ("router.embedding", "router.bias"):
+                if required not in names:
+                    raise self._error(f"layers.{L}.{required}", "present", "missing")
+            if names != reference:
+                raise self._error(f"tensors of layer {L}", sorted(reference), sorted(names))
+            for key in (f"layers.{L}.router.embedding", f"layers.{L}.router.bias"):
+                expected = [hidden] if key.endswith("embedding") else [1]
+                if list(self.tensors[key].shape) != expected:
+                    raise self._error(f"shape of {key}", expected, list(self.tensors[key].shape))
+        for name, t in self.tensors.items():
+            if not t.is_floating_point():
+                raise self._error(f"dtype of {name}", "a floating-point dtype", t.dtype)
+            if not name.endswith("router.bias") and _DTYPE_NAMES.get(t.dtype) != dtype:
+                raise self._error(f"dtype of {name}", dtype, _DTYPE_NAMES.get(t.dtype, t.dtype))
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise self._error(f"values of {name}", "finite numbers", f"{bad} NaN/Inf entries")
+
+    def validate(self, model: nn.Module, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
+        """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):
+        layer count, expert tensor names, shapes and dtypes, hidden size, and optionally
+        the fingerprint and spec hash."""
+        from flexmoe.upcycle import decoder_layers, is_moe, moe_blocks
+
+        self.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
+        if is_moe(model):
+            mlps = [b.experts[0] for b in moe_blocks(model)]
+        else:
+            mlps = [layer.mlp for layer in decoder_layers(model)]
+        if self.num_layers != len(mlps):
+            raise self._error("num_layers", len(mlps), self.num_layers)
+        if self.metadata.get("architecture") != model.config.model_type:
+            raise self._error("architecture", model.config.model_type, self.metadata.get("architecture"))
+        hidden = model.config.hidden_size
+        if int(self.metadata["hidden_size"]) != hidden:
+            raise self._error("hidden_size", hidden, self.metadata["hidden_size"])
+        for L, mlp in enumerate(mlps):
+            state, _, _ = self.layer(L)
+            want = mlp.state_dict()
+            if set(state) != set(want):
+                raise self._error(
+                    f"expert tensors of layer {L}", sorted(want), sorted(state),
+                    hint=f"missing {sorted(set(want) - set(state))}, extra {sorted(set(state) - set(want))}",
+                )  # fmt: skip
+            for name, ref in want.items():
+                got = state[name]
+                if got.shape != ref.shape:
+                    raise self._error(f"shape of layers.{L}.expert.{name}", list(ref.shape), list(got.shape))
+                if got.dtype != ref.dtype:
+                    raise self._error(f"dtype of layers.{L}.expert.{name}", ref.dtype, got.dtype)
+
+
+def read_safetensors_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
+    """Parse and check a safetensors header without trusting the file.
+
+    Checks: size cap, header length, JSON well-formedness, entry layout, and that the data
+    section is exactly as long as the header says (catches truncation and appended bytes).
+    Recognises pickles and ``torch.save`` zips and says so.
+    """
+    path = Path(path)
+    who = path.name
+    if not path.is_file():
+        raise ArtifactError(who, "file", "an existing file", "nothing at that path", source=path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ArtifactError(who, "file size", f"at most {max_bytes} bytes", f"{size} bytes", source=path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save format)"
+            raise ArtifactError(
+                who, "format", "safetensors", kind, source=path,
+                hint="flexmoe never unpickles files from other parties; export the expert with ExpertArtifact.save",
+            )  # fmt: skip
+        if len(head) < 8:
+            raise ArtifactError(who, "file", "a safetensors file (>= 8 bytes)", f"{len(head)} bytes", source=path)
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER_BYTES, size - 8):
+            raise ArtifactError(who, "header length", f"at most {min(_MAX_HEADER_BYTES, size - 8)}", n, source=path,
+                                hint="not a safetensors file, or a truncated one")  # fmt: skip
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise TypeError("header is not a JSON object")
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise ArtifactError(who, "header", "a JSON object", f"unreadable ({e})", source=path) from e
+    metadata = header.get("__metadata__")
+    if isinstance(metadata, dict) and isinstance(metadata.get("owner"), str):
+        who = metadata["owner"]
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise ArtifactError(who, "__metadata__", "a map of strings to strings", type(metadata).__name__, source=path)
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in entry["data_offsets"])
+            and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]
+        )
+        if not ok:
+            raise ArtifactError(who, f"header entry {name!r}", "{dtype, shape, data_offsets}", entry, source=path)
+        end = max(end, entry["data_offsets"][1])
+    data = size - 8 - n
+    if data != end:
+        what = "truncated" if data < end else "trailing bytes after the data"
+        raise ArtifactError(who, "file length", f"{8 + n + end} bytes", f"{size} bytes ({what})", source=path)
+    return header
+
+
+def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
+    for key in _REQUIRED_METADATA:
+        if key not in metadata:
+            raise ArtifactError(owner, f"metadata {key!r}", "present", "missing", source=path)
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(owner, "format_version", FORMAT_VERSION, metadata["format_version"], source=path)
+    for key in ("num_layers", "hidden_size", "intermediate_size", "training_tokens"):
+        if not metadata[key].isdigit():
+            raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
+    if metadata["dtype"] not in _DTYPES:
+        raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
+
+
+def assemble(
+    public_model: nn.Module,
+    artifacts: list[ExpertArtifact | str | os.PathLike],
+    top_k: int | None = None,
+    *,
+    normalize: bool = False,
+    spec_sha256: str | None = None,
+) -> nn.Module:
+    """Build the merged ``[public, e_1 ... e_n]`` MoE (FlexOlmo step 3), **in place**.
+
+    ``public_model`` is the dense public model (upcycled here) or a flexmoe MoE that has
+    only the public expert. Artifacts (objects or paths) are validated against it: the
+    fingerprint must match, and ``spec_sha256`` too when given.
+    """
+    from flexmoe.upcycle import add_expert, fingerprint, is_moe, set_top_k, settings, upcycle
+
+    if is_moe(public_model) and settings(public_model).num_experts != 1:
+        raise ValueError("assemble() takes the public model (dense, or a MoE with only the public expert)")
+    fp = fingerprint(public_model)
+    loaded = [a if isinstance(a, ExpertArtifact) else ExpertArtifact.load(a, fingerprint=fp) for a in artifacts]
+    for a in loaded:
+        a.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
+    model = public_model if is_moe(public_model) else upcycle(public_model, num_experts=0, normalize=normalize)
+    for a in loaded:
+        add_expert(model, a, check_fingerprint=False)
+    set_top_k(model, top_k)
+    return model

@@ -1,0 +1,209 @@
+"""Model surgery on Hugging Face decoders: dense -> MoE, opt-out, opt-in, fingerprint.
+
+Every decoder layer's ``mlp`` becomes a :class:`~flexmoe.moe.MoEBlock` whose expert 0 is
+the public MLP itself and whose other experts are copies of it (same class). Works for any
+``transformers`` causal LM whose decoder layers have an ``mlp`` attribute (OLMo-2, Llama,
+Mistral, Qwen2, Qwen3 are tested).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from flexmoe.moe import MoEBlock, MoESettings, Router
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flexmoe.artifact import ExpertArtifact
+
+PUBLIC = "public"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder layers (``model.model.layers`` for the supported families)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(l, "mlp") for l in layers):
+        return layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(l, "mlp") for l in module):
+            return module
+    raise TypeError(
+        f"{type(model).__name__} has no list of decoder layers with an `mlp` attribute; "
+        "flexmoe supports decoder-only transformers (OLMo-2, Llama, Mistral, Qwen2, Qwen3, ...)"
+    )
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """The MoE block of every decoder layer, in layer order (empty for a dense model)."""
+    return [layer.mlp for layer in decoder_layers(model) if isinstance(layer.mlp, MoEBlock)]
+
+
+def is_moe(model: nn.Module) -> bool:
+    return bool(moe_blocks(model))
+
+
+def settings(model: nn.Module) -> MoESettings:
+    """The :class:`MoESettings` shared by the model's MoE blocks."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.upcycle(model) first")
+    return blocks[0].settings
+
+
+def upcycle(
+    model: nn.Module,
+    num_experts: int = 1,
+    top_k: int | None = None,
+    *,
+    normalize: bool = False,
+    owners: list[str] | None = None,
+) -> nn.Module:
+    """Turn a dense causal LM into a FlexOlmo MoE, **in place**, and return it.
+
+    Expert 0 is the public MLP (the same module object, so its weights are untouched);
+    experts ``1..num_experts`` are deep copies. Router rows start at zero and biases at 0,
+    so with ``top_k`` = all experts the model computes exactly what the dense one did.
+
+    Args:
+        num_experts: how many owner experts to add next to the public one (0 is allowed).
+        top_k: experts per token; ``None`` means all. Changeable later with :func:`set_top_k`.
+        normalize: renormalise the top-k weights to sum to 1 (Mixtral); FlexOlmo does not.
+        owners: names of the owner experts (default ``expert_1 ...``).
+    """
+    if is_moe(model):
+        raise ValueError("model is already a flexmoe MoE; use add_expert() to append experts")
+    if num_experts < 0:
+        raise ValueError(f"num_experts must be >= 0, got {num_experts}")
+    owners = list(owners) if owners is not None else [f"expert_{i}" for i in range(1, num_experts + 1)]
+    if len(owners) != num_experts:
+        raise ValueError(f"got {len(owners)} owner names for {num_experts} experts")
+    _check_owner_names([PUBLIC, *owners])
+    shared = MoESettings(owners=[PUBLIC, *owners], top_k=None, normalize=normalize)
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        ref = next(mlp.parameters())
+        hidden = model.config.hidden_size
+        experts = [mlp] + [copy.deepcopy(mlp) for _ in range(num_experts)]
+        router = Router(hidden, num_experts + 1, dtype=ref.dtype, device=ref.device)
+        layer.mlp = MoEBlock(experts, router, shared)
+    set_top_k(model, top_k)
+    return model
+
+
+def set_top_k(model: nn.Module, top_k: int | None) -> None:
+    """Set how many experts each token uses (``None``: all), for every layer at once."""
+    s = settings(model)
+    if top_k is not None and not 1 <= top_k <= s.num_experts:
+        raise ValueError(f"top_k must be between 1 and the number of experts ({s.num_experts}), got {top_k}")
+    s.top_k = top_k
+
+
+def expert_index(model: nn.Module, expert: int | str) -> int:
+    """Resolve an expert given by index or owner name."""
+    owners = settings(model).owners
+    if isinstance(expert, str):
+        if expert not in owners:
+            raise KeyError(f"no expert owned by {expert!r}; owners are {owners}")
+        return owners.index(expert)
+    if not 0 <= expert < len(owners):
+        raise IndexError(f"expert index {expert} out of range for {len(owners)} experts")
+    return expert
+
+
+def opt_out(model: nn.Module, expert: int | str) -> nn.Module:
+    """Remove one owner's expert MLP, router row and bias from every layer (in place).
+
+    FlexOlmo's opt-out (section 3.3): the remaining experts and routers are untouched, so
+    the model is exactly what it would have been had that owner never joined.
+    """
+    j = expert_index(model, expert)
+    if j == 0:
+        raise ValueError("the public expert (index 0) anchors the router and cannot be removed")
+    s = settings(model)
+    for block in moe_blocks(model):
+        keep = [i for i in range(block.num_experts) if i != j]
+        block.experts = nn.ModuleList([block.experts[i] for i in keep])
+        _resize_router(block.router, keep)
+    del s.owners[j]
+    if s.top_k is not None and s.top_k > s.num_experts:
+        s.top_k = s.num_experts
+    return model
+
+
+def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint: bool = True) -> nn.Module:
+    """Append an owner's expert (from an :class:`~flexmoe.ExpertArtifact`) to every layer, in place.
+
+    The artifact is validated against this model first (fingerprint of the public part,
+    layer count, tensor names, shapes and dtypes); nobody else is retrained.
+    """
+    s = settings(model)
+    if artifact.owner in s.owners:
+        raise ValueError(f"an expert owned by {artifact.owner!r} is already in the model")
+    artifact.validate(model, fingerprint=fingerprint(model) if check_fingerprint else None)
+    for L, block in enumerate(moe_blocks(model)):
+        state, embedding, bias = artifact.layer(L)
+        expert = copy.deepcopy(block.experts[0])
+        expert.load_state_dict(state)
+        block.experts.append(expert)
+        keep = list(range(block.num_experts - 1))
+        _resize_router(block.router, keep, extra=(embedding, bias))
+    s.owners.append(artifact.owner)
+    return model
+
+
+def _resize_router(router: Router, keep: list[int], extra: tuple[torch.Tensor, torch.Tensor] | None = None):
+    w, b = router.weight.data[keep], router.bias.data[keep]
+    if extra is not None:
+        emb, bias = extra
+        w = torch.cat([w, emb.to(w).reshape(1, -1)])
+        b = torch.cat([b, bias.to(b).reshape(1)])
+    router.weight = nn.Parameter(w, requires_grad=router.weight.requires_grad)
+    router.bias = nn.Parameter(b, requires_grad=router.bias.requires_grad)
+
+
+def _check_owner_names(owners: list[str]) -> None:
+    if len(set(owners)) != len(owners):
+        raise ValueError(f"owner names must be unique, got {owners}")
+    for o in owners:
+        if not o or not isinstance(o, str):
+            raise ValueError(f"owner names must be non-empty strings, got {o!r}")
+
+
+def public_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The public model's tensors under their dense names, in sorted order.
+
+    For a dense model this is its state dict; for a flexmoe MoE it is expert 0 under the
+    original ``...mlp.*`` names, without routers and owner experts.
+    """
+    prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, MoEBlock)]
+    items = {}
+    for name, t in model.state_dict().items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            rest = name[len(prefix) :]
+            if not rest.startswith("experts.0."):
+                continue
+            name = prefix + rest[len("experts.0.") :]
+        items[name] = t
+    for name in sorted(items):
+        yield name, items[name]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the public model's tensors (name, dtype, shape, bytes), by sorted name.
+
+    Streams one tensor at a time; a dense model and the MoE upcycled from it (before or
+    after training the owners' experts) have the same fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, t in public_state(model):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
