@@ -1,0 +1,60 @@
+"""Tiny models built from `transformers` configs (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+CONFIGS = {
+    "olmo2": Olmo2Config,
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+ARCHS = list(CONFIGS)
+VOCAB = 96
+
+
+def tiny_config(arch: str, **overrides):
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kw.update(overrides)
+    return CONFIGS[arch](**kw)
+
+
+def tiny_model(arch: str = "olmo2", seed: int = 0, **overrides):
+    """A randomly initialised causal LM in eval mode, float32."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).eval()
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Move every parameter of ``module`` by seeded noise, as a stand-in for training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
