@@ -58,3 +58,48 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 @pytest.fixture
 def ids():
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+LICENSES = "/usr/share/common-licenses"
+
+
+def license_texts() -> list[str]:
+    """Real prose found on every machine of this image: the Debian licence texts."""
+    import os
+
+    out = []
+    for name in sorted(os.listdir(LICENSES)):
+        path = os.path.join(LICENSES, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                out.append(f.read())
+    return out
+
+
+def train_tiny_tokenizer(texts, vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained in a second on local text, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def public_dir(tmp_path_factory):
+    """A saved tiny OLMo-2 public model with its own tokenizer (ids: pad 0, bos 1, eos 2)."""
+    path = tmp_path_factory.mktemp("public")
+    tokenizer = train_tiny_tokenizer(license_texts(), vocab_size=VOCAB * 3)
+    model = tiny_model("olmo2", vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,179 @@
+"""FederationSpec: what the coordinator publishes before anyone trains (DESIGN.md step 1).
+
+A typed, versioned dataclass that round-trips to JSON. Its sha256 (over the canonical
+JSON) is stamped into every expert artifact, so the coordinator can tell which experts
+were trained under the same rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+
+
+@dataclass
+class ExpertRecipe:
+    """How each owner trains its expert (FlexOlmo section 3.2; betas and clipping as in OLMo)."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    z_loss_coef: float = 1e-3
+    top_k: int = 2
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _positive(self, "max_steps", "batch_size", "seq_len", "lr")
+        _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "z_loss_coef")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.top_k not in (1, 2):
+            raise ValueError(f"an owner's 2-expert model takes top_k 1 or 2, got {self.top_k}")
+
+
+@dataclass
+class RouterTuningRecipe:
+    """Coordinator-side router tuning on proxy data (FlexOlmo section 3.4)."""
+
+    enabled: bool = True
+    max_steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+
+    def __post_init__(self):
+        _positive(self, "max_steps", "batch_size", "seq_len", "lr")
+        _non_negative(self, "warmup_steps", "weight_decay")
+
+
+@dataclass
+class ProxyBudget:
+    """How many public documents an owner may name as its proxy set."""
+
+    fraction: float = 0.005
+    min_docs: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:
+            raise ValueError(f"proxy fraction must be in [0, 1], got {self.fraction}")
+        _non_negative(self, "min_docs")
+
+    def size(self, num_local_docs: int) -> int:
+        return max(self.min_docs, int(self.fraction * num_local_docs))
+
+
+@dataclass
+class FederationSpec:
+    """Everything an owner needs to train a compatible expert.
+
+    Args:
+        public_model: local directory or hub id of the public model.
+        fingerprint: :func:`flexmoe.fingerprint` of the public model.
+        embedder: sentence-transformers model for router-embedding init, or ``None`` for
+            the fallback that averages the public model's own hidden states.
+        projection_seed: seed of the fixed orthonormal projection from embedding width to
+            model width; every owner uses the same one.
+        public_router_embedding: ``r_pub`` [hidden], computed once by the coordinator.
+    """
+
+    public_model: str
+    fingerprint: str
+    embedder: str | None = "sentence-transformers/all-MiniLM-L6-v2"
+    projection_seed: int = 0
+    max_router_docs: int = 1000
+    public_router_embedding: list[float] | None = None
+    expert: ExpertRecipe = field(default_factory=ExpertRecipe)
+    router_tuning: RouterTuningRecipe = field(default_factory=RouterTuningRecipe)
+    proxy: ProxyBudget = field(default_factory=ProxyBudget)
+    version: int = SPEC_VERSION
+
+    def __post_init__(self):
+        for name, cls in (("expert", ExpertRecipe), ("router_tuning", RouterTuningRecipe), ("proxy", ProxyBudget)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, f"spec.{name}"))
+        if self.version != SPEC_VERSION:
+            raise ValueError(f"FederationSpec version {self.version} is not supported (this flexmoe reads {SPEC_VERSION})")
+        if not self.public_model:
+            raise ValueError("FederationSpec.public_model is empty")
+        if len(self.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in self.fingerprint):
+            raise ValueError(f"FederationSpec.fingerprint must be a sha256 hex digest, got {self.fingerprint!r}")
+        if self.public_router_embedding is not None:
+            self.public_router_embedding = [float(v) for v in self.public_router_embedding]
+
+    # -- JSON -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["expert"]["betas"] = list(d["expert"]["betas"])
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FederationSpec:
+        return _from_dict(cls, d, "spec")
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationSpec:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"FederationSpec is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError("FederationSpec JSON must be an object")
+        return cls.from_dict(d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FederationSpec:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no FederationSpec at {path}")
+        return cls.from_json(path.read_text())
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical JSON: equal specs have equal hashes, whatever the formatting."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    return cls(**d)
+
+
+def _positive(obj, *names):
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)}")
+
+
+def _non_negative(obj, *names):
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")
