@@ -1,0 +1,93 @@
+"""ExportExpert: write the owner's ExpertArtifact (and proxy selection) as training goes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from flexmoe.artifact import ExpertArtifact
+
+from ._common import find_moe_model
+
+
+class ExportExpert(pl.Callback):
+    """Write ``path`` (one safetensors file) at fit end and with every checkpoint, so a
+    crashed run still leaves the latest expert behind.
+
+    With ``public_documents``, also select the proxy set (DESIGN.md step 2) at fit end and
+    write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
+    scores only, never local text.
+
+    Args:
+        path: where the artifact goes (written atomically).
+        owner, spec: used when the LightningModule is not an :class:`~flexmoe.ExpertModule`.
+        public_documents: the public corpus the proxy set is drawn from.
+    """
+
+    def __init__(self, path: str | os.PathLike, owner: str | None = None, spec=None, public_documents=None):
+        self.path = Path(path)
+        self.owner, self.spec, self.public_documents = owner, spec, public_documents
+        self.exports = 0
+        self.proxy_path: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            # Fail before training, not after hours of it.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.path.parent, os.W_OK):
+                raise PermissionError(f"cannot write the expert artifact to {self.path.parent}")
+
+    def artifact(self, pl_module: pl.LightningModule) -> ExpertArtifact:
+        if hasattr(pl_module, "artifact"):
+            return pl_module.artifact()
+        spec = self.spec
+        return ExpertArtifact.from_model(
+            find_moe_model(pl_module),
+            owner=self.owner or "owner",
+            spec_sha256=spec.sha256 if spec is not None else "",
+            fingerprint=spec.fingerprint if spec is not None else None,
+        )
+
+    def export(self, pl_module: pl.LightningModule) -> Path:
+        self.artifact(pl_module).save(self.path)
+        self.exports += 1
+        return self.path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.export(pl_module)
+        if self.public_documents is not None:
+            self.proxy_path = self.write_proxy(trainer, pl_module)
+
+    def write_proxy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        from flexmoe.proxy import select_proxy
+
+        spec = getattr(pl_module, "spec", None) or self.spec
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "documents"):
+            raise ValueError("proxy selection needs the owner's documents: use a TextDataModule")
+        local = datamodule.documents()
+        kwargs = {}
+        if spec is not None:
+            kwargs = dict(budget=spec.proxy.size(len(local)), embedder=spec.embedder)
+        selection = select_proxy(local, list(self.public_documents), **kwargs)
+        path = self.path.with_name(self.path.name.removesuffix(".safetensors") + ".proxy.json")
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(json.loads(selection.to_json()), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exports": self.exports}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.exports = int(state_dict.get("exports", 0))

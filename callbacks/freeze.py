@@ -1,0 +1,66 @@
+"""FreezePublicModel: freeze the public model for an owner's run, and prove it stayed frozen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BaseFinetuning
+
+from flexmoe.expert import freeze_public
+from flexmoe.upcycle import fingerprint
+
+from ._common import find_moe_model
+
+
+class PublicModelChanged(RuntimeError):
+    """The frozen public tensors no longer hash to the spec's fingerprint."""
+
+
+class FreezePublicModel(BaseFinetuning):
+    """Freeze everything but the owner's expert, router row and bias (DESIGN.md step 2).
+
+    Freezing happens in ``setup``, before the optimizer is built, so the optimizer never
+    sees a frozen tensor. At fit end the public tensors are hashed again and must equal
+    ``fingerprint`` (the spec's): any drift — a stray weight decay, a bug, a hook that
+    wrote into a frozen weight — fails the run loudly instead of shipping a bad expert.
+
+    Args:
+        fingerprint: expected fingerprint; by default the one measured at fit start.
+        trainable: indices of the experts that train (the owner's expert is 1).
+    """
+
+    def __init__(self, fingerprint: str | None = None, trainable: tuple[int, ...] = (1,)):
+        super().__init__()
+        self.expected = fingerprint
+        self.trainable = tuple(trainable)
+        self.verified: str | None = None
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        freeze_public(find_moe_model(pl_module), self.trainable)
+
+    def finetune_function(self, pl_module, current_epoch, optimizer) -> None:
+        """Nothing is ever unfrozen: the public model stays frozen for the whole run."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.expected is None:
+            self.expected = fingerprint(find_moe_model(pl_module))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        got = fingerprint(find_moe_model(pl_module))
+        if got != self.expected:
+            raise PublicModelChanged(
+                f"the frozen public model changed during training: fingerprint {got} != expected {self.expected}. "
+                "Something updated a frozen tensor; the expert is not compatible with the federation."
+            )
+        self.verified = got
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "expected": self.expected, "trainable": list(self.trainable)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.expected = state_dict.pop("expected", self.expected)
+        self.trainable = tuple(state_dict.pop("trainable", self.trainable))
+        super().load_state_dict(state_dict)

@@ -1,0 +1,215 @@
+"""The data owner's side: train one FlexOlmo expert against the frozen public model.
+
+FlexOlmo section 3.2 / DESIGN.md step 2: the public model is upcycled into a 2-expert MoE
+(expert 0 = the public MLP, expert 1 = a copy); only expert 1, its router row ``r_1`` and
+its bias ``beta_1`` train, with LM loss + router z-loss, AdamW(0.9, 0.95), weight decay 0,
+cosine schedule with warmup and gradient clipping 1.0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from flexmoe.moe import record_router_logits, router_z_loss
+from flexmoe.spec import ExpertRecipe, FederationSpec
+from flexmoe.upcycle import fingerprint, moe_blocks, upcycle
+
+
+def load_public_model(public_model: str | Path | nn.Module, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """A local ``transformers`` directory or a hub id (loaded with ``from_pretrained``), or a model object."""
+    if isinstance(public_model, nn.Module):
+        return public_model
+    from transformers import AutoModelForCausalLM
+
+    path = Path(public_model)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(public_model), dtype=dtype)
+
+
+def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[nn.Parameter]:
+    """Freeze everything of the public model; leave the experts in ``trainable`` and their
+    router rows and biases trainable. Returns the trainable parameters.
+
+    Router rows of frozen experts share one tensor with the trainable rows, so their
+    gradients are zeroed by a hook (and the router gets no weight decay, see
+    :meth:`ExpertModule.configure_optimizers`): ``r_0`` stays bit-for-bit unchanged.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable_params: list[nn.Parameter] = []
+    for block in moe_blocks(model):
+        for j in trainable:
+            for p in block.experts[j].parameters():
+                p.requires_grad_(True)
+                trainable_params.append(p)
+        mask = torch.zeros(block.num_experts, dtype=torch.bool)
+        mask[list(trainable)] = True
+        for p in (block.router.weight, block.router.bias):
+            p.requires_grad_(True)
+            trainable_params.append(p)
+            if not hasattr(p, "_flexmoe_row_mask"):
+                p.register_hook(_zero_frozen_rows(p))
+            p._flexmoe_row_mask = mask
+    return trainable_params
+
+
+def _zero_frozen_rows(param: nn.Parameter):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        mask = param._flexmoe_row_mask.to(grad.device)
+        return grad * mask.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
+
+    return hook
+
+
+def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ExpertModule(pl.LightningModule):
+    """Trains one owner's expert (FlexOlmo section 3.2) in any Lightning ``Trainer``.
+
+    >>> spec = FederationSpec.load("spec.json")
+    >>> module = ExpertModule(spec.public_model, spec, owner="clinic")
+    >>> data = TextDataModule("notes/", tokenizer=spec.public_model)
+    >>> pl.Trainer(max_steps=spec.expert.max_steps, callbacks=expert_callbacks(spec, "clinic.safetensors")).fit(module, data)
+
+    Args:
+        public_model: local directory or hub id of the public model (or the model itself).
+        spec: the coordinator's :class:`FederationSpec` (object or path to its JSON). When
+            omitted, one is made from the model with the default recipe.
+        owner: this owner's name, written into the artifact.
+        check_fingerprint: refuse a public model whose fingerprint differs from the spec's.
+    """
+
+    def __init__(
+        self,
+        public_model: str | nn.Module,
+        spec: FederationSpec | str | None = None,
+        owner: str = "owner",
+        check_fingerprint: bool = True,
+    ):
+        super().__init__()
+        model = load_public_model(public_model)
+        if isinstance(spec, (str, Path)):
+            spec = FederationSpec.load(spec)
+        fp = fingerprint(model)
+        if spec is None:
+            name = public_model if isinstance(public_model, str) else getattr(model, "name_or_path", "") or "public"
+            spec = FederationSpec(public_model=str(name), fingerprint=fp, embedder=None)
+        elif check_fingerprint and spec.fingerprint != fp:
+            raise ValueError(
+                f"the public model does not match the spec: fingerprint {fp[:16]}... but the spec "
+                f"expects {spec.fingerprint[:16]}...; load the exact public model the coordinator published"
+            )
+        self.spec = spec
+        self.owner = owner
+        self.save_hyperparameters({"spec": spec.to_dict(), "owner": owner})
+        self.model = upcycle(model, num_experts=1, top_k=self.recipe.top_k, owners=[owner])
+        if spec.public_router_embedding is not None:
+            with torch.no_grad():
+                for block in moe_blocks(self.model):
+                    block.router.weight[0] = torch.tensor(spec.public_router_embedding, dtype=block.router.weight.dtype)
+        freeze_public(self.model)
+        self.model.train()  # from_pretrained returns eval mode; dropout etc. follow the Trainer from here
+        self.val_ppl = Perplexity()
+        self.tokens_seen = 0
+        self._t_last: float | None = None
+
+    @property
+    def recipe(self) -> ExpertRecipe:
+        return self.spec.expert
+
+    def forward(self, input_ids, **kwargs):
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def _lm_step(self, batch):
+        ids = batch["input_ids"]
+        with record_router_logits(self.model) as logits:
+            out = self.model(input_ids=ids, labels=ids, use_cache=False)
+        return out, logits
+
+    def training_step(self, batch, batch_idx):
+        out, logits = self._lm_step(batch)
+        z = router_z_loss(logits)
+        loss = out.loss + self.recipe.z_loss_coef * z
+        n = batch["input_ids"].numel() * self.trainer.world_size
+        self.tokens_seen += n
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("train/tokens_per_s", n / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
+        self._t_last = now
+        with torch.no_grad():
+            usage = torch.stack([(l.argmax(-1) == 1).float().mean() for l in logits]).mean()
+        self.log_dict(
+            {
+                "train/loss": out.loss.detach(),
+                "train/ppl": out.loss.detach().exp(),
+                "train/z_loss": z.detach(),
+                "router/top1_share_expert": usage,
+            },
+            on_step=True,
+            prog_bar=False,
+        )
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        out = self.model(input_ids=ids, use_cache=False)
+        self.val_ppl.update(out.logits[:, :-1].float(), ids[:, 1:])
+        loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=ids.shape[0])
+        self.log("val/ppl", self.val_ppl, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        r = self.recipe
+        routers = {id(p) for b in moe_blocks(self.model) for p in (b.router.weight, b.router.bias)}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) not in routers], "weight_decay": r.weight_decay},
+            # No decay on the router: decay would move the frozen rows that share its tensor.
+            {"params": [p for p in params if id(p) in routers], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=r.lr, betas=r.betas)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else r.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_with_warmup(s, warmup=r.warmup_steps, total=total, min_ratio=r.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # The recipe's clipping applies even when the Trainer was built without gradient_clip_val.
+        clip = gradient_clip_val if gradient_clip_val is not None else self.recipe.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["flexmoe_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
+
+    def artifact(self):
+        """This owner's :class:`~flexmoe.ExpertArtifact` as trained so far."""
+        from flexmoe.artifact import ExpertArtifact
+
+        return ExpertArtifact.from_model(
+            self.model,
+            owner=self.owner,
+            expert=1,
+            spec_sha256=self.spec.sha256,
+            training_tokens=self.tokens_seen,
+            fingerprint=self.spec.fingerprint,
+        )
