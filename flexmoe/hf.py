@@ -1,0 +1,560 @@
+"""Export a flexmoe MoE as a ``transformers`` checkpoint, and import one back.
+
+Three on-disk formats (DESIGN.md, "Exports"):
+
+``flexolmo``  OLMo-2 based models -> ``FlexOlmoForCausalLM`` (``model_type`` ``flex_olmo``).
+    Keys: ``model.layers.L.mlp.gate.weight`` [E, H] and
+    ``model.layers.L.mlp.experts.J.{gate,up,down}_proj.weight`` -- what ``save_pretrained``
+    itself writes; transformers fuses the experts on load.
+``mixtral``   Llama / Mistral based models -> ``MixtralForCausalLM``. Keys:
+    ``model.layers.L.block_sparse_moe.gate.weight`` and
+    ``model.layers.L.block_sparse_moe.experts.J.w{1,2,3}.weight`` (w1 = gate, w3 = up, w2 = down),
+    again what ``save_pretrained`` writes and what every Mixtral checkpoint on the hub uses.
+``native``    any supported base: ``base_config.json`` (the dense base model's config),
+    ``flexmoe_config.json`` (owners, top-k, normalisation) and safetensors under flexmoe's own
+    state-dict names (``...mlp.experts.J.*``, ``...mlp.router.weight`` and the raw
+    ``...mlp.router.bias``). Reopen it with :func:`load`.
+
+    A native directory deliberately has **no** ``config.json``: its tensors are not a dense
+    model's, and a ``config.json`` would let ``AutoModelForCausalLM.from_pretrained`` build the
+    dense base, miss every MLP weight and initialise them at random with only a warning.
+    Without one, ``from_pretrained`` fails loudly ("Unrecognized model ... config.json").
+
+The two ``transformers`` formats are exact (``from_pretrained`` reproduces flexmoe's logits)
+only when the MoE fits them: their routers have no bias, and Mixtral always renormalises
+the top-k weights. Anything else is refused unless ``allow_approximate=True``. Every shared
+config field is copied, because the classes' defaults differ (``rms_norm_eps``, RoPE theta,
+``sliding_window``); a base field the target cannot express is refused.
+
+Weights are written in shards: one for the dense tensors, all routers and expert 0 (the public
+model), then one per owner expert, plus the standard ``model.safetensors.index.json``. The same
+writer serves :func:`export` (an MoE in memory) and :func:`assemble_to_dir` (the public model plus
+artifact files, streamed one expert at a time so memory does not grow with the number of owners).
+Every export is built in a temporary sibling directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    FlexOlmoConfig,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    PreTrainedConfig,
+)
+from transformers.initialization import no_init_weights
+
+from flexmoe.artifact import ArtifactError, ExpertArtifact
+from flexmoe.upcycle import PUBLIC, decoder_layers, fingerprint, moe_blocks, set_top_k, settings, upcycle
+
+log = logging.getLogger(__name__)
+
+NATIVE_VERSION = "1"
+FLEXMOE_CONFIG = "flexmoe_config.json"
+BASE_CONFIG = "base_config.json"
+INDEX = "model.safetensors.index.json"
+FORMATS = ("flexolmo", "mixtral", "native")
+# Which dense bases each transformers format can hold, and its config class.
+_HF = {"flexolmo": (("olmo2",), FlexOlmoConfig), "mixtral": (("llama", "mistral"), MixtralConfig)}
+_MIXTRAL_EXPERT_NAMES = {"gate_proj.weight": "w1.weight", "down_proj.weight": "w2.weight", "up_proj.weight": "w3.weight"}
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+# -- tensor sources: where the weights come from -------------------------------------------
+
+
+class _ModelSource:
+    """An MoE held in memory (what :func:`export` writes)."""
+
+    def __init__(self, model: nn.Module):
+        s = settings(model)
+        self.model, self.config = model, model.config
+        self.owners, self.top_k, self.normalize = list(s.owners), s.top_k, s.normalize
+        self.blocks = moe_blocks(model)
+        self.mlp_prefixes = _mlp_prefixes(model)
+
+    def dense_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return _dense_tensors(self.model, self.mlp_prefixes)
+
+    def routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b.router.weight.detach(), b.router.bias.detach()) for b in self.blocks]
+
+    def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
+        return [b.experts[j].state_dict() for b in self.blocks]
+
+    def renormalisation_gap(self, top_k: int) -> float | None:
+        """Max |logit difference| on a fixed random probe between this model and the same
+        model with its top-k weights renormalised (what Mixtral would compute)."""
+        model, s = self.model, settings(self.model)
+        ids = torch.randint(self.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        was_training, old = model.training, s.normalize
+        model.eval()
+        try:
+            with torch.inference_mode():
+                device = next(model.parameters()).device
+                plain = model(ids.to(device)).logits.float()
+                s.normalize = True
+                renormalised = model(ids.to(device)).logits.float()
+        finally:
+            s.normalize = old
+            model.train(was_training)
+        return float((plain - renormalised).abs().max())
+
+
+class _ArtifactSource:
+    """The dense public model plus owners' artifact files (what :func:`assemble_to_dir` writes).
+
+    Every artifact is loaded and validated up front, one at a time, keeping only its router
+    rows; :meth:`expert` reloads one artifact when its shard is written.
+    """
+
+    def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256):
+        self.model, self.config = public, public.config
+        self.top_k, self.normalize, self.spec_sha256 = top_k, normalize, spec_sha256
+        self.paths = [Path(p) for p in paths]
+        self.mlp_prefixes = _mlp_prefixes(public)
+        self.fingerprint = fingerprint(public)
+        self.owners = [PUBLIC]
+        mlps = [layer.mlp for layer in decoder_layers(public)]
+        weight_dtype = next(mlps[0].parameters()).dtype
+        rows = [[torch.zeros(self.config.hidden_size, dtype=weight_dtype)] for _ in mlps]
+        biases = [[torch.zeros(1)] for _ in mlps]
+        self._router_rows = []  # per artifact, to check the file did not change before reloading it
+        for path in self.paths:
+            art = self._load(path)
+            if art.owner in self.owners:
+                raise ArtifactError(art.owner, "owner", "a name not yet in the model", f"duplicate of {self.owners}",
+                                    source=path)  # fmt: skip
+            self.owners.append(art.owner)
+            kept = []
+            for L in range(len(mlps)):
+                _, emb, bias = art.layer(L)
+                rows[L].append(emb.to(weight_dtype).clone())
+                biases[L].append(bias.float().clone())
+                kept.append((emb.clone(), bias.clone()))
+            self._router_rows.append(kept)
+            del art
+        self._routers = [(torch.stack(r), torch.cat(b)) for r, b in zip(rows, biases)]
+        if top_k is not None and not 1 <= top_k <= len(self.owners):
+            raise ValueError(f"top_k must be between 1 and the number of experts ({len(self.owners)}), got {top_k}")
+
+    def _load(self, path: Path) -> ExpertArtifact:
+        art = ExpertArtifact.load(path, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
+        art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
+        return art
+
+    def dense_tensors(self):
+        return _dense_tensors(self.model, self.mlp_prefixes)
+
+    def routers(self):
+        return self._routers
+
+    def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
+        if j == 0:
+            return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
+        art = self._load(self.paths[j - 1])
+        for L, (emb, bias) in enumerate(self._router_rows[j - 1]):
+            _, emb2, bias2 = art.layer(L)
+            if not (torch.equal(emb, emb2) and torch.equal(bias, bias2)):
+                raise ArtifactError(art.owner, f"layers.{L}.router", "the file validated earlier",
+                                    "different contents (the file changed during assembly)", source=art.source)  # fmt: skip
+        return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
+
+    def renormalisation_gap(self, top_k: int) -> float | None:
+        return None  # would need the whole MoE in memory, which is what this source avoids
+
+
+def _mlp_prefixes(model: nn.Module) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(layer.mlp)] for layer in decoder_layers(model)]
+
+
+def _dense_tensors(model: nn.Module, mlp_prefixes: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Everything outside the MLPs, once per storage (tied ``lm_head`` is left out, as HF does)."""
+    skip = tuple(p + "." for p in mlp_prefixes)
+    seen = set()
+    for name, t in model.state_dict().items():
+        if name.startswith(skip):
+            continue
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        yield name, t
+
+
+# -- formats: names and configs --------------------------------------------------------------
+
+
+def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
+    base = source.config.model_type
+    if fmt == "auto":
+        for candidate, (bases, _) in _HF.items():
+            if base in bases:
+                problems = _approximations(source, candidate)
+                if not problems:
+                    return candidate
+                log.info("exporting in the native format: %s would not be exact: %s", candidate, "; ".join(problems))
+        return "native"
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
+    if fmt == "native":
+        return fmt
+    bases = _HF[fmt][0]
+    if base not in bases:
+        fits = [f for f, (b, _) in _HF.items() if base in b] + ["native"]
+        raise ValueError(
+            f"the {fmt} format holds models built on {' or '.join(bases)}, but this one is built on {base!r}; "
+            f"formats supported for {base!r}: {', '.join(fits)}"
+        )
+    problems = _approximations(source, fmt)
+    if problems and not allow_approximate:
+        raise ValueError(
+            f"exporting to {fmt} would not reproduce this model: {'; '.join(problems)}. "
+            "Pass allow_approximate=True to export anyway, or use format='native', which is exact."
+        )
+    for p in problems:
+        log.warning("approximate %s export: %s", fmt, p)
+    return fmt
+
+
+def _approximations(source, fmt: str) -> list[str]:
+    """What a ``transformers`` format would change about the model (empty: exact)."""
+    problems = []
+    worst = max(float(_effective_bias(b).abs().max()) for _, b in source.routers())
+    if worst > 0:
+        problems.append(
+            f"{fmt} routers have no bias, so the non-zero router biases would be dropped (max |min(beta, 0)| = {worst:.4g})"
+        )
+    num_experts = len(source.owners)
+    k = num_experts if source.top_k is None else source.top_k
+    if fmt == "mixtral" and not source.normalize and k < num_experts:
+        gap = source.renormalisation_gap(k)
+        measured = f"; max abs logit difference on a random probe: {gap:.4g}" if gap is not None else ""
+        problems.append(
+            f"Mixtral renormalises the top-{k} router weights to sum to 1 but this model does not "
+            f"(normalize=False, top_k={k} of {num_experts} experts){measured}"
+        )
+    return problems
+
+
+def _effective_bias(bias: torch.Tensor) -> torch.Tensor:
+    b = bias.detach().float().clamp(max=0.0).clone()
+    b[0] = 0.0
+    return b
+
+
+def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
+    """On-disk name of expert ``j``'s tensor ``name`` in the MLP at ``prefix``."""
+    if fmt == "mixtral":
+        if name not in _MIXTRAL_EXPERT_NAMES:
+            raise ValueError(f"Mixtral experts hold gate/up/down projections without bias; cannot store {name!r}")
+        return f"{_mixtral_prefix(prefix)}.experts.{j}.{_MIXTRAL_EXPERT_NAMES[name]}"
+    if fmt == "flexolmo" and name not in _MIXTRAL_EXPERT_NAMES:
+        raise ValueError(f"FlexOlmo experts hold gate/up/down projections without bias; cannot store {name!r}")
+    return f"{prefix}.experts.{j}.{name}"
+
+
+def _router_tensors(fmt: str, prefix: str, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    if fmt == "native":
+        return {f"{prefix}.router.weight": weight, f"{prefix}.router.bias": bias}
+    if fmt == "mixtral":
+        return {f"{_mixtral_prefix(prefix)}.gate.weight": weight}
+    return {f"{prefix}.gate.weight": weight}
+
+
+def _mixtral_prefix(prefix: str) -> str:
+    head, _, last = prefix.rpartition(".")
+    if last != "mlp":
+        raise ValueError(f"expected the MLP at '<layer>.mlp', found {prefix!r}")
+    return f"{head}.block_sparse_moe"
+
+
+_NOT_COPIED = {"model_type", "architectures", "transformers_version", "_name_or_path"}
+# MoE-only fields: set from the flexmoe settings on export, read back into them on import.
+_MOE_FIELDS = {
+    "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+}  # fmt: skip
+
+
+def _translate_config(src: PreTrainedConfig, target_cls, *, drop=(), require=None, **fixed) -> PreTrainedConfig:
+    """Build a ``target_cls`` config that copies every field it shares with ``src``.
+
+    ``fixed`` sets fields explicitly; ``drop`` names ``src``-only fields that can be left
+    behind; ``require`` maps ``src``-only fields to the only value the target can express.
+    Any other ``src``-only field is refused, and so is a copied field the target changes.
+    """
+    require = require or {}
+    fields = {f.name for f in dataclasses.fields(target_cls)} | set(PreTrainedConfig().to_dict())
+    kwargs, unknown = {}, {}
+    for key, value in src.to_dict().items():
+        if key in _NOT_COPIED or key in fixed or key in drop:
+            continue
+        if key in fields:
+            kwargs[key] = value
+        elif key in require:
+            if value != require[key]:
+                raise ValueError(
+                    f"{src.model_type} config has {key}={value!r}, which {target_cls.__name__} cannot express "
+                    f"(only {require[key]!r}); use format='native'"
+                )
+        else:
+            unknown[key] = value
+    if unknown:
+        raise ValueError(f"{target_cls.__name__} has no field for these {src.model_type} config values: {unknown}; "
+                         "use format='native'")  # fmt: skip
+    config = target_cls(**kwargs, **fixed)
+    got = config.to_dict()
+    changed = {k: (v, got.get(k)) for k, v in kwargs.items() if v is not None and got.get(k) != v}
+    if changed:
+        raise ValueError(f"{target_cls.__name__} did not keep these config fields (wanted, got): {changed}")
+    return config
+
+
+def _hf_config(source, fmt: str, dtype: torch.dtype) -> PreTrainedConfig:
+    num_experts = len(source.owners)
+    k = num_experts if source.top_k is None else source.top_k
+    target_cls = _HF[fmt][1]
+    moe = dict(num_experts_per_tok=k, num_experts=num_experts, norm_topk_prob=source.normalize)
+    if fmt == "mixtral":
+        # Llama attention has no sliding window; Mixtral's default could be anything.
+        moe = dict(num_experts_per_tok=k, num_local_experts=num_experts, router_jitter_noise=0.0,
+                   sliding_window=getattr(source.config, "sliding_window", None))  # fmt: skip
+    require = {"attention_bias": False, "mlp_bias": False} if fmt == "mixtral" else {}
+    config = _translate_config(source.config, target_cls, drop={"pretraining_tp", "dtype"}, require=require,
+                               dtype=str(dtype).removeprefix("torch."), **moe)  # fmt: skip
+    config.architectures = ["FlexOlmoForCausalLM" if fmt == "flexolmo" else "MixtralForCausalLM"]
+    return config
+
+
+def _dense_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The dense base config of a FlexOlmo (-> OLMo-2) or Mixtral (-> Llama, or Mistral when it
+    uses a sliding window) config."""
+    if config.model_type == "flex_olmo":
+        return _translate_config(config, Olmo2Config, drop=_MOE_FIELDS)
+    if getattr(config, "sliding_window", None) is None:
+        return _translate_config(config, LlamaConfig, drop=_MOE_FIELDS | {"sliding_window"})
+    return _translate_config(config, MistralConfig, drop=_MOE_FIELDS)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), tokenizer=None) -> Path:
+    """Write ``source`` in format ``fmt`` (or ``"auto"``) into ``out_dir``, atomically."""
+    fmt = _resolve_format(fmt, source, allow_approximate)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory; choose a new path or remove it")
+    dtype = next(t for _, t in source.dense_tensors() if t.is_floating_point()).dtype
+    # Build the config first: it refuses what the format cannot express before any weight is written.
+    if fmt == "native":
+        config = source.config.to_dict() | {"dtype": str(dtype).removeprefix("torch.")}
+    else:
+        config = _hf_config(source, fmt, dtype).to_dict()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        config_name = BASE_CONFIG if fmt == "native" else "config.json"
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_shards(source, tmp, fmt)
+        meta = {
+            "format": fmt,
+            "format_version": NATIVE_VERSION,
+            "base_model_type": source.config.model_type,
+            "num_layers": len(source.mlp_prefixes),
+            "owners": source.owners,
+            "top_k": source.top_k,
+            "normalize": source.normalize,
+        }
+        (tmp / FLEXMOE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        generation = getattr(source.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        for f in files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(source, directory: Path, fmt: str) -> None:
+    """Shard 1: dense tensors, every router, expert 0. Shard j+1: expert j of every layer."""
+    num_experts = len(source.owners)
+    names = [f"model-{i:05d}-of-{num_experts:05d}.safetensors" for i in range(1, num_experts + 1)]
+    weight_map, total = {}, 0
+
+    def write(tensors: dict[str, torch.Tensor], name: str) -> None:
+        nonlocal total
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+
+    for j in range(num_experts):
+        shard = dict(source.dense_tensors()) if j == 0 else {}
+        if j == 0:
+            for prefix, (weight, bias) in zip(source.mlp_prefixes, source.routers()):
+                shard.update(_router_tensors(fmt, prefix, weight, bias))
+        for prefix, state in zip(source.mlp_prefixes, source.expert(j)):
+            shard.update({_layout(fmt, prefix, j, name): t for name, t in state.items()})
+        write(shard, names[j])
+        del shard  # the artifact this shard came from goes with it
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -- public API ------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approximate: bool = False,
+           tokenizer=None) -> Path:  # fmt: skip
+    """Write a flexmoe MoE as a ``transformers`` FlexOlmo or Mixtral checkpoint, or natively.
+
+    ``format``: ``"flexolmo"`` (OLMo-2 bases), ``"mixtral"`` (Llama, Mistral), ``"native"``
+    (any base; reopen with :func:`load`) or ``"auto"`` (the exact ``transformers`` format if
+    there is one, else native). An export that would change the model's outputs (router
+    biases, Mixtral's renormalisation) raises ``ValueError`` unless ``allow_approximate``.
+    Returns ``out_dir``, which must not exist yet (or be empty).
+    """
+    return _write(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, tokenizer=tokenizer)
+
+
+def assemble_to_dir(
+    public_dir,
+    artifact_paths: Sequence[str | os.PathLike],
+    out_dir,
+    *,
+    format: str = "native",
+    top_k: int | None = None,
+    normalize: bool = False,
+    spec_sha256: str | None = None,
+    allow_approximate: bool = False,
+) -> Path:
+    """FlexOlmo step 3 straight to disk: ``[public, e_1 ... e_n]`` without building the MoE.
+
+    Loads the dense public model once, validates every artifact against it (fingerprint, and
+    ``spec_sha256`` when given), then writes the public shard and one shard per artifact,
+    holding at most one artifact in memory. The result equals
+    ``export(assemble(public, artifacts, top_k, normalize=normalize), out_dir, format)``.
+    Tokenizer files in ``public_dir`` are copied along.
+    """
+    public = AutoModelForCausalLM.from_pretrained(public_dir).eval()
+    source = _ArtifactSource(public, artifact_paths, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)
+    files = [Path(public_dir) / f for f in _TOKENIZER_FILES if (Path(public_dir) / f).is_file()]
+    return _write(source, out_dir, format, allow_approximate=allow_approximate, files=files)
+
+
+def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Open a native flexmoe export, a FlexOlmo or Mixtral checkpoint (as a flexmoe MoE that
+    supports ``opt_out``/``add_expert``), or a dense ``transformers`` model (returned as is)."""
+    path = Path(path)
+    meta = json.loads((path / FLEXMOE_CONFIG).read_text()) if (path / FLEXMOE_CONFIG).is_file() else None
+    if meta is not None and meta.get("format") == "native":
+        return _load_native(path, meta, dtype)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds neither a flexmoe export ({FLEXMOE_CONFIG}) nor a config.json")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if model.config.model_type not in ("flex_olmo", "mixtral"):
+        return model
+    return _from_hf_moe(model, meta)
+
+
+def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
+    if meta.get("format_version") != NATIVE_VERSION:
+        raise ValueError(f"{path}: native format version {meta.get('format_version')!r}, "
+                         f"this flexmoe reads version {NATIVE_VERSION}")  # fmt: skip
+    config = AutoConfig.from_pretrained(path / BASE_CONFIG)
+    dtype = dtype or getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
+    owners = meta["owners"]
+    model = _empty_model(config, dtype)
+    upcycle(model, len(owners) - 1, owners=owners[1:], normalize=meta["normalize"])
+    set_top_k(model, meta["top_k"])
+    expected = dict(_dense_tensors(model, []))
+    index = json.loads((path / INDEX).read_text())["weight_map"]
+    if set(index) != set(expected):
+        missing, extra = sorted(set(expected) - set(index)), sorted(set(index) - set(expected))
+        raise ValueError(f"{path}: tensors do not match a {config.model_type} MoE with {len(owners)} experts; "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")  # fmt: skip
+    with torch.no_grad():
+        for shard in sorted(set(index.values())):
+            with safe_open(str(path / shard), framework="pt") as f:
+                for key in f.keys():
+                    target = expected[key]
+                    value = f.get_tensor(key)
+                    if value.shape != target.shape:
+                        raise ValueError(f"{path / shard}: {key} has shape {list(value.shape)}, "
+                                         f"the model expects {list(target.shape)}")  # fmt: skip
+                    target.copy_(value)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def _empty_model(config: PreTrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """A dense model of ``config`` whose weights are about to be overwritten (no random init)."""
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights skips the tying that normally happens at init
+    return model.eval()
+
+
+def _from_hf_moe(hf: nn.Module, meta: dict | None) -> nn.Module:
+    """A flexmoe MoE computing what a loaded FlexOlmo / Mixtral model computes."""
+    config = hf.config
+    num_experts = config.num_experts if config.model_type == "flex_olmo" else config.num_local_experts
+    owners = [PUBLIC] + [f"expert_{i}" for i in range(1, num_experts)]
+    if meta is not None and len(meta.get("owners", [])) == num_experts:
+        owners = list(meta["owners"])  # exported by flexmoe: keep the owners' names
+    normalize = bool(config.norm_topk_prob) if config.model_type == "flex_olmo" else True
+    top_k = config.num_experts_per_tok
+    dense_config = _dense_config(config)
+    hf_state = hf.state_dict()
+    model = _empty_model(dense_config, hf.dtype)
+    with torch.no_grad():
+        for name, t in _dense_tensors(model, _mlp_prefixes(model)):
+            t.copy_(hf_state[name])
+    del hf_state
+    upcycle(model, num_experts - 1, owners=owners[1:], normalize=normalize)
+    set_top_k(model, None if top_k >= num_experts else top_k)
+    with torch.no_grad():
+        for hf_layer, block in zip(decoder_layers(hf), moe_blocks(model)):
+            gate_up, down = hf_layer.mlp.experts.gate_up_proj, hf_layer.mlp.experts.down_proj
+            inter = gate_up.shape[1] // 2
+            for j, expert in enumerate(block.experts):
+                expert.gate_proj.weight.copy_(gate_up[j, :inter])  # gate rows come first
+                expert.up_proj.weight.copy_(gate_up[j, inter:])
+                expert.down_proj.weight.copy_(down[j])
+            block.router.weight.copy_(hf_layer.mlp.gate.weight)
+            block.router.bias.zero_()
+    model.generation_config = hf.generation_config
+    return model
