@@ -38,9 +38,9 @@ def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[n
     """Freeze everything of the public model; leave the experts in ``trainable`` and their
     router rows and biases trainable. Returns the trainable parameters.
 
-    Router rows of frozen experts share one tensor with the trainable rows, so their
-    gradients are zeroed by a hook (and the router gets no weight decay, see
-    :meth:`ExpertModule.configure_optimizers`): ``r_0`` stays bit-for-bit unchanged.
+    Router rows of frozen experts share one tensor with the trainable rows; the router
+    detaches them (:meth:`~flexmoe.moe.Router.freeze_rows`) and gets no weight decay (see
+    :meth:`ExpertModule.configure_optimizers`), so ``r_0`` stays bit-for-bit unchanged.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -50,23 +50,11 @@ def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[n
             for p in block.experts[j].parameters():
                 p.requires_grad_(True)
                 trainable_params.append(p)
-        mask = torch.zeros(block.num_experts, dtype=torch.bool)
-        mask[list(trainable)] = True
+        block.router.freeze_rows(trainable)
         for p in (block.router.weight, block.router.bias):
             p.requires_grad_(True)
             trainable_params.append(p)
-            if not hasattr(p, "_flexmoe_row_mask"):
-                p.register_hook(_zero_frozen_rows(p))
-            p._flexmoe_row_mask = mask
     return trainable_params
-
-
-def _zero_frozen_rows(param: nn.Parameter):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        mask = param._flexmoe_row_mask.to(grad.device)
-        return grad * mask.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
-
-    return hook
 
 
 def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -165,6 +153,11 @@ class ExpertModule(pl.LightningModule):
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
         return loss
 
+    def on_validation_epoch_start(self):
+        # States made under trainer.validate()'s inference mode cannot be updated in fit's
+        # validation (no_grad); start each validation from fresh states made in this mode.
+        self.val_ppl.reset()
+
     def validation_step(self, batch, batch_idx):
         ids = batch["input_ids"]
         out = self.model(input_ids=ids, use_cache=False)
@@ -183,7 +176,8 @@ class ExpertModule(pl.LightningModule):
             {"params": [p for p in params if id(p) in routers], "weight_decay": 0.0},
         ]
         opt = torch.optim.AdamW(groups, lr=r.lr, betas=r.betas)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else r.max_steps
+        trainer = self._trainer
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else r.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cosine_with_warmup(s, warmup=r.warmup_steps, total=total, min_ratio=r.min_lr_ratio)
         )

@@ -61,6 +61,18 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device))
+        # When set, only these rows (experts) receive gradients; the others are frozen while
+        # sharing one tensor with them (an owner trains r_1 but never r_0).
+        self.register_buffer("trainable_rows", None, persistent=False)
+
+    def freeze_rows(self, trainable: Sequence[int] | None) -> None:
+        """Let only the router rows and biases of ``trainable`` experts learn (``None``: all)."""
+        if trainable is None:
+            self.trainable_rows = None
+            return
+        mask = torch.zeros(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
+        mask[list(trainable)] = True
+        self.trainable_rows = mask
 
     def effective_bias(self) -> torch.Tensor:
         b = self.bias.float().clamp(max=0.0)
@@ -71,7 +83,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 router logits ``[T, E]`` for ``x`` of shape ``[T, H]``."""
-        return F.linear(x.float(), self.weight.float()) + self.effective_bias()
+        w, b = self.weight.float(), self.effective_bias()
+        if self.trainable_rows is not None:
+            m = self.trainable_rows
+            w, b = torch.where(m[:, None], w, w.detach()), torch.where(m, b, b.detach())
+        return F.linear(x.float(), w) + b
 
 
 class MoEBlock(nn.Module):

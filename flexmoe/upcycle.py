@@ -165,6 +165,7 @@ def _resize_router(router: Router, keep: list[int], extra: tuple[torch.Tensor, t
         b = torch.cat([b, bias.to(b).reshape(1)])
     router.weight = nn.Parameter(w, requires_grad=router.weight.requires_grad)
     router.bias = nn.Parameter(b, requires_grad=router.bias.requires_grad)
+    router.freeze_rows(None)  # row indices changed; freezing is a training-time setting
 
 
 def _check_owner_names(owners: list[str]) -> None:

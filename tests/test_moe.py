@@ -129,3 +129,15 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_collapsed():
 def test_losses_reject_empty_recordings():
     with pytest.raises(ValueError, match="record_router_logits"):
         router_z_loss([])
+
+
+def test_frozen_router_rows_get_no_gradient():
+    r = Router(4, 3)
+    with torch.no_grad():
+        r.weight.normal_()
+        r.bias.copy_(torch.tensor([0.0, -1.0, -1.0]))
+    r.freeze_rows([1])
+    r(torch.randn(6, 4)).pow(2).sum().backward()
+    assert r.weight.grad[0].abs().sum() == 0 and r.weight.grad[2].abs().sum() == 0
+    assert r.weight.grad[1].abs().sum() > 0
+    assert r.bias.grad[2] == 0 and r.bias.grad[1] != 0
