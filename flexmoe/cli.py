@@ -1,0 +1,309 @@
+"""The ``flexmoe`` command line: each command is a plain typed function, exposed by jsonargparse.
+
+::
+
+    flexmoe assemble --public PUBLIC_DIR --experts a.safetensors b.safetensors --out merged/ --format flexolmo
+    flexmoe export --model merged/ --format native --out merged_native/
+    flexmoe add-expert --model merged/ --expert c.safetensors --out merged_abc/
+    flexmoe opt-out --model merged/ --owner b --out merged_without_b/
+
+Every command also takes ``--config FILE.yaml`` (and ``--print_config`` to write one), as
+jsonargparse provides. On top of jsonargparse's own syntax, :func:`normalize_argv` accepts
+the spellings people type: ``--top-k`` for ``--top_k``, ``--experts a b`` for
+``--experts '["a", "b"]'``, and a bare ``--normalize`` for ``--normalize true``.
+
+A mistake in the input (a corrupt artifact, a wrong fingerprint, a missing directory)
+prints one line, ``flexmoe: error: ...``, and exits with status 1; set ``FLEXMOE_DEBUG=1``
+for the traceback. A new command is a function here plus one line in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import sys
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+Format = Literal["auto", "native", "flexolmo", "mixtral"]
+
+# Files a model directory may carry besides the weights; copied along so the output
+# directory is usable with `AutoTokenizer.from_pretrained` as well.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def assemble(
+    public: str,
+    experts: list[str],
+    out: str,
+    format: Format = "auto",
+    top_k: Optional[int] = None,
+    normalize: bool = False,
+    spec_sha256: Optional[str] = None,
+    allow_approximate: bool = False,
+) -> None:
+    """Merge owners' expert artifacts with the public model into one MoE (FlexOlmo step 3).
+
+    Every artifact is validated (fingerprint of the public model, shapes, dtypes, finite
+    values; never unpickled) before any weight is merged.
+
+    Args:
+        public: Directory of the dense public model (``save_pretrained`` output).
+        experts: Expert artifacts (``.safetensors``), one per owner, in expert order.
+        out: Output directory.
+        format: ``flexolmo`` (OLMo-2 bases), ``mixtral`` (Llama/Mistral bases), ``native``
+            (any base, reopened with ``flexmoe.load``), or ``auto`` to pick by base.
+        top_k: Experts per token at inference (default: all).
+        normalize: Renormalise the top-k router weights (Mixtral); FlexOlmo does not.
+        spec_sha256: Reject artifacts not trained under this FederationSpec hash.
+        allow_approximate: Export even where the format cannot represent the model
+            exactly (e.g. non-zero router biases in FlexOlmo).
+    """
+    from flexmoe.hf import assemble_to_dir
+
+    assemble_to_dir(
+        public,
+        list(experts),
+        out,
+        format=format,
+        top_k=top_k,
+        normalize=normalize,
+        spec_sha256=spec_sha256,
+        allow_approximate=allow_approximate,
+    )  # copies the public model's tokenizer files too
+    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out}")
+
+
+def export(model: str, out: str, format: Format = "auto", allow_approximate: bool = False) -> None:
+    """Re-export a flexmoe model directory (native, FlexOlmo or Mixtral) in another format.
+
+    Args:
+        model: Model directory written by flexmoe, or a transformers FlexOlmo/Mixtral checkpoint.
+        out: Output directory.
+        format: ``flexolmo``, ``mixtral``, ``native`` or ``auto`` (pick by base).
+        allow_approximate: Export even where the format cannot represent the model exactly.
+    """
+    from flexmoe.hf import export as export_model
+    from flexmoe.hf import load
+
+    export_model(load(model), out, format=format, allow_approximate=allow_approximate)
+    copy_tokenizer_files(model, out)
+    print(f"flexmoe: exported {model} -> {out} ({format})")
+
+
+def add_expert(
+    model: str,
+    expert: str,
+    out: str,
+    format: Optional[Format] = None,
+    top_k: Optional[int] = None,
+    allow_approximate: bool = False,
+) -> None:
+    """Opt in: append one owner's expert artifact to a merged model, retraining nobody.
+
+    Args:
+        model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
+        expert: The new owner's expert artifact (``.safetensors``).
+        out: Output directory.
+        format: Output format (default: the format of ``model``).
+        top_k: Experts per token from now on (default: keep the model's number, capped at the
+            number of experts; a model saved with k = all experts reopens as "all").
+        allow_approximate: Export even where the format cannot represent the model exactly.
+    """
+    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.hf import export as export_model
+    from flexmoe.hf import load
+    from flexmoe.upcycle import add_expert as add
+    from flexmoe.upcycle import fingerprint, set_top_k
+
+    fmt = format or detect_format(model)
+    moe = load(model)
+    add(moe, ExpertArtifact.load(expert, fingerprint=fingerprint(moe)), check_fingerprint=False)
+    if top_k is not None:
+        set_top_k(moe, top_k)
+    export_model(moe, out, format=fmt, allow_approximate=allow_approximate)
+    copy_tokenizer_files(model, out)
+    print(f"flexmoe: added {expert} to {model} -> {out} ({fmt})")
+
+
+def opt_out(
+    model: str,
+    owner: str,
+    out: str,
+    format: Optional[Format] = None,
+    top_k: Optional[int] = None,
+    allow_approximate: bool = False,
+) -> None:
+    """Opt out: remove one owner's expert, router row and bias from a merged model.
+
+    Args:
+        model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
+        owner: Name of the owner whose expert is removed.
+        out: Output directory.
+        format: Output format (default: the format of ``model``).
+        top_k: Experts per token from now on (default: keep the model's number, capped at the
+            number of experts; a model saved with k = all experts reopens as "all").
+        allow_approximate: Export even where the format cannot represent the model exactly.
+    """
+    from flexmoe.hf import export as export_model
+    from flexmoe.hf import load
+    from flexmoe.upcycle import opt_out as remove
+    from flexmoe.upcycle import set_top_k
+
+    fmt = format or detect_format(model)
+    moe = load(model)
+    remove(moe, owner)
+    if top_k is not None:
+        set_top_k(moe, top_k)
+    export_model(moe, out, format=fmt, allow_approximate=allow_approximate)
+    copy_tokenizer_files(model, out)
+    print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
+
+
+COMMANDS: dict[str, typing.Callable[..., None]] = {
+    "assemble": assemble,
+    "export": export,
+    "add-expert": add_expert,
+    "opt-out": opt_out,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def detect_format(model_dir: str | os.PathLike) -> str:
+    """The format a merged model directory is in: ``native``, ``flexolmo`` or ``mixtral``."""
+    d = Path(model_dir)
+    meta = d / "flexmoe_config.json"  # every flexmoe export writes it, whatever the format
+    if meta.is_file():
+        fmt = json.loads(meta.read_text()).get("format")
+        if fmt in ("native", "flexolmo", "mixtral"):
+            return fmt
+    config = d / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{d}: neither flexmoe_config.json nor config.json; expected a merged model directory")
+    model_type = json.loads(config.read_text()).get("model_type")
+    formats = {"flex_olmo": "flexolmo", "mixtral": "mixtral"}
+    if model_type not in formats:
+        raise ValueError(
+            f"{d}: model_type {model_type!r} is not a mixture of experts flexmoe can open "
+            "(expected a flexmoe export, a FlexOlmo or a Mixtral checkpoint)"
+        )
+    return formats[model_type]
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy tokenizer files from ``src`` to ``dst`` where ``dst`` lacks them."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        s, d = Path(src) / name, Path(dst) / name
+        if s.is_file() and not d.exists():
+            shutil.copy2(s, d)
+            copied.append(name)
+    return copied
+
+
+def _option_kinds(fn: typing.Callable) -> dict[str, str]:
+    """``{parameter: "list" | "bool" | "other"}`` from a command's type hints."""
+    hints = typing.get_type_hints(fn)
+    kinds = {}
+    for name in inspect.signature(fn).parameters:
+        hint = hints.get(name)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else []
+        hint = args[0] if len(args) == 1 else hint
+        kinds[name] = "list" if typing.get_origin(hint) is list else "bool" if hint is bool else "other"
+    return kinds
+
+
+def normalize_argv(argv: list[str], commands: dict[str, typing.Callable] = COMMANDS) -> list[str]:
+    """Rewrite the usual command-line spellings into jsonargparse's.
+
+    * ``--top-k 2`` -> ``--top_k 2`` (dashes in option names become underscores);
+    * ``--experts a b`` -> ``--experts '["a", "b"]'`` for list options (a single value that
+      starts with ``[`` is left to jsonargparse, as is the append form ``--experts+ a``);
+    * ``--normalize`` with no value -> ``--normalize=true`` for bool options.
+    """
+    out: list[str] = []
+    kinds: dict[str, str] | None = None
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if kinds is None and tok in commands:
+            kinds = _option_kinds(commands[tok])
+            out.append(tok)
+            continue
+        if not tok.startswith("--") or tok == "--":
+            out.append(tok)
+            continue
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        kind = (kinds or {}).get(name, "other")
+        if eq or kind == "other":
+            out.append(f"--{name}{eq}{value}")
+            continue
+        values = []
+        while i < len(argv) and not argv[i].startswith("--") and (kind == "list" or not values):
+            values.append(argv[i])
+            i += 1
+        if kind == "bool":
+            out += [f"--{name}", values[0]] if values else [f"--{name}=true"]
+        elif len(values) == 1 and values[0].lstrip().startswith("["):
+            out += [f"--{name}", values[0]]
+        elif values:
+            out += [f"--{name}", json.dumps(values)]
+        else:
+            out.append(f"--{name}")  # jsonargparse reports the missing value
+    return out
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return str(e.args[0])  # str(KeyError) would wrap the message in quotes
+    return str(e) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``flexmoe`` command."""
+    from jsonargparse import auto_cli
+
+    from flexmoe import __version__
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        auto_cli(
+            COMMANDS,
+            args=normalize_argv(argv),
+            as_positional=False,
+            prog="flexmoe",
+            description="FlexOlmo-style mixtures of experts: assemble, export, opt in and opt out.",
+            version=__version__,
+        )
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        # Bad input (ArtifactError is a ValueError): one line for the person who made the
+        # mistake, not a traceback. FLEXMOE_DEBUG=1 shows the traceback.
+        if os.environ.get("FLEXMOE_DEBUG"):
+            raise
+        print(f"flexmoe: error: {_message(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
