@@ -1,0 +1,35 @@
+# Quick start on a fresh clone (each command sets up .venv the first time, then reuses it):
+#   make demo   run the main job end to end (examples/quickstart.py; outputs in demo_out/)
+#   make test   run the whole test suite
+#
+# Set-up installs torch==2.13.0 first: with no torch installed, pip would resolve the looser
+# `torch>=...` requirement to a multi-GB CUDA build. Override with `make TORCH=torch==X ...`.
+# It reruns only when pyproject.toml or setup.py is newer than the stamp file.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+OUT ?= demo_out
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flexmoe-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install "$(TORCH)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python examples/quickstart.py --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(OUT) build dist .pytest_cache
