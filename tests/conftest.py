@@ -76,22 +76,11 @@ def license_texts() -> list[str]:
     return out
 
 
-def train_tiny_tokenizer(texts, vocab_size: int = 256):
+def train_tiny_tokenizer(texts, vocab_size: int = VOCAB * 3):
     """A byte-level BPE tokenizer trained in a second on local text, as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from flexmoe.data import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return train_tokenizer(texts, vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"])
 
 
 @pytest.fixture(scope="session")
