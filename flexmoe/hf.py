@@ -35,6 +35,7 @@ Every export is built in a temporary sibling directory and renamed into place wh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -61,7 +62,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from flexmoe.artifact import ArtifactError, ExpertArtifact
+from flexmoe.artifact import ArtifactError, ExpertArtifact, read_safetensors_header
 from flexmoe.upcycle import PUBLIC, decoder_layers, fingerprint, moe_blocks, set_top_k, settings, upcycle
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ INDEX = "model.safetensors.index.json"
 FORMATS = ("flexolmo", "mixtral", "native")
 # Which dense bases each transformers format can hold, and its config class.
 _HF = {"flexolmo": (("olmo2",), FlexOlmoConfig), "mixtral": (("llama", "mistral"), MixtralConfig)}
-_MIXTRAL_EXPERT_NAMES = {"gate_proj.weight": "w1.weight", "down_proj.weight": "w2.weight", "up_proj.weight": "w3.weight"}
+# Mixtral names its expert projections w1 (gate), w3 (up), w2 (down).
+_MIXTRAL_EXPERT_NAMES = {"gate_proj.weight": "w1.weight", "up_proj.weight": "w3.weight",
+                         "down_proj.weight": "w2.weight"}  # fmt: skip
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -102,7 +105,7 @@ class _ModelSource:
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         return [b.experts[j].state_dict() for b in self.blocks]
 
-    def renormalisation_gap(self, top_k: int) -> float | None:
+    def renormalisation_gap(self) -> float | None:
         """Max |logit difference| on a fixed random probe between this model and the same
         model with its top-k weights renormalised (what Mixtral would compute)."""
         model, s = self.model, settings(self.model)
@@ -124,8 +127,10 @@ class _ModelSource:
 class _ArtifactSource:
     """The dense public model plus owners' artifact files (what :func:`assemble_to_dir` writes).
 
-    Every artifact is loaded and validated up front, one at a time, keeping only its router
-    rows; :meth:`expert` reloads one artifact when its shard is written.
+    Up front, each file's header is checked (size, truncation, fingerprint, spec, owner) and
+    only its router rows are read. The full validation (shapes, dtypes, NaN/Inf, fit to the
+    public model) happens in :meth:`expert`, which loads one artifact when its shard is written;
+    a failure there discards the unfinished export.
     """
 
     def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256):
@@ -135,33 +140,25 @@ class _ArtifactSource:
         self.mlp_prefixes = _mlp_prefixes(public)
         self.fingerprint = fingerprint(public)
         self.owners = [PUBLIC]
-        mlps = [layer.mlp for layer in decoder_layers(public)]
-        weight_dtype = next(mlps[0].parameters()).dtype
-        rows = [[torch.zeros(self.config.hidden_size, dtype=weight_dtype)] for _ in mlps]
-        biases = [[torch.zeros(1)] for _ in mlps]
-        self._router_rows = []  # per artifact, to check the file did not change before reloading it
+        self._router_rows = []  # per artifact and layer: (embedding, bias) as read up front
         for path in self.paths:
-            art = self._load(path)
-            if art.owner in self.owners:
-                raise ArtifactError(art.owner, "owner", "a name not yet in the model", f"duplicate of {self.owners}",
+            metadata = read_safetensors_header(path).get("__metadata__") or {}
+            owner = metadata.get("owner", path.name)
+            stub = ExpertArtifact(owner=owner, tensors={}, metadata=metadata, source=str(path))
+            stub.check_identity(fingerprint=self.fingerprint, spec_sha256=spec_sha256)
+            if stub.owner in self.owners:
+                raise ArtifactError(stub.owner, "owner", "a name not yet in the model", f"a second {stub.owner!r}",
                                     source=path)  # fmt: skip
-            self.owners.append(art.owner)
-            kept = []
-            for L in range(len(mlps)):
-                _, emb, bias = art.layer(L)
-                rows[L].append(emb.to(weight_dtype).clone())
-                biases[L].append(bias.float().clone())
-                kept.append((emb.clone(), bias.clone()))
-            self._router_rows.append(kept)
-            del art
-        self._routers = [(torch.stack(r), torch.cat(b)) for r, b in zip(rows, biases)]
+            self.owners.append(stub.owner)
+            self._router_rows.append(_read_router_rows(stub, len(self.mlp_prefixes), self.config.hidden_size))
         if top_k is not None and not 1 <= top_k <= len(self.owners):
             raise ValueError(f"top_k must be between 1 and the number of experts ({len(self.owners)}), got {top_k}")
-
-    def _load(self, path: Path) -> ExpertArtifact:
-        art = ExpertArtifact.load(path, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
-        art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
-        return art
+        dtype = next(decoder_layers(public)[0].mlp.parameters()).dtype
+        self._routers = []
+        for L in range(len(self.mlp_prefixes)):
+            rows = [torch.zeros(self.config.hidden_size, dtype=dtype)] + [r[L][0].to(dtype) for r in self._router_rows]
+            biases = [torch.zeros(1)] + [r[L][1].float() for r in self._router_rows]
+            self._routers.append((torch.stack(rows), torch.cat(biases)))
 
     def dense_tensors(self):
         return _dense_tensors(self.model, self.mlp_prefixes)
@@ -172,16 +169,41 @@ class _ArtifactSource:
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         if j == 0:
             return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
-        art = self._load(self.paths[j - 1])
+        art = ExpertArtifact.load(self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
+        art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
         for L, (emb, bias) in enumerate(self._router_rows[j - 1]):
             _, emb2, bias2 = art.layer(L)
             if not (torch.equal(emb, emb2) and torch.equal(bias, bias2)):
-                raise ArtifactError(art.owner, f"layers.{L}.router", "the file validated earlier",
-                                    "different contents (the file changed during assembly)", source=art.source)  # fmt: skip
+                changed = "different contents (the file changed during assembly)"
+                raise ArtifactError(art.owner, f"layers.{L}.router", "the contents read at the start", changed,
+                                    source=art.source)  # fmt: skip
         return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
 
-    def renormalisation_gap(self, top_k: int) -> float | None:
+    def renormalisation_gap(self) -> float | None:
         return None  # would need the whole MoE in memory, which is what this source avoids
+
+
+def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) -> list[tuple[torch.Tensor, ...]]:
+    """Just the router embedding [hidden] and bias [1] of every layer, not the expert weights."""
+    names = [(f"layers.{L}.router.embedding", f"layers.{L}.router.bias") for L in range(num_layers)]
+    try:
+        with safe_open(artifact.source, framework="pt") as f:
+            present = set(f.keys())
+            missing = [n for pair in names for n in pair if n not in present]
+            if missing:
+                raise ArtifactError(artifact.owner, "router tensors", f"{num_layers} layers of them",
+                                    f"missing {missing[:4]}", source=artifact.source)  # fmt: skip
+            rows = [(f.get_tensor(e), f.get_tensor(b)) for e, b in names]
+    except ArtifactError:
+        raise
+    except Exception as e:  # safetensors' own errors for unreadable files
+        raise ArtifactError(artifact.owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}",
+                            source=artifact.source) from e  # fmt: skip
+    for (e, b), (emb, bias) in zip(names, rows):
+        if list(emb.shape) != [hidden] or list(bias.shape) != [1]:
+            got = f"{e} {list(emb.shape)}, {b} {list(bias.shape)}"
+            raise ArtifactError(artifact.owner, "router shapes", f"[{hidden}] and [1]", got, source=artifact.source)
+    return rows
 
 
 def _mlp_prefixes(model: nn.Module) -> list[str]:
@@ -211,7 +233,11 @@ def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
     if fmt == "auto":
         for candidate, (bases, _) in _HF.items():
             if base in bases:
-                problems = _approximations(source, candidate)
+                try:
+                    _hf_config(source, candidate, torch.float32)  # raises if the base config does not fit
+                    problems = _approximations(source, candidate)
+                except ValueError as e:
+                    problems = [str(e)]
                 if not problems:
                     return candidate
                 log.info("exporting in the native format: %s would not be exact: %s", candidate, "; ".join(problems))
@@ -244,12 +270,13 @@ def _approximations(source, fmt: str) -> list[str]:
     worst = max(float(_effective_bias(b).abs().max()) for _, b in source.routers())
     if worst > 0:
         problems.append(
-            f"{fmt} routers have no bias, so the non-zero router biases would be dropped (max |min(beta, 0)| = {worst:.4g})"
+            f"{fmt} routers have no bias, so the non-zero router biases would be dropped "
+            f"(max |min(beta, 0)| = {worst:.4g})"
         )
     num_experts = len(source.owners)
     k = num_experts if source.top_k is None else source.top_k
     if fmt == "mixtral" and not source.normalize and k < num_experts:
-        gap = source.renormalisation_gap(k)
+        gap = source.renormalisation_gap()
         measured = f"; max abs logit difference on a random probe: {gap:.4g}" if gap is not None else ""
         problems.append(
             f"Mixtral renormalises the top-{k} router weights to sum to 1 but this model does not "
@@ -266,12 +293,10 @@ def _effective_bias(bias: torch.Tensor) -> torch.Tensor:
 
 def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
     """On-disk name of expert ``j``'s tensor ``name`` in the MLP at ``prefix``."""
+    if fmt != "native" and name not in _MIXTRAL_EXPERT_NAMES:
+        raise ValueError(f"{fmt} experts are gate/up/down projections without bias; cannot store {name!r}")
     if fmt == "mixtral":
-        if name not in _MIXTRAL_EXPERT_NAMES:
-            raise ValueError(f"Mixtral experts hold gate/up/down projections without bias; cannot store {name!r}")
         return f"{_mixtral_prefix(prefix)}.experts.{j}.{_MIXTRAL_EXPERT_NAMES[name]}"
-    if fmt == "flexolmo" and name not in _MIXTRAL_EXPERT_NAMES:
-        raise ValueError(f"FlexOlmo experts hold gate/up/down projections without bias; cannot store {name!r}")
     return f"{prefix}.experts.{j}.{name}"
 
 
@@ -370,14 +395,15 @@ def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), toke
     dtype = next(t for _, t in source.dense_tensors() if t.is_floating_point()).dtype
     # Build the config first: it refuses what the format cannot express before any weight is written.
     if fmt == "native":
-        config = source.config.to_dict() | {"dtype": str(dtype).removeprefix("torch.")}
+        config = copy.deepcopy(source.config)
+        config.dtype = dtype
     else:
-        config = _hf_config(source, fmt, dtype).to_dict()
+        config = _hf_config(source, fmt, dtype)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        config_name = BASE_CONFIG if fmt == "native" else "config.json"
-        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # The whole config, not the diff to today's defaults: those differ between versions.
+        config.to_json_file(tmp / (BASE_CONFIG if fmt == "native" else "config.json"), use_diff=False)
         _write_shards(source, tmp, fmt)
         meta = {
             "format": fmt,

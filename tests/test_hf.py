@@ -163,7 +163,8 @@ def test_auto_format_picks_the_exact_one(tmp_path):
     assert written(make_moe("olmo2", 1, biases=True), "b") == "native"
     assert written(make_moe("llama", 2, 1, normalize=True), "c") == "mixtral"
     assert written(make_moe("llama", 2, 1, normalize=False), "d") == "native"
-    assert written(make_moe("qwen3", 1), "e") == "native"
+    assert written(make_moe("llama", 2, attention_bias=True), "e") == "native"
+    assert written(make_moe("qwen3", 1), "f") == "native"
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -191,7 +192,8 @@ def test_mixtral_refuses_missing_renormalisation(tmp_path, ids):
         flexmoe.export(model, tmp_path / "m", "mixtral")
     assert "allow_approximate" in str(err.value) and "logit difference" in str(err.value)
 
-    loaded = AutoModelForCausalLM.from_pretrained(flexmoe.export(model, tmp_path / "m", "mixtral", allow_approximate=True))
+    out = flexmoe.export(model, tmp_path / "m", "mixtral", allow_approximate=True)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
     assert max_diff(logits(loaded, ids), logits(model, ids)) > 1e-3
     settings(model).normalize = True  # what Mixtral computes instead
     assert max_diff(logits(loaded, ids), logits(model, ids)) <= TOL
@@ -250,7 +252,8 @@ def genuine_hf_moe(kind: str, num_experts=4, top_k=2, sliding_window=None):
     if kind == "flex_olmo":
         model = FlexOlmoForCausalLM(FlexOlmoConfig(num_experts=num_experts, num_experts_per_tok=top_k, **kw))
     else:
-        config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=sliding_window, **kw)
+        config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=sliding_window,
+                               **kw)  # fmt: skip
         model = MixtralForCausalLM(config)
     with torch.no_grad():
         for layer in decoder_layers(model):
@@ -379,4 +382,26 @@ def test_assemble_to_dir_rejects_bad_artifacts(tmp_path):
     with pytest.raises(flexmoe.ArtifactError, match="spec_sha256"):
         flexmoe.assemble_to_dir(tmp_path / "public", good, tmp_path / "out", spec_sha256="another spec")
     assert not (tmp_path / "out").exists()
+
+    # Found only when the artifact is streamed, after other shards were written: nothing is left.
+    broken = flexmoe.ExpertArtifact.load(good[0])
+    next(t for k, t in broken.tensors.items() if "expert" in k)[0, 0] = float("nan")
+    broken.owner = broken.metadata["owner"] = "broken"
+    nan = broken.save(tmp_path / "nan.safetensors")
+    with pytest.raises(flexmoe.ArtifactError, match="NaN"):
+        flexmoe.assemble_to_dir(tmp_path / "public", good + [nan], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+@pytest.mark.parametrize("fmt", ["native", "flexolmo"])
+def test_exports_carry_the_tokenizer(tmp_path, public_dir, fmt):
+    from transformers import AutoTokenizer
+
+    public = AutoTokenizer.from_pretrained(public_dir)
+    text = "Permission is hereby granted, free of charge"
+    streamed = flexmoe.assemble_to_dir(public_dir, [], tmp_path / "streamed", format=fmt)
+    assert AutoTokenizer.from_pretrained(streamed)(text).input_ids == public(text).input_ids
+    model = flexmoe.upcycle(AutoModelForCausalLM.from_pretrained(public_dir), 1)
+    exported = flexmoe.export(model, tmp_path / "exported", fmt, tokenizer=public)
+    assert AutoTokenizer.from_pretrained(exported)(text).input_ids == public(text).input_ids
