@@ -1,0 +1,137 @@
+"""Peak memory of the coordinator's assembly: streaming ``assemble_to_dir`` vs in-memory.
+
+Setup (once, before anything is measured): a ~34M-parameter public model (Llama by default:
+hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 8192, float32) saved to a temporary
+directory, and 8 owners' expert artifacts (perturbed copies of its MLPs, random router rows and
+negative biases) saved as safetensors.
+
+Then, for each number of experts n, two fresh Python processes (so neither inherits the other's
+heap) each assemble ``[public, e_1 ... e_n]`` into a new directory:
+
+- streaming: ``flexmoe.assemble_to_dir(public_dir, artifacts[:n], out)`` -- one artifact in
+  memory at a time;
+- in-memory: ``flexmoe.export(flexmoe.assemble(public, artifacts[:n]), out)`` -- the whole MoE.
+
+Each child reports its peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``, which includes
+the interpreter, torch and transformers: see the "baseline" column, the RSS just before the
+work starts) and wall time. The target: streaming peak at 8 experts <= 1.2x that at 2.
+
+    .venv/bin/python benchmarks/assembly_memory.py
+    .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --experts 2 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WIDTHS = [7, 8, 11, 8, 11, 8, 19]
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(mode: str, work: Path, n: int, fmt: str) -> None:
+    """Run one assembly and print ``{"peak_mb", "baseline_mb", "wall_s"}`` as JSON."""
+    import flexmoe
+    from transformers import AutoModelForCausalLM
+
+    paths = sorted(work.glob("artifacts/owner_*.safetensors"))[:n]
+    out = work / f"out-{mode}-{n}"
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    if mode == "streaming":
+        flexmoe.assemble_to_dir(work / "public", paths, out, format=fmt)
+    else:
+        model = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(work / "public"), paths)
+        flexmoe.export(model, out, fmt)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "wall_s": wall}))
+
+
+def setup(work: Path, arch: str, num_artifacts: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import flexmoe
+    from flexmoe.upcycle import moe_blocks
+
+    config = AutoConfig.for_model(
+        arch, vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    public = AutoModelForCausalLM.from_config(config).eval()
+    print(f"public model: {arch}, {sum(p.numel() for p in public.parameters()) / 1e6:.1f}M parameters", flush=True)
+    public.save_pretrained(work / "public")
+    fp = flexmoe.fingerprint(public)
+    model = flexmoe.upcycle(public, 1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(num_artifacts):
+            for block in moe_blocks(model):
+                block.experts[1].load_state_dict(block.experts[0].state_dict())
+                for p in block.experts[1].parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+                block.router.weight[1] = torch.randn(config.hidden_size, generator=g)
+                block.router.bias[1] = -float(torch.rand(1, generator=g))
+            art = flexmoe.ExpertArtifact.from_model(model, owner=f"owner_{i}", fingerprint=fp)
+            art.save(work / "artifacts" / f"owner_{i}.safetensors")
+
+
+def measure(mode: str, work: Path, n: int, fmt: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--work", str(work), "--n", str(n), "--format", fmt]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} with {n} experts failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="llama", choices=["llama", "olmo2", "mistral", "qwen2", "qwen3"])
+    ap.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="owner experts to assemble")
+    ap.add_argument("--format", default="native", help="native (keeps router biases), flexolmo, mixtral")
+    ap.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison")
+    ap.add_argument("--child", choices=["streaming", "in-memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.work, args.n, args.format)
+
+    with tempfile.TemporaryDirectory(prefix="flexmoe-assembly-") as tmp:
+        work = Path(tmp)
+        setup(work, args.arch, max(args.experts))
+        rows = []
+        for n in args.experts:
+            s = measure("streaming", work, n, args.format)
+            m = None if args.no_in_memory else measure("in-memory", work, n, args.format)
+            rows.append((n, s, m))
+            print(f"  measured {n} experts", file=sys.stderr, flush=True)
+    first = rows[0][1]["peak_mb"]
+    print(f"\nassembly of public + n experts ({args.arch}, format={args.format}); RSS in MB, time in s")
+    columns = ["experts", "baseline", "stream peak", "stream s", "in-mem peak", "in-mem s", "stream peak / first"]
+    head = " | ".join(f"{c:>{w}}" for c, w in zip(columns, WIDTHS))
+    print(head)
+    print("-" * len(head))
+    for n, s, m in rows:
+        cells = [n, f"{s['baseline_mb']:.0f}", f"{s['peak_mb']:.0f}", f"{s['wall_s']:.2f}",
+                 f"{m['peak_mb']:.0f}" if m else "-", f"{m['wall_s']:.2f}" if m else "-", f"{s['peak_mb'] / first:.2f}"]
+        print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
