@@ -14,8 +14,10 @@ from flexmoe.upcycle import decoder_layers, moe_blocks
 from conftest import license_texts, perturb_, tiny_model
 
 LICENCE = [
-    "This program is free software; you can redistribute it and/or modify it under the terms of the "
-    "GNU General Public License as published by the Free Software Foundation.",
+    (
+        "This program is free software; you can redistribute it and/or modify it under the terms of the "
+        "GNU General Public License as published by the Free Software Foundation."
+    ),
     "THERE IS NO WARRANTY FOR THE PROGRAM, TO THE EXTENT PERMITTED BY APPLICABLE LAW.",
     "You may convey verbatim copies of the Program's source code as you receive it, in any medium.",
 ]
@@ -111,7 +113,7 @@ def test_hidden_state_fallback_averages_real_tokens_only(public_model):
     # Documents of different lengths share a padded batch; padding must not count.
     model, tokenizer = public_model
     docs = ["Copyright (C) 2007 Free Software Foundation", "Preamble", LICENCE[0]]
-    kw = dict(embedder=None, tokenizer=tokenizer, normalize=False)
+    kw = {"embedder": None, "tokenizer": tokenizer, "normalize": False}
     batched = router_embedding(docs, model, batch_size=3, **kw)
     one_by_one = router_embedding(docs, model, batch_size=1, **kw)
     assert torch.allclose(batched, one_by_one, atol=1e-5)
