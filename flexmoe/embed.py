@@ -11,7 +11,8 @@ router later dots ``r_i`` with. One row per decoder layer.
 
 Scale: every row this module returns has unit L2 norm (``normalize=True``). A mean of
 unit-norm sentence embeddings has norm below 1, and lower for a broad corpus than for a narrow
-one; the hidden-state mean has whatever norm the model's residual stream has (often tens).
+one (and a projection down to a narrower model shrinks it further); the hidden-state mean has
+whatever norm that layer's residual stream has, from well under 1 to tens.
 Normalising makes ``r_pub`` and every ``r_i`` the same length whichever path produced them, so
 at initialisation no expert wins the softmax just because its corpus was tighter or its path
 gave longer vectors. ``normalize=False`` returns the raw (projected) means.
