@@ -3,16 +3,42 @@
 from flexmoe.artifact import ArtifactError, ExpertArtifact, assemble
 from flexmoe.hf import assemble_to_dir, export, load
 from flexmoe.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
+from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 from flexmoe.upcycle import add_expert, fingerprint, is_moe, opt_out, set_top_k, upcycle
 
 __version__ = "0.1.0"
 
+# The Lightning side imports lightning (slow to import); load it on first use so that
+# `import flexmoe` and the CLI stay quick for model surgery alone.
+_LAZY = {
+    "ExpertModule": "flexmoe.expert",
+    "TextDataModule": "flexmoe.data",
+    "select_proxy": "flexmoe.proxy",
+    "ProxySelection": "flexmoe.proxy",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flexmoe' has no attribute {name!r}")
+
+
 __all__ = [
     "ArtifactError",
     "ExpertArtifact",
+    "ExpertModule",
+    "ExpertRecipe",
+    "FederationSpec",
     "MoEBlock",
     "MoESettings",
+    "ProxyBudget",
+    "ProxySelection",
     "Router",
+    "RouterTuningRecipe",
+    "TextDataModule",
     "add_expert",
     "assemble",
     "assemble_to_dir",
@@ -24,6 +50,7 @@ __all__ = [
     "opt_out",
     "record_router_logits",
     "router_z_loss",
+    "select_proxy",
     "set_top_k",
     "upcycle",
 ]

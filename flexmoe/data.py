@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 CACHE_FORMAT = "1"
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -310,6 +310,24 @@ class PackedSequences(Dataset):
         return {"input_ids": self.data[i].long()}
 
 
+class EpochShuffle(DistributedSampler):
+    """The training order: a permutation seeded by ``seed + epoch``, dealt round-robin to ranks.
+
+    One process and N processes see the same permutation, so ``devices=N`` with batch ``B/N``
+    trains on the same sequences per step as one device with batch ``B``. Lightning calls
+    ``set_epoch``; ``skip`` drops the first indices of the next pass only (a resumed epoch).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
 class TextDataModule(L.LightningDataModule):
     """One owner's domain text as packed language-modelling batches for an expert.
 
@@ -378,6 +396,7 @@ class TextDataModule(L.LightningDataModule):
         self._key: str | None = None
         self._train: torch.Tensor | None = None
         self._val: torch.Tensor | None = None
+        self._resume_batches = 0
         self.cache_hit: bool | None = None  # after setup: whether the packed data came from the cache
 
     # -- documents ----------------------------------------------------------------------
@@ -499,13 +518,22 @@ class TextDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            PackedSequences(self._loaded("_train")),
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            **self._loader_kwargs(),
-        )
+        data = PackedSequences(self._loaded("_train"))
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(data, num_replicas=world, rank=rank, seed=self.seed)
+        sampler.skip, self._resume_batches = self._resume_batches * self.batch_size, 0
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, **self._loader_kwargs())
+
+    def state_dict(self) -> dict:
+        """Where training stands in the current epoch, so a resumed run sees the batches an
+        uninterrupted one would (saved in every Lightning checkpoint)."""
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        return {"batches_done_in_epoch": int(done), "cache_key": self.cache_key}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_batches = int(state_dict.get("batches_done_in_epoch", 0))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

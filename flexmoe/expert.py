@@ -106,9 +106,9 @@ class ExpertModule(pl.LightningModule):
         self.save_hyperparameters({"spec": spec.to_dict(), "owner": owner})
         self.model = upcycle(model, num_experts=1, top_k=self.recipe.top_k, owners=[owner])
         if spec.public_router_embedding is not None:
-            with torch.no_grad():
-                for block in moe_blocks(self.model):
-                    block.router.weight[0] = torch.tensor(spec.public_router_embedding, dtype=block.router.weight.dtype)
+            from flexmoe.embed import init_router
+
+            init_router(self.model, 0, torch.tensor(spec.public_router_embedding))
         freeze_public(self.model)
         self.model.train()  # from_pretrained returns eval mode; dropout etc. follow the Trainer from here
         self.val_ppl = Perplexity()

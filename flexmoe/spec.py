@@ -88,7 +88,9 @@ class FederationSpec:
             the fallback that averages the public model's own hidden states.
         projection_seed: seed of the fixed orthonormal projection from embedding width to
             model width; every owner uses the same one.
-        public_router_embedding: ``r_pub`` [hidden], computed once by the coordinator.
+        public_router_embedding: ``r_pub``, computed once by the coordinator: one row
+            [hidden] for every layer (embedder init) or one per layer [layers][hidden]
+            (hidden-state fallback).
     """
 
     public_model: str
@@ -96,7 +98,7 @@ class FederationSpec:
     embedder: str | None = "sentence-transformers/all-MiniLM-L6-v2"
     projection_seed: int = 0
     max_router_docs: int = 1000
-    public_router_embedding: list[float] | None = None
+    public_router_embedding: list[float] | list[list[float]] | None = None
     expert: ExpertRecipe = field(default_factory=ExpertRecipe)
     router_tuning: RouterTuningRecipe = field(default_factory=RouterTuningRecipe)
     proxy: ProxyBudget = field(default_factory=ProxyBudget)
@@ -113,8 +115,13 @@ class FederationSpec:
             raise ValueError("FederationSpec.public_model is empty")
         if len(self.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in self.fingerprint):
             raise ValueError(f"FederationSpec.fingerprint must be a sha256 hex digest, got {self.fingerprint!r}")
-        if self.public_router_embedding is not None:
-            self.public_router_embedding = [float(v) for v in self.public_router_embedding]
+        r = self.public_router_embedding
+        if r is not None:
+            rows = r if r and isinstance(r[0], (list, tuple)) else [r]
+            if not rows or len({len(row) for row in rows}) != 1:
+                raise ValueError("FederationSpec.public_router_embedding must be [hidden] or [layers][hidden]")
+            rows = [[float(v) for v in row] for row in rows]
+            self.public_router_embedding = rows if r and isinstance(r[0], (list, tuple)) else rows[0]
 
     # -- JSON -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
