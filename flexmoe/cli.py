@@ -2,6 +2,8 @@
 
 ::
 
+    flexmoe spec --public PUBLIC_DIR --public-data public_text/ --out spec.json
+    flexmoe train-expert --spec spec.json --data my_text/ --owner clinic --out clinic.safetensors
     flexmoe assemble --public PUBLIC_DIR --experts a.safetensors b.safetensors --out merged/ --format flexolmo
     flexmoe export --model merged/ --format native --out merged_native/
     flexmoe add-expert --model merged/ --expert c.safetensors --out merged_abc/
@@ -27,6 +29,8 @@ import sys
 import typing
 from pathlib import Path
 from typing import Literal, Optional
+
+from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
 
 Format = Literal["auto", "native", "flexolmo", "mixtral"]
 
@@ -177,7 +181,67 @@ def opt_out(
     print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
 
 
+def spec(
+    public: str,
+    out: str,
+    public_data: Optional[list[str]] = None,
+    embedder: Optional[str] = "sentence-transformers/all-MiniLM-L6-v2",
+    projection_seed: int = 0,
+    max_router_docs: int = 1000,
+    expert: Optional[ExpertRecipe] = None,
+    router_tuning: Optional[RouterTuningRecipe] = None,
+    proxy: Optional[ProxyBudget] = None,
+) -> None:
+    """Write the FederationSpec a coordinator publishes (FlexOlmo step 1).
+
+    Args:
+        public: The public model: a local transformers directory or a hub id.
+        out: Where to write the spec JSON.
+        public_data: Public text (files, folders, globs, JSONL) for the public router row r_pub.
+        embedder: Sentence-transformers model for router init, or ``null`` for the fallback
+            that averages the public model's own hidden states.
+        projection_seed: Seed of the embedding-to-model-width projection every owner shares.
+        max_router_docs: At most this many documents per router row.
+        expert: The owners' training recipe (``--expert.lr``, ``--expert.max_steps``, ...).
+        router_tuning: The coordinator's router-tuning recipe.
+        proxy: The proxy-set budget.
+    """
+    from flexmoe.expert import load_public_model
+    from flexmoe.spec import FederationSpec
+    from flexmoe.upcycle import fingerprint
+
+    model = load_public_model(public)
+    r_pub = None
+    if public_data:
+        from transformers import AutoTokenizer
+
+        from flexmoe.data import read_documents
+        from flexmoe.embed import router_embedding
+
+        docs = read_documents(public_data)
+        tokenizer = AutoTokenizer.from_pretrained(public) if embedder is None else None
+        rows = router_embedding(
+            docs, model, embedder=embedder, seed=projection_seed, max_docs=max_router_docs, tokenizer=tokenizer
+        )
+        # The embedder gives one row for every layer; the hidden-state fallback one per layer.
+        r_pub = rows[0].tolist() if embedder is not None else rows.tolist()
+    result = FederationSpec(
+        public_model=public,
+        fingerprint=fingerprint(model),
+        embedder=embedder,
+        projection_seed=projection_seed,
+        max_router_docs=max_router_docs,
+        public_router_embedding=r_pub,
+        expert=expert or ExpertRecipe(),
+        router_tuning=router_tuning or RouterTuningRecipe(),
+        proxy=proxy or ProxyBudget(),
+    )
+    result.save(out)
+    print(f"flexmoe: wrote spec {out} (sha256 {result.sha256[:16]}..., fingerprint {result.fingerprint[:16]}...)")
+
+
 COMMANDS: dict[str, typing.Callable[..., None]] = {
+    "spec": spec,
     "assemble": assemble,
     "export": export,
     "add-expert": add_expert,
@@ -288,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train-expert"]:
+            # LightningCLI owns this command's parser: every Trainer option is available.
+            from flexmoe.expert import train_expert_cli
+
+            return train_expert_cli(argv[1:])
         auto_cli(
             COMMANDS,
             args=normalize_argv(argv),

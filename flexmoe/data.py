@@ -361,7 +361,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        sources: Source | Sequence[Source],
+        sources: list[str] | Source,
         tokenizer,
         *,
         seq_len: int = 128,

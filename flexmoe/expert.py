@@ -8,7 +8,10 @@ cosine schedule with warmup and gradient clipping 1.0.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -207,3 +210,108 @@ class ExpertModule(pl.LightningModule):
             training_tokens=self.tokens_seen,
             fingerprint=self.spec.fingerprint,
         )
+
+
+def train_expert_cli(args: list[str] | None = None) -> None:
+    """``flexmoe train-expert``: one owner's training run from the command line.
+
+    Built on :class:`~lightning.pytorch.cli.LightningCLI`, so every ``Trainer`` and
+    ``TextDataModule`` option is available as ``--trainer.*`` / ``--data.*`` or from
+    ``--config cfg.yaml``. The spec fixes the public model, the sequence length and batch size
+    (``--data.*`` options other than those stay free), and the callbacks that make an expert
+    valid are always attached.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    from flexmoe.data import TextDataModule
+
+    class ExpertCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument("--spec", type=str, required=True, help="FederationSpec JSON from the coordinator")
+            parser.add_argument("--owner", type=str, required=True, help="this owner's name")
+            parser.add_argument("--out", type=str, required=True, help="where to write the expert artifact")
+            parser.add_argument("--max_steps", type=int | None, default=None, help="default: the spec's recipe")
+            parser.add_argument("--public_data", type=list[str] | None, default=None,
+                                help="public corpus to select the proxy set from")  # fmt: skip
+            parser.link_arguments("spec", "model.spec")
+            parser.link_arguments("owner", "model.owner")
+            parser.link_arguments("spec", "model.public_model", compute_fn=_spec_public_model)
+            parser.link_arguments("spec", "data.tokenizer", compute_fn=_spec_public_model)
+            parser.link_arguments("spec", "data.seq_len", compute_fn=lambda s: FederationSpec.load(s).expert.seq_len)
+            parser.link_arguments("spec", "data.batch_size", compute_fn=lambda s: FederationSpec.load(s).expert.batch_size)
+
+        def before_instantiate_classes(self):
+            cfg = self.config
+            spec = FederationSpec.load(cfg.spec)
+            out = Path(cfg.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+                raise PermissionError(f"cannot write the expert artifact to {out}")
+            cfg.trainer.max_steps = cfg.max_steps or (
+                cfg.trainer.max_steps if cfg.trainer.max_steps not in (None, -1) else spec.expert.max_steps
+            )
+            self._spec = spec
+
+        def after_instantiate_classes(self):
+            from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
+
+            spec, cfg = self._spec, self.config
+            public_docs = None
+            if cfg.public_data:
+                from flexmoe.data import read_documents
+
+                public_docs = read_documents(cfg.public_data)
+            self.trainer.callbacks.extend(
+                [
+                    FreezePublicModel(spec.fingerprint),
+                    RouterEmbeddingInit.from_spec(spec),
+                    ExportExpert(cfg.out, public_documents=public_docs),
+                    RouterStats(),
+                ]
+            )
+
+    cli = ExpertCLI(
+        ExpertModule,
+        TextDataModule,
+        args=_expert_argv(sys.argv[1:] if args is None else list(args)),
+        run=False,
+        save_config_callback=None,
+        trainer_defaults={"gradient_clip_val": None, "log_every_n_steps": 10},
+        seed_everything_default=0,
+        parser_kwargs={"prog": "flexmoe train-expert", "description": train_expert_cli.__doc__.split("\n\n")[0]},
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def _expert_argv(argv: list[str]) -> list[str]:
+    """Accept ``--data A B`` (the owner's text) and dashed option names (``--max-steps``).
+
+    LightningCLI's own ``--data`` is the datamodule group; ``--data PATH...`` is shorthand
+    for ``--data.sources '[PATH, ...]'``. List options take several values the same way.
+    """
+    out, i = [], 0
+    lists = {"--data": "--data.sources", "--public_data": "--public_data"}
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." not in a.split("=")[0]:
+            name, eq, value = a.partition("=")
+            name = name.replace("-", "_").replace("__", "--", 1)
+            if name in lists and not eq:
+                values = []
+                while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    values.append(argv[i + 1])
+                    i += 1
+                if name == "--data" and len(values) == 1 and values[0].endswith((".yaml", ".yml")):
+                    out += [name, values[0]]  # a datamodule config file, as LightningCLI reads it
+                else:
+                    out += [lists[name], json.dumps(values)]
+            else:
+                out.append(name + eq + value)
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _spec_public_model(path: str) -> str:
+    return FederationSpec.load(path).public_model
