@@ -205,3 +205,37 @@ def test_callback_state_round_trips():
     fresh = RouterEmbeddingInit(embedder=None)
     fresh.load_state_dict(init.state_dict())
     assert fresh.done
+
+
+def test_router_embedding_init_uses_the_sentence_embedder_and_spec_r_pub(spec):
+    from types import SimpleNamespace
+
+    pytest.importorskip("sentence_transformers")
+    from flexmoe.embed import router_embedding
+
+    docs = ["This program is free software; you can redistribute it.", "THERE IS NO WARRANTY FOR THE PROGRAM."]
+    r_pub = torch.linspace(-1, 1, 32).tolist()
+    with_pub = FederationSpec.from_dict({**spec.to_dict(), "public_router_embedding": r_pub, "embedder": "sentence-transformers/all-MiniLM-L6-v2"})
+    module = ExpertModule(spec.public_model, with_pub, owner="o")
+    init = RouterEmbeddingInit.from_spec(with_pub, documents=docs)
+    init.on_fit_start(SimpleNamespace(datamodule=None), module)
+    expected = router_embedding(docs, module.model, embedder=with_pub.embedder, seed=with_pub.projection_seed)
+    for L, block in enumerate(moe_blocks(module.model)):
+        torch.testing.assert_close(block.router.weight[1], expected[L])
+        torch.testing.assert_close(block.router.weight[0], torch.tensor(r_pub))
+    assert init.done
+
+
+def test_export_expert_writes_with_each_checkpoint(spec, tmp_path):
+    class Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                raise RuntimeError("power cut")
+
+    module = ExpertModule(spec.public_model, spec, owner="o")
+    callbacks = [ExportExpert(tmp_path / "o.safetensors"), ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2), Crash()]
+    t = trainer(tmp_path, max_steps=8, callbacks=callbacks, limit_val_batches=0, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="power cut"):
+        t.fit(module, datamodule(spec, tmp_path))
+    art = flexmoe.ExpertArtifact.load(tmp_path / "o.safetensors", fingerprint=spec.fingerprint)
+    assert art.training_tokens == 2 * 4 * 32  # the expert as of the step-2 checkpoint survived the crash
