@@ -32,7 +32,7 @@ def test_train_expert_command_end_to_end(spec_path, tmp_path):
     out = tmp_path / "owner" / "gpl.safetensors"
     cmd = [sys.executable, "-m", "flexmoe", "train-expert", "--spec", str(spec_path), "--data", f"{LICENSES}/GPL-3",
            "--owner", "gpl", "--out", str(out), "--public-data", f"{LICENSES}/Apache-2.0", f"{LICENSES}/GFDL-1.3",
-           "--trainer.limit_val_batches", "1", "--trainer.logger", "false"]  # fmt: skip
+           "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "120"})
     assert done.returncode == 0, done.stderr[-3000:]
     spec = FederationSpec.load(spec_path)
