@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -33,22 +32,6 @@ from typing import Literal, Optional
 from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
 
 Format = Literal["auto", "native", "flexolmo", "mixtral"]
-
-# Files a model directory may carry besides the weights; copied along so the output
-# directory is usable with `AutoTokenizer.from_pretrained` as well.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
 
 # -- commands ---------------------------------------------------------------------------
 
@@ -107,8 +90,7 @@ def export(model: str, out: str, format: Format = "auto", allow_approximate: boo
     from flexmoe.hf import export as export_model
     from flexmoe.hf import load
 
-    export_model(load(model), out, format=format, allow_approximate=allow_approximate)
-    copy_tokenizer_files(model, out)
+    export_model(load(model), out, format=format, allow_approximate=allow_approximate, tokenizer=model)
     print(f"flexmoe: exported {model} -> {out} ({format})")
 
 
@@ -132,18 +114,13 @@ def add_expert(
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
     from flexmoe.artifact import ExpertArtifact
-    from flexmoe.hf import export as export_model
-    from flexmoe.hf import load
     from flexmoe.upcycle import add_expert as add
-    from flexmoe.upcycle import fingerprint, set_top_k
+    from flexmoe.upcycle import fingerprint
 
-    fmt = format or detect_format(model)
-    moe = load(model)
-    add(moe, ExpertArtifact.load(expert, fingerprint=fingerprint(moe)), check_fingerprint=False)
-    if top_k is not None:
-        set_top_k(moe, top_k)
-    export_model(moe, out, format=fmt, allow_approximate=allow_approximate)
-    copy_tokenizer_files(model, out)
+    def change(moe):
+        add(moe, ExpertArtifact.load(expert, fingerprint=fingerprint(moe)), check_fingerprint=False)
+
+    fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
     print(f"flexmoe: added {expert} to {model} -> {out} ({fmt})")
 
 
@@ -166,19 +143,25 @@ def opt_out(
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
+    from flexmoe.upcycle import opt_out as remove
+
+    fmt = _rewrite(model, out, format, top_k, allow_approximate, lambda moe: remove(moe, owner))
+    print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
+
+
+def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
+    """Open a merged model, apply ``change`` to it, and write it (by default in its own format)."""
     from flexmoe.hf import export as export_model
     from flexmoe.hf import load
-    from flexmoe.upcycle import opt_out as remove
     from flexmoe.upcycle import set_top_k
 
     fmt = format or detect_format(model)
     moe = load(model)
-    remove(moe, owner)
+    change(moe)
     if top_k is not None:
         set_top_k(moe, top_k)
-    export_model(moe, out, format=fmt, allow_approximate=allow_approximate)
-    copy_tokenizer_files(model, out)
-    print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
+    export_model(moe, out, format=fmt, allow_approximate=allow_approximate, tokenizer=model)
+    return fmt
 
 
 def spec(
@@ -273,17 +256,6 @@ def detect_format(model_dir: str | os.PathLike) -> str:
     return formats[model_type]
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy tokenizer files from ``src`` to ``dst`` where ``dst`` lacks them."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        s, d = Path(src) / name, Path(dst) / name
-        if s.is_file() and not d.exists():
-            shutil.copy2(s, d)
-            copied.append(name)
-    return copied
-
-
 def _option_kinds(fn: typing.Callable) -> dict[str, str]:
     """``{parameter: "list" | "bool" | "other"}`` from a command's type hints."""
     hints = typing.get_type_hints(fn)
@@ -297,7 +269,16 @@ def _option_kinds(fn: typing.Callable) -> dict[str, str]:
 
 
 def normalize_argv(argv: list[str], commands: dict[str, typing.Callable] = COMMANDS) -> list[str]:
-    """Rewrite the usual command-line spellings into jsonargparse's.
+    """Rewrite the usual command-line spellings into jsonargparse's (see :func:`normalize_options`),
+    using the option kinds of the command named in ``argv``."""
+    for i, tok in enumerate(argv):
+        if tok in commands:
+            return argv[: i + 1] + normalize_options(argv[i + 1 :], _option_kinds(commands[tok]))
+    return normalize_options(argv, {})
+
+
+def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
+    """Rewrite options, given ``{name: "list" | "bool" | "other"}``:
 
     * ``--top-k 2`` -> ``--top_k 2`` (dashes in option names become underscores);
     * ``--experts a b`` -> ``--experts '["a", "b"]'`` for list options (a single value that
@@ -305,21 +286,16 @@ def normalize_argv(argv: list[str], commands: dict[str, typing.Callable] = COMMA
     * ``--normalize`` with no value -> ``--normalize=true`` for bool options.
     """
     out: list[str] = []
-    kinds: dict[str, str] | None = None
     i = 0
     while i < len(argv):
         tok = argv[i]
         i += 1
-        if kinds is None and tok in commands:
-            kinds = _option_kinds(commands[tok])
-            out.append(tok)
-            continue
         if not tok.startswith("--") or tok == "--":
             out.append(tok)
             continue
         name, eq, value = tok[2:].partition("=")
         name = name.replace("-", "_")
-        kind = (kinds or {}).get(name, "other")
+        kind = kinds.get(name, "other")
         if eq or kind == "other":
             out.append(f"--{name}{eq}{value}")
             continue

@@ -8,7 +8,6 @@ cosine schedule with warmup and gradient clipping 1.0.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -284,33 +283,13 @@ def train_expert_cli(args: list[str] | None = None) -> None:
 
 
 def _expert_argv(argv: list[str]) -> list[str]:
-    """Accept ``--data A B`` (the owner's text) and dashed option names (``--max-steps``).
+    """Accept ``--data A B`` (the owner's text), several ``--public-data`` paths and dashed
+    option names (``--max-steps``). LightningCLI's own ``--data`` is the datamodule group, so
+    ``--data PATH...`` is shorthand for ``--data.sources '[PATH, ...]'``."""
+    from flexmoe.cli import normalize_options
 
-    LightningCLI's own ``--data`` is the datamodule group; ``--data PATH...`` is shorthand
-    for ``--data.sources '[PATH, ...]'``. List options take several values the same way.
-    """
-    out, i = [], 0
-    lists = {"--data": "--data.sources", "--public_data": "--public_data"}
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--") and "." not in a.split("=")[0]:
-            name, eq, value = a.partition("=")
-            name = name.replace("-", "_").replace("__", "--", 1)
-            if name in lists and not eq:
-                values = []
-                while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                    values.append(argv[i + 1])
-                    i += 1
-                if name == "--data" and len(values) == 1 and values[0].endswith((".yaml", ".yml")):
-                    out += [name, values[0]]  # a datamodule config file, as LightningCLI reads it
-                else:
-                    out += [lists[name], json.dumps(values)]
-            else:
-                out.append(name + eq + value)
-        else:
-            out.append(a)
-        i += 1
-    return out
+    argv = normalize_options(argv, {"data": "list", "public_data": "list"})
+    return ["--data.sources" if a == "--data" else a for a in argv]
 
 
 def _spec_public_model(path: str) -> str:

@@ -469,9 +469,19 @@ def export(model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approxi
     (any base; reopen with :func:`load`) or ``"auto"`` (the exact ``transformers`` format if
     there is one, else native). An export that would change the model's outputs (router
     biases, Mixtral's renormalisation) raises ``ValueError`` unless ``allow_approximate``.
-    Returns ``out_dir``, which must not exist yet (or be empty).
+    Returns ``out_dir``, which must not exist yet (or be empty). ``tokenizer``: a tokenizer to
+    save alongside, or a model directory whose tokenizer files are copied.
     """
-    return _write(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, tokenizer=tokenizer)
+    files = ()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        files, tokenizer = tokenizer_files(tokenizer), None
+    return _write(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, files=files,
+                  tokenizer=tokenizer)  # fmt: skip
+
+
+def tokenizer_files(model_dir) -> list[Path]:
+    """The tokenizer files a model directory holds (copied along with every export)."""
+    return [Path(model_dir) / f for f in _TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
 
 
 def assemble_to_dir(
@@ -495,8 +505,7 @@ def assemble_to_dir(
     """
     public = AutoModelForCausalLM.from_pretrained(public_dir).eval()
     source = _ArtifactSource(public, artifact_paths, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)
-    files = [Path(public_dir) / f for f in _TOKENIZER_FILES if (Path(public_dir) / f).is_file()]
-    return _write(source, out_dir, format, allow_approximate=allow_approximate, files=files)
+    return _write(source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir))
 
 
 def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
