@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # `import flexmoe` and the CLI stay quick for model surgery alone.
 _LAZY = {
     "ExpertModule": "flexmoe.expert",
+    "expert_callbacks": "flexmoe.expert",
     "TextDataModule": "flexmoe.data",
     "select_proxy": "flexmoe.proxy",
     "ProxySelection": "flexmoe.proxy",
@@ -42,6 +43,7 @@ __all__ = [
     "add_expert",
     "assemble",
     "assemble_to_dir",
+    "expert_callbacks",
     "export",
     "fingerprint",
     "is_moe",

@@ -72,8 +72,9 @@ class ExpertModule(pl.LightningModule):
 
     >>> spec = FederationSpec.load("spec.json")
     >>> module = ExpertModule(spec.public_model, spec, owner="clinic")
-    >>> data = TextDataModule("notes/", tokenizer=spec.public_model)
-    >>> pl.Trainer(max_steps=spec.expert.max_steps, callbacks=expert_callbacks(spec, "clinic.safetensors")).fit(module, data)
+    >>> data = TextDataModule("notes/", spec.public_model, seq_len=spec.expert.seq_len, batch_size=spec.expert.batch_size)
+    >>> trainer = pl.Trainer(max_steps=spec.expert.max_steps, callbacks=expert_callbacks(spec, "clinic.safetensors"))
+    >>> trainer.fit(module, data)
 
     Args:
         public_model: local directory or hub id of the public model (or the model itself).
@@ -211,6 +212,19 @@ class ExpertModule(pl.LightningModule):
         )
 
 
+def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_documents=None) -> list[pl.Callback]:
+    """The callbacks that make an owner's run produce a valid expert: freeze and verify the
+    public model, initialise the router row, export the artifact (and proxy set), log routing."""
+    from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
+
+    return [
+        FreezePublicModel(spec.fingerprint),
+        RouterEmbeddingInit.from_spec(spec),
+        ExportExpert(out, public_documents=public_documents),
+        RouterStats(),
+    ]
+
+
 def train_expert_cli(args: list[str] | None = None) -> None:
     """``flexmoe train-expert``: one owner's training run from the command line.
 
@@ -252,22 +266,13 @@ def train_expert_cli(args: list[str] | None = None) -> None:
             self._spec = spec
 
         def after_instantiate_classes(self):
-            from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
-
-            spec, cfg = self._spec, self.config
+            cfg = self.config
             public_docs = None
             if cfg.public_data:
                 from flexmoe.data import read_documents
 
                 public_docs = read_documents(cfg.public_data)
-            self.trainer.callbacks.extend(
-                [
-                    FreezePublicModel(spec.fingerprint),
-                    RouterEmbeddingInit.from_spec(spec),
-                    ExportExpert(cfg.out, public_documents=public_docs),
-                    RouterStats(),
-                ]
-            )
+            self.trainer.callbacks.extend(expert_callbacks(self._spec, cfg.out, public_docs))
 
     cli = ExpertCLI(
         ExpertModule,
