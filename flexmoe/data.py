@@ -601,3 +601,10 @@ def train_tokenizer(
     pad, bos, eos, *extra = special_tokens
     more = {"extra_special_tokens": extra} if extra else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, **more)
+
+
+def local_corpus(*args, **kwargs):
+    """Named text domains from this Python installation; see :func:`flexmoe.corpus.local_corpus`."""
+    from flexmoe.corpus import local_corpus as build
+
+    return build(*args, **kwargs)
