@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_posterior_concentrates_on_the_member_that_fits(public_dir):
     """On real prose, a model and a badly damaged copy of it: the posterior moves to the
     model that predicts the prefix better, and the mixture is nearly as good as that model."""
     tok = AutoTokenizer.from_pretrained(public_dir)
-    text = open(f"{LICENSES}/GPL-3", encoding="utf-8").read()
+    text = Path(LICENSES, "GPL-3").read_text(encoding="utf-8")
     ids = torch.tensor([tok(text)["input_ids"][:64]])
     good = AutoModelForCausalLM.from_pretrained(public_dir).eval()
     bad = AutoModelForCausalLM.from_pretrained(public_dir).eval()
