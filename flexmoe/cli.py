@@ -223,7 +223,35 @@ def spec(
     print(f"flexmoe: wrote spec {out} (sha256 {result.sha256[:16]}..., fingerprint {result.fingerprint[:16]}...)")
 
 
+def evaluate(
+    model: list[str],
+    data: list[str],
+    oracle: Optional[list[str]] = None,
+    json: Optional[str] = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+) -> None:
+    """Held-out perplexity per domain for one or more models, and the routing of MoEs.
+
+    Args:
+        model: Model directories (dense, or any flexmoe format), or ``btm:DIR1,DIR2,...`` for a
+            Branch-Train-Merge ensemble; repeat ``--model`` for several.
+        data: Held-out domains as ``NAME=PATH`` (file, folder, glob, JSONL or datasets dir).
+        oracle: ``DOMAIN=DIR`` per domain: each domain through its own model (routing's bound).
+        json: Write the results here as JSON.
+        seq_len: Tokens per evaluated row.
+        batch_size: Rows per forward pass.
+        max_tokens: Evaluate at most this many tokens per domain.
+    """
+    from flexmoe.evaluate import eval_models
+
+    eval_models(model, data, oracle=oracle, json_out=json, seq_len=seq_len, batch_size=batch_size,
+                max_tokens=max_tokens)  # fmt: skip
+
+
 COMMANDS: dict[str, typing.Callable[..., None]] = {
+    "eval": evaluate,
     "spec": spec,
     "assemble": assemble,
     "export": export,
@@ -283,9 +311,11 @@ def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
     * ``--top-k 2`` -> ``--top_k 2`` (dashes in option names become underscores);
     * ``--experts a b`` -> ``--experts '["a", "b"]'`` for list options (a single value that
       starts with ``[`` is left to jsonargparse, as is the append form ``--experts+ a``);
-    * ``--normalize`` with no value -> ``--normalize=true`` for bool options.
+    * ``--normalize`` with no value -> ``--normalize=true`` for bool options;
+    * a list option given several times (``--model a --model b``) collects all the values.
     """
     out: list[str] = []
+    lists: dict[str, list[str]] = {}  # list options, emitted once at the end
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -308,9 +338,11 @@ def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
         elif len(values) == 1 and values[0].lstrip().startswith("["):
             out += [f"--{name}", values[0]]
         elif values:
-            out += [f"--{name}", json.dumps(values)]
+            lists.setdefault(name, []).extend(values)
         else:
             out.append(f"--{name}")  # jsonargparse reports the missing value
+    for name, values in lists.items():
+        out += [f"--{name}", json.dumps(values)]
     return out
 
 

@@ -6,6 +6,7 @@ call :func:`flexmoe.cli.main` in-process (same code, no interpreter start-up per
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -21,7 +22,7 @@ import flexmoe
 from flexmoe.cli import main, normalize_argv
 from flexmoe.upcycle import moe_blocks
 
-from conftest import perturb_, tiny_model
+from conftest import LICENSES, perturb_, tiny_model
 
 OWNERS = ["alice", "bob"]
 
@@ -183,10 +184,28 @@ def test_config_file_gives_the_same_command(capsys, public_dir, artifacts, tmp_p
 
 def test_argv_spellings():
     assert normalize_argv(["assemble", "--top-k", "2", "--experts", "a b", "c", "--normalize", "--out", "o"]) == [
-        "assemble", "--top_k", "2", "--experts", '["a b", "c"]', "--normalize=true", "--out", "o",
+        "assemble", "--top_k", "2", "--normalize=true", "--out", "o", "--experts", '["a b", "c"]',
+    ]  # fmt: skip
+    # a repeated list option collects its values
+    assert normalize_argv(["eval", "--model", "a", "--data", "x=1", "--model", "b"]) == [
+        "eval", "--model", '["a", "b"]', "--data", '["x=1"]',
     ]  # fmt: skip
     # jsonargparse's own syntax passes through untouched
     assert normalize_argv(["assemble", "--experts", "[a, b]", "--normalize", "false", "--experts+", "c"]) == [
         "assemble", "--experts", "[a, b]", "--normalize", "false", "--experts+", "c",
     ]  # fmt: skip
     assert normalize_argv(["opt-out", "--print-config"]) == ["opt-out", "--print_config"]
+
+
+def test_eval_command_scores_each_model_as_given(capsys, public_dir, merged_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run_main(
+        capsys, "eval", "--model", public_dir, "--model", merged_dir, "--data", f"gpl={LICENSES}/GPL-3",
+        "--data", f"apache={LICENSES}/Apache-2.0", "--json", out, "--seq-len", 32, "--max-tokens", 640,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())["models"]
+    assert set(result) == {str(public_dir), str(merged_dir)}
+    for entry in result.values():
+        assert set(entry["per_domain"]) == {"gpl", "apache"} and entry["average"] > 1
+    assert "routing" in result[str(merged_dir)] and "routing" not in result[str(public_dir)]
