@@ -75,7 +75,7 @@ _ALGORITHMIC_NAMES = re.compile(
     r"|NUSHU CHARACTER|EGYPTIAN HIEROGLYPH-|CUNEIFORM SIGN)"
 )
 _CODING = re.compile(r"^[ \t\f]*#.*?coding[:=]")
-_MANY_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n){2,}")
+_MANY_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n){3,}")  # three or more blank lines
 _LICENSE_FILE = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE)([.-].*)?$", re.IGNORECASE)
 
 
@@ -281,7 +281,7 @@ def split_module(source: str | None) -> tuple[str, str, str] | None:
     """``(code, docstrings, comments)`` of one Python module, or ``None`` if it does not tokenize.
 
     ``code`` is the source with every docstring and ``#`` comment removed (a body left empty
-    gets ``...``, so the code still parses) and runs of blank lines squeezed to one.
+    gets ``...``, so the code still parses) and runs of more than two blank lines squeezed to two.
     ``docstrings`` are the module, class and function docstrings, cleaned as ``help()``
     shows them, separated by blank lines. ``comments`` are the comments as written, without
     indentation; comments on consecutive lines stay together as one block.
@@ -379,7 +379,7 @@ def split_module(source: str | None) -> tuple[str, str, str] | None:
             code_lines.append(line[: cut[n]].rstrip() + "\n")
         else:
             code_lines.append(line)
-    code = _MANY_BLANK_LINES.sub("\n\n", "".join(code_lines)).strip("\n")
+    code = _MANY_BLANK_LINES.sub("\n\n\n", "".join(code_lines)).strip("\n")
     blocks: list[list[str]] = []
     previous = None
     for row, text in comments:
