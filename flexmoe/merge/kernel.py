@@ -1,0 +1,434 @@
+"""One merge kernel; model soups, task arithmetic, TIES and DARE are settings of it.
+
+For every floating-point tensor name (in sorted order), with base ``θ_0`` and models ``θ_i``
+weighted ``w_i``, the kernel computes
+
+* ``combine="mean"`` (model soup, no base):  ``Σ w_i θ_i / Σ w_i``
+* otherwise, on the task vectors ``τ_i = θ_i − θ_0``:
+
+  1. sparsify each ``τ_i`` into ``τ̂_i``: keep its ``density`` largest magnitudes (TIES "trim",
+     over the tensor or over the whole model), or drop each entry with probability ``drop``
+     and rescale the survivors by ``1/(1−drop)`` (DARE), or keep it as is;
+  2. combine: ``"sum"``: ``Σ w_i τ̂_i`` (task arithmetic); ``"disjoint_mean"`` (TIES):
+     elect a sign per entry, ``γ = sgn(Σ_i c_i τ̂_i)``, then average only the entries that
+     agree with it, ``Σ_{i∈A} w_i τ̂_i / Σ_{i∈A} w_i`` with ``A = {i : sgn(τ̂_i) = γ ≠ 0}``;
+  3. ``θ = θ_0 + λ · combined``.
+
+Sign election (``sign``): ``"mass"`` uses ``c_i = 1`` (the TIES paper: the sign of the
+total trimmed mass, weights not involved), ``"weighted_mass"`` uses ``c_i = w_i``, and
+``"count"`` elects the sign more models agree on (``c_i τ̂_i`` replaced by ``sgn(τ̂_i)``).
+With no weights all three of ``w_i`` are 1 and the two mass rules coincide.
+
+Exactly ``round(density · n)`` entries survive the trim: of ``n`` entries in a tensor
+(``trim="per_tensor"``) or in all of a model's floating-point tensors together
+(``trim="global"``, the paper). Entries tied at the threshold are kept in storage order
+(sorted tensor names, then row-major), so the result never depends on a sort's tie-breaking.
+The global threshold is found exactly, in two streaming passes that build histograms of the
+bit patterns of ``|τ_i|`` in float32 (for non-negative floats the bit pattern orders like the
+value), so no model is ever held whole.
+
+Computation is in float32 (float64 for float64 inputs); the result takes the base's dtype
+(the first model's for a soup) unless ``dtype`` says otherwise. Tensors that are not
+floating point are copied from the base (first model). DARE's masks come from a generator
+seeded by ``(seed, model index, tensor name)``, so they do not depend on reading order.
+
+Memory: a soup and task arithmetic hold one accumulator and one input tensor at a time;
+TIES holds the current tensor of every model (one tensor per model), never more.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+from flexmoe.merge.stream import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    SINGLE,
+    SafetensorsDir,
+    ShardWriter,
+    StateDictSource,
+    atomic_dir,
+    unique_tensors,
+)
+
+Combine = Literal["mean", "sum", "disjoint_mean"]
+Trim = Literal["global", "per_tensor"]
+Sign = Literal["mass", "weighted_mass", "count"]
+Models = Union[nn.Module, Mapping[str, torch.Tensor]]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """The kernel's settings (see the module docstring). Built by the public functions
+    (:func:`~flexmoe.merge.average`, :func:`~flexmoe.merge.ties`, ...) and by merge configs."""
+
+    combine: Combine
+    density: float | None = None
+    trim: Trim = "global"
+    drop: float | None = None
+    seed: int = 0
+    sign: Sign = "mass"
+    lam: float = 1.0
+
+    def __post_init__(self):
+        if self.combine not in ("mean", "sum", "disjoint_mean"):
+            raise ValueError(f"combine must be 'mean', 'sum' or 'disjoint_mean', got {self.combine!r}")
+        if self.density is not None and not 0.0 <= self.density <= 1.0:
+            raise ValueError(f"density is the fraction of entries kept, in [0, 1]; got {self.density}")
+        if self.drop is not None and not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop is a probability in [0, 1); got {self.drop}")
+        if self.density is not None and self.drop is not None:
+            raise ValueError("give density (magnitude trim) or drop (random drop), not both")
+        if self.trim not in ("global", "per_tensor"):
+            raise ValueError(f"trim must be 'global' or 'per_tensor', got {self.trim!r}")
+        if self.sign not in ("mass", "weighted_mass", "count"):
+            raise ValueError(f"sign must be 'mass', 'weighted_mass' or 'count', got {self.sign!r}")
+        if self.combine == "mean" and (self.density is not None or self.drop is not None or self.lam != 1.0):
+            raise ValueError("a model soup averages parameters; density, drop and lam apply to task vectors")
+
+    @property
+    def needs_base(self) -> bool:
+        return self.combine != "mean"
+
+
+# -- checks that run before any weight is read -----------------------------------------------
+
+
+def check_compatible(sources: Sequence, base=None) -> list[str]:
+    """The tensor names every source shares, sorted; raises if names or shapes differ."""
+    ref = base if base is not None else sources[0]
+    names = set(ref.names())
+    for src in sources:
+        if src is ref:
+            continue
+        theirs = set(src.names())
+        if theirs != names:
+            missing, extra = sorted(names - theirs), sorted(theirs - names)
+            raise ValueError(f"{src.label} does not have the same tensors as {ref.label}: missing {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}, extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"
+                             "; merged models must share one architecture")  # fmt: skip
+        for name in sorted(names):
+            a, b = ref.spec(name)[1], src.spec(name)[1]
+            if a != b:
+                raise ValueError(f"{name} has shape {list(b)} in {src.label} but {list(a)} in {ref.label}; "
+                                 "merged models must share one architecture")  # fmt: skip
+    return sorted(names)
+
+
+def _weights(weights, n: int, method: MergeMethod) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise ValueError(f"got {len(w)} weights for {n} models")
+    if not all(math.isfinite(x) for x in w):
+        raise ValueError(f"weights must be finite, got {w}")
+    if method.combine != "sum" and (any(x < 0 for x in w) or sum(w) <= 0):
+        raise ValueError(f"weights of a soup or TIES must be non-negative and not all zero, got {w}")
+    return w
+
+
+# -- the kernel ---------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of ``|delta|`` in float32: ordered exactly like the magnitudes."""
+    return delta.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+@dataclass
+class _Quota:
+    """Keep entries whose magnitude bits are ``> bits``, plus the first ``ties`` equal to it."""
+
+    bits: int
+    ties: int
+
+    def mask(self, b: torch.Tensor) -> torch.Tensor:
+        keep = b > self.bits
+        eq = b == self.bits
+        if self.ties > 0 and bool(eq.any()):
+            rank = eq.to(torch.int64).cumsum(0)
+            keep |= eq & (rank <= self.ties)
+            self.ties = max(0, self.ties - int(rank[-1]))
+        return keep
+
+
+def kept_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a trim to ``density`` keeps."""
+    return round(density * n)
+
+
+def _quota_for_tensor(b: torch.Tensor, k: int) -> _Quota:
+    n = b.numel()
+    if k <= 0:
+        return _Quota(bits=2**31 - 1, ties=0)  # nothing is above the largest int32
+    t = int(b.kthvalue(n - k + 1).values)  # the k-th largest
+    return _Quota(bits=t, ties=k - int((b > t).sum()))
+
+
+def _global_quotas(method: MergeMethod, base, models, names) -> list[_Quota]:
+    """Per model, the exact ``density`` threshold over all its floating-point tensors, from two
+    streamed passes: a histogram of the high 16 bits, then of the low 16 bits in the bin the
+    threshold falls in."""
+    floats = [n for n in names if base.spec(n)[0].is_floating_point]
+    total = sum(_numel(base.spec(n)[1]) for n in floats)
+    k = kept_count(method.density, total)
+    if k <= 0:
+        return [_Quota(bits=2**31 - 1, ties=0) for _ in models]
+
+    def passes(select):
+        hists = [torch.zeros(65536, dtype=torch.int64) for _ in models]
+        for name in floats:
+            b0 = base.get(name)
+            cdt = _compute_dtype(b0.dtype)
+            b0 = b0.to(cdt)
+            for i, m in enumerate(models):
+                bits = _magnitude_bits(m.get(name).to(cdt) - b0)
+                hists[i] += select(i, bits)
+        return hists
+
+    def kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+        """The bin holding the k-th largest entry, and how many entries lie in higher bins."""
+        from_top = hist.flip(0).cumsum(0)
+        idx = int(torch.searchsorted(from_top, torch.tensor(k)))
+        return 65535 - idx, int(from_top[idx] - hist[65535 - idx])
+
+    high = passes(lambda i, bits: torch.bincount(bits >> 16, minlength=65536))
+    tops = [kth_bin(h, k) for h in high]
+    del high
+
+    def low_bits(i, bits):
+        hi, _ = tops[i]
+        sel = bits[(bits >> 16) == hi]
+        return torch.bincount(sel & 0xFFFF, minlength=65536)
+
+    low = passes(low_bits)
+    quotas = []
+    for (hi, above), h in zip(tops, low):
+        lo, above_lo = kth_bin(h, k - above)
+        quotas.append(_Quota(bits=(hi << 16) | lo, ties=k - above - above_lo))
+    return quotas
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _dare_generator(seed: int, i: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{i}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def merge_tensors(method: MergeMethod, models: Sequence, base=None, weights=None, *,
+                  dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Yield ``(name, merged tensor)`` for every tensor, in sorted name order, reading the
+    sources (:mod:`flexmoe.merge.stream`) one tensor at a time."""
+    models = list(models)
+    if not models:
+        raise ValueError("nothing to merge: no models given")
+    if method.needs_base and base is None:
+        raise ValueError("this merge works on task vectors θ_i − θ_base and needs a base model")
+    if not method.needs_base:
+        base = None
+    names = check_compatible(models, base)
+    w = _weights(weights, len(models), method)
+    ref = base if base is not None else models[0]
+    quotas = None
+    if method.density is not None and method.trim == "global":
+        quotas = _global_quotas(method, base, models, names)
+    for name in names:
+        src_dtype = ref.spec(name)[0]
+        if not src_dtype.is_floating_point:
+            yield name, ref.get(name)
+            continue
+        out_dtype = dtype or src_dtype
+        if method.combine == "mean":
+            yield name, _soup(models, name, w).to(out_dtype)
+        else:
+            yield name, _merge_deltas(method, base, models, name, w, quotas).to(out_dtype)
+
+
+def _soup(models, name, w) -> torch.Tensor:
+    # A running weighted mean, m += (w_k / W_k)(θ_k − m): identical models average to exactly
+    # themselves, which Σ w_i θ_i / Σ w_i does not promise in floating point.
+    acc, total = None, 0.0
+    for wi, m in zip(w, models):
+        if wi == 0:
+            continue
+        total += wi
+        t = m.get(name)
+        t = t.to(_compute_dtype(t.dtype))
+        if acc is None:
+            acc = t.clone()
+        else:
+            acc.add_(t - acc, alpha=wi / total)
+    return acc
+
+
+def _merge_deltas(method: MergeMethod, base, models, name, w, quotas) -> torch.Tensor:
+    b0 = base.get(name)
+    cdt = _compute_dtype(b0.dtype)
+    b0 = b0.to(cdt)
+    acc, kept = None, []
+    for i, m in enumerate(models):
+        d = m.get(name).to(cdt) - b0
+        if method.density is not None:
+            bits = _magnitude_bits(d)
+            q = quotas[i] if quotas is not None else _quota_for_tensor(bits, kept_count(method.density, bits.numel()))
+            d = d * q.mask(bits).reshape(d.shape)
+        elif method.drop is not None and method.drop > 0:
+            g = _dare_generator(method.seed, i, name)
+            keep = torch.rand(d.shape, generator=g) >= method.drop
+            d = d * keep / (1.0 - method.drop)
+        if method.combine == "sum":
+            acc = d.mul_(w[i]) if acc is None else acc.add_(d, alpha=w[i])
+        else:
+            kept.append(d)
+    if method.combine == "disjoint_mean":
+        acc = _disjoint_mean(kept, w, method.sign)
+    return b0 + method.lam * acc  # out of place: b0 may be the base model's own tensor
+
+
+def _disjoint_mean(deltas: list[torch.Tensor], w: list[float], sign: Sign) -> torch.Tensor:
+    """TIES steps 2-3: elect a sign per entry, then average the entries that agree with it."""
+    vote = torch.zeros_like(deltas[0])
+    for d, wi in zip(deltas, w):
+        vote += torch.sign(d) if sign == "count" else d * (wi if sign == "weighted_mass" else 1.0)
+    elected = torch.sign(vote)
+    num, den = torch.zeros_like(vote), torch.zeros_like(vote)
+    for d, wi in zip(deltas, w):
+        agree = (torch.sign(d) == elected) & (d != 0)
+        num += torch.where(agree, d * wi, 0.0)
+        den += agree * wi
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+# -- in memory and directory to directory ---------------------------------------------------------------
+
+
+def merge_in_memory(method: MergeMethod, models: Sequence[Models], base: Models | None = None, weights=None, *,
+                    dtype: torch.dtype | None = None):  # fmt: skip
+    """Run the kernel on models or state dicts held in memory; the result is of the same kind
+    as ``base`` (the first model for a soup): a new module (a deep copy with the merged
+    weights) or a new state dict. The inputs are not modified."""
+    models = list(models)
+    if not models:
+        raise ValueError("nothing to merge: no models given")
+    sources = [StateDictSource(m, label=f"model {i}") for i, m in enumerate(models)]
+    base_src = StateDictSource(base, label="base") if base is not None else None
+    template = base if (base is not None and method.needs_base) else models[0]
+    merged = dict(merge_tensors(method, sources, base_src, weights, dtype=dtype))
+    return rebuild_like(template, merged)
+
+
+def rebuild_like(template: Models, tensors: Mapping[str, torch.Tensor]):
+    """A module (deep copy of ``template``) or state dict holding ``tensors``; tied aliases
+    that :func:`~flexmoe.merge.stream.unique_tensors` dropped are filled from their twin."""
+    if isinstance(template, nn.Module):
+        out = copy.deepcopy(template)
+        state = unique_tensors(out.state_dict())
+        with torch.no_grad():
+            for name, t in state.items():
+                new = tensors[name]
+                if t.dtype != new.dtype:  # a dtype override: replace rather than copy into
+                    _set_tensor(out, name, new.to(t.device))
+                else:
+                    t.copy_(new)
+        return out
+    state = dict(template)
+    kept = unique_tensors(state)
+    twin = {}
+    for name, t in state.items():
+        if name not in kept:
+            twin[name] = next(k for k, v in kept.items() if v.data_ptr() == t.data_ptr() and v.shape == t.shape)
+    return {name: tensors[twin.get(name, name)] for name in state}
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(owner, attr, value)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def merge_dirs(method: MergeMethod, models: Sequence[str | os.PathLike], out: str | os.PathLike,
+               base: str | os.PathLike | None = None, weights=None, *, dtype: torch.dtype | None = None,
+               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
+    """Run the kernel from ``save_pretrained`` directories (safetensors) to a new directory.
+
+    Reads one tensor per model at a time and writes each merged tensor as soon as it is done;
+    peak memory is a few tensors per model whatever the number of models. Every file of the
+    base directory (the first model's for a soup) that is not a weight file, such as
+    ``config.json``, ``generation_config.json`` and the tokenizer, is copied along. ``out``
+    must not exist yet (or be empty); it appears only when the merge is complete.
+    """
+    from flexmoe.merge.stream import check_same_architecture
+
+    models = [Path(m) for m in models]
+    if not models:
+        raise ValueError("nothing to merge: no models given")
+    if method.needs_base and base is None:
+        raise ValueError("this merge works on task vectors θ_i − θ_base and needs a base model")
+    base = Path(base) if (base is not None and method.needs_base) else None
+    check_same_architecture([base, *models] if base is not None else models)
+    sources = [SafetensorsDir(m) for m in models]
+    base_src = SafetensorsDir(base) if base is not None else None
+    ref = base_src or sources[0]
+    names = check_compatible(sources, base_src)
+    specs = []
+    for name in names:
+        d, shape = ref.spec(name)
+        specs.append((name, (dtype or d) if d.is_floating_point else d, shape))
+    template_dir = base if base is not None else models[0]
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, specs, max_shard_bytes)
+        try:
+            for name, t in merge_tensors(method, sources, base_src, weights, dtype=dtype):
+                writer.write(name, t)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        for f in sorted(template_dir.iterdir()):
+            if f.is_file() and f.name != INDEX and f.name != SINGLE and not f.name.endswith(_WEIGHT_SUFFIXES):
+                _copy_file(f, tmp / f.name, dtype)
+    for s in [*sources, base_src]:
+        if s is not None:
+            s.close()
+    return Path(out)
+
+
+def _copy_file(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+    import json
+    import shutil
+
+    if dtype is not None and src.name == "config.json":
+        config = json.loads(src.read_text())
+        key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+        config[key] = str(dtype).removeprefix("torch.")
+        dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
+    shutil.copy2(src, dst)
