@@ -1,0 +1,86 @@
+"""DARE (Yu et al., 2024): drop each delta entry with probability p, rescale by 1/(1-p)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb_, tiny_model
+
+from flexmoe.merge import dare, task_arithmetic, ties
+
+
+def _state(seed, n=2000, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(n, generator=g) * scale, "v": torch.randn(4, 5, generator=g) * scale}
+
+
+def _ft(base, seed, scale=0.1):
+    return {k: v + d for (k, v), d in zip(base.items(), _state(seed, n=base["w"].numel(), scale=scale).values())}
+
+
+def test_without_dropping_it_is_task_arithmetic_or_ties():
+    base = tiny_model("llama")
+    fts = [tiny_model("llama") for _ in range(3)]
+    for i, m in enumerate(fts):
+        perturb_(m, seed=i + 1)
+    linear = dare(base, fts, drop=0.0, lam=0.5, weights=[1.0, 2.0, -1.0])
+    expected = task_arithmetic(base, fts, lam=0.5, weights=[1.0, 2.0, -1.0])
+    for (k, a), b in zip(linear.state_dict().items(), expected.state_dict().values()):
+        assert torch.equal(a, b), k
+    sd = [m.state_dict() for m in fts]
+    as_ties = dare(base.state_dict(), sd, drop=0.0, then="ties")
+    expected = ties(base.state_dict(), sd, density=1.0)
+    assert all(torch.equal(as_ties[k], expected[k]) for k in expected)
+
+
+def test_survivors_are_rescaled_and_about_one_minus_p_survive():
+    base = _state(0)
+    ft = _ft(base, 1)
+    p = 0.9
+    delta = dare(base, [ft], drop=p, seed=3)["w"] - base["w"]
+    tau = ft["w"] - base["w"]
+    kept = delta != 0
+    torch.testing.assert_close(delta[kept], tau[kept] / (1 - p), rtol=1e-5, atol=1e-6)
+    n = tau.numel()
+    assert abs(int(kept.sum()) - n * (1 - p)) < 4 * (n * p * (1 - p)) ** 0.5
+
+
+def test_expectation_is_the_task_vector():
+    """E[DARE(τ)] = τ: the mean over many seeds converges to τ (5 standard errors per entry)."""
+    base = _state(0, n=50)
+    ft = _ft(base, 1, scale=1.0)
+    tau = ft["w"] - base["w"]
+    seeds = 400
+    mean = sum(dare(base, [ft], drop=0.5, seed=s)["w"] - base["w"] for s in range(seeds)) / seeds
+    stderr = tau.abs() * (0.5 / 0.5) ** 0.5 / seeds**0.5
+    assert bool(((mean - tau).abs() <= 5 * stderr + 1e-6).all())
+
+
+def test_masks_depend_on_the_seed_only():
+    base = _state(0)
+    fts = [_ft(base, 1), _ft(base, 2)]
+    a = dare(base, fts, drop=0.7, seed=11)
+    b = dare(base, fts, drop=0.7, seed=11)
+    c = dare(base, fts, drop=0.7, seed=12)
+    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
+    # the same model twice gets different masks (each model index has its own stream)
+    twice = dare(base, [fts[0], fts[0]], drop=0.5, seed=0, lam=0.5)["w"] - base["w"]
+    tau = fts[0]["w"] - base["w"]
+    assert not torch.allclose(twice, tau)
+
+
+def test_dare_then_ties_elects_signs_among_survivors():
+    base = {"w": torch.zeros(1000)}
+    fts = [{"w": torch.full((1000,), 1.0)}, {"w": torch.full((1000,), -0.5)}]
+    merged = dare(base, fts, drop=0.5, seed=0, then="ties")["w"]
+    # survivors are 2.0 and -1.0; wherever the positive one survived it wins the election
+    assert set(merged.unique().tolist()) <= {0.0, 2.0, -1.0}
+    assert (merged == 2.0).float().mean() == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"drop": 1.0}, "drop"), ({"drop": -0.1}, "drop"),
+                                          ({"drop": 0.5, "then": "magnitude"}, "then")])  # fmt: skip
+def test_bad_settings_are_refused(kwargs, match):
+    base = _state(0)
+    with pytest.raises(ValueError, match=match):
+        dare(base, [_ft(base, 1)], **kwargs)
