@@ -16,7 +16,7 @@ the spellings people type: ``--top-k`` for ``--top_k``, ``--experts a b`` for
 
 A mistake in the input (a corrupt artifact, a wrong fingerprint, a missing directory)
 prints one line, ``flexmoe: error: ...``, and exits with status 1; set ``FLEXMOE_DEBUG=1``
-for the traceback. A new command is a function here plus one line in :data:`COMMANDS`.
+for the traceback. A new command is a typed function plus one line in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -250,14 +250,39 @@ def evaluate(
                 max_tokens=max_tokens)  # fmt: skip
 
 
-COMMANDS: dict[str, typing.Callable[..., None]] = {
-    "eval": evaluate,
-    "spec": spec,
-    "assemble": assemble,
-    "export": export,
-    "add-expert": add_expert,
-    "opt-out": opt_out,
+def merge(recipe: str, out: str) -> None:
+    """Merge dense models as a YAML recipe says (soup, task arithmetic, TIES, DARE), into a new
+    transformers directory: ``flexmoe merge RECIPE.yaml --out DIR``. The recipe is validated
+    before any weight is read.
+
+    Args:
+        recipe: The merge recipe (YAML): method, base, models and the method's parameters.
+        out: Output directory (must not exist yet, or be empty).
+    """
+    from flexmoe.merge.config import merge as run
+
+    print(f"flexmoe: merged -> {run(recipe, out)}")
+
+
+# name -> "module:function"; a command's module is imported only when that command runs,
+# so `flexmoe assemble` does not pay for importing Lightning.
+COMMANDS: dict[str, str] = {
+    "spec": "flexmoe.cli:spec",
+    "pretrain": "flexmoe.pretrain:pretrain",
+    "eval": "flexmoe.cli:evaluate",
+    "assemble": "flexmoe.cli:assemble",
+    "export": "flexmoe.cli:export",
+    "add-expert": "flexmoe.cli:add_expert",
+    "opt-out": "flexmoe.cli:opt_out",
+    "merge": "flexmoe.cli:merge",
 }
+
+
+def command(name: str) -> typing.Callable[..., None]:
+    import importlib
+
+    module, _, function = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -296,12 +321,15 @@ def _option_kinds(fn: typing.Callable) -> dict[str, str]:
     return kinds
 
 
-def normalize_argv(argv: list[str], commands: dict[str, typing.Callable] = COMMANDS) -> list[str]:
+def normalize_argv(argv: list[str]) -> list[str]:
     """Rewrite the usual command-line spellings into jsonargparse's (see :func:`normalize_options`),
     using the option kinds of the command named in ``argv``."""
     for i, tok in enumerate(argv):
-        if tok in commands:
-            return argv[: i + 1] + normalize_options(argv[i + 1 :], _option_kinds(commands[tok]))
+        if tok in COMMANDS:
+            rest = argv[i + 1 :]
+            if tok == "merge" and rest and not rest[0].startswith("-"):
+                rest = ["--recipe", *rest]  # `flexmoe merge RECIPE.yaml --out DIR`
+            return argv[: i + 1] + normalize_options(rest, _option_kinds(command(tok)))
     return normalize_options(argv, {})
 
 
@@ -365,12 +393,15 @@ def main(argv: list[str] | None = None) -> None:
             from flexmoe.expert import train_expert_cli
 
             return train_expert_cli(argv[1:])
+        # Build only the parser of the command asked for (all of them for `flexmoe --help`).
+        names = [a for a in argv[:1] if a in COMMANDS] or list(COMMANDS)
         auto_cli(
-            COMMANDS,
+            {name: command(name) for name in names},
             args=normalize_argv(argv),
             as_positional=False,
             prog="flexmoe",
-            description="FlexOlmo-style mixtures of experts: assemble, export, opt in and opt out.",
+            description="FlexOlmo-style mixtures of experts. The owner's training run is `flexmoe train-expert` "
+            "(a LightningCLI: `flexmoe train-expert --help`).",
             version=__version__,
         )
     except (ValueError, KeyError, IndexError, OSError) as e:

@@ -209,3 +209,17 @@ def test_eval_command_scores_each_model_as_given(capsys, public_dir, merged_dir,
     for entry in result.values():
         assert set(entry["per_domain"]) == {"gpl", "apache"} and entry["average"] > 1
     assert "routing" in result[str(merged_dir)] and "routing" not in result[str(public_dir)]
+
+
+def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tmp_path):
+    tuned = AutoModelForCausalLM.from_pretrained(public_dir)
+    perturb_(tuned, seed=3)
+    tuned.save_pretrained(tmp_path / "tuned")
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(public_dir), "models": [str(tmp_path / "tuned")], "density": 0.5}))
+    code, _, err = run_main(capsys, "merge", recipe, "--out", tmp_path / "merged")
+    assert code == 0, err
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == tuned.config.vocab_size
+    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(public_dir), "models": [str(tmp_path / "tuned")]}))
+    code, _, err = run_main(capsys, "merge", recipe, "--out", tmp_path / "again")
+    assert code == 1 and "density" in err and "Traceback" not in err and not (tmp_path / "again").exists()
