@@ -1,0 +1,280 @@
+"""Router recipes for the merged model, chosen by measurement (issue 4; DESIGN.md "Routing is
+the hard part").
+
+FlexOlmo's merge (Shi et al., 2025, section 3.3) stacks router rows that were each trained
+only as "my expert vs the public one" on the owner's own data. Nothing in that training
+compares one owner's row with another's, so in the merged model the logits of different
+owners live on unrelated scales. This module rewrites the router of an assembled model,
+without retraining any expert, from statistics that the rules allow to cross the wire:
+
+* :func:`calibrate_router` -- standardise each expert's logit ``r_j . x + b_j`` on public
+  tokens, per layer: ``(r_j . x + b_j - m_j) / s_j`` with ``m_j, s_j`` the mean and standard
+  deviation over the calibration tokens. Folded into the router: ``r_j <- r_j / s_j``,
+  ``b_j <- (b_j - m_j) / s_j``. The new biases have either sign and the public one is not 0,
+  so the full form needs an :class:`AffineRouter`; ``scale_only=True`` divides rows and
+  biases by ``s_j`` only and stays a plain FlexOlmo router.
+* :func:`lda_router` -- a linear discriminant (Fisher/LDA with a shared covariance) over the
+  classes ``public, owner_1 .. owner_n`` at every layer, from each class's mean MLP input
+  ``mu_c`` and one covariance ``Sigma`` estimated on public data::
+
+      logit_c(x) = (mu_c^T Sigma^-1 x - 1/2 mu_c^T Sigma^-1 mu_c + log pi_c) / T
+
+  which is ``log p(c | x)`` up to a constant when the classes are Gaussians with a shared
+  covariance (Hastie et al., "Elements of Statistical Learning", eq. 4.10). An owner's
+  ``mu_c`` is the per-layer mean of its MLP input, taken in its own 2-expert model on its own
+  data (:func:`mlp_input_moments`): one ``[layers, hidden]`` aggregate, never text. The
+  biases are needed (public included), so the result is an :class:`AffineRouter`.
+
+Neither biased form is expressible in a ``transformers`` FlexOlmo checkpoint (its router has
+no bias): both are flexmoe-native recipes until the export grows a bias.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flexmoe.moe import Router
+from flexmoe.upcycle import decoder_layers, moe_blocks
+
+
+class AffineRouter(Router):
+    """A :class:`~flexmoe.moe.Router` whose biases are used as they are: no ``min(beta, 0)``
+    clamp, and the public expert's bias is free too. ``logits_j = r_j . x + b_j``."""
+
+    def effective_bias(self) -> torch.Tensor:
+        return self.bias.float()
+
+
+def use_affine_routers(model: nn.Module) -> nn.Module:
+    """Replace every MoE layer's router by an :class:`AffineRouter` computing the same logits
+    (biases set to the old effective biases), in place. Returns ``model``."""
+    for block in moe_blocks(model):
+        old = block.router
+        if isinstance(old, AffineRouter):
+            continue
+        new = AffineRouter(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.effective_bias())
+        block.router = new
+    return model
+
+
+# -- statistics of MLP inputs ------------------------------------------------------------------
+
+
+@dataclass
+class MLPInputStats:
+    """Per-layer moments of what each decoder layer's MLP (or MoE block) receives.
+
+    ``mean`` ``[L, H]`` and, when asked for, ``covariance`` ``[L, H, H]`` (float64, divided by
+    ``count``); ``count`` tokens. ``mean`` is what an owner shares for :func:`lda_router`.
+    """
+
+    mean: torch.Tensor
+    count: int
+    covariance: torch.Tensor | None = None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _batches(rows: torch.Tensor, batch_size: int):
+    for start in range(0, rows.shape[0], batch_size):
+        yield rows[start : start + batch_size]
+
+
+@torch.inference_mode()
+def mlp_input_moments(
+    model: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, covariance: bool = False
+) -> MLPInputStats:
+    """Mean (and covariance) over every token of ``rows`` ``[N, S]`` (packed, no padding) of
+    each decoder layer's MLP input, with ``model`` (dense, or a flexmoe MoE at its current
+    routing) as it is. An owner calls this on its own 2-expert model and its own data."""
+    layers = decoder_layers(model)
+    hidden = int(model.config.hidden_size)
+    sums = torch.zeros(len(layers), hidden, dtype=torch.float64)
+    outer = torch.zeros(len(layers), hidden, hidden, dtype=torch.float64) if covariance else None
+    count = 0
+
+    def hook(L):
+        def capture(module, args):
+            x = args[0].reshape(-1, hidden).to("cpu", torch.float64)
+            sums[L] += x.sum(0)
+            if outer is not None:
+                outer[L] += x.T @ x
+
+        return capture
+
+    device = next(model.parameters()).device
+    handles = [layer.mlp.register_forward_pre_hook(hook(L)) for L, layer in enumerate(layers)]
+    was_training = model.training
+    try:
+        model.eval()
+        for batch in _batches(rows.long(), batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    mean = sums / count
+    cov = None
+    if outer is not None:
+        cov = outer / count - mean[:, :, None] * mean[:, None, :]
+    return MLPInputStats(mean=mean, count=count, covariance=cov)
+
+
+@torch.inference_mode()
+def _layer_logit_moments(model: nn.Module, L: int, rows: torch.Tensor, batch_size: int):
+    """Mean and std of layer ``L``'s router logits (per expert) over ``rows``; the forward
+    pass stops at layer ``L``."""
+    block = moe_blocks(model)[L]
+    s1 = s2 = None
+    n = 0
+
+    def capture(module, args):
+        nonlocal s1, s2, n
+        h = args[0].reshape(-1, args[0].shape[-1])
+        logits = module.router(h).double()
+        s1 = logits.sum(0) if s1 is None else s1 + logits.sum(0)
+        s2 = (logits**2).sum(0) if s2 is None else s2 + (logits**2).sum(0)
+        n += logits.shape[0]
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = block.register_forward_pre_hook(capture)
+    try:
+        for batch in _batches(rows.long(), batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    mean = s1 / n
+    std = (s2 / n - mean**2).clamp_min(0).sqrt()
+    return mean, std
+
+
+def calibrate_router(
+    model: nn.Module,
+    rows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    scale_only: bool = False,
+    eps: float = 1e-6,
+) -> nn.Module:
+    """Standardise every expert's router logit on the calibration tokens ``rows`` (public
+    data), layer by layer, in place (see the module docstring).
+
+    Layers are done in order and each one's statistics are taken with every earlier layer
+    already calibrated, so after the call each expert's logits on ``rows`` have mean 0 and
+    standard deviation 1 at every layer (``scale_only``: standard deviation 1, means kept).
+    The full form turns the routers into :class:`AffineRouter`; ``scale_only`` keeps plain
+    routers (a positive scale keeps ``min(beta, 0)`` and the public bias of 0 valid).
+    """
+    if not scale_only:
+        use_affine_routers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for L, block in enumerate(moe_blocks(model)):
+            mean, std = _layer_logit_moments(model, L, rows, batch_size)
+            router = block.router
+            with torch.no_grad():
+                scale = 1.0 / std.clamp_min(eps)
+                b = router.effective_bias().double()
+                new_b = b * scale if scale_only else (b - mean) * scale
+                router.weight.mul_(scale.to(router.weight)[:, None])
+                router.bias.copy_(new_b.to(router.bias))
+    finally:
+        model.train(was_training)
+    return model
+
+
+# -- the discriminant router -------------------------------------------------------------------
+
+
+def lda_weights(
+    means: torch.Tensor,
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LDA discriminant rows and biases for one layer.
+
+    ``means`` ``[C, H]`` (class means), ``covariance`` ``[H, H]`` (shared). The covariance is
+    shrunk towards ``tr(Sigma)/H * I`` by ``shrinkage`` (Ledoit-Wolf style, a fixed amount) so
+    that directions the public data barely spans do not blow up. Returns ``(W [C, H],
+    b [C])`` float64 with ``logit_c = W_c . x + b_c`` as in the module docstring.
+    """
+    means = means.double()
+    C, H = means.shape
+    cov = covariance.double()
+    if not 0 <= shrinkage <= 1:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / H) * torch.eye(H, dtype=cov.dtype)
+    if prior is None:
+        log_prior = torch.full((C,), -math.log(C), dtype=torch.float64)
+    else:
+        p = torch.as_tensor(prior, dtype=torch.float64)
+        if p.shape != (C,) or (p <= 0).any():
+            raise ValueError(f"prior must hold {C} positive weights, got {p.tolist()}")
+        log_prior = torch.log(p / p.sum())
+    W = torch.linalg.solve(cov, means.T).T  # [C, H] = (Sigma^-1 mu_c)^T
+    b = -0.5 * (W * means).sum(-1) + log_prior
+    return W / temperature, b / temperature
+
+
+def lda_router(
+    model: nn.Module,
+    public_mean: torch.Tensor,
+    owner_means: Sequence[torch.Tensor],
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+    temperature: float = 1.0,
+) -> nn.Module:
+    """Write a token-level LDA router into an assembled model, in place.
+
+    ``public_mean`` ``[L, H]``: the public model's mean MLP input on public data; ``owner_means``
+    one ``[L, H]`` per owner, in the model's expert order (experts ``1..n``), each taken by the
+    owner in its own 2-expert model on its own data; ``covariance`` ``[L, H, H]`` from public
+    data. Every layer's rows and biases are replaced (:func:`lda_weights`); the routers become
+    :class:`AffineRouter`. Only layer 0's input is exactly the statistic's (it depends on no
+    expert); deeper layers see the merged model's own hidden states, an approximation.
+    """
+    blocks = moe_blocks(model)
+    if len(owner_means) != blocks[0].num_experts - 1:
+        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
+    use_affine_routers(model)
+    for L, block in enumerate(blocks):
+        means = torch.stack([torch.as_tensor(public_mean)[L]] + [torch.as_tensor(m)[L] for m in owner_means])
+        W, b = lda_weights(means, covariance[L], prior=prior, shrinkage=shrinkage, temperature=temperature)
+        with torch.no_grad():
+            block.router.weight.copy_(W.to(block.router.weight))
+            block.router.bias.copy_(b.to(block.router.bias))
+    return model
+
+
+__all__ = [
+    "AffineRouter",
+    "MLPInputStats",
+    "calibrate_router",
+    "lda_router",
+    "lda_weights",
+    "mlp_input_moments",
+    "use_affine_routers",
+]

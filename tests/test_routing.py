@@ -1,0 +1,158 @@
+"""Router recipes (flexmoe.routing) do the math they promise, on tiny models and synthetic data."""
+
+import pytest
+import torch
+from conftest import VOCAB, perturb_, tiny_model
+
+from flexmoe.moe import Router, record_router_logits
+from flexmoe.routing import (
+    AffineRouter,
+    calibrate_router,
+    lda_router,
+    lda_weights,
+    mlp_input_moments,
+    use_affine_routers,
+)
+from flexmoe.upcycle import decoder_layers, moe_blocks, upcycle
+
+
+def merged(arch="olmo2", owners=3, seed=0):
+    """A tiny MoE with perturbed owner experts and random, badly scaled router rows."""
+    model = upcycle(tiny_model(arch, seed=seed), num_experts=owners)
+    g = torch.Generator().manual_seed(seed + 1)
+    for block in moe_blocks(model):
+        for j in range(1, owners + 1):
+            perturb_(block.experts[j], seed=seed + j)
+        with torch.no_grad():
+            block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g) * torch.tensor([1.0, 5.0, 0.2, 3.0])[: owners + 1, None])
+            block.router.bias.copy_(-torch.rand(owners + 1, generator=g))
+    return model.eval()
+
+
+def rows(n=6, seq=16, seed=3):
+    return torch.randint(3, VOCAB, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_on(model, ids):
+    with torch.no_grad(), record_router_logits(model) as logits:
+        model(input_ids=ids, use_cache=False)
+    return [l.double() for l in logits]
+
+
+def test_affine_router_keeps_logits_and_frees_bias():
+    model = merged()
+    ids = rows()
+    before = logits_on(model, ids)
+    use_affine_routers(model)
+    assert all(isinstance(b.router, AffineRouter) for b in moe_blocks(model))
+    for a, b in zip(before, logits_on(model, ids)):
+        torch.testing.assert_close(a, b)
+    r = moe_blocks(model)[0].router
+    with torch.no_grad():
+        r.bias.copy_(torch.tensor([0.7, 1.5, -2.0, 0.3]))
+    assert torch.equal(r.effective_bias(), torch.tensor([0.7, 1.5, -2.0, 0.3]))  # no clamp, public bias free
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "llama"])
+def test_calibration_standardises_every_experts_logits_on_calibration_data(arch):
+    model = merged(arch)
+    ids = rows()
+    calibrate_router(model, ids, batch_size=4)
+    for layer_logits in logits_on(model, ids):
+        torch.testing.assert_close(layer_logits.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(layer_logits.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_scale_only_calibration_stays_a_plain_router():
+    model = merged()
+    ids = rows()
+    before = logits_on(model, ids)
+    calibrate_router(model, ids, scale_only=True)
+    after = logits_on(model, ids)
+    assert all(type(b.router) is Router for b in moe_blocks(model))
+    # Layer 0's inputs do not depend on routing: its logits are exactly rescaled.
+    std0 = before[0].std(0, unbiased=False)
+    torch.testing.assert_close(after[0], before[0] / std0, atol=1e-4, rtol=1e-4)
+    for l in after:
+        torch.testing.assert_close(l.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_mlp_input_moments_match_a_direct_capture():
+    model = tiny_model("olmo2")
+    ids = rows(4, 8)
+    seen = []
+    hooks = [l.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))) for l in decoder_layers(model)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    stats = mlp_input_moments(model, ids, batch_size=3, covariance=True)
+    assert stats.count == ids.numel()
+    for L, x in enumerate(seen):
+        x = x.double()
+        torch.testing.assert_close(stats.mean[L], x.mean(0))
+        torch.testing.assert_close(stats.covariance[L], torch.cov(x.T, correction=0), atol=1e-8, rtol=1e-6)
+
+
+def clusters(centres, n=200, noise=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [c + noise * torch.randn(n, c.numel(), generator=g, dtype=torch.float64) for c in centres]
+    return xs
+
+
+def test_lda_routes_each_synthetic_cluster_to_its_expert():
+    H = 16
+    g = torch.Generator().manual_seed(0)
+    centres = [torch.randn(H, generator=g, dtype=torch.float64) * 2 for _ in range(3)]  # public, owner 1, owner 2
+    xs = clusters(centres)
+    pooled = torch.cat([x - x.mean(0) for x in xs])
+    cov = pooled.T @ pooled / pooled.shape[0]
+    W, b = lda_weights(torch.stack([x.mean(0) for x in xs]), cov, shrinkage=0.0)
+    router = AffineRouter(H, 3)
+    with torch.no_grad():
+        router.weight.copy_(W.float())
+        router.bias.copy_(b.float())
+    for c, x in enumerate(xs):
+        assert (router(x.float()).argmax(-1) == c).float().mean() > 0.99
+
+
+def test_lda_is_the_gaussian_posterior():
+    """With a shared covariance, softmax of the LDA logits is Bayes' posterior exactly."""
+    H = 4
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(3, H, generator=g, dtype=torch.float64)
+    A = torch.randn(H, H, generator=g, dtype=torch.float64)
+    cov = A @ A.T + torch.eye(H, dtype=torch.float64)
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    W, b = lda_weights(means, cov, prior=prior, shrinkage=0.0)
+    x = torch.randn(50, H, generator=g, dtype=torch.float64)
+    dist = torch.distributions.MultivariateNormal(means[:, None, :], covariance_matrix=cov)
+    log_joint = dist.log_prob(x[None]).T + prior.log()
+    torch.testing.assert_close(torch.softmax(x @ W.T + b, -1), torch.softmax(log_joint, -1))
+    W2, b2 = lda_weights(means, cov, prior=prior, shrinkage=0.0, temperature=2.0)
+    torch.testing.assert_close(x @ W2.T + b2, (x @ W.T + b) / 2)
+
+
+def test_lda_router_writes_every_layer_and_checks_owner_count():
+    model = merged(owners=2)
+    ids = rows()
+    stats = mlp_input_moments(model, ids, covariance=True)
+    means = [stats.mean + 1.0, stats.mean - 1.0]
+    with pytest.raises(ValueError, match="owner means"):
+        lda_router(merged(owners=2), stats.mean, means[:1], stats.covariance)
+    lda_router(model, stats.mean, means, stats.covariance)
+    for L, block in enumerate(moe_blocks(model)):
+        assert isinstance(block.router, AffineRouter)
+        W, b = lda_weights(torch.stack([stats.mean[L], *(m[L] for m in means)]), stats.covariance[L])
+        torch.testing.assert_close(block.router.weight.double(), W, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block.router.bias.double(), b, atol=1e-5, rtol=1e-5)
+
+
+def test_lda_weights_reject_bad_settings():
+    means, cov = torch.zeros(2, 3), torch.eye(3)
+    with pytest.raises(ValueError, match="shrinkage"):
+        lda_weights(means, cov, shrinkage=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        lda_weights(means, cov, temperature=0)
+    with pytest.raises(ValueError, match="prior"):
+        lda_weights(means, cov, prior=[1.0, 0.0])
