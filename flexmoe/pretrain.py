@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import MeanMetric
 
 from flexmoe.data import TextDataModule, read_documents, split_documents, train_tokenizer
@@ -126,6 +127,28 @@ class PretrainModule(pl.LightningModule):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
 
 
+class PretrainData(TextDataModule):
+    """:class:`~flexmoe.data.TextDataModule` whose validation uses at most ``val_batches``
+    batches spread evenly over all held-out sequences, so that a limited validation still
+    covers every source (the first batches alone come from the first source only)."""
+
+    def __init__(self, *args, val_batches: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.val_batches = val_batches
+
+    def val_dataloader(self) -> DataLoader:
+        loader = super().val_dataloader()
+        rows = len(loader.dataset)
+        keep = self.val_batches * self.batch_size
+        if not self.val_batches or rows <= keep:
+            return loader
+        picked = sorted({round(i * (rows - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [0]
+        return DataLoader(
+            Subset(loader.dataset, picked), batch_size=self.batch_size, shuffle=False, num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
+        )  # fmt: skip
+
+
 def olmo2_config(
     vocab_size: int,
     hidden_size: int = 256,
@@ -216,7 +239,8 @@ def pretrain(
         seed: Seeds the model's initialisation, the validation split and the data order.
         val_fraction: Share of documents held out for validation (``0``: none).
         val_every: Validate every this many steps (and always before and after training).
-        val_batches: Validation batches per validation (``0``: all of them).
+        val_batches: Validation batches per validation, spread evenly over the held-out
+            sequences (``0``: all of them).
         precision: Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed``, ...
         accelerator: Lightning accelerator: ``auto``, ``cpu``, ``gpu``, ...
         text_field: JSONL field or dataset column holding the text.
@@ -242,9 +266,9 @@ def pretrain(
     train_idx, val_idx = split_documents(docs, val_fraction, seed)
     tokenizer = train_tokenizer((docs[i] for i in train_idx), vocab_size=vocab_size)
     del docs
-    datamodule = TextDataModule(
+    datamodule = PretrainData(
         sources, tokenizer, seq_len=seq_len, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-        text_field=text_field, cache_dir=cache_dir,
+        text_field=text_field, cache_dir=cache_dir, val_batches=val_batches,
     )  # fmt: skip
 
     config = olmo2_config(
@@ -263,7 +287,7 @@ def pretrain(
         precision=precision,
         val_check_interval=min(val_every, max_steps) if validate else None,
         check_val_every_n_epoch=None,
-        limit_val_batches=(val_batches or 1.0) if validate else 0,
+        limit_val_batches=1.0 if validate else 0,  # PretrainData spreads val_batches over the held-out set
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         logger=pl.loggers.CSVLogger(out_dir, name="logs", version=""),
@@ -272,9 +296,9 @@ def pretrain(
         log_every_n_steps=10,
         default_root_dir=out_dir,
     )
-    before = trainer.validate(module, datamodule, verbose=False)[0] if validate else {}
+    before = _validate(trainer, module, datamodule) if validate else {}
     trainer.fit(module, datamodule)
-    after = trainer.validate(module, datamodule, verbose=False)[0] if validate else {}
+    after = _validate(trainer, module, datamodule) if validate else {}
 
     model = module.model.float().eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -303,12 +327,20 @@ def pretrain(
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    shown = f", held-out ppl {report['val_ppl_init']:.1f} -> {report['val_ppl']:.1f}" if validate else ""
+    shown = ""
+    if report["val_ppl"] is not None and report["val_ppl_init"] is not None:
+        shown = f", held-out ppl {report['val_ppl_init']:.1f} -> {report['val_ppl']:.1f}"
     print(
         f"flexmoe: pretrained a {report['parameters'] / 1e6:.1f}M-parameter OLMo-2 model on "
         f"{report['train_tokens'] / 1e6:.1f}M tokens in {report['seconds']:.0f} s{shown} -> {out_dir}"
     )
     return out_dir
+
+
+def _validate(trainer: pl.Trainer, module: PretrainModule, datamodule: TextDataModule) -> dict:
+    """Held-out loss and perplexity of the model as it is now (empty if nothing to validate)."""
+    results = trainer.validate(module, datamodule, verbose=False)
+    return results[0] if results else {}
 
 
 def _metric(metrics: dict, name: str) -> float | None:

@@ -16,6 +16,16 @@ TINY = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, seq_len=6
 DOMAINS = ["pydoc_topics", "docstrings"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread; on a busy machine, threads that wait on
+    each other make each step some 30 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     domains = local_corpus(max_docs_per_domain=24, domains=DOMAINS)
@@ -28,14 +38,7 @@ def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("public") / "model"
     cache = tmp_path_factory.mktemp("cache")
     data = [str(paths[name] / "train.jsonl") for name in DOMAINS]
-    # A model this small runs fastest on one thread; on a busy machine two threads that
-    # wait on each other make each step some 30 times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(data, str(out), max_steps=20, warmup_steps=2, lr=1e-2, val_every=10, val_batches=4, cache_dir=str(cache), **TINY)
-    finally:
-        torch.set_num_threads(threads)
+    pretrain(data, str(out), max_steps=20, warmup_steps=2, lr=1e-2, val_every=10, val_batches=4, cache_dir=str(cache), **TINY)
     return out
 
 
@@ -115,3 +118,20 @@ def test_module_schedule_and_optimizer_groups():
     again = PretrainModule(module.hparams.config)
     assert again.model.config.hidden_size == 32
     assert olmo2_config(300, hidden_size=256).intermediate_size == 688
+
+
+def test_limited_validation_spreads_over_every_source(corpus, tmp_path):
+    from flexmoe.data import train_tokenizer
+    from flexmoe.pretrain import PretrainData
+
+    _, paths = corpus
+    data = [str(paths[name] / "train.jsonl") for name in DOMAINS]
+    tokenizer = train_tokenizer(["a few words to train on"], vocab_size=300)
+    dm = PretrainData(data, tokenizer, seq_len=32, batch_size=4, val_fraction=0.2, cache_dir=tmp_path, val_batches=3)
+    dm.setup()
+    everything = dm.val_dataloader().dataset.dataset.data
+    rows = torch.cat([b["input_ids"] for b in dm.val_dataloader()])
+    assert rows.shape[0] == 12 < everything.shape[0]
+    assert torch.equal(rows[0], everything[0].long()) and torch.equal(rows[-1], everything[-1].long())
+    dm.val_batches = 0
+    assert len(dm.val_dataloader().dataset) == everything.shape[0]
