@@ -25,6 +25,13 @@ without retraining any expert, from statistics that the rules allow to cross the
   data (:func:`mlp_input_moments`): one ``[layers, hidden]`` aggregate, never text. The
   biases are needed (public included), so the result is an :class:`AffineRouter`.
 
+* :func:`prefix_lda_router` -- sequence-level, causal: the running mean over the prefix of
+  layer 0's LDA scores picks one class per token (layer 0's MLP input depends on no expert,
+  so the owners' layer-0 means are public-model statistics); that owner's own 2-expert router
+  (``r_0, r_d, b_d``, exactly as trained) then mixes the public expert and expert ``d`` in
+  every layer, and a token classed public uses the public expert alone. With a perfect
+  domain posterior this is oracle routing.
+
 Neither biased form is expressible in a ``transformers`` FlexOlmo checkpoint (its router has
 no bias): both are flexmoe-native recipes until the export grows a bias.
 """
@@ -269,7 +276,73 @@ def lda_router(
     return model
 
 
+class _PrefixClass:
+    """Shared per-forward state: the class chosen for every token, ``[B * S]``."""
+
+    classes: torch.Tensor | None = None
+
+
+class PrefixGatedRouter(nn.Module):
+    """Router of :func:`prefix_lda_router`: the original rows and effective biases, with every
+    expert other than the public one and the token's chosen owner masked to ``-inf``."""
+
+    def __init__(self, router: Router, state: _PrefixClass):
+        super().__init__()
+        self.weight = nn.Parameter(router.weight.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", router.effective_bias().detach().clone())
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ self.weight.float().T + self.bias
+        cls = self.state.classes
+        if cls is None or cls.shape[0] != x.shape[0]:
+            raise RuntimeError("PrefixGatedRouter runs inside a model prepared by prefix_lda_router only")
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[:, 0] = True
+        keep[torch.arange(x.shape[0], device=x.device), cls.to(x.device)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+def prefix_lda_router(
+    model: nn.Module,
+    public_mean: torch.Tensor,
+    owner_means: Sequence[torch.Tensor],
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+) -> nn.Module:
+    """Sequence-level causal routing (see the module docstring), in place.
+
+    Token ``t`` of a sequence is classed ``argmax_c mean_{s<=t} logit_c(x_s)`` with
+    ``logit_c`` layer 0's LDA score (:func:`lda_weights` on the layer-0 rows of the means and
+    ``covariance``); only the public expert and that owner's expert can be chosen, weighted by
+    the owner's own router row and bias. Use ``top_k=2``. Not expressible as a
+    ``transformers`` checkpoint: the choice depends on the prefix, not on the token alone.
+    """
+    blocks = moe_blocks(model)
+    if len(owner_means) != blocks[0].num_experts - 1:
+        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
+    means = torch.stack([torch.as_tensor(public_mean)[0]] + [torch.as_tensor(m)[0] for m in owner_means])
+    W, b = lda_weights(means, covariance[0], prior=prior, shrinkage=shrinkage)
+    W, b = W.float(), b.float()
+    state = _PrefixClass()
+
+    def classify(module, args):
+        x = args[0]  # [B, S, H]: layer 0's MLP input
+        scores = x.float() @ W.to(x.device).T + b.to(x.device)  # [B, S, C]
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :, None]
+        state.classes = (scores.cumsum(1) / steps).argmax(-1).reshape(-1)
+
+    for block in blocks:
+        block.router = PrefixGatedRouter(block.router, state)
+    blocks[0].register_forward_pre_hook(classify)
+    return model
+
+
 __all__ = [
+    "PrefixGatedRouter",
+    "prefix_lda_router",
     "AffineRouter",
     "MLPInputStats",
     "calibrate_router",

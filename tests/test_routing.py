@@ -7,13 +7,14 @@ from conftest import VOCAB, perturb_, tiny_model
 from flexmoe.moe import Router, record_router_logits
 from flexmoe.routing import (
     AffineRouter,
+    prefix_lda_router,
     calibrate_router,
     lda_router,
     lda_weights,
     mlp_input_moments,
     use_affine_routers,
 )
-from flexmoe.upcycle import decoder_layers, moe_blocks, upcycle
+from flexmoe.upcycle import decoder_layers, moe_blocks, set_top_k, upcycle
 
 
 def merged(arch="olmo2", owners=3, seed=0):
@@ -156,3 +157,24 @@ def test_lda_weights_reject_bad_settings():
         lda_weights(means, cov, temperature=0)
     with pytest.raises(ValueError, match="prior"):
         lda_weights(means, cov, prior=[1.0, 0.0])
+
+
+def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it():
+    """A sequence classed as owner 1 goes through exactly owner 1's 2-expert model."""
+    from flexmoe.artifact import ExpertArtifact, assemble
+
+    model = merged(owners=3)
+    ids = rows()
+    art = ExpertArtifact.from_model(model, owner="expert_1", expert=1)
+    single = assemble(upcycle(tiny_model("olmo2"), num_experts=0), [art], top_k=2).eval()
+    with torch.no_grad():  # r_pub is the spec's, the same in every owner's model and the merge
+        for a, b in zip(moe_blocks(single), moe_blocks(model)):
+            a.router.weight[0].copy_(b.router.weight[0])
+    stats = mlp_input_moments(model, ids, covariance=True)
+    far = [stats.mean + 50.0, stats.mean, stats.mean - 50.0, stats.mean + 80.0]  # public, owners 1..3
+    prefix_lda_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
+    set_top_k(model, 2)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        want = single(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
