@@ -8,8 +8,8 @@ unchanged. The sparsified vectors are then merged by ``then``:
 * ``"ties"``: TIES's sign election and disjoint mean (``sign`` as in :func:`~flexmoe.merge.ties`),
   with DARE's random drop in place of TIES's magnitude trim.
 
-Masks are drawn from a generator seeded by ``(seed, model index, tensor name)``: the same
-seed gives the same merge in memory and from directories, in any reading order.
+Masks are drawn from a generator seeded by ``(seed, model index, tensor name, row block)``:
+the same seed gives the same merge in memory and from directories, in any reading order.
 """
 
 from __future__ import annotations

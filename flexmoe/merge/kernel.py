@@ -30,10 +30,15 @@ value), so no model is ever held whole.
 Computation is in float32 (float64 for float64 inputs); the result takes the base's dtype
 (the first model's for a soup) unless ``dtype`` says otherwise. Tensors that are not
 floating point are copied from the base (first model). DARE's masks come from a generator
-seeded by ``(seed, model index, tensor name)``, so they do not depend on reading order.
+seeded by ``(seed, model index, tensor name, first row of the block)``, so they do not depend on
+reading order. Large tensors are processed in blocks of rows of at most ``BLOCK_ENTRIES``
+entries: a per-tensor trim of a tensor larger than that reads it three times, like a global one.
 
-Memory: a soup and task arithmetic hold one accumulator and one input tensor at a time;
-TIES holds the current tensor of every model (one tensor per model), never more.
+Memory does not grow with the number of models: every method reads one input tensor at a time
+into fixed accumulators for the current block of rows (TIES keeps, per entry, the weighted sums
+and weights of the positive and of the negative deltas, and the sign rule's vote, which is
+all a sign election followed by a disjoint mean needs). ``trim="global"`` reads the inputs
+three times: twice for the thresholds, once to merge.
 """
 
 from __future__ import annotations
@@ -152,18 +157,25 @@ def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Quota:
-    """Keep entries whose magnitude bits are ``> bits``, plus the first ``ties`` equal to it."""
+    """Keep entries whose magnitude bits are ``> bits``, plus the first ``ties`` equal to it
+    (``every_tie``: as many as there are, so ``>= bits`` says it all)."""
 
     bits: int
     ties: int
+    every_tie: bool = False
 
     def mask(self, b: torch.Tensor) -> torch.Tensor:
+        if self.every_tie:
+            return b >= self.bits
         keep = b > self.bits
-        eq = b == self.bits
-        if self.ties > 0 and bool(eq.any()):
-            rank = eq.to(torch.int64).cumsum(0)
-            keep |= eq & (rank <= self.ties)
-            self.ties = max(0, self.ties - int(rank[-1]))
+        if self.ties > 0:
+            eq = b == self.bits
+            count = int(eq.sum())
+            if count <= self.ties:
+                keep |= eq
+            else:  # keep the first `ties` of them, in storage order
+                keep |= eq & (eq.to(torch.int64).cumsum(0) <= self.ties)
+            self.ties = max(0, self.ties - count)
         return keep
 
 
@@ -172,56 +184,56 @@ def kept_count(density: float, n: int) -> int:
     return round(density * n)
 
 
+_NONE = 2**31 - 1  # bits above every magnitude: keep nothing
+
+
+def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin of a 65536-bin histogram holding the k-th largest entry, and how many entries
+    lie in higher bins."""
+    from_top = hist.flip(0).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(k)))
+    return 65535 - idx, int(from_top[idx] - hist[65535 - idx])
+
+
+def _quota_from_histograms(high: torch.Tensor, low_of_bin, k: int) -> _Quota:
+    """Exact threshold for the k largest magnitudes: ``high`` counts the top 16 bits of every
+    entry; ``low_of_bin(hi)`` counts the low 16 bits of the entries whose top bits are ``hi``."""
+    if k <= 0:
+        return _Quota(bits=_NONE, ties=0)
+    hi, above = _kth_bin(high, k)
+    low = low_of_bin(hi)
+    lo, above_lo = _kth_bin(low, k - above)
+    ties = k - above - above_lo
+    return _Quota(bits=(hi << 16) | lo, ties=ties, every_tie=ties == int(low[lo]))
+
+
 def _quota_for_tensor(b: torch.Tensor, k: int) -> _Quota:
-    n = b.numel()
-    if k <= 0:
-        return _Quota(bits=2**31 - 1, ties=0)  # nothing is above the largest int32
-    t = int(b.kthvalue(n - k + 1).values)  # the k-th largest
-    return _Quota(bits=t, ties=k - int((b > t).sum()))
+    top = b >> 16
+    return _quota_from_histograms(
+        torch.bincount(top, minlength=65536), lambda hi: torch.bincount(b[top == hi] & 0xFFFF, minlength=65536), k
+    )
 
 
-def _global_quotas(method: MergeMethod, base, models, names) -> list[_Quota]:
-    """Per model, the exact ``density`` threshold over all its floating-point tensors, from two
-    streamed passes: a histogram of the high 16 bits, then of the low 16 bits in the bin the
-    threshold falls in."""
-    floats = [n for n in names if base.spec(n)[0].is_floating_point]
-    total = sum(_numel(base.spec(n)[1]) for n in floats)
-    k = kept_count(method.density, total)
-    if k <= 0:
-        return [_Quota(bits=2**31 - 1, ties=0) for _ in models]
+def _quotas(base, models, pieces: list[tuple[str, tuple[int, int]]], k: int) -> list[_Quota]:
+    """Per model, the exact threshold for its ``k`` largest delta magnitudes over ``pieces``
+    (row ranges of tensors), from two streamed passes: a histogram of the high 16 bits, then of
+    the low 16 bits within the bin the threshold falls in."""
 
-    def passes(select):
+    def histograms(select) -> list[torch.Tensor]:
         hists = [torch.zeros(65536, dtype=torch.int64) for _ in models]
-        for name in floats:
-            b0 = base.get(name)
-            cdt = _compute_dtype(b0.dtype)
-            b0 = b0.to(cdt)
+        for name, rows in pieces:
+            b0 = base.get(name, *rows)
+            b0 = b0.to(_compute_dtype(b0.dtype))
             for i, m in enumerate(models):
-                bits = _magnitude_bits(m.get(name).to(cdt) - b0)
-                hists[i] += select(i, bits)
+                hists[i] += select(i, _magnitude_bits(m.get(name, *rows).to(b0.dtype) - b0))
         return hists
 
-    def kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
-        """The bin holding the k-th largest entry, and how many entries lie in higher bins."""
-        from_top = hist.flip(0).cumsum(0)
-        idx = int(torch.searchsorted(from_top, torch.tensor(k)))
-        return 65535 - idx, int(from_top[idx] - hist[65535 - idx])
-
-    high = passes(lambda i, bits: torch.bincount(bits >> 16, minlength=65536))
-    tops = [kth_bin(h, k) for h in high]
-    del high
-
-    def low_bits(i, bits):
-        hi, _ = tops[i]
-        sel = bits[(bits >> 16) == hi]
-        return torch.bincount(sel & 0xFFFF, minlength=65536)
-
-    low = passes(low_bits)
-    quotas = []
-    for (hi, above), h in zip(tops, low):
-        lo, above_lo = kth_bin(h, k - above)
-        quotas.append(_Quota(bits=(hi << 16) | lo, ties=k - above - above_lo))
-    return quotas
+    if k <= 0:
+        return [_Quota(bits=_NONE, ties=0) for _ in models]
+    high = histograms(lambda i, bits: torch.bincount(bits >> 16, minlength=65536))
+    bins = [_kth_bin(h, k)[0] for h in high]
+    low = histograms(lambda i, bits: torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=65536))
+    return [_quota_from_histograms(h, lambda hi, i=i: low[i], k) for i, h in enumerate(high)]
 
 
 def _numel(shape) -> int:
@@ -231,15 +243,29 @@ def _numel(shape) -> int:
     return n
 
 
-def _dare_generator(seed: int, i: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{i}/{name}".encode()).digest()
+# Tensors are processed in row blocks of at most this many entries, so temporaries and
+# accumulators stay small whatever the size of the largest tensor (a 128k x 4096 embedding).
+BLOCK_ENTRIES = 1 << 20
+
+
+def row_blocks(shape) -> list[tuple[int, int | None]]:
+    """``[(start, stop)]`` row ranges (along dim 0) covering a tensor of ``shape``."""
+    if len(shape) == 0 or shape[0] == 0:
+        return [(0, None)]  # the whole tensor
+    step = max(1, BLOCK_ENTRIES // max(1, _numel(shape[1:])))
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def _dare_generator(seed: int, i: int, name: str, row: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{i}/{name}/{row}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def merge_tensors(method: MergeMethod, models: Sequence, base=None, weights=None, *,
                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """Yield ``(name, merged tensor)`` for every tensor, in sorted name order, reading the
-    sources (:mod:`flexmoe.merge.stream`) one tensor at a time."""
+    """Yield ``(name, rows of the merged tensor)`` for every tensor in sorted name order, each
+    tensor as consecutive row blocks (:func:`row_blocks`), reading the sources
+    (:mod:`flexmoe.merge.stream`) one block at a time."""
     models = list(models)
     if not models:
         raise ValueError("nothing to merge: no models given")
@@ -252,20 +278,29 @@ def merge_tensors(method: MergeMethod, models: Sequence, base=None, weights=None
     ref = base if base is not None else models[0]
     quotas = None
     if method.density is not None and method.trim == "global":
-        quotas = _global_quotas(method, base, models, names)
+        pieces = [(n, b) for n in names if ref.spec(n)[0].is_floating_point for b in row_blocks(ref.spec(n)[1])]
+        total = sum(_numel(ref.spec(n)[1]) for n in names if ref.spec(n)[0].is_floating_point)
+        quotas = _quotas(base, models, pieces, kept_count(method.density, total))
     for name in names:
-        src_dtype = ref.spec(name)[0]
+        src_dtype, shape = ref.spec(name)
+        blocks = row_blocks(shape)
         if not src_dtype.is_floating_point:
-            yield name, ref.get(name)
+            for rows in blocks:
+                yield name, ref.get(name, *rows)
             continue
         out_dtype = dtype or src_dtype
-        if method.combine == "mean":
-            yield name, _soup(models, name, w).to(out_dtype)
-        else:
-            yield name, _merge_deltas(method, base, models, name, w, quotas).to(out_dtype)
+        tensor_quotas = quotas
+        if method.density is not None and method.trim == "per_tensor" and len(blocks) > 1:
+            pieces = [(name, rows) for rows in blocks]
+            tensor_quotas = _quotas(base, models, pieces, kept_count(method.density, _numel(shape)))
+        for rows in blocks:
+            if method.combine == "mean":
+                yield name, _soup(models, name, rows, w).to(out_dtype)
+            else:
+                yield name, _merge_deltas(method, base, models, name, rows, w, tensor_quotas).to(out_dtype)
 
 
-def _soup(models, name, w) -> torch.Tensor:
+def _soup(models, name, rows, w) -> torch.Tensor:
     # A running weighted mean, m += (w_k / W_k)(θ_k − m): identical models average to exactly
     # themselves, which Σ w_i θ_i / Σ w_i does not promise in floating point.
     acc, total = None, 0.0
@@ -273,7 +308,7 @@ def _soup(models, name, w) -> torch.Tensor:
         if wi == 0:
             continue
         total += wi
-        t = m.get(name)
+        t = m.get(name, *rows)
         t = t.to(_compute_dtype(t.dtype))
         if acc is None:
             acc = t.clone()
@@ -282,42 +317,64 @@ def _soup(models, name, w) -> torch.Tensor:
     return acc
 
 
-def _merge_deltas(method: MergeMethod, base, models, name, w, quotas) -> torch.Tensor:
-    b0 = base.get(name)
-    cdt = _compute_dtype(b0.dtype)
-    b0 = b0.to(cdt)
-    acc, kept = None, []
+def _merge_deltas(method: MergeMethod, base, models, name, rows, w, quotas) -> torch.Tensor:
+    """One row block of one tensor; ``quotas``: per-model trim thresholds (None: this block is
+    the whole tensor and a per-tensor threshold is computed here)."""
+    b0 = base.get(name, *rows)
+    b0 = b0.to(_compute_dtype(b0.dtype))
+    acc = _DisjointMean(b0, method.sign) if method.combine == "disjoint_mean" else None
     for i, m in enumerate(models):
-        d = m.get(name).to(cdt) - b0
+        d = m.get(name, *rows).to(b0.dtype) - b0
         if method.density is not None:
             bits = _magnitude_bits(d)
             q = quotas[i] if quotas is not None else _quota_for_tensor(bits, kept_count(method.density, bits.numel()))
-            d = d * q.mask(bits).reshape(d.shape)
+            d.mul_(q.mask(bits).reshape(d.shape))
         elif method.drop is not None and method.drop > 0:
-            g = _dare_generator(method.seed, i, name)
-            keep = torch.rand(d.shape, generator=g) >= method.drop
-            d = d * keep / (1.0 - method.drop)
+            keep = torch.rand(d.shape, generator=_dare_generator(method.seed, i, name, rows[0])) >= method.drop
+            d.mul_(keep).div_(1.0 - method.drop)
         if method.combine == "sum":
-            acc = d.mul_(w[i]) if acc is None else acc.add_(d, alpha=w[i])
+            if acc is None:
+                acc = d if w[i] == 1 else d.mul_(w[i])
+            else:
+                acc.add_(d, alpha=w[i])
         else:
-            kept.append(d)
-    if method.combine == "disjoint_mean":
-        acc = _disjoint_mean(kept, w, method.sign)
-    return b0 + method.lam * acc  # out of place: b0 may be the base model's own tensor
+            acc.add(d, w[i])
+    merged = acc.result() if method.combine == "disjoint_mean" else acc
+    return b0 + method.lam * merged  # out of place: b0 may be the base model's own tensor
 
 
-def _disjoint_mean(deltas: list[torch.Tensor], w: list[float], sign: Sign) -> torch.Tensor:
-    """TIES steps 2-3: elect a sign per entry, then average the entries that agree with it."""
-    vote = torch.zeros_like(deltas[0])
-    for d, wi in zip(deltas, w):
-        vote += torch.sign(d) if sign == "count" else d * (wi if sign == "weighted_mass" else 1.0)
-    elected = torch.sign(vote)
-    num, den = torch.zeros_like(vote), torch.zeros_like(vote)
-    for d, wi in zip(deltas, w):
-        agree = (torch.sign(d) == elected) & (d != 0)
-        num += torch.where(agree, d * wi, 0.0)
-        den += agree * wi
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+class _DisjointMean:
+    """TIES steps 2-3 in one pass over the models, in memory independent of their number.
+
+    Per entry it accumulates the weighted sums and weights of the positive and of the negative
+    deltas separately, plus the vote of the sign rule. The elected sign then picks one side:
+    ``Σ_{τ_i > 0} w_i τ_i / Σ_{τ_i > 0} w_i`` if the vote is positive, the negative side's mean
+    if it is negative, and 0 on a tied vote (or where no model kept the entry).
+    """
+
+    def __init__(self, like: torch.Tensor, sign: Sign):
+        self.sign = sign
+        self.pos, self.neg, self.w_pos, self.w_neg = (torch.zeros_like(like) for _ in range(4))
+        self.vote = torch.zeros_like(like) if sign != "weighted_mass" else None
+
+    def add(self, d: torch.Tensor, w: float) -> None:
+        up, down = d > 0, d < 0
+        self.pos.add_(d.clamp(min=0), alpha=w)
+        self.neg.add_(d.clamp(max=0), alpha=w)
+        self.w_pos.add_(up, alpha=w)
+        self.w_neg.add_(down, alpha=w)
+        if self.sign == "mass":
+            self.vote.add_(d)
+        elif self.sign == "count":
+            self.vote.add_(up.to(d.dtype)).sub_(down.to(d.dtype))
+
+    def result(self) -> torch.Tensor:
+        vote = self.pos + self.neg if self.sign == "weighted_mass" else self.vote
+        tiny = torch.finfo(vote.dtype).tiny
+        # a side with no weight has a zero sum too, so 0 / tiny = 0 there
+        up = self.pos.div_(self.w_pos.clamp_min_(tiny))
+        down = self.neg.div_(self.w_neg.clamp_min_(tiny))
+        return torch.where(vote > 0, up, down).mul_(vote != 0)
 
 
 # -- in memory and directory to directory ---------------------------------------------------------------
@@ -334,7 +391,10 @@ def merge_in_memory(method: MergeMethod, models: Sequence[Models], base: Models 
     sources = [StateDictSource(m, label=f"model {i}") for i, m in enumerate(models)]
     base_src = StateDictSource(base, label="base") if base is not None else None
     template = base if (base is not None and method.needs_base) else models[0]
-    merged = dict(merge_tensors(method, sources, base_src, weights, dtype=dtype))
+    blocks: dict[str, list[torch.Tensor]] = {}
+    for name, t in merge_tensors(method, sources, base_src, weights, dtype=dtype):
+        blocks.setdefault(name, []).append(t)
+    merged = {name: ts[0] if len(ts) == 1 else torch.cat(ts) for name, ts in blocks.items()}
     return rebuild_like(template, merged)
 
 

@@ -85,8 +85,10 @@ class StateDictSource:
         t = self._state[name]
         return t.dtype, tuple(t.shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._state[name].detach()
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along dim 0) of tensor ``name``, a view; the whole tensor by default."""
+        t = self._state[name].detach()
+        return t if (start == 0 and stop is None) or t.dim() == 0 else t[start:stop]
 
 
 class SafetensorsDir:
@@ -124,9 +126,15 @@ class SafetensorsDir:
         _, _, dtype, shape = self._where[name]
         return _DTYPES[dtype], shape
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along dim 0) of tensor ``name``, read from disk; the whole
+        tensor by default."""
         path, offset, code, shape = self._where[name]
         dtype = _DTYPES[code]
+        if shape and (start != 0 or stop is not None):
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            offset += start * _nbytes(dtype, shape[1:])
+            shape = (max(0, stop - start), *shape[1:])
         buf = torch.empty(_nbytes(dtype, shape), dtype=torch.uint8)
         f = self._files.get(path)
         if f is None:
@@ -177,8 +185,8 @@ class ShardWriter:
     ``max_shard_bytes`` (a single ``model.safetensors`` when they fit in one, else
     ``model-0000i-of-0000n.safetensors`` plus the index ``from_pretrained`` reads).
 
-    Every shard's header is written when the writer opens; :meth:`write` appends one tensor's
-    bytes to its shard, so nothing but the tensor being written is held in memory.
+    Every shard's header is written when the writer opens; :meth:`write` appends a tensor's
+    bytes (or the next block of its rows) to its shard, so nothing else is held in memory.
     """
 
     def __init__(self, directory: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -197,7 +205,7 @@ class ShardWriter:
         files = [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
         self._plan = {}  # name -> (file index, dtype, shape)
         self._order = [name for shard in shards for name, _, _ in shard]
-        self._next = 0
+        self._next, self._current, self._left = 0, None, 0
         self._files, self.total_bytes = [], 0
         for i, (file, shard) in enumerate(zip(files, shards)):
             header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -215,22 +223,33 @@ class ShardWriter:
         self._names = files
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next] if self._next < len(self._order) else None
-        if name != expected:
-            raise RuntimeError(f"ShardWriter expected {expected!r} next, got {name!r}")
+        """Append ``tensor``, the whole of tensor ``name`` or its next block of rows."""
+        if self._left == 0:  # the previous tensor is complete: this must be the next one
+            expected = self._order[self._next] if self._next < len(self._order) else None
+            if name != expected:
+                raise RuntimeError(f"ShardWriter expected {expected!r} next, got {name!r}")
+            self._current = name
+            self._left = _nbytes(self._plan[name][1], self._plan[name][2])
+            self._next += 1
+        elif name != self._current:
+            raise RuntimeError(f"ShardWriter got {name!r} before the rest of {self._current!r}")
         i, dtype, shape = self._plan[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        if tensor.dtype != dtype or tuple(tensor.shape[1:]) != shape[1:]:
             raise RuntimeError(f"{name}: planned {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if t.numel():
+        n = t.numel() * t.element_size()
+        if n > self._left:
+            raise RuntimeError(f"{name}: more data than its planned shape {list(shape)} holds")
+        if n:
             self._files[i].write(t.view(torch.uint8).numpy().data)
-        self._next += 1
+        self._left -= n
 
     def close(self) -> None:
         for f in self._files:
             f.close()
-        if self._next != len(self._order):
-            raise RuntimeError(f"ShardWriter closed after {self._next} of {len(self._order)} tensors")
+        if self._next != len(self._order) or self._left:
+            raise RuntimeError(f"ShardWriter closed after {self._next} of {len(self._order)} tensors"
+                               f"{f' ({self._current} incomplete)' if self._left else ''}")  # fmt: skip
         if len(self._names) > 1:
             weight_map = {name: self._names[i] for name, (i, _, _) in self._plan.items()}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
