@@ -17,6 +17,7 @@ from flexmoe.merge import (
     MergeConfigError,
     average,
     dare,
+    kernel,
     merge,
     task_arithmetic,
     ties,
@@ -79,8 +80,11 @@ CONFIGS = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("blocks", [None, 1000], ids=["whole_tensors", "row_blocks"])
 @pytest.mark.parametrize("case", list(CONFIGS))
-def test_directory_merge_equals_in_memory_merge(case, dirs, tmp_path):
+def test_directory_merge_equals_in_memory_merge(case, blocks, dirs, tmp_path, monkeypatch):
+    if blocks is not None:  # large tensors go through in blocks of rows, on disk and in memory alike
+        monkeypatch.setattr(kernel, "BLOCK_ENTRIES", blocks)
     models = [str(dirs[f"ft{i}"]) for i in range(3)]
     config = dict(CONFIGS[case], models=models)
     if config["method"] != "average":

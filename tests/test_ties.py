@@ -7,7 +7,7 @@ import torch
 from conftest import perturb_, tiny_model
 
 from flexmoe import upcycle
-from flexmoe.merge import ties
+from flexmoe.merge import kernel, ties
 
 SHAPES = {"a.weight": (8, 6), "b.weight": (40,), "c.bias": (3, 5, 2), "d.weight": (1,)}
 
@@ -94,7 +94,21 @@ def test_global_trim_keeps_exactly_density_of_the_whole_model():
     assert int((deltas["a.weight"] != 0).sum()) > round(0.3 * 48)
 
 
-def test_entries_tied_at_the_threshold_are_kept_in_storage_order():
+@pytest.mark.parametrize("trim", ["global", "per_tensor"])
+@pytest.mark.parametrize("sign", ["mass", "count"])
+def test_processing_in_row_blocks_changes_nothing(trim, sign, monkeypatch):
+    base = _state(0)
+    fts = [{k: v + d for (k, v), d in zip(base.items(), _state(s, 0.1).values())} for s in (1, 2, 3)]
+    whole = ties(base, fts, density=0.3, trim=trim, sign=sign)
+    monkeypatch.setattr(kernel, "BLOCK_ENTRIES", 7)  # a.weight in 8 blocks of one row, b.weight in 6
+    blocked = ties(base, fts, density=0.3, trim=trim, sign=sign)
+    assert all(torch.equal(whole[k], blocked[k]) for k in base)
+
+
+@pytest.mark.parametrize("block", [None, 2])
+def test_entries_tied_at_the_threshold_are_kept_in_storage_order(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(kernel, "BLOCK_ENTRIES", block)
     base = {"a": torch.zeros(4), "b": torch.zeros(6)}
     ft = {"a": torch.tensor([1.0, -1.0, 1.0, -1.0]), "b": torch.tensor([1.0, 1.0, -1.0, 1.0, 1.0, 1.0])}
     per = ties(base, [ft], density=0.5, trim="per_tensor")
