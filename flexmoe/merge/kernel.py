@@ -190,6 +190,7 @@ _NONE = 2**31 - 1  # bits above every magnitude: keep nothing
 def _kth_bin(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The bin of a 65536-bin histogram holding the k-th largest entry, and how many entries
     lie in higher bins."""
+    hist = hist.cpu()
     from_top = hist.flip(0).cumsum(0)
     idx = int(torch.searchsorted(from_top, torch.tensor(k)))
     return 65535 - idx, int(from_top[idx] - hist[65535 - idx])
@@ -202,6 +203,7 @@ def _quota_from_histograms(high: torch.Tensor, low_of_bin, k: int) -> _Quota:
         return _Quota(bits=_NONE, ties=0)
     hi, above = _kth_bin(high, k)
     low = low_of_bin(hi)
+    low = low.cpu()
     lo, above_lo = _kth_bin(low, k - above)
     ties = k - above - above_lo
     return _Quota(bits=(hi << 16) | lo, ties=ties, every_tie=ties == int(low[lo]))
@@ -225,7 +227,7 @@ def _quotas(base, models, pieces: list[tuple[str, tuple[int, int]]], k: int) -> 
             b0 = base.get(name, *rows)
             b0 = b0.to(_compute_dtype(b0.dtype))
             for i, m in enumerate(models):
-                hists[i] += select(i, _magnitude_bits(m.get(name, *rows).to(b0.dtype) - b0))
+                hists[i] += select(i, _magnitude_bits(m.get(name, *rows).to(b0.dtype) - b0)).cpu()
         return hists
 
     if k <= 0:
@@ -330,7 +332,8 @@ def _merge_deltas(method: MergeMethod, base, models, name, rows, w, quotas) -> t
             q = quotas[i] if quotas is not None else _quota_for_tensor(bits, kept_count(method.density, bits.numel()))
             d.mul_(q.mask(bits).reshape(d.shape))
         elif method.drop is not None and method.drop > 0:
-            keep = torch.rand(d.shape, generator=_dare_generator(method.seed, i, name, rows[0])) >= method.drop
+            draw = torch.rand(d.shape, generator=_dare_generator(method.seed, i, name, rows[0]))  # on the CPU
+            keep = (draw >= method.drop).to(d.device)
             d.mul_(keep).div_(1.0 - method.drop)
         if method.combine == "sum":
             if acc is None:
