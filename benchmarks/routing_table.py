@@ -1,0 +1,369 @@
+"""The routing table of issue 4 on the local corpus: how well each router recipe routes.
+
+Setting (defaults): public data = a mixture of ``stdlib_code`` and ``pydoc_topics``; owners =
+``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (from
+:func:`flexmoe.corpus.local_corpus`, a fixed hash-chosen sample of ``--docs`` documents per
+domain). Docstrings and comments resemble the public code somewhat; Unicode names and licence
+texts do not.
+
+1. ``flexmoe.pretrain`` a small OLMo-2 public model (``--hidden``, ``--layers``, ``--vocab``,
+   ``--pretrain-steps``) on the public training text.
+2. One expert per owner: :class:`~flexmoe.ExpertModule` + ``expert_callbacks(spec, out)`` on a
+   Lightning ``Trainer`` (``--expert-steps``); router init by the spec's embedder (default
+   ``None``: the hidden-state fallback, no sentence embedder).
+3. Held-out perplexity (:func:`flexmoe.evaluate.perplexity`) of every domain's validation
+   documents for:
+
+   public              the dense public model
+   single:<owner>      public + that owner's expert (its own 2-expert model, top-2)
+   soup                dense: every layer's MLP = uniform average of the owners' expert MLPs
+   merged/top-N        FlexOlmo merge as published (assemble, no router tuning), top-N
+   calibrated/...      merged + :func:`flexmoe.routing.calibrate_router` on public tokens
+   lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
+   prefix-lda/top-2    merged + :func:`flexmoe.routing.prefix_lda_router` (sequence-level, causal)
+   btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
+   oracle              each domain through its own model (public -> public, owner -> single)
+
+``--public-mix F`` (recipe (c) of the issue) trains the experts on the owner's text plus public
+training documents making up a share F of the characters, into ``WORK/experts-mixF`` (the corpus,
+public model and spec are shared with the plain run; the mixing is done on the owner's data side
+and is not recorded in the spec).
+
+Routing shares: for MoE rows, the top-1 expert share per domain averaged over layers.
+Everything trained is cached under ``--work``; a rerun only evaluates.
+
+    .venv/bin/python benchmarks/routing_table.py --work /tmp/routing
+    .venv/bin/python benchmarks/routing_table.py --work /tmp/routing-big --hidden 256 --expert-steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
+OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
+    from flexmoe.corpus import local_corpus, write_corpus
+
+    names = list(PUBLIC_DOMAINS) + list(owners)
+    root = work / "corpus"
+    if all((root / n / "val.jsonl").is_file() for n in names):
+        return {n: root / n for n in names}
+    log(f"building the local corpus ({docs} docs per domain)")
+    return write_corpus(local_corpus(max_docs_per_domain=docs, domains=names), root)
+
+
+def read_jsonl(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def pretrain_public(work: Path, paths, args) -> Path:
+    from flexmoe.pretrain import pretrain
+
+    out = work / "public"
+    if (out / "config.json").is_file():
+        return out
+    log("pretraining the public model")
+    t = time.perf_counter()
+    pretrain(
+        [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS], str(out), vocab_size=args.vocab,
+        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seq_len=args.seq_len,
+        batch_size=args.batch_size, max_steps=args.pretrain_steps, warmup_steps=max(1, args.pretrain_steps // 10),
+        val_every=args.pretrain_steps, val_batches=4, cache_dir=str(work / "cache"), progress_bar=False,
+    )  # fmt: skip
+    TIMINGS["pretrain_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def make_spec(work: Path, public: Path, paths, args):
+    from flexmoe.embed import router_embedding
+    from flexmoe.expert import load_public_model
+    from flexmoe.spec import ExpertRecipe, FederationSpec
+    from flexmoe.upcycle import fingerprint
+    from transformers import AutoTokenizer
+
+    path = work / "spec.json"
+    if path.is_file():
+        return FederationSpec.load(path)
+    model = load_public_model(str(public))
+    docs = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
+    embedder = args.embedder or None
+    r_pub = router_embedding(docs, model, embedder=embedder, tokenizer=AutoTokenizer.from_pretrained(public),
+                             seq_len=args.seq_len)  # fmt: skip
+    recipe = ExpertRecipe(max_steps=args.expert_steps, batch_size=args.expert_batch, seq_len=args.seq_len,
+                          lr=args.expert_lr, warmup_steps=max(1, args.expert_steps // 10))  # fmt: skip
+    rows = r_pub[0].tolist() if embedder else r_pub.tolist()
+    spec = FederationSpec(public_model=str(public), fingerprint=fingerprint(model), embedder=embedder,
+                          public_router_embedding=rows, expert=recipe)  # fmt: skip
+    spec.save(path)
+    return spec
+
+
+def mixed_source(work: Path, paths, owner: str, fraction: float) -> Path:
+    """The owner's training text plus public training documents making up about ``fraction``
+    of the characters (public data is public: any owner may train on it), as one JSONL."""
+    import random
+
+    own = read_jsonl(paths[owner] / "train.jsonl")
+    public = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
+    random.Random(0).shuffle(public)
+    want = fraction / (1 - fraction) * sum(len(d) for d in own)
+    picked, chars = [], 0
+    for d in public:
+        if chars >= want:
+            break
+        picked.append(d)
+        chars += len(d)
+    out = work / "mix" / f"{owner}-{fraction:g}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in own + picked))
+    return out
+
+
+def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> dict[str, Path]:
+    import lightning.pytorch as pl
+
+    from flexmoe.data import TextDataModule
+    from flexmoe.expert import ExpertModule, expert_callbacks
+
+    out = {}
+    for owner in owners:
+        art = work / ("experts" if not public_mix else f"experts-mix{public_mix:g}") / f"{owner}.safetensors"
+        out[owner] = art
+        if art.is_file():
+            continue
+        log(f"training the expert of {owner} ({spec.expert.max_steps} steps)")
+        t = time.perf_counter()
+        pl.seed_everything(0, verbose=False)
+        module = ExpertModule(spec.public_model, spec, owner=owner)
+        source = mixed_source(work, paths, owner, public_mix) if public_mix else paths[owner] / "train.jsonl"
+        data = TextDataModule(str(source), spec.public_model, seq_len=spec.expert.seq_len,
+                              batch_size=spec.expert.batch_size, val_fraction=0.0, cache_dir=str(work / "cache"))  # fmt: skip
+        trainer = pl.Trainer(
+            max_steps=spec.expert.max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, callbacks=expert_callbacks(spec, art),
+        )  # fmt: skip
+        trainer.fit(module, data)
+        TIMINGS[f"expert_{owner}_s"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def public_model(public: Path):
+    from flexmoe.expert import load_public_model
+
+    return load_public_model(str(public)).eval()
+
+
+def assembled(public: Path, arts, top_k):
+    from flexmoe.artifact import assemble
+
+    return assemble(public_model(public), [str(a) for a in arts], top_k=top_k).eval()
+
+
+def soup_model(public: Path, arts):
+    """Dense public model whose MLPs are the uniform average of the owners' expert MLPs."""
+    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.merge import average
+    from flexmoe.upcycle import decoder_layers
+
+    model = public_model(public)
+    loaded = [ExpertArtifact.load(a) for a in arts]
+    for L, layer in enumerate(decoder_layers(model)):
+        mlps = []
+        for a in loaded:
+            m = copy.deepcopy(layer.mlp)
+            m.load_state_dict(a.layer(L)[0])
+            mlps.append(m)
+        layer.mlp = average(mlps)
+    return model.eval()
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate(name, model, domains, args, results, right_expert=None):
+    from flexmoe.evaluate import perplexity
+
+    t = time.perf_counter()
+    r = perplexity(model, domains, batch_size=args.eval_batch, name=name)
+    r["eval_s"] = round(time.perf_counter() - t, 1)
+    if "routing" in r:
+        r["routing_mean"] = {
+            d: {o: sum(layers[L][o] for L in layers) / len(layers) for o in next(iter(layers.values()))}
+            for d, layers in r["routing"].items()
+        }
+    results[name] = r
+    shares = ""
+    if "routing_mean" in r:
+        shares = "  top1: " + ", ".join(
+            f"{d[:6]}->{max(s, key=s.get)[:6]} {max(s.values()):.2f}" for d, s in r["routing_mean"].items()
+        )
+    log(f"{name:<24} avg {r['average']:8.1f}  geo {r['geometric_average']:8.1f}  ({r['eval_s']} s){shares}")
+    return r
+
+
+def print_table(results, domain_names):
+    short = {d: d[:10] for d in domain_names}
+    head = f"{'model':<26}" + "".join(f"{short[d]:>11}" for d in domain_names) + f"{'average':>10}{'geo avg':>10}"
+    print("\n" + head)
+    print("-" * len(head))
+    for name, r in results.items():
+        cells = "".join(f"{r['per_domain'][d]:>11.1f}" for d in domain_names)
+        print(f"{name:<26}{cells}{r['average']:>10.1f}{r['geometric_average']:>10.1f}")
+    print("\nrouting: top-1 share per domain (mean over layers), expert order = owners of the model")
+    for name, r in results.items():
+        if "routing_mean" not in r:
+            continue
+        parts = []
+        for d in domain_names:
+            s = r["routing_mean"][d]
+            parts.append(f"{short[d]}: " + "/".join(f"{v:.2f}" for v in s.values()))
+        print(f"  {name:<24} " + "  ".join(parts))
+
+
+TIMINGS: dict[str, float] = {}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/flexmoe-routing", help="cache of corpus, public model, spec, experts")
+    p.add_argument("--owners", nargs="+", default=list(OWNERS))
+    p.add_argument("--docs", type=int, default=60, help="documents per domain (hash-chosen sample)")
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="pretraining batch")
+    p.add_argument("--pretrain-steps", type=int, default=120)
+    p.add_argument("--expert-steps", type=int, default=50)
+    p.add_argument("--expert-batch", type=int, default=8)
+    p.add_argument("--expert-lr", type=float, default=1e-3)
+    p.add_argument("--embedder", default="", help="sentence embedder for router init (default: none, hidden-state fallback)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain (whole rows)")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--stat-tokens", type=int, default=4096, help="tokens for router statistics (per owner / public)")
+    p.add_argument("--lda-shrinkage", type=float, default=0.1)
+    p.add_argument("--lda-temperature", type=float, nargs="+", default=[1.0])
+    p.add_argument("--public-mix", type=float, default=0.0,
+                   help="train the experts on owner text + this share of public text (own cache folder)")  # fmt: skip
+    p.add_argument("--skip-btm", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on a shared machine)")
+    p.add_argument("--json", default=None, help="results JSON (default: WORK/results.json)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from flexmoe.evaluate import pack_domain
+    from flexmoe.routing import calibrate_router, lda_router, mlp_input_moments, prefix_lda_router
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    owners = list(args.owners)
+    paths = build_corpus(work, owners, args.docs)
+    public = pretrain_public(work, paths, args)
+    spec = make_spec(work, public, paths, args)
+    arts = train_experts(work, spec, paths, owners, args.public_mix)
+    tok = AutoTokenizer.from_pretrained(public)
+
+    def rows(docs, limit):
+        return pack_domain(docs, tok, args.seq_len, limit)
+
+    domains = {"public": rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "val.jsonl")], args.eval_tokens)}
+    for o in owners:
+        domains[o] = rows(read_jsonl(paths[o] / "val.jsonl"), args.eval_tokens)
+    public_train = rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")], args.stat_tokens)
+    owner_train = {o: rows(read_jsonl(paths[o] / "train.jsonl"), args.stat_tokens) for o in owners}
+    log("eval rows per domain: " + ", ".join(f"{d} {r.shape[0]}x{r.shape[1]}" for d, r in domains.items()))
+
+    results: dict[str, dict] = {}
+    n = len(owners)
+    ks = sorted({n + 1, min(4, n + 1)}, reverse=True)
+    t_eval = time.perf_counter()
+
+    evaluate("public", public_model(public), domains, args, results)
+    singles = {}
+    for o in owners:
+        singles[o] = assembled(public, [arts[o]], top_k=2)
+        evaluate(f"single:{o}", singles[o], domains, args, results)
+    evaluate("soup (owners' MLPs)", soup_model(public, [arts[o] for o in owners]), domains, args, results)
+    for k in ks:
+        evaluate(f"merged/top-{k}", assembled(public, [arts[o] for o in owners], k), domains, args, results)
+
+    # (a) calibration on public tokens
+    t = time.perf_counter()
+    for k in ks:
+        m = calibrate_router(assembled(public, [arts[o] for o in owners], k), public_train)
+        evaluate(f"calibrated/top-{k}", m, domains, args, results)
+    m = calibrate_router(assembled(public, [arts[o] for o in owners], ks[-1]), public_train, scale_only=True)
+    evaluate(f"calib-scale/top-{ks[-1]}", m, domains, args, results)
+    TIMINGS["calibration_s"] = round(time.perf_counter() - t, 1)
+
+    # (b) LDA router: owner means in their own 2-expert models, public mean + covariance in the public model
+    t = time.perf_counter()
+    pub_stats = mlp_input_moments(public_model(public), public_train, covariance=True)
+    owner_means = [mlp_input_moments(singles[o], owner_train[o]).mean for o in owners]
+    TIMINGS["lda_statistics_s"] = round(time.perf_counter() - t, 1)
+    for T in args.lda_temperature:
+        for k in ks:
+            m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
+                           pub_stats.covariance, shrinkage=args.lda_shrinkage, temperature=T)  # fmt: skip
+            evaluate(f"lda T={T:g}/top-{k}", m, domains, args, results)
+
+    # (d) sequence-level: causal prefix mean of layer-0 LDA scores picks the owner
+    m = prefix_lda_router(assembled(public, [arts[o] for o in owners], 2), pub_stats.mean, owner_means,
+                          pub_stats.covariance, shrinkage=args.lda_shrinkage)  # fmt: skip
+    evaluate("prefix-lda/top-2", m, domains, args, results)
+
+    if not args.skip_btm:
+        from flexmoe.merge import BTMEnsemble
+
+        btm = BTMEnsemble([public_model(public)] + [singles[o] for o in owners]).eval()
+        evaluate("btm (public+singles)", btm, domains, args, results)
+
+    from flexmoe.evaluate import oracle_perplexity
+
+    t = time.perf_counter()
+    oracle = oracle_perplexity({"public": public_model(public), **singles}, domains, batch_size=args.eval_batch)
+    oracle["eval_s"] = round(time.perf_counter() - t, 1)
+    results["oracle"] = oracle
+    TIMINGS["eval_s"] = round(time.perf_counter() - t_eval, 1)
+    TIMINGS["total_s"] = round(time.perf_counter() - started, 1)
+
+    print_table(results, list(domains))
+    print("\ntimings (s):", json.dumps(TIMINGS))
+    out = Path(args.json) if args.json else work / "results.json"
+    payload = {
+        "settings": vars(args) | {"public_domains": list(PUBLIC_DOMAINS)},
+        "timings_s": TIMINGS,
+        "models": {k: {kk: vv for kk, vv in v.items() if kk != "routing"} | ({"routing": v["routing"]} if "routing" in v else {})
+                   for k, v in results.items()},
+    }  # fmt: skip
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
