@@ -17,7 +17,7 @@ weighted ``w_i``, the kernel computes
 Sign election (``sign``): ``"mass"`` uses ``c_i = 1`` (the TIES paper: the sign of the
 total trimmed mass, weights not involved), ``"weighted_mass"`` uses ``c_i = w_i``, and
 ``"count"`` elects the sign more models agree on (``c_i τ̂_i`` replaced by ``sgn(τ̂_i)``).
-With no weights all three of ``w_i`` are 1 and the two mass rules coincide.
+Without weights (every ``w_i = 1``) the two mass rules coincide.
 
 Exactly ``round(density · n)`` entries survive the trim: of ``n`` entries in a tensor
 (``trim="per_tensor"``) or in all of a model's floating-point tensors together
@@ -34,7 +34,7 @@ seeded by ``(seed, model index, tensor name, first row of the block)``, so they 
 reading order. Large tensors are processed in blocks of rows of at most ``BLOCK_ENTRIES``
 entries: a per-tensor trim of a tensor larger than that reads it three times, like a global one.
 
-Memory does not grow with the number of models: every method reads one input tensor at a time
+Memory does not grow with the number of models: every method reads one input block at a time
 into fixed accumulators for the current block of rows (TIES keeps, per entry, the weighted sums
 and weights of the positive and of the negative deltas, and the sign rule's vote, which is
 all a sign election followed by a disjoint mean needs). ``trim="global"`` reads the inputs
