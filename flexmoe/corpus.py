@@ -131,7 +131,9 @@ def local_corpus(
     if len(set(names)) != len(names):
         raise ValueError(f"domains lists a name twice: {names}")
     if max_docs_per_domain is not None and max_docs_per_domain < 2:
-        raise ValueError(f"max_docs_per_domain must be at least 2 (one to train, one to validate), got {max_docs_per_domain}")
+        raise ValueError(
+            f"max_docs_per_domain must be at least 2 (one to train, one to validate), got {max_docs_per_domain}"
+        )
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
@@ -188,8 +190,7 @@ def write_corpus(domains: dict[str, Domain] | Sequence[Domain], out_dir: str | o
         for split, texts in (("train", domain.train), ("val", domain.val)):
             tmp = folder / f".{split}.jsonl.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
-                for text in texts:
-                    f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
             os.replace(tmp, folder / f"{split}.jsonl")
         paths[domain.name] = folder
     return paths
@@ -263,8 +264,8 @@ def _module_domains(files: list[Path], stdlib: Path, wanted: list[str], cap: int
             if name in out and text.strip() and not (cap and len(out[name]) >= cap):
                 out[name].append((key, text))
     if cap:  # back to path order
-        for name in out:
-            out[name].sort()
+        for docs in out.values():
+            docs.sort()
     return out
 
 
@@ -360,7 +361,9 @@ def split_module(source: str | None) -> tuple[str, str, str] | None:
             continue
         if line_start:
             after = tokens[i + 1].string if i + 1 < len(tokens) else ""
-            header = kind == tokenize.NAME and (tok.string in ("def", "class") or (tok.string == "async" and after == "def"))
+            header = kind == tokenize.NAME and (
+                tok.string in ("def", "class") or (tok.string == "async" and after == "def")
+            )
         if line_start:
             expect_doc = False
         line_start = False

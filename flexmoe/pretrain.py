@@ -69,10 +69,10 @@ class PretrainModule(pl.LightningModule):
         if not isinstance(config, PretrainedConfig):
             config = dict(config)
             config = AutoConfig.for_model(config.pop("model_type"), **config)
-        self.save_hyperparameters({"config": config.to_dict()} | dict(
-            lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps,
-            min_lr_ratio=min_lr_ratio, betas=betas, grad_clip=grad_clip,
-        ))  # fmt: skip
+        self.save_hyperparameters({"config": config.to_dict()} | {
+            "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps,
+            "min_lr_ratio": min_lr_ratio, "betas": betas, "grad_clip": grad_clip,
+        })  # fmt: skip
         self.model = AutoModelForCausalLM.from_config(config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
@@ -122,7 +122,9 @@ class PretrainModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["flexmoe_tokens_seen"] = self.tokens_seen
@@ -280,7 +282,12 @@ def pretrain(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     module = PretrainModule(
-        config, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr_ratio
+        config,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        max_steps=max_steps,
+        min_lr_ratio=min_lr_ratio,
     )
     validate = val_fraction > 0
     trainer = pl.Trainer(
@@ -314,12 +321,12 @@ def pretrain(
     report = {
         "data": [os.fspath(s) for s in sources],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "settings": dict(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-            intermediate_size=config.intermediate_size, seq_len=seq_len, batch_size=batch_size,
-            max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
-            weight_decay=weight_decay, seed=seed, val_fraction=val_fraction, precision=precision,
-        ),
+        "settings": {
+            "vocab_size": len(tokenizer), "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+            "intermediate_size": config.intermediate_size, "seq_len": seq_len, "batch_size": batch_size,
+            "max_steps": max_steps, "lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+            "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction, "precision": precision,
+        },
         "train_tokens": module.tokens_seen,
         "train_documents": len(train_idx),
         "val_documents": len(val_idx),

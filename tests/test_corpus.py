@@ -166,7 +166,9 @@ def test_write_corpus_round_trips_through_text_data_module(sample, tmp_path):
         # The training file alone: the training text only.
         only = TextDataModule(folder / "train.jsonl", tokenizer, val_fraction=0, cache_dir=tmp_path / "cache")
         assert only.documents() == domain.train
-    dm = TextDataModule(paths["unicode_names"], tokenizer, seq_len=32, batch_size=2, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    dm = TextDataModule(
+        paths["unicode_names"], tokenizer, seq_len=32, batch_size=2, val_fraction=0.1, cache_dir=tmp_path / "cache"
+    )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (2, 32)

@@ -12,7 +12,7 @@ from flexmoe.corpus import local_corpus, write_corpus
 from flexmoe.data import pack
 from flexmoe.pretrain import PretrainModule, olmo2_config, pretrain
 
-TINY = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, seq_len=64, batch_size=8)
+TINY = {"vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64, "batch_size": 8}
 DOMAINS = ["pydoc_topics", "docstrings"]
 
 
@@ -38,7 +38,9 @@ def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("public") / "model"
     cache = tmp_path_factory.mktemp("cache")
     data = [str(paths[name] / "train.jsonl") for name in DOMAINS]
-    pretrain(data, str(out), max_steps=20, warmup_steps=2, lr=1e-2, val_every=10, val_batches=4, cache_dir=str(cache), **TINY)
+    pretrain(
+        data, str(out), max_steps=20, warmup_steps=2, lr=1e-2, val_every=10, val_batches=4, cache_dir=str(cache), **TINY
+    )
     return out
 
 
