@@ -1,16 +1,18 @@
 """flexmoe: FlexOlmo-style federated mixture-of-experts training for PyTorch Lightning."""
 
 from flexmoe.artifact import ArtifactError, ExpertArtifact, assemble
-from flexmoe.hf import assemble_to_dir, export, load
 from flexmoe.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 from flexmoe.upcycle import add_expert, fingerprint, is_moe, opt_out, set_top_k, upcycle
 
 __version__ = "0.1.0"
 
-# The Lightning side imports lightning (slow to import); load it on first use so that
-# `import flexmoe` and the CLI stay quick for model surgery alone.
+# transformers and Lightning are slow to import; load the modules that need them on first
+# use, so that `import flexmoe` (and the merge tools) stay quick.
 _LAZY = {
+    "export": "flexmoe.hf",
+    "load": "flexmoe.hf",
+    "assemble_to_dir": "flexmoe.hf",
     "ExpertModule": "flexmoe.expert",
     "expert_callbacks": "flexmoe.expert",
     "TextDataModule": "flexmoe.data",

@@ -1,8 +1,15 @@
 """Merging methods: ensembles and parameter merges of independently trained models."""
 
-from flexmoe.merge.btm import BTMEnsemble
-
 __all__ = ["BTMEnsemble"]
+
+
+def __getattr__(name):
+    # BTMEnsemble loads its members through transformers: import it on first use only.
+    if name == "BTMEnsemble":
+        from flexmoe.merge.btm import BTMEnsemble
+
+        return BTMEnsemble
+    raise AttributeError(f"module 'flexmoe.merge' has no attribute {name!r}")
 
 # Parameter merges: soups, task arithmetic, TIES, DARE (one kernel, flexmoe.merge.kernel), and merge configs.
 from flexmoe.merge.config import MergeConfig, MergeConfigError, merge
