@@ -13,6 +13,10 @@ from transformers import (
     Qwen3Config,
 )
 
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
+# that wait for each other make steps many times slower.
+torch.set_num_threads(1)
+
 CONFIGS = {
     "olmo2": Olmo2Config,
     "llama": LlamaConfig,
