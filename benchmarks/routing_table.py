@@ -21,6 +21,7 @@ texts do not.
    calibrated/...      merged + :func:`flexmoe.routing.calibrate_router` on public tokens
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
    prefix-lda/top-2    merged + :func:`flexmoe.routing.prefix_lda_router` (sequence-level, causal)
+   layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
    btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
    oracle              each domain through its own model (public -> public, owner -> single)
 
@@ -239,6 +240,20 @@ def print_table(results, domain_names):
         print(f"  {name:<24} " + "  ".join(parts))
 
 
+def markdown_table(results, domain_names) -> str:
+    """The table as Markdown: per-domain perplexity, averages, and each MoE row's top-1 share
+    of the expert that owns the domain (public for the public domain), mean over layers."""
+    lines = ["| model | " + " | ".join(domain_names) + " | average | geo. avg | right-expert top-1 share |",
+             "|---" * (len(domain_names) + 4) + "|"]  # fmt: skip
+    for name, r in results.items():
+        cells = " | ".join(f"{r['per_domain'][d]:.1f}" for d in domain_names)
+        share = ""
+        if "routing_mean" in r:
+            share = " / ".join(f"{r['routing_mean'][d][d]:.2f}" if d in r["routing_mean"][d] else "-" for d in domain_names)
+        lines.append(f"| {name} | {cells} | {r['average']:.1f} | {r['geometric_average']:.1f} | {share} |")
+    return "\n".join(lines)
+
+
 TIMINGS: dict[str, float] = {}
 
 
@@ -260,12 +275,15 @@ def main(argv=None):
     p.add_argument("--embedder", default="", help="sentence embedder for router init (default: none, hidden-state fallback)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain (whole rows)")
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--stat-tokens", type=int, default=4096, help="tokens for router statistics (per owner / public)")
-    p.add_argument("--lda-shrinkage", type=float, default=0.1)
+    p.add_argument("--stat-tokens", type=int, default=16384,
+                   help="tokens for router statistics (per owner / public), rows spread over the training text")  # fmt: skip
+    p.add_argument("--lda-shrinkage", type=float, nargs="+", default=[0.1])
+    p.add_argument("--lda-covariance", nargs="+", choices=["public", "pooled"], default=["public", "pooled"])
     p.add_argument("--lda-temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--public-mix", type=float, default=0.0,
                    help="train the experts on owner text + this share of public text (own cache folder)")  # fmt: skip
     p.add_argument("--skip-btm", action="store_true")
+    p.add_argument("--skip-calibration", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on a shared machine)")
     p.add_argument("--json", default=None, help="results JSON (default: WORK/results.json)")
     args = p.parse_args(argv)
@@ -291,11 +309,18 @@ def main(argv=None):
     def rows(docs, limit):
         return pack_domain(docs, tok, args.seq_len, limit)
 
+    def spread(docs, limit):
+        """Rows spread evenly over the whole packed text: statistics from the first few
+        documents alone are unrepresentative (a domain's documents differ a lot)."""
+        every = pack_domain(docs, tok, args.seq_len)
+        n = min(every.shape[0], max(1, limit // args.seq_len))
+        return every[torch.linspace(0, every.shape[0] - 1, n).round().long().unique()]
+
     domains = {"public": rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "val.jsonl")], args.eval_tokens)}
     for o in owners:
         domains[o] = rows(read_jsonl(paths[o] / "val.jsonl"), args.eval_tokens)
-    public_train = rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")], args.stat_tokens)
-    owner_train = {o: rows(read_jsonl(paths[o] / "train.jsonl"), args.stat_tokens) for o in owners}
+    public_train = spread([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")], args.stat_tokens)
+    owner_train = {o: spread(read_jsonl(paths[o] / "train.jsonl"), args.stat_tokens) for o in owners}
     log("eval rows per domain: " + ", ".join(f"{d} {r.shape[0]}x{r.shape[1]}" for d, r in domains.items()))
 
     results: dict[str, dict] = {}
@@ -314,28 +339,42 @@ def main(argv=None):
 
     # (a) calibration on public tokens
     t = time.perf_counter()
-    for k in ks:
+    for k in ks if not args.skip_calibration else []:
         m = calibrate_router(assembled(public, [arts[o] for o in owners], k), public_train)
         evaluate(f"calibrated/top-{k}", m, domains, args, results)
-    m = calibrate_router(assembled(public, [arts[o] for o in owners], ks[-1]), public_train, scale_only=True)
-    evaluate(f"calib-scale/top-{ks[-1]}", m, domains, args, results)
+    if not args.skip_calibration:
+        m = calibrate_router(assembled(public, [arts[o] for o in owners], ks[-1]), public_train, scale_only=True)
+        evaluate(f"calib-scale/top-{ks[-1]}", m, domains, args, results)
     TIMINGS["calibration_s"] = round(time.perf_counter() - t, 1)
 
-    # (b) LDA router: owner means in their own 2-expert models, public mean + covariance in the public model
+    # (b) LDA router: owner means in their own 2-expert models, public mean + covariance in the public model.
+    # "pooled": the owners also share their within-domain covariance (an aggregate, H x H per layer),
+    # and the covariance is the token-weighted average over public + owners (textbook LDA).
     t = time.perf_counter()
     pub_stats = mlp_input_moments(public_model(public), public_train, covariance=True)
-    owner_means = [mlp_input_moments(singles[o], owner_train[o]).mean for o in owners]
+    owner_stats = [mlp_input_moments(singles[o], owner_train[o], covariance=True) for o in owners]
+    owner_means = [s.mean for s in owner_stats]
+    every = [pub_stats, *owner_stats]
+    covariances = {
+        "public": pub_stats.covariance,
+        "pooled": sum(s.covariance * s.count for s in every) / sum(s.count for s in every),
+    }
     TIMINGS["lda_statistics_s"] = round(time.perf_counter() - t, 1)
-    for T in args.lda_temperature:
-        for k in ks:
-            m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
-                           pub_stats.covariance, shrinkage=args.lda_shrinkage, temperature=T)  # fmt: skip
-            evaluate(f"lda T={T:g}/top-{k}", m, domains, args, results)
-
-    # (d) sequence-level: causal prefix mean of layer-0 LDA scores picks the owner
-    m = prefix_lda_router(assembled(public, [arts[o] for o in owners], 2), pub_stats.mean, owner_means,
-                          pub_stats.covariance, shrinkage=args.lda_shrinkage)  # fmt: skip
-    evaluate("prefix-lda/top-2", m, domains, args, results)
+    for cov_name in args.lda_covariance:
+        cov = covariances[cov_name]
+        for shrink in args.lda_shrinkage:
+            tag = f"{cov_name} cov, shrink {shrink:g}"
+            for T in args.lda_temperature:
+                for k in ks[-1:]:
+                    m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
+                                   cov, shrinkage=shrink, temperature=T)  # fmt: skip
+                    evaluate(f"lda/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
+            # (d) sequence-level: causal prefix mean of layer-0 LDA scores picks the owner
+            for prefix in (True, False):
+                m = prefix_lda_router(assembled(public, [arts[o] for o in owners], 2), pub_stats.mean, owner_means,
+                                      cov, shrinkage=shrink, prefix=prefix)  # fmt: skip
+                kind = "prefix-lda" if prefix else "layer0-lda token"
+                evaluate(f"{kind}/top-2 ({tag})", m, domains, args, results)
 
     if not args.skip_btm:
         from flexmoe.merge import BTMEnsemble
@@ -354,6 +393,7 @@ def main(argv=None):
 
     print_table(results, list(domains))
     print("\ntimings (s):", json.dumps(TIMINGS))
+    print("\n" + markdown_table(results, list(domains)))
     out = Path(args.json) if args.json else work / "results.json"
     payload = {
         "settings": vars(args) | {"public_domains": list(PUBLIC_DOMAINS)},

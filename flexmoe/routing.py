@@ -311,13 +311,15 @@ def prefix_lda_router(
     *,
     prior: Sequence[float] | torch.Tensor | None = None,
     shrinkage: float = 0.1,
+    prefix: bool = True,
 ) -> nn.Module:
     """Sequence-level causal routing (see the module docstring), in place.
 
     Token ``t`` of a sequence is classed ``argmax_c mean_{s<=t} logit_c(x_s)`` with
     ``logit_c`` layer 0's LDA score (:func:`lda_weights` on the layer-0 rows of the means and
     ``covariance``); only the public expert and that owner's expert can be chosen, weighted by
-    the owner's own router row and bias. Use ``top_k=2``. Not expressible as a
+    the owner's own router row and bias. Use ``top_k=2``. ``prefix=False`` classes each token
+    by its own layer-0 score alone (the token-level ablation of the same router). Not expressible as a
     ``transformers`` checkpoint: the choice depends on the prefix, not on the token alone.
     """
     blocks = moe_blocks(model)
@@ -332,7 +334,9 @@ def prefix_lda_router(
         x = args[0]  # [B, S, H]: layer 0's MLP input
         scores = x.float() @ W.to(x.device).T + b.to(x.device)  # [B, S, C]
         steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :, None]
-        state.classes = (scores.cumsum(1) / steps).argmax(-1).reshape(-1)
+        if prefix:
+            scores = scores.cumsum(1) / steps
+        state.classes = scores.argmax(-1).reshape(-1)
 
     for block in blocks:
         block.router = PrefixGatedRouter(block.router, state)
