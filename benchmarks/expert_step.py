@@ -19,7 +19,7 @@ Variants (same OLMo-2 public model, same token batch, float32 on CPU):
 
 Timing: every variant is warmed up, then ``rounds x steps`` steps of each are timed round robin
 (one step of each variant in turn, the order rotating). Reported: the median step (ms, tokens/s),
-the fastest step, the median process CPU time, and as "vs (b)" the median over cycles of the
+the median process CPU time, and as "vs (b)" the median over cycles of the
 paired ratio t_b / t_variant: steps of one cycle run seconds apart under the same load, so this
 ratio survives other work on a shared machine far better than a ratio of medians. The same is
 reported over the "quiet" cycles alone (each variant's step within 1.2x of its fastest), and for
@@ -68,8 +68,9 @@ each step once under ``torch.utils.flop_counter.FlopCounterMode`` and compares i
 the analytic one, leaving out the score matmuls (it has no formula for the CPU flash-attention
 kernels) and supplying a formula for ``aten._grouped_mm``: the three agree exactly.
 
-    .venv/bin/python benchmarks/expert_step.py            # defaults: ~21M-parameter model
-    .venv/bin/python benchmarks/expert_step.py --steps 5 --rounds 3 --intermediate 2048
+    .venv/bin/python benchmarks/expert_step.py                 # defaults: 21M-parameter model
+    .venv/bin/python benchmarks/expert_step.py --threads 1 --check-flops   # busy machine
+    .venv/bin/python benchmarks/expert_step.py --intermediate 2048 --profile a
 """
 
 from __future__ import annotations
