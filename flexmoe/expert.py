@@ -67,6 +67,18 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_cosine(module: pl.LightningModule, groups, *, lr, betas, warmup_steps, min_lr_ratio, max_steps) -> dict:
+    """AdamW over ``groups`` with linear warmup and cosine decay, stepped every optimizer step,
+    over the Trainer's ``max_steps`` (``max_steps`` when there is no Trainer or it sets none)."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    trainer = module._trainer
+    total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s, warmup=warmup_steps, total=total, min_ratio=min_lr_ratio)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class ExpertModule(pl.LightningModule):
     """Trains one owner's expert (FlexOlmo section 3.2) in any Lightning ``Trainer``.
 
@@ -178,13 +190,8 @@ class ExpertModule(pl.LightningModule):
             # No decay on the router: decay would move the frozen rows that share its tensor.
             {"params": [p for p in params if id(p) in routers], "weight_decay": 0.0},
         ]
-        opt = torch.optim.AdamW(groups, lr=r.lr, betas=r.betas)
-        trainer = self._trainer
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else r.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup=r.warmup_steps, total=total, min_ratio=r.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, groups, lr=r.lr, betas=r.betas, warmup_steps=r.warmup_steps,
+                            min_lr_ratio=r.min_lr_ratio, max_steps=r.max_steps)  # fmt: skip
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # The recipe's clipping applies even when the Trainer was built without gradient_clip_val.

@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import MeanMetric
 
 from flexmoe.data import TextDataModule, read_documents, split_documents, train_tokenizer
-from flexmoe.expert import cosine_with_warmup
+from flexmoe.expert import adamw_cosine
 
 REPORT = "flexmoe_pretrain.json"
 
@@ -111,13 +110,8 @@ class PretrainModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
-        trainer = self._trainer
-        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else h.max_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_with_warmup(s, warmup=h.warmup_steps, total=total, min_ratio=h.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_cosine(self, groups, lr=h.lr, betas=h.betas, warmup_steps=h.warmup_steps,
+                            min_lr_ratio=h.min_lr_ratio, max_steps=h.max_steps)  # fmt: skip
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
