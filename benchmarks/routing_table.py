@@ -20,6 +20,7 @@ texts do not.
    merged/top-N        FlexOlmo merge as published (assemble, no router tuning), top-N
    calibrated/...      merged + :func:`flexmoe.routing.calibrate_router` on public tokens
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
+   lda-mix/top-N       merged + :func:`flexmoe.routing.lda_mixture_router` (LDA posterior x owners' own routers)
    prefix-lda/top-2    merged + :func:`flexmoe.routing.prefix_lda_router` (sequence-level, causal)
    layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
    btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
@@ -291,7 +292,7 @@ def main(argv=None):
     import torch
 
     from flexmoe.evaluate import pack_domain
-    from flexmoe.routing import calibrate_router, lda_router, mlp_input_moments, prefix_lda_router
+    from flexmoe.routing import calibrate_router, lda_mixture_router, lda_router, mlp_input_moments, prefix_lda_router
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -369,6 +370,9 @@ def main(argv=None):
                     m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
                                    cov, shrinkage=shrink, temperature=T)  # fmt: skip
                     evaluate(f"lda/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
+                m = lda_mixture_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
+                                       cov, shrinkage=shrink, temperature=T)  # fmt: skip
+                evaluate(f"lda-mix/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
             # (d) sequence-level: causal prefix mean of layer-0 LDA scores picks the owner
             for prefix in (True, False):
                 m = prefix_lda_router(assembled(public, [arts[o] for o in owners], 2), pub_stats.mean, owner_means,

@@ -276,6 +276,54 @@ def lda_router(
     return model
 
 
+class PosteriorMixRouter(nn.Module):
+    """Router of :func:`lda_mixture_router`: gates are the hierarchical mixture
+    ``g_d = p(d|x) p(e_d|x, d)`` for owners and ``g_0 = p(0|x) + sum_d p(d|x) p(e_0|x, d)`` for
+    the public expert, returned as log-gates (their softmax is the gates themselves)."""
+
+    def __init__(self, router: Router, lda_weight: torch.Tensor, lda_bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(router.weight.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", router.effective_bias().detach().clone())
+        self.register_buffer("lda_weight", lda_weight.float())
+        self.register_buffer("lda_bias", lda_bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        post = torch.log_softmax(x @ self.lda_weight.T + self.lda_bias, dim=-1)  # [T, E]: public, owners
+        own = x @ self.weight.float().T + self.bias  # each owner's own 2-expert logits share column 0
+        pair = torch.stack([own[:, :1].expand_as(own[:, 1:]), own[:, 1:]], dim=-1)  # [T, n, 2]
+        pair = torch.log_softmax(pair, dim=-1)
+        owners = post[:, 1:] + pair[..., 1]
+        public = torch.logsumexp(torch.cat([post[:, :1], post[:, 1:] + pair[..., 0]], dim=-1), dim=-1, keepdim=True)
+        return torch.cat([public, owners], dim=-1)
+
+
+def lda_mixture_router(
+    model: nn.Module,
+    public_mean: torch.Tensor,
+    owner_means: Sequence[torch.Tensor],
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+    temperature: float = 1.0,
+) -> nn.Module:
+    """Token-level hierarchical routing, in place: at every layer the LDA posterior over
+    ``public, owner_1..n`` (as in :func:`lda_router`) weights each owner's own 2-expert router
+    (``r_0, r_d, b_d`` as trained), so a token the owner's data explains is mixed between
+    public and owner expert exactly as the owner's model would. With a one-hot posterior it
+    is the owner's model. Not expressible as a linear router (the public gate is a sum)."""
+    blocks = moe_blocks(model)
+    if len(owner_means) != blocks[0].num_experts - 1:
+        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
+    for L, block in enumerate(blocks):
+        means = torch.stack([torch.as_tensor(public_mean)[L]] + [torch.as_tensor(m)[L] for m in owner_means])
+        W, b = lda_weights(means, covariance[L], prior=prior, shrinkage=shrinkage, temperature=temperature)
+        block.router = PosteriorMixRouter(block.router, W, b)
+    return model
+
+
 class _PrefixClass:
     """Shared per-forward state: the class chosen for every token, ``[B * S]``."""
 
@@ -345,6 +393,8 @@ def prefix_lda_router(
 
 
 __all__ = [
+    "PosteriorMixRouter",
+    "lda_mixture_router",
     "PrefixGatedRouter",
     "prefix_lda_router",
     "AffineRouter",

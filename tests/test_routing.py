@@ -178,3 +178,27 @@ def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it()
         got = model(input_ids=ids, use_cache=False).logits
         want = single(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lda_mixture_router_gates_sum_to_one_and_equal_the_owners_model_when_certain():
+    from flexmoe.artifact import ExpertArtifact, assemble
+    from flexmoe.routing import lda_mixture_router
+
+    model = merged(owners=3)
+    ids = rows()
+    art = ExpertArtifact.from_model(model, owner="expert_1", expert=1)
+    single = assemble(upcycle(tiny_model("olmo2"), num_experts=0), [art], top_k=2).eval()
+    with torch.no_grad():
+        for a, b in zip(moe_blocks(single), moe_blocks(model)):
+            a.router.weight[0].copy_(b.router.weight[0])
+    stats = mlp_input_moments(model, ids, covariance=True)
+    # Class 1 sits on the data, the others 1000 units away: the posterior is one-hot on owner 1.
+    far = [stats.mean + 1000.0, stats.mean, stats.mean - 1000.0, stats.mean + 2000.0]
+    lda_mixture_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
+    for gates in logits_on(model, ids):
+        torch.testing.assert_close(gates.exp().sum(-1), torch.ones(gates.shape[0], dtype=torch.float64))
+    set_top_k(model, 2)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+        want = single(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
