@@ -34,8 +34,9 @@ and is not recorded in the spec).
 Routing shares: for MoE rows, the top-1 expert share per domain averaged over layers.
 Everything trained is cached under ``--work``; a rerun only evaluates.
 
-    .venv/bin/python benchmarks/routing_table.py --work /tmp/routing
-    .venv/bin/python benchmarks/routing_table.py --work /tmp/routing-big --hidden 256 --expert-steps 300
+    .venv/bin/python benchmarks/routing_table.py --work /tmp/rt/run4      # docs/routing.md, first table
+    .venv/bin/python benchmarks/routing_table.py --work /tmp/rt/run5 --docs 120 --pretrain-steps 600 \
+        --expert-steps 200 --eval-tokens 8192 --lda-shrinkage 0.5          # the larger run
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -92,11 +92,12 @@ def pretrain_public(work: Path, paths, args) -> Path:
 
 
 def make_spec(work: Path, public: Path, paths, args):
+    from transformers import AutoTokenizer
+
     from flexmoe.embed import router_embedding
     from flexmoe.expert import load_public_model
     from flexmoe.spec import ExpertRecipe, FederationSpec
     from flexmoe.upcycle import fingerprint
-    from transformers import AutoTokenizer
 
     path = work / "spec.json"
     if path.is_file():
@@ -250,7 +251,9 @@ def markdown_table(results, domain_names) -> str:
         cells = " | ".join(f"{r['per_domain'][d]:.1f}" for d in domain_names)
         share = ""
         if "routing_mean" in r:
-            share = " / ".join(f"{r['routing_mean'][d][d]:.2f}" if d in r["routing_mean"][d] else "-" for d in domain_names)
+            share = " / ".join(
+                f"{r['routing_mean'][d][d]:.2f}" if d in r["routing_mean"][d] else "-" for d in domain_names
+            )
         lines.append(f"| {name} | {cells} | {r['average']:.1f} | {r['geometric_average']:.1f} | {share} |")
     return "\n".join(lines)
 
@@ -259,7 +262,9 @@ TIMINGS: dict[str, float] = {}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="/tmp/flexmoe-routing", help="cache of corpus, public model, spec, experts")
     p.add_argument("--owners", nargs="+", default=list(OWNERS))
     p.add_argument("--docs", type=int, default=60, help="documents per domain (hash-chosen sample)")
@@ -268,17 +273,19 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8, help="pretraining batch")
-    p.add_argument("--pretrain-steps", type=int, default=120)
-    p.add_argument("--expert-steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=16, help="pretraining batch")
+    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--expert-steps", type=int, default=120)
     p.add_argument("--expert-batch", type=int, default=8)
     p.add_argument("--expert-lr", type=float, default=1e-3)
-    p.add_argument("--embedder", default="", help="sentence embedder for router init (default: none, hidden-state fallback)")
-    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per domain (whole rows)")
+    p.add_argument(
+        "--embedder", default="", help="sentence embedder for router init (default: none, hidden-state fallback)"
+    )
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (whole rows)")
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--stat-tokens", type=int, default=16384,
                    help="tokens for router statistics (per owner / public), rows spread over the training text")  # fmt: skip
-    p.add_argument("--lda-shrinkage", type=float, nargs="+", default=[0.1])
+    p.add_argument("--lda-shrinkage", type=float, nargs="+", default=[0.1, 0.5])
     p.add_argument("--lda-covariance", nargs="+", choices=["public", "pooled"], default=["public", "pooled"])
     p.add_argument("--lda-temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--public-mix", type=float, default=0.0,
@@ -290,10 +297,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
+    from transformers import AutoTokenizer
 
     from flexmoe.evaluate import pack_domain
     from flexmoe.routing import calibrate_router, lda_mixture_router, lda_router, mlp_input_moments, prefix_lda_router
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -317,7 +324,9 @@ def main(argv=None):
         n = min(every.shape[0], max(1, limit // args.seq_len))
         return every[torch.linspace(0, every.shape[0] - 1, n).round().long().unique()]
 
-    domains = {"public": rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "val.jsonl")], args.eval_tokens)}
+    domains = {
+        "public": rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "val.jsonl")], args.eval_tokens)
+    }
     for o in owners:
         domains[o] = rows(read_jsonl(paths[o] / "val.jsonl"), args.eval_tokens)
     public_train = spread([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")], args.stat_tokens)

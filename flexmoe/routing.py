@@ -393,15 +393,15 @@ def prefix_lda_router(
 
 
 __all__ = [
-    "PosteriorMixRouter",
-    "lda_mixture_router",
-    "PrefixGatedRouter",
-    "prefix_lda_router",
     "AffineRouter",
     "MLPInputStats",
+    "PosteriorMixRouter",
+    "PrefixGatedRouter",
     "calibrate_router",
+    "lda_mixture_router",
     "lda_router",
     "lda_weights",
     "mlp_input_moments",
+    "prefix_lda_router",
     "use_affine_routers",
 ]

@@ -7,11 +7,11 @@ from conftest import VOCAB, perturb_, tiny_model
 from flexmoe.moe import Router, record_router_logits
 from flexmoe.routing import (
     AffineRouter,
-    prefix_lda_router,
     calibrate_router,
     lda_router,
     lda_weights,
     mlp_input_moments,
+    prefix_lda_router,
     use_affine_routers,
 )
 from flexmoe.upcycle import decoder_layers, moe_blocks, set_top_k, upcycle
@@ -25,7 +25,10 @@ def merged(arch="olmo2", owners=3, seed=0):
         for j in range(1, owners + 1):
             perturb_(block.experts[j], seed=seed + j)
         with torch.no_grad():
-            block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g) * torch.tensor([1.0, 5.0, 0.2, 3.0])[: owners + 1, None])
+            block.router.weight.copy_(
+                torch.randn(block.router.weight.shape, generator=g)
+                * torch.tensor([1.0, 5.0, 0.2, 3.0])[: owners + 1, None]
+            )
             block.router.bias.copy_(-torch.rand(owners + 1, generator=g))
     return model.eval()
 
@@ -61,7 +64,9 @@ def test_calibration_standardises_every_experts_logits_on_calibration_data(arch)
     calibrate_router(model, ids, batch_size=4)
     for layer_logits in logits_on(model, ids):
         torch.testing.assert_close(layer_logits.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-4, rtol=0)
-        torch.testing.assert_close(layer_logits.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            layer_logits.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0
+        )
 
 
 def test_scale_only_calibration_stays_a_plain_router():
@@ -82,7 +87,10 @@ def test_mlp_input_moments_match_a_direct_capture():
     model = tiny_model("olmo2")
     ids = rows(4, 8)
     seen = []
-    hooks = [l.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]))) for l in decoder_layers(model)]
+    hooks = [
+        l.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        for l in decoder_layers(model)
+    ]
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in hooks:
