@@ -58,7 +58,7 @@ DESCRIPTIONS = {
     "docstrings": "docstrings of the standard-library modules (module, class and function documentation); one module per document",
     "comments": "'#' comments of the standard-library modules, one block per line group; one module per document",
     "pydoc_topics": "the Python language reference shipped for help() (pydoc_data.topics); one topic per document",
-    "unicode_names": "the Unicode character database: 'U+XXXX <char> NAME' lines; one 256-code-point page per document",
+    "unicode_names": "the Unicode character database: 'U+0041 A LATIN CAPITAL LETTER A'-style lines; one 256-code-point page per document",
     "stdlib_tests": "the standard library's test package (Lib/test), as written; one module per document",
     "licenses": "software licence texts installed on this machine (system licences, Python's, packages'), deduplicated",
 }
