@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from flexmoe.artifact import ArtifactError, ExpertArtifact, read_safetensors_header
+from flexmoe.merge.stream import atomic_dir
 from flexmoe.upcycle import PUBLIC, decoder_layers, fingerprint, moe_blocks, set_top_k, settings, upcycle
 
 log = logging.getLogger(__name__)
@@ -399,9 +399,7 @@ def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), toke
         config.dtype = dtype
     else:
         config = _hf_config(source, fmt, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         # The whole config, not the diff to today's defaults: those differ between versions.
         config.to_json_file(tmp / (BASE_CONFIG if fmt == "native" else "config.json"), use_diff=False)
         _write_shards(source, tmp, fmt)
@@ -422,12 +420,6 @@ def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), toke
             shutil.copy2(f, tmp / Path(f).name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
