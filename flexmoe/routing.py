@@ -244,6 +244,18 @@ def lda_weights(
     return W / temperature, b / temperature
 
 
+def _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature):
+    """:func:`lda_weights` for each of ``blocks`` (layers ``0..len(blocks)-1``) from the public
+    and owners' per-layer means, in the model's expert order."""
+    if len(owner_means) != blocks[0].num_experts - 1:
+        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
+    out = []
+    for L in range(len(blocks)):
+        means = torch.stack([torch.as_tensor(public_mean)[L]] + [torch.as_tensor(m)[L] for m in owner_means])
+        out.append(lda_weights(means, covariance[L], prior=prior, shrinkage=shrinkage, temperature=temperature))
+    return out
+
+
 def lda_router(
     model: nn.Module,
     public_mean: torch.Tensor,
@@ -264,12 +276,9 @@ def lda_router(
     expert); deeper layers see the merged model's own hidden states, an approximation.
     """
     blocks = moe_blocks(model)
-    if len(owner_means) != blocks[0].num_experts - 1:
-        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
+    scores = _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
     use_affine_routers(model)
-    for L, block in enumerate(blocks):
-        means = torch.stack([torch.as_tensor(public_mean)[L]] + [torch.as_tensor(m)[L] for m in owner_means])
-        W, b = lda_weights(means, covariance[L], prior=prior, shrinkage=shrinkage, temperature=temperature)
+    for block, (W, b) in zip(blocks, scores):
         with torch.no_grad():
             block.router.weight.copy_(W.to(block.router.weight))
             block.router.bias.copy_(b.to(block.router.bias))
@@ -315,11 +324,8 @@ def lda_mixture_router(
     public and owner expert exactly as the owner's model would. With a one-hot posterior it
     is the owner's model. Not expressible as a linear router (the public gate is a sum)."""
     blocks = moe_blocks(model)
-    if len(owner_means) != blocks[0].num_experts - 1:
-        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
-    for L, block in enumerate(blocks):
-        means = torch.stack([torch.as_tensor(public_mean)[L]] + [torch.as_tensor(m)[L] for m in owner_means])
-        W, b = lda_weights(means, covariance[L], prior=prior, shrinkage=shrinkage, temperature=temperature)
+    scores = _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
+    for block, (W, b) in zip(blocks, scores):
         block.router = PosteriorMixRouter(block.router, W, b)
     return model
 
@@ -371,10 +377,7 @@ def prefix_lda_router(
     ``transformers`` checkpoint: the choice depends on the prefix, not on the token alone.
     """
     blocks = moe_blocks(model)
-    if len(owner_means) != blocks[0].num_experts - 1:
-        raise ValueError(f"{len(owner_means)} owner means for a model with {blocks[0].num_experts - 1} owner experts")
-    means = torch.stack([torch.as_tensor(public_mean)[0]] + [torch.as_tensor(m)[0] for m in owner_means])
-    W, b = lda_weights(means, covariance[0], prior=prior, shrinkage=shrinkage)
+    W, b = _layer_lda(blocks[:1], public_mean, owner_means, covariance, prior, shrinkage, 1.0)[0]
     W, b = W.float(), b.float()
     state = _PrefixClass()
 
