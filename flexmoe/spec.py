@@ -33,10 +33,20 @@ class ExpertRecipe:
     grad_clip: float = 1.0
     z_loss_coef: float = 1e-3
     top_k: int = 2
+    # Fraction of each training batch drawn from public data (public text is public, so mixing it
+    # in is within FlexOlmo's rules); 0 is the paper's recipe. See docs/routing.md.
+    public_mix: float = 0.0
+    # Train the expert as a LoRA of this rank on a copy of the public MLP instead of a full copy
+    # (flexmoe.lora); None trains the full MLP copy, as FlexOlmo does.
+    lora_rank: int | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")
+        if not 0 <= self.public_mix < 1:
+            raise ValueError(f"public_mix must be in [0, 1), got {self.public_mix}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be a positive integer or None, got {self.lora_rank}")
         _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "z_loss_coef")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
