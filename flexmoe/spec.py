@@ -65,6 +65,9 @@ class RouterTuningRecipe:
     lr: float = 2e-3
     warmup_steps: int = 10
     weight_decay: float = 0.1
+    # Also train the owners' router biases. Off: the transformers FlexOlmo and Mixtral routers
+    # have no bias, so a biased router would keep the merged model from exporting exactly.
+    train_bias: bool = False
 
     def __post_init__(self):
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")

@@ -1,0 +1,211 @@
+"""The coordinator's router tuning (FlexOlmo section 3.4; DESIGN.md step 4).
+
+After the merge, every expert and every other parameter stays frozen; only the router rows
+(and, optionally, the owners' biases) of every layer train, on a uniform mixture of the
+owners' proxy sets and the public data, with all experts active (top-k = all). The recipe
+(lr 2e-3, warmup, weight decay 0.1) comes from :class:`~flexmoe.spec.RouterTuningRecipe`.
+
+>>> merged = flexmoe.assemble(public, ["a.safetensors", "b.safetensors"], top_k=2)
+>>> report = tune_router(merged, proxy_documents={"a": a_proxy, "b": b_proxy},
+...                      public_documents=public_docs, tokenizer=tokenizer, recipe=spec.router_tuning)
+
+:class:`RouterTuning` is the ``LightningModule`` behind it, for users who bring their own
+``Trainer`` and data: it refuses to finish if any parameter but the routers' moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+from flexmoe.expert import adamw_cosine
+from flexmoe.spec import RouterTuningRecipe
+from flexmoe.upcycle import is_moe, moe_blocks, settings
+
+# The schedule decays to this fraction of the peak lr (the recipe fixes lr, warmup and decay).
+MIN_LR_RATIO = 0.1
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every layer's router weight ``[E, H]`` and raw bias ``[E]``."""
+    return [p for b in moe_blocks(model) for p in (b.router.weight, b.router.bias)]
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer except the routers', by sorted name.
+
+    Router tuning must leave this unchanged: the experts and the public model are not its to move.
+    """
+    routers = {id(p) for p in router_parameters(model)}
+    h = hashlib.sha256()
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    for name in sorted(named):
+        t = named[name]
+        if t is None or id(t) in routers:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RouterTuning(pl.LightningModule):
+    """Tunes only the routers of a merged flexmoe MoE (FlexOlmo section 3.4).
+
+    Args:
+        model: a merged flexmoe MoE (``flexmoe.assemble`` / ``flexmoe.load``).
+        recipe: lr, warmup, weight decay, steps, whether biases train; FlexOlmo's defaults.
+            ``recipe.train_bias`` is off by default: the ``transformers`` FlexOlmo and Mixtral
+            routers have no bias, so a biased router would keep the merged model from exporting
+            exactly (the public expert's bias is 0 whatever happens).
+
+    During fit every expert is active (``top_k`` = all); the model's own ``top_k`` is restored
+    at the end. The batches are ``{"input_ids": [B, T]}`` like :class:`~flexmoe.TextDataModule`'s.
+    """
+
+    def __init__(self, model: nn.Module, recipe: RouterTuningRecipe | None = None):
+        super().__init__()
+        if not is_moe(model):
+            raise ValueError("RouterTuning needs a merged flexmoe MoE (flexmoe.assemble or flexmoe.load), got a dense model")
+        self.model = model
+        self.recipe = recipe or RouterTuningRecipe()
+        self.save_hyperparameters({"recipe": vars(self.recipe)})
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in moe_blocks(model):
+            block.router.freeze_rows(None)  # every row, the public one included, may move
+            block.router.weight.requires_grad_(True)
+            block.router.bias.requires_grad_(self.recipe.train_bias)
+        self._top_k: int | None = None
+        self._digest: str | None = None
+
+    def on_fit_start(self) -> None:
+        s = settings(self.model)
+        self._top_k = s.top_k
+        s.top_k = None  # all experts during tuning (FlexOlmo 3.4)
+        self._digest = frozen_digest(self.model)
+        self.model.train()
+
+    def on_fit_end(self) -> None:
+        settings(self.model).top_k = self._top_k
+        self.model.eval()
+        if frozen_digest(self.model) != self._digest:
+            raise RuntimeError("router tuning moved a parameter other than the routers; the merged model is not valid")
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        self.log("router_tuning/loss", loss.detach(), on_step=True, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        r = self.recipe
+        params = [p for p in router_parameters(self.model) if p.requires_grad]
+        groups = [{"params": params, "weight_decay": r.weight_decay}]
+        return adamw_cosine(self, groups, lr=r.lr, betas=(0.9, 0.95), warmup_steps=r.warmup_steps,
+                            min_lr_ratio=MIN_LR_RATIO, max_steps=r.max_steps)  # fmt: skip
+
+
+def mixture_loader(
+    sources: Mapping[str, torch.Tensor], *, batch_size: int, num_samples: int, seed: int = 0
+) -> DataLoader:
+    """Batches drawn from a uniform mixture of ``sources`` (name -> packed rows ``[N_i, T]``):
+    each row is sampled with probability ``1 / (len(sources) * N_i)``, whatever the sizes."""
+    names = [n for n, rows in sources.items() if len(rows)]
+    if not names:
+        raise ValueError("router tuning has no data: every proxy set and the public data are empty")
+    rows = torch.cat([sources[n] for n in names])
+    weights = torch.cat([torch.full((len(sources[n]),), 1.0 / (len(names) * len(sources[n]))) for n in names])
+    g = torch.Generator().manual_seed(seed)
+    sampler = WeightedRandomSampler(weights.double(), num_samples=num_samples, replacement=True, generator=g)
+    return DataLoader(TensorDataset(rows), batch_size=batch_size, sampler=sampler, collate_fn=_ids_batch)
+
+
+def _ids_batch(items) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.stack([row for (row,) in items])}
+
+
+def pack_documents(documents: Sequence[str], tokenizer, seq_len: int, max_documents: int | None = None) -> torch.Tensor:
+    """Tokenise and pack documents into ``[N, seq_len]`` rows (EOS between documents)."""
+    from flexmoe.data import _encode, pack
+
+    docs = list(documents)[:max_documents] if max_documents else list(documents)
+    if not docs:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows, _ = pack(_encode(tokenizer, docs), eos, seq_len)
+    return rows.long()
+
+
+def tune_router(
+    model: nn.Module,
+    *,
+    proxy_documents: Mapping[str, Sequence[str]],
+    public_documents: Sequence[str],
+    tokenizer,
+    recipe: RouterTuningRecipe | None = None,
+    max_documents_per_source: int = 2000,
+    seed: int = 0,
+    trainer_kwargs: dict | None = None,
+) -> dict:
+    """Tune ``model``'s routers in place on the owners' proxy sets and the public data.
+
+    Args:
+        model: merged flexmoe MoE.
+        proxy_documents: owner name -> that owner's proxy documents (texts of public documents).
+        public_documents: the public data.
+        tokenizer: the public model's tokenizer (object, or a directory/hub id).
+        recipe: steps, batch size, sequence length, lr, warmup, weight decay, whether biases
+            train (FlexOlmo's defaults; see :class:`RouterTuning`).
+        max_documents_per_source: cap on documents tokenised per source (the mixture is uniform
+            over sources, so a larger public corpus only costs time).
+        trainer_kwargs: extra ``lightning.Trainer`` arguments.
+
+    Returns:
+        a summary: steps, the mixture's rows per source, and the loss at the first and last step.
+    """
+    recipe = recipe or RouterTuningRecipe()
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    sources = {f"proxy:{owner}": docs for owner, docs in proxy_documents.items()}
+    sources["public"] = public_documents
+    packed = {
+        name: pack_documents(docs, tokenizer, recipe.seq_len, max_documents_per_source) for name, docs in sources.items()
+    }
+    loader = mixture_loader(packed, batch_size=recipe.batch_size, num_samples=recipe.max_steps * recipe.batch_size,
+                            seed=seed)  # fmt: skip
+    module = RouterTuning(model, recipe)
+    losses = _LossLog()
+    kwargs = dict(
+        max_steps=recipe.max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu" if next(model.parameters()).device.type == "cpu" else "auto",
+        devices=1,
+        callbacks=[losses],
+    )
+    kwargs.update(trainer_kwargs or {})
+    pl.Trainer(**kwargs).fit(module, train_dataloaders=loader)
+    return {
+        "steps": len(losses.values),
+        "rows": {name: int(len(rows)) for name, rows in packed.items()},
+        "loss_first": losses.values[0] if losses.values else None,
+        "loss_last": losses.values[-1] if losses.values else None,
+    }
+
+
+class _LossLog(pl.Callback):
+    def __init__(self):
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        self.values.append(float(loss))

@@ -1,0 +1,109 @@
+"""RouterTuning (FlexOlmo section 3.4): only the routers move, on a uniform proxy/public mixture."""
+
+from __future__ import annotations
+
+import copy
+import glob
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import license_texts, perturb_
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import flexmoe
+from flexmoe.router_tuning import RouterTuning, frozen_digest, mixture_loader, pack_documents, tune_router
+from flexmoe.spec import RouterTuningRecipe
+from flexmoe.upcycle import moe_blocks, settings
+
+
+def merged_model(public_dir, seed: int = 0):
+    """public + two perturbed experts with random router rows, top-2 of 3."""
+    model = AutoModelForCausalLM.from_pretrained(public_dir)
+    flexmoe.upcycle(model, num_experts=2, top_k=2, owners=["a", "b"])
+    g = torch.Generator().manual_seed(seed)
+    for block in moe_blocks(model):
+        for j in (1, 2):
+            perturb_(block.experts[j], seed=seed + j, scale=0.2)
+        with torch.no_grad():
+            block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g))
+    return model
+
+
+def python_texts() -> list[str]:
+    return [open(p, encoding="utf-8").read()[:4000] for p in sorted(glob.glob(torch.__path__[0] + "/nn/modules/*.py"))[:12]]
+
+
+def mixture_loss(model, rows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(model(input_ids=rows, labels=rows).loss)
+
+
+def test_only_router_rows_move_and_mixture_loss_drops(public_dir):
+    tok = AutoTokenizer.from_pretrained(public_dir)
+    model = merged_model(public_dir)
+    before = copy.deepcopy(model)
+    proxy = {"a": license_texts()[:4], "b": python_texts()[:4]}
+    public = license_texts()[4:] + python_texts()[4:]
+    recipe = RouterTuningRecipe(max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=2)
+    rows = torch.cat([pack_documents(d, tok, 32)[:8] for d in (*proxy.values(), public)])
+    loss_before = mixture_loss(model, rows)
+
+    report = tune_router(model, proxy_documents=proxy, public_documents=public, tokenizer=tok, recipe=recipe)
+
+    assert report["steps"] == 30
+    assert set(report["rows"]) == {"proxy:a", "proxy:b", "public"}
+    assert frozen_digest(model) == frozen_digest(before)
+    for new, old in zip(moe_blocks(model), moe_blocks(before)):
+        for e_new, e_old in zip(new.experts, old.experts):
+            for p, q in zip(e_new.parameters(), e_old.parameters()):
+                assert torch.equal(p, q)
+        assert not torch.equal(new.router.weight, old.router.weight)  # every row may move, r_pub too
+        assert not torch.equal(new.router.weight[0], old.router.weight[0])
+        assert torch.equal(new.router.bias, old.router.bias)  # train_bias is off by default
+    assert settings(model).top_k == 2  # restored after tuning with all experts
+    assert mixture_loss(model, rows) < loss_before
+
+
+def test_train_bias_moves_owner_biases(public_dir):
+    tok = AutoTokenizer.from_pretrained(public_dir)
+    model = merged_model(public_dir, seed=3)
+    recipe = RouterTuningRecipe(max_steps=6, batch_size=2, seq_len=32, lr=5e-2, warmup_steps=0, train_bias=True)
+    tune_router(model, proxy_documents={"a": license_texts()[:2]}, public_documents=python_texts(), tokenizer=tok,
+                recipe=recipe)  # fmt: skip
+    assert any(b.router.bias[1:].abs().sum() > 0 for b in moe_blocks(model))
+
+
+def test_moving_an_expert_is_refused(public_dir):
+    """RouterTuning checks, at the end of fit, that nothing but the routers moved."""
+    model = merged_model(public_dir)
+    module = RouterTuning(model, RouterTuningRecipe(max_steps=2, batch_size=2, seq_len=16))
+    expert = moe_blocks(model)[0].experts[1]
+
+    class Tamper(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                next(expert.parameters()).add_(1.0)
+
+    rows = torch.randint(3, 50, (8, 16))
+    loader = mixture_loader({"x": rows}, batch_size=2, num_samples=4)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, callbacks=[Tamper()],
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="other than the routers"):
+        trainer.fit(module, train_dataloaders=loader)
+
+
+def test_mixture_is_uniform_over_sources():
+    big = torch.zeros(1000, 4, dtype=torch.long)
+    small = torch.ones(5, 4, dtype=torch.long)
+    loader = mixture_loader({"big": big, "small": small}, batch_size=50, num_samples=4000, seed=1)
+    share = torch.cat([b["input_ids"][:, 0] for b in loader]).float().mean()
+    assert 0.45 < share < 0.55
+
+
+def test_dense_model_and_empty_data_are_refused(public_dir):
+    dense = AutoModelForCausalLM.from_pretrained(public_dir)
+    with pytest.raises(ValueError, match="dense model"):
+        RouterTuning(dense)
+    with pytest.raises(ValueError, match="no data"):
+        mixture_loader({"a": torch.empty(0, 4, dtype=torch.long)}, batch_size=2, num_samples=4)
