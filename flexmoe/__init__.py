@@ -18,6 +18,8 @@ _LAZY = {
     "TextDataModule": "flexmoe.data",
     "select_proxy": "flexmoe.proxy",
     "ProxySelection": "flexmoe.proxy",
+    "RouterTuning": "flexmoe.router_tuning",
+    "tune_router": "flexmoe.router_tuning",
 }
 
 
@@ -40,6 +42,7 @@ __all__ = [
     "ProxyBudget",
     "ProxySelection",
     "Router",
+    "RouterTuning",
     "RouterTuningRecipe",
     "TextDataModule",
     "add_expert",
@@ -56,5 +59,6 @@ __all__ = [
     "router_z_loss",
     "select_proxy",
     "set_top_k",
+    "tune_router",
     "upcycle",
 ]

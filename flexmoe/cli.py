@@ -8,6 +8,7 @@
     flexmoe export --model merged/ --format native --out merged_native/
     flexmoe add-expert --model merged/ --expert c.safetensors --out merged_abc/
     flexmoe opt-out --model merged/ --owner b --out merged_without_b/
+    flexmoe tune-router --model merged/ --proxy a=a.proxy.json --public-data public_text/ --out tuned/
 
 Every command also takes ``--config FILE.yaml`` (and ``--print_config`` to write one), as
 jsonargparse provides. On top of jsonargparse's own syntax, :func:`normalize_argv` accepts
@@ -250,6 +251,56 @@ def evaluate(
                 max_tokens=max_tokens)  # fmt: skip
 
 
+def tune_router(
+    model: str,
+    proxy: list[str],
+    public_data: list[str],
+    out: str,
+    spec: Optional[str] = None,
+    recipe: Optional[RouterTuningRecipe] = None,
+    format: Optional[Format] = None,
+    allow_approximate: bool = False,
+) -> None:
+    """Tune a merged model's routers on the owners' proxy sets and the public data (FlexOlmo step 4).
+
+    Only router rows (and biases, with ``--recipe.train_bias true``) move; experts stay frozen.
+
+    Args:
+        model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
+        proxy: ``OWNER=PATH`` per owner: a ``.proxy.json`` selection (document ids into
+            ``--public-data``) as owners write it, or text (file, folder, glob, JSONL).
+        public_data: The public text the proxy selections index (files, folders, globs, JSONL).
+        out: Output directory.
+        spec: Take the router-tuning recipe from this FederationSpec JSON.
+        recipe: The recipe (``--recipe.max_steps``, ``--recipe.lr``, ...); overrides ``--spec``.
+        format: Output format (default: the format of ``model``).
+        allow_approximate: Export even where the format cannot represent the model exactly.
+    """
+    from flexmoe.data import read_documents
+    from flexmoe.evaluate import parse_domains
+    from flexmoe.proxy import ProxySelection
+    from flexmoe.router_tuning import tune_router as tune
+    from flexmoe.spec import FederationSpec
+
+    public_docs = read_documents(public_data)
+    proxies = {}
+    for owner, path in parse_domains(proxy, "--proxy").items():
+        if path.endswith(".json"):
+            proxies[owner] = ProxySelection.from_json(Path(path).read_text()).texts(public_docs)
+        else:
+            proxies[owner] = read_documents(path)
+    if recipe is None:
+        recipe = FederationSpec.load(spec).router_tuning if spec else RouterTuningRecipe()
+
+    def change(moe):
+        summary = tune(moe, proxy_documents=proxies, public_documents=public_docs, tokenizer=model, recipe=recipe)
+        print(f"flexmoe: router tuning {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
+              f"{summary['loss_last']:.3f}")  # fmt: skip
+
+    fmt = _rewrite(model, out, format, None, allow_approximate, change)
+    print(f"flexmoe: tuned the routers of {model} -> {out} ({fmt})")
+
+
 def merge(recipe: str, out: str) -> None:
     """Merge dense models as a YAML recipe says (soup, task arithmetic, TIES, DARE), into a new
     transformers directory: ``flexmoe merge RECIPE.yaml --out DIR``. The recipe is validated
@@ -275,6 +326,7 @@ COMMANDS: dict[str, str] = {
     "add-expert": "flexmoe.cli:add_expert",
     "opt-out": "flexmoe.cli:opt_out",
     "merge": "flexmoe.cli:merge",
+    "tune-router": "flexmoe.cli:tune_router",
 }
 
 

@@ -183,20 +183,20 @@ def tune_router(
                             seed=seed)  # fmt: skip
     module = RouterTuning(model, recipe)
     losses = _LossLog()
-    kwargs = dict(
-        max_steps=recipe.max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        accelerator="cpu" if next(model.parameters()).device.type == "cpu" else "auto",
-        devices=1,
-        callbacks=[losses],
-    )
+    kwargs = {
+        "max_steps": recipe.max_steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu" if next(model.parameters()).device.type == "cpu" else "auto",
+        "devices": 1,
+        "callbacks": [losses],
+    }
     kwargs.update(trainer_kwargs or {})
     pl.Trainer(**kwargs).fit(module, train_dataloaders=loader)
     return {
         "steps": len(losses.values),
-        "rows": {name: int(len(rows)) for name, rows in packed.items()},
+        "rows": {name: len(rows) for name, rows in packed.items()},
         "loss_first": losses.values[0] if losses.values else None,
         "loss_last": losses.values[-1] if losses.values else None,
     }
