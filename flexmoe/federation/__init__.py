@@ -1,0 +1,30 @@
+"""The Flower federation: one ``ClientApp`` per data owner, one ``ServerApp`` coordinator
+(DESIGN.md "Federation"). Run it with ``flwr run examples/federation``; see docs/federation.md.
+
+    flexmoe.federation.client_app:app   the owner (trains its expert, replies with it)
+    flexmoe.federation.server_app:app   the coordinator (collects, validates, merges, reports)
+
+Importing this package loads neither app (nor Flower's simulation engine, nor torch-heavy
+modules); the names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "Coordinator": "flexmoe.federation.coordinator",
+    "CoordinatorSettings": "flexmoe.federation.records",
+    "OwnerSettings": "flexmoe.federation.records",
+    "train_owner_expert": "flexmoe.federation.client_app",
+    "write_report": "flexmoe.federation.report",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flexmoe.federation' has no attribute {name!r}")
+
+
+__all__ = ["Coordinator", "CoordinatorSettings", "OwnerSettings", "train_owner_expert", "write_report"]

@@ -1,0 +1,449 @@
+"""The coordinator's work inside the ServerApp: collect, validate, keep, merge, tune, export, report.
+
+FlexOlmo steps 3-5 (DESIGN.md): every owner's reply is rebuilt into an artifact file and put
+through all of :class:`~flexmoe.ExpertArtifact`'s checks (layout, identity against the spec's
+fingerprint and sha256, shapes against the public model, finite values, the owner's own name);
+a bad reply is rejected with its reason and the rest go on. Each accepted artifact is written to
+``out-dir/artifacts/`` the moment it is accepted, atomically, with what else the owner sent in
+``out-dir/received/``; so a coordinator that dies mid-run loses no accepted work, and a rerun
+with ``resume=true`` asks only the owners still missing. Owners are keyed by their node-config
+name, never by Flower's random node id.
+
+Files in ``out-dir``::
+
+    artifacts/<owner>.safetensors   accepted experts (the merge's inputs)
+    received/<owner>.json           each accepted owner's manifest, metrics and proxy selection
+    progress.json                   the live state: pid, run id, phase, each owner's status
+    model/                          the merged model (FlexOlmo / Mixtral / native export)
+    report.json, report.md          who was accepted or rejected and why, tokens, losses, routing
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from flexmoe.artifact import ArtifactError, ExpertArtifact
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    METRICS,
+    OWNER,
+    PROXY,
+    QUERY_MESSAGE,
+    REPLY_RECORDS,
+    SPEC,
+    TRAIN,
+    TRAIN_MESSAGE,
+    CoordinatorSettings,
+    arrays_to_tensors,
+    manifest_to_metadata,
+    record_bytes,
+    record_to_proxy,
+)
+from flexmoe.federation.report import write_report
+from flexmoe.spec import FederationSpec
+
+# Owner statuses. Unresolved: waiting (not connected yet), training (spec sent, no reply yet).
+WAITING, TRAINING = "waiting", "training"
+ACCEPTED, REJECTED, FAILED, MISSING = "accepted", "rejected", "failed", "missing"
+
+
+@dataclass
+class OwnerState:
+    """What the coordinator knows about one expected owner."""
+
+    name: str
+    status: str = WAITING
+    reason: str | None = None
+    node_id: int | None = None
+    resumed: bool = False
+    seconds_to_reply: float | None = None
+    upload_bytes: int | None = None
+    training_tokens: int | None = None
+    metrics: dict = field(default_factory=dict)
+    proxy: dict | None = None
+    artifact: str | None = None
+    artifact_sha256: str | None = None
+    sent_at: float | None = field(default=None, repr=False)
+
+
+_T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    """Progress for ``flwr log`` (the ServerApp's output is the run's log)."""
+    print(f"flexmoe coordinator [{time.monotonic() - _T0:7.1f} s]: {msg}", flush=True)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Coordinator:
+    """One federation run. ``grid`` is Flower's; :meth:`run` does everything."""
+
+    def __init__(self, grid, settings: CoordinatorSettings, run_id: int = 0):
+        self.grid, self.s, self.run_id = grid, settings, run_id
+        self.out = Path(settings.out_dir)
+        self.artifacts_dir, self.received_dir = self.out / "artifacts", self.out / "received"
+        self.spec = FederationSpec.load(settings.spec)
+        self.public_path = settings.public_model or self.spec.public_model
+        self.owners = {name: OwnerState(name) for name in settings.expected_owners}
+        self.nodes: dict[int, str | None] = {}  # node id -> owner name (None until it says)
+        self.pending: dict[str, tuple[str, int]] = {}  # message id -> ("query" | "train", node id)
+        self.earlier: list[Path] = []
+        self.connect_deadline = 0.0
+        self.notes: list[str] = []
+        self.phase = "starting"
+        self.summary: dict = {}
+        self.started = time.monotonic()
+        self.public = None
+        self.public_docs: list[str] | None = None
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        try:
+            self.start()
+            self.query_new_nodes()  # their ClientApps start up while the public model loads
+            self.prepare()
+            self.collect()
+            accepted = [o for o in self.owners.values() if o.status == ACCEPTED]
+            if len(accepted) < self.s.required:
+                raise RuntimeError(
+                    f"only {len(accepted)} of the expected owners' experts were accepted, fewer than the quorum of "
+                    f"{self.s.required}; see {self.out / 'report.md'} for why each owner is missing"
+                )
+            self.merge([o.name for o in accepted])
+        except BaseException as e:
+            self.summary["error"] = f"{type(e).__name__}: {e}"
+            self.finish("failed")
+            raise
+        return self.finish("merged")
+
+    def start(self) -> None:
+        """Refuse to mix with an earlier run's results unless resuming."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.phase = "preparing"
+        self.progress()
+        self.earlier = sorted(self.artifacts_dir.glob("*.safetensors"))
+        if not self.s.resume and (self.earlier or (self.out / "model").exists()):
+            raise FileExistsError(
+                f"{self.out} holds the results of an earlier run; set run config 'resume=true' to keep its accepted "
+                "experts and train only the missing owners, or choose another 'out-dir'"
+            )
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self.received_dir.mkdir(parents=True, exist_ok=True)
+        self.connect_deadline = time.monotonic() + self.s.connect_timeout
+
+    def prepare(self) -> None:
+        """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
+        from flexmoe.expert import load_public_model
+        from flexmoe.upcycle import fingerprint
+
+        self.public = load_public_model(self.public_path).eval()
+        fp = fingerprint(self.public)
+        if fp != self.spec.fingerprint:
+            raise ValueError(
+                f"the coordinator's public model {self.public_path} has fingerprint {fp[:16]}..., but the spec "
+                f"{self.s.spec} says {self.spec.fingerprint[:16]}...; set run config 'public-model' to the published model"
+            )
+        if self.s.public_data:
+            from flexmoe.data import read_documents
+
+            self.public_docs = read_documents(self.s.public_data)
+        for path in self.earlier:
+            owner = path.name.removesuffix(".safetensors")
+            if owner not in self.owners:
+                self.notes.append(f"{path.name} is from an owner not in expected-owners; left out")
+                continue
+            try:
+                self.check_artifact(path, owner)
+            except ArtifactError as e:
+                path.rename(path.with_name(path.name + ".invalid"))
+                self.notes.append(f"kept artifact of {owner!r} failed its checks ({e}); asking {owner!r} again")
+                continue
+            state = self.owners[owner]
+            received = self.received_dir / f"{owner}.json"
+            if received.is_file():
+                for k, v in json.loads(received.read_text()).items():
+                    if k in ("metrics", "proxy", "upload_bytes", "training_tokens", "node_id", "seconds_to_reply"):
+                        setattr(state, k, v)
+            state.status, state.resumed = ACCEPTED, True
+            state.artifact, state.artifact_sha256 = str(path), _sha256(path)
+            say(f"resume: keeping the accepted expert of {owner!r} ({path})")
+
+    # -- collecting the experts -------------------------------------------------------------------
+    def collect(self) -> None:
+        """Query every SuperNode that connects, send the spec to the expected owners not yet
+        accepted, and take their replies as they come, until each owner is resolved."""
+        self.phase = "collecting"
+        self.progress()
+        while any(o.status in (WAITING, TRAINING) for o in self.owners.values()):
+            self.query_new_nodes()
+            replies = list(self.grid.pull_messages(list(self.pending))) if self.pending else []
+            for reply in replies:
+                kind, node = self.pending.pop(reply.metadata.reply_to_message_id, (None, None))
+                if kind == "query":
+                    self.on_query(reply, node)
+                elif kind == "train":
+                    self.on_train(reply, node)
+            now = time.monotonic()
+            for o in self.owners.values():
+                if o.status == TRAINING and now - o.sent_at > self.s.train_timeout:
+                    self.resolve(o, FAILED, f"no reply within train-timeout={self.s.train_timeout:g} s")
+                    self.pending = {m: v for m, v in self.pending.items() if v[1] != o.node_id}
+                elif o.status == WAITING and now > self.connect_deadline:
+                    self.resolve(o, MISSING, f"did not connect within connect-timeout={self.s.connect_timeout:g} s")
+            if not replies:
+                time.sleep(self.s.poll_interval)
+
+    def query_new_nodes(self) -> None:
+        """Ask each newly connected SuperNode which owner it is (while any owner is awaited)."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
+        if not new or not any(o.status == WAITING for o in self.owners.values()):
+            return
+        messages = [self._message(RecordDict({OWNER: ConfigRecord({"want": "name"})}), n, QUERY_MESSAGE) for n in new]
+        for n, mid in zip(new, self.grid.push_messages(messages)):
+            self.nodes[n] = None
+            self.pending[mid] = ("query", n)
+
+    def _message(self, content: RecordDict, node: int, kind: str) -> Message:
+        ttl = self.s.train_timeout + self.s.connect_timeout + 60
+        return Message(content, node, kind, group_id=f"flexmoe-{self.spec.sha256[:12]}", ttl=ttl)
+
+    def on_query(self, reply: Message, node: int) -> None:
+        """A SuperNode said who it is: send the spec if it is an owner still to train."""
+        if reply.has_error():
+            self.notes.append(f"SuperNode {node} did not say which owner it is: {reply.error.reason}")
+            return
+        name = str(reply.content.config_records[OWNER]["name"])
+        self.nodes[node] = name
+        state = self.owners.get(name)
+        if state is None:
+            self.notes.append(f"SuperNode {node} is owner {name!r}, who is not in expected-owners; ignored")
+            return
+        if state.status != WAITING:
+            why = "its expert is already accepted" if state.status == ACCEPTED else f"it is {state.status}"
+            self.notes.append(f"SuperNode {node} is owner {name!r} again; not asked to train ({why})")
+            return
+        content = RecordDict(
+            {
+                SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
+                TRAIN: ConfigRecord({"seed": self.s.seed}),
+            }
+        )
+        [mid] = list(self.grid.push_messages([self._message(content, node, TRAIN_MESSAGE)]))
+        self.pending[mid] = ("train", node)
+        state.status, state.node_id, state.sent_at = TRAINING, node, time.monotonic()
+        say(f"owner {name!r} connected (SuperNode {node}); spec sent, training")
+        self.progress()
+
+    def on_train(self, reply: Message, node: int) -> None:
+        state = self.owners[self.nodes[node]]
+        if state.status != TRAINING:
+            return
+        state.seconds_to_reply = time.monotonic() - state.sent_at
+        if reply.has_error():
+            self.resolve(state, FAILED, f"the owner's training failed or it went away: {reply.error.reason}")
+            return
+        try:
+            self.accept(state, reply.content)
+        except (ArtifactError, KeyError, TypeError, ValueError) as e:
+            self.resolve(state, REJECTED, str(e) or type(e).__name__)
+
+    def accept(self, state: OwnerState, content: RecordDict) -> None:
+        """Validate a reply as an artifact file; keep it (atomically) only if every check passes."""
+        from safetensors.torch import save_file
+
+        owner = state.name
+        extra = sorted(set(content.keys()) - REPLY_RECORDS)
+        if extra:
+            raise ArtifactError(owner, "reply records", sorted(REPLY_RECORDS), f"also {extra}",
+                                hint="an owner sends its expert, manifest, metrics and proxy ids, nothing else")  # fmt: skip
+        if EXPERT not in content.array_records or MANIFEST not in content.config_records:
+            raise ArtifactError(owner, "reply records", "an 'expert' ArrayRecord and a 'manifest' ConfigRecord",
+                                sorted(content.keys()))  # fmt: skip
+        tensors = arrays_to_tensors(content.array_records[EXPERT], owner)
+        metadata = manifest_to_metadata(content.config_records[MANIFEST], owner)
+        incoming = self.artifacts_dir / ".incoming"
+        incoming.mkdir(exist_ok=True)
+        staged = incoming / f"{owner}.safetensors"
+        save_file(tensors, str(staged), metadata=metadata)
+        try:
+            artifact = self.check_artifact(staged, owner)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+        proxy = None
+        if PROXY in content.config_records:
+            selection = record_to_proxy(content.config_records[PROXY])
+            if self.public_docs is not None and selection.num_public != len(self.public_docs):
+                self.notes.append(f"{owner!r}'s proxy selection indexes {selection.num_public} public documents, the "
+                                  f"coordinator's public data has {len(self.public_docs)}; proxy set not used")  # fmt: skip
+            else:
+                proxy = selection.to_dict()
+        final = self.artifacts_dir / f"{owner}.safetensors"
+        state.metrics, state.proxy = metrics, proxy
+        state.training_tokens = artifact.training_tokens
+        state.upload_bytes = record_bytes(*content.values())
+        _write_json(self.received_dir / f"{owner}.json", {
+            "metadata": metadata, "metrics": metrics, "proxy": proxy, "upload_bytes": state.upload_bytes,
+            "training_tokens": state.training_tokens, "node_id": state.node_id,
+            "seconds_to_reply": state.seconds_to_reply,
+        })  # fmt: skip
+        os.replace(staged, final)  # the artifact's presence is what marks the owner accepted
+        state.artifact, state.artifact_sha256 = str(final), _sha256(final)
+        self.resolve(state, ACCEPTED, None)
+
+    def check_artifact(self, path: Path, owner: str) -> ExpertArtifact:
+        """Every ExpertArtifact check, plus: the artifact is the sending owner's own."""
+        artifact = ExpertArtifact.load(path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
+        artifact.validate(self.public, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
+        if artifact.owner != owner:
+            raise ArtifactError(owner, "owner", owner, artifact.owner, hint="an owner may only send its own expert")
+        return artifact
+
+    def resolve(self, state: OwnerState, status: str, reason: str | None) -> None:
+        state.status, state.reason = status, reason
+        say(f"owner {state.name!r}: {status}" + (f" ({reason})" if reason else ""))
+        self.progress()
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, owners: list[str]) -> None:
+        """Assemble ``[public, e_1 ... e_n]`` (expected-owners order), tune the router, export."""
+        import flexmoe
+        from flexmoe.cli import detect_format
+
+        self.phase = "merging"
+        self.progress()
+        t = time.monotonic()
+        paths = [self.artifacts_dir / f"{o}.safetensors" for o in owners]
+        model = flexmoe.assemble(self.public, paths, top_k=self.s.top_k or None, spec_sha256=self.spec.sha256)
+        from flexmoe.upcycle import settings as moe_settings
+
+        self.summary["experts"] = list(moe_settings(model).owners)
+        self.summary["merge_seconds"] = time.monotonic() - t
+        tokenizer = None
+        tune = self.s.router_tuning and self.spec.router_tuning.enabled
+        if tune or self.public_docs is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.public_path)
+        if tune:
+            from flexmoe.router_tuning import tune_router
+
+            self.phase = "tuning the router"
+            self.progress()
+            t = time.monotonic()
+            proxies = {o: self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None}
+            result = tune_router(model, proxy_documents=proxies, public_documents=self.public_docs,
+                                 tokenizer=tokenizer, recipe=self.spec.router_tuning)  # fmt: skip
+            self.summary["router_tuning"] = {**result, "seconds": time.monotonic() - t, "proxy_owners": sorted(proxies)}
+        else:
+            why = (
+                "run config router-tuning=false"
+                if not self.s.router_tuning
+                else "the spec's router_tuning.enabled=false"
+            )
+            self.summary["router_tuning"] = {"skipped": why}
+        if self.public_docs is not None:
+            self.summary["routing"] = self.routing_usage(model, tokenizer, owners)
+        self.phase = "exporting"
+        self.progress()
+        t = time.monotonic()
+        target = self.out / "model"
+        if target.exists() and self.s.resume:
+            shutil.rmtree(target)  # our own earlier export, rebuilt from the kept artifacts
+        fmt = self.export_format(model)
+        flexmoe.export(
+            model, target, format=fmt, allow_approximate=self.s.allow_approximate, tokenizer=self.public_path
+        )
+        self.summary["export"] = {"dir": str(target), "format": detect_format(target), "requested": self.s.export_format,
+                                  "allow_approximate": self.s.allow_approximate,
+                                  "seconds": time.monotonic() - t}  # fmt: skip
+        say(f"merged {len(owners)} expert(s) -> {target} ({self.summary['export']['format']})")
+
+    def proxy_texts(self, owner: str) -> list[str]:
+        from flexmoe.proxy import ProxySelection
+
+        return ProxySelection.from_dict(self.owners[owner].proxy).texts(self.public_docs)
+
+    def export_format(self, model) -> str:
+        """``auto`` with ``allow-approximate`` means: the base's transformers format even if it drops
+        router biases (FlexOlmo's own merge drops them too); plain ``auto`` falls back to native."""
+        if self.s.export_format != "auto" or not self.s.allow_approximate:
+            return self.s.export_format
+        base = model.config.model_type
+        return {"olmo2": "flexolmo", "llama": "mixtral", "mistral": "mixtral"}.get(base, "native")
+
+    def routing_usage(self, model, tokenizer, owners: list[str]) -> dict:
+        """Top-1 routing shares of the merged model on public text and each owner's proxy set."""
+        from flexmoe.evaluate import perplexity
+
+        seq_len = self.spec.expert.seq_len
+        domains = {"public": self.public_docs}
+        domains.update({f"proxy:{o}": self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None})
+        usage = {}
+        for name, docs in domains.items():
+            try:
+                r = perplexity(model, {name: docs}, tokenizer, seq_len=seq_len, max_tokens=32 * seq_len)
+            except ValueError as e:  # too little text for one row
+                self.notes.append(f"routing usage on {name} not measured: {e}")
+                continue
+            usage[name] = {"perplexity": r["per_domain"][name], "top1_share": r["routing"][name]}
+        return usage
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def progress(self) -> None:
+        _write_json(self.out / "progress.json", {
+            "pid": os.getpid(), "run_id": self.run_id, "phase": self.phase, "updated": time.time(),
+            "owners": {o.name: o.status for o in self.owners.values()},
+        })  # fmt: skip
+
+    def finish(self, status: str) -> dict:
+        self.phase = status
+        owners = {name: {k: v for k, v in asdict(o).items() if k not in ("name", "sent_at")}
+                  for name, o in self.owners.items()}  # fmt: skip
+        report = {
+            "status": status,
+            "run_id": self.run_id,
+            "spec": {
+                "path": self.s.spec,
+                "sha256": self.spec.sha256,
+                "fingerprint": self.spec.fingerprint,
+                "public_model": self.public_path,
+            },
+            "settings": asdict(self.s),
+            "owners": owners,
+            "accepted": [n for n, o in self.owners.items() if o.status == ACCEPTED],
+            "rejected": {n: o.reason for n, o in self.owners.items() if o.status == REJECTED},
+            "missing": {
+                n: o.reason for n, o in self.owners.items() if o.status in (FAILED, MISSING, WAITING, TRAINING)
+            },
+            "notes": self.notes,
+            "seconds": time.monotonic() - self.started,
+            **self.summary,
+        }
+        if self.out.is_dir():
+            write_report(self.out, report)
+            self.progress()
+        return report
