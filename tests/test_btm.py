@@ -1,16 +1,23 @@
-"""BTMEnsemble: Branch-Train-Merge's Bayesian mixture of expert LMs (Li et al., 2022, section 4.1)."""
+"""BTMEnsemble: Branch-Train-Merge's Bayesian mixture of expert LMs (Li et al., 2022, section 4.1), its
+cached (EMA) prior, top-k and generate, and BTM parameter averaging (section 4.2)."""
 
 from __future__ import annotations
 
 import math
+import sysconfig
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LICENSES, VOCAB, perturb_, tiny_model
+from conftest import LICENSES, VOCAB, perturb_, tiny_config, tiny_model, train_tiny_tokenizer
+from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexmoe.merge import BTMEnsemble
+from flexmoe.corpus import split_module
+from flexmoe.evaluate import pack_domain
+from flexmoe.merge import BTMEnsemble, btm_average
+from flexmoe.pretrain import PretrainModule
 
 
 def _logprobs(model, ids):
@@ -142,3 +149,197 @@ def test_a_member_with_prior_zero_never_contributes(ids):
     out = BTMEnsemble(members, prior=[0.0, 0.0, 1.0])(ids)
     torch.testing.assert_close(out.logits, _logprobs(members[2], ids), atol=1e-6, rtol=0)
     assert torch.isfinite(out.logits).all()
+
+
+# -- experts trained on two far-apart domains ----------------------------------------------------
+
+CODE_TRAIN, CODE_HELD_OUT = ["textwrap", "shlex", "heapq", "string"], ["glob", "fnmatch"]
+PROSE_TRAIN, PROSE_HELD_OUT = ["GPL-2", "Apache-2.0", "MPL-2.0", "LGPL-2.1"], ["Artistic", "CC0-1.0"]
+
+
+def _python_sources(names):
+    """Standard-library modules as code only (docstrings and comments removed: they are prose)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [split_module((stdlib / f"{n}.py").read_text(encoding="utf-8"))[0] for n in names]
+
+
+def _licences(names):
+    return [Path(LICENSES, n).read_text(encoding="utf-8") for n in names]
+
+
+def _train_lm(rows, config, steps=60):
+    """A tiny OLMo-2 branched from one seed (the same init for every domain), trained with Lightning."""
+    pl.seed_everything(0)
+    module = PretrainModule(config.to_dict(), lr=1e-2, warmup_steps=4, max_steps=steps, weight_decay=0.0)
+    loader = DataLoader(rows, batch_size=8, shuffle=True, collate_fn=lambda b: {"input_ids": torch.stack(b)},
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, loader)
+    return module.model.eval()
+
+
+@pytest.fixture(scope="module")
+def domains():
+    """{"code"|"prose": (model, held-out rows [8, 48])}: one expert per domain, one tokenizer. The
+    held-out rows are spread over the held-out text, skipping the first (a module's imports)."""
+    texts = {"code": (_python_sources(CODE_TRAIN), _python_sources(CODE_HELD_OUT)),
+             "prose": (_licences(PROSE_TRAIN), _licences(PROSE_HELD_OUT))}  # fmt: skip
+    tok = train_tiny_tokenizer([t for train, _ in texts.values() for t in train])
+    config = tiny_config("olmo2", vocab_size=len(tok), max_position_embeddings=128)
+    out = {}
+    for name, (train, held_out) in texts.items():
+        model = _train_lm(pack_domain(train, tok, seq_len=64), config)
+        rows = pack_domain(held_out, tok, seq_len=48)
+        out[name] = (model, rows[torch.linspace(1, len(rows) - 1, 8).long()])
+    return out
+
+
+def test_posterior_concentrates_on_the_in_domain_expert(domains):
+    (code, code_rows), (prose, prose_rows) = domains["code"], domains["prose"]
+    ensemble = BTMEnsemble([code, prose])
+    for j, rows in enumerate([code_rows, prose_rows]):
+        out = ensemble(rows, labels=rows)
+        torch.testing.assert_close(out.posterior[:, 0], torch.full((rows.shape[0], 2), 0.5))
+        assert (out.posterior[:, 32:, j] > 0.9).all(), out.posterior[:, :, j].min(dim=0).values
+        with torch.no_grad():
+            nll_in = ensemble.members[j](rows, labels=rows).loss.item()
+            nll_out = ensemble.members[1 - j](rows, labels=rows).loss.item()
+        assert nll_in < nll_out  # each expert did learn its own domain
+        assert out.loss.item() <= nll_in + math.log(2) / (rows.shape[1] - 1) + 1e-5
+
+
+def test_ema_prior_moves_toward_the_held_out_domain(domains):
+    (code, code_rows), (prose, prose_rows) = domains["code"], domains["prose"]
+    for j, rows in enumerate([code_rows, prose_rows]):
+        ensemble = BTMEnsemble([code, prose], prior="ema", held_out=rows[:4])
+        prior = ensemble.prior
+        assert prior[j] > 0.7, prior
+        # exactly the EMA (alpha = 0.3) of the sequences' uniform-prior posteriors, from uniform
+        expected = torch.full((2,), 0.5, dtype=torch.float64)
+        for row in rows[:4]:
+            with torch.no_grad():
+                ll = torch.stack([-m(row[None], labels=row[None]).loss.double() * (row.numel() - 1) for m in (code, prose)])
+            expected = 0.7 * expected + 0.3 * torch.softmax(ll, 0)
+        torch.testing.assert_close(prior.double(), expected, atol=1e-5, rtol=0)
+        # more held-out sequences, or a larger alpha, move it further
+        assert ensemble.fit_prior(rows)[j] > prior[j]
+        assert BTMEnsemble([code, prose], prior="ema").fit_prior(rows[:4], ema_alpha=0.6)[j] > prior[j]
+
+
+def test_ema_prior_weighs_recent_sequences_more(domains):
+    (code, code_rows), (prose, prose_rows) = domains["code"], domains["prose"]
+    ensemble = BTMEnsemble([code, prose], prior="ema")
+    code_last = ensemble.fit_prior([*prose_rows[:3], *code_rows[:3]])
+    prose_last = ensemble.fit_prior([*code_rows[:3], *prose_rows[:3]])
+    assert code_last[0] > 0.5 > prose_last[0]
+
+
+def test_ema_prior_must_be_fitted_before_use(ids):
+    ensemble = BTMEnsemble(_members(2), prior="ema")
+    with pytest.raises(RuntimeError, match="fit_prior"):
+        ensemble(ids)
+    with pytest.raises(ValueError, match="prior='ema'"):
+        BTMEnsemble(_members(2), held_out=ids)
+    with pytest.raises(ValueError, match="ema_alpha"):
+        BTMEnsemble(_members(2), prior="ema", ema_alpha=0.0)
+    with pytest.raises(ValueError, match="'ema'"):
+        BTMEnsemble(_members(2), prior="cached")
+
+
+# -- top-k ----------------------------------------------------------------------------------------
+
+
+def test_top_1_is_the_most_probable_member_at_every_position(ids):
+    members = _members(3)
+    full = BTMEnsemble(members, prior=[0.5, 0.3, 0.2])(ids)
+    out = BTMEnsemble(members, prior=[0.5, 0.3, 0.2], top_k=1)(ids)
+    best = full.posterior.argmax(-1)  # [B, T]
+    lp = torch.stack([_logprobs(m, ids) for m in members], dim=2)  # [B, T, N, V]
+    expected = lp.gather(2, best[..., None, None].expand(-1, -1, 1, lp.shape[-1])).squeeze(2)
+    torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.posterior, torch.nn.functional.one_hot(best, 3).float())
+    assert len(set(best.flatten().tolist())) > 1  # the argmax does change along the sequences
+
+
+def test_top_k_renormalises_the_kept_domains(ids):
+    members, prior = _members(3), [0.5, 0.3, 0.2]  # no ties at position 0
+    full = BTMEnsemble(members, prior=prior)(ids)
+    out = BTMEnsemble(members, prior=prior, top_k=2)(ids)
+    assert ((out.posterior > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(out.posterior.sum(-1), torch.ones(ids.shape))
+    dropped = full.posterior.argmin(-1, keepdim=True)
+    kept = full.posterior.scatter(-1, dropped, 0.0)
+    torch.testing.assert_close(out.posterior, kept / kept.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+    lp = torch.stack([_logprobs(m, ids) for m in members], dim=2).double()
+    expected = torch.log((out.posterior.double()[..., None] * lp.exp()).sum(2))
+    torch.testing.assert_close(out.logits.double(), expected, atol=2e-5, rtol=0)
+    # top_k >= the number of members is the plain ensemble
+    torch.testing.assert_close(BTMEnsemble(members, prior=prior, top_k=3)(ids).logits, full.logits)
+    with pytest.raises(ValueError, match="top_k"):
+        BTMEnsemble(members, top_k=0)
+
+
+# -- generate -------------------------------------------------------------------------------------
+
+
+def test_generate_with_one_member_is_that_members_generate():
+    model = tiny_model("llama")
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(BTMEnsemble([model]).generate(prompt, max_new_tokens=12), expected)
+
+
+def test_generate_picks_the_mixtures_argmax_and_tracks_the_posterior(ids):
+    """Greedy decoding with per-member caches agrees with a full forward pass over its output:
+    every new token is the argmax of the mixture given the sequence so far."""
+    for top_k in (None, 2):
+        ensemble = BTMEnsemble(_members(3), prior=[0.2, 0.3, 0.5], top_k=top_k)
+        prompt = ids[:, :6]
+        out = ensemble.generate(prompt, max_new_tokens=10, eos_token_id=[])
+        assert out.shape == (2, 16) and torch.equal(out[:, :6], prompt)
+        logits = ensemble(out).logits
+        assert torch.equal(logits[:, 5:-1].argmax(-1), out[:, 6:])
+
+
+def test_generate_samples_reproducibly_and_stops_at_eos(ids):
+    ensemble = BTMEnsemble(_members(2))
+    prompt = ids[:, :4]
+    a = ensemble.generate(prompt, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(0))
+    b = ensemble.generate(prompt, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (2, 12)
+    # the first sampled token declared EOS: those sequences end and are padded from then on
+    eos = int(a[0, 4])
+    c = ensemble.generate(prompt, max_new_tokens=8, do_sample=True, eos_token_id=eos, pad_token_id=0,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert c[0, 4] == eos and (c[0, 5:] == 0).all()
+    assert torch.equal(ensemble.generate(prompt, max_new_tokens=0), prompt)
+
+
+# -- BTM averaging --------------------------------------------------------------------------------
+
+
+def test_btm_average_weighs_parameters_by_the_posterior():
+    members = _members(3)
+    one_hot = btm_average(members, [0.0, 1.0, 0.0])
+    for (name, p), q in zip(one_hot.state_dict().items(), members[1].state_dict().values()):
+        assert torch.equal(p, q), name
+    mixed = btm_average(members, torch.tensor([0.5, 0.25, 0.25]))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = sum(w * m.state_dict()[name] for w, m in zip([0.5, 0.25, 0.25], members))
+    torch.testing.assert_close(mixed.state_dict()[name], expected)
+    assert members[0].state_dict()[name].data_ptr() != mixed.state_dict()[name].data_ptr()
+    with pytest.raises(ValueError, match="2 weights for 3 experts"):
+        btm_average(members, [0.5, 0.5])
+    with pytest.raises(ValueError, match="one weight per expert"):
+        btm_average(members, torch.ones(2, 3))
+
+
+def test_btm_average_with_the_fitted_prior(domains):
+    (code, code_rows), (prose, _) = domains["code"], domains["prose"]
+    ensemble = BTMEnsemble([code, prose], prior="ema", held_out=code_rows[:4])
+    averaged = btm_average(ensemble.members, ensemble.prior)
+    with torch.no_grad():
+        nll = {name: m(code_rows, labels=code_rows).loss.item() for name, m in
+               [("avg", averaged), ("code", code), ("prose", prose)]}  # fmt: skip
+    assert nll["avg"] < nll["prose"]  # weighted toward the code expert, it models code better than prose's

@@ -1,14 +1,18 @@
 """Merging methods: ensembles and parameter merges of independently trained models."""
 
-__all__ = ["BTMEnsemble"]
+__all__ = ["BTMEnsemble", "MoEFinetune", "btm_average", "btx"]
+
+# Branch-Train-Merge loads its members through transformers, and BTX's MoEFinetune needs Lightning:
+# import them on first use only.
+_LAZY = {"BTMEnsemble": "flexmoe.merge.btm", "btm_average": "flexmoe.merge.btm",
+         "btx": "flexmoe.merge.btx", "MoEFinetune": "flexmoe.merge.btx"}  # fmt: skip
 
 
 def __getattr__(name):
-    # BTMEnsemble loads its members through transformers: import it on first use only.
-    if name == "BTMEnsemble":
-        from flexmoe.merge.btm import BTMEnsemble
+    if name in _LAZY:
+        import importlib
 
-        return BTMEnsemble
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe.merge' has no attribute {name!r}")
 
 # Parameter merges: soups, task arithmetic, TIES, DARE (one kernel, flexmoe.merge.kernel), and merge configs.

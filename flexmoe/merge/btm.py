@@ -1,7 +1,7 @@
-"""Branch-Train-Merge ensembling (Li et al., 2022, "Branch-Train-Merge", section 4.1).
+"""Branch-Train-Merge ensembling and averaging (Li et al., 2022, "Branch-Train-Merge", section 4).
 
 N causal LMs that share a tokenizer (the "expert LMs", one per domain) are mixed at every
-position by the posterior over domains given the prefix, computed with Bayes' rule::
+position by the posterior over domains given the prefix, computed with Bayes' rule (eq. 2)::
 
     p(x_{t+1} | x_{<=t}) = sum_j p(x_{t+1} | x_{<=t}, D=j) * p(D=j | x_{<=t})
     p(D=j | x_{<=t})     ∝ p(x_1 .. x_t | x_0, D=j) * p(D=j)
@@ -14,13 +14,26 @@ are the Bayesian posterior given everything before it, the mixture's probability
 sequence is ``sum_j p(D=j) p(x | D=j)`` exactly (the chain rule telescopes), so its total NLL
 is at most the best member's plus ``-log p(D=best)``.
 
+The paper's two refinements (section 4.1, following DEMix, Gururangan et al. 2022):
+
+* **cached prior** (``prior="ema"``): ``p(D=j)`` is an exponential moving average, with
+  ``ema_alpha=0.3``, of the posteriors of a few held-out sequences from the evaluation domain
+  (:meth:`BTMEnsemble.fit_prior`);
+* **top-k** (``top_k``; the paper keeps 3 domains, :data:`PAPER_TOP_K`): at every position only
+  the ``k`` most probable domains are kept and their weights renormalised to sum to 1.
+
+:func:`btm_average` is the paper's other way to use the experts (section 4.2): one dense model
+whose parameters are the experts' average weighted by such a posterior.
+
 Everything runs in float32 log space (``logsumexp``) and streams over members, so memory does
-not grow with N. The paper's refinements (an EMA-estimated prior, keeping the top-k domains)
-fit into :meth:`BTMEnsemble.log_posterior`; they are not implemented yet.
+not grow with N (with ``top_k`` below N, a first pass over the members computes the weights and
+a second one mixes, so each member runs twice). :meth:`BTMEnsemble.generate` decodes with one
+key/value cache per member and updates the posterior token by token.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+PAPER_TOP_K = 3  # BTM (section 4.1) keeps the top-3 domains per position
+Rows = torch.Tensor | Sequence[torch.Tensor]
+
 
 @dataclass
 class BTMOutput(ModelOutput):
     """``logits``: log mixture probabilities ``[B, T, V]`` (so cross-entropy on them is the
     mixture's NLL); ``loss``: mean next-token NLL when labels were given (as in transformers);
-    ``posterior``: the mixture weights ``p(D=j | x_{<=t})`` per position, ``[B, T, N]``."""
+    ``posterior``: the mixture weights per position, ``[B, T, N]``: ``p(D=j | x_{<=t})``, or
+    with ``top_k`` its renormalised top-k (zero for the domains left out)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -49,17 +66,42 @@ def _vocab_size(model: nn.Module) -> int:
     return model.config.vocab_size
 
 
+def keep_top_k(log_weights: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the ``k`` largest of ``log_weights`` (last dimension) and renormalise them in log
+    space; the others become ``-inf``. ``None`` or ``k >= N`` returns the input unchanged."""
+    n = log_weights.shape[-1]
+    if k is None or k >= n:
+        return log_weights
+    top = torch.topk(log_weights, k, dim=-1).indices
+    kept = torch.full_like(log_weights, -torch.inf).scatter(-1, top, log_weights.gather(-1, top))
+    return torch.log_softmax(kept, dim=-1)
+
+
 class BTMEnsemble(nn.Module):
     """A BTM ensemble of causal LMs, used like one: ``ensemble(input_ids).logits``.
 
     Args:
         models: the member LMs (``transformers`` causal LMs or flexmoe MoEs), all over the
             same vocabulary and on the same device.
-        prior: ``p(D=j)`` per member (any non-negative weights, normalised here);
-            ``None`` is uniform.
+        prior: ``p(D=j)`` per member: any non-negative weights (normalised here); ``None`` is
+            uniform; ``"ema"`` is the paper's cached prior, estimated by :meth:`fit_prior`
+            from ``held_out`` (or by calling it before the first forward pass).
+        top_k: keep this many domains per position and renormalise (``None``: all). The
+            paper uses :data:`PAPER_TOP_K` = 3.
+        ema_alpha: the EMA's weight on each new held-out sequence (the paper: 0.3).
+        held_out: token ids of held-out sequences of the evaluation domain for ``prior="ema"``
+            (``[S, T]`` or a list of 1-D tensors), used at once by :meth:`fit_prior`.
     """
 
-    def __init__(self, models: Sequence[nn.Module], prior: Sequence[float] | torch.Tensor | None = None):
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        prior: Sequence[float] | torch.Tensor | str | None = None,
+        *,
+        top_k: int | None = None,
+        ema_alpha: float = 0.3,
+        held_out: Rows | None = None,
+    ):
         super().__init__()
         models = list(models)
         if not models:
@@ -67,9 +109,22 @@ class BTMEnsemble(nn.Module):
         sizes = [_vocab_size(m) for m in models]
         if len(set(sizes)) != 1:
             raise ValueError(f"BTM members must share one vocabulary, but their output sizes are {sizes}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k is how many domains to keep per position, an integer >= 1 or None; got {top_k!r}")
+        if not 0.0 < ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha is the EMA's weight on each new sequence, in (0, 1]; got {ema_alpha}")
+        if isinstance(prior, str) and prior != "ema":
+            raise ValueError(f"prior must be weights, None (uniform) or 'ema'; got {prior!r}")
+        if held_out is not None and prior != "ema":
+            raise ValueError("held_out sequences estimate the cached prior; pass prior='ema' with them")
         self.members = nn.ModuleList(models)
         self.vocab_size = sizes[0]
-        self.register_buffer("log_prior", self._log_prior(prior, len(models)))
+        self.top_k, self.ema_alpha = top_k, ema_alpha
+        self.prior_kind = "ema" if prior == "ema" else "fixed"
+        self._prior_ready = prior != "ema"
+        self.register_buffer("log_prior", self._log_prior(None if prior == "ema" else prior, len(models)))
+        if held_out is not None:
+            self.fit_prior(held_out)
 
     @staticmethod
     def _log_prior(prior, n: int) -> torch.Tensor:
@@ -83,15 +138,69 @@ class BTMEnsemble(nn.Module):
         return torch.log(p / p.sum())
 
     @classmethod
-    def from_dirs(cls, paths: Sequence[str | os.PathLike], prior=None, *, dtype: torch.dtype | None = None):
-        """Load each member with :func:`flexmoe.load` (dense ``transformers`` or any flexmoe format)."""
+    def from_dirs(cls, paths: Sequence[str | os.PathLike], prior=None, *, dtype: torch.dtype | None = None, **kwargs):
+        """Load each member with :func:`flexmoe.load` (dense ``transformers`` or any flexmoe format);
+        ``kwargs`` go to the constructor (``top_k``, ``ema_alpha``, ``held_out``)."""
         from flexmoe.hf import load
 
-        return cls([load(p, dtype=dtype) for p in paths], prior)
+        return cls([load(p, dtype=dtype) for p in paths], prior, **kwargs)
 
     @property
     def num_members(self) -> int:
         return len(self.members)
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """``p(D=j)`` ``[N]`` float32, as the ensemble uses it."""
+        return self.log_prior.exp()
+
+    # -- the cached prior ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sequence_posterior(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``p(D=j | x_1 .. x_T)`` ``[B, N]`` of whole sequences under a **uniform** prior: the
+        softmax over members of each sequence's log-likelihood (padding excluded)."""
+        scores = []
+        for model in self.members:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            lp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            if attention_mask is not None:
+                lp = lp * attention_mask[:, 1:].to(lp.dtype)
+            scores.append(lp.double().sum(dim=1))
+        return torch.softmax(torch.stack(scores, dim=-1), dim=-1)
+
+    @torch.no_grad()
+    def fit_prior(self, rows: Rows, *, ema_alpha: float | None = None, batch_size: int = 8) -> torch.Tensor:
+        """Estimate the cached prior from held-out sequences and use it from now on.
+
+        BTM section 4.1 (after DEMix): ``π_0`` uniform, then for each held-out sequence
+        ``x^(i)``, in the order given, ``π_i = (1 - α) π_{i-1} + α p(D | x^(i))`` with
+        ``p(D | x^(i))`` its :meth:`sequence_posterior` and ``α = ema_alpha``. The uniform start
+        keeps every domain's prior at least ``(1 - α)^S / N`` after ``S`` sequences, so strong
+        evidence can still bring a domain back. ``rows``: ``[S, T]`` token ids, or a list of
+        1-D tensors of any lengths (>= 2 tokens each). Returns ``π_S`` ``[N]``.
+        """
+        alpha = self.ema_alpha if ema_alpha is None else ema_alpha
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"ema_alpha is the EMA's weight on each new sequence, in (0, 1]; got {alpha}")
+        device = self.log_prior.device
+        if isinstance(rows, torch.Tensor):
+            if rows.dim() != 2:
+                raise ValueError(f"held-out rows must be [sequences, tokens], got shape {list(rows.shape)}")
+            batches = [rows[i : i + batch_size] for i in range(0, rows.shape[0], batch_size)]
+        else:
+            batches = [torch.as_tensor(r).reshape(1, -1) for r in rows]
+        if not batches or any(b.shape[1] < 2 for b in batches):
+            raise ValueError("fit_prior needs at least one held-out sequence of two or more tokens")
+        pi = torch.full((self.num_members,), 1.0 / self.num_members, dtype=torch.float64, device=device)
+        for batch in batches:
+            for post in self.sequence_posterior(batch.to(device)):
+                pi = (1 - alpha) * pi + alpha * post.to(pi)
+        self.log_prior = torch.log(pi).float()
+        self._prior_ready = True
+        return pi.float()
+
+    # -- the mixture -----------------------------------------------------------------------
 
     def log_joint(self, token_logprobs: torch.Tensor, j: int) -> torch.Tensor:
         """``log p(D=j) + log p(x_1 .. x_t | x_0, D=j)`` for every position ``t``, ``[B, T]``
@@ -108,6 +217,17 @@ class BTMEnsemble(nn.Module):
         """``log p(D=j | x_{<=t})`` ``[B, T, N]`` from every member's :meth:`log_joint`."""
         return torch.log_softmax(torch.stack(list(log_joints), dim=-1), dim=-1)
 
+    def _check_prior(self) -> None:
+        if not self._prior_ready:
+            raise RuntimeError("this ensemble uses the cached prior (prior='ema') but it has not been estimated yet; "
+                               "call ensemble.fit_prior(held_out_rows) or pass held_out= to the constructor")  # fmt: skip
+
+    def _member_logprobs(self, model, input_ids, attention_mask, next_ids, keep):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        lp = torch.log_softmax(out.logits.float(), dim=-1)
+        tok = lp[:, :-1].gather(-1, next_ids).squeeze(-1)
+        return lp, tok * keep if keep is not None else tok
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -120,8 +240,20 @@ class BTMEnsemble(nn.Module):
         ``attention_mask`` (1 = real token) keeps padding out of the prefix evidence.
         ``labels`` as in ``transformers``: the inputs (shifted inside), ``-100`` ignored.
         """
+        self._check_prior()
         next_ids = input_ids[:, 1:, None]
         keep = attention_mask[:, 1:].to(torch.float32) if attention_mask is not None else None
+        if self.top_k is not None and self.top_k < self.num_members:
+            mix, weights = self._mix_top_k(input_ids, attention_mask, next_ids, keep)
+        else:
+            mix, weights = self._mix_all(input_ids, attention_mask, next_ids, keep)
+        loss = None
+        if labels is not None:
+            target = labels[:, 1:].flatten().to(mix.device)
+            loss = F.cross_entropy(mix[:, :-1].flatten(0, 1), target, ignore_index=-100)
+        return BTMOutput(loss=loss, logits=mix, posterior=weights)
+
+    def _mix_all(self, input_ids, attention_mask, next_ids, keep):
         # One pass over the members, one [B, T, V] tensor of theirs alive at a time: `mix` is the
         # mixture of the members seen so far, normalised by `norm` = logsumexp of their joints.
         # Adding member j rescales the old mixture by its share of the new total; every scalar
@@ -129,11 +261,8 @@ class BTMEnsemble(nn.Module):
         # the magnitude of a long prefix's log-likelihood.
         joints, mix, norm = [], None, None
         for j, model in enumerate(self.members):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            lp = torch.log_softmax(out.logits.float(), dim=-1)
-            del out
-            tok = lp[:, :-1].gather(-1, next_ids).squeeze(-1)
-            joint = self.log_joint(tok * keep if keep is not None else tok, j)
+            lp, tok = self._member_logprobs(model, input_ids, attention_mask, next_ids, keep)
+            joint = self.log_joint(tok, j)
             joints.append(joint)
             if mix is None:
                 mix, norm = lp, joint
@@ -143,8 +272,138 @@ class BTMEnsemble(nn.Module):
             old, new = ((x - total).nan_to_num(nan=0.0, neginf=-torch.inf).float()[..., None] for x in (norm, joint))
             mix, norm = torch.logaddexp(mix + old, lp + new), total
             del lp
-        loss = None
-        if labels is not None:
-            target = labels[:, 1:].flatten().to(mix.device)
-            loss = F.cross_entropy(mix[:, :-1].flatten(0, 1), target, ignore_index=-100)
-        return BTMOutput(loss=loss, logits=mix, posterior=self.log_posterior(joints).exp().float())
+        return mix, self.log_posterior(joints).exp().float()
+
+    def _mix_top_k(self, input_ids, attention_mask, next_ids, keep):
+        # The top-k of the posterior needs every member's evidence first: pass 1 keeps only the
+        # token log-probabilities, pass 2 re-runs each member and adds it with its kept weight.
+        joints = []
+        with torch.no_grad():
+            for j, model in enumerate(self.members):
+                joints.append(self.log_joint(self._member_logprobs(model, input_ids, attention_mask, next_ids, keep)[1], j))
+        log_w = keep_top_k(self.log_posterior(joints), self.top_k).float()  # [B, T, N]
+        mix = None
+        for j, model in enumerate(self.members):
+            if not torch.isfinite(log_w[..., j]).any():
+                continue  # never among the top k: its probabilities would be multiplied by 0
+            lp = self._member_logprobs(model, input_ids, attention_mask, next_ids, keep)[0]
+            term = lp + log_w[..., j, None]
+            mix = term if mix is None else torch.logaddexp(mix, term)
+            del lp, term
+        return mix, log_w.exp()
+
+    # -- decoding --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode from the mixture's next-token distribution: greedy (``do_sample=False``) or
+        sampled at ``temperature``. Returns ``[B, T + new]`` token ids (prompt included).
+
+        Like ``transformers``' ``generate``: prompts may be left-padded (``attention_mask``),
+        a sequence that produced ``eos_token_id`` continues with ``pad_token_id``, and decoding
+        stops when every sequence has finished or after ``max_new_tokens``. Both default to the
+        first member's generation config. Each member keeps its own key/value cache, and the
+        posterior (and its top-k) is updated with every new token, exactly as :meth:`forward`
+        computes it on the whole sequence.
+        """
+        self._check_prior()
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be positive when sampling, got {temperature}")
+        eos, pad = self._special_tokens(eos_token_id, pad_token_id)
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+        positions = mask.cumsum(-1) - 1
+        positions = positions.masked_fill(mask == 0, 1)
+        caches, last, joints = [], [], []
+        keep = mask[:, 1:].to(torch.float32)
+        for j, model in enumerate(self.members):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            lp = torch.log_softmax(out.logits.float(), dim=-1)
+            tok = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * keep
+            caches.append(_returned_cache(out))
+            last.append(lp[:, -1])
+            joints.append(self.log_prior[j].double() + tok.double().sum(dim=1))
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        position = positions[:, -1:]
+        for _ in range(max_new_tokens):
+            log_w = keep_top_k(torch.log_softmax(torch.stack(joints, dim=-1), dim=-1), self.top_k).float()
+            mix = torch.logsumexp(torch.stack(last, dim=1) + log_w[..., None], dim=1)  # [B, V]
+            if do_sample:
+                probs = torch.softmax(mix / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                nxt = mix.argmax(dim=-1)
+            if pad is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos:
+                finished |= torch.isin(nxt, torch.tensor(eos, device=nxt.device))
+                if finished.all():
+                    break
+            for j in range(self.num_members):
+                joints[j] = joints[j] + last[j].gather(-1, nxt[:, None]).squeeze(-1).double()
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            for j, model in enumerate(self.members):
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                            **{_cache_argument(model): caches[j]})  # fmt: skip
+                caches[j] = _returned_cache(out)
+                last[j] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return ids
+
+    def _special_tokens(self, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+        config = getattr(self.members[0], "generation_config", None) or getattr(self.members[0], "config", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(config, "eos_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if eos and pad_token_id is None:
+            pad_token_id = eos[0]  # as transformers does when a model has no pad token
+        return eos, pad_token_id
+
+
+def _cache_argument(model: nn.Module) -> str:
+    # transformers 5.x renamed the key/value cache argument `past_key_values` to `cache`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def btm_average(experts: Sequence, posterior: Sequence[float] | torch.Tensor, *, dtype: torch.dtype | None = None):
+    """BTM parameter averaging (Li et al., 2022, section 4.2): one dense model whose parameters
+    are ``Σ_j p(D=j) θ_j``, the experts' average weighted by a domain posterior.
+
+    ``experts``: models (or state dicts) of one architecture, e.g. the members of a
+    :class:`BTMEnsemble`. ``posterior``: ``[N]`` non-negative weights, normalised here; the
+    paper uses the cached prior estimated on held-out text of the target domain, i.e.
+    ``ensemble.fit_prior(rows)`` or ``ensemble.prior``. Returns what
+    :func:`flexmoe.merge.average` returns: a new model (or state dict); the experts are not
+    modified. A one-hot posterior gives that expert's parameters exactly.
+    """
+    from flexmoe.merge.soup import average
+
+    experts = list(experts)
+    w = torch.as_tensor(posterior, dtype=torch.float64).detach().cpu()
+    if w.dim() != 1:
+        raise ValueError(f"posterior must be one weight per expert, shape [{len(experts)}], got {list(w.shape)}; "
+                         "for per-position posteriors pass ensemble.fit_prior(rows) instead")  # fmt: skip
+    if w.numel() != len(experts):
+        raise ValueError(f"posterior has {w.numel()} weights for {len(experts)} experts")
+    return average(experts, weights=w.tolist(), dtype=dtype)
