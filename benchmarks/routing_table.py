@@ -52,6 +52,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
+# The harsh setting (--harsh): public data is one technical-documentation domain, the owners'
+# domains are far from it and from each other (as in issue 4's first measurement).
+HARSH_PUBLIC = ("pydoc_topics",)
+HARSH_OWNERS = ("stdlib_code", "unicode_names", "licenses")
+SEED = 0
 
 
 def log(msg: str) -> None:
@@ -84,7 +89,7 @@ def pretrain_public(work: Path, paths, args) -> Path:
     pretrain(
         [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS], str(out), vocab_size=args.vocab,
         hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seq_len=args.seq_len,
-        batch_size=args.batch_size, max_steps=args.pretrain_steps, warmup_steps=max(1, args.pretrain_steps // 10),
+        batch_size=args.batch_size, max_steps=args.pretrain_steps, seed=SEED, warmup_steps=max(1, args.pretrain_steps // 10),
         val_every=args.pretrain_steps, val_batches=4, cache_dir=str(work / "cache"), progress_bar=False,
     )  # fmt: skip
     TIMINGS["pretrain_s"] = round(time.perf_counter() - t, 1)
@@ -151,7 +156,7 @@ def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> d
             continue
         log(f"training the expert of {owner} ({spec.expert.max_steps} steps)")
         t = time.perf_counter()
-        pl.seed_everything(0, verbose=False)
+        pl.seed_everything(SEED, verbose=False)
         module = ExpertModule(spec.public_model, spec, owner=owner)
         source = mixed_source(work, paths, owner, public_mix) if public_mix else paths[owner] / "train.jsonl"
         data = TextDataModule(str(source), spec.public_model, seq_len=spec.expert.seq_len,
@@ -262,11 +267,19 @@ TIMINGS: dict[str, float] = {}
 
 
 def main(argv=None):
+    global PUBLIC_DOMAINS, SEED
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--work", default="/tmp/flexmoe-routing", help="cache of corpus, public model, spec, experts")
-    p.add_argument("--owners", nargs="+", default=list(OWNERS))
+    p.add_argument("--owners", nargs="+", default=None, help=f"default {' '.join(OWNERS)}")
+    p.add_argument("--public-domains", nargs="+", default=None, help=f"default {' '.join(PUBLIC_DOMAINS)}")
+    p.add_argument("--harsh", action="store_true",
+                   help=f"public = {' '.join(HARSH_PUBLIC)}, owners = {' '.join(HARSH_OWNERS)} (unless given)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pretraining and expert training")
+    p.add_argument("--router-tuning", action="store_true",
+                   help="add FlexOlmo's router tuning on proxy sets, alone and after the folded LDA router")
+    p.add_argument("--tuning-steps", type=int, default=100)
     p.add_argument("--docs", type=int, default=60, help="documents per domain (hash-chosen sample)")
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=128)
@@ -295,15 +308,25 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on a shared machine)")
     p.add_argument("--json", default=None, help="results JSON (default: WORK/results.json)")
     args = p.parse_args(argv)
+    PUBLIC_DOMAINS = tuple(args.public_domains or (HARSH_PUBLIC if args.harsh else PUBLIC_DOMAINS))
+    args.owners = list(args.owners or (HARSH_OWNERS if args.harsh else OWNERS))
+    SEED = args.seed
 
     import torch
     from transformers import AutoTokenizer
 
     from flexmoe.evaluate import pack_domain
-    from flexmoe.routing import calibrate_router, lda_mixture_router, lda_router, mlp_input_moments, prefix_lda_router
+    from flexmoe.routing import (
+        calibrate_router,
+        fold_router_bias,
+        lda_mixture_router,
+        lda_router,
+        mlp_input_moments,
+        prefix_lda_router,
+    )
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)
     started = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -370,6 +393,7 @@ def main(argv=None):
         "pooled": sum(s.covariance * s.count for s in every) / sum(s.count for s in every),
     }
     TIMINGS["lda_statistics_s"] = round(time.perf_counter() - t, 1)
+    folded = {}
     for cov_name in args.lda_covariance:
         cov = covariances[cov_name]
         for shrink in args.lda_shrinkage:
@@ -379,6 +403,13 @@ def main(argv=None):
                     m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
                                    cov, shrinkage=shrink, temperature=T)  # fmt: skip
                     evaluate(f"lda/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
+                    if T == 1:  # the exportable form: biases folded into the rows
+                        m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
+                                       cov, shrinkage=shrink)  # fmt: skip
+                        q = fold_router_bias(m, pub_stats)
+                        log("folded LDA biases, q per layer " + " ".join(f"{v:.1f}" for v in q))
+                        evaluate(f"lda-folded/top-{k} ({tag})", m, domains, args, results)
+                        folded[tag] = m
                 m = lda_mixture_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
                                        cov, shrinkage=shrink, temperature=T)  # fmt: skip
                 evaluate(f"lda-mix/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
@@ -388,6 +419,30 @@ def main(argv=None):
                                       cov, shrinkage=shrink, prefix=prefix)  # fmt: skip
                 kind = "prefix-lda" if prefix else "layer0-lda token"
                 evaluate(f"{kind}/top-2 ({tag})", m, domains, args, results)
+
+    if args.router_tuning:
+        # (e) FlexOlmo's router tuning on proxy sets drawn from the public data (TF-IDF proxy
+        # selection, the spec's default budget), alone and after the folded LDA router.
+        from flexmoe.proxy import select_proxy
+        from flexmoe.router_tuning import tune_router
+        from flexmoe.spec import RouterTuningRecipe
+
+        pub_docs = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
+        proxies = {}
+        for o in owners:
+            picked = select_proxy(read_jsonl(paths[o] / "train.jsonl"), pub_docs, embedder=None).indices
+            proxies[o] = [pub_docs[i] for i in picked]
+        recipe = RouterTuningRecipe(max_steps=args.tuning_steps, batch_size=8, seq_len=args.seq_len)
+        k = ks[-1]
+        start = {"merged": assembled(public, [arts[o] for o in owners], k)}
+        start.update({f"lda-folded ({tag})": m for tag, m in folded.items()})
+        for name, m in start.items():
+            t = time.perf_counter()
+            r = tune_router(m, proxy_documents=proxies, public_documents=pub_docs, tokenizer=tok, recipe=recipe,
+                            trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
+            log(f"router tuning of {name}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
+                f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+            evaluate(f"{name} + router tuning/top-{k}", m, domains, args, results)
 
     if not args.skip_btm:
         from flexmoe.merge import BTMEnsemble

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 from flexmoe.artifact import ExpertArtifact
 
@@ -17,6 +18,11 @@ from ._common import find_moe_model
 class ExportExpert(pl.Callback):
     """Write ``path`` (one safetensors file) at fit end and with every checkpoint, so a
     crashed run still leaves the latest expert behind.
+
+    At fit end the artifact also carries the aggregate statistics the spec's routing recipe
+    needs (``spec.routing``: the mean, and covariance, of the MLP inputs over the owner's training
+    sequences; :func:`flexmoe.routing.owner_statistics`), taken from the Trainer's
+    :class:`~flexmoe.TextDataModule`.
 
     With ``public_documents``, also select the proxy set (DESIGN.md step 2) at fit end and
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
@@ -41,19 +47,36 @@ class ExportExpert(pl.Callback):
             if not os.access(self.path.parent, os.W_OK):
                 raise PermissionError(f"cannot write the expert artifact to {self.path.parent}")
 
-    def artifact(self, pl_module: pl.LightningModule) -> ExpertArtifact:
+    def artifact(self, pl_module: pl.LightningModule, stats=None) -> ExpertArtifact:
         if hasattr(pl_module, "artifact"):
-            return pl_module.artifact()
+            return pl_module.artifact(stats=stats)
         spec = self.spec
         return ExpertArtifact.from_model(
             find_moe_model(pl_module),
             owner=self.owner or "owner",
             spec_sha256=spec.sha256 if spec is not None else "",
             fingerprint=spec.fingerprint if spec is not None else None,
+            stats=stats,
         )
 
-    def export(self, pl_module: pl.LightningModule) -> Path:
-        self.artifact(pl_module).save(self.path)
+    def routing_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        """The owner's statistics for ``spec.routing`` (None when the recipe needs none)."""
+        from flexmoe.routing import owner_statistics
+
+        spec = getattr(pl_module, "spec", None) or self.spec
+        if spec is None or spec.routing.owner_statistics is None:
+            return None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_rows"):
+            rank_zero_warn(
+                f"the spec's routing recipe ({spec.routing.method}) needs statistics of the owner's data, but the "
+                "Trainer has no TextDataModule to take them from; the artifact ships without them"
+            )
+            return None
+        return owner_statistics(find_moe_model(pl_module), datamodule.train_rows, spec.routing)
+
+    def export(self, pl_module: pl.LightningModule, stats=None) -> Path:
+        self.artifact(pl_module, stats=stats).save(self.path)
         self.exports += 1
         return self.path
 
@@ -64,7 +87,7 @@ class ExportExpert(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self.export(pl_module)
+        self.export(pl_module, stats=self.routing_statistics(trainer, pl_module))
         if self.public_documents is not None:
             self.proxy_path = self.write_proxy(trainer, pl_module)
 

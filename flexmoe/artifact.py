@@ -6,6 +6,13 @@ One safetensors file (never pickle). Tensors, for every decoder layer ``L``::
     layers.{L}.router.embedding   [hidden]  the owner's router row r_j
     layers.{L}.router.bias        [1]       the owner's raw bias beta_j (used as min(beta_j, 0))
 
+and, when the spec's routing recipe asks for them (``spec.routing``; docs/routing.md), the
+aggregate statistics of the MLP inputs in the owner's own 2-expert model on its own data,
+float32, with their token count in the metadata ``stats_tokens``::
+
+    layers.{L}.stats.mean         [hidden]          mean MLP input
+    layers.{L}.stats.covariance   [hidden, hidden]  its covariance (recipe "pooled")
+
 Metadata (all strings): format version, base fingerprint, spec sha256, architecture,
 layer count, hidden and intermediate sizes, dtype, owner name, training tokens.
 
@@ -33,7 +40,9 @@ DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's
 _MAX_HEADER_BYTES = 100 * 2**20
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias)$")
+_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|stats\.mean|stats\.covariance)$")
+# Tensors kept in float32 whatever the expert's dtype.
+_FLOAT32_KEYS = ("router.bias", "stats.mean", "stats.covariance")
 _REQUIRED_METADATA = (
     "format_version",
     "owner",
@@ -85,6 +94,21 @@ class ExpertArtifact:
     def training_tokens(self) -> int:
         return int(self.metadata["training_tokens"])
 
+    @property
+    def routing_stats(self):
+        """The owner's MLP-input statistics (:class:`flexmoe.routing.MLPInputStats`: ``mean``
+        ``[L, H]``, ``covariance`` ``[L, H, H]`` or ``None``), or ``None`` if it shipped none."""
+        from flexmoe.routing import MLPInputStats
+
+        if "layers.0.stats.mean" not in self.tensors:
+            return None
+        n = self.num_layers
+        mean = torch.stack([self.tensors[f"layers.{L}.stats.mean"] for L in range(n)]).double()
+        cov = None
+        if "layers.0.stats.covariance" in self.tensors:
+            cov = torch.stack([self.tensors[f"layers.{L}.stats.covariance"] for L in range(n)]).double()
+        return MLPInputStats(mean=mean, count=int(self.metadata.get("stats_tokens", "0")), covariance=cov)
+
     def layer(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """``(expert state dict, router embedding [H], router bias [1])`` of one layer."""
         prefix = f"layers.{index}.expert."
@@ -102,8 +126,13 @@ class ExpertArtifact:
         spec_sha256: str = "",
         training_tokens: int = 0,
         fingerprint: str | None = None,
+        stats=None,
     ) -> ExpertArtifact:
-        """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact."""
+        """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact.
+
+        ``stats``: the owner's :class:`flexmoe.routing.MLPInputStats` for the routing recipe
+        (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
+        """
         from flexmoe.upcycle import expert_index, moe_blocks
         from flexmoe.upcycle import fingerprint as model_fingerprint
 
@@ -117,6 +146,10 @@ class ExpertArtifact:
                 tensors[f"layers.{L}.expert.{name}"] = t.detach().cpu().contiguous()
             tensors[f"layers.{L}.router.embedding"] = block.router.weight.detach()[j].cpu().contiguous()
             tensors[f"layers.{L}.router.bias"] = block.router.bias.detach()[j : j + 1].float().cpu().contiguous()
+            if stats is not None:
+                tensors[f"layers.{L}.stats.mean"] = stats.mean[L].float().cpu().contiguous()
+                if stats.covariance is not None:
+                    tensors[f"layers.{L}.stats.covariance"] = stats.covariance[L].float().cpu().contiguous()
         cfg = model.config
         dtype = next(blocks[0].experts[j].parameters()).dtype
         metadata = {
@@ -131,6 +164,8 @@ class ExpertArtifact:
             "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
             "training_tokens": str(int(training_tokens)),
         }
+        if stats is not None:
+            metadata["stats_tokens"] = str(int(stats.count))
         art = cls(owner=owner, tensors=tensors, metadata=metadata)
         art.check_structure()
         return art
@@ -200,7 +235,9 @@ class ExpertArtifact:
         for name in self.tensors:
             m = _KEY.match(name)
             if m is None:
-                raise self._error("tensor names", "layers.{L}.expert.* or layers.{L}.router.{embedding,bias}", name)
+                raise self._error(
+                    "tensor names", "layers.{L}.expert.*, layers.{L}.router.{embedding,bias} or layers.{L}.stats.*", name
+                )
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
         if set(per_layer) != set(range(n)):
             missing = sorted(set(range(n)) - set(per_layer))
@@ -214,18 +251,33 @@ class ExpertArtifact:
                     raise self._error(f"layers.{L}.{required}", "present", "missing")
             if names != reference:
                 raise self._error(f"tensors of layer {L}", sorted(reference), sorted(names))
-            for key in (f"layers.{L}.router.embedding", f"layers.{L}.router.bias"):
-                expected = [hidden] if key.endswith("embedding") else [1]
-                if list(self.tensors[key].shape) != expected:
+            if "stats.covariance" in names and "stats.mean" not in names:
+                raise self._error(f"layers.{L}.stats.mean", "present with stats.covariance", "missing")
+            shapes = {"router.embedding": [hidden], "router.bias": [1], "stats.mean": [hidden],
+                      "stats.covariance": [hidden, hidden]}  # fmt: skip
+            for part, expected in shapes.items():
+                key = f"layers.{L}.{part}"
+                if key in self.tensors and list(self.tensors[key].shape) != expected:
                     raise self._error(f"shape of {key}", expected, list(self.tensors[key].shape))
+        if "stats.mean" in reference and not self.metadata.get("stats_tokens", "").isdigit():
+            raise self._error("metadata 'stats_tokens'", "a non-negative integer with layers.*.stats.*",
+                              self.metadata.get("stats_tokens"))  # fmt: skip
         for name, t in self.tensors.items():
             if not t.is_floating_point():
                 raise self._error(f"dtype of {name}", "a floating-point dtype", t.dtype)
-            if not name.endswith("router.bias") and _DTYPE_NAMES.get(t.dtype) != dtype:
+            if name.endswith(_FLOAT32_KEYS):
+                if name.split(".", 2)[2] != "router.bias" and t.dtype != torch.float32:
+                    raise self._error(f"dtype of {name}", "F32", _DTYPE_NAMES.get(t.dtype, t.dtype))
+            elif _DTYPE_NAMES.get(t.dtype) != dtype:
                 raise self._error(f"dtype of {name}", dtype, _DTYPE_NAMES.get(t.dtype, t.dtype))
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise self._error(f"values of {name}", "finite numbers", f"{bad} NaN/Inf entries")
+            if name.endswith("stats.covariance"):
+                asym = float((t - t.T).abs().max())
+                if asym > 1e-3 * max(1.0, float(t.abs().max())) or bool((t.diagonal() < 0).any()):
+                    raise self._error(f"values of {name}", "a covariance (symmetric, non-negative diagonal)",
+                                      f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}")  # fmt: skip
 
     def validate(self, model: nn.Module, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
         """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):

@@ -46,6 +46,9 @@ def assemble(
     normalize: bool = False,
     spec_sha256: Optional[str] = None,
     allow_approximate: bool = False,
+    public_data: Optional[list[str]] = None,
+    routing: Literal["auto", "lda", "published"] = "auto",
+    spec: Optional[str] = None,
 ) -> None:
     """Merge owners' expert artifacts with the public model into one MoE (FlexOlmo step 3).
 
@@ -63,20 +66,68 @@ def assemble(
         spec_sha256: Reject artifacts not trained under this FederationSpec hash.
         allow_approximate: Export even where the format cannot represent the model
             exactly (e.g. non-zero router biases in FlexOlmo).
+        public_data: Public text (files, folders, globs, JSONL) for the routing recipe's public
+            statistics.
+        routing: ``lda``: the discriminant router built from the statistics the owners shipped
+            (docs/routing.md; needs ``--public-data``); ``published``: FlexOlmo's merge as
+            published (the owners' router rows stacked); ``auto``: ``lda`` when public data is
+            given and every artifact carries statistics, else ``published``. For FlexOlmo and
+            Mixtral outputs the discriminant's biases are folded into the rows so the export is
+            exact; the native format keeps them.
+        spec: FederationSpec JSON: checks the artifacts' spec hash and supplies the routing recipe.
     """
+    from flexmoe.artifact import ExpertArtifact
     from flexmoe.hf import assemble_to_dir
 
-    assemble_to_dir(
-        public,
-        list(experts),
-        out,
-        format=format,
-        top_k=top_k,
-        normalize=normalize,
-        spec_sha256=spec_sha256,
-        allow_approximate=allow_approximate,
-    )  # copies the public model's tokenizer files too
-    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out}")
+    recipe = None
+    if spec:
+        from flexmoe.spec import FederationSpec
+
+        loaded = FederationSpec.load(spec)
+        spec_sha256, recipe = spec_sha256 or loaded.sha256, loaded.routing
+    if routing == "auto":
+        shipped = all(ExpertArtifact.load(e, spec_sha256=spec_sha256).routing_stats is not None for e in experts)
+        routing = "lda" if public_data and shipped else "published"
+    if routing == "lda" and not public_data:
+        raise ValueError("--routing lda needs --public-data (the public statistics of the discriminant router)")
+    if routing == "published":
+        assemble_to_dir(
+            public, list(experts), out, format=format, top_k=top_k, normalize=normalize,
+            spec_sha256=spec_sha256, allow_approximate=allow_approximate,
+        )  # fmt: skip  (streams one expert at a time; copies the tokenizer files too)
+        print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: published)")
+        return
+    from flexmoe.hf import export as export_model
+    from flexmoe.spec import RoutingRecipe
+
+    summary = _assemble_routed(public, experts, public_data, recipe or RoutingRecipe(method="lda"), format=format,
+                               top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)  # fmt: skip
+    model, fmt = summary.pop("model"), summary.pop("format")
+    export_model(model, out, format=fmt, allow_approximate=allow_approximate, tokenizer=public)
+    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: lda, {fmt})")
+
+
+def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, normalize, spec_sha256) -> dict:
+    """Assemble in memory and apply the routing recipe; the biases are folded for FlexOlmo/Mixtral."""
+    from transformers import AutoTokenizer
+
+    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifact import assemble as assemble_model
+    from flexmoe.data import read_documents
+    from flexmoe.evaluate import pack_domain
+    from flexmoe.expert import load_public_model
+    from flexmoe.hf import target_format
+    from flexmoe.routing import route
+    from flexmoe.upcycle import fingerprint
+
+    base = load_public_model(public)
+    fp = fingerprint(base)
+    arts = [ExpertArtifact.load(e, fingerprint=fp, spec_sha256=spec_sha256) for e in experts]
+    model = assemble_model(base, arts, top_k=top_k, normalize=normalize)
+    fmt = target_format(model, format)
+    rows = pack_domain(read_documents(public_data), AutoTokenizer.from_pretrained(public), 256)
+    summary = route(model, arts, rows, recipe, exportable=fmt != "native")
+    return {"model": model, "format": fmt, **summary}
 
 
 def export(model: str, out: str, format: Format = "auto", allow_approximate: bool = False) -> None:

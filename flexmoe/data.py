@@ -552,6 +552,12 @@ class TextDataModule(L.LightningDataModule):
 
     # -- sizes ----------------------------------------------------------------------------
     @property
+    def train_rows(self) -> torch.Tensor:
+        """The packed training sequences ``[N, seq_len]`` (owner side: for aggregate statistics
+        such as :func:`flexmoe.routing.owner_statistics`; they never leave the machine)."""
+        return self._loaded("_train")
+
+    @property
     def num_train_sequences(self) -> int:
         return self._loaded("_train").shape[0]
 

@@ -205,8 +205,9 @@ class ExpertModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
 
-    def artifact(self):
-        """This owner's :class:`~flexmoe.ExpertArtifact` as trained so far."""
+    def artifact(self, stats=None):
+        """This owner's :class:`~flexmoe.ExpertArtifact` as trained so far (with the routing
+        statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`)."""
         from flexmoe.artifact import ExpertArtifact
 
         return ExpertArtifact.from_model(
@@ -216,6 +217,7 @@ class ExpertModule(pl.LightningModule):
             spec_sha256=self.spec.sha256,
             training_tokens=self.tokens_seen,
             fingerprint=self.spec.fingerprint,
+            stats=stats,
         )
 
 

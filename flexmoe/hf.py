@@ -102,6 +102,16 @@ class _ModelSource:
     def routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b.router.weight.detach(), b.router.bias.detach()) for b in self.blocks]
 
+    def effective_biases(self) -> list[torch.Tensor]:
+        return [b.router.effective_bias().detach() for b in self.blocks]
+
+    @property
+    def router_kind(self) -> str:
+        """``affine`` when any router uses its biases as they are (:class:`flexmoe.routing.AffineRouter`)."""
+        from flexmoe.routing import AffineRouter
+
+        return "affine" if any(isinstance(b.router, AffineRouter) for b in self.blocks) else "clamped"
+
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         return [b.experts[j].state_dict() for b in self.blocks]
 
@@ -165,6 +175,11 @@ class _ArtifactSource:
 
     def routers(self):
         return self._routers
+
+    def effective_biases(self) -> list[torch.Tensor]:
+        return [_effective_bias(b) for _, b in self._routers]
+
+    router_kind = "clamped"
 
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         if j == 0:
@@ -264,14 +279,33 @@ def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
     return fmt
 
 
-def _approximations(source, fmt: str) -> list[str]:
+def target_format(model: nn.Module, fmt: str = "auto") -> str:
+    """The format :func:`export` picks for ``fmt`` once the router biases are folded into the
+    rows (:func:`flexmoe.routing.fold_router_bias`): the ``transformers`` format of the base when
+    it can express the model apart from its biases, else ``native``."""
+    if fmt != "auto":
+        return fmt
+    source = _ModelSource(model)
+    for candidate, (bases, _) in _HF.items():
+        if source.config.model_type in bases:
+            try:
+                _hf_config(source, candidate, torch.float32)
+            except ValueError:
+                continue
+            if not _approximations(source, candidate, ignore_bias=True):
+                return candidate
+    return "native"
+
+
+def _approximations(source, fmt: str, *, ignore_bias: bool = False) -> list[str]:
     """What a ``transformers`` format would change about the model (empty: exact)."""
     problems = []
-    worst = max(float(_effective_bias(b).abs().max()) for _, b in source.routers())
+    # Softmax ignores a shift common to all experts: only biases relative to the public one matter.
+    worst = 0.0 if ignore_bias else max(float((b - b[0]).abs().max()) for b in source.effective_biases())
     if worst > 0:
         problems.append(
             f"{fmt} routers have no bias, so the non-zero router biases would be dropped "
-            f"(max |min(beta, 0)| = {worst:.4g})"
+            f"(max |b_j - b_0| = {worst:.4g}; flexmoe.routing.fold_router_bias moves them into the rows)"
         )
     num_experts = len(source.owners)
     k = num_experts if source.top_k is None else source.top_k
@@ -411,6 +445,7 @@ def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), toke
             "owners": source.owners,
             "top_k": source.top_k,
             "normalize": source.normalize,
+            "router": source.router_kind,
         }
         (tmp / FLEXMOE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         generation = getattr(source.model, "generation_config", None)
@@ -526,6 +561,13 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     model = _empty_model(config, dtype)
     upcycle(model, len(owners) - 1, owners=owners[1:], normalize=meta["normalize"])
     set_top_k(model, meta["top_k"])
+    router = meta.get("router", "clamped")
+    if router == "affine":  # biases used as they are (a discriminant router, flexmoe.routing)
+        from flexmoe.routing import use_affine_routers
+
+        use_affine_routers(model)
+    elif router != "clamped":
+        raise ValueError(f"{path}: unknown router kind {router!r} in {FLEXMOE_CONFIG} (this flexmoe reads clamped, affine)")
     expected = dict(_dense_tensors(model, []))
     index = json.loads((path / INDEX).read_text())["weight_map"]
     if set(index) != set(expected):

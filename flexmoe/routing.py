@@ -408,3 +408,167 @@ __all__ = [
     "prefix_lda_router",
     "use_affine_routers",
 ]
+
+
+# -- exportable form ---------------------------------------------------------------------------
+
+
+def constant_direction(mean: torch.Tensor, covariance: torch.Tensor, *, shrinkage: float = 0.1) -> tuple[torch.Tensor, float]:
+    """The direction ``u`` along which the MLP input is most nearly constant, scaled so that
+    ``E[u . x] = 1``, and the signal-to-noise ratio ``q = mu^T Sigma^-1 mu`` of ``u . x``.
+
+    Among all ``u`` with ``u . mu = 1`` the variance ``u^T Sigma u`` is smallest for
+    ``u = Sigma^-1 mu / q`` (a Lagrange-multiplier one-liner), where it is ``1 / q``; so a bias
+    ``b`` moved into the weights as ``b * u`` changes a logit by ``b (u . x - 1)``, whose
+    standard deviation is ``|b| / sqrt(q)``. ``Sigma`` is shrunk as in :func:`lda_weights`.
+    """
+    mean = mean.double()
+    cov = covariance.double()
+    H = mean.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / H) * torch.eye(H, dtype=cov.dtype)
+    v = torch.linalg.solve(cov, mean)
+    q = float(mean @ v)
+    return v / q, q
+
+
+def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float = 0.1) -> list[float]:
+    """Move every layer's router biases into its rows, in place, so the router has no bias and
+    exports to a ``transformers`` FlexOlmo or Mixtral checkpoint (whose routers have none).
+
+    ``stats``: mean and covariance of the MLP inputs (:func:`mlp_input_moments` with
+    ``covariance=True``, e.g. on public data). Softmax ignores a common shift, so biases are
+    first taken relative to the public expert's; each layer's then becomes ``b_j * u``
+    (:func:`constant_direction`). The routers become plain :class:`~flexmoe.moe.Router`\\ s with
+    zero biases. Returns the per-layer ``q``: the folded logits' error has standard deviation
+    ``|b_j| / sqrt(q)`` on data like ``stats``'s, so a large ``q`` means a near-exact fold.
+    """
+    if stats.covariance is None:
+        raise ValueError("fold_router_bias needs the MLP inputs' covariance: mlp_input_moments(..., covariance=True)")
+    qs = []
+    for L, block in enumerate(moe_blocks(model)):
+        old = block.router
+        u, q = constant_direction(stats.mean[L], stats.covariance[L], shrinkage=shrinkage)
+        qs.append(q)
+        b = old.effective_bias().double()
+        b = b - b[0]
+        new = Router(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            new.weight.copy_((old.weight.double() + b[:, None] * u.to(b.device)[None, :]).to(new.weight))
+        block.router = new
+    return qs
+
+
+# -- the default recipe, end to end ------------------------------------------------------------
+
+
+def spread_rows(rows: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """At most ``max_tokens`` tokens of ``rows`` ``[N, S]``, as whole rows spread evenly over all
+    of them: statistics from the first few documents alone are unrepresentative."""
+    n = min(rows.shape[0], max(1, max_tokens // max(1, rows.shape[1])))
+    return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long().unique()]
+
+
+def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch_size: int = 8) -> MLPInputStats | None:
+    """What an owner ships for the routing recipe (``spec.routing``): the per-layer mean (and
+    covariance, for ``covariance="pooled"``) of the MLP inputs of its own 2-expert ``model`` on
+    its own training ``rows``, over at most ``recipe.stats_tokens`` tokens; ``None`` when the
+    recipe needs nothing. Aggregates only: no text or token ids."""
+    from flexmoe.spec import RoutingRecipe
+
+    recipe = recipe or RoutingRecipe()
+    kind = recipe.owner_statistics
+    if kind is None:
+        return None
+    return mlp_input_moments(model, spread_rows(rows, recipe.stats_tokens), batch_size=batch_size,
+                             covariance=kind == "covariance")  # fmt: skip
+
+
+class _OnlyPublic:
+    """Within the block, a merged model computes exactly the dense public model: every token
+    goes to the public expert alone (owners' biases at -1e30, top-1). Restored on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        from flexmoe.upcycle import settings
+
+        self.routers = [(b, b.router) for b in moe_blocks(self.model)]
+        s = settings(self.model)
+        self.top_k, s.top_k = s.top_k, 1
+        for block in moe_blocks(self.model):
+            plain = Router(block.router.weight.shape[1], block.router.weight.shape[0],
+                           dtype=block.router.weight.dtype, device=block.router.weight.device)  # fmt: skip
+            with torch.no_grad():
+                plain.weight.copy_(block.router.weight)
+                plain.bias.fill_(-1e30)
+            block.router = plain
+        return self.model
+
+    def __exit__(self, *exc):
+        from flexmoe.upcycle import settings
+
+        for block, router in self.routers:
+            block.router = router
+        settings(self.model).top_k = self.top_k
+        return False
+
+
+def route(
+    model: nn.Module,
+    artifacts: Sequence,
+    public_rows: torch.Tensor,
+    recipe=None,
+    *,
+    exportable: bool = False,
+    batch_size: int = 8,
+) -> dict:
+    """Set an assembled model's routers by the routing recipe (the coordinator's step after
+    :func:`flexmoe.assemble`), in place. Returns a summary for the report.
+
+    Args:
+        model: the merged MoE, experts in the order of ``artifacts``.
+        artifacts: the owners' :class:`~flexmoe.ExpertArtifact`\\ s, carrying their statistics.
+        public_rows: packed public text ``[N, S]`` for the public class's statistics (taken
+            with the merged model routed to the public expert alone, i.e. the public model).
+        recipe: :class:`~flexmoe.spec.RoutingRecipe` (default: LDA, pooled covariance).
+        exportable: fold the discriminant's biases into the router rows
+            (:func:`fold_router_bias`) so the model exports exactly to a ``transformers``
+            FlexOlmo/Mixtral checkpoint; otherwise the routers keep their biases
+            (:class:`AffineRouter`, native format only).
+    """
+    from flexmoe.spec import RoutingRecipe
+    from flexmoe.upcycle import settings
+
+    recipe = recipe or RoutingRecipe()
+    summary: dict = {"method": recipe.method}
+    if recipe.method == "published":
+        return summary
+    owners = settings(model).owners[1:]
+    by_owner = {a.owner: a for a in artifacts}
+    stats = []
+    for owner in owners:
+        a = by_owner.get(owner)
+        s = a.routing_stats if a is not None else None
+        if s is None or (recipe.covariance == "pooled" and s.covariance is None):
+            need = "mean and covariance" if recipe.covariance == "pooled" else "mean"
+            raise ValueError(
+                f"owner {owner!r} shipped no routing statistics ({need} of its MLP inputs), which the "
+                f"routing recipe {recipe.method!r}/{recipe.covariance!r} needs; have it retrain under this spec, "
+                "or set spec.routing.method to 'published'"
+            )
+        stats.append(s)
+    with _OnlyPublic(model) as public:
+        pub = mlp_input_moments(public, spread_rows(public_rows, recipe.stats_tokens), batch_size=batch_size,
+                                covariance=True)  # fmt: skip
+    if recipe.covariance == "pooled":
+        every = [pub, *stats]
+        cov = sum(s.covariance * s.count for s in every) / sum(s.count for s in every)
+    else:
+        cov = pub.covariance
+    lda_router(model, pub.mean, [s.mean for s in stats], cov, shrinkage=recipe.shrinkage)
+    summary.update(covariance=recipe.covariance, shrinkage=recipe.shrinkage, public_tokens=pub.count,
+                   owner_tokens={o: s.count for o, s in zip(owners, stats)}, folded=exportable)  # fmt: skip
+    if exportable:
+        summary["fold_q"] = [round(q, 2) for q in fold_router_bias(model, pub)]
+    return summary

@@ -74,6 +74,44 @@ class RouterTuningRecipe:
         _non_negative(self, "warmup_steps", "weight_decay")
 
 
+ROUTING_METHODS = ("lda", "published")
+COVARIANCES = ("pooled", "public")
+
+
+@dataclass
+class RoutingRecipe:
+    """How the coordinator sets the merged model's routers (issue 4, docs/routing.md).
+
+    ``lda`` (default): a linear discriminant over ``public, owner_1 .. owner_n`` from each
+    owner's per-layer mean MLP input (and, for ``covariance="pooled"``, its covariance), which
+    the owners compute at the end of training and ship in the artifact as aggregates; the
+    coordinator adds the public statistics from public data (:func:`flexmoe.routing.route`).
+    ``published``: FlexOlmo's merge as published (stack the owners' router rows).
+    """
+
+    method: str = "lda"
+    covariance: str = "pooled"
+    shrinkage: float = 0.5
+    # Tokens of the owner's training data its statistics are taken over (spread over the data).
+    stats_tokens: int = 16384
+
+    def __post_init__(self):
+        if self.method not in ROUTING_METHODS:
+            raise ValueError(f"routing method must be one of {ROUTING_METHODS}, got {self.method!r}")
+        if self.covariance not in COVARIANCES:
+            raise ValueError(f"routing covariance must be one of {COVARIANCES}, got {self.covariance!r}")
+        if not 0 <= self.shrinkage <= 1:
+            raise ValueError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
+        _positive(self, "stats_tokens")
+
+    @property
+    def owner_statistics(self) -> str | None:
+        """What each owner ships: ``"covariance"`` (mean and covariance), ``"mean"`` or ``None``."""
+        if self.method != "lda":
+            return None
+        return "covariance" if self.covariance == "pooled" else "mean"
+
+
 @dataclass
 class ProxyBudget:
     """How many public documents an owner may name as its proxy set."""
@@ -115,10 +153,13 @@ class FederationSpec:
     expert: ExpertRecipe = field(default_factory=ExpertRecipe)
     router_tuning: RouterTuningRecipe = field(default_factory=RouterTuningRecipe)
     proxy: ProxyBudget = field(default_factory=ProxyBudget)
+    routing: RoutingRecipe = field(default_factory=RoutingRecipe)
     version: int = SPEC_VERSION
 
     def __post_init__(self):
-        for name, cls in (("expert", ExpertRecipe), ("router_tuning", RouterTuningRecipe), ("proxy", ProxyBudget)):
+        recipes = (("expert", ExpertRecipe), ("router_tuning", RouterTuningRecipe), ("proxy", ProxyBudget),
+                   ("routing", RoutingRecipe))  # fmt: skip
+        for name, cls in recipes:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"spec.{name}"))
