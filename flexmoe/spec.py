@@ -33,9 +33,6 @@ class ExpertRecipe:
     grad_clip: float = 1.0
     z_loss_coef: float = 1e-3
     top_k: int = 2
-    # Fraction of each training batch drawn from public data (public text is public, so mixing it
-    # in is within FlexOlmo's rules); 0 is the paper's recipe. See docs/routing.md.
-    public_mix: float = 0.0
     # Train the expert as a LoRA of this rank on a copy of the public MLP instead of a full copy
     # (flexmoe.lora); None trains the full MLP copy, as FlexOlmo does.
     lora_rank: int | None = None
@@ -43,8 +40,6 @@ class ExpertRecipe:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")
-        if not 0 <= self.public_mix < 1:
-            raise ValueError(f"public_mix must be in [0, 1), got {self.public_mix}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be a positive integer or None, got {self.lora_rank}")
         _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "z_loss_coef")
@@ -58,7 +53,9 @@ class ExpertRecipe:
 class RouterTuningRecipe:
     """Coordinator-side router tuning on proxy data (FlexOlmo section 3.4)."""
 
-    enabled: bool = True
+    # Off by default: tuning on proxy sets drawn from public data made routing worse in every
+    # setting measured (docs/routing.md); FlexOlmo's recipe is one flag away.
+    enabled: bool = False
     max_steps: int = 100
     batch_size: int = 8
     seq_len: int = 128
