@@ -378,6 +378,7 @@ COMMANDS: dict[str, str] = {
     "opt-out": "flexmoe.cli:opt_out",
     "merge": "flexmoe.cli:merge",
     "tune-router": "flexmoe.cli:tune_router",
+    "demo": "flexmoe.demo:demo",
 }
 
 
