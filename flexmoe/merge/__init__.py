@@ -12,7 +12,13 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        # Importing flexmoe.merge.btx binds the *module* to this package's name `btx`; bind the
+        # functions and classes over it, so `flexmoe.merge.btx` is the function, as with dare/ties.
+        for other, where in _LAZY.items():
+            if where == _LAZY[name]:
+                globals()[other] = getattr(module, other)
+        return globals()[name]
     raise AttributeError(f"module 'flexmoe.merge' has no attribute {name!r}")
 
 # Parameter merges: soups, task arithmetic, TIES, DARE (one kernel, flexmoe.merge.kernel), and merge configs.
