@@ -1,0 +1,112 @@
+"""The owner's side of a LoRA-sized FlexOlmo expert.
+
+Everything is FlexOlmo's owner recipe (:class:`~flexmoe.ExpertModule`: 2-expert MoE, public
+expert, attention, embeddings and ``r_0`` frozen; LM loss + router z-loss; AdamW, cosine, clip)
+except that expert 1 is not trained in full: its linear layers (a copy of the public MLP) stay
+frozen and a rank-``r`` LoRA (Hu et al., 2021) on each of them trains instead, through ``peft``.
+The upload is then the factors alone (:class:`~flexmoe.lora.LoraExpertArtifact`):
+``r * (in + out)`` numbers per linear instead of ``in * out``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flexmoe.expert import ExpertModule, adamw_cosine
+from flexmoe.lora.artifact import LoraExpertArtifact
+from flexmoe.spec import FederationSpec
+from flexmoe.upcycle import moe_blocks
+
+
+class LoraExpertModule(ExpertModule):
+    """Trains one owner's expert as a LoRA on the copy of the public MLP, in any Lightning ``Trainer``.
+
+    >>> spec = FederationSpec.load("spec.json")            # spec.expert.lora_rank = 8
+    >>> module = LoraExpertModule(spec.public_model, spec, owner="clinic")
+    >>> trainer = pl.Trainer(max_steps=spec.expert.max_steps, callbacks=expert_callbacks(spec, "clinic.safetensors"))
+    >>> trainer.fit(module, data)                           # writes a LoraExpertArtifact
+
+    Args:
+        public_model, spec, owner, check_fingerprint: as for :class:`~flexmoe.ExpertModule`.
+        rank: LoRA rank; default ``spec.expert.lora_rank`` (one of the two must be set; if both
+            are, they must agree, since the spec fixes the recipe).
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank``. Default ``2 * rank``.
+        target_modules: names of the MLP's linear layers to adapt; default all of them.
+    """
+
+    def __init__(
+        self,
+        public_model: str | nn.Module,
+        spec: FederationSpec | str | None = None,
+        owner: str = "owner",
+        check_fingerprint: bool = True,
+        rank: int | None = None,
+        alpha: float | None = None,
+        target_modules: list[str] | None = None,
+    ):
+        super().__init__(public_model, spec, owner, check_fingerprint)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        spec_rank = self.recipe.lora_rank
+        if rank is None and spec_rank is None:
+            raise ValueError("a LoRA expert needs a rank: set the spec's expert.lora_rank (or pass rank=...)")
+        if rank is not None and spec_rank is not None and rank != spec_rank:
+            raise ValueError(f"rank={rank} contradicts the spec's expert.lora_rank={spec_rank}; the spec fixes the recipe")
+        rank = rank if rank is not None else spec_rank
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        alpha = float(2 * rank if alpha is None else alpha)
+        mlp = moe_blocks(self.model)[0].experts[1]
+        linears = [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+        targets = list(target_modules) if target_modules is not None else linears
+        unknown = [t for t in targets if t not in linears]
+        if not targets or unknown:
+            raise ValueError(f"target_modules must name linear layers of the MLP {linears}; got {targets}")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+        for block in moe_blocks(self.model):
+            # Only expert 1's MLP gets LoRA layers; the public expert and the rest stay untouched.
+            inject_adapter_in_model(config, block.experts[1])
+        self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, targets
+        self.hparams.update(rank=rank, alpha=alpha, target_modules=targets)
+        self.freeze_expert_base()
+
+    def freeze_expert_base(self) -> None:
+        """Freeze expert 1's own weights (the public MLP's copy); only its LoRA factors train.
+
+        ``FreezePublicModel`` (in :func:`~flexmoe.expert_callbacks`) unfreezes the whole of expert 1
+        in its ``setup``; this runs again in :meth:`setup`, which Lightning calls after the callbacks'.
+        """
+        for block in moe_blocks(self.model):
+            for name, p in block.experts[1].named_parameters():
+                p.requires_grad_(".lora_" in f".{name}")
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for b in moe_blocks(self.model) for n, p in b.experts[1].named_parameters() if ".lora_" in f".{n}"]
+
+    def setup(self, stage: str) -> None:
+        self.freeze_expert_base()
+
+    def configure_optimizers(self):
+        r = self.recipe
+        routers = [p for b in moe_blocks(self.model) for p in (b.router.weight, b.router.bias)]
+        groups = [
+            {"params": self.lora_parameters(), "weight_decay": r.weight_decay},
+            # No decay on the router: decay would move the frozen rows that share its tensor.
+            {"params": routers, "weight_decay": 0.0},
+        ]
+        return adamw_cosine(self, groups, lr=r.lr, betas=r.betas, warmup_steps=r.warmup_steps,
+                            min_lr_ratio=r.min_lr_ratio, max_steps=r.max_steps)  # fmt: skip
+
+    def artifact(self, stats=None) -> LoraExpertArtifact:
+        """This owner's :class:`~flexmoe.lora.LoraExpertArtifact` (LoRA factors, router row, bias,
+        and the routing statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`)."""
+        return LoraExpertArtifact.from_model(
+            self.model,
+            owner=self.owner,
+            expert=1,
+            spec_sha256=self.spec.sha256,
+            training_tokens=self.tokens_seen,
+            fingerprint=self.spec.fingerprint,
+            stats=stats,
+        )
+
