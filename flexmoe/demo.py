@@ -1,0 +1,925 @@
+"""The main job end to end: ``flexmoe demo --out DIR`` reproduces FlexOlmo's comparison table
+(Shi et al., 2025, Table 1; DESIGN.md "The evaluation table") on text found on this machine.
+
+1. **Data.** :func:`flexmoe.corpus.local_corpus`: public data = ``stdlib_code`` + ``pydoc_topics``;
+   one owner per ``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (docs/routing.md's
+   setting), written to ``DIR/data``.
+2. **Public model.** :func:`flexmoe.pretrain.pretrain`: a small OLMo-2 with a byte-level BPE
+   tokenizer, trained from scratch on the public text (``DIR/public``).
+3. **Spec.** A :class:`~flexmoe.FederationSpec` with ``embedder=None`` (router rows from the
+   public model's own mean MLP inputs: the fallback that needs no sentence embedder) and the
+   default routing recipe (``RoutingRecipe()``: LDA from owner statistics).
+4. **Federation.** flexmoe's Flower ``ClientApp`` (one virtual SuperNode per owner) and
+   ``ServerApp`` (the coordinator) on Flower's simulation engine: each owner trains its expert on
+   its own text, ships routing statistics and a proxy selection; the coordinator validates and
+   keeps every expert (``DIR/federation/coordinator``). The coordinator's own merge uses the
+   published routing; the demo then applies the default routing recipe
+   (:func:`flexmoe.routing.route`) to the accepted artifacts, and tunes the router.
+5. **Methods**, each scored with :func:`flexmoe.evaluate.perplexity` on every domain's held-out
+   documents: ``public``, ``expert:<owner>``, ``soup``, ``weighted_soup``, ``btm``, ``btx``,
+   ``flexolmo_no_rt``, ``flexolmo``, ``unrestricted`` and the ``oracle`` reference.
+6. **Outputs** in ``DIR``: ``report.json``, ``report.md``, ``perplexity.png``, ``routing.png``,
+   ``routing.json`` and ``model/`` (the ``flexolmo`` model as a ``transformers`` FlexOlmo
+   checkpoint). docs/demo.md explains the report.
+
+Sizes come from :class:`DemoConfig` (``--settings.*`` or a YAML ``--config``); ``--fast`` is the
+small preset CI runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
+OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
+PUBLIC = "public"
+# The rows of the table, in order (``expert:<owner>`` stands for one row per owner).
+METHODS = ("public", "expert:*", "soup", "weighted_soup", "btm", "btx", "flexolmo_no_rt", "flexolmo",
+           "unrestricted", "oracle")  # fmt: skip
+# The simulated owners run in Ray worker processes, which cannot see this process's variables:
+# the run config travels as a JSON file named by this environment variable.
+RUN_CONFIG_ENV = "FLEXMOE_DEMO_RUN_CONFIG"
+MARKER = ".flexmoe-demo"
+
+
+@dataclass
+class DemoConfig:
+    """The sizes of a demo run. The defaults finish in about 10-15 minutes on two shared CPU
+    cores (docs/demo.md has measured stage times); :meth:`fast` is the few-minute preset.
+
+    Args:
+        docs_per_domain: documents per corpus domain (a fixed hash-chosen sample; 10% held out).
+        vocab_size, hidden_size, num_layers, num_heads: the public OLMo-2 model and tokenizer.
+        seq_len: tokens per sequence everywhere (training, router statistics, evaluation).
+        pretrain_steps, pretrain_batch_size: public-model pretraining.
+        expert_steps, expert_batch_size, expert_lr: each owner's expert, and each BTX dense
+            expert (the same budget, fully fine-tuned).
+        top_k: experts per token of the merged models (``flexolmo*``, ``btx``, ``unrestricted``).
+        router_tuning_steps: the coordinator's router tuning (``flexolmo``).
+        btx_finetune_steps: BTX's MoE fine-tuning on the union of all data, after the mix.
+        unrestricted_steps: the jointly trained MoE (default: as many sequences as all the
+            owners' experts together).
+        joint_batch_size, joint_lr: batch and learning rate of those two joint trainings.
+        btm_top_k: domains kept per position by the BTM ensemble (BTM paper: 3).
+        weighted_soup_prefix: tokens of each row that choose the weighted soup.
+        eval_tokens: held-out tokens per domain (whole rows spread over the domain's documents).
+        eval_batch_size: rows per forward pass in evaluation.
+        seed: seeds the corpus split, every training run and the router initialisations.
+    """
+
+    docs_per_domain: int = 120
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    seq_len: int = 64
+    pretrain_steps: int = 600
+    pretrain_batch_size: int = 16
+    expert_steps: int = 200
+    expert_batch_size: int = 8
+    expert_lr: float = 1e-3
+    top_k: int = 4
+    router_tuning_steps: int = 100
+    btx_finetune_steps: int = 100
+    unrestricted_steps: int = 400
+    joint_batch_size: int = 16
+    joint_lr: float = 1e-3
+    btm_top_k: int = 3
+    weighted_soup_prefix: int = 16
+    eval_tokens: int = 8192
+    eval_batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = [f.name for f in dataclasses.fields(self) if f.name != "seed"]
+        bad = [f"{n}={getattr(self, n)}" for n in positive if not getattr(self, n) > 0]
+        if bad:
+            raise ValueError(f"DemoConfig: these settings must be > 0: {', '.join(bad)}")
+        if self.docs_per_domain < 10:
+            raise ValueError(f"DemoConfig.docs_per_domain={self.docs_per_domain}: at least 10, so every domain "
+                             "keeps a held-out document")  # fmt: skip
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"DemoConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
+                             "heads of even width (RoPE)")  # fmt: skip
+        if self.top_k > len(OWNERS) + 1:
+            raise ValueError(f"DemoConfig.top_k={self.top_k}: the merged model has {len(OWNERS) + 1} experts")
+        if not 2 <= self.weighted_soup_prefix < self.seq_len:
+            raise ValueError(f"DemoConfig.weighted_soup_prefix={self.weighted_soup_prefix} must be in [2, seq_len)")
+        if self.eval_tokens < self.seq_len:
+            raise ValueError(f"DemoConfig.eval_tokens={self.eval_tokens} is less than one row of seq_len={self.seq_len}")
+        if self.vocab_size < 259:
+            raise ValueError(f"DemoConfig.vocab_size={self.vocab_size}: at least 259 (256 bytes + 3 special tokens)")
+
+    @classmethod
+    def fast(cls) -> DemoConfig:
+        """The ``--fast`` preset (CI): every stage runs, on a much smaller model and corpus."""
+        return cls(docs_per_domain=30, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                   pretrain_steps=120, expert_steps=40, router_tuning_steps=20, btx_finetune_steps=20,
+                   unrestricted_steps=60, joint_batch_size=8, eval_tokens=1024)  # fmt: skip
+
+    def overriding(self, settings: DemoConfig | None) -> DemoConfig:
+        """This config with every field of ``settings`` that differs from the default sizes."""
+        if settings is None:
+            return self
+        default = DemoConfig()
+        changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(self)
+                   if getattr(settings, f.name) != getattr(default, f.name)}  # fmt: skip
+        return dataclasses.replace(self, **changed)
+
+
+def default_threads() -> int:
+    """Torch threads: half the cores, at most 4 (the models are tiny; more threads only wait)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+# -- progress ---------------------------------------------------------------------------------------
+
+
+class Stages:
+    """Logs each stage with its wall time, and keeps the times for the report."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def log(self, msg: str) -> None:
+        print(f"flexmoe demo [{time.perf_counter() - self.started:7.1f} s] {msg}", flush=True)
+
+    def run(self, key: str, what: str, fn: Callable, /, *args, **kwargs):
+        self.log(f"{what} ...")
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.times[key] = round(time.perf_counter() - t, 1)
+        self.log(f"{what}: done in {self.times[key]:.1f} s")
+        return result
+
+
+def _progress_bar() -> bool:
+    return sys.stderr.isatty()
+
+
+# -- 1-3: data, public model, spec -----------------------------------------------------------------
+
+
+def build_corpus(cfg: DemoConfig, data_dir: Path) -> dict:
+    """``{domain: Domain}`` for ``public`` (the two public domains together) and every owner."""
+    from flexmoe.corpus import Domain, local_corpus, write_corpus
+
+    corpus = local_corpus(max_docs_per_domain=cfg.docs_per_domain, seed=cfg.seed,
+                          domains=list(PUBLIC_DOMAINS) + list(OWNERS))  # fmt: skip
+    parts = [corpus[d] for d in PUBLIC_DOMAINS]
+    public = Domain(name=PUBLIC, description="public data: " + " + ".join(PUBLIC_DOMAINS),
+                    source="; ".join(p.source for p in parts), train=[t for p in parts for t in p.train],
+                    val=[t for p in parts for t in p.val])  # fmt: skip
+    domains = {PUBLIC: public, **{o: corpus[o] for o in OWNERS}}
+    write_corpus(domains, data_dir)
+    return {"domains": domains, "parts": {d: corpus[d] for d in PUBLIC_DOMAINS}}
+
+
+def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
+    from flexmoe.pretrain import REPORT, pretrain
+
+    pretrain([str(data_dir / PUBLIC / "train.jsonl")], str(out), vocab_size=cfg.vocab_size,
+             hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seq_len=cfg.seq_len,
+             batch_size=cfg.pretrain_batch_size, max_steps=cfg.pretrain_steps,
+             warmup_steps=max(1, cfg.pretrain_steps // 10), seed=cfg.seed, val_every=cfg.pretrain_steps,
+             val_batches=8, accelerator="cpu", progress_bar=_progress_bar())  # fmt: skip
+    return json.loads((out / REPORT).read_text())
+
+
+def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: Path):
+    """The coordinator's spec: no sentence embedder (r_pub from the public model's own MLP inputs),
+    the default routing recipe, the demo's sizes for expert training and router tuning."""
+    from transformers import AutoTokenizer
+
+    from flexmoe.embed import router_embedding
+    from flexmoe.expert import load_public_model
+    from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
+    from flexmoe.upcycle import fingerprint
+
+    model = load_public_model(str(public_dir))
+    rows = router_embedding(public_docs, model, embedder=None, tokenizer=AutoTokenizer.from_pretrained(public_dir),
+                            seq_len=cfg.seq_len, seed=cfg.seed)  # fmt: skip
+    spec = FederationSpec(
+        public_model=str(public_dir), fingerprint=fingerprint(model), embedder=None,
+        public_router_embedding=rows.tolist(),
+        expert=ExpertRecipe(max_steps=cfg.expert_steps, batch_size=cfg.expert_batch_size, seq_len=cfg.seq_len,
+                            lr=cfg.expert_lr, warmup_steps=max(1, cfg.expert_steps // 10)),
+        router_tuning=RouterTuningRecipe(max_steps=cfg.router_tuning_steps, seq_len=cfg.seq_len,
+                                         warmup_steps=max(1, cfg.router_tuning_steps // 10)),
+        routing=RoutingRecipe(),
+    )  # fmt: skip
+    spec.save(path)
+    return spec
+
+
+# -- 4: the federation on Flower's simulation engine -----------------------------------------------
+
+
+def _context(context):
+    """The Flower context with the demo's run config (the legacy simulation API passes none)."""
+    from flwr.app import Context
+
+    run_config = json.loads(Path(os.environ[RUN_CONFIG_ENV]).read_text())
+    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                   state=context.state, run_config=run_config)  # fmt: skip
+
+
+def _owner_query(msg, context):
+    from flexmoe.federation import client_app
+
+    return client_app.query(msg, _context(context))
+
+
+def _owner_train(msg, context):
+    from flexmoe.federation import client_app
+
+    return client_app.train(msg, _context(context))
+
+
+def _coordinator(grid, context) -> None:
+    from flexmoe.federation import server_app
+
+    server_app.main(grid, _context(context))
+
+
+def simulation_apps():
+    """flexmoe's owner ``ClientApp`` and coordinator ``ServerApp`` handlers, fed the demo's run config."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    client, server = ClientApp(), ServerApp()
+    client.query()(_owner_query)
+    client.train()(_owner_train)
+    server.main()(_coordinator)
+    return server, client
+
+
+def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path, data_dir: Path, threads: int) -> dict:
+    """One virtual SuperNode per owner, the coordinator as the ServerApp; returns its report."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "spec": str(spec_path), "expected-owners": ",".join(OWNERS), "quorum": 0, "connect-timeout": 600.0,
+        "train-timeout": 3600.0, "out-dir": str(out / "coordinator"), "public-model": str(public_dir),
+        "public-data": str(data_dir / PUBLIC / "train.jsonl"), "top-k": cfg.top_k,
+        # The coordinator's merge uses the published routing; the demo applies the spec's routing
+        # recipe and router tuning itself (see the module docstring), so the coordinator skips tuning.
+        "router-tuning": False, "resume": False, "export-format": "native", "allow-approximate": False,
+        "seed": cfg.seed, "poll-interval": 0.5,
+        "data-paths": ",".join(str(data_dir / o / "train.jsonl") for o in OWNERS), "share-proxy": True,
+    }  # fmt: skip
+    config_path = out / "run_config.json"
+    config_path.write_text(json.dumps(run_config, indent=2) + "\n")
+    cpus = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True}}  # fmt: skip
+    previous = os.environ.get(RUN_CONFIG_ENV)
+    os.environ[RUN_CONFIG_ENV] = str(config_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            server, client = simulation_apps()
+            run_simulation(server, client, num_supernodes=len(OWNERS), backend_config=backend)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # a later run starts workers that see its own run config
+        if previous is None:
+            os.environ.pop(RUN_CONFIG_ENV, None)
+        else:
+            os.environ[RUN_CONFIG_ENV] = previous
+    report_path = out / "coordinator" / "report.json"
+    if not report_path.is_file():
+        raise RuntimeError(f"the federation ended without a coordinator report ({report_path}); see the log above")
+    report = json.loads(report_path.read_text())
+    if report.get("status") != "merged" or sorted(report.get("accepted", [])) != sorted(OWNERS):
+        raise RuntimeError(f"the federation did not accept every owner's expert: status {report.get('status')!r}, "
+                           f"rejected {report.get('rejected')}, missing {report.get('missing')}; see {report_path}")  # fmt: skip
+    return report
+
+
+# -- 5: the methods -------------------------------------------------------------------------------
+
+
+class Models:
+    """Builds every row's model from the public model and the accepted artifacts."""
+
+    def __init__(self, public_dir: Path, artifacts: dict, cfg: DemoConfig):
+        self.public_dir, self.artifacts, self.cfg = public_dir, artifacts, cfg
+
+    def public(self):
+        from flexmoe.expert import load_public_model
+
+        return load_public_model(str(self.public_dir)).eval()
+
+    def merged(self, owners, top_k):
+        from flexmoe.artifact import assemble
+
+        return assemble(self.public(), [self.artifacts[o] for o in owners], top_k=top_k).eval()
+
+    def with_expert_mlp(self, owner: str):
+        """The dense public model with every MLP replaced by ``owner``'s expert."""
+        from flexmoe.upcycle import decoder_layers
+
+        model = self.public()
+        for L, layer in enumerate(decoder_layers(model)):
+            layer.mlp.load_state_dict(self.artifacts[owner].layer(L)[0])
+        return model.eval()
+
+    def soup(self):
+        """Dense public model whose MLPs are the uniform average of the owners' expert MLPs."""
+        from flexmoe.merge import average
+
+        return average([self.with_expert_mlp(o) for o in OWNERS]).eval()
+
+
+class CausalWeightedSoup(nn.Module):
+    """:class:`flexmoe.merge.WeightedSoup` scored on every token without peeking: the first
+    ``prefix_len - 1`` predictions are the targets that choose the soup's weights, so they come
+    from the uniform soup; from there on, each row's prefix-weighted soup."""
+
+    def __init__(self, members, uniform: nn.Module, prefix_len: int):
+        from flexmoe.merge import WeightedSoup
+
+        super().__init__()
+        self.soup, self.uniform, self.head = WeightedSoup(members, prefix_len=prefix_len), uniform, prefix_len - 1
+
+    def forward(self, input_ids, **_):
+        logits = self.soup(input_ids=input_ids).logits
+        head = self.uniform(input_ids=input_ids[:, : self.head], use_cache=False).logits
+        return SimpleNamespace(logits=torch.cat([head, logits[:, self.head :]], dim=1))
+
+
+def _finetune(module, data, steps: int, seed: int) -> None:
+    import lightning.pytorch as pl
+
+    pl.seed_everything(seed, verbose=False)
+    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, enable_progress_bar=_progress_bar())  # fmt: skip
+    trainer.fit(module, data)
+
+
+def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
+    """BTX: dense copies of the public model fully fine-tuned on each owner's text (the expert step
+    budget), mixed into one MoE (the public model kept as expert 0), then MoE-finetuned on the
+    union of all the data. It needs every owner's raw text in one place: no privacy."""
+    from flexmoe.data import TextDataModule
+    from flexmoe.merge import MoEFinetune, btx
+    from flexmoe.pretrain import PretrainModule
+    from flexmoe.upcycle import set_top_k
+
+    dense = []
+    for owner in OWNERS:
+        public = models.public()
+        module = PretrainModule(public.config, lr=cfg.expert_lr, weight_decay=0.0,
+                                warmup_steps=max(1, cfg.expert_steps // 10), max_steps=cfg.expert_steps)  # fmt: skip
+        module.model.load_state_dict(public.state_dict())
+        data = TextDataModule(str(data_dir / owner / "train.jsonl"), str(models.public_dir), seq_len=cfg.seq_len,
+                              batch_size=cfg.expert_batch_size, val_fraction=0.0, seed=cfg.seed)  # fmt: skip
+        stages.run(f"btx_dense_{owner}", f"BTX: fine-tuning a dense copy on {owner} ({cfg.expert_steps} steps)",
+                   _finetune, module, data, cfg.expert_steps, cfg.seed)  # fmt: skip
+        dense.append(module.model.eval())
+    model = btx(dense, seed_model=models.public(), seed=cfg.seed, names=list(OWNERS))
+    set_top_k(model, cfg.top_k)
+    module = MoEFinetune(model, train="all", lr=cfg.joint_lr, warmup_steps=max(1, cfg.btx_finetune_steps // 10),
+                         max_steps=cfg.btx_finetune_steps)  # fmt: skip
+    stages.run("btx_moe_finetune", f"BTX: MoE fine-tuning on all the data ({cfg.btx_finetune_steps} steps)",
+               _finetune, module, _union(cfg, models, data_dir), cfg.btx_finetune_steps, cfg.seed)  # fmt: skip
+    return model.eval()
+
+
+def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
+    """The same MoE shape as FlexOlmo's (public + one expert per owner, ``top_k``), upcycled from the
+    public model and trained jointly on all the data: experts and router, with BTX's
+    load-balancing loss; attention and embeddings stay the public model's. Ignores privacy."""
+    import torch
+
+    from flexmoe.merge import MoEFinetune
+    from flexmoe.upcycle import moe_blocks, upcycle
+
+    model = upcycle(models.public(), num_experts=len(OWNERS), top_k=cfg.top_k, owners=list(OWNERS))
+    # Identical experts behind a zero router would get identical gradients forever: a small random
+    # router (as BTX initialises its own) breaks the symmetry.
+    g = torch.Generator().manual_seed(cfg.seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g) * std)
+    module = MoEFinetune(model, train="moe", lr=cfg.joint_lr, warmup_steps=max(1, cfg.unrestricted_steps // 10),
+                         max_steps=cfg.unrestricted_steps)  # fmt: skip
+    _finetune(module, _union(cfg, models, data_dir), cfg.unrestricted_steps, cfg.seed)
+    return model.eval()
+
+
+def _union(cfg: DemoConfig, models: Models, data_dir: Path):
+    from flexmoe.data import TextDataModule
+
+    sources = [str(data_dir / d / "train.jsonl") for d in (PUBLIC, *OWNERS)]
+    return TextDataModule(sources, str(models.public_dir), seq_len=cfg.seq_len, batch_size=cfg.joint_batch_size,
+                          val_fraction=0.0, seed=cfg.seed)  # fmt: skip
+
+
+def flexolmo_models(cfg: DemoConfig, models: Models, spec, public_docs: list[str], proxies: dict, tokenizer,
+                    stages: Stages):  # fmt: skip
+    """``flexolmo_no_rt``: the merge with the spec's routing recipe (LDA over owner statistics,
+    biases folded so it exports to FlexOlmo); ``flexolmo``: that plus router tuning on the
+    owners' proxy sets and public data (``spec.router_tuning``, forced on)."""
+    from flexmoe.evaluate import pack_domain
+    from flexmoe.router_tuning import tune_router
+    from flexmoe.routing import route
+
+    no_rt = models.merged(OWNERS, cfg.top_k)
+    rows = pack_domain(public_docs, tokenizer, cfg.seq_len)
+    summary = stages.run("routing", "routing recipe (LDA from owner statistics, folded)", route, no_rt,
+                         [models.artifacts[o] for o in OWNERS], rows, spec.routing, exportable=True)  # fmt: skip
+    tuned = copy.deepcopy(no_rt)
+    recipe = dataclasses.replace(spec.router_tuning, enabled=True)
+    tuning = stages.run("router_tuning", f"router tuning on proxy sets + public data ({recipe.max_steps} steps)",
+                        tune_router, tuned, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer,
+                        recipe=recipe, seed=cfg.seed,
+                        trainer_kwargs={"enable_progress_bar": _progress_bar(), "accelerator": "cpu"})  # fmt: skip
+    return no_rt.eval(), tuned.eval(), {"routing": summary, "router_tuning": tuning}
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+
+def eval_rows(cfg: DemoConfig, corpus: dict, tokenizer) -> dict[str, torch.Tensor]:
+    """Every domain's held-out rows: ``eval_tokens`` tokens as whole rows spread evenly over all of
+    the domain's validation documents (the first rows alone can be one unrepresentative document);
+    the public domain takes half from each public part."""
+    from flexmoe.evaluate import pack_domain
+    from flexmoe.routing import spread_rows
+
+    def rows(docs, tokens):
+        return spread_rows(pack_domain(docs, tokenizer, cfg.seq_len), tokens)
+
+    share = cfg.eval_tokens // len(PUBLIC_DOMAINS)
+    out = {PUBLIC: torch.cat([rows(corpus["parts"][d].val, share) for d in PUBLIC_DOMAINS])}
+    out.update({o: rows(corpus["domains"][o].val, cfg.eval_tokens) for o in OWNERS})
+    return out
+
+
+class Table:
+    """The rows of the evaluation table as they are measured."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], cfg: DemoConfig, stages: Stages):
+        self.rows, self.cfg, self.stages = rows, cfg, stages
+        self.methods: dict[str, dict] = {}
+        self.routing: dict[str, dict] = {}
+
+    def score(self, name: str, model) -> None:
+        from flexmoe.evaluate import perplexity
+
+        r = self.stages.run(f"eval:{name}", f"evaluating {name}", perplexity, model, self.rows,
+                            batch_size=self.cfg.eval_batch_size, name=name)  # fmt: skip
+        self._keep(name, r)
+        if "routing" in r:
+            self.routing[name] = r["routing"]
+
+    def oracle(self, models: dict) -> None:
+        from flexmoe.evaluate import oracle_perplexity
+
+        r = self.stages.run("eval:oracle", "evaluating oracle (each domain through its own model)", oracle_perplexity,
+                            models, self.rows, batch_size=self.cfg.eval_batch_size)  # fmt: skip
+        self._keep("oracle", r)
+
+    def _keep(self, name: str, r: dict) -> None:
+        self.methods[name] = {"per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+                              "average": float(r["average"])}  # fmt: skip
+        self.stages.log(f"{name:<24} average {r['average']:9.2f}  " +
+                        "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items()))  # fmt: skip
+
+
+def mean_routing(routing: dict) -> dict[str, dict[str, float]]:
+    """``{domain: {expert: top-1 share}}`` averaged over layers."""
+    out = {}
+    for domain, layers in routing.items():
+        experts = list(next(iter(layers.values())))
+        out[domain] = {e: sum(layer[e] for layer in layers.values()) / len(layers) for e in experts}
+    return out
+
+
+# -- 6: the report ----------------------------------------------------------------------------------
+
+
+def expert_rows(methods: dict) -> list[str]:
+    return [m for m in methods if m.startswith("expert:")]
+
+
+def findings(methods: dict, routing: dict | None) -> list[str]:
+    """What the table shows, computed from it (nothing here is written in advance)."""
+    avg = {m: r["average"] for m, r in methods.items()}
+    fo = avg["flexolmo"]
+    lines = []
+    rivals = ["public", *expert_rows(methods), "soup", "weighted_soup", "btx"]
+    beaten = [m for m in rivals if fo < avg[m]]
+    missed = [m for m in rivals if m not in beaten]
+    ratio = fo / avg["btm"]
+    close = ratio <= 1.15
+    verdict = "met" if not missed and close else "not met"
+    lines.append(
+        f"**FlexOlmo's expected outcome is {verdict}** on this run: `flexolmo` averages {fo:.1f}; the paper "
+        f"expects it below `public`, every `expert:*`, `soup`, `weighted_soup` and `btx`, and close to `btm`."
+    )
+    lines.append(
+        f"`flexolmo` is lower than {_names(beaten) or 'none of them'}"
+        + (f"; not lower than {_names(missed, avg)}." if missed else ".")
+    )
+    lines.append(
+        f"Against `btm` (every expert runs on every token, {avg['btm']:.1f}): `flexolmo` is {ratio:.2f}x "
+        f"({'within' if close else 'outside'} the 1.15x the routing study aims for, docs/routing.md)."
+    )
+    rt = avg["flexolmo"] - avg["flexolmo_no_rt"]
+    lines.append(
+        f"Router tuning on the proxy sets moved the average from {avg['flexolmo_no_rt']:.1f} (`flexolmo_no_rt`) to "
+        f"{fo:.1f} ({'better' if rt < 0 else 'worse' if rt > 0 else 'unchanged'} by {abs(rt):.1f})."
+    )
+    lines.append(
+        f"Bounds: `oracle` (each domain through its own expert, perfect routing of the same experts) averages "
+        f"{avg['oracle']:.1f}; `unrestricted` (the same MoE shape trained jointly on all the data, no privacy) "
+        f"{avg['unrestricted']:.1f}. `flexolmo` is {fo / avg['oracle']:.2f}x the oracle: what routing leaves on "
+        "the table."
+    )
+    if routing:
+        lines += routing_findings(methods, routing)
+    return lines
+
+
+def routing_findings(methods: dict, routing: dict) -> list[str]:
+    """Where `flexolmo` loses most against the oracle, and where that domain's tokens are routed."""
+    shares = mean_routing(routing)
+    fo, oracle = methods["flexolmo"]["per_domain"], methods["oracle"]["per_domain"]
+    gaps = sorted(fo, key=lambda d: fo[d] / oracle[d], reverse=True)
+    own = {d: shares[d].get(d, 0.0) for d in shares}
+    lines = ["Top-1 routing share of each domain's own expert (the public expert for public text), mean over "
+             "layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."]  # fmt: skip
+    for d in gaps[:2]:
+        if fo[d] / oracle[d] < 1.05:
+            continue
+        top = max((e for e in shares[d] if e != d), key=lambda e: shares[d][e])
+        lines.append(
+            f"`{d}`: {fo[d]:.1f} against {oracle[d]:.1f} with its own expert ({fo[d] / oracle[d]:.2f}x); only "
+            f"{own[d]:.0%} of its tokens reach that expert first, {shares[d][top]:.0%} go to `{top}`."
+        )
+    return lines
+
+
+def _names(names: list[str], avg: dict | None = None) -> str:
+    return ", ".join(f"`{n}`" + (f" ({avg[n]:.1f})" if avg else "") for n in names)
+
+
+def markdown_table(methods: dict, domains: list[str]) -> str:
+    """Methods x (domains, average); the best (lowest) value of each column in bold, ``oracle``
+    (a bound, not a method) left out of that contest and set in italics."""
+    columns = [*domains, "average"]
+
+    def value(m, c):
+        r = methods[m]
+        return r["average"] if c == "average" else r["per_domain"][c]
+
+    contenders = [m for m in methods if m != "oracle"]
+    best = {c: min(value(m, c) for m in contenders) for c in columns}
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for m in methods:
+        cells = []
+        for c in columns:
+            v = f"{value(m, c):.1f}"
+            cells.append(f"*{v}*" if m == "oracle" else f"**{v}**" if value(m, c) == best[c] else v)
+        lines.append(f"| {'*oracle*' if m == 'oracle' else f'`{m}`'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def routing_table(routing: dict) -> str:
+    shares = mean_routing(routing)
+    experts = list(next(iter(shares.values())))
+    lines = ["| domain \\ expert | " + " | ".join(experts) + " |", "|---" + "|---:" * len(experts) + "|"]
+    for d, s in shares.items():
+        lines.append(f"| {d} | " + " | ".join(f"**{s[e]:.2f}**" if e == d else f"{s[e]:.2f}" for e in experts) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, report: dict, routing: dict | None) -> None:
+    methods, s, times = report["methods"], report["settings"], report["wall_times"]
+    c = s["config"]
+    setting = (
+        f"Public data: {' + '.join(PUBLIC_DOMAINS)}; owners: {', '.join(OWNERS)} (`flexmoe.corpus.local_corpus`, "
+        f"{c['docs_per_domain']} documents per domain). Public model: OLMo-2, "
+        f"{s['public_model']['parameters'] / 1e6:.1f}M parameters, {c['pretrain_steps']} steps; experts "
+        f"{c['expert_steps']} steps each, trained by the owners' Flower ClientApps; merged models run {c['top_k']} "
+        f"experts per token. {s['threads']} torch thread(s), {times['total'] / 60:.1f} minutes in all. "
+        "docs/demo.md explains every row."
+    )
+    caption = (
+        f"Held-out perplexity per domain ({c['eval_tokens']} tokens per domain, rows of {c['seq_len']}); lower is "
+        "better, the best of each column in bold; *oracle* is a bound on routing, not a method."
+    )
+    caveat = (
+        "One seed, a small under-trained public model and a few thousand held-out tokens per domain: read the "
+        "numbers as relative, and differences of a few percent as noise."
+    )
+    parts = [
+        "# flexmoe demo: FlexOlmo's comparison table on this machine's text",
+        setting,
+        caption,
+        markdown_table(methods, list(next(iter(methods.values()))["per_domain"])),
+        "## What the numbers mean",
+        "\n".join(f"- {line}" for line in findings(methods, routing)) + "\n\n" + caveat,
+    ]
+    if routing:
+        parts += [
+            "## Routing of the `flexolmo` model",
+            (
+                "Share of each domain's tokens whose top-1 expert is each expert, mean over layers (per layer: "
+                "`routing.png`, `routing.json`)."
+            ),
+            routing_table(routing),
+        ]
+    parts += [
+        "## Wall times (seconds)",
+        ", ".join(f"{k} {v:g}" for k, v in times.items()),
+        (
+            "Files: `report.json` (these numbers), `perplexity.png`, `routing.png`, `routing.json`, `model/` (the "
+            "`flexolmo` model as a transformers FlexOlmo checkpoint), `federation/coordinator/report.md` (who "
+            "trained what, and what was accepted)."
+        ),
+    ]
+    path.write_text("\n\n".join(parts) + "\n")
+
+
+def plot_perplexity(methods: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    names = list(methods)
+    columns = [*next(iter(methods.values()))["per_domain"], "average"]
+    values = np.array([[methods[m]["per_domain"].get(c, methods[m]["average"]) for c in columns] for m in names])
+    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 3, 0.45 * len(names) + 1.5))
+    im = ax.imshow(values, cmap="viridis_r", norm=LogNorm(vmin=values.min(), vmax=values.max()), aspect="auto")
+    contenders = [k for k, n in enumerate(names) if n != "oracle"]
+    for i in range(len(names)):
+        for j in range(len(columns)):
+            bold = names[i] != "oracle" and values[i, j] == values[contenders, j].min()
+            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                    fontweight="bold" if bold else "normal",
+                    color="white" if values[i, j] > math.sqrt(values.min() * values.max()) else "black")  # fmt: skip
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_title("held-out perplexity (lower is better; bold: best method per column)")
+    fig.colorbar(im, ax=ax, label="perplexity (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_routing(routing: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains = list(routing)
+    layers = list(routing[domains[0]])
+    experts = list(routing[domains[0]][layers[0]])
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 0.9 * len(experts) * len(layers), 0.5 * len(domains) + 2),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for ax, layer in zip(axes[0], layers):
+        share = np.array([[routing[d][layer][e] for e in experts] for d in domains])
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        for i in range(len(domains)):
+            for j in range(len(experts)):
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black")  # fmt: skip
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_title(layer)
+        ax.set_xlabel("expert (top-1)")
+    axes[0][0].set_ylabel("held-out domain")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def export_model(model, out: Path, public_dir: Path, rows: torch.Tensor) -> dict:
+    """Write the model as a transformers FlexOlmo checkpoint and check it reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.hf import export
+
+    export(model, out, format="flexolmo", tokenizer=str(public_dir))
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    batch = rows[:4]
+    with torch.inference_mode():
+        diff = (hf(input_ids=batch).logits.float() - model(input_ids=batch, use_cache=False).logits.float()).abs().max()
+    return {"dir": str(out), "format": "flexolmo", "class": type(hf).__name__, "max_abs_logit_diff": float(diff)}
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+
+def _prepare_out(out: str, overwrite: bool) -> Path:
+    root = Path(os.path.expanduser(out)).resolve()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--out {root} is a file; give a directory for the demo's outputs")
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / MARKER).is_file():
+            raise FileExistsError(f"--out {root} is not empty and holds no earlier demo run; choose a new directory")
+        if not overwrite:
+            raise FileExistsError(f"--out {root} holds an earlier demo run; pass --overwrite to replace it, "
+                                  "or choose another directory")  # fmt: skip
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("flexmoe demo output; `flexmoe demo --overwrite` may delete this directory\n")
+    return root
+
+
+def demo(
+    out: str,
+    fast: bool = False,
+    settings: DemoConfig | None = None,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Run FlexOlmo's whole flow and every comparison method, and write the report (the main job).
+
+    Trains a public model on local text, runs the owners and the coordinator as Flower apps on
+    the simulation engine, builds the merged model with the default routing recipe, tunes its
+    router, trains the baselines (soups, BTM, BTX, an unrestricted MoE) and scores every one of
+    them on each domain's held-out text. Writes ``OUT/report.json``, ``OUT/report.md``,
+    ``OUT/perplexity.png``, ``OUT/routing.png`` and ``OUT/model`` (loads with
+    ``transformers.AutoModelForCausalLM``). See docs/demo.md.
+
+    Args:
+        out: Output directory (new or empty, or an earlier demo's with ``--overwrite``).
+        fast: The small preset (a few minutes; what CI runs) instead of the default sizes.
+        settings: Sizes (``--settings.expert_steps 300``, or ``settings:`` in a ``--config`` YAML);
+            with ``--fast``, the ones that differ from the default sizes override the fast preset.
+        threads: Torch CPU threads (default: half the cores, at most 4); the simulated owners
+            each get this many.
+        overwrite: Replace an earlier demo's output in ``out``.
+
+    Returns the report (``report.json``'s content).
+    """
+    import logging
+
+    cfg = (DemoConfig.fast() if fast else DemoConfig()).overriding(settings)
+    threads = threads or default_threads()
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    root = _prepare_out(out, overwrite)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    quiet = logging.getLogger("lightning.pytorch")
+    previous_level = quiet.level
+    quiet.setLevel(logging.WARNING)  # "GPU available: False ..." once per Trainer
+    try:
+        return _run(cfg, root, threads, fast)
+    finally:
+        torch.set_num_threads(previous_threads)
+        quiet.setLevel(previous_level)
+
+
+def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.merge import BTMEnsemble
+    from flexmoe.proxy import ProxySelection
+
+    stages = Stages()
+    stages.log(f"writing to {root}; {'fast preset' if fast else 'default sizes'}, {threads} torch thread(s)")
+    data_dir, public_dir = root / "data", root / "public"
+    corpus = stages.run("data", "building the local corpus", build_corpus, cfg, data_dir)
+    domains = corpus["domains"]
+    stages.log("; ".join(f"{d}: {len(x.train)} train / {len(x.val)} held-out docs" for d, x in domains.items()))
+    pretrained = stages.run("pretrain", f"pretraining the public model ({cfg.pretrain_steps} steps)", pretrain_public,
+                            cfg, data_dir, public_dir)  # fmt: skip
+    public_docs = list(domains[PUBLIC].train)  # what the coordinator reads from data/public/train.jsonl
+    spec = stages.run("spec", "writing the FederationSpec (no embedder; default routing recipe)", make_spec, cfg,
+                      public_dir, public_docs, root / "spec.json")  # fmt: skip
+    fed_dir = root / "federation"
+    fed = stages.run("federation", f"federation: {len(OWNERS)} owners (Flower ClientApps) and the coordinator "
+                     "(ServerApp) on the simulation engine", run_federation, cfg, fed_dir, root / "spec.json",
+                     public_dir, data_dir, threads)  # fmt: skip
+    coordinator = fed_dir / "coordinator"
+    artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
+                                        spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
+    proxies = {}
+    for o in OWNERS:
+        received = json.loads((coordinator / "received" / f"{o}.json").read_text())
+        if received.get("proxy"):
+            proxies[o] = ProxySelection.from_dict(received["proxy"]).texts(public_docs)
+
+    tokenizer = AutoTokenizer.from_pretrained(public_dir)
+    models = Models(public_dir, artifacts, cfg)
+    table = Table(eval_rows(cfg, corpus, tokenizer), cfg, stages)
+    table.score("public", models.public())
+    singles = {o: models.merged([o], 2) for o in OWNERS}
+    for o in OWNERS:
+        table.score(f"expert:{o}", singles[o])
+    uniform = models.soup()
+    table.score("soup", uniform)
+    members = [models.with_expert_mlp(o) for o in OWNERS]
+    table.score("weighted_soup", CausalWeightedSoup(members, uniform, cfg.weighted_soup_prefix))
+    del members, uniform
+    table.score("btm", BTMEnsemble([models.public(), *singles.values()], top_k=cfg.btm_top_k))
+    btx_model = stages.run("btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models, data_dir, stages)
+    table.score("btx", btx_model)
+    del btx_model
+    no_rt, tuned, flexolmo_summary = flexolmo_models(cfg, models, spec, public_docs, proxies, tokenizer, stages)
+    table.score("flexolmo_no_rt", no_rt)
+    table.score("flexolmo", tuned)
+    unrestricted = stages.run("unrestricted", f"unrestricted MoE trained on all the data ({cfg.unrestricted_steps} "
+                              "steps)", train_unrestricted, cfg, models, data_dir)  # fmt: skip
+    table.score("unrestricted", unrestricted)
+    del unrestricted
+    table.oracle({PUBLIC: models.public(), **singles})
+
+    exported = stages.run("export", "exporting the flexolmo model (transformers FlexOlmo)", export_model, tuned,
+                          root / "model", public_dir, table.rows[PUBLIC])  # fmt: skip
+    stages.times["total"] = round(time.perf_counter() - stages.started, 1)
+    report = {
+        "methods": table.methods,
+        "settings": settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported,
+                                    table.rows),
+        "wall_times": stages.times,
+    }
+    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (root / "routing.json").write_text(json.dumps(table.routing, indent=1) + "\n")
+    routing = table.routing.get("flexolmo")
+    plot_perplexity(table.methods, root / "perplexity.png")
+    plot_routing(routing, root / "routing.png", "flexolmo: top-1 expert share per held-out domain, per layer")
+    write_markdown(root / "report.md", report, routing)
+    stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
+    print("\n" + markdown_table(table.methods, list(table.rows)) + "\n", flush=True)
+    for line in findings(table.methods, routing):
+        print("- " + line.replace("**", "").replace("`", ""), flush=True)
+    return report
+
+
+def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, rows) -> dict:
+    import platform
+
+    import flwr
+    import transformers
+
+    domains = corpus["domains"]
+    return {
+        "config": dataclasses.asdict(cfg),
+        "fast": fast,
+        "threads": threads,
+        "public_domains": list(PUBLIC_DOMAINS),
+        "owners": list(OWNERS),
+        "corpus": {
+            d: {"train_docs": len(x.train), "val_docs": len(x.val), "eval_tokens": int(rows[d].numel())}
+            for d, x in domains.items()
+        },
+        "public_model": {k: pretrained.get(k) for k in ("parameters", "train_tokens", "val_ppl_init", "val_ppl")},
+        "embedder": None,
+        "routing": dataclasses.asdict(spec.routing),
+        "router_tuning": dataclasses.asdict(dataclasses.replace(spec.router_tuning, enabled=True)),
+        "flexolmo": flexolmo_summary,
+        "btm": {"members": ["public", *(f"expert:{o}" for o in OWNERS)], "prior": "uniform", "top_k": cfg.btm_top_k},
+        "federation": {
+            "engine": "flwr.simulation.run_simulation (Ray)",
+            "supernodes": len(OWNERS),
+            "accepted": fed.get("accepted"),
+            "status": fed.get("status"),
+            "coordinator_report": "federation/coordinator/report.json",
+        },
+        "export": exported,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "flwr": flwr.__version__,
+        },
+        "cpu_count": os.cpu_count(),
+    }
