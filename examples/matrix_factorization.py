@@ -82,12 +82,15 @@ def log(msg: str) -> None:
 # -- the matrix ----------------------------------------------------------------------------------
 
 
-def corpus_tokens(domains: Sequence[str] = PROSE_DOMAINS, max_docs_per_domain: int | None = None) -> list[str]:
-    """Lower-cased ``[a-z]+`` words of every document (train and validation) of ``domains``."""
-    corpus = local_corpus(max_docs_per_domain, domains=list(domains))
+def corpus_tokens(domains: Sequence[str] = PROSE_DOMAINS, max_docs_per_domain: int | None = None,
+                  corpus: dict | None = None) -> list[str]:  # fmt: skip
+    """Lower-cased ``[a-z]+`` words of every document (train and validation) of ``domains``, read
+    from ``corpus`` (a :func:`~flexmoe.corpus.local_corpus` result) or a new local corpus."""
+    if corpus is None:
+        corpus = local_corpus(max_docs_per_domain, domains=list(domains))
     tokens = []
-    for domain in corpus.values():
-        for doc in domain.documents:
+    for name in domains:
+        for doc in corpus[name].documents:
             tokens.extend(WORD.findall(doc.lower()))
     return tokens
 
