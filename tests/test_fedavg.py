@@ -67,3 +67,21 @@ def test_settings_come_from_the_run_config():
         FedAvgSettings(model="m", local_steps=0)
     with pytest.raises(ValueError, match="starting model"):
         FedAvgSettings(model="")
+
+
+def test_each_supernode_finds_its_own_data():
+    from flwr.app import Context, RecordDict
+
+    from flexmoe.federation.fedavg import _data_path
+
+    def context(node, run=None):
+        return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=run or {})
+
+    simulated = {"partition-id": 1, "num-partitions": 2}
+    assert _data_path(context(simulated, {"data-paths": "a.jsonl, b.jsonl"}), None) == "b.jsonl"
+    assert _data_path(context(simulated), ["x", "y"]) == "y"  # make_client_app(data_paths=...)
+    assert _data_path(context({"data-path": "/data/notes"}, {"data-paths": "a,b"}), ["x"]) == "/data/notes"
+    with pytest.raises(ValueError, match="one path per SuperNode"):
+        _data_path(context(simulated, {"data-paths": "a.jsonl"}), None)
+    with pytest.raises(ValueError, match="--node-config"):
+        _data_path(context({}), None)
