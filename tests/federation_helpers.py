@@ -73,9 +73,7 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(pem))
     paths["cert"].write_bytes(cert.public_bytes(pem))
-    paths["key"].write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    paths["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
 
@@ -159,7 +157,9 @@ class Deployment:
         raise TimeoutError(f"flower-superlink did not start:\n{self.logs['superlink'].read_text()}")
 
     def start_supernode(self, name: str, node_config: dict) -> subprocess.Popen:
-        config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in node_config.items())
+        config = " ".join(
+            f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in node_config.items()
+        )
         argv = [str(BIN / "flower-supernode"), "--superlink", self.address, "--node-config", config,
                 "--port", str(free_port())]  # fmt: skip
         argv += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
@@ -173,7 +173,7 @@ class Deployment:
         env = self.env("cli")
         env["FLWR_HOME"] = str(self.cli_home)
         result = subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=self.root, capture_output=True, text=True,
-                                timeout=timeout)  # fmt: skip
+                                timeout=timeout, check=False)  # fmt: skip
         if check and result.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
@@ -191,9 +191,20 @@ class Deployment:
         out = self.flwr("ls", "test", "--run-id", str(run_id), "--format", "json").stdout
         return json.loads(out[out.index("{") :])["runs"][0]
 
-    def wait(self, run_id: int, timeout: float) -> dict:
-        """The run's final ``flwr ls`` entry (``status`` like ``finished:completed``)."""
+    def wait(self, run_id: int, timeout: float, until=None) -> dict:
+        """The run's final ``flwr ls`` entry (``status`` like ``finished:completed``).
+
+        ``until``: a cheap check (e.g. that the coordinator wrote its report) polled first, so the
+        ``flwr`` command, a Python process of its own, is not started every few seconds on a busy machine.
+        """
         deadline = time.monotonic() + timeout
+        checked = time.monotonic()
+        while until is not None and not until() and time.monotonic() < deadline:
+            if time.monotonic() - checked > 30:  # in case the run failed before writing anything
+                if self.status(run_id)["status"].startswith("finished"):
+                    break
+                checked = time.monotonic()
+            time.sleep(1)
         while True:
             run = self.status(run_id)
             if run["status"].startswith("finished") or time.monotonic() > deadline:
@@ -211,13 +222,13 @@ class Deployment:
         proc.wait(timeout=30)
 
     def close(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for proc in reversed(list(self.procs.values())):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     continue
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -228,7 +239,7 @@ class Deployment:
             except ProcessLookupError:
                 pass
 
-    def __enter__(self) -> Deployment:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -143,6 +143,9 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.phase = "preparing"
         self.progress()
+        if self.s.router_tuning is None and self.spec.router_tuning.enabled and not self.s.public_data:
+            raise ValueError("the spec enables router tuning, which needs the public data: set run config "
+                             "'public-data', or 'router-tuning=false'")  # fmt: skip
         self.earlier = sorted(self.artifacts_dir.glob("*.safetensors"))
         if not self.s.resume and (self.earlier or (self.out / "model").exists()):
             raise FileExistsError(
@@ -329,25 +332,32 @@ class Coordinator:
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, owners: list[str]) -> None:
-        """Assemble ``[public, e_1 ... e_n]`` (expected-owners order), tune the router, export."""
+        """FlexOlmo steps 3-4: assemble ``[public, e_1 ... e_n]`` (expected-owners order), set the
+        routers by the spec's routing recipe, optionally tune them, and export."""
         import flexmoe
         from flexmoe.cli import detect_format
+        from flexmoe.hf import target_format
+        from flexmoe.upcycle import settings as moe_settings
 
         self.phase = "merging"
         self.progress()
         t = time.monotonic()
-        paths = [self.artifacts_dir / f"{o}.safetensors" for o in owners]
-        model = flexmoe.assemble(self.public, paths, top_k=self.s.top_k or None, spec_sha256=self.spec.sha256)
-        from flexmoe.upcycle import settings as moe_settings
-
+        artifacts = [
+            ExpertArtifact.load(self.artifacts_dir / f"{o}.safetensors", fingerprint=self.spec.fingerprint,
+                                spec_sha256=self.spec.sha256)
+            for o in owners
+        ]  # fmt: skip
+        model = flexmoe.assemble(self.public, artifacts, top_k=self.s.top_k or None, spec_sha256=self.spec.sha256)
         self.summary["experts"] = list(moe_settings(model).owners)
-        self.summary["merge_seconds"] = time.monotonic() - t
+        target = target_format(model, self.s.export_format)
         tokenizer = None
-        tune = self.s.router_tuning and self.spec.router_tuning.enabled
-        if tune or self.public_docs is not None:
+        if self.public_docs is not None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.public_path)
+        self.summary["routing_recipe"] = self.route(model, artifacts, tokenizer, exportable=target != "native")
+        self.summary["merge_seconds"] = time.monotonic() - t
+        tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
         if tune:
             from flexmoe.router_tuning import tune_router
 
@@ -361,8 +371,8 @@ class Coordinator:
         else:
             why = (
                 "run config router-tuning=false"
-                if not self.s.router_tuning
-                else "the spec's router_tuning.enabled=false"
+                if self.s.router_tuning is False
+                else "spec router_tuning.enabled=false"
             )
             self.summary["router_tuning"] = {"skipped": why}
         if self.public_docs is not None:
@@ -370,30 +380,43 @@ class Coordinator:
         self.phase = "exporting"
         self.progress()
         t = time.monotonic()
-        target = self.out / "model"
-        if target.exists() and self.s.resume:
-            shutil.rmtree(target)  # our own earlier export, rebuilt from the kept artifacts
-        fmt = self.export_format(model)
-        flexmoe.export(
-            model, target, format=fmt, allow_approximate=self.s.allow_approximate, tokenizer=self.public_path
-        )
-        self.summary["export"] = {"dir": str(target), "format": detect_format(target), "requested": self.s.export_format,
+        out = self.out / "model"
+        if out.exists() and self.s.resume:
+            shutil.rmtree(out)  # our own earlier export, rebuilt from the kept artifacts
+        # Routers folded for a transformers format export to it exactly; otherwise "auto" falls back to
+        # native unless allow-approximate accepts dropping the router biases (FlexOlmo's merge drops them).
+        folded = self.summary["routing_recipe"].get("folded", False)
+        requested = self.s.export_format
+        fmt = target if requested != "auto" or folded or self.s.allow_approximate else "auto"
+        flexmoe.export(model, out, format=fmt, allow_approximate=self.s.allow_approximate, tokenizer=self.public_path)
+        self.summary["export"] = {"dir": str(out), "format": detect_format(out), "requested": requested,
                                   "allow_approximate": self.s.allow_approximate,
                                   "seconds": time.monotonic() - t}  # fmt: skip
-        say(f"merged {len(owners)} expert(s) -> {target} ({self.summary['export']['format']})")
+        say(f"merged {len(owners)} expert(s) -> {out} ({self.summary['export']['format']})")
+
+    def route(self, model, artifacts, tokenizer, *, exportable: bool) -> dict:
+        """The spec's routing recipe (docs/routing.md): the discriminant router from the owners'
+        shipped statistics and the public data, or FlexOlmo's published merge (router rows stacked)
+        when the recipe says so, there is no public data, or an owner shipped no statistics."""
+        recipe = self.spec.routing
+        if recipe.method == "published":
+            return {"method": "published"}
+        missing = [a.owner for a in artifacts if a.routing_stats is None]
+        if self.public_docs is None or missing:
+            why = f"owners {missing} shipped no routing statistics" if missing else "no run config 'public-data'"
+            self.notes.append(f"routing recipe {recipe.method!r} not applied ({why}); FlexOlmo's published merge used")
+            return {"method": "published", "wanted": recipe.method}
+        from flexmoe.evaluate import pack_domain
+        from flexmoe.routing import route
+
+        rows = pack_domain(self.public_docs, tokenizer, self.spec.expert.seq_len)
+        summary = route(model, artifacts, rows, recipe, exportable=exportable)
+        return {**{k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))}, "folded": exportable}
 
     def proxy_texts(self, owner: str) -> list[str]:
         from flexmoe.proxy import ProxySelection
 
         return ProxySelection.from_dict(self.owners[owner].proxy).texts(self.public_docs)
-
-    def export_format(self, model) -> str:
-        """``auto`` with ``allow-approximate`` means: the base's transformers format even if it drops
-        router biases (FlexOlmo's own merge drops them too); plain ``auto`` falls back to native."""
-        if self.s.export_format != "auto" or not self.s.allow_approximate:
-            return self.s.export_format
-        base = model.config.model_type
-        return {"olmo2": "flexolmo", "llama": "mixtral", "mistral": "mixtral"}.get(base, "native")
 
     def routing_usage(self, model, tokenizer, owners: list[str]) -> dict:
         """Top-1 routing shares of the merged model on public text and each owner's proxy set."""

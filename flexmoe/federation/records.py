@@ -173,7 +173,8 @@ class CoordinatorSettings:
         public_model: the coordinator's copy of the public model (default: the spec's).
         public_data: public corpus: router tuning data, and what proxy ids index.
         top_k: experts per token in the exported model; 0 means all.
-        router_tuning: tune the router after the merge (needs ``public_data``).
+        router_tuning: tune the router after the merge (needs ``public_data``); ``None`` (run config
+            ``"spec"``) does what the spec's ``router_tuning.enabled`` says.
         resume: keep artifacts already accepted in ``out_dir``; train only the missing owners.
         export_format: ``auto``, ``flexolmo``, ``mixtral`` or ``native``.
         allow_approximate: export to a transformers format even when it drops router biases.
@@ -190,7 +191,7 @@ class CoordinatorSettings:
     public_model: str = ""
     public_data: str = ""
     top_k: int = 0
-    router_tuning: bool = True
+    router_tuning: bool | None = None
     resume: bool = False
     export_format: str = "auto"
     allow_approximate: bool = False
@@ -244,7 +245,9 @@ class CoordinatorSettings:
             public_model=_path(str(c.get("public-model", ""))),
             public_data=_path(str(c.get("public-data", ""))),
             top_k=get("top-k", int, 0),
-            router_tuning=as_bool(c.get("router-tuning", True), "router-tuning"),
+            router_tuning=None
+            if c.get("router-tuning", "spec") == "spec"
+            else as_bool(c["router-tuning"], "router-tuning"),
             resume=as_bool(c.get("resume", False), "resume"),
             export_format=str(c.get("export-format", "auto")),
             allow_approximate=as_bool(c.get("allow-approximate", False), "allow-approximate"),

@@ -57,6 +57,13 @@ def render(report: dict) -> str:
         lines += [f"- {n}: {', '.join(f'{x:.2f}' for x in v)}" for n, v in own.items() if v]
     if report.get("experts"):
         lines += ["", "## Merged model", "", f"- experts, in order: {', '.join(report['experts'])}"]
+        recipe = report.get("routing_recipe") or {}
+        if recipe.get("method") == "lda":
+            lines.append(f"- routing: discriminant router (lda, {recipe.get('covariance')} covariance, shrinkage "
+                         f"{recipe.get('shrinkage')}) from the owners' statistics and {recipe.get('public_tokens')} "
+                         f"public tokens{'; biases folded into the rows' if recipe.get('folded') else ''}")  # fmt: skip
+        elif recipe:
+            lines.append("- routing: FlexOlmo's published merge (the owners' router rows stacked)")
         rt = report.get("router_tuning") or {}
         if "skipped" in rt:
             lines.append(f"- router tuning: skipped ({rt['skipped']})")

@@ -1,0 +1,325 @@
+"""The Flower federation (DESIGN.md "Federation"): owners' ClientApps and the coordinator's ServerApp.
+
+The end-to-end tests start a real ``flower-superlink`` and real ``flower-supernode`` processes on
+loopback (tests/federation_helpers.py), submit the app in examples/federation with ``flwr run``,
+and read the run's final status with ``flwr ls`` (``flwr run`` returns as soon as the run is
+submitted, and would exit 0 even if the ServerApp failed). The public model is the tiny OLMo-2
+of ``conftest.public_dir``; owners train 10 steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import license_texts
+from federation_helpers import Deployment, wait_for
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from flexmoe.artifact import ArtifactError
+from flexmoe.expert import load_public_model
+from flexmoe.federation.client_app import OwnerResult, app, reply_content
+from flexmoe.federation.coordinator import Coordinator, OwnerState
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    METRICS,
+    PROXY,
+    REPLY_RECORDS,
+    CoordinatorSettings,
+    OwnerSettings,
+    read_artifact_file,
+)
+from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
+from flexmoe.upcycle import fingerprint
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "federation"
+CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
+RUN_TIMEOUT = 480.0  # seconds; generous for a loaded 2-core machine
+
+
+@dataclass
+class World:
+    root: Path
+    spec: Path
+    public_model: Path
+    public_data: Path
+    data: dict[str, Path]
+
+    def run_config(self, out: Path, owners: str, **overrides) -> dict:
+        return {
+            "spec": str(self.spec),
+            "expected-owners": owners,
+            "out-dir": str(out),
+            "public-data": str(self.public_data),
+            "router-tuning": True,
+            "allow-approximate": True,
+            "connect-timeout": 300.0,
+            "train-timeout": 300.0,
+            "poll-interval": 1.0,
+            **overrides,
+        }
+
+    def node(self, owner: str, data: str | None = None, **extra) -> dict:
+        return {"owner": owner, "data-path": str(self.data[data or owner]), "work-dir": str(self.root / "owners" / owner),
+                **extra}  # fmt: skip
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(public_dir, tmp_path_factory) -> World:
+    """The public model and spec, two owners' small corpora (licences, Python code) and the public corpus."""
+    root = tmp_path_factory.mktemp("federation")
+    spec = FederationSpec(
+        public_model=str(public_dir),
+        fingerprint=fingerprint(load_public_model(public_dir)),
+        embedder=None,  # the hidden-state router init and TF-IDF proxy selection: no embedder to load
+        expert=ExpertRecipe(max_steps=10, batch_size=4, seq_len=32, warmup_steps=2),
+        router_tuning=RouterTuningRecipe(max_steps=5, batch_size=4, seq_len=32, warmup_steps=1),
+        proxy=ProxyBudget(min_docs=3),
+    )
+    spec.save(root / "spec.json")
+    licences = [t[:3000] for t in license_texts()]
+    code = [p.read_text()[:3000] for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:24]]
+    data = {
+        "licences": _write_jsonl(root / "data" / "licences" / "train.jsonl", licences[:8]).parent,
+        "code": _write_jsonl(root / "data" / "code" / "train.jsonl", code[:12]).parent,
+        "canary": _write_jsonl(root / "data" / "canary" / "train.jsonl", [CANARY * 20, *licences[:6]]).parent,
+    }
+    data.update(a=data["licences"], b=data["code"], c=data["licences"], d=data["code"])
+    public = _write_jsonl(root / "data" / "public.jsonl", licences[8:] + code[12:])
+    return World(root, root / "spec.json", Path(public_dir), public, data)
+
+
+def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- end to end, real processes ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crash_run(world, tmp_path_factory):
+    """Owners a and b are good, c sends an expert trained on another public model (fault
+    injection), d's SuperNode is killed (SIGKILL) while it trains; quorum 2."""
+    root = tmp_path_factory.mktemp("crash_run")
+    out = root / "coordinator"
+    with Deployment(root / "deployment") as d:
+        d.start_superlink()
+        d.start_supernode("a", world.node("a"))
+        d.start_supernode("b", world.node("b", **{"public-data": str(world.public_data), "share-proxy": True}))
+        d.start_supernode("c", world.node("c", **{"fault-injection": "wrong-fingerprint"}))
+        d.start_supernode("d", world.node("d"))
+        run_id = d.run(APP, world.run_config(out, "a,b,c,d", quorum=2))
+        wait_for(lambda: "Receiving: train message" in d.logs["supernode-d"].read_text(), 300, "d to receive the spec")
+        time.sleep(3)  # d's ClientApp is starting its training
+        d.kill("supernode-d", signal.SIGKILL)
+        run = d.wait(run_id, RUN_TIMEOUT, until=(out / "report.json").is_file)
+        log = d.log(run_id) if run["status"] != "finished:completed" else ""
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    return {"run": run, "log": log, "out": out, "report": report}
+
+
+def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_crashed_owner(crash_run, world):
+    run, report, out = crash_run["run"], crash_run["report"], crash_run["out"]
+    assert run["status"] == "finished:completed", (run, crash_run["log"][-4000:])
+    assert report["status"] == "merged"
+    assert report["accepted"] == ["a", "b"]
+    # (b) the corrupt expert is rejected with the field and the expected and found values
+    assert set(report["rejected"]) == {"c"}
+    assert "fingerprint" in report["rejected"]["c"] and "0" * 64 in report["rejected"]["c"]
+    # (a) the killed SuperNode's owner is named as missing, with why
+    assert set(report["missing"]) == {"d"}
+    assert report["owners"]["d"]["status"] == "failed" and report["missing"]["d"]
+    md = (out / "report.md").read_text()
+    for owner in "abcd":
+        assert f"| {owner} | " in md
+    # Accepted artifacts are kept, rejected ones are not; only b allowed its proxy selection out.
+    assert sorted(p.name for p in (out / "artifacts").glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
+    assert report["owners"]["a"]["proxy"] is None and len(report["owners"]["b"]["proxy"]["indices"]) == 3
+    assert report["owners"]["a"]["training_tokens"] == 10 * 4 * 32
+    assert report["router_tuning"]["steps"] == 5 and report["router_tuning"]["proxy_owners"] == ["b"]
+
+    # The export is a transformers FlexOlmo model whose experts are exactly [public, a, b].
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(hf).__name__ == "FlexOlmoForCausalLM" and hf.config.num_experts == 3
+    public = load_public_model(world.public_model)
+    state, inter = hf.state_dict(), public.config.intermediate_size
+    for j, owner in enumerate(["a", "b"], start=1):  # transformers fuses experts: gate rows, then up rows
+        tensors, _ = read_artifact_file(out / "artifacts" / f"{owner}.safetensors")
+        gate_up = state["model.layers.0.mlp.experts.gate_up_proj"][j]
+        torch.testing.assert_close(gate_up[:inter], tensors["layers.0.expert.gate_proj.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(gate_up[inter:], tensors["layers.0.expert.up_proj.weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        ids = torch.randint(3, public.config.vocab_size, (1, 16))
+        assert torch.isfinite(hf(ids).logits).all()
+    # An owner sends its expert, not a model: far fewer bytes than a full-model (FedAvg) upload.
+    full_model = sum(p.numel() * p.element_size() for p in public.parameters())
+    assert 0 < report["owners"]["a"]["upload_bytes"] < full_model / 2
+
+
+def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run, world, tmp_path):
+    """(c) The coordinator dies after accepting a's expert; a rerun with resume=true keeps it,
+    trains only b, and merges exactly the model an uninterrupted run merges. Over TLS, with
+    SuperNode authentication on."""
+    out = tmp_path / "coordinator"
+    with Deployment(tmp_path / "deployment", tls=True, auth=True) as d:
+        d.start_superlink()
+        d.start_supernode("a", world.node("a"))
+        first = d.run(APP, world.run_config(out, "a,b"))
+        progress = out / "progress.json"
+        wait_for(lambda: progress.is_file() and json.loads(progress.read_text())["owners"]["a"] == "accepted", 300,
+                 "a's expert to be accepted")  # fmt: skip
+        artifact = out / "artifacts" / "a.safetensors"
+        kept = _sha256(artifact), artifact.stat().st_mtime_ns
+        os.kill(json.loads(progress.read_text())["pid"], signal.SIGKILL)  # the coordinator crashes
+
+        d.start_supernode("b", world.node("b", **{"public-data": str(world.public_data), "share-proxy": True}))
+        second = d.run(APP, world.run_config(out, "a,b", resume=True))
+        run = d.wait(
+            second, RUN_TIMEOUT, until=lambda: json.loads(progress.read_text())["phase"] in ("merged", "failed")
+        )
+        log = d.log(second) if run["status"] != "finished:completed" else ""
+        assert d.status(first)["status"] != "finished:completed"
+        trained_a = d.logs["supernode-a"].read_text().count("Receiving: train message")
+    assert run["status"] == "finished:completed", (run, log[-4000:])
+    report = json.loads((out / "report.json").read_text())
+    assert report["accepted"] == ["a", "b"]
+    assert report["owners"]["a"]["resumed"] and not report["owners"]["b"]["resumed"]
+    assert (_sha256(artifact), artifact.stat().st_mtime_ns) == kept  # a's expert was not retrained or rewritten
+    assert trained_a == 1
+    # The same merged model as the uninterrupted run with the same owners, data and seed.
+    resumed, uninterrupted = _state_dict(out / "model"), _state_dict(crash_run["out"] / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0, msg=name)
+
+
+# -- one owner's reply, in process ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def owner_reply(world, tmp_path_factory):
+    """The real ClientApp ``train`` handler, called in this process, for an owner whose text
+    holds a canary sentence."""
+    spec = FederationSpec.load(world.spec)
+    node_config = {"owner": "canary", "data-path": str(world.data["canary"]), "public-data": str(world.public_data),
+                   "share-proxy": True, "work-dir": str(tmp_path_factory.mktemp("canary-owner"))}  # fmt: skip
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    content = RecordDict({"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}),
+                          "train": ConfigRecord({"seed": 0})})  # fmt: skip
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="flexmoe", created_at=time.time(), ttl=3600, message_type="train")  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEXMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        reply = app(Message(content, metadata=metadata), context)
+    return reply, node_config, spec
+
+
+def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
+    from transformers import AutoTokenizer
+
+    reply, node_config, _ = owner_reply
+    content = reply.content
+    assert set(content.keys()) <= REPLY_RECORDS and {EXPERT, MANIFEST, METRICS} <= set(content.keys())
+    # The expert: exactly the artifact's tensors, floating point only (token ids would be integers).
+    tensors, metadata = read_artifact_file(Path(node_config["work-dir"]) / "canary.safetensors")
+    assert set(content[EXPERT].keys()) == set(tensors)
+    assert {a.dtype for a in content[EXPERT].values()} <= {"float32", "float16", "bfloat16"}
+    # The manifest: the artifact's metadata and nothing else; no local path or text.
+    assert dict(content[MANIFEST]) == metadata
+    # The proxy selection: ids and scores of public documents only.
+    proxy = dict(content[PROXY])
+    assert set(proxy) == {"version", "budget", "num-public", "indices", "scores"}
+    public_docs = world.public_data.read_text().splitlines()
+    assert proxy["num-public"] == len(public_docs) and all(0 <= i < len(public_docs) for i in proxy["indices"])
+    # Metrics are numbers.
+    assert all(isinstance(v, (int, float, list)) for v in content[METRICS].values())
+
+    # Nowhere in the serialised reply: the local text, its data path, or its token ids (as
+    # int32 or int64, the widths a packed dataset or a tensor would use).
+    wire = b"".join(r.deflate() for r in content.values()) + b"".join(a.data for a in content[EXPERT].values())
+    assert CANARY.encode() not in wire and CANARY[:24].encode() not in wire
+    assert node_config["data-path"].encode() not in wire
+    ids = AutoTokenizer.from_pretrained(world.public_model)(CANARY, add_special_tokens=False)["input_ids"][:8]
+    for fmt in ("<%di", "<%dq"):
+        assert struct.pack(fmt % len(ids), *ids) not in wire
+
+
+@pytest.fixture
+def coordinator(world, tmp_path):
+    settings = CoordinatorSettings(spec=str(world.spec), expected_owners=["canary"], out_dir=str(tmp_path),
+                                   router_tuning=False)  # fmt: skip
+    c = Coordinator(None, settings)
+    c.start()
+    c.prepare()
+    return c
+
+
+@pytest.mark.parametrize(
+    "fault, field",
+    [("nan", "values of layers.0.expert.down_proj.weight"), ("wrong-shape", "shape of layers.0.expert.down_proj.weight"),
+     ("wrong-fingerprint", "fingerprint")],
+)  # fmt: skip
+def test_the_coordinator_rejects_a_corrupt_expert_and_names_why(owner_reply, coordinator, fault, field):
+    reply, node_config, _ = owner_reply
+    s = OwnerSettings.from_configs({**node_config, "fault-injection": fault}, {})
+    content = reply_content(OwnerResult(Path(node_config["work-dir"]) / "canary.safetensors", None), s)
+    with pytest.raises(ArtifactError, match="canary") as e:
+        coordinator.accept(OwnerState("canary"), content)
+    assert e.value.field == field
+    assert not list((coordinator.artifacts_dir).glob("*.safetensors"))
+    # The genuine reply passes the same checks and is kept at once.
+    state = OwnerState("canary")
+    coordinator.accept(state, reply.content)
+    assert state.status == "accepted" and (coordinator.artifacts_dir / "canary.safetensors").is_file()
+
+
+def test_the_coordinator_rejects_anything_sent_besides_the_expert(owner_reply, coordinator):
+    reply, _, _ = owner_reply
+    content = RecordDict(dict(reply.content))
+    content["notes"] = ConfigRecord({"text": "some local text"})
+    with pytest.raises(ArtifactError, match="reply records"):
+        coordinator.accept(OwnerState("canary"), content)
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_the_example_app_config_is_valid_coordinator_and_simulation_settings():
+    import tomllib
+
+    config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config["components"] == {"serverapp": "flexmoe.federation.server_app:app",
+                                    "clientapp": "flexmoe.federation.client_app:app"}  # fmt: skip
+    settings = CoordinatorSettings.from_run_config(config["config"])
+    assert settings.expected_owners == ["code", "unicode"] and settings.required == 2
+    # In the simulation engine, virtual SuperNode i is the i-th expected owner, with the i-th data path.
+    owner = OwnerSettings.from_configs({"partition-id": 1, "num-partitions": 2}, config["config"])
+    assert owner.owner == "unicode" and owner.data_path.endswith("unicode_names") and owner.share_proxy
+    with pytest.raises(ValueError, match="quorum"):
+        CoordinatorSettings.from_run_config({**config["config"], "quorum": 3})
+    with pytest.raises(ValueError, match="owner name"):
+        OwnerSettings.from_configs({"data-path": "x"}, {})
