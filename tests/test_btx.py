@@ -177,3 +177,14 @@ def test_the_btx_model_exports(fmt, public_dir, tmp_path, ids):
     if fmt == "auto":
         assert reloaded.config.model_type == "flex_olmo" and reloaded.config.norm_topk_prob
     assert (_logits(reloaded.eval(), ids) - _logits(moe, ids)).abs().max() <= 1e-4
+
+
+def test_flexmoe_merge_btx_is_the_function_even_after_importing_its_module():
+    import importlib
+    import types
+
+    import flexmoe.merge
+
+    module = importlib.import_module("flexmoe.merge.btx")
+    assert isinstance(flexmoe.merge.btx, types.FunctionType) and flexmoe.merge.btx is module.btx
+    assert flexmoe.merge.MoEFinetune is module.MoEFinetune

@@ -1,5 +1,8 @@
 """Merging methods: ensembles and parameter merges of independently trained models."""
 
+import sys
+import types
+
 __all__ = ["BTMEnsemble", "MoEFinetune", "btm_average", "btx"]
 
 # Branch-Train-Merge loads its members through transformers, and BTX's MoEFinetune needs Lightning:
@@ -12,14 +15,22 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(_LAZY[name])
-        # Importing flexmoe.merge.btx binds the *module* to this package's name `btx`; bind the
-        # functions and classes over it, so `flexmoe.merge.btx` is the function, as with dare/ties.
-        for other, where in _LAZY.items():
-            if where == _LAZY[name]:
-                globals()[other] = getattr(module, other)
-        return globals()[name]
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe.merge' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``flexmoe.merge.btx`` would bind the *module* to this package's name
+    ``btx``, hiding the function of that name; keep the lazy names for the functions and classes
+    (as ``dare`` and ``ties`` are the functions, not their modules)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 # Parameter merges: soups, task arithmetic, TIES, DARE (one kernel, flexmoe.merge.kernel), and merge configs.
 from flexmoe.merge.config import MergeConfig, MergeConfigError, merge
