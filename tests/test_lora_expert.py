@@ -9,19 +9,18 @@ import struct
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import LICENSES
+from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe
 from flexmoe import ArtifactError, ExpertArtifact
-from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit
 from flexmoe.data import TextDataModule
 from flexmoe.lora import LoraExpertArtifact, LoraExpertModule
 from flexmoe.routing import route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
 from flexmoe.upcycle import moe_blocks
-
-from conftest import LICENSES
 
 RANK = 4
 
@@ -85,7 +84,7 @@ def test_rank_comes_from_the_spec(spec):
 
 
 def test_artifact_carries_only_the_factors_and_is_several_times_smaller(trained, spec, tmp_path):
-    module, path = trained
+    _, path = trained
     art = LoraExpertArtifact.load(path, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
     assert art.owner == "gpl" and art.rank == RANK and art.scaling == 2.0 and art.training_tokens == 8 * 4 * 32
     assert sorted(art.targets) == ["down_proj", "gate_proj", "up_proj"]

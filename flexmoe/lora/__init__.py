@@ -24,6 +24,7 @@ _LAZY = {
     "Phatgoose": "flexmoe.lora.phatgoose",
     "PhatgooseLinear": "flexmoe.lora.phatgoose",
     "train_gates": "flexmoe.lora.phatgoose",
+    "gated": "flexmoe.lora.phatgoose",
     "LoraExpertArtifact": "flexmoe.lora.artifact",
     "LORA_FORMAT_VERSION": "flexmoe.lora.artifact",
     "LoraExpertModule": "flexmoe.lora.expert",

@@ -111,7 +111,8 @@ def check_peft_dir(path: str | os.PathLike) -> Path:
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved peft adapter (no adapter_config.json)")
     if not (path / PEFT_WEIGHTS).is_file():
-        found = " (only a pickled adapter_model.bin, which flexmoe never loads)" if (path / PEFT_PICKLED_WEIGHTS).exists() else ""
+        pickled = (path / PEFT_PICKLED_WEIGHTS).exists()
+        found = " (only a pickled adapter_model.bin, which flexmoe never loads)" if pickled else ""
         raise FileNotFoundError(
             f"{path} has no {PEFT_WEIGHTS}{found}; save the adapter with save_pretrained(safe_serialization=True)"
         )

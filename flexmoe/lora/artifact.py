@@ -198,14 +198,16 @@ class LoraExpertArtifact:
         _check_metadata(metadata, owner, path)
         for name, entry in header.items():
             if entry["dtype"] not in _DTYPES:
-                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path)
+                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"],
+                                    source=path)  # fmt: skip
         tensors = {}
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in sorted(f.keys()):
                     tensors[name] = f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ArtifactError(owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path) from e
+            got = f"{type(e).__name__}: {e}"
+            raise ArtifactError(owner, "file", "a readable safetensors file", got, source=path) from e
         art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
         art.check_structure()
         art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
@@ -242,8 +244,8 @@ class LoraExpertArtifact:
         shapes: dict[str, list[int]] = {}
         for L, names in per_layer.items():
             if names != expected:
-                raise self._error(f"LoRA tensors of layer {L}", sorted(expected), sorted(names),
-                                  hint=f"missing {sorted(expected - names)}, extra {sorted(names - expected)}")  # fmt: skip
+                hint = f"missing {sorted(expected - names)}, extra {sorted(names - expected)}"
+                raise self._error(f"LoRA tensors of layer {L}", sorted(expected), sorted(names), hint=hint)
             for short in sorted(expected):
                 key = f"layers.{L}.{short}"
                 got = list(self.tensors[key].shape)
@@ -333,7 +335,8 @@ def _public_mlps(model: nn.Module) -> list[nn.Module]:
 def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
     version = metadata.get("format_version")
     if version != LORA_FORMAT_VERSION:
-        hint = "this is a full expert artifact; load it with flexmoe.ExpertArtifact.load" if version == FORMAT_VERSION else ""
+        full = version == FORMAT_VERSION
+        hint = "this is a full expert artifact; load it with flexmoe.ExpertArtifact.load" if full else ""
         raise ArtifactError(owner, "format_version", LORA_FORMAT_VERSION, version, source=path, hint=hint)
     for key in _REQUIRED_METADATA:
         if key not in metadata:

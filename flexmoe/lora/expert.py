@@ -51,7 +51,9 @@ class LoraExpertModule(ExpertModule):
         if rank is None and spec_rank is None:
             raise ValueError("a LoRA expert needs a rank: set the spec's expert.lora_rank (or pass rank=...)")
         if rank is not None and spec_rank is not None and rank != spec_rank:
-            raise ValueError(f"rank={rank} contradicts the spec's expert.lora_rank={spec_rank}; the spec fixes the recipe")
+            raise ValueError(
+                f"rank={rank} contradicts the spec's expert.lora_rank={spec_rank}; the spec fixes the recipe"
+            )
         rank = rank if rank is not None else spec_rank
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")

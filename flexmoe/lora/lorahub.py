@@ -249,7 +249,9 @@ class LoraHub:
         self.combine(best.weights)
         from peft import get_peft_model_state_dict
 
-        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=self.ADAPTER).items()}
+        # Only the LoRA factors: not the full weights of a targeted lm_head or embedding.
+        state = get_peft_model_state_dict(self.model, adapter_name=self.ADAPTER, save_embedding_layers=False)
+        adapter = {k: v.detach().clone() for k, v in state.items()}
         return LoraHubResult(
             names=list(self.names), weights=list(best.weights), loss=best.loss, objective=best.objective,
             history=history, adapter=adapter, config=self.config, model=self.model,
@@ -329,7 +331,8 @@ def _load_pool(base: nn.Module, named: dict[str, AdapterSource]):
                 model = get_peft_model(base, config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
-            set_peft_model_state_dict(model, get_peft_model_state_dict(src, adapter_name=active), adapter_name=name)
+            state = get_peft_model_state_dict(src, adapter_name=active, save_embedding_layers=False)
+            set_peft_model_state_dict(model, state, adapter_name=name)
         elif isinstance(src, (str, os.PathLike)):
             path = check_peft_dir(src)
             if model is None:
@@ -337,7 +340,9 @@ def _load_pool(base: nn.Module, named: dict[str, AdapterSource]):
             else:
                 model.load_adapter(str(path), adapter_name=name)
         else:
-            raise TypeError(f"adapter {name!r}: expected a peft adapter directory or a peft model, got {type(src).__name__}")
+            raise TypeError(
+                f"adapter {name!r}: expected a peft adapter directory or a peft model, got {type(src).__name__}"
+            )
         configs[name] = model.peft_config[name]
         if configs[name].peft_type.value != "LORA":
             raise ValueError(f"adapter {name!r} is {configs[name].peft_type.value}, not LoRA")

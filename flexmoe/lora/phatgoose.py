@@ -56,8 +56,10 @@ class GatedAdapter:
                              f"{sorted(set(self.gates) - set(self.modules))[:3]}")  # fmt: skip
         for module, f in self.modules.items():
             if list(self.gates[module].shape) != [f.A.shape[1]]:
-                raise ValueError(f"gated adapter {self.name!r}, module {module!r}: gate shape "
-                                 f"{list(self.gates[module].shape)}, expected [{f.A.shape[1]}] (the input width)")  # fmt: skip
+                raise ValueError(
+                    f"gated adapter {self.name!r}, module {module!r}: gate shape "
+                    f"{list(self.gates[module].shape)}, expected [{f.A.shape[1]}] (the input width)"
+                )
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: ``{module}.lora_A``, ``.lora_B``, ``.gate``, ``.scaling`` per module."""
@@ -101,7 +103,7 @@ class GatedAdapter:
                     raise error("tensor names", "{module}.lora_A / lora_B / gate / scaling", key)
                 t = f.get_tensor(key)
                 if not t.is_floating_point() or not torch.isfinite(t).all():
-                    raise error(f"values of {key}", "finite floating-point numbers", f"{t.dtype}, non-finite or not float")
+                    raise error(f"values of {key}", "finite floating-point numbers", f"{t.dtype} with NaN/Inf or ints")
                 parts.setdefault(m.group(1), {})[m.group(2)] = t
         modules, gates = {}, {}
         for module, p in parts.items():
@@ -128,7 +130,7 @@ class GatedAdapter:
 class _Gate:
     """``LoRA(x) * sigmoid(v . x)`` on one peft LoRA layer, through hooks (the layer is unchanged)."""
 
-    def __init__(self, layer: nn.Module, adapter: str, v: nn.Parameter):
+    def __init__(self, layer: nn.Module, adapter: str, v: torch.Tensor):
         self.v, self.x = v, None
         self.handles = [
             layer.register_forward_pre_hook(self._keep_input, with_kwargs=True),
@@ -148,6 +150,26 @@ class _Gate:
         self.x = None
 
 
+@contextlib.contextmanager
+def gated(
+    model_with_lora: nn.Module, gates: dict[str, torch.Tensor], adapter: str | None = None
+) -> Iterator[nn.Module]:
+    """Within the block, every LoRA module of ``adapter`` computes ``W x + LoRA(x) * sigmoid(v . x)``
+    with ``v = gates[module name]`` (PHATGOOSE's gated module, section 3.1); restored on exit."""
+    adapter = adapter or active_adapter(model_with_lora)
+    layers = {n: m for n, m, _ in lora_layers(model_with_lora, adapter)}
+    if set(gates) != set(layers):
+        missing, extra = sorted(set(layers) - set(gates))[:3], sorted(set(gates) - set(layers))[:3]
+        raise ValueError(f"gates for {len(gates)} modules but adapter {adapter!r} has {len(layers)} LoRA modules; "
+                         f"missing {missing}, extra {extra}")  # fmt: skip
+    hooks = [_Gate(layers[n], adapter, v) for n, v in gates.items()]
+    try:
+        yield model_with_lora
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def train_gates(
     model_with_lora: nn.Module,
     data,
@@ -156,7 +178,7 @@ def train_gates(
     tokenizer=None,
     adapter: str | None = None,
     name: str | None = None,
-    lr: float = 1e-2,
+    lr: float = 1e-3,
     batch_size: int = 8,
     seq_len: int = 128,
     seed: int = 0,
@@ -165,9 +187,9 @@ def train_gates(
     """Train PHATGOOSE gate vectors for the (frozen) LoRA adapter of a ``peft`` model.
 
     Every LoRA module's output becomes ``LoRA(x) * sigmoid(v . x)`` with ``v`` (one per module,
-    ``[in_features]``) initialised to 0; only the ``v`` train (AdamW, weight decay 0), on the
-    language-modelling loss over ``data``, for ``steps`` steps. The model is left as it was
-    (hooks removed, ``requires_grad`` restored).
+    ``[in_features]``) initialised to 0 (:func:`gated`); only the ``v`` train (Adam, lr 1e-3 by
+    default), on the language-modelling loss over ``data``, for ``steps`` steps. The model is left
+    as it was (hooks removed, ``requires_grad`` restored).
 
     Args:
         model_with_lora: a ``peft`` model (or a model with peft LoRA layers injected).
@@ -181,11 +203,9 @@ def train_gates(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     adapter = adapter or active_adapter(model_with_lora)
-    layers = list(lora_layers(model_with_lora, adapter))
     device = next(model_with_lora.parameters()).device
-    torch.manual_seed(seed)
+    layers = lora_layers(model_with_lora, adapter)
     gates = {n: nn.Parameter(torch.zeros(m.in_features, device=device)) for n, m, _ in layers}
-    hooks = [_Gate(m, adapter, gates[n]) for n, m, _ in layers]
     trainable = {p: p.requires_grad for p in model_with_lora.parameters()}
     was_training = model_with_lora.training
     batches = _batches(data, tokenizer, seq_len, batch_size, seed)
@@ -194,21 +214,21 @@ def train_gates(
         for p in trainable:
             p.requires_grad_(False)
         model_with_lora.train()
-        bar = tqdm(range(steps), desc=f"gates {name or adapter}", disable=not progress or None, file=sys.stderr)
-        for _ in bar:
-            ids = next(batches).to(device)
-            loss = model_with_lora(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        with gated(model_with_lora, gates, adapter):
+            bar = tqdm(range(steps), desc=f"gates {name or adapter}", disable=not progress or None, file=sys.stderr)
+            for _ in bar:
+                ids = next(batches).to(device)
+                loss = model_with_lora(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
-        for h in hooks:
-            h.remove()
         for p, flag in trainable.items():
             p.requires_grad_(flag)
         model_with_lora.train(was_training)
-    return GatedAdapter(name or adapter, lora_factors(model_with_lora, adapter), {n: v.detach().clone() for n, v in gates.items()})
+    factors = lora_factors(model_with_lora, adapter)
+    return GatedAdapter(name or adapter, factors, {n: v.detach().clone() for n, v in gates.items()})
 
 
 def _batches(data, tokenizer, seq_len: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -230,7 +250,9 @@ def _batches(data, tokenizer, seq_len: int, batch_size: int, seed: int) -> Itera
             for k in range(0, len(order), batch_size):
                 yield data[order[k : k + batch_size]].long()
     if not isinstance(data, Iterable):
-        raise TypeError(f"data must be documents, a [N, S] tensor of token ids or an iterable of batches, got {type(data)}")
+        raise TypeError(
+            f"data must be documents, a [N, S] tensor of token ids or an iterable of batches, got {type(data)}"
+        )
     for batch in itertools.cycle(data) if isinstance(data, Sequence) else _repeat(data):
         yield (batch["input_ids"] if isinstance(batch, dict) else batch).long()
 

@@ -1,0 +1,164 @@
+"""PHATGOOSE (Muqeeth et al., 2024): sigmoid gates trained on frozen LoRA adapters, then per-token,
+per-module top-k routing among the adapters.
+
+Two real LoRA adapters on two clearly different domains (English licence texts; Unicode character
+tables) are trained on a tiny OLMo-2 model, then gated and routed. The adapters sit on the output
+projection: in a 2-layer, 32-wide model, gates of adapters spread over every linear layer were
+measured near chance (docs/lora.md), while the output projection's input separates the domains."""
+
+import copy
+import json
+import struct
+
+import pytest
+import torch
+from conftest import license_texts
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flexmoe import ArtifactError
+from flexmoe.corpus import local_corpus
+from flexmoe.evaluate import pack_domain, perplexity
+from flexmoe.lora import GatedAdapter, Phatgoose, gated, lora_factors, train_gates
+
+TARGETS = ["lm_head"]
+
+
+def train_lora(base, rows, rank=4, steps=40, seed=0, targets=TARGETS):
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = rows[torch.randint(0, len(rows), (8,), generator=g)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def experts(public_dir):
+    tokenizer = AutoTokenizer.from_pretrained(public_dir)
+    base = AutoModelForCausalLM.from_pretrained(public_dir).eval()
+    licenses = license_texts()
+    unicode = local_corpus(max_docs_per_domain=12, domains=["unicode_names"])["unicode_names"]
+    domains = {"licenses": (licenses[:-3], licenses[-3:]), "unicode": (unicode.train, unicode.val)}
+    peft_models, gated_adapters = {}, []
+    for name, (train, _) in domains.items():
+        rows = pack_domain(train, tokenizer, 32)
+        peft_models[name] = train_lora(base, rows)
+        gated_adapters.append(train_gates(peft_models[name], rows, steps=100, name=name, progress=False))
+    return base, tokenizer, domains, peft_models, gated_adapters
+
+
+def test_gate_training_leaves_the_lora_and_the_model_as_they_were(experts):
+    base, tokenizer, domains, _, _ = experts
+    model = train_lora(base, pack_domain(domains["licenses"][0], tokenizer, 32), steps=5)
+    before = lora_factors(model)
+    ids = pack_domain(domains["licenses"][1], tokenizer, 32)[:2]
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    adapter = train_gates(model, domains["licenses"][0], tokenizer=tokenizer, seq_len=32, steps=5, name="lic",
+                          progress=False)  # fmt: skip
+    assert adapter.name == "lic" and set(adapter.gates) == set(before) == {"lm_head"}
+    assert adapter.gates["lm_head"].shape == (32,) and adapter.gates["lm_head"].abs().sum() > 0
+    for module, f in before.items():  # the LoRA stayed frozen
+        assert torch.equal(adapter.modules[module].A, f.A) and torch.equal(adapter.modules[module].B, f.B)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)  # hooks gone
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if "lora_" in n
+    ]  # requires_grad restored
+
+
+def test_a_gated_module_computes_lora_times_sigmoid_of_v_dot_x(experts):
+    base, tokenizer, domains, peft_models, _ = experts
+    model = peft_models["licenses"]
+    ids = pack_domain(domains["licenses"][1], tokenizer, 32)[:2]
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    f = lora_factors(model)["lm_head"]
+    with torch.no_grad():
+        h = base.model(input_ids=ids).last_hidden_state  # lm_head's input
+        want = base.lm_head(h) + (h @ f.delta().T) * torch.sigmoid(h @ v)[..., None]
+        with gated(model, {"lm_head": v}):
+            got = model(input_ids=ids).logits
+        zero = {"lm_head": torch.zeros(32)}
+        with gated(model, zero):  # v = 0 (the initialisation): half the LoRA update
+            half = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(half, base.lm_head(h) + 0.5 * (h @ f.delta().T), atol=1e-5)
+
+
+def test_routes_in_domain_tokens_mostly_to_the_matching_adapter(experts):
+    base, tokenizer, domains, _, gated_adapters = experts
+    model = Phatgoose(copy.deepcopy(base), gated_adapters, top_k=2)
+    for name, (_, val) in domains.items():
+        shares = model.top1_shares(pack_domain(val, tokenizer, 32)[:16])  # held-out documents
+        assert shares[name] > 0.65, shares
+
+
+def test_one_adapter_at_top_1_is_that_adapter_exactly(experts, ids):
+    base, tokenizer, _, peft_models, gated_adapters = experts
+    ids = ids % len(tokenizer)
+    model = Phatgoose(copy.deepcopy(base), gated_adapters[:1], top_k=1)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, peft_models["licenses"](input_ids=ids).logits, atol=1e-5)
+
+
+def test_evaluation_and_generate_work(experts):
+    base, tokenizer, domains, _, gated_adapters = experts
+    model = Phatgoose(copy.deepcopy(base), gated_adapters, top_k=2)
+    held_out = {name: val for name, (_, val) in domains.items()}
+    routed = perplexity(model, held_out, tokenizer, seq_len=32, max_tokens=512)["per_domain"]
+    public = perplexity(base, held_out, tokenizer, seq_len=32, max_tokens=512)["per_domain"]
+    assert all(routed[d] < public[d] for d in held_out), (routed, public)  # routing helps on both domains
+    prompt = tokenizer("U+0041", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 6)
+    model.settings.top_k = 1
+    assert perplexity(model, held_out, tokenizer, seq_len=32, max_tokens=512)["per_domain"] != routed
+
+
+def test_the_base_model_must_be_plain_and_fit_the_adapters(experts):
+    base, _, _, peft_models, gated_adapters = experts
+    with pytest.raises(ValueError, match="plain base model"):
+        Phatgoose(peft_models["licenses"], gated_adapters)
+    with pytest.raises(ValueError, match="unique"):
+        Phatgoose(copy.deepcopy(base), [gated_adapters[0], gated_adapters[0]])
+    other = GatedAdapter("other", {"model.layers.9.mlp.up_proj": gated_adapters[0].modules["lm_head"]},
+                         {"model.layers.9.mlp.up_proj": gated_adapters[0].gates["lm_head"]})  # fmt: skip
+    with pytest.raises(ValueError, match="no module 'model.layers.9.mlp.up_proj'"):
+        Phatgoose(copy.deepcopy(base), [other])
+
+
+def test_gated_adapters_round_trip_and_bad_files_are_refused(experts, tmp_path):
+    adapter = experts[4][0]
+    path = adapter.save(tmp_path / "lic.safetensors")
+    back = GatedAdapter.load(path)
+    assert back.name == "licenses" and torch.equal(back.gates["lm_head"], adapter.gates["lm_head"])
+    assert torch.equal(back.modules["lm_head"].B, adapter.modules["lm_head"].B)
+    assert back.modules["lm_head"].scaling == adapter.modules["lm_head"].scaling
+
+    def rewrite(change, drop=None, metadata=None):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = {**json.loads(f.read(n))["__metadata__"], **(metadata or {})}
+        t = {**load_file(str(path)), **change}
+        t.pop(drop, None)
+        bad = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}.safetensors"
+        save_file(t, str(bad), metadata=meta)
+        return bad
+
+    nan = adapter.gates["lm_head"].clone()
+    nan[3] = float("nan")
+    cases = [
+        (rewrite({"lm_head.gate": nan}), "values of lm_head.gate"),
+        (rewrite({}, drop="lm_head.gate"), "tensors of module 'lm_head'"),
+        (rewrite({"lm_head.gate": torch.zeros(31)}), "gate shape"),
+        (rewrite({}, metadata={"format_version": "9"}), "format_version"),
+    ]
+    for bad, expected in cases:
+        with pytest.raises(ArtifactError, match=expected):
+            GatedAdapter.load(bad)
