@@ -19,6 +19,11 @@ _LAZY = {
     "select_proxy": "flexmoe.proxy",
     "ProxySelection": "flexmoe.proxy",
     "RouterTuning": "flexmoe.router_tuning",
+    "btx": "flexmoe.merge.btx",
+    "MoEFinetune": "flexmoe.merge.btx",
+    "BTMEnsemble": "flexmoe.merge.btm",
+    "btm_average": "flexmoe.merge.btm",
+    "route": "flexmoe.routing",
     "tune_router": "flexmoe.router_tuning",
 }
 
@@ -33,11 +38,13 @@ def __getattr__(name):
 
 __all__ = [
     "ArtifactError",
+    "BTMEnsemble",
     "ExpertArtifact",
     "ExpertModule",
     "ExpertRecipe",
     "FederationSpec",
     "MoEBlock",
+    "MoEFinetune",
     "MoESettings",
     "ProxyBudget",
     "ProxySelection",
@@ -48,6 +55,8 @@ __all__ = [
     "add_expert",
     "assemble",
     "assemble_to_dir",
+    "btm_average",
+    "btx",
     "expert_callbacks",
     "export",
     "fingerprint",
@@ -56,6 +65,7 @@ __all__ = [
     "load_balancing_loss",
     "opt_out",
     "record_router_logits",
+    "route",
     "router_z_loss",
     "select_proxy",
     "set_top_k",
