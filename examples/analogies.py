@@ -27,7 +27,7 @@ The factorizations of ``matrix_factorization.py`` fit the *observed* entries onl
 distributed-SGD comparison is about), so nothing ties a word's vector to the contexts it never
 occurs with; as word vectors they answer almost no analogies. The SVD, which counts every
 unobserved entry as a zero, is the dense reference that shows it is the loss and not the
-rank: see the measured table at the end of this docstring.
+rank (the measured tables are at the end of this docstring).
 
 **Models.** The same arithmetic on task vectors ``τ = θ_ft − θ_base``
 (:class:`flexmoe.merge.TaskVector`, :func:`flexmoe.merge.analogy`). By default four text domains
@@ -43,6 +43,42 @@ itself (which the analogy does not use). ``--experts A B C --base DIR`` evaluate
 ``transformers`` models instead (e.g. ``OUT/models/*`` of an earlier run) and trains nothing.
 
 Run ``python examples/analogies.py --help``.
+
+Measured with the defaults (``python examples/analogies.py``; 2 CPU cores shared with other jobs,
+load average 5-10: 3 min 30 s wall, 72 s of CPU; every number is deterministic)::
+
+    7740 questions (plural 3782, 3rd person 930, past 1122, gerund 756, -er 90, -est 20, -ly 552,
+    un- 182, agent -er 306) over a 3000-word vocabulary; accuracy over all of them:
+                          3CosAdd  3CosMul  3CosMul, unshifted cosines
+    PPMI rows (sparse)      28.2%    28.3%    7.5%
+    ALS W, rank 32           0.9%     0.3%
+    DSGD W, rank 32          1.1%     0.7%
+    SVD U√S, rank 32        21.9%    16.8%
+
+    held-out loss, nats/byte        A=DOCSTRINGS  B=stdlib_code  C=docstrings  D=STDLIB_CODE
+    base                                   6.776          2.605         2.540          4.684
+    base + τ_A                             2.572          4.314         5.912          2.518
+    base + τ_B                             4.324          2.056         2.881          3.192
+    base + τ_C                             5.006          2.457         2.345          3.846
+    base + τ_A + τ_B                       2.828          4.284         6.501          2.420
+    base + λ(τ_A + τ_B − τ_C), λ=0.5       3.105          2.679         3.437          2.620
+    base + λ(τ_A + τ_B − τ_C), λ=0.75      2.857          3.231         4.636          2.443
+    base + λ(τ_A + τ_B − τ_C), λ=1         2.843          3.924         5.900          2.427
+    oracle (fine-tuned on D)               3.013          4.199         6.100          2.165
+
+Words: on the sparse PPMI vectors 3CosMul matches 3CosAdd (28.3% vs 28.2%, far from the paper's
+margin), and only with the shift -- on raw cosines it collapses to 7.5%. On every dense
+representation here 3CosMul is *less* accurate than 3CosAdd, unlike the paper. The factorizations
+of the observed entries answer about 1%, the SVD of the same matrix 22%: the loss, not the
+rank, is what the vectors lack.
+
+Models: the analogy predicts a far better model for upper-cased code than the base (2.43 vs 4.68
+nats/byte) and than any single expert (best: τ_A, 2.52), but no better than plain addition
+``τ_A + τ_B`` (2.42): subtracting ``τ_C`` buys nothing measurable at this scale, and the oracle
+is 0.26 nats/byte better still. A shorter run (base 60 steps, experts 40, batch 16) put the
+analogy behind ``τ_A`` alone (2.83 vs 2.68 on D). Models this small and this briefly trained are
+far from the regime where task vectors add linearly (Ortiz-Jiménez et al., 2023), so read the
+model half as a demonstration of the API, not as evidence for or against task analogies.
 """
 
 from __future__ import annotations
@@ -221,17 +257,23 @@ def accuracies(sims: torch.Tensor, questions: Sequence[Question],
     return out
 
 
+SHORT = {"3CosAdd": "add", "3CosMul": "mul", "3CosMul, no shift": "mul raw"}
+LEGEND = ("add: 3CosAdd; mul: 3CosMul (cosines shifted to [0, 1], ε = 0.001); "
+          "mul raw: 3CosMul on unshifted cosines")  # fmt: skip
+
+
 def accuracy_table(results: dict[str, dict[str, dict[str, float]]], counts: dict[str, int]) -> str:
-    """Rows: relations (with question counts); columns: representation x variant."""
-    cols = [(rep, v) for rep in results for v in results[rep]]
-    w = 19
-    head1 = f"{'':30s}" + "".join(f"{rep[: w * len(results[rep]) - 1]:>{w * len(results[rep])}s}" for rep in results)
-    head2 = f"{'relation':24s}{'n':>6s}" + "".join(f"{v:>{w}s}" for _, v in cols)
+    """Rows: relations (with question counts); columns: representation x variant (:data:`LEGEND`)."""
+    w, gap = 9, "  "
+    head1 = f"{'':30s}" + "".join(f"{gap}{rep[: w * len(results[rep])]:>{w * len(results[rep])}s}" for rep in results)
+    head2 = f"{'relation':24s}{'n':>6s}" + "".join(
+        gap + "".join(f"{SHORT[v]:>{w}s}" for v in results[rep]) for rep in results
+    )
     lines = [head1, head2, "-" * len(head2)]
     for relation, n in {**counts, "all": sum(counts.values())}.items():
-        cells = "".join(f"{results[rep][v][relation]:>{w}.1%}" for rep, v in cols)
+        cells = "".join(gap + "".join(f"{acc[relation]:>{w}.1%}" for acc in results[rep].values()) for rep in results)
         lines.append(f"{relation:24s}{n:6d}{cells}")
-    return "\n".join(lines)
+    return "\n".join([*lines, LEGEND])
 
 
 def svd_factor(matrix: sp.spmatrix, rank: int, seed: int = 0) -> torch.Tensor:

@@ -46,8 +46,25 @@ touches only ``w_i`` and ``h_j``. Reported: ``L / |Ω|``. One *pass* is one visi
 The parameter-mixing steps use :func:`flexmoe.merge.average` on ``{"W": ..., "H": ...}`` state dicts
 -- the same averaging the project uses for model soups.
 
-Run ``python examples/matrix_factorization.py --help``; the plot goes to ``--out``. Measured on
-2 shared CPU cores with the defaults: see the table at the end of ``main``'s docstring.
+Run ``python examples/matrix_factorization.py --help``; the plot goes to ``--out/mf_loss.png``.
+
+Measured with the defaults (``python examples/matrix_factorization.py``; 2 CPU cores shared with
+other jobs, load average about 10: 3 min 33 s wall, 59 s of CPU; the losses are deterministic)::
+
+    3000 x 3000 word-context PPMI matrix, 318,335 observed entries (3.5%), from 540,866 tokens
+    training loss / |Ω| (rank 32, λ 0.05, p 4; ALS: one pass = one iteration)
+    method                pass 1    pass 5     final  seconds
+    sgd                   0.4477    0.1862    0.1340     16.6
+    one-shot mixing       0.4410    0.3552    0.3414     23.6
+    iterative mixing      0.4410    0.3224    0.2247     24.1
+    DSGD                  0.4577    0.1934    0.1382     41.6
+    ALS                   0.2826    0.1408    0.1102     28.8
+
+As in Gemulla et al.'s figure: DSGD follows plain SGD pass for pass (it is SGD in another order),
+ALS converges fastest per pass, iterative mixing lags, and one-shot mixing stalls at 2.5x DSGD's
+loss -- averaging two factorizations is not a factorization (``W̄ H̄ᵀ ≠ mean(W_k H_kᵀ)``), and each
+worker fitted only its own part of Ω. The seconds are wall time on the loaded machine; DSGD's
+4 processes on 2 shared cores buy no speed here.
 """
 
 from __future__ import annotations
