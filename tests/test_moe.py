@@ -1,5 +1,7 @@
 """The MoE block and router follow DESIGN.md's math exactly."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +21,9 @@ class Scale(nn.Module):
 
 
 def block(num_experts=3, top_k=None, normalize=False, hidden=4):
-    settings = MoESettings(owners=["public"] + [f"o{i}" for i in range(1, num_experts)], top_k=top_k, normalize=normalize)
+    settings = MoESettings(
+        owners=["public"] + [f"o{i}" for i in range(1, num_experts)], top_k=top_k, normalize=normalize
+    )
     router = Router(hidden, num_experts)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -141,3 +145,103 @@ def test_frozen_router_rows_get_no_gradient():
     assert r.weight.grad[0].abs().sum() == 0 and r.weight.grad[2].abs().sum() == 0
     assert r.weight.grad[1].abs().sum() > 0
     assert r.bias.grad[2] == 0 and r.bias.grad[1] != 0
+
+
+# -- both execution paths against a per-token restatement, with real gated MLP experts ---------
+
+
+def gated_block(num_experts, top_k, normalize, dtype, hidden=16, seed=0):
+    """An MoE of OLMo-2 MLPs (gate/up/down, SiLU) with a random router and random clamped biases."""
+    from transformers import Olmo2Config
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2MLP
+
+    torch.manual_seed(seed)
+    config = Olmo2Config(hidden_size=hidden, intermediate_size=24)
+    experts = [Olmo2MLP(config).to(dtype) for _ in range(num_experts)]
+    router = Router(hidden, num_experts, dtype=dtype)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.bias.uniform_(-1.0, 1.0)  # positive betas clamp to 0; bias[0] is ignored
+    owners = ["public"] + [f"o{i}" for i in range(1, num_experts)]
+    return MoEBlock(experts, router, MoESettings(owners=owners, top_k=top_k, normalize=normalize))
+
+
+def per_token_reference(b: MoEBlock, x: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md's formula one token at a time, in float64 from the block's own parameters."""
+    h = x.reshape(-1, x.shape[-1])
+    weight = b.router.weight.detach().double()
+    bias = [0.0] + [min(float(beta), 0.0) for beta in b.router.bias[1:]]
+    k = b.settings.effective_top_k()
+    experts = [copy.deepcopy(e).double() for e in b.experts]
+    rows = []
+    for t in range(h.shape[0]):
+        xt = h[t].double()
+        p = torch.softmax(weight @ xt + torch.tensor(bias, dtype=torch.float64), dim=0)
+        w, chosen = p.topk(k)
+        if b.settings.normalize:
+            w = w / w.sum()
+        rows.append(sum(w[j] * experts[int(i)](xt[None])[0] for j, i in enumerate(chosen)))
+    return torch.stack(rows).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(2, 1), (2, 2), (5, 1), (5, 2), (5, 5), (8, 2), (8, 8)])
+def test_gated_experts_match_the_per_token_formula(num_experts, top_k, normalize, dtype):
+    b = gated_block(num_experts, top_k, normalize, dtype)
+    x = torch.randn(3, 7, 16).to(dtype)
+    with torch.no_grad():
+        want = per_token_reference(b, x)
+        seen = [0] * num_experts
+        for e, expert in enumerate(b.experts):
+            expert.register_forward_hook(lambda m, args, out, e=e: seen.__setitem__(e, seen[e] + args[0].shape[0]))
+        got = b(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    else:  # bfloat16 keeps 8 bits of mantissa; a wrong expert or weight would be off by O(1)
+        torch.testing.assert_close(got.double(), want, atol=0.03 * float(want.abs().max()), rtol=0.03)
+    # Each expert ran on exactly the tokens routed to it (every token when top_k is all experts).
+    routed = b.route(x.reshape(-1, 16))[2]
+    assert seen == torch.bincount(routed.reshape(-1), minlength=num_experts).tolist()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("num_experts", [2, 3, 6])
+def test_all_experts_path_equals_routed_path(num_experts, normalize):
+    """With top-k = all, the fast path (every expert on the whole batch) and the sorted
+    per-expert path compute the same output and the same gradients."""
+    results = []
+    for path in ("_all_experts", "_routed_experts"):
+        b = gated_block(num_experts, None, normalize, torch.float32, seed=3)
+        x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(4))
+        h = x.reshape(-1, 16)
+        _, weights, indices = b.route(h)
+        out = getattr(b, path)(h, weights, indices)
+        out.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in b.parameters()]
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, atol=1e-6, rtol=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, None])
+def test_gradients_match_the_per_token_formula(top_k):
+    """Training sees the formula's gradients: router rows, clamped biases and routed experts."""
+    b = gated_block(4, top_k, False, torch.float32, seed=5)
+    ref = copy.deepcopy(b).double()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(6))
+    b(x).pow(2).sum().backward()
+
+    def formula(h):  # per_token_reference, differentiable
+        p = torch.softmax(h @ ref.router.weight.T + ref.router.effective_bias().double(), -1)
+        w, chosen = p.topk(ref.settings.effective_top_k(), -1)
+        return torch.stack(
+            [sum(w[t, j] * ref.experts[int(i)](h[t][None])[0] for j, i in enumerate(chosen[t])) for t in range(len(h))]
+        )
+
+    formula(x.reshape(-1, 16).double()).pow(2).sum().backward()
+    for (name, p), q in zip(b.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-4, rtol=1e-4, msg=name)
