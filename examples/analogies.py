@@ -106,6 +106,7 @@ from flexmoe.merge import TaskVector, analogy
 
 T0 = time.perf_counter()
 EPS = 1e-3  # Levy & Goldberg's ε
+VOCAB = 257  # the models' tokens: 256 byte values (+1) and 0, the end of a document
 
 
 def log(msg: str) -> None:
@@ -328,7 +329,7 @@ def tiny_lm(seed: int, seq_len: int):
     from transformers import AutoModelForCausalLM, Olmo2Config
 
     torch.manual_seed(seed)
-    config = Olmo2Config(vocab_size=257, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    config = Olmo2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(256, seq_len),
                          pad_token_id=None, bos_token_id=None, eos_token_id=0)  # fmt: skip
     return AutoModelForCausalLM.from_config(config)
@@ -434,6 +435,10 @@ def model_analogy(
         base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
         for role, path in zip("ABC", expert_dirs):
             experts[role] = AutoModelForCausalLM.from_pretrained(path).eval()
+        for label, m in [("--base", base), *(("--experts " + r, experts[r]) for r in "ABC")]:
+            if m.config.vocab_size != VOCAB:
+                raise SystemExit(f"analogies: {label} has a vocabulary of {m.config.vocab_size}; this example "
+                                 f"evaluates byte-level models (vocabulary {VOCAB}), as it saves under OUT/models/")  # fmt: skip
         log(f"loaded base {base_dir} and experts A, B, C from {', '.join(map(str, expert_dirs))}")
     else:
         base = tiny_lm(seed, seq_len)
@@ -577,4 +582,20 @@ def main(
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli(main, as_positional=False)
+    # The flexmoe command's spellings too: `--domains a b` for a list, `--max-docs-per-domain`.
+    from flexmoe.cli import normalize_options
+
+    auto_cli(
+        main,
+        args=normalize_options(
+            sys.argv[1:],
+            {
+                "domains": "list",
+                "factorizations": "list",
+                "analogy_domains": "list",
+                "lambdas": "list",
+                "experts": "list",
+            },
+        ),
+        as_positional=False,
+    )

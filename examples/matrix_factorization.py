@@ -72,6 +72,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -581,4 +582,7 @@ def main(
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli(main, as_positional=False)
+    # The flexmoe command's spellings too: `--domains a b` for a list, `--max-docs-per-domain`.
+    from flexmoe.cli import normalize_options
+
+    auto_cli(main, args=normalize_options(sys.argv[1:], {"domains": "list"}), as_positional=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def test_dsgd_converges_where_one_shot_mixing_stalls(tmp_path, capsys):
     assert (tmp_path / "mf_loss.png").stat().st_size > 10_000
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="the DSGD pool forks")
 def test_dsgd_in_worker_processes_equals_dsgd_in_one_process(matrix):
     factors = {}
     for workers in (1, 3):
