@@ -64,6 +64,7 @@ def test_only_the_lora_factors_and_the_router_row_train(trained, spec):
             layer = getattr(expert, name)
             # The copy of the public MLP is untouched (even though FreezePublicModel unfreezes expert 1) ...
             assert torch.equal(layer.base_layer.weight, getattr(pub.model.layers[L].mlp, name).weight)
+            assert not layer.base_layer.weight.requires_grad  # no gradient is even computed for it
             # ... and the LoRA update is not zero any more (B starts at zero).
             assert layer.lora_B["default"].weight.abs().sum() > 0
     optimized = {id(p) for g in module.configure_optimizers()["optimizer"].param_groups for p in g["params"]}
