@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Literal, Optional
@@ -419,7 +420,8 @@ def _option_kinds(fn: typing.Callable) -> dict[str, str]:
     kinds = {}
     for name in inspect.signature(fn).parameters:
         hint = hints.get(name)
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else []
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] and X | None
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if union else []
         hint = args[0] if len(args) == 1 else hint
         kinds[name] = "list" if typing.get_origin(hint) is list else "bool" if hint is bool else "other"
     return kinds

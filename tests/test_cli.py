@@ -223,3 +223,15 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
     recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(public_dir), "models": [str(tmp_path / "tuned")]}))
     code, _, err = run_main(capsys, "merge", recipe, "--out", tmp_path / "again")
     assert code == 1 and "density" in err and "Traceback" not in err and not (tmp_path / "again").exists()
+
+
+def test_option_kinds_read_pep604_hints():
+    """``list[str] | None`` is a list option just like ``Optional[list[str]]``."""
+    from typing import Optional
+
+    from flexmoe.cli import _option_kinds
+
+    def command(a: list[str] | None = None, b: Optional[list[str]] = None, c: bool = False, d: int | None = None):
+        pass
+
+    assert _option_kinds(command) == {"a": "list", "b": "list", "c": "bool", "d": "other"}
