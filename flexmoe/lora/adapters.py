@@ -84,7 +84,8 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[
 def active_adapter(model: nn.Module) -> str:
     """The one active adapter of a ``peft`` model (error if there are several or none)."""
     active = getattr(model, "active_adapters", None)
-    if active is None:
+    # A PeftModel has a list here; a transformers model has a method of its own adapter integration.
+    if active is None or callable(active):
         from peft.tuners.lora import LoraLayer
 
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
