@@ -227,11 +227,10 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
 
 def test_option_kinds_read_pep604_hints():
     """``list[str] | None`` is a list option just like ``Optional[list[str]]``."""
-    from typing import Optional
+    from flexmoe.cli import _option_kinds, assemble
 
-    from flexmoe.cli import _option_kinds
-
-    def command(a: list[str] | None = None, b: Optional[list[str]] = None, c: bool = False, d: int | None = None):
+    def command(a: list[str] | None = None, c: bool = False, d: int | None = None):
         pass
 
-    assert _option_kinds(command) == {"a": "list", "b": "list", "c": "bool", "d": "other"}
+    assert _option_kinds(command) == {"a": "list", "c": "bool", "d": "other"}
+    assert _option_kinds(assemble)["public_data"] == "list"  # Optional[list[str]]
