@@ -189,3 +189,18 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
           f"{LICENSES}/BSD", "--out", str(tmp_path / "native"), "--format", "native"])  # fmt: skip
     native = flexmoe.load(tmp_path / "native")
     assert all(isinstance(b.router, AffineRouter) for b in moe_blocks(native))  # biases kept, exactly
+
+
+def test_class_mixture_is_the_moments_of_the_pooled_sample():
+    from flexmoe.routing import class_mixture
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g).double() + torch.tensor([2.0, 0.0, -1.0])
+    b = torch.randn(4000, 3, generator=g).double() * 0.5
+    stats = [MLPInputStats(mean=x.mean(0)[None], count=len(x), covariance=torch.cov(x.T, correction=0)[None])
+             for x in (a, b)]  # fmt: skip
+    within = (stats[0].covariance + stats[1].covariance) / 2
+    mix = class_mixture(stats, within)
+    both = torch.cat([a, b])
+    torch.testing.assert_close(mix.mean[0], both.mean(0))
+    torch.testing.assert_close(mix.covariance[0], torch.cov(both.T, correction=0))
