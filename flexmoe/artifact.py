@@ -384,7 +384,10 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         if key not in metadata:
             raise ArtifactError(owner, f"metadata {key!r}", "present", "missing", source=path)
     if metadata["format_version"] != FORMAT_VERSION:
-        raise ArtifactError(owner, "format_version", FORMAT_VERSION, metadata["format_version"], source=path)
+        hint = ""
+        if metadata["format_version"].startswith("lora-"):
+            hint = "a LoRA expert: load it with flexmoe.lora.LoraExpertArtifact and materialize() it on the public model"
+        raise ArtifactError(owner, "format_version", FORMAT_VERSION, metadata["format_version"], source=path, hint=hint)
     for key in ("num_layers", "hidden_size", "intermediate_size", "training_tokens"):
         if not metadata[key].isdigit():
             raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
