@@ -20,6 +20,8 @@ texts do not.
    merged/top-N        FlexOlmo merge as published (assemble, no router tuning), top-N
    calibrated/...      merged + :func:`flexmoe.routing.calibrate_router` on public tokens
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
+   lda-folded/...      the same with its biases folded into the rows at the classes' mixture moments
+                       (what flexmoe.routing.route(exportable=True) does: exports to transformers)
    lda-mix/top-N       merged + :func:`flexmoe.routing.lda_mixture_router` (LDA posterior x owners' own routers)
    prefix-lda/top-2    merged + :func:`flexmoe.routing.prefix_lda_router` (sequence-level, causal)
    layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
@@ -318,6 +320,7 @@ def main(argv=None):
     from flexmoe.evaluate import pack_domain
     from flexmoe.routing import (
         calibrate_router,
+        class_mixture,
         fold_router_bias,
         lda_mixture_router,
         lda_router,
@@ -406,7 +409,7 @@ def main(argv=None):
                     if T == 1:  # the exportable form: biases folded into the rows
                         m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
                                        cov, shrinkage=shrink)  # fmt: skip
-                        q = fold_router_bias(m, pub_stats)
+                        q = fold_router_bias(m, class_mixture([pub_stats, *owner_stats], cov))
                         log("folded LDA biases, q per layer " + " ".join(f"{v:.1f}" for v in q))
                         evaluate(f"lda-folded/top-{k} ({tag})", m, domains, args, results)
                         folded[tag] = m
