@@ -271,7 +271,7 @@ def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
 @pytest.fixture
 def coordinator(world, tmp_path):
     settings = CoordinatorSettings(spec=str(world.spec), expected_owners=["canary"], out_dir=str(tmp_path),
-                                   router_tuning=False)  # fmt: skip
+                                   public_data=str(world.public_data), router_tuning=False)  # fmt: skip
     c = Coordinator(None, settings)
     c.start()
     c.prepare()
@@ -303,6 +303,24 @@ def test_the_coordinator_rejects_anything_sent_besides_the_expert(owner_reply, c
     content["notes"] = ConfigRecord({"text": "some local text"})
     with pytest.raises(ArtifactError, match="reply records"):
         coordinator.accept(OwnerState("canary"), content)
+
+
+def test_the_coordinator_merges_routes_and_exports_an_exact_transformers_model(owner_reply, coordinator):
+    """Router tuning off: assemble, the spec's routing recipe (LDA from the owner's statistics,
+    biases folded into the rows), export. transformers reproduces the merged model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    reply, _, _ = owner_reply
+    coordinator.accept(coordinator.owners["canary"], reply.content)
+    merged = coordinator.merge(["canary"]).eval()
+    summary = coordinator.summary
+    assert summary["router_tuning"] == {"skipped": "run config router-tuning=false"}
+    assert summary["routing_recipe"]["method"] == "lda" and summary["routing_recipe"]["folded"]
+    assert summary["export"]["format"] == "flexolmo" and summary["experts"] == ["public", "canary"]
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(coordinator.out / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, merged(ids).logits, rtol=0, atol=1e-4)
 
 
 # -- settings ---------------------------------------------------------------------------------

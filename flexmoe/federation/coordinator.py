@@ -154,6 +154,8 @@ class Coordinator:
             )
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.received_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.artifacts_dir / ".incoming").glob("*.safetensors"):
+            stale.unlink()  # replies a dead coordinator was still checking: their owners are asked again
         self.connect_deadline = time.monotonic() + self.s.connect_timeout
 
     def prepare(self) -> None:
@@ -331,9 +333,9 @@ class Coordinator:
         self.progress()
 
     # -- merging ------------------------------------------------------------------------------
-    def merge(self, owners: list[str]) -> None:
+    def merge(self, owners: list[str]):
         """FlexOlmo steps 3-4: assemble ``[public, e_1 ... e_n]`` (expected-owners order), set the
-        routers by the spec's routing recipe, optionally tune them, and export."""
+        routers by the spec's routing recipe, optionally tune them, and export. Returns the model."""
         import flexmoe
         from flexmoe.cli import detect_format
         from flexmoe.hf import target_format
@@ -393,6 +395,7 @@ class Coordinator:
                                   "allow_approximate": self.s.allow_approximate,
                                   "seconds": time.monotonic() - t}  # fmt: skip
         say(f"merged {len(owners)} expert(s) -> {out} ({self.summary['export']['format']})")
+        return model
 
     def route(self, model, artifacts, tokenizer, *, exportable: bool) -> dict:
         """The spec's routing recipe (docs/routing.md): the discriminant router from the owners'
