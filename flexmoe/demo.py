@@ -150,22 +150,32 @@ def default_threads() -> int:
 
 
 class Stages:
-    """Logs each stage with its wall time, and keeps the times for the report."""
+    """Logs each stage with its wall time and this process's CPU time, and keeps both for the
+    report. On a shared machine the CPU time (one torch thread) is what the stage would take on
+    an idle core; the simulated owners' CPU time (Ray workers) is not in it."""
 
     def __init__(self):
         self.started = time.perf_counter()
         self.times: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
     def log(self, msg: str) -> None:
         print(f"flexmoe demo [{time.perf_counter() - self.started:7.1f} s] {msg}", flush=True)
 
     def run(self, key: str, what: str, fn: Callable, /, *args, **kwargs):
         self.log(f"{what} ...")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
         self.times[key] = round(time.perf_counter() - t, 1)
-        self.log(f"{what}: done in {self.times[key]:.1f} s")
+        self.cpu[key] = round(time.process_time() - c, 1)
+        self.log(f"{what}: done in {self.times[key]:.1f} s (CPU {self.cpu[key]:.1f} s)")
         return result
+
+    def machine(self) -> dict:
+        return {"cpu_count": os.cpu_count(), "load_average_at_start": self.load,
+                "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if self.load else [],
+                "main_process_cpu_s": self.cpu}  # fmt: skip
 
 
 def _progress_bar() -> bool:
@@ -655,9 +665,16 @@ def write_markdown(path: Path, report: dict, routing: dict | None) -> None:
             ),
             routing_table(routing),
         ]
+    m = s.get("machine", {})
+    cpu = m.get("main_process_cpu_s", {})
     parts += [
         "## Wall times (seconds)",
-        ", ".join(f"{k} {v:g}" for k, v in times.items()),
+        ", ".join(f"{k} {v:g}" + (f" (CPU {cpu[k]:g})" if k in cpu else "") for k, v in times.items()),
+        (
+            f"{m.get('cpu_count')} cores, load average {m.get('load_average_at_start')} at the start and "
+            f"{m.get('load_average_at_end')} at the end. CPU: this process's CPU seconds, about what a stage takes "
+            "on an idle core (the simulated owners' worker processes are not included)."
+        ),
         (
             "Files: `report.json` (these numbers), `perplexity.png`, `routing.png`, `routing.json`, `model/` (the "
             "`flexolmo` model as a transformers FlexOlmo checkpoint), `federation/coordinator/report.md` (who "
@@ -868,7 +885,8 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     report = {
         "methods": table.methods,
         "settings": settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported,
-                                    table.rows),
+                                    table.rows)
+        | {"machine": stages.machine()},
         "wall_times": stages.times,
     }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -921,5 +939,4 @@ def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_
             "transformers": transformers.__version__,
             "flwr": flwr.__version__,
         },
-        "cpu_count": os.cpu_count(),
     }

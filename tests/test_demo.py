@@ -1,0 +1,169 @@
+"""`flexmoe demo`: the whole FlexOlmo flow and every comparison method, end to end.
+
+One run of the command (the `--fast` preset, made smaller still through `--settings.*`) feeds
+the tests below: the owners and the coordinator run as real Flower apps on the simulation
+engine, every model is really trained, and the report is checked against the files it names.
+The other tests check the report's wording and the config rules without training anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from flexmoe.demo import OWNERS, DemoConfig, findings, markdown_table
+
+# Smaller than --fast, so the end-to-end run takes 2-3 minutes on a loaded 2-core machine
+# (most of it is Ray starting the simulated owners).
+OVERRIDES = {
+    "docs_per_domain": 12, "vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "seq_len": 32,
+    "pretrain_steps": 20, "expert_steps": 8, "router_tuning_steps": 4, "btx_finetune_steps": 4,
+    "unrestricted_steps": 6, "joint_batch_size": 4, "eval_tokens": 256, "weighted_soup_prefix": 8,
+}  # fmt: skip
+DOMAINS = ["public", *OWNERS]
+METHOD_KEYS = ["public", *(f"expert:{o}" for o in OWNERS), "soup", "weighted_soup", "btm", "btx", "flexolmo_no_rt",
+               "flexolmo", "unrestricted", "oracle"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """`flexmoe demo --out DIR --fast --settings.X ...` through the real command line."""
+    from flexmoe.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    argv = ["demo", "--out", str(out), "--fast", "--threads", "1"]
+    for name, value in OVERRIDES.items():
+        argv += [f"--settings.{name}", str(value)]
+    main(argv)
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_json_has_every_method_and_domain(run):
+    _, report = run
+    assert set(report) == {"methods", "settings", "wall_times"}
+    assert list(report["methods"]) == METHOD_KEYS
+    for key, row in report["methods"].items():
+        assert set(row) == {"per_domain", "average"}, key
+        assert list(row["per_domain"]) == DOMAINS, key
+        values = list(row["per_domain"].values())
+        assert all(math.isfinite(v) and v > 1 for v in values), (key, values)
+        assert row["average"] == pytest.approx(sum(values) / len(values)), key
+
+
+def test_settings_are_the_fast_preset_with_the_overrides_and_the_documented_recipe(run):
+    _, report = run
+    s = report["settings"]
+    assert s["config"] == dataclasses.asdict(dataclasses.replace(DemoConfig.fast(), **OVERRIDES))
+    assert s["fast"] is True and s["threads"] == 1
+    assert s["embedder"] is None  # the no-embedder fallback
+    assert s["routing"]["method"] == "lda" and s["flexolmo"]["routing"]["folded"] is True
+    assert s["router_tuning"]["enabled"] is True and s["flexolmo"]["router_tuning"]["steps"] == 4
+    assert s["federation"]["status"] == "merged" and s["federation"]["accepted"] == list(OWNERS)
+    times = report["wall_times"]
+    for stage in ("data", "pretrain", "federation", "btx", "unrestricted", "router_tuning", "total"):
+        assert times[stage] >= 0, stage
+    assert times["total"] >= times["federation"] + times["pretrain"]
+
+
+def test_files_exist_and_the_federation_kept_every_owners_expert(run):
+    out, _ = run
+    for name in ("report.md", "perplexity.png", "routing.png", "routing.json", "spec.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in ("perplexity.png", "routing.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    coordinator = out / "federation" / "coordinator"
+    for owner in OWNERS:
+        assert (coordinator / "artifacts" / f"{owner}.safetensors").is_file(), owner
+        assert json.loads((coordinator / "received" / f"{owner}.json").read_text())["proxy"]["indices"], owner
+    routing = json.loads((out / "routing.json").read_text())
+    shares = routing["flexolmo"]["licenses"]["layer0"]
+    assert list(shares) == ["public", *OWNERS] and sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexmoe.data import read_documents
+    from flexmoe.evaluate import pack_domain, perplexity
+    from flexmoe.routing import spread_rows
+
+    out, report = run
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert type(model).__name__ == "FlexOlmoForCausalLM"
+    assert report["settings"]["export"]["max_abs_logit_diff"] <= 1e-4
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    cfg = report["settings"]["config"]
+    rows = spread_rows(pack_domain(read_documents(str(out / "data" / "licenses" / "val.jsonl")), tok, cfg["seq_len"]),
+                       cfg["eval_tokens"])  # fmt: skip
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=rows[:2]).logits).all()
+    ppl = perplexity(model, {"licenses": rows}, batch_size=cfg["eval_batch_size"])["per_domain"]["licenses"]
+    assert ppl == pytest.approx(report["methods"]["flexolmo"]["per_domain"]["licenses"], rel=1e-4)
+
+
+def test_report_md_bolds_the_best_of_every_column(run):
+    out, report = run
+    text = (out / "report.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == ["method", *DOMAINS, "average"]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1 : 1 + len(METHOD_KEYS)]]
+    for j, column in enumerate(head[1:], start=1):
+        bold = [row[0] for row in body if row[j].startswith("**")]
+        assert bold, column
+        best = min((r for m, r in report["methods"].items() if m != "oracle"),
+                   key=lambda r: r["average"] if column == "average" else r["per_domain"][column])  # fmt: skip
+        value = best["average"] if column == "average" else best["per_domain"][column]
+        assert any(row[j] == f"**{value:.1f}**" for row in body), column
+    assert "## What the numbers mean" in text and "flexolmo" in text
+
+
+# -- without training --------------------------------------------------------------------------------
+
+
+def _methods(avg: dict[str, float]) -> dict:
+    return {m: {"per_domain": dict.fromkeys(DOMAINS, v), "average": v} for m, v in avg.items()}
+
+
+def test_findings_are_computed_from_the_table():
+    avg = dict.fromkeys(METHOD_KEYS, 100.0) | {"btm": 50.0, "oracle": 48.0, "flexolmo_no_rt": 60.0, "flexolmo": 55.0}
+    met = findings(_methods(avg), None)
+    assert met[0].startswith("**FlexOlmo's expected outcome is met**")
+    assert "1.10x" in met[2] and "within" in met[2]
+    assert "better by 5.0" in met[3]
+    worse = findings(_methods(avg | {"btx": 40.0}), None)
+    assert "is not met" in worse[0] and "not lower than `btx` (40.0)" in worse[1]
+    far = findings(_methods(avg | {"btm": 30.0}), None)
+    assert "is not met" in far[0] and "outside" in far[2]
+
+
+def test_markdown_table_leaves_the_oracle_out_of_the_bold_contest():
+    avg = dict.fromkeys(METHOD_KEYS, 100.0) | {"flexolmo": 60.0, "oracle": 10.0}
+    table = markdown_table(_methods(avg), DOMAINS)
+    assert re.search(r"\| `flexolmo` \| \*\*60\.0\*\*", table)
+    assert "| *oracle* | *10.0*" in table and "**10.0**" not in table
+
+
+def test_demo_config_is_validated_and_fast_overrides_merge():
+    with pytest.raises(ValueError, match="expert_steps=0"):
+        DemoConfig(expert_steps=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        DemoConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="top_k"):
+        DemoConfig(top_k=6)
+    merged = DemoConfig.fast().overriding(DemoConfig(eval_tokens=256))
+    assert merged == dataclasses.replace(DemoConfig.fast(), eval_tokens=256)
+
+
+def test_demo_refuses_a_directory_that_is_not_an_earlier_demo(tmp_path):
+    from flexmoe.demo import demo
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no earlier demo run"):
+        demo(str(tmp_path), fast=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
