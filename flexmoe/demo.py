@@ -11,10 +11,11 @@
    default routing recipe (``RoutingRecipe()``: LDA from owner statistics).
 4. **Federation.** flexmoe's Flower ``ClientApp`` (one virtual SuperNode per owner) and
    ``ServerApp`` (the coordinator) on Flower's simulation engine: each owner trains its expert on
-   its own text, ships routing statistics and a proxy selection; the coordinator validates and
-   keeps every expert (``DIR/federation/coordinator``). The coordinator's own merge uses the
-   published routing; the demo then applies the default routing recipe
-   (:func:`flexmoe.routing.route`) to the accepted artifacts, and tunes the router.
+   its own text and ships it with its routing statistics and proxy selection; the coordinator
+   validates and keeps every expert, merges them with the spec's routing recipe
+   (:func:`flexmoe.routing.route`, biases folded so the model exports exactly), tunes the router
+   on the proxy sets and public data, and exports a ``transformers`` FlexOlmo checkpoint
+   (``DIR/federation/coordinator``; copied to ``DIR/model``).
 5. **Methods**, each scored with :func:`flexmoe.evaluate.perplexity` on every domain's held-out
    documents: ``public``, ``expert:<owner>``, ``soup``, ``weighted_soup``, ``btm``, ``btx``,
    ``flexolmo_no_rt``, ``flexolmo``, ``unrestricted`` and the ``oracle`` reference.
@@ -28,7 +29,6 @@ small preset CI runs.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -290,9 +290,9 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
         "spec": str(spec_path), "expected-owners": ",".join(OWNERS), "quorum": 0, "connect-timeout": 600.0,
         "train-timeout": 3600.0, "out-dir": str(out / "coordinator"), "public-model": str(public_dir),
         "public-data": str(data_dir / PUBLIC / "train.jsonl"), "top-k": cfg.top_k,
-        # The coordinator's merge uses the published routing; the demo applies the spec's routing
-        # recipe and router tuning itself (see the module docstring), so the coordinator skips tuning.
-        "router-tuning": False, "resume": False, "export-format": "native", "allow-approximate": False,
+        # The spec leaves router tuning off (the library default); the `flexolmo` row is the full
+        # flow, so the run config switches it on. FlexOlmo export: the folded router is exact.
+        "router-tuning": True, "resume": False, "export-format": "flexolmo", "allow-approximate": False,
         "seed": cfg.seed, "poll-interval": 0.5,
         "data-paths": ",".join(str(data_dir / o / "train.jsonl") for o in OWNERS), "share-proxy": True,
     }  # fmt: skip
@@ -324,6 +324,10 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
     if report.get("status") != "merged" or sorted(report.get("accepted", [])) != sorted(OWNERS):
         raise RuntimeError(f"the federation did not accept every owner's expert: status {report.get('status')!r}, "
                            f"rejected {report.get('rejected')}, missing {report.get('missing')}; see {report_path}")  # fmt: skip
+    recipe, tuning = report.get("routing_recipe") or {}, report.get("router_tuning") or {}
+    if recipe.get("method") != "lda" or "skipped" in tuning or report.get("export", {}).get("format") != "flexolmo":
+        raise RuntimeError(f"the coordinator did not run the whole flow (routing {recipe}, router tuning {tuning}, "
+                           f"export {report.get('export')}); see {report_path}")  # fmt: skip
     return report
 
 
@@ -449,26 +453,19 @@ def _union(cfg: DemoConfig, models: Models, data_dir: Path):
                           val_fraction=0.0, seed=cfg.seed)  # fmt: skip
 
 
-def flexolmo_models(cfg: DemoConfig, models: Models, spec, public_docs: list[str], proxies: dict, tokenizer,
-                    stages: Stages):  # fmt: skip
-    """``flexolmo_no_rt``: the merge with the spec's routing recipe (LDA over owner statistics,
-    biases folded so it exports to FlexOlmo); ``flexolmo``: that plus router tuning on the
-    owners' proxy sets and public data (``spec.router_tuning``, forced on)."""
+def routed_without_tuning(cfg: DemoConfig, models: Models, spec, public_docs: list[str], tokenizer,
+                          exportable: bool = True) -> tuple:  # fmt: skip
+    """``flexolmo_no_rt``: the coordinator's merge before its router tuning, rebuilt from the
+    accepted artifacts exactly as the coordinator builds it (assemble, then the spec's routing
+    recipe on the same public rows, biases folded for the FlexOlmo export). ``exportable=False``
+    keeps the discriminant's biases (flexmoe-native routers): what the fold costs."""
     from flexmoe.evaluate import pack_domain
-    from flexmoe.router_tuning import tune_router
     from flexmoe.routing import route
 
-    no_rt = models.merged(OWNERS, cfg.top_k)
-    rows = pack_domain(public_docs, tokenizer, cfg.seq_len)
-    summary = stages.run("routing", "routing recipe (LDA from owner statistics, folded)", route, no_rt,
-                         [models.artifacts[o] for o in OWNERS], rows, spec.routing, exportable=True)  # fmt: skip
-    tuned = copy.deepcopy(no_rt)
-    recipe = dataclasses.replace(spec.router_tuning, enabled=True)
-    tuning = stages.run("router_tuning", f"router tuning on proxy sets + public data ({recipe.max_steps} steps)",
-                        tune_router, tuned, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer,
-                        recipe=recipe, seed=cfg.seed,
-                        trainer_kwargs={"enable_progress_bar": _progress_bar(), "accelerator": "cpu"})  # fmt: skip
-    return no_rt.eval(), tuned.eval(), {"routing": summary, "router_tuning": tuning}
+    model = models.merged(OWNERS, cfg.top_k)
+    summary = route(model, [models.artifacts[o] for o in OWNERS], pack_domain(public_docs, tokenizer, cfg.seq_len),
+                    spec.routing, exportable=exportable)  # fmt: skip
+    return model.eval(), summary
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -497,6 +494,7 @@ class Table:
         self.rows, self.cfg, self.stages = rows, cfg, stages
         self.methods: dict[str, dict] = {}
         self.routing: dict[str, dict] = {}
+        self.diagnostics: dict[str, dict] = {}
 
     def score(self, name: str, model) -> None:
         from flexmoe.evaluate import perplexity
@@ -506,6 +504,16 @@ class Table:
         self._keep(name, r)
         if "routing" in r:
             self.routing[name] = r["routing"]
+
+    def diagnose(self, name: str, model) -> dict:
+        """Score a model that is not a row of the table (kept in ``self.diagnostics``)."""
+        from flexmoe.evaluate import perplexity
+
+        r = self.stages.run(f"eval:{name}", f"evaluating {name} (diagnostic)", perplexity, model, self.rows,
+                            batch_size=self.cfg.eval_batch_size, name=name)  # fmt: skip
+        self.diagnostics[name] = {"per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+                                  "average": float(r["average"])}  # fmt: skip
+        return self.diagnostics[name]
 
     def oracle(self, models: dict) -> None:
         from flexmoe.evaluate import oracle_perplexity
@@ -537,8 +545,9 @@ def expert_rows(methods: dict) -> list[str]:
     return [m for m in methods if m.startswith("expert:")]
 
 
-def findings(methods: dict, routing: dict | None) -> list[str]:
-    """What the table shows, computed from it (nothing here is written in advance)."""
+def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None = None) -> list[str]:
+    """What the table shows, computed from it (nothing here is written in advance). ``flexolmo``:
+    the routing summary and diagnostics of ``settings["flexolmo"]``, for the note on the fold."""
     avg = {m: r["average"] for m, r in methods.items()}
     fo = avg["flexolmo"]
     lines = []
@@ -571,9 +580,28 @@ def findings(methods: dict, routing: dict | None) -> list[str]:
         f"{avg['unrestricted']:.1f}. `flexolmo` is {fo / avg['oracle']:.2f}x the oracle: what routing leaves on "
         "the table."
     )
+    if flexolmo:
+        lines += fold_findings(methods, flexolmo)
     if routing:
         lines += routing_findings(methods, routing)
     return lines
+
+
+def fold_findings(methods: dict, flexolmo: dict) -> list[str]:
+    """What folding the discriminant's biases into the router rows (for the FlexOlmo export) costs."""
+    q = (flexolmo.get("routing") or {}).get("fold_q")
+    native = (flexolmo.get("diagnostics") or {}).get("lda_with_biases")
+    if not q or not native:
+        return []
+    no_rt = methods["flexolmo_no_rt"]["average"]
+    text = (
+        f"The exported routers carry the LDA router's biases folded into their rows (FlexOlmo checkpoints have no "
+        f"router bias). Per layer the fold's signal-to-noise q is {', '.join(f'{v:.1f}' for v in q)}: a folded "
+        f"logit is off by about |b|/sqrt(q), so layers with q near 1 route only roughly as the LDA router would. "
+        f"With its biases (flexmoe-native, not exportable) the same router averages {native['average']:.1f} "
+        f"against `flexolmo_no_rt`'s {no_rt:.1f}."
+    )
+    return [text]
 
 
 def routing_findings(methods: dict, routing: dict) -> list[str]:
@@ -654,7 +682,7 @@ def write_markdown(path: Path, report: dict, routing: dict | None) -> None:
         caption,
         markdown_table(methods, list(next(iter(methods.values()))["per_domain"])),
         "## What the numbers mean",
-        "\n".join(f"- {line}" for line in findings(methods, routing)) + "\n\n" + caveat,
+        "\n".join(f"- {line}" for line in findings(methods, routing, s.get("flexolmo"))) + "\n\n" + caveat,
     ]
     if routing:
         parts += [
@@ -743,18 +771,17 @@ def plot_routing(routing: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def export_model(model, out: Path, public_dir: Path, rows: torch.Tensor) -> dict:
-    """Write the model as a transformers FlexOlmo checkpoint and check it reloads to the same logits."""
+def publish_model(source: Path, out: Path, model, rows: torch.Tensor) -> dict:
+    """Copy the coordinator's FlexOlmo export to ``out`` and check that plain ``transformers``
+    gives the logits flexmoe's model (the ``flexolmo`` row) gives."""
     from transformers import AutoModelForCausalLM
 
-    from flexmoe.hf import export
-
-    export(model, out, format="flexolmo", tokenizer=str(public_dir))
+    shutil.copytree(source, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     batch = rows[:4]
     with torch.inference_mode():
         diff = (hf(input_ids=batch).logits.float() - model(input_ids=batch, use_cache=False).logits.float()).abs().max()
-    return {"dir": str(out), "format": "flexolmo", "class": type(hf).__name__, "max_abs_logit_diff": float(diff)}
+    return {"dir": str(out), "from": str(source), "class": type(hf).__name__, "max_abs_logit_diff": float(diff)}
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -827,8 +854,8 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     from transformers import AutoTokenizer
 
     from flexmoe.artifact import ExpertArtifact
+    from flexmoe.hf import load
     from flexmoe.merge import BTMEnsemble
-    from flexmoe.proxy import ProxySelection
 
     stages = Stages()
     stages.log(f"writing to {root}; {'fast preset' if fast else 'default sizes'}, {threads} torch thread(s)")
@@ -848,11 +875,8 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     coordinator = fed_dir / "coordinator"
     artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
                                         spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
-    proxies = {}
-    for o in OWNERS:
-        received = json.loads((coordinator / "received" / f"{o}.json").read_text())
-        if received.get("proxy"):
-            proxies[o] = ProxySelection.from_dict(received["proxy"]).texts(public_docs)
+    tuning = fed.get("router_tuning", {})
+    stages.times["router_tuning"] = round(float(tuning.get("seconds", 0.0)), 1)  # inside the federation stage
 
     tokenizer = AutoTokenizer.from_pretrained(public_dir)
     models = Models(public_dir, artifacts, cfg)
@@ -870,17 +894,25 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     btx_model = stages.run("btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models, data_dir, stages)
     table.score("btx", btx_model)
     del btx_model
-    no_rt, tuned, flexolmo_summary = flexolmo_models(cfg, models, spec, public_docs, proxies, tokenizer, stages)
+    no_rt, routing_summary = stages.run("routing", "rebuilding the merge before router tuning (flexolmo_no_rt)",
+                                        routed_without_tuning, cfg, models, spec, public_docs, tokenizer)  # fmt: skip
     table.score("flexolmo_no_rt", no_rt)
+    del no_rt
+    native, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer, exportable=False)
+    table.diagnose("lda_with_biases", native)
+    del native
+    tuned = load(coordinator / "model").eval()
     table.score("flexolmo", tuned)
+    flexolmo_summary = {"routing": routing_summary, "coordinator_routing": fed.get("routing_recipe"),
+                        "router_tuning": tuning, "diagnostics": table.diagnostics}  # fmt: skip
     unrestricted = stages.run("unrestricted", f"unrestricted MoE trained on all the data ({cfg.unrestricted_steps} "
                               "steps)", train_unrestricted, cfg, models, data_dir)  # fmt: skip
     table.score("unrestricted", unrestricted)
     del unrestricted
     table.oracle({PUBLIC: models.public(), **singles})
 
-    exported = stages.run("export", "exporting the flexolmo model (transformers FlexOlmo)", export_model, tuned,
-                          root / "model", public_dir, table.rows[PUBLIC])  # fmt: skip
+    exported = stages.run("export", "copying the coordinator's FlexOlmo export to model/ and checking it",
+                          publish_model, coordinator / "model", root / "model", tuned, table.rows[PUBLIC])  # fmt: skip
     stages.times["total"] = round(time.perf_counter() - stages.started, 1)
     report = {
         "methods": table.methods,
@@ -897,7 +929,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     write_markdown(root / "report.md", report, routing)
     stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
     print("\n" + markdown_table(table.methods, list(table.rows)) + "\n", flush=True)
-    for line in findings(table.methods, routing):
+    for line in findings(table.methods, routing, report["settings"]["flexolmo"]):
         print("- " + line.replace("**", "").replace("`", ""), flush=True)
     return report
 
@@ -923,6 +955,7 @@ def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_
         "embedder": None,
         "routing": dataclasses.asdict(spec.routing),
         "router_tuning": dataclasses.asdict(dataclasses.replace(spec.router_tuning, enabled=True)),
+        "router_tuning_forced_by": "run config router-tuning=true (the spec's own default is off)",
         "flexolmo": flexolmo_summary,
         "btm": {"members": ["public", *(f"expert:{o}" for o in OWNERS)], "prior": "uniform", "top_k": cfg.btm_top_k},
         "federation": {
