@@ -1,5 +1,5 @@
 # Quick start on a fresh clone (each command sets up .venv the first time, then reuses it):
-#   make demo   run the main job end to end (examples/quickstart.py; outputs in demo_out/)
+#   make demo   run the main job end to end (`flexmoe demo`; outputs in demo_out/; DEMO_ARGS=--fast for the small preset)
 #   make test   run the whole test suite
 #
 # Set-up installs torch==2.13.0 first: with no torch installed, pip would resolve the looser
@@ -11,6 +11,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 OUT ?= demo_out
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flexmoe-installed
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py --out $(OUT)
+	$(BIN)/flexmoe demo --out $(OUT) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
