@@ -1,4 +1,4 @@
-"""examples/quickstart.py, the README's main job, runs end to end (with small settings)."""
+"""examples/quickstart.py, the FlexOlmo flow in one script, runs end to end (with small settings)."""
 
 from __future__ import annotations
 
