@@ -395,6 +395,31 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
 
 
+def is_lora_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a LoRA-sized expert (:class:`flexmoe.lora.LoraExpertArtifact`)."""
+    version = (read_safetensors_header(path).get("__metadata__") or {}).get("format_version", "")
+    return isinstance(version, str) and version.startswith("lora-")
+
+
+def has_routing_stats(path: str | os.PathLike) -> bool:
+    """Whether the expert file at ``path`` carries routing statistics (reads the header only)."""
+    return "layers.0.stats.mean" in read_safetensors_header(path)
+
+
+def load_expert(
+    path: str | os.PathLike, public_model: nn.Module, *, fingerprint: str | None = None, spec_sha256: str | None = None
+) -> ExpertArtifact:
+    """Load an owner's expert file, full or LoRA-sized: a LoRA expert is validated and then
+    materialised on ``public_model`` (``W + scaling * B @ A``), so either way the result is an
+    ordinary :class:`ExpertArtifact`."""
+    if is_lora_file(path):
+        from flexmoe.lora.artifact import LoraExpertArtifact
+
+        lora = LoraExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
+        return lora.materialize(public_model, spec_sha256=spec_sha256)
+    return ExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
+
+
 def assemble(
     public_model: nn.Module,
     artifacts: list[ExpertArtifact | str | os.PathLike],
@@ -406,15 +431,19 @@ def assemble(
     """Build the merged ``[public, e_1 ... e_n]`` MoE (FlexOlmo step 3), **in place**.
 
     ``public_model`` is the dense public model (upcycled here) or a flexmoe MoE that has
-    only the public expert. Artifacts (objects or paths) are validated against it: the
-    fingerprint must match, and ``spec_sha256`` too when given.
+    only the public expert. Artifacts (objects or paths; a path may hold a LoRA-sized expert,
+    materialised by :func:`load_expert`) are validated against it: the fingerprint must match,
+    and ``spec_sha256`` too when given.
     """
     from flexmoe.upcycle import add_expert, fingerprint, is_moe, set_top_k, settings, upcycle
 
     if is_moe(public_model) and settings(public_model).num_experts != 1:
         raise ValueError("assemble() takes the public model (dense, or a MoE with only the public expert)")
     fp = fingerprint(public_model)
-    loaded = [a if isinstance(a, ExpertArtifact) else ExpertArtifact.load(a, fingerprint=fp) for a in artifacts]
+    loaded = [
+        a if isinstance(a, ExpertArtifact) else load_expert(a, public_model, fingerprint=fp, spec_sha256=spec_sha256)
+        for a in artifacts
+    ]
     for a in loaded:
         a.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
     model = public_model if is_moe(public_model) else upcycle(public_model, num_experts=0, normalize=normalize)

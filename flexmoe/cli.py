@@ -77,7 +77,7 @@ def assemble(
             exact; the native format keeps them.
         spec: FederationSpec JSON: checks the artifacts' spec hash and supplies the routing recipe.
     """
-    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifact import has_routing_stats, is_lora_file
     from flexmoe.hf import assemble_to_dir
 
     recipe = None
@@ -87,11 +87,11 @@ def assemble(
         loaded = FederationSpec.load(spec)
         spec_sha256, recipe = spec_sha256 or loaded.sha256, loaded.routing
     if routing == "auto":
-        shipped = all(ExpertArtifact.load(e, spec_sha256=spec_sha256).routing_stats is not None for e in experts)
-        routing = "lda" if public_data and shipped else "published"
+        routing = "lda" if public_data and all(has_routing_stats(e) for e in experts) else "published"
     if routing == "lda" and not public_data:
         raise ValueError("--routing lda needs --public-data (the public statistics of the discriminant router)")
-    if routing == "published":
+    lora = [e for e in experts if is_lora_file(e)]
+    if routing == "published" and not lora:
         assemble_to_dir(
             public, list(experts), out, format=format, top_k=top_k, normalize=normalize,
             spec_sha256=spec_sha256, allow_approximate=allow_approximate,
@@ -101,19 +101,22 @@ def assemble(
     from flexmoe.hf import export as export_model
     from flexmoe.spec import RoutingRecipe
 
+    if routing == "published":
+        recipe = RoutingRecipe(method="published")  # LoRA experts are materialised in memory first
     summary = _assemble_routed(public, experts, public_data, recipe or RoutingRecipe(method="lda"), format=format,
                                top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)  # fmt: skip
     model, fmt = summary.pop("model"), summary.pop("format")
     export_model(model, out, format=fmt, allow_approximate=allow_approximate, tokenizer=public)
-    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: lda, {fmt})")
+    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: {routing}, {fmt}"
+          f"{f', {len(lora)} LoRA expert(s) materialised' if lora else ''})")  # fmt: skip
 
 
 def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, normalize, spec_sha256) -> dict:
     """Assemble in memory and apply the routing recipe; the biases are folded for FlexOlmo/Mixtral."""
     from transformers import AutoTokenizer
 
-    from flexmoe.artifact import ExpertArtifact
     from flexmoe.artifact import assemble as assemble_model
+    from flexmoe.artifact import load_expert
     from flexmoe.data import read_documents
     from flexmoe.evaluate import pack_domain
     from flexmoe.expert import load_public_model
@@ -123,8 +126,10 @@ def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, nor
 
     base = load_public_model(public)
     fp = fingerprint(base)
-    arts = [ExpertArtifact.load(e, fingerprint=fp, spec_sha256=spec_sha256) for e in experts]
+    arts = [load_expert(e, base, fingerprint=fp, spec_sha256=spec_sha256) for e in experts]
     model = assemble_model(base, arts, top_k=top_k, normalize=normalize)
+    if recipe.method == "published":  # nothing to fold: export's own `auto` picks an exact format
+        return {"model": model, "format": format, **route(model, arts, None, recipe)}
     fmt = target_format(model, format)
     rows = pack_domain(read_documents(public_data), AutoTokenizer.from_pretrained(public), 256)
     summary = route(model, arts, rows, recipe, exportable=fmt != "native")
@@ -159,19 +164,19 @@ def add_expert(
 
     Args:
         model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
-        expert: The new owner's expert artifact (``.safetensors``).
+        expert: The new owner's expert artifact (``.safetensors``; a LoRA-sized expert is materialised).
         out: Output directory.
         format: Output format (default: the format of ``model``).
         top_k: Experts per token from now on (default: keep the model's number, capped at the
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifact import load_expert
     from flexmoe.upcycle import add_expert as add
     from flexmoe.upcycle import fingerprint
 
     def change(moe):
-        add(moe, ExpertArtifact.load(expert, fingerprint=fingerprint(moe)), check_fingerprint=False)
+        add(moe, load_expert(expert, moe, fingerprint=fingerprint(moe)), check_fingerprint=False)
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
     print(f"flexmoe: added {expert} to {model} -> {out} ({fmt})")

@@ -213,3 +213,25 @@ def test_a_lora_for_another_mlp_shape_is_refused_before_materialising(trained, s
     art.check_structure()  # self-consistent ...
     with pytest.raises(ArtifactError, match=r"shape of layers.0.expert.up_proj.lora_B: expected \[48, 4\]"):
         art.materialize(public(spec))  # ... but not for this public model
+
+
+def test_assemble_and_the_cli_take_lora_files_directly(trained, spec, tmp_path, ids):
+    """``flexmoe.assemble`` and ``flexmoe assemble`` / ``add-expert`` accept a LoRA expert's file
+    as they accept a full one: it is materialised on the public model first."""
+    from flexmoe.cli import main
+
+    _, path = trained
+    want = flexmoe.assemble(public(spec), [LoraExpertArtifact.load(path).materialize(public(spec))], top_k=2)
+    got = flexmoe.assemble(public(spec), [path], top_k=2)
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits)
+    main(["assemble", "--public", spec.public_model, "--experts", str(path), "--out", str(tmp_path / "m"),
+          "--routing", "published", "--top-k", "2", "--format", "native"])  # fmt: skip
+    with torch.no_grad():
+        assert (flexmoe.load(tmp_path / "m")(ids).logits - want(ids).logits).abs().max() < 1e-5
+    dense_moe = flexmoe.assemble(public(spec), [], top_k=None)
+    flexmoe.export(dense_moe, tmp_path / "p", format="native", tokenizer=spec.public_model)
+    main(["add-expert", "--model", str(tmp_path / "p"), "--expert", str(path), "--out", str(tmp_path / "added")])
+    from flexmoe.upcycle import settings
+
+    assert settings(flexmoe.load(tmp_path / "added")).owners == ["public", "gpl"]
