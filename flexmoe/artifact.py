@@ -68,16 +68,11 @@ class ArtifactError(ValueError):
         super().__init__(msg + (f". {hint}" if hint else ""))
 
 
-@dataclass
-class ExpertArtifact:
-    """One owner's expert: MLP weights, router embedding and bias for every layer."""
+class ArtifactMetadata:
+    """Typed access to the metadata every expert file carries (full or LoRA-sized)."""
 
-    owner: str
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    source: str | None = None
+    metadata: dict[str, str]
 
-    # -- metadata accessors -------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
         return self.metadata["fingerprint"]
@@ -93,6 +88,16 @@ class ExpertArtifact:
     @property
     def training_tokens(self) -> int:
         return int(self.metadata["training_tokens"])
+
+
+@dataclass
+class ExpertArtifact(ArtifactMetadata):
+    """One owner's expert: MLP weights, router embedding and bias for every layer."""
+
+    owner: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
 
     @property
     def routing_stats(self):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
+from flexmoe.artifact import ExpertArtifact
 from flexmoe.moe import record_router_logits, router_z_loss
 from flexmoe.spec import ExpertRecipe, FederationSpec
 from flexmoe.upcycle import fingerprint, moe_blocks, upcycle
@@ -95,6 +96,9 @@ class ExpertModule(pl.LightningModule):
         owner: this owner's name, written into the artifact.
         check_fingerprint: refuse a public model whose fingerprint differs from the spec's.
     """
+
+    # What :meth:`artifact` builds (LoRA-sized experts use their own, flexmoe.lora).
+    artifact_class = ExpertArtifact
 
     def __init__(
         self,
@@ -206,11 +210,9 @@ class ExpertModule(pl.LightningModule):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
 
     def artifact(self, stats=None):
-        """This owner's :class:`~flexmoe.ExpertArtifact` as trained so far (with the routing
+        """This owner's artifact as trained so far (:attr:`artifact_class`; with the routing
         statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`)."""
-        from flexmoe.artifact import ExpertArtifact
-
-        return ExpertArtifact.from_model(
+        return self.artifact_class.from_model(
             self.model,
             owner=self.owner,
             expert=1,

@@ -41,6 +41,7 @@ from flexmoe.artifact import (
     DEFAULT_MAX_BYTES,
     FORMAT_VERSION,
     ArtifactError,
+    ArtifactMetadata,
     ExpertArtifact,
     read_safetensors_header,
 )
@@ -55,7 +56,7 @@ _REQUIRED_METADATA = (
 
 
 @dataclass
-class LoraExpertArtifact:
+class LoraExpertArtifact(ArtifactMetadata):
     """One owner's expert as LoRA factors of the public MLP, router embedding and bias per layer."""
 
     owner: str
@@ -63,23 +64,7 @@ class LoraExpertArtifact:
     metadata: dict[str, str] = field(default_factory=dict)
     source: str | None = None
 
-    # -- metadata accessors -------------------------------------------------------------
-    @property
-    def fingerprint(self) -> str:
-        return self.metadata["fingerprint"]
-
-    @property
-    def spec_sha256(self) -> str:
-        return self.metadata["spec_sha256"]
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.metadata["num_layers"])
-
-    @property
-    def training_tokens(self) -> int:
-        return int(self.metadata["training_tokens"])
-
+    # -- metadata accessors (fingerprint, spec_sha256, num_layers, training_tokens: inherited)
     @property
     def rank(self) -> int:
         return int(self.metadata["lora_rank"])

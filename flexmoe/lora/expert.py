@@ -34,6 +34,8 @@ class LoraExpertModule(ExpertModule):
         target_modules: names of the MLP's linear layers to adapt; default all of them.
     """
 
+    artifact_class = LoraExpertArtifact  # only the LoRA factors travel
+
     def __init__(
         self,
         public_model: str | nn.Module,
@@ -98,17 +100,3 @@ class LoraExpertModule(ExpertModule):
         ]
         return adamw_cosine(self, groups, lr=r.lr, betas=r.betas, warmup_steps=r.warmup_steps,
                             min_lr_ratio=r.min_lr_ratio, max_steps=r.max_steps)  # fmt: skip
-
-    def artifact(self, stats=None) -> LoraExpertArtifact:
-        """This owner's :class:`~flexmoe.lora.LoraExpertArtifact` (LoRA factors, router row, bias,
-        and the routing statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`)."""
-        return LoraExpertArtifact.from_model(
-            self.model,
-            owner=self.owner,
-            expert=1,
-            spec_sha256=self.spec.sha256,
-            training_tokens=self.tokens_seen,
-            fingerprint=self.spec.fingerprint,
-            stats=stats,
-        )
-
