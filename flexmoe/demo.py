@@ -513,6 +513,8 @@ class Table:
                             batch_size=self.cfg.eval_batch_size, name=name)  # fmt: skip
         self.diagnostics[name] = {"per_domain": {d: float(v) for d, v in r["per_domain"].items()},
                                   "average": float(r["average"])}  # fmt: skip
+        if "routing" in r:
+            self.routing[name] = r["routing"]
         return self.diagnostics[name]
 
     def oracle(self, models: dict) -> None:
@@ -546,8 +548,10 @@ def expert_rows(methods: dict) -> list[str]:
 
 
 def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None = None) -> list[str]:
-    """What the table shows, computed from it (nothing here is written in advance). ``flexolmo``:
-    the routing summary and diagnostics of ``settings["flexolmo"]``, for the note on the fold."""
+    """What the table shows, computed from it (nothing here is written in advance). ``routing``:
+    ``{row: routing shares}`` (``routing.json``); ``flexolmo``: ``settings["flexolmo"]`` (the routing
+    and router-tuning summaries and the diagnostics)."""
+    routing = routing or {}
     avg = {m: r["average"] for m, r in methods.items()}
     fo = avg["flexolmo"]
     lines = []
@@ -574,6 +578,7 @@ def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None =
         f"Router tuning on the proxy sets moved the average from {avg['flexolmo_no_rt']:.1f} (`flexolmo_no_rt`) to "
         f"{fo:.1f} ({'better' if rt < 0 else 'worse' if rt > 0 else 'unchanged'} by {abs(rt):.1f})."
     )
+    lines += tuning_findings(routing, flexolmo)
     lines.append(
         f"Bounds: `oracle` (each domain through its own expert, perfect routing of the same experts) averages "
         f"{avg['oracle']:.1f}; `unrestricted` (the same MoE shape trained jointly on all the data, no privacy) "
@@ -582,9 +587,24 @@ def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None =
     )
     if flexolmo:
         lines += fold_findings(methods, flexolmo)
-    if routing:
-        lines += routing_findings(methods, routing)
+    if routing.get("flexolmo"):
+        lines += routing_findings(methods, routing["flexolmo"])
     return lines
+
+
+def tuning_findings(routing: dict, flexolmo: dict | None) -> list[str]:
+    """How router tuning moved each domain's tokens, and what it was tuned on."""
+    if not routing.get("flexolmo_no_rt") or not routing.get("flexolmo"):
+        return []
+    before, after = mean_routing(routing["flexolmo_no_rt"]), mean_routing(routing["flexolmo"])
+    moves = ", ".join(f"{d} {before[d].get(d, 0.0):.2f} -> {after[d].get(d, 0.0):.2f}" for d in after)
+    text = f"Router tuning moved each domain's own-expert top-1 share (mean over layers): {moves}."
+    rows = ((flexolmo or {}).get("router_tuning") or {}).get("rows") or {}
+    if rows:
+        proxy = sum(n for name, n in rows.items() if name.startswith("proxy:"))
+        text += (f" It saw public text only: the owners' proxy sets ({proxy} rows of public documents chosen to "
+                 f"resemble the owners' data) and the public data ({rows.get('public', 0)} rows), in equal shares.")  # fmt: skip
+    return [text]
 
 
 def fold_findings(methods: dict, flexolmo: dict) -> list[str]:
@@ -610,7 +630,7 @@ def routing_findings(methods: dict, routing: dict) -> list[str]:
     fo, oracle = methods["flexolmo"]["per_domain"], methods["oracle"]["per_domain"]
     gaps = sorted(fo, key=lambda d: fo[d] / oracle[d], reverse=True)
     own = {d: shares[d].get(d, 0.0) for d in shares}
-    lines = ["Top-1 routing share of each domain's own expert (the public expert for public text), mean over "
+    lines = ["In `flexolmo`, the top-1 routing share of each domain's own expert (the public expert for public text), mean over "
              "layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."]  # fmt: skip
     for d in gaps[:2]:
         if fo[d] / oracle[d] < 1.05:
@@ -657,7 +677,8 @@ def routing_table(routing: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, report: dict, routing: dict | None) -> None:
+def write_markdown(path: Path, report: dict, routing: dict) -> None:
+    """``report.md``; ``routing``: every MoE row's routing shares (``routing.json``)."""
     methods, s, times = report["methods"], report["settings"], report["wall_times"]
     c = s["config"]
     setting = (
@@ -684,14 +705,14 @@ def write_markdown(path: Path, report: dict, routing: dict | None) -> None:
         "## What the numbers mean",
         "\n".join(f"- {line}" for line in findings(methods, routing, s.get("flexolmo"))) + "\n\n" + caveat,
     ]
-    if routing:
+    if routing.get("flexolmo"):
         parts += [
             "## Routing of the `flexolmo` model",
             (
                 "Share of each domain's tokens whose top-1 expert is each expert, mean over layers (per layer: "
                 "`routing.png`, `routing.json`)."
             ),
-            routing_table(routing),
+            routing_table(routing["flexolmo"]),
         ]
     m = s.get("machine", {})
     cpu = m.get("main_process_cpu_s", {})
@@ -830,8 +851,11 @@ def demo(
 
     Returns the report (``report.json``'s content).
     """
+    import importlib.util
     import logging
 
+    if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the training
+        raise ImportError("flexmoe demo draws its figures with matplotlib: pip install matplotlib (or 'flexmoe[dev]')")
     cfg = (DemoConfig.fast() if fast else DemoConfig()).overriding(settings)
     threads = threads or default_threads()
     if threads < 1:
@@ -923,13 +947,13 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "routing.json").write_text(json.dumps(table.routing, indent=1) + "\n")
-    routing = table.routing.get("flexolmo")
     plot_perplexity(table.methods, root / "perplexity.png")
-    plot_routing(routing, root / "routing.png", "flexolmo: top-1 expert share per held-out domain, per layer")
-    write_markdown(root / "report.md", report, routing)
+    plot_routing(table.routing["flexolmo"], root / "routing.png",
+                 "flexolmo: top-1 expert share per held-out domain, per layer")  # fmt: skip
+    write_markdown(root / "report.md", report, table.routing)
     stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
     print("\n" + markdown_table(table.methods, list(table.rows)) + "\n", flush=True)
-    for line in findings(table.methods, routing, report["settings"]["flexolmo"]):
+    for line in findings(table.methods, table.routing, report["settings"]["flexolmo"]):
         print("- " + line.replace("**", "").replace("`", ""), flush=True)
     return report
 
