@@ -47,9 +47,6 @@ from torch import nn
 PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
 PUBLIC = "public"
-# The rows of the table, in order (``expert:<owner>`` stands for one row per owner).
-METHODS = ("public", "expert:*", "soup", "weighted_soup", "btm", "btx", "flexolmo_no_rt", "flexolmo",
-           "unrestricted", "oracle")  # fmt: skip
 # The simulated owners run in Ray worker processes, which cannot see this process's variables:
 # the run config travels as a JSON file named by this environment variable.
 RUN_CONFIG_ENV = "FLEXMOE_DEMO_RUN_CONFIG"
@@ -58,8 +55,9 @@ MARKER = ".flexmoe-demo"
 
 @dataclass
 class DemoConfig:
-    """The sizes of a demo run. The defaults finish in about 10-15 minutes on two shared CPU
-    cores (docs/demo.md has measured stage times); :meth:`fast` is the few-minute preset.
+    """The sizes of a demo run. The defaults took 12 minutes on two lightly loaded CPU cores
+    (docs/demo.md has the stage times; two to three times that on a busy machine); :meth:`fast`
+    is the preset CI runs (about a minute there, a few on a busy machine).
 
     Args:
         docs_per_domain: documents per corpus domain (a fixed hash-chosen sample; 10% held out).
@@ -426,8 +424,6 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     """The same MoE shape as FlexOlmo's (public + one expert per owner, ``top_k``), upcycled from the
     public model and trained jointly on all the data: experts and router, with BTX's
     load-balancing loss; attention and embeddings stay the public model's. Ignores privacy."""
-    import torch
-
     from flexmoe.merge import MoEFinetune
     from flexmoe.upcycle import moe_blocks, upcycle
 
