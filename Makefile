@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/flexmoe demo --out $(OUT) $(DEMO_ARGS)
+	$(BIN)/flexmoe demo --out $(OUT) --overwrite $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
