@@ -285,10 +285,11 @@ def train_expert_cli(args: list[str] | None = None) -> None:
                 public_docs = read_documents(cfg.public_data)
             self.trainer.callbacks.extend(expert_callbacks(self._spec, cfg.out, public_docs))
 
+    argv = _expert_argv(sys.argv[1:] if args is None else list(args))
     cli = ExpertCLI(
-        ExpertModule,
+        _module_class(argv),
         TextDataModule,
-        args=_expert_argv(sys.argv[1:] if args is None else list(args)),
+        args=argv,
         run=False,
         save_config_callback=None,
         trainer_defaults={"gradient_clip_val": None, "log_every_n_steps": 10},
@@ -306,6 +307,18 @@ def _expert_argv(argv: list[str]) -> list[str]:
 
     argv = normalize_options(argv, {"data": "list", "public_data": "list"})
     return ["--data.sources" if a == "--data" else a for a in argv]
+
+
+def _module_class(argv: list[str]) -> type[ExpertModule]:
+    """:class:`ExpertModule`, or :class:`flexmoe.lora.LoraExpertModule` when the spec named by
+    ``--spec`` sets ``expert.lora_rank`` (a LoRA-sized expert)."""
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--spec"), None)
+    spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith("--spec=")), None)
+    if spec and Path(spec).is_file() and FederationSpec.load(spec).expert.lora_rank:
+        from flexmoe.lora.expert import LoraExpertModule
+
+        return LoraExpertModule
+    return ExpertModule
 
 
 def _spec_public_model(path: str) -> str:

@@ -75,3 +75,19 @@ def test_unwritable_output(spec_path, tmp_path, capsys):
     blocker.write_text("not a folder")
     err = run_failing(capsys, "--spec", spec_path, "--data", f"{LICENSES}/GPL-3", "--owner", "o", "--out", blocker / "o.safetensors")
     assert "flexmoe: error:" in err
+
+
+def test_train_expert_trains_a_lora_expert_when_the_spec_sets_a_rank(spec_path, tmp_path):
+    """With ``expert.lora_rank`` in the spec, ``train-expert`` trains and writes a LoRA-sized expert."""
+    from flexmoe.lora import LoraExpertArtifact
+
+    d = FederationSpec.load(spec_path).to_dict()
+    d["expert"]["lora_rank"] = 2
+    lora_spec = FederationSpec.from_dict(d)
+    lora_spec.save(tmp_path / "lora.json")
+    out = tmp_path / "gpl.safetensors"
+    main(["train-expert", "--spec", str(tmp_path / "lora.json"), "--data", f"{LICENSES}/GPL-3", "--owner", "gpl",
+          "--out", str(out), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    art = LoraExpertArtifact.load(out, fingerprint=lora_spec.fingerprint, spec_sha256=lora_spec.sha256)
+    assert art.rank == 2 and art.owner == "gpl"
