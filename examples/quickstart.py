@@ -163,7 +163,7 @@ def train_owner_expert(public_dir: Path, owner: str, data, steps: int, lr: float
 
 
 def main(
-    out: str = "demo_out",
+    out: str = "quickstart_out",
     public_steps: int = 150,
     owner_steps: int = 60,
     seq_len: int = 128,

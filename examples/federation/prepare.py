@@ -1,7 +1,7 @@
 """Prepare the federation demo: a small public model, the FederationSpec, and two owners' data.
 
-    python examples/federation/prepare.py                  # writes demo_out/federation/
-    flwr run examples/federation --run-config demo_out/federation/run_config.toml \\
+    python examples/federation/prepare.py                  # writes federation_out/
+    flwr run examples/federation --run-config federation_out/run_config.toml \\
              --federation-config "num-supernodes=2"        # the whole federation, simulated
 
 Everything comes from this Python installation (:func:`flexmoe.corpus.local_corpus`), so no
@@ -31,7 +31,7 @@ PUBLIC = "docstrings"
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="demo_out/federation", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="federation_out", help="output folder (default: %(default)s)")
     p.add_argument("--max-docs", type=int, default=120, help="documents per domain (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--hidden-size", type=int, default=64)
