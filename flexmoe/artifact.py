@@ -27,6 +27,7 @@ import json
 import os
 import re
 import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,10 +69,17 @@ class ArtifactError(ValueError):
         super().__init__(msg + (f". {hint}" if hint else ""))
 
 
-class ArtifactMetadata:
-    """Typed access to the metadata every expert file carries (full or LoRA-sized)."""
+class ExpertFile(ABC):
+    """What every expert file has in common, full (:class:`ExpertArtifact`) or LoRA-sized
+    (:class:`flexmoe.lora.LoraExpertArtifact`): typed metadata, an atomic save, a load that
+    checks the raw bytes before safetensors sees them, and the identity check. A subclass is a
+    dataclass with ``owner``, ``tensors``, ``metadata`` and ``source``, and supplies
+    ``check_metadata`` (run on the header before any tensor is read) and ``check_structure``."""
 
+    owner: str
+    tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
+    source: str | None
 
     @property
     def fingerprint(self) -> str:
@@ -89,9 +97,75 @@ class ArtifactMetadata:
     def training_tokens(self) -> int:
         return int(self.metadata["training_tokens"])
 
+    # -- I/O --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write one safetensors file (atomically: a crash never leaves half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str | None = None,
+        spec_sha256: str | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ):
+        """Read and validate an expert file. Raises :class:`ArtifactError` on any problem."""
+        path = Path(path)
+        header = read_safetensors_header(path, max_bytes=max_bytes)
+        metadata = header.pop("__metadata__", None) or {}
+        owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
+        cls.check_metadata(metadata, owner, path)
+        for name, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path)
+        tensors = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ArtifactError(owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path) from e
+        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
+        art.check_structure()
+        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
+        return art
+
+    @staticmethod
+    @abstractmethod
+    def check_metadata(metadata: dict, owner: str, path: Path) -> None:
+        """Check the header's metadata (before any tensor is read); raise :class:`ArtifactError`."""
+
+    @abstractmethod
+    def check_structure(self) -> None:
+        """Check the tensors' layout, shapes, dtypes and values; raise :class:`ArtifactError`."""
+
+    # -- validation -------------------------------------------------------------------
+    def _error(self, field, expected, got, hint=""):
+        return ArtifactError(self.owner, field, expected, got, source=self.source, hint=hint)
+
+    def check_identity(self, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
+        """Check the expert was trained on this public model and under this spec."""
+        if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
+            raise self._error(
+                "fingerprint", fingerprint, self.metadata.get("fingerprint"),
+                hint="the expert was trained on a different public model",
+            )  # fmt: skip
+        if spec_sha256 is not None and self.metadata.get("spec_sha256") != spec_sha256:
+            raise self._error(
+                "spec_sha256", spec_sha256, self.metadata.get("spec_sha256"),
+                hint="the expert was trained under a different FederationSpec",
+            )  # fmt: skip
+
 
 @dataclass
-class ExpertArtifact(ArtifactMetadata):
+class ExpertArtifact(ExpertFile):
     """One owner's expert: MLP weights, router embedding and bias for every layer."""
 
     owner: str
@@ -175,62 +249,9 @@ class ExpertArtifact(ArtifactMetadata):
         art.check_structure()
         return art
 
-    # -- I/O --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file (atomically: a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        fingerprint: str | None = None,
-        spec_sha256: str | None = None,
-        *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-    ) -> ExpertArtifact:
-        """Read and validate an artifact file. Raises :class:`ArtifactError` on any problem."""
-        path = Path(path)
-        header = read_safetensors_header(path, max_bytes=max_bytes)
-        metadata = header.pop("__metadata__", None) or {}
-        owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
+    @staticmethod
+    def check_metadata(metadata: dict, owner: str, path: Path) -> None:
         _check_metadata(metadata, owner, path)
-        for name, entry in header.items():
-            if entry["dtype"] not in _DTYPES:
-                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path)
-        tensors = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ArtifactError(owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path) from e
-        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
-        art.check_structure()
-        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
-        return art
-
-    # -- validation -------------------------------------------------------------------
-    def _error(self, field, expected, got, hint=""):
-        return ArtifactError(self.owner, field, expected, got, source=self.source, hint=hint)
-
-    def check_identity(self, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
-        """Check the artifact was trained on this public model and under this spec."""
-        if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
-            raise self._error(
-                "fingerprint", fingerprint, self.metadata.get("fingerprint"),
-                hint="the expert was trained on a different public model",
-            )  # fmt: skip
-        if spec_sha256 is not None and self.metadata.get("spec_sha256") != spec_sha256:
-            raise self._error(
-                "spec_sha256", spec_sha256, self.metadata.get("spec_sha256"),
-                hint="the expert was trained under a different FederationSpec",
-            )  # fmt: skip
 
     def check_structure(self) -> None:
         """Self-consistency: key layout, layer set, shapes vs metadata, dtypes, finite values."""

@@ -25,25 +25,20 @@ no inference cost) and the result is an ordinary :class:`~flexmoe.ExpertArtifact
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.artifact import (
     _DTYPE_NAMES,
     _DTYPES,
-    DEFAULT_MAX_BYTES,
     FORMAT_VERSION,
     ArtifactError,
-    ArtifactMetadata,
     ExpertArtifact,
-    read_safetensors_header,
+    ExpertFile,
 )
 from flexmoe.lora.adapters import LoraFactors, lora_factors
 
@@ -56,7 +51,7 @@ _REQUIRED_METADATA = (
 
 
 @dataclass
-class LoraExpertArtifact(ArtifactMetadata):
+class LoraExpertArtifact(ExpertFile):
     """One owner's expert as LoRA factors of the public MLP, router embedding and bias per layer."""
 
     owner: str
@@ -156,60 +151,9 @@ class LoraExpertArtifact(ArtifactMetadata):
         art.check_structure()
         return art
 
-    # -- I/O --------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file (atomically: a crash never leaves half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        fingerprint: str | None = None,
-        spec_sha256: str | None = None,
-        *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-    ) -> LoraExpertArtifact:
-        """Read and validate a LoRA expert file. Raises :class:`~flexmoe.ArtifactError` on any problem."""
-        path = Path(path)
-        header = read_safetensors_header(path, max_bytes=max_bytes)
-        metadata = header.pop("__metadata__", None) or {}
-        owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
+    @staticmethod
+    def check_metadata(metadata: dict, owner: str, path: Path) -> None:
         _check_metadata(metadata, owner, path)
-        for name, entry in header.items():
-            if entry["dtype"] not in _DTYPES:
-                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"],
-                                    source=path)  # fmt: skip
-        tensors = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in sorted(f.keys()):
-                    tensors[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            got = f"{type(e).__name__}: {e}"
-            raise ArtifactError(owner, "file", "a readable safetensors file", got, source=path) from e
-        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
-        art.check_structure()
-        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
-        return art
-
-    # -- validation -------------------------------------------------------------------
-    def _error(self, what, expected, got, hint=""):
-        return ArtifactError(self.owner, what, expected, got, source=self.source, hint=hint)
-
-    def check_identity(self, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
-        """Check the expert was trained on this public model and under this spec."""
-        if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
-            raise self._error("fingerprint", fingerprint, self.metadata.get("fingerprint"),
-                              hint="the LoRA expert was trained on a different public model")  # fmt: skip
-        if spec_sha256 is not None and self.metadata.get("spec_sha256") != spec_sha256:
-            raise self._error("spec_sha256", spec_sha256, self.metadata.get("spec_sha256"),
-                              hint="the LoRA expert was trained under a different FederationSpec")  # fmt: skip
 
     def check_structure(self) -> None:
         """Self-consistency: key layout, layers, targets, the rank in every factor, dtypes, finite
