@@ -326,6 +326,7 @@ def main(argv=None):
         lda_router,
         mlp_input_moments,
         prefix_lda_router,
+        spread_rows,
     )
 
     torch.set_num_threads(args.threads)
@@ -344,11 +345,8 @@ def main(argv=None):
         return pack_domain(docs, tok, args.seq_len, limit)
 
     def spread(docs, limit):
-        """Rows spread evenly over the whole packed text: statistics from the first few
-        documents alone are unrepresentative (a domain's documents differ a lot)."""
-        every = pack_domain(docs, tok, args.seq_len)
-        n = min(every.shape[0], max(1, limit // args.seq_len))
-        return every[torch.linspace(0, every.shape[0] - 1, n).round().long().unique()]
+        # Rows spread over the whole text: the first few documents alone are unrepresentative.
+        return spread_rows(pack_domain(docs, tok, args.seq_len), limit)
 
     domains = {
         "public": rows([d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "val.jsonl")], args.eval_tokens)

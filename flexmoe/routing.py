@@ -431,9 +431,7 @@ def constant_direction(mean: torch.Tensor, covariance: torch.Tensor, *, shrinkag
     return v / q, q
 
 
-def fold_router_bias(
-    model: nn.Module, stats: MLPInputStats, *, shrinkage: float = 0.1, least_squares: bool = False
-) -> list[float]:
+def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float = 0.1) -> list[float]:
     """Move every layer's router biases into its rows, in place, so the router has no bias and
     exports to a ``transformers`` FlexOlmo or Mixtral checkpoint (whose routers have none).
 
@@ -443,11 +441,6 @@ def fold_router_bias(
     (:func:`constant_direction`). The routers become plain :class:`~flexmoe.moe.Router`\\ s with
     zero biases. Returns the per-layer ``q``: the folded logits' error has standard deviation
     ``|b_j| / sqrt(q)`` on data like ``stats``'s, so a large ``q`` means a near-exact fold.
-
-    ``least_squares``: use ``u * q / (1 + q)`` instead, the bias-free rows closest to the biased
-    logits in mean squared error over data like ``stats``'s (regression without intercept:
-    ``E[x x^T]^-1 E[x] = Sigma^-1 mu / (1 + q)`` by Sherman-Morrison). It trades exactness at
-    the mean for a smaller error elsewhere; the two agree when ``q`` is large.
     """
     if stats.covariance is None:
         raise ValueError("fold_router_bias needs the MLP inputs' covariance: mlp_input_moments(..., covariance=True)")
@@ -456,8 +449,6 @@ def fold_router_bias(
         old = block.router
         u, q = constant_direction(stats.mean[L], stats.covariance[L], shrinkage=shrinkage)
         qs.append(q)
-        if least_squares:
-            u = u * (q / (1 + q))
         b = old.effective_bias().double()
         b = b - b[0]
         new = Router(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
