@@ -69,17 +69,18 @@ class ArtifactError(ValueError):
         super().__init__(msg + (f". {hint}" if hint else ""))
 
 
+@dataclass
 class ExpertFile(ABC):
     """What every expert file has in common, full (:class:`ExpertArtifact`) or LoRA-sized
     (:class:`flexmoe.lora.LoraExpertArtifact`): typed metadata, an atomic save, a load that
     checks the raw bytes before safetensors sees them, and the identity check. A subclass is a
-    dataclass with ``owner``, ``tensors``, ``metadata`` and ``source``, and supplies
+    dataclass (the fields ``owner``, ``tensors``, ``metadata``, ``source`` are inherited) and supplies
     ``check_metadata`` (run on the header before any tensor is read) and ``check_structure``."""
 
     owner: str
     tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    source: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -167,11 +168,6 @@ class ExpertFile(ABC):
 @dataclass
 class ExpertArtifact(ExpertFile):
     """One owner's expert: MLP weights, router embedding and bias for every layer."""
-
-    owner: str
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    source: str | None = None
 
     @property
     def routing_stats(self):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,11 +53,6 @@ _REQUIRED_METADATA = (
 @dataclass
 class LoraExpertArtifact(ExpertFile):
     """One owner's expert as LoRA factors of the public MLP, router embedding and bias per layer."""
-
-    owner: str
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str] = field(default_factory=dict)
-    source: str | None = None
 
     # -- metadata accessors (fingerprint, spec_sha256, num_layers, training_tokens: inherited)
     @property
