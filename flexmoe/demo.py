@@ -68,8 +68,12 @@ class DemoConfig:
         expert_steps, expert_batch_size, expert_lr: each owner's expert, and each BTX dense
             expert (the same budget, fully fine-tuned).
         top_k: experts per token of the merged models (``flexolmo*``, ``btx``, ``unrestricted``).
-        router_tuning_steps: the coordinator's router tuning (``flexolmo``).
-        btx_finetune_steps: BTX's MoE fine-tuning on the union of all data, after the mix.
+        router_tuning_steps, router_tuning_rounds: the federated router tuning of ``flexolmo``:
+            each participant's (every owner's, on its own text, and the coordinator's, on the
+            public data) local steps in all, spread over that many Flower rounds.
+        btx_finetune_steps: BTX's MoE fine-tuning after the mix, on the data the coordinator holds
+            (the public data), as in FlexOlmo's comparison; the same on every owner's text pooled
+            (the original BTX, which ignores privacy) is a diagnostic in the report.
         unrestricted_steps: the jointly trained MoE (default: as many sequences as all the
             owners' experts together).
         joint_batch_size, joint_lr: batch and learning rate of those two joint trainings.
@@ -93,6 +97,7 @@ class DemoConfig:
     expert_lr: float = 1e-3
     top_k: int = 4
     router_tuning_steps: int = 100
+    router_tuning_rounds: int = 10
     btx_finetune_steps: int = 100
     unrestricted_steps: int = 400
     joint_batch_size: int = 16
@@ -114,6 +119,9 @@ class DemoConfig:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"DemoConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
                              "heads of even width (RoPE)")  # fmt: skip
+        if self.router_tuning_rounds > self.router_tuning_steps:
+            raise ValueError(f"DemoConfig: router_tuning_rounds={self.router_tuning_rounds} is more than "
+                             f"router_tuning_steps={self.router_tuning_steps}; each round takes at least one step")  # fmt: skip
         if self.top_k > len(OWNERS) + 1:
             raise ValueError(f"DemoConfig.top_k={self.top_k}: the merged model has {len(OWNERS) + 1} experts")
         if not 2 <= self.weighted_soup_prefix < self.seq_len:
@@ -127,7 +135,7 @@ class DemoConfig:
     def fast(cls) -> DemoConfig:
         """The ``--fast`` preset (CI): every stage runs, on a much smaller model and corpus."""
         return cls(docs_per_domain=30, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
-                   pretrain_steps=120, expert_steps=40, router_tuning_steps=20, btx_finetune_steps=20,
+                   pretrain_steps=120, expert_steps=40, router_tuning_steps=20, router_tuning_rounds=4, btx_finetune_steps=20,
                    unrestricted_steps=60, joint_batch_size=8, eval_tokens=1024)  # fmt: skip
 
     def overriding(self, settings: DemoConfig | None) -> DemoConfig:
@@ -228,7 +236,8 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
         public_router_embedding=rows.tolist(),
         expert=ExpertRecipe(max_steps=cfg.expert_steps, batch_size=cfg.expert_batch_size, seq_len=cfg.seq_len,
                             lr=cfg.expert_lr, warmup_steps=max(1, cfg.expert_steps // 10)),
-        router_tuning=RouterTuningRecipe(max_steps=cfg.router_tuning_steps, seq_len=cfg.seq_len,
+        router_tuning=RouterTuningRecipe(data="owners", rounds=cfg.router_tuning_rounds,
+                                         max_steps=cfg.router_tuning_steps, seq_len=cfg.seq_len,
                                          warmup_steps=max(1, cfg.router_tuning_steps // 10)),
         routing=RoutingRecipe(),
     )  # fmt: skip
@@ -260,6 +269,12 @@ def _owner_train(msg, context):
     return client_app.train(msg, _context(context))
 
 
+def _owner_router_round(msg, context):
+    from flexmoe.federation import client_app
+
+    return client_app.router_round(msg, _context(context))
+
+
 def _coordinator(grid, context) -> None:
     from flexmoe.federation import server_app
 
@@ -274,6 +289,7 @@ def simulation_apps():
     client, server = ClientApp(), ServerApp()
     client.query()(_owner_query)
     client.train()(_owner_train)
+    client.train("router")(_owner_router_round)
     server.main()(_coordinator)
     return server, client
 
@@ -394,8 +410,13 @@ def _finetune(module, data, steps: int, seed: int) -> None:
 
 def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
     """BTX: dense copies of the public model fully fine-tuned on each owner's text (the expert step
-    budget), mixed into one MoE (the public model kept as expert 0), then MoE-finetuned on the
-    union of all the data. It needs every owner's raw text in one place: no privacy."""
+    budget), mixed into one MoE (the public model kept as expert 0), then MoE-finetuned. Returns
+    ``(btx, btx_pooled)``: the MoE fine-tuned on the data the coordinator holds (the public data),
+    as FlexOlmo's comparison runs BTX where closed data cannot be pooled; and the same mix
+    fine-tuned on every owner's text pooled with the public data (the original BTX: no privacy),
+    the report's diagnostic. Either way, the dense experts saw only their owner's text."""
+    import copy
+
     from flexmoe.data import TextDataModule
     from flexmoe.merge import MoEFinetune, btx
     from flexmoe.pretrain import PretrainModule
@@ -412,13 +433,18 @@ def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
         stages.run(f"btx_dense_{owner}", f"BTX: fine-tuning a dense copy on {owner} ({cfg.expert_steps} steps)",
                    _finetune, module, data, cfg.expert_steps, cfg.seed)  # fmt: skip
         dense.append(module.model.eval())
-    model = btx(dense, seed_model=models.public(), seed=cfg.seed, names=list(OWNERS))
-    set_top_k(model, cfg.top_k)
-    module = MoEFinetune(model, train="all", lr=cfg.joint_lr, warmup_steps=max(1, cfg.btx_finetune_steps // 10),
-                         max_steps=cfg.btx_finetune_steps)  # fmt: skip
-    stages.run("btx_moe_finetune", f"BTX: MoE fine-tuning on all the data ({cfg.btx_finetune_steps} steps)",
-               _finetune, module, _union(cfg, models, data_dir), cfg.btx_finetune_steps, cfg.seed)  # fmt: skip
-    return model.eval()
+    mixed = btx(dense, seed_model=models.public(), seed=cfg.seed, names=list(OWNERS))
+    set_top_k(mixed, cfg.top_k)
+    out = []
+    for key, what, data in (("btx_moe_finetune", "the public data", _union(cfg, models, data_dir, (PUBLIC,))),
+                            ("btx_pooled_moe_finetune", "all the data pooled", _union(cfg, models, data_dir))):  # fmt: skip
+        model = copy.deepcopy(mixed)
+        module = MoEFinetune(model, train="all", lr=cfg.joint_lr, warmup_steps=max(1, cfg.btx_finetune_steps // 10),
+                             max_steps=cfg.btx_finetune_steps)  # fmt: skip
+        stages.run(key, f"BTX: MoE fine-tuning on {what} ({cfg.btx_finetune_steps} steps)", _finetune, module, data,
+                   cfg.btx_finetune_steps, cfg.seed)  # fmt: skip
+        out.append(model.eval())
+    return tuple(out)
 
 
 def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
@@ -442,10 +468,10 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     return model.eval()
 
 
-def _union(cfg: DemoConfig, models: Models, data_dir: Path):
+def _union(cfg: DemoConfig, models: Models, data_dir: Path, domains: tuple[str, ...] = (PUBLIC, *OWNERS)):
     from flexmoe.data import TextDataModule
 
-    sources = [str(data_dir / d / "train.jsonl") for d in (PUBLIC, *OWNERS)]
+    sources = [str(data_dir / d / "train.jsonl") for d in domains]
     return TextDataModule(sources, str(models.public_dir), seq_len=cfg.seq_len, batch_size=cfg.joint_batch_size,
                           val_fraction=0.0, seed=cfg.seed)  # fmt: skip
 
@@ -463,6 +489,24 @@ def routed_without_tuning(cfg: DemoConfig, models: Models, spec, public_docs: li
     summary = route(model, [models.artifacts[o] for o in OWNERS], pack_domain(public_docs, tokenizer, cfg.seq_len),
                     spec.routing, exportable=exportable)  # fmt: skip
     return model.eval(), summary
+
+
+def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_docs: list[str], tokenizer):
+    """``flexolmo_no_rt`` tuned as FlexOlmo publishes it: by the coordinator alone, on the owners'
+    proxy sets (public documents that resemble their text) and the public data; the same steps
+    as one participant of the federated tuning."""
+    import dataclasses
+
+    from flexmoe.proxy import ProxySelection
+    from flexmoe.router_tuning import tune_router
+
+    model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
+    proxies = {o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs) for o in OWNERS
+               if (fed["owners"].get(o) or {}).get("proxy")}  # fmt: skip
+    recipe = dataclasses.replace(spec.router_tuning, data="proxy")
+    tune_router(model, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer, recipe=recipe,
+                seed=cfg.seed, trainer_kwargs={"enable_progress_bar": _progress_bar()})  # fmt: skip
+    return model.eval()
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -655,9 +699,11 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     table.score("weighted_soup", CausalWeightedSoup(members, uniform, cfg.weighted_soup_prefix))
     del members, uniform
     table.score("btm", BTMEnsemble([models.public(), *singles.values()], top_k=cfg.btm_top_k))
-    btx_model = stages.run("btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models, data_dir, stages)
+    btx_model, btx_pooled = stages.run("btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models,
+                                       data_dir, stages)  # fmt: skip
     table.score("btx", btx_model)
-    del btx_model
+    table.diagnose("btx_pooled_data", btx_pooled)
+    del btx_model, btx_pooled
     no_rt, routing_summary = stages.run("routing", "rebuilding the merge before router tuning (flexolmo_no_rt)",
                                         routed_without_tuning, cfg, models, spec, public_docs, tokenizer)  # fmt: skip
     table.score("flexolmo_no_rt", no_rt)
@@ -665,6 +711,10 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     native, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer, exportable=False)
     table.diagnose("lda_with_biases", native)
     del native
+    proxy_tuned = stages.run("proxy_router_tuning", "FlexOlmo's published router tuning, on the proxy sets "
+                             "(diagnostic)", tune_on_proxies, cfg, models, spec, fed, public_docs, tokenizer)  # fmt: skip
+    table.diagnose("proxy_router_tuning", proxy_tuned)
+    del proxy_tuned
     tuned = load(coordinator / "model").eval()
     table.score("flexolmo", tuned)
     flexolmo_summary = {"routing": routing_summary, "coordinator_routing": fed.get("routing_recipe"),

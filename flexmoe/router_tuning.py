@@ -11,6 +11,10 @@ owners' proxy sets and the public data, with all experts active (top-k = all). T
 
 :class:`RouterTuning` is the ``LightningModule`` behind it, for users who bring their own
 ``Trainer`` and data: it refuses to finish if any parameter but the routers' moved.
+
+Federated router tuning (``RouterTuningRecipe.data="owners"``) runs the same module in rounds:
+each participant takes :func:`local_router_round` on its own text, the coordinator averages the
+rows (:func:`average_router_rows`); :mod:`flexmoe.federation` carries the rows over Flower.
 """
 
 from __future__ import annotations
@@ -68,8 +72,12 @@ class RouterTuning(pl.LightningModule):
     at the end. The batches are ``{"input_ids": [B, T]}`` like :class:`~flexmoe.TextDataModule`'s.
     """
 
-    def __init__(self, model: nn.Module, recipe: RouterTuningRecipe | None = None):
+    def __init__(self, model: nn.Module, recipe: RouterTuningRecipe | None = None, *, step_offset: int = 0,
+                 total_steps: int | None = None):  # fmt: skip
         super().__init__()
+        # One round of federated tuning is a slice of one schedule: steps [offset, offset + max_steps)
+        # of ``total_steps``.
+        self.step_offset, self.total_steps = step_offset, total_steps
         if not is_moe(model):
             raise ValueError("RouterTuning needs a merged flexmoe MoE (flexmoe.assemble or flexmoe.load), got a dense model")
         self.model = model
@@ -108,7 +116,8 @@ class RouterTuning(pl.LightningModule):
         params = [p for p in router_parameters(self.model) if p.requires_grad]
         groups = [{"params": params, "weight_decay": r.weight_decay}]
         return adamw_cosine(self, groups, lr=r.lr, betas=(0.9, 0.95), warmup_steps=r.warmup_steps,
-                            min_lr_ratio=MIN_LR_RATIO, max_steps=r.max_steps)  # fmt: skip
+                            min_lr_ratio=MIN_LR_RATIO, max_steps=r.max_steps, offset=self.step_offset,
+                            total=self.total_steps)  # fmt: skip
 
 
 def mixture_loader(
@@ -140,6 +149,20 @@ def pack_documents(documents: Sequence[str], tokenizer, seq_len: int, max_docume
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     rows, _ = pack(_encode(tokenizer, docs), eos, seq_len)
     return rows.long()
+
+
+def _trainer_kwargs(model: nn.Module, steps: int, callbacks: list, extra: dict | None) -> dict:
+    kwargs = {
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu" if next(model.parameters()).device.type == "cpu" else "auto",
+        "devices": 1,
+        "callbacks": callbacks,
+    }
+    kwargs.update(extra or {})
+    return kwargs
 
 
 def tune_router(
@@ -183,17 +206,7 @@ def tune_router(
                             seed=seed)  # fmt: skip
     module = RouterTuning(model, recipe)
     losses = _LossLog()
-    kwargs = {
-        "max_steps": recipe.max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "accelerator": "cpu" if next(model.parameters()).device.type == "cpu" else "auto",
-        "devices": 1,
-        "callbacks": [losses],
-    }
-    kwargs.update(trainer_kwargs or {})
-    pl.Trainer(**kwargs).fit(module, train_dataloaders=loader)
+    pl.Trainer(**_trainer_kwargs(model, recipe.max_steps, [losses], trainer_kwargs)).fit(module, train_dataloaders=loader)
     return {
         "steps": len(losses.values),
         "rows": {name: len(rows) for name, rows in packed.items()},
@@ -209,3 +222,86 @@ class _LossLog(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
         self.values.append(float(loss))
+
+
+# -- federated router tuning (RouterTuningRecipe.data == "owners") ---------------------------------
+
+
+def router_rows(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's router, as it travels in a round of federated router tuning: float32 copies
+    of the rows ``layers.{L}.router.weight`` ``[E, H]`` and raw biases ``layers.{L}.router.bias`` ``[E]``."""
+    out = {}
+    for L, b in enumerate(moe_blocks(model)):
+        out[f"layers.{L}.router.weight"] = b.router.weight.detach().float().clone()
+        out[f"layers.{L}.router.bias"] = b.router.bias.detach().float().clone()
+    return out
+
+
+def check_router_rows(rows: Mapping[str, torch.Tensor], model: nn.Module, who: str) -> None:
+    """Refuse routers from another party unless they fit ``model`` exactly: the same names and
+    shapes, float32, finite. ``who`` names the sender in the error (an :class:`ArtifactError`)."""
+    from flexmoe.artifact import ArtifactError
+
+    expected = router_rows(model)
+    if set(rows) != set(expected):
+        missing, extra = sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected))
+        raise ArtifactError(who, "router tensors", f"the {len(expected)} of layers.L.router.{{weight,bias}}",
+                            f"missing {missing}, extra {extra}")  # fmt: skip
+    for name, ref in expected.items():
+        t = rows[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ArtifactError(who, f"shape of {name}", list(ref.shape), list(t.shape))
+        if t.dtype != torch.float32:
+            raise ArtifactError(who, f"dtype of {name}", "float32", str(t.dtype).removeprefix("torch."))
+        if not torch.isfinite(t).all():
+            raise ArtifactError(who, f"values of {name}", "finite numbers", "NaN or Inf")
+
+
+def set_router_rows(model: nn.Module, rows: Mapping[str, torch.Tensor]) -> None:
+    """Load routers from :func:`router_rows` (check them with :func:`check_router_rows` first)."""
+    with torch.no_grad():
+        for L, block in enumerate(moe_blocks(model)):
+            block.router.weight.copy_(rows[f"layers.{L}.router.weight"].to(block.router.weight.dtype))
+            block.router.bias.copy_(rows[f"layers.{L}.router.bias"].to(block.router.bias.dtype))
+
+
+def aggregate_router_rows(
+    start: Mapping[str, torch.Tensor],
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    server_lr: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """One round's aggregate: ``start + server_lr * mean_i(update_i - start)``, every participant
+    weighted equally (each source counts once, as in FlexOlmo's uniform mixture of sources).
+    ``server_lr=1`` is plain FedAvg (the mean of the updates); ``None`` is the number of
+    participants (the sum of their changes)."""
+    if not updates:
+        raise ValueError("no router rows to aggregate")
+    server_lr = len(updates) if server_lr is None else server_lr
+    return {
+        name: s0.float() + server_lr * (torch.stack([u[name].float() for u in updates]).mean(dim=0) - s0.float())
+        for name, s0 in start.items()
+    }
+
+
+def local_router_round(
+    model: nn.Module,
+    rows: torch.Tensor,
+    recipe: RouterTuningRecipe,
+    round_index: int,
+    *,
+    seed: int = 0,
+    trainer_kwargs: dict | None = None,
+) -> dict:
+    """One participant's share of one round of federated router tuning: ``recipe.local_steps``
+    steps of :class:`RouterTuning` on ``rows`` (its own packed text, ``[N, T]``), continuing the
+    one cosine schedule of all rounds. Changes ``model``'s routers in place; returns the steps and
+    the first and last loss. The caller sends :func:`router_rows` back."""
+    steps = recipe.local_steps
+    loader = mixture_loader({"data": rows}, batch_size=recipe.batch_size, num_samples=steps * recipe.batch_size,
+                            seed=seed * 1_000_003 + round_index)  # fmt: skip
+    module = RouterTuning(model, recipe, step_offset=round_index * steps, total_steps=recipe.rounds * steps)
+    losses = _LossLog()
+    quiet = {"enable_progress_bar": False, **(trainer_kwargs or {})}  # many short fits: the caller logs rounds
+    pl.Trainer(**_trainer_kwargs(model, steps, [losses], quiet)).fit(module, train_dataloaders=loader)
+    return {"steps": len(losses.values), "loss_first": losses.values[0], "loss_last": losses.values[-1]}

@@ -51,11 +51,30 @@ class ExpertRecipe:
 
 @dataclass
 class RouterTuningRecipe:
-    """Coordinator-side router tuning on proxy data (FlexOlmo section 3.4)."""
+    """Router tuning after the merge (FlexOlmo section 3.4): only router rows train, experts frozen.
+
+    ``data`` says on what:
+
+    * ``"proxy"`` (FlexOlmo's recipe): the coordinator alone, on a uniform mixture of the owners'
+      proxy sets (public documents chosen to resemble each owner's data) and the public data.
+    * ``"owners"``: federated, over Flower. In each of ``rounds`` rounds every owner trains the
+      router rows on its own text for ``max_steps / rounds`` steps, the coordinator does the same on
+      the public data, and the coordinator averages the rows (FedAvg, equal weights: a uniform
+      mixture of the sources). Only router rows leave an owner, never text.
+
+    ``max_steps`` counts one source's steps: all of them with ``"proxy"``, each participant's over
+    all rounds with ``"owners"``. ``server_lr`` scales the round's mean change (FedOpt's server
+    step): 1 is plain FedAvg; the default, ``None``, is the number of participants, so every
+    source's change counts in full (their sum), as if each had taken its steps in turn. On the
+    demo's default sizes plain FedAvg learned too slowly to help (docs/routing.md).
+    """
 
     # Off by default: tuning on proxy sets drawn from public data made routing worse in every
     # setting measured (docs/routing.md); FlexOlmo's recipe is one flag away.
     enabled: bool = False
+    data: str = "proxy"
+    rounds: int = 10
+    server_lr: float | None = None
     max_steps: int = 100
     batch_size: int = 8
     seq_len: int = 128
@@ -67,10 +86,23 @@ class RouterTuningRecipe:
     train_bias: bool = False
 
     def __post_init__(self):
-        _positive(self, "max_steps", "batch_size", "seq_len", "lr")
+        _positive(self, "max_steps", "batch_size", "seq_len", "lr", "rounds")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ValueError(f"RouterTuningRecipe.server_lr must be > 0 or None, got {self.server_lr}")
         _non_negative(self, "warmup_steps", "weight_decay")
+        if self.data not in ROUTER_TUNING_DATA:
+            raise ValueError(f"RouterTuningRecipe.data must be one of {ROUTER_TUNING_DATA}, got {self.data!r}")
+        if self.data == "owners" and self.rounds > self.max_steps:
+            raise ValueError(f"RouterTuningRecipe: rounds={self.rounds} is more than max_steps={self.max_steps}; each "
+                             "round needs at least one local step")  # fmt: skip
+
+    @property
+    def local_steps(self) -> int:
+        """Steps each participant takes per round of federated tuning (``data="owners"``)."""
+        return -(-self.max_steps // self.rounds)
 
 
+ROUTER_TUNING_DATA = ("proxy", "owners")
 ROUTING_METHODS = ("lda", "published")
 COVARIANCES = ("pooled", "public")
 

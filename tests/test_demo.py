@@ -22,7 +22,7 @@ from flexmoe.demo import OWNERS, DemoConfig, findings, markdown_table
 # (most of it is Ray starting the simulated owners).
 OVERRIDES = {
     "docs_per_domain": 12, "vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "seq_len": 32,
-    "pretrain_steps": 20, "expert_steps": 8, "router_tuning_steps": 4, "btx_finetune_steps": 4,
+    "pretrain_steps": 20, "expert_steps": 8, "router_tuning_steps": 4, "router_tuning_rounds": 2, "btx_finetune_steps": 4,
     "unrestricted_steps": 6, "joint_batch_size": 4, "eval_tokens": 256, "weighted_soup_prefix": 8,
 }  # fmt: skip
 DOMAINS = ["public", *OWNERS]
@@ -62,7 +62,12 @@ def test_settings_are_the_fast_preset_with_the_overrides_and_the_documented_reci
     assert s["fast"] is True and s["threads"] == 1
     assert s["embedder"] is None  # the no-embedder fallback
     assert s["routing"]["method"] == "lda" and s["flexolmo"]["routing"]["folded"] is True
-    assert s["router_tuning"]["enabled"] is True and s["flexolmo"]["router_tuning"]["steps"] == 4
+    assert s["router_tuning"]["enabled"] is True and s["router_tuning"]["data"] == "owners"
+    tuning = s["flexolmo"]["router_tuning"]  # federated: 2 Flower rounds, every owner in each, 2 local steps
+    assert tuning["data"] == "owners" and tuning["steps"] == 4 and tuning["local_steps"] == 2
+    assert [r["owners"] for r in tuning["rounds"]] == [sorted(OWNERS)] * 2
+    for name in ("proxy_router_tuning", "btx_pooled_data"):  # FlexOlmo's proxy tuning; BTX on pooled data
+        assert set(s["flexolmo"]["diagnostics"][name]["per_domain"]) == set(DOMAINS), name
     assert s["flexolmo"]["coordinator_routing"]["method"] == "lda"  # the coordinator routed, tuned, exported
     assert set(s["flexolmo"]["diagnostics"]["lda_with_biases"]["per_domain"]) == set(DOMAINS)
     assert s["federation"]["status"] == "merged" and s["federation"]["accepted"] == list(OWNERS)

@@ -35,9 +35,14 @@ from flexmoe.federation.records import (
     METRICS,
     PROXY,
     REPLY_RECORDS,
+    ROUND,
+    ROUTERS,
     CoordinatorSettings,
     OwnerSettings,
+    arrays_to_tensors,
+    content_sha256,
     read_artifact_file,
+    tensors_to_arrays,
 )
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 from flexmoe.upcycle import fingerprint
@@ -89,7 +94,8 @@ def world(public_dir, tmp_path_factory) -> World:
         fingerprint=fingerprint(load_public_model(public_dir)),
         embedder=None,  # the hidden-state router init and TF-IDF proxy selection: no embedder to load
         expert=ExpertRecipe(max_steps=10, batch_size=4, seq_len=32, warmup_steps=2),
-        router_tuning=RouterTuningRecipe(max_steps=5, batch_size=4, seq_len=32, warmup_steps=1),
+        # Federated router tuning: 2 Flower rounds of 2 local steps on each owner's text and the public data.
+        router_tuning=RouterTuningRecipe(data="owners", rounds=2, max_steps=4, batch_size=4, seq_len=32, warmup_steps=1),
         proxy=ProxyBudget(min_docs=3),
     )
     spec.save(root / "spec.json")
@@ -136,8 +142,9 @@ def crash_run(world, tmp_path_factory):
         d.kill("supernode-d", signal.SIGKILL)
         run = d.wait(run_id, RUN_TIMEOUT, until=(out / "report.json").is_file)
         log = d.log(run_id) if run["status"] != "finished:completed" else ""
+        router_rounds_a = d.logs["supernode-a"].read_text().count("Receiving: train.router message")
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
-    return {"run": run, "log": log, "out": out, "report": report}
+    return {"run": run, "log": log, "out": out, "report": report, "router_rounds_a": router_rounds_a}
 
 
 def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_crashed_owner(crash_run, world):
@@ -158,7 +165,15 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     assert sorted(p.name for p in (out / "artifacts").glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     assert report["owners"]["a"]["proxy"] is None and len(report["owners"]["b"]["proxy"]["indices"]) == 3
     assert report["owners"]["a"]["training_tokens"] == 10 * 4 * 32
-    assert report["router_tuning"]["steps"] == 5 and report["router_tuning"]["proxy_owners"] == ["b"]
+    # Federated router tuning: a and b (the accepted owners still connected) took part in both rounds; each
+    # received the experts once (kept in its work dir, checked by hash) and the routers every round.
+    tuning = report["router_tuning"]
+    assert tuning["data"] == "owners" and tuning["steps"] == 4
+    assert [r["owners"] for r in tuning["rounds"]] == [["a", "b"], ["a", "b"]]
+    for owner in "ab":
+        cached = sorted(p.name.split("-")[0] for p in (world.root / "owners" / owner / "router-tuning").iterdir())
+        assert cached == ["a", "b"], cached
+    assert crash_run["router_rounds_a"] == 2
 
     # The export is a transformers FlexOlmo model whose experts are exactly [public, a, b].
     from transformers import AutoModelForCausalLM
@@ -266,6 +281,51 @@ def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
     ids = AutoTokenizer.from_pretrained(world.public_model)(CANARY, add_special_tokens=False)["input_ids"][:8]
     for fmt in ("<%di", "<%dq"):
         assert struct.pack(fmt % len(ids), *ids) not in wire
+
+
+def _router_message(spec, start, sha: str, experts=None) -> Message:
+    """A ``train.router`` message as the coordinator sends it: round 0 of a merge of the canary's expert."""
+    content = RecordDict({"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}),
+                          ROUND: ConfigRecord({"round": 0, "owners": "canary", "sha256": sha, "seed": 0}),
+                          ROUTERS: tensors_to_arrays(start)})  # fmt: skip
+    if experts is not None:
+        content[f"{EXPERT}:canary"], content[f"{MANIFEST}:canary"] = tensors_to_arrays(experts[0]), ConfigRecord(experts[1])
+    metadata = Metadata(run_id=1, message_id="r1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="flexmoe", created_at=time.time(), ttl=3600, message_type="train.router")  # fmt: skip
+    return Message(content, metadata=metadata)
+
+
+def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owner_reply, world, tmp_path):
+    """The real ``train.router`` handler, in process: experts are checked (hash, then every artifact
+    check) before use and kept for later rounds; only the routers and metrics go back."""
+    import flexmoe
+    from flexmoe.router_tuning import check_router_rows, router_rows
+
+    _, node_config, spec = owner_reply
+    tensors, metadata = read_artifact_file(Path(node_config["work-dir"]) / "canary.safetensors")
+    sha = content_sha256(tensors, metadata)
+    model = flexmoe.assemble(load_public_model(world.public_model), [Path(node_config["work-dir"]) / "canary.safetensors"])
+    start = router_rows(model)
+    context = Context(run_id=1, node_id=7, node_config={**node_config, "work-dir": str(tmp_path)}, state=RecordDict(),
+                      run_config={})  # fmt: skip
+    with pytest.raises(ValueError, match="must send it again"):  # nothing kept yet, nothing sent
+        app(_router_message(spec, start, sha), context)
+    with pytest.raises(ArtifactError, match="announced another expert"):
+        app(_router_message(spec, start, "0" * 64, (tensors, metadata)), context)
+    bad = {k: v.clone() for k, v in tensors.items()}
+    bad["layers.0.expert.down_proj.weight"].view(-1)[0] = float("nan")  # announced honestly, still refused
+    with pytest.raises(ArtifactError, match="values of layers.0.expert.down_proj.weight"):
+        app(_router_message(spec, start, content_sha256(bad, metadata), (bad, metadata)), context)
+
+    first = app(_router_message(spec, start, sha, (tensors, metadata)), context)
+    assert set(first.content.keys()) == {ROUTERS, METRICS}
+    rows = arrays_to_tensors(first.content[ROUTERS], "canary")
+    check_router_rows(rows, model, "canary")
+    assert not torch.equal(rows["layers.0.router.weight"], start["layers.0.router.weight"])
+    assert torch.equal(rows["layers.0.router.bias"], start["layers.0.router.bias"])  # biases do not train
+    assert first.content[METRICS]["steps"] == spec.router_tuning.local_steps
+    again = app(_router_message(spec, start, sha), context)  # the expert kept from the first round
+    torch.testing.assert_close(arrays_to_tensors(again.content[ROUTERS], "canary"), rows, rtol=0, atol=0)
 
 
 @pytest.fixture

@@ -12,7 +12,18 @@ from conftest import license_texts, perturb_
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.router_tuning import RouterTuning, frozen_digest, mixture_loader, pack_documents, tune_router
+from flexmoe.router_tuning import (
+    RouterTuning,
+    aggregate_router_rows,
+    check_router_rows,
+    frozen_digest,
+    local_router_round,
+    mixture_loader,
+    pack_documents,
+    router_rows,
+    set_router_rows,
+    tune_router,
+)
 from flexmoe.spec import RouterTuningRecipe
 from flexmoe.upcycle import moe_blocks, settings
 
@@ -134,3 +145,75 @@ def test_tune_router_command(public_dir, tmp_path):
     ids = torch.randint(3, 50, (1, 10))
     with torch.no_grad():
         assert (hf(ids).logits - tuned(ids).logits).abs().max() < 1e-4
+
+
+# -- federated router tuning (RouterTuningRecipe.data="owners") --------------------------------
+
+
+def test_federated_rounds_keep_experts_and_their_average_lowers_the_mixture_loss(public_dir):
+    """Two owners (licences, Python) and the public data each take their local steps from the same
+    routers; the FedAvg of the three lowers the loss on a mixture of all three, and no expert moves."""
+    tok = AutoTokenizer.from_pretrained(public_dir)
+    model = merged_model(public_dir)
+    digest = frozen_digest(model)
+    recipe = RouterTuningRecipe(data="owners", rounds=3, max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=1)
+    sources = {"public": license_texts()[4:6] + python_texts()[4:6], "a": license_texts()[:4], "b": python_texts()[:4]}
+    rows = {name: pack_documents(docs, tok, 32) for name, docs in sources.items()}
+    held = torch.cat([r[:6] for r in rows.values()])
+    loss_before = mixture_loss(model, held)
+    for r in range(recipe.rounds):
+        start = router_rows(model)
+        updates = []
+        for name in sorted(rows):
+            set_router_rows(model, start)
+            result = local_router_round(model, rows[name], recipe, r, seed=0)
+            assert result["steps"] == recipe.local_steps == 10
+            updates.append(router_rows(model))
+        set_router_rows(model, aggregate_router_rows(start, updates, server_lr=1.0))
+    assert frozen_digest(model) == digest
+    assert settings(model).top_k == 2  # restored after every round
+    assert mixture_loss(model, held) < loss_before
+    assert not torch.equal(router_rows(model)["layers.0.router.weight"], start["layers.0.router.weight"])
+
+
+def test_aggregate_is_the_mean_change_scaled_by_the_server_lr():
+    start = {"layers.0.router.weight": torch.zeros(3, 4), "layers.0.router.bias": torch.zeros(3)}
+    ups = [{k: torch.full_like(v, x) for k, v in start.items()} for x in (1.0, 2.0, 6.0)]
+    plain = aggregate_router_rows(start, ups, server_lr=1.0)  # FedAvg: the mean
+    assert torch.equal(plain["layers.0.router.weight"], torch.full((3, 4), 3.0))
+    summed = aggregate_router_rows(start, ups)  # default: every participant's change in full
+    assert torch.equal(summed["layers.0.router.weight"], torch.full((3, 4), 9.0))
+    scaled = aggregate_router_rows({k: v + 1 for k, v in start.items()}, ups, server_lr=2.0)
+    assert torch.equal(scaled["layers.0.router.bias"], torch.full((3,), 1.0 + 2.0 * (3.0 - 1.0)))
+    with pytest.raises(ValueError, match="no router rows"):
+        aggregate_router_rows(start, [])
+
+
+@pytest.mark.parametrize(
+    "corrupt, field",
+    [
+        (lambda r: r.pop("layers.1.router.bias"), "router tensors"),
+        (lambda r: r.update({"layers.0.router.extra": torch.zeros(1)}), "router tensors"),
+        (lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"][:-1]}), "shape of layers.0.router.weight"),
+        (lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"].half()}), "dtype of layers.0.router.weight"),
+        (lambda r: r["layers.1.router.bias"].fill_(float("nan")), "values of layers.1.router.bias"),
+    ],
+)
+def test_router_rows_from_another_party_are_checked(public_dir, corrupt, field):
+    from flexmoe.artifact import ArtifactError
+
+    model = merged_model(public_dir)
+    rows = router_rows(model)
+    check_router_rows(rows, model, "alice")
+    corrupt(rows)
+    with pytest.raises(ArtifactError, match="alice") as e:
+        check_router_rows(rows, model, "alice")
+    assert e.value.field == field
+
+
+def test_owners_recipe_needs_a_step_per_round():
+    assert RouterTuningRecipe(data="owners", rounds=4, max_steps=10).local_steps == 3
+    with pytest.raises(ValueError, match="rounds=20 is more than max_steps=10"):
+        RouterTuningRecipe(data="owners", rounds=20, max_steps=10)
+    with pytest.raises(ValueError, match="data must be one of"):
+        RouterTuningRecipe(data="everyone")

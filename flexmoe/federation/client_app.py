@@ -16,6 +16,7 @@ token ids and its local paths never enter the reply; the artifact also stays on 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,15 @@ from flexmoe.federation.records import (
     METRICS,
     OWNER,
     PROXY,
+    ROUND,
+    ROUTERS,
     SPEC,
     TRAIN,
     OwnerSettings,
+    arrays_to_tensors,
+    as_list,
+    content_sha256,
+    manifest_to_metadata,
     metrics_record,
     proxy_to_record,
     read_artifact_file,
@@ -51,18 +58,116 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this owner's expert under the received spec and reply with it."""
-    from flexmoe.spec import FederationSpec
 
     s = OwnerSettings.from_configs(context.node_config, context.run_config)
-    spec_record = msg.content[SPEC]
+    spec = received_spec(msg.content)
+    seed = int(msg.content[TRAIN]["seed"]) if TRAIN in msg.content else 0
+    result = train_owner_expert(s, spec, seed=seed)
+    return Message(reply_content(result, s), reply_to=msg)
+
+
+@app.train("router")
+def router_round(msg: Message, context: Context) -> Message:
+    """One round of federated router tuning: the merged model's routers take this round's steps
+    on the owner's own text; only the routers go back (RouterTuningRecipe ``data="owners"``)."""
+    s = OwnerSettings.from_configs(context.node_config, context.run_config)
+    rows, metrics = tune_router_round(s, received_spec(msg.content), msg.content)
+    return Message(RecordDict({ROUTERS: tensors_to_arrays(rows), METRICS: metrics_record(metrics)}), reply_to=msg)
+
+
+def received_spec(content: RecordDict):
+    """The coordinator's FederationSpec from a message, checked against its announced sha256."""
+    from flexmoe.spec import FederationSpec
+
+    spec_record = content[SPEC]
     spec = FederationSpec.from_json(str(spec_record["json"]))
     if spec.sha256 != spec_record["sha256"]:
         raise ValueError(
             f"the received FederationSpec hashes to {spec.sha256}, not the announced {spec_record['sha256']}"
         )
-    seed = int(msg.content[TRAIN]["seed"]) if TRAIN in msg.content else 0
-    result = train_owner_expert(s, spec, seed=seed)
-    return Message(reply_content(result, s), reply_to=msg)
+    return spec
+
+
+def _public_model(s: OwnerSettings, spec):
+    """The owner's own copy of the public model, refused unless it is the spec's (fingerprint)."""
+    from flexmoe.expert import load_public_model
+    from flexmoe.upcycle import fingerprint
+
+    public_path = s.public_model or spec.public_model
+    public = load_public_model(public_path)
+    fp = fingerprint(public)
+    if fp != spec.fingerprint:
+        raise ValueError(
+            f"owner {s.owner!r}: the local public model {public_path} has fingerprint {fp[:16]}..., but the "
+            f"coordinator's spec expects {spec.fingerprint[:16]}...; point node config 'public-model' at the "
+            "exact public model the coordinator published"
+        )
+    return public, public_path
+
+
+def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict, dict]:
+    """The owner's side of one round: rebuild the merged model from its own public model and the
+    received experts (each put through every :class:`~flexmoe.ExpertArtifact` check, and kept in
+    ``work-dir/router-tuning/`` so later rounds need not carry them), load the received routers,
+    train them on the owner's text, and return ``(routers, metrics)``."""
+    import flexmoe
+    from flexmoe.artifact import ArtifactError, ExpertArtifact
+    from flexmoe.data import read_documents
+    from flexmoe.router_tuning import (
+        check_router_rows,
+        local_router_round,
+        pack_documents,
+        router_rows,
+        set_router_rows,
+    )
+
+    started = time.perf_counter()
+    recipe = spec.router_tuning
+    r = content[ROUND]
+    round_index, seed = int(r["round"]), int(r["seed"])
+    owners, hashes = as_list(str(r["owners"]), "owners"), as_list(str(r["sha256"]), "sha256")
+    if len(owners) != len(hashes) or s.owner not in owners:
+        raise ValueError(f"owner {s.owner!r}: round {round_index} names experts {owners} with {len(hashes)} hashes; "
+                         "expected one hash per expert, this owner among them")  # fmt: skip
+    public, public_path = _public_model(s, spec)
+    cache = s.work_path / "router-tuning"
+    cache.mkdir(parents=True, exist_ok=True)
+    artifacts = []
+    for owner, sha in zip(owners, hashes):
+        path = cache / f"{owner}-{sha[:16]}.safetensors"
+        if f"{EXPERT}:{owner}" in content.array_records:
+            from safetensors.torch import save_file
+
+            tensors = arrays_to_tensors(content.array_records[f"{EXPERT}:{owner}"], owner)
+            metadata = manifest_to_metadata(content.config_records[f"{MANIFEST}:{owner}"], owner)
+            got = content_sha256(tensors, metadata)
+            if got != sha:
+                raise ArtifactError(owner, "sha256 of the expert sent for router tuning", sha, got,
+                                    hint="the coordinator announced another expert than it sent")  # fmt: skip
+            partial = path.with_name(path.name + ".partial")
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, path)
+        elif not path.is_file() or content_sha256(*read_artifact_file(path)) != sha:
+            raise ValueError(f"owner {s.owner!r}: the expert of {owner!r} (sha256 {sha[:16]}...) is not in "
+                             f"{cache}; the coordinator must send it again")  # fmt: skip
+        artifact = ExpertArtifact.load(path, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
+        artifact.validate(public, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
+        if artifact.owner != owner:
+            raise ArtifactError(owner, "owner of the expert sent for router tuning", owner, artifact.owner)
+        artifacts.append(artifact)
+    model = flexmoe.assemble(public, artifacts, spec_sha256=spec.sha256)
+    rows = arrays_to_tensors(content.array_records[ROUTERS], "coordinator")
+    check_router_rows(rows, model, "coordinator")
+    set_router_rows(model, rows)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(public_path)
+    text = pack_documents(read_documents(s.data_path), tokenizer, recipe.seq_len, max_documents=2000)
+    result = local_router_round(model, text, recipe, round_index, seed=seed)
+    metrics = {"round": round_index, "steps": result["steps"], "loss-first": result["loss_first"],
+               "loss-last": result["loss_last"], "seconds": time.perf_counter() - started}  # fmt: skip
+    return router_rows(model), metrics
+
 
 
 @dataclass
@@ -79,19 +184,10 @@ def train_owner_expert(s: OwnerSettings, spec, *, seed: int = 0) -> OwnerResult:
     import lightning.pytorch as pl
 
     from flexmoe.data import TextDataModule, read_documents
-    from flexmoe.expert import ExpertModule, expert_callbacks, load_public_model
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.expert import ExpertModule, expert_callbacks
 
     started = time.perf_counter()
-    public_path = s.public_model or spec.public_model
-    public = load_public_model(public_path)
-    fp = fingerprint(public)
-    if fp != spec.fingerprint:
-        raise ValueError(
-            f"owner {s.owner!r}: the local public model {public_path} has fingerprint {fp[:16]}..., but the "
-            f"coordinator's spec expects {spec.fingerprint[:16]}...; point node config 'public-model' at the "
-            "exact public model the coordinator published"
-        )
+    public, public_path = _public_model(s, spec)
     work = s.work_path
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{s.owner}.safetensors"

@@ -20,7 +20,6 @@ Files in ``out-dir``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,12 +38,18 @@ from flexmoe.federation.records import (
     PROXY,
     QUERY_MESSAGE,
     REPLY_RECORDS,
+    ROUND,
+    ROUTER_MESSAGE,
+    ROUTERS,
     SPEC,
     TRAIN,
     TRAIN_MESSAGE,
     CoordinatorSettings,
     arrays_to_tensors,
+    content_sha256,
+    file_sha256,
     manifest_to_metadata,
+    read_artifact_file,
     record_bytes,
     record_to_proxy,
 )
@@ -87,14 +92,6 @@ def _write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Coordinator:
@@ -192,7 +189,7 @@ class Coordinator:
                     if k in ("metrics", "proxy", "upload_bytes", "training_tokens", "node_id", "seconds_to_reply"):
                         setattr(state, k, v)
             state.status, state.resumed = ACCEPTED, True
-            state.artifact, state.artifact_sha256 = str(path), _sha256(path)
+            state.artifact, state.artifact_sha256 = str(path), file_sha256(path)
             say(f"resume: keeping the accepted expert of {owner!r} ({path})")
 
     # -- collecting the experts -------------------------------------------------------------------
@@ -316,7 +313,7 @@ class Coordinator:
             "seconds_to_reply": state.seconds_to_reply,
         })  # fmt: skip
         os.replace(staged, final)  # the artifact's presence is what marks the owner accepted
-        state.artifact, state.artifact_sha256 = str(final), _sha256(final)
+        state.artifact, state.artifact_sha256 = str(final), file_sha256(final)
         self.resolve(state, ACCEPTED, None)
 
     def check_artifact(self, path: Path, owner: str) -> ExpertArtifact:
@@ -366,10 +363,15 @@ class Coordinator:
             self.phase = "tuning the router"
             self.progress()
             t = time.monotonic()
-            proxies = {o: self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None}
-            result = tune_router(model, proxy_documents=proxies, public_documents=self.public_docs,
-                                 tokenizer=tokenizer, recipe=self.spec.router_tuning)  # fmt: skip
-            self.summary["router_tuning"] = {**result, "seconds": time.monotonic() - t, "proxy_owners": sorted(proxies)}
+            if self.spec.router_tuning.data == "owners":
+                result = self.tune_router_with_owners(model, owners, tokenizer)
+            else:
+                proxies = {o: self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None}
+                result = tune_router(model, proxy_documents=proxies, public_documents=self.public_docs,
+                                     tokenizer=tokenizer, recipe=self.spec.router_tuning)  # fmt: skip
+                result["proxy_owners"] = sorted(proxies)
+            self.summary["router_tuning"] = {**result, "data": self.spec.router_tuning.data,
+                                             "seconds": time.monotonic() - t}  # fmt: skip
         else:
             why = (
                 "run config router-tuning=false"
@@ -396,6 +398,114 @@ class Coordinator:
                                   "seconds": time.monotonic() - t}  # fmt: skip
         say(f"merged {len(owners)} expert(s) -> {out} ({self.summary['export']['format']})")
         return model
+
+    def tune_router_with_owners(self, model, owners: list[str], tokenizer) -> dict:
+        """Federated router tuning (``RouterTuningRecipe.data="owners"``): each round, every
+        accepted owner still connected trains the routers on its own text (message
+        ``train.router``) while the coordinator does the same on the public data; the round's
+        routers are the FedAvg of the returned ones (:func:`~flexmoe.router_tuning.aggregate_router_rows`).
+        Replies are checked like artifacts; an owner that fails or sends bad routers sits the round
+        out, and after two such rounds in a row is left out of the rest. Returns the summary."""
+        from flexmoe.router_tuning import (
+            aggregate_router_rows,
+            check_router_rows,
+            local_router_round,
+            pack_documents,
+            router_rows,
+            set_router_rows,
+        )
+
+        recipe = self.spec.router_tuning
+        public_rows = pack_documents(self.public_docs, tokenizer, recipe.seq_len, max_documents=2000)
+        hashes = {o: content_sha256(*read_artifact_file(self.artifacts_dir / f"{o}.safetensors")) for o in owners}
+        node_of = {name: node for node, name in self.nodes.items() if name}
+        active = [o for o in owners if o in node_of]
+        for o in sorted(set(owners) - set(active)):
+            self.notes.append(f"router tuning: owner {o!r} is not connected in this run; its data is not used")
+        has_experts = dict.fromkeys(owners, False)
+        strikes = dict.fromkeys(owners, 0)
+        rounds = []
+        for r in range(recipe.rounds):
+            t = time.monotonic()
+            start = router_rows(model)
+            sent = self._send_router_round(r, start, owners, hashes, active, has_experts, node_of)
+            public = local_router_round(model, public_rows, recipe, r, seed=self.s.seed)  # meanwhile, the public share
+            updates, losses = [router_rows(model)], {"public": public["loss_last"]}
+            set_router_rows(model, start)
+            replies = self._router_replies(sent)
+            for owner in sorted(replies):  # a fixed order: the average does not depend on who answered first
+                reply = replies[owner]
+                problem = reply if isinstance(reply, str) else None
+                if problem is None:
+                    try:
+                        rows = arrays_to_tensors(reply.content.array_records[ROUTERS], owner)
+                        check_router_rows(rows, model, owner)
+                    except (ArtifactError, KeyError, TypeError, ValueError) as e:
+                        problem = f"bad routers: {e}"
+                if problem is not None:
+                    has_experts[owner] = False  # resend the experts next time, in case it lost them
+                    strikes[owner] += 1
+                    self.notes.append(f"router tuning round {r}: owner {owner!r} sat out ({problem})")
+                    continue
+                strikes[owner] = 0
+                has_experts[owner] = True
+                updates.append(rows)
+                losses[owner] = float(dict(reply.content.metric_records.get(METRICS, {})).get("loss-last", float("nan")))
+            dropped = [o for o in active if strikes[o] >= 2]
+            for o in dropped:
+                self.notes.append(f"router tuning: owner {o!r} failed two rounds in a row; left out of the rest")
+            active = [o for o in active if o not in dropped]
+            if len(updates) == 1:
+                self.notes.append(f"router tuning stopped at round {r}: no owner returned routers, and tuning on "
+                                  "public data alone would teach it to send everything to the public expert")  # fmt: skip
+                break
+            set_router_rows(model, aggregate_router_rows(start, updates, server_lr=recipe.server_lr))
+            rounds.append({"round": r, "owners": sorted(set(losses) - {"public"}), "loss_last": losses,
+                           "seconds": time.monotonic() - t})  # fmt: skip
+            say(f"router tuning round {r + 1}/{recipe.rounds}: {len(updates) - 1} owner(s) + public, "
+                f"{time.monotonic() - t:.1f} s")  # fmt: skip
+        return {"rounds": rounds, "local_steps": recipe.local_steps, "steps": len(rounds) * recipe.local_steps}
+
+    def _send_router_round(self, r, start, owners, hashes, active, has_experts, node_of) -> dict:
+        """Push round ``r`` to every active owner; returns message id -> owner."""
+        from flexmoe.federation.records import tensors_to_arrays
+
+        base = {
+            SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
+            ROUND: ConfigRecord({"round": r, "owners": ",".join(owners), "sha256": ",".join(hashes[o] for o in owners),
+                                 "seed": self.s.seed}),
+            ROUTERS: tensors_to_arrays(start),
+        }  # fmt: skip
+        experts = {}
+        messages, names = [], []
+        for owner in active:
+            content = RecordDict(dict(base))
+            if not has_experts[owner]:
+                if not experts:
+                    for o in owners:
+                        tensors, metadata = read_artifact_file(self.artifacts_dir / f"{o}.safetensors")
+                        experts[o] = (tensors_to_arrays(tensors), ConfigRecord(dict(metadata)))
+                for o, (arrays, manifest) in experts.items():
+                    content[f"{EXPERT}:{o}"], content[f"{MANIFEST}:{o}"] = arrays, manifest
+            messages.append(self._message(content, node_of[owner], ROUTER_MESSAGE))
+            names.append(owner)
+        return dict(zip(self.grid.push_messages(messages), names))
+
+    def _router_replies(self, sent: dict) -> dict:
+        """Each owner's reply to a router round (or why there is none) within train-timeout."""
+        out, deadline = {}, time.monotonic() + self.s.train_timeout
+        pending = dict(sent)
+        while pending and time.monotonic() < deadline:
+            replies = list(self.grid.pull_messages(list(pending)))
+            for reply in replies:
+                owner = pending.pop(reply.metadata.reply_to_message_id, None)
+                if owner is not None:
+                    out[owner] = f"its round failed: {reply.error.reason}" if reply.has_error() else reply
+            if not replies:
+                time.sleep(self.s.poll_interval)
+        for owner in pending.values():
+            out[owner] = f"no reply within train-timeout={self.s.train_timeout:g} s"
+        return out
 
     def route(self, model, artifacts, tokenizer, *, exportable: bool) -> dict:
         """The spec's routing recipe (docs/routing.md): the discriminant router from the owners'

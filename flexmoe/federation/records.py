@@ -12,6 +12,11 @@ Wire format (Flower Message API, DESIGN.md "Federation"):
   ids and scores of *public* documents). Nothing else leaves an owner.
 * coordinator -> owner, message type ``query``: asks a SuperNode which owner it is (its
   ``node_config`` name); the reply is ``owner`` (ConfigRecord: ``name``, ``share-proxy``).
+* coordinator -> owner, message type ``train.router`` (federated router tuning, one per round):
+  ``spec``, ``round`` (ConfigRecord: round index, owners in expert order, each expert file's
+  sha256, seed), ``routers`` (ArrayRecord: every layer's router rows and biases) and, until the
+  owner has them, every accepted expert as ``expert:<owner>`` + ``manifest:<owner>``. The reply is
+  ``routers`` (the rows after the owner's local steps on its own text) and ``metrics``.
 
 The coordinator rebuilds the artifact file from ``expert`` + ``manifest`` and runs every
 :class:`~flexmoe.ExpertArtifact` check on it before using any weight.
@@ -34,8 +39,12 @@ from flexmoe.artifact import ArtifactError
 SPEC, TRAIN, OWNER = "spec", "train", "owner"  # coordinator -> owner (and the query's reply)
 EXPERT, MANIFEST, METRICS, PROXY = "expert", "manifest", "metrics", "proxy"  # owner -> coordinator
 REPLY_RECORDS = frozenset({EXPERT, MANIFEST, METRICS, PROXY})
-# Message types: Flower dispatches ``query`` and ``train`` to the ClientApp's handlers of that name.
-QUERY_MESSAGE, TRAIN_MESSAGE = "query", "train"
+# Federated router tuning: the round's settings, the router rows both ways, and (until an owner
+# has them) every accepted expert as ``expert:<owner>`` + ``manifest:<owner>``.
+ROUND, ROUTERS = "round", "routers"
+# Message types: Flower dispatches ``query`` and ``train`` to the ClientApp's handlers of that name,
+# ``train.router`` to the handler registered as ``@app.train("router")``.
+QUERY_MESSAGE, TRAIN_MESSAGE, ROUTER_MESSAGE = "query", "train", "train.router"
 
 # Tensors travel as raw bytes under this serialisation type; only floating dtypes are accepted,
 # so no integer data (token ids) can ride along as "weights".
@@ -87,6 +96,33 @@ def read_artifact_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
 
     with safe_open(os.fspath(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 of an expert's tensors (name, dtype, shape, bytes, by sorted name) and metadata (sorted
+    items): the same for the same expert however its file was written, so owners and coordinator can
+    name the experts of a merge by hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(metadata):
+        h.update(f"{key}={metadata[key]}\n".encode())
+    return h.hexdigest()
 
 
 def manifest_to_metadata(manifest: ConfigRecord, owner: str) -> dict[str, str]:

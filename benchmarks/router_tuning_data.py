@@ -1,0 +1,137 @@
+"""What router tuning should train on: proxy sets, the owners' own text centrally, or federated.
+
+Starts from a finished ``flexmoe demo`` run (``--demo DIR``): its public model, the experts the
+owners sent, its spec and its corpus. Every row is the demo's ``flexolmo_no_rt`` model (assemble,
+default routing recipe, biases folded for the FlexOlmo export) tuned one way, then scored like
+the demo scores its rows (held-out perplexity per domain, top-``top_k``):
+
+    no tuning                 flexolmo_no_rt itself
+    proxy                     FlexOlmo's recipe: tune_router on the owners' proxy sets + public data
+    central:S                 tune_router on a uniform mixture of every owner's *own* text and the
+                              public data, S steps: what a coordinator holding all the text could
+                              reach (not private; the bound for the federated rows)
+    federated:RxS@lr          the federated recipe in process: R rounds; in each, every owner and the
+                              public data take S local steps (local_router_round) from the same
+                              routers, then aggregate_router_rows with server_lr (None: the sum)
+
+The federated rows run the library's own round functions, one participant after another, with
+no Flower in between: the numbers are what the Flower rounds compute, without the messaging.
+
+    .venv/bin/python benchmarks/router_tuning_data.py --demo demo_out
+    .venv/bin/python benchmarks/router_tuning_data.py --demo demo_out --central 100 400 \\
+        --federated 10x10@1 10x10 20x5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _parse_federated(text: str) -> tuple[int, int, float | None]:
+    shape, _, lr = text.partition("@")
+    rounds, steps = (int(x) for x in shape.split("x"))
+    return rounds, steps, float(lr) if lr else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from flexmoe import demo as D
+    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.evaluate import perplexity
+    from flexmoe.proxy import ProxySelection
+    from flexmoe.router_tuning import (
+        aggregate_router_rows,
+        local_router_round,
+        pack_documents,
+        router_rows,
+        set_router_rows,
+        tune_router,
+    )
+    from flexmoe.spec import FederationSpec
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run (default sizes or not)")
+    p.add_argument("--central", type=int, nargs="*", default=[100, 400], help="steps of the central rows")
+    p.add_argument("--federated", nargs="*", default=["10x10@1", "10x10", "20x5"],
+                   help="ROUNDSxLOCAL_STEPS[@SERVER_LR] (no @: the sum of the changes)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    root = Path(args.demo)
+    report = json.loads((root / "report.json").read_text())
+    cfg = D.DemoConfig(**report["settings"]["config"])
+    spec = FederationSpec.load(root / "spec.json")
+    coordinator = root / "federation" / "coordinator"
+    artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
+                                        spec_sha256=spec.sha256) for o in D.OWNERS}  # fmt: skip
+    corpus = D.build_corpus(cfg, Path(tempfile.mkdtemp(prefix="flexmoe-rt-")))  # the demo's hash-chosen sample
+    tokenizer = AutoTokenizer.from_pretrained(root / "public")
+    models = D.Models(root / "public", artifacts, cfg)
+    rows = D.eval_rows(cfg, corpus, tokenizer)
+    public_docs = list(corpus["domains"][D.PUBLIC].train)
+    own = {o: pack_documents(list(corpus["domains"][o].train), tokenizer, cfg.seq_len) for o in D.OWNERS}
+    public_rows = pack_documents(public_docs, tokenizer, cfg.seq_len, max_documents=2000)
+    recipe = dataclasses.replace(spec.router_tuning, enabled=True)
+    results: dict[str, dict] = {}
+
+    def start():
+        model, _ = D.routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
+        return model
+
+    def score(name: str, model, seconds: float) -> None:
+        r = perplexity(model.eval(), rows, batch_size=cfg.eval_batch_size, name=name)
+        results[name] = {"average": float(r["average"]), "per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+                         "seconds": round(seconds, 1)}  # fmt: skip
+        print(f"{name:<24} {r['average']:8.1f}  " + "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items())
+              + f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
+
+    score("no tuning", start(), 0.0)
+    fed = json.loads((coordinator / "report.json").read_text())
+    proxies = {o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs) for o in D.OWNERS
+               if (fed["owners"].get(o) or {}).get("proxy")}  # fmt: skip
+    if proxies:
+        model, t = start(), time.perf_counter()
+        tune_router(model, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer,
+                    recipe=dataclasses.replace(recipe, data="proxy"), trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
+        score("proxy", model, time.perf_counter() - t)
+    for steps in args.central:
+        model, t = start(), time.perf_counter()
+        texts = {o: list(corpus["domains"][o].train) for o in D.OWNERS}
+        tune_router(model, proxy_documents=texts, public_documents=public_docs, tokenizer=tokenizer,
+                    recipe=dataclasses.replace(recipe, data="proxy", max_steps=steps,
+                                               warmup_steps=max(1, steps // 10)),
+                    trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
+        score(f"central:{steps}", model, time.perf_counter() - t)
+    for text in args.federated:
+        rounds, local, server_lr = _parse_federated(text)
+        r = dataclasses.replace(recipe, data="owners", rounds=rounds, max_steps=rounds * local, server_lr=server_lr,
+                                warmup_steps=max(1, rounds * local // 10))  # fmt: skip
+        model, t = start(), time.perf_counter()
+        sources = {"public": public_rows, **own}
+        for k in range(rounds):
+            begin, updates = router_rows(model), []
+            for name in sorted(sources):
+                set_router_rows(model, begin)
+                local_router_round(model, sources[name], r, k, seed=cfg.seed)
+                updates.append(router_rows(model))
+            set_router_rows(model, aggregate_router_rows(begin, updates, server_lr=server_lr))
+        score(f"federated:{text}", model, time.perf_counter() - t)
+    for name in ("btm", "weighted_soup", "oracle"):
+        if name in report["methods"]:
+            print(f"{name + ' (the demo)':<24} {report['methods'][name]['average']:8.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
