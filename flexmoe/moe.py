@@ -90,6 +90,31 @@ class Router(nn.Module):
         return F.linear(x.float(), w) + b
 
 
+def _silu_gated(expert: nn.Module) -> bool:
+    """Whether ``expert`` is the gated SiLU MLP of OLMo-2, Llama, Mistral and Qwen
+    (``down(silu(gate(x)) * up(x))``, bias-free linears) with no forward hooks on it or its
+    linears (nor global ones), so :func:`_gated_inplace` computes exactly what its forward would."""
+    from torch.nn.modules import module as torch_module
+
+    act = getattr(expert, "act_fn", None)
+    linears = [getattr(expert, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    if not (silu and all(type(m) is nn.Linear and m.bias is None for m in linears)):
+        return False
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (expert, act, *linears))
+    return not (hooked or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _gated_inplace(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated SiLU MLP without its two ``[n, intermediate]`` temporaries (SiLU and the product
+    in place): the same numbers as the module's forward, 4-10% less time on CPU for a few hundred
+    to a few thousand rows (the allocations' page faults). Inference only: autograd needs them."""
+    a = F.linear(x, expert.gate_proj.weight)
+    F.silu(a, inplace=True)
+    a.mul_(F.linear(x, expert.up_proj.weight))
+    return F.linear(a, expert.down_proj.weight)
+
+
 class MoEBlock(nn.Module):
     """A drop-in replacement for a decoder layer's MLP: ``[B, S, H] -> [B, S, H]``."""
 
@@ -100,6 +125,13 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.router = router
         self.settings = settings
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on ``x``; without autograd, unhooked gated SiLU experts skip their temporaries."""
+        module = self.experts[e]
+        if not torch.is_grad_enabled() and _silu_gated(module):
+            return _gated_inplace(module, x)
+        return module(x)
 
     @property
     def num_experts(self) -> int:
@@ -129,10 +161,10 @@ class MoEBlock(nn.Module):
         """Every token goes to every expert (an owner's top-2 of 2, router tuning's top-k = all):
         run each expert on the whole batch; no sort, gathers, scatters or host sync."""
         w = torch.zeros_like(weights).scatter(1, indices, weights)  # back in expert order
-        out = self.experts[0](h) * w[:, :1]
+        out = self.expert(0, h) * w[:, :1]
         for e in range(1, self.num_experts):
             # Multiply, then add: the rounding of transformers' per-expert loop, so exports match to 0.0.
-            out = out + self.experts[e](h) * w[:, e, None]
+            out = out + self.expert(e, h) * w[:, e, None]
         return out
 
     def _routed_experts(self, h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -155,7 +187,7 @@ class MoEBlock(nn.Module):
             if n == 0:
                 continue
             idx = tokens[start : start + n]
-            y = self.experts[e](h[idx]) * w_sorted[start : start + n, None]
+            y = self.expert(e, h[idx]) * w_sorted[start : start + n, None]
             out.index_add_(0, idx, y.to(out.dtype))
             start += n
         return out

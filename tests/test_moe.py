@@ -245,3 +245,35 @@ def test_gradients_match_the_per_token_formula(top_k):
     formula(x.reshape(-1, 16).double()).pow(2).sum().backward()
     for (name, p), q in zip(b.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
+    """Without autograd a gated SiLU expert runs with SiLU and the product in place; its output,
+    and the whole block's, are bit for bit the module's own (which the training path still uses)."""
+    from transformers import AutoModelForCausalLM
+
+    import flexmoe
+    from flexmoe.moe import _gated_inplace, _silu_gated
+    from flexmoe.upcycle import moe_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(public_dir)
+    flexmoe.upcycle(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
+    block = moe_blocks(model)[0]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for j in range(1, 4):
+            for p in block.experts[j].parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g))
+    x = torch.randn(2, 7, block.router.weight.shape[1], generator=g)
+    assert _silu_gated(block.experts[1])
+    with torch.no_grad():
+        assert torch.equal(_gated_inplace(block.experts[1], x), block.experts[1](x))
+        fast = block(x)
+    slow = block(x)  # grad enabled: the modules' own forwards
+    assert slow.requires_grad and torch.equal(fast, slow.detach())
+    # A forward hook (a profiler's, peft's, a user's) on an expert or its linears sends it the module way.
+    handle = block.experts[1].up_proj.register_forward_hook(lambda *a: None)
+    assert not _silu_gated(block.experts[1]) and _silu_gated(block.experts[2])
+    handle.remove()
+    assert _silu_gated(block.experts[1])
