@@ -206,7 +206,8 @@ def tune_router(
                             seed=seed)  # fmt: skip
     module = RouterTuning(model, recipe)
     losses = _LossLog()
-    pl.Trainer(**_trainer_kwargs(model, recipe.max_steps, [losses], trainer_kwargs)).fit(module, train_dataloaders=loader)
+    trainer = pl.Trainer(**_trainer_kwargs(model, recipe.max_steps, [losses], trainer_kwargs))
+    trainer.fit(module, train_dataloaders=loader)
     return {
         "steps": len(losses.values),
         "rows": {name: len(rows) for name, rows in packed.items()},

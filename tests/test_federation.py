@@ -170,9 +170,10 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     tuning = report["router_tuning"]
     assert tuning["data"] == "owners" and tuning["steps"] == 4
     assert [r["owners"] for r in tuning["rounds"]] == [["a", "b"], ["a", "b"]]
+    kept = sorted(f"{content_sha256(*read_artifact_file(out / 'artifacts' / f'{o}.safetensors'))}.safetensors"
+                  for o in "ab")  # fmt: skip
     for owner in "ab":
-        cached = sorted(p.name.split("-")[0] for p in (world.root / "owners" / owner / "router-tuning").iterdir())
-        assert cached == ["a", "b"], cached
+        assert sorted(p.name for p in (world.root / "owners" / owner / "router-tuning").iterdir()) == kept
     assert crash_run["router_rounds_a"] == 2
 
     # The export is a transformers FlexOlmo model whose experts are exactly [public, a, b].
@@ -312,6 +313,8 @@ def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owne
         app(_router_message(spec, start, sha), context)
     with pytest.raises(ArtifactError, match="announced another expert"):
         app(_router_message(spec, start, "0" * 64, (tensors, metadata)), context)
+    with pytest.raises(ValueError, match="not sha256 hex digests"):  # hashes name files: no path can ride along
+        app(_router_message(spec, start, "../../escape", (tensors, metadata)), context)
     bad = {k: v.clone() for k, v in tensors.items()}
     bad["layers.0.expert.down_proj.weight"].view(-1)[0] = float("nan")  # announced honestly, still refused
     with pytest.raises(ArtifactError, match="values of layers.0.expert.down_proj.weight"):

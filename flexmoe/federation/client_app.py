@@ -58,7 +58,6 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this owner's expert under the received spec and reply with it."""
-
     s = OwnerSettings.from_configs(context.node_config, context.run_config)
     spec = received_spec(msg.content)
     seed = int(msg.content[TRAIN]["seed"]) if TRAIN in msg.content else 0
@@ -129,12 +128,16 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     if len(owners) != len(hashes) or s.owner not in owners:
         raise ValueError(f"owner {s.owner!r}: round {round_index} names experts {owners} with {len(hashes)} hashes; "
                          "expected one hash per expert, this owner among them")  # fmt: skip
+    bad = [h for h in hashes if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+    if bad:  # the hashes name the kept files: nothing else from the message reaches a path
+        raise ValueError(f"owner {s.owner!r}: round {round_index} announces expert hashes that are not sha256 hex "
+                         f"digests: {bad}")  # fmt: skip
     public, public_path = _public_model(s, spec)
     cache = s.work_path / "router-tuning"
     cache.mkdir(parents=True, exist_ok=True)
     artifacts = []
     for owner, sha in zip(owners, hashes):
-        path = cache / f"{owner}-{sha[:16]}.safetensors"
+        path = cache / f"{sha}.safetensors"
         if f"{EXPERT}:{owner}" in content.array_records:
             from safetensors.torch import save_file
 
@@ -167,7 +170,6 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     metrics = {"round": round_index, "steps": result["steps"], "loss-first": result["loss_first"],
                "loss-last": result["loss_last"], "seconds": time.perf_counter() - started}  # fmt: skip
     return router_rows(model), metrics
-
 
 
 @dataclass

@@ -450,7 +450,8 @@ class Coordinator:
                 strikes[owner] = 0
                 has_experts[owner] = True
                 updates.append(rows)
-                losses[owner] = float(dict(reply.content.metric_records.get(METRICS, {})).get("loss-last", float("nan")))
+                metrics = dict(reply.content.metric_records.get(METRICS, {}))
+                losses[owner] = float(metrics.get("loss-last", float("nan")))
             dropped = [o for o in active if strikes[o] >= 2]
             for o in dropped:
                 self.notes.append(f"router tuning: owner {o!r} failed two rounds in a row; left out of the rest")
