@@ -34,44 +34,10 @@ import os
 import time
 from pathlib import Path
 
+# The corpus and public-model steps are routing_table's (this script runs from benchmarks/).
+from routing_table import PUBLIC_DOMAINS, SEED, build_corpus, log, pretrain_public, read_jsonl
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
-SEED = 0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_jsonl(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
-    from flexmoe.corpus import local_corpus, write_corpus
-
-    names = list(PUBLIC_DOMAINS) + list(owners)
-    root = work / "corpus"
-    if all((root / n / "val.jsonl").is_file() for n in names):
-        return {n: root / n for n in names}
-    log(f"building the local corpus ({docs} docs per domain)")
-    return write_corpus(local_corpus(max_docs_per_domain=docs, domains=names), root)
-
-
-def pretrain_public(work: Path, paths, args) -> Path:
-    from flexmoe.pretrain import pretrain
-
-    out = work / "public"
-    if not (out / "config.json").is_file():
-        log(f"pretraining the public model ({args.pretrain_steps} steps)")
-        pretrain(
-            [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS], str(out), vocab_size=args.vocab,
-            hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seq_len=args.seq_len,
-            batch_size=16, max_steps=args.pretrain_steps, seed=SEED, warmup_steps=max(1, args.pretrain_steps // 10),
-            val_every=args.pretrain_steps, val_batches=4, cache_dir=str(work / "cache"), progress_bar=False,
-        )  # fmt: skip
-    return out
 
 
 def make_spec(public: Path, args, rank: int | None, lr: float):
@@ -160,6 +126,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="public-model pretraining batch")
     p.add_argument("--expert-steps", type=int, default=100)
     p.add_argument("--expert-batch", type=int, default=8)
     p.add_argument("--expert-lr", type=float, default=1e-3)

@@ -46,7 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     from flexmoe import demo as D
     from flexmoe.artifact import ExpertArtifact
     from flexmoe.evaluate import perplexity
-    from flexmoe.proxy import ProxySelection
     from flexmoe.router_tuning import (
         aggregate_router_rows,
         local_router_round,
@@ -97,13 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
     score("no tuning", start(), 0.0)
     fed = json.loads((coordinator / "report.json").read_text())
-    proxies = {o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs) for o in D.OWNERS
-               if (fed["owners"].get(o) or {}).get("proxy")}  # fmt: skip
-    if proxies:
-        model, t = start(), time.perf_counter()
-        tune_router(model, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer,
-                    recipe=dataclasses.replace(recipe, data="proxy"), trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
-        score("proxy", model, time.perf_counter() - t)
+    t = time.perf_counter()
+    score("proxy", D.tune_on_proxies(cfg, models, spec, fed, public_docs, tokenizer), time.perf_counter() - t)
     for steps in args.central:
         model, t = start(), time.perf_counter()
         texts = {o: list(corpus["domains"][o].train) for o in D.OWNERS}

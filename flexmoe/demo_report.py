@@ -50,14 +50,13 @@ def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None =
     )
     rt = avg["flexolmo"] - avg["flexolmo_no_rt"]
     tuning = (flexolmo or {}).get("router_tuning") or {}
-    how = {"owners": f"federated router tuning ({len(tuning.get('rounds') or [])} Flower rounds on each owner's own "
-                     "text and the public data; only router rows left the owners)",
-           "proxy": "router tuning on the proxy sets"}.get(tuning.get("data"), "router tuning")  # fmt: skip
+    how = (f"federated router tuning ({len(tuning.get('rounds') or [])} Flower rounds on each owner's own text and "
+           "the public data; only router rows left the owners)")  # fmt: skip
     lines.append(
         f"The {how} moved the average from {avg['flexolmo_no_rt']:.1f} (`flexolmo_no_rt`) to "
         f"{fo:.1f} ({'better' if rt < 0 else 'worse' if rt > 0 else 'unchanged'} by {abs(rt):.1f})."
     )
-    lines += tuning_findings(routing, flexolmo)
+    lines += tuning_findings(routing)
     lines += diagnostic_findings(avg, (flexolmo or {}).get("diagnostics") or {})
     lines.append(
         f"Bounds: `oracle` (each domain through its own expert, perfect routing of the same experts) averages "
@@ -72,19 +71,13 @@ def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None =
     return lines
 
 
-def tuning_findings(routing: dict, flexolmo: dict | None) -> list[str]:
-    """How router tuning moved each domain's tokens, and what it was tuned on."""
+def tuning_findings(routing: dict) -> list[str]:
+    """How router tuning moved each domain's tokens."""
     if not routing.get("flexolmo_no_rt") or not routing.get("flexolmo"):
         return []
     before, after = mean_routing(routing["flexolmo_no_rt"]), mean_routing(routing["flexolmo"])
     moves = ", ".join(f"{d} {before[d].get(d, 0.0):.2f} -> {after[d].get(d, 0.0):.2f}" for d in after)
-    text = f"Router tuning moved each domain's own-expert top-1 share (mean over layers): {moves}."
-    rows = ((flexolmo or {}).get("router_tuning") or {}).get("rows") or {}
-    if rows:  # tuned by the coordinator on the proxy sets
-        proxy = sum(n for name, n in rows.items() if name.startswith("proxy:"))
-        text += (f" It saw public text only: the owners' proxy sets ({proxy} rows of public documents chosen to "
-                 f"resemble the owners' data) and the public data ({rows.get('public', 0)} rows), in equal shares.")  # fmt: skip
-    return [text]
+    return [f"Router tuning moved each domain's own-expert top-1 share (mean over layers): {moves}."]
 
 
 def diagnostic_findings(avg: dict, diagnostics: dict) -> list[str]:

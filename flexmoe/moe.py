@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 
 @dataclass
@@ -94,8 +95,6 @@ def _silu_gated(expert: nn.Module) -> bool:
     """Whether ``expert`` is the gated SiLU MLP of OLMo-2, Llama, Mistral and Qwen
     (``down(silu(gate(x)) * up(x))``, bias-free linears) with no forward hooks on it or its
     linears (nor global ones), so :func:`_gated_inplace` computes exactly what its forward would."""
-    from torch.nn.modules import module as torch_module
-
     act = getattr(expert, "act_fn", None)
     linears = [getattr(expert, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"

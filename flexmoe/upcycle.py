@@ -204,7 +204,12 @@ def fingerprint(model: nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, t in public_state(model):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, name, t)
     return h.hexdigest()
+
+
+def hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes."""
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -80,6 +80,25 @@ def license_texts() -> list[str]:
     return out
 
 
+def train_peft_lora(base, rows: torch.Tensor, targets, rank: int = 4, steps: int = 40, seed: int = 0):
+    """A peft LoRA adapter on a copy of ``base``, trained on packed ``rows`` with plain AdamW (what an
+    adapter's author would do); returned in eval mode."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = rows[torch.randint(0, len(rows), (8,), generator=g)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 def train_tiny_tokenizer(texts, vocab_size: int = VOCAB * 3):
     """A byte-level BPE tokenizer trained in a second on local text, as a transformers tokenizer."""
     from flexmoe.data import train_tokenizer

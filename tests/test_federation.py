@@ -9,7 +9,6 @@ of ``conftest.public_dir``; owners train 10 steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -41,6 +40,7 @@ from flexmoe.federation.records import (
     OwnerSettings,
     arrays_to_tensors,
     content_sha256,
+    file_sha256,
     read_artifact_file,
     tensors_to_arrays,
 )
@@ -117,10 +117,6 @@ def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # -- end to end, real processes ----------------------------------------------------------------
 
 
@@ -161,6 +157,8 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     md = (out / "report.md").read_text()
     for owner in "abcd":
         assert f"| {owner} | " in md
+    assert "router tuning: federated, on the owners' own text and the public data: 2 round(s) of 2 local steps; " \
+           "owners in the last round: a, b" in md
     # Accepted artifacts are kept, rejected ones are not; only b allowed its proxy selection out.
     assert sorted(p.name for p in (out / "artifacts").glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     assert report["owners"]["a"]["proxy"] is None and len(report["owners"]["b"]["proxy"]["indices"]) == 3
@@ -209,7 +207,7 @@ def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run
         wait_for(lambda: progress.is_file() and json.loads(progress.read_text())["owners"]["a"] == "accepted", 300,
                  "a's expert to be accepted")  # fmt: skip
         artifact = out / "artifacts" / "a.safetensors"
-        kept = _sha256(artifact), artifact.stat().st_mtime_ns
+        kept = file_sha256(artifact), artifact.stat().st_mtime_ns
         os.kill(json.loads(progress.read_text())["pid"], signal.SIGKILL)  # the coordinator crashes
 
         d.start_supernode("b", world.node("b", **{"public-data": str(world.public_data), "share-proxy": True}))
@@ -224,7 +222,7 @@ def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run
     report = json.loads((out / "report.json").read_text())
     assert report["accepted"] == ["a", "b"]
     assert report["owners"]["a"]["resumed"] and not report["owners"]["b"]["resumed"]
-    assert (_sha256(artifact), artifact.stat().st_mtime_ns) == kept  # a's expert was not retrained or rewritten
+    assert (file_sha256(artifact), artifact.stat().st_mtime_ns) == kept  # a's expert was not retrained or rewritten
     assert trained_a == 1
     # The same merged model as the uninterrupted run with the same owners, data and seed.
     resumed, uninterrupted = _state_dict(out / "model"), _state_dict(crash_run["out"] / "model")

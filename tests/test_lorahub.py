@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import license_texts
+from conftest import license_texts, train_peft_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,18 +26,7 @@ def snippets(docs, n, width=200):
 
 
 def train_lora(base, tokenizer, docs, rank=4, steps=40, seed=0):
-    """A peft LoRA adapter trained on ``docs`` with plain AdamW (what an adapter's author would do)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
-    rows = pack_domain(docs, tokenizer, 32)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ids = rows[torch.randint(0, len(rows), (8,), generator=g)]
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model
+    return train_peft_lora(base, pack_domain(docs, tokenizer, 32), TARGETS, rank=rank, steps=steps, seed=seed)
 
 
 @pytest.fixture(scope="module")

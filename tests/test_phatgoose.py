@@ -12,8 +12,7 @@ import struct
 
 import pytest
 import torch
-from conftest import license_texts
-from peft import LoraConfig, get_peft_model
+from conftest import license_texts, train_peft_lora
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,16 +25,7 @@ TARGETS = ["lm_head"]
 
 
 def train_lora(base, rows, rank=4, steps=40, seed=0, targets=TARGETS):
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ids = rows[torch.randint(0, len(rows), (8,), generator=g)]
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return model.eval()
+    return train_peft_lora(base, rows, targets, rank=rank, steps=steps, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,8 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     artifacts = []
     for owner, sha in zip(owners, hashes):
         path = cache / f"{sha}.safetensors"
-        if f"{EXPERT}:{owner}" in content.array_records:
+        received = f"{EXPERT}:{owner}" in content.array_records
+        if received:
             from safetensors.torch import save_file
 
             tensors = arrays_to_tensors(content.array_records[f"{EXPERT}:{owner}"], owner)
@@ -150,10 +151,14 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
             partial = path.with_name(path.name + ".partial")
             save_file(tensors, str(partial), metadata=metadata)
             os.replace(partial, path)
-        elif not path.is_file() or content_sha256(*read_artifact_file(path)) != sha:
+        elif not path.is_file():
             raise ValueError(f"owner {s.owner!r}: the expert of {owner!r} (sha256 {sha[:16]}...) is not in "
                              f"{cache}; the coordinator must send it again")  # fmt: skip
         artifact = ExpertArtifact.load(path, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
+        if not received and content_sha256(artifact.tensors, artifact.metadata) != sha:  # changed on disk
+            path.unlink()
+            raise ValueError(f"owner {s.owner!r}: the kept expert of {owner!r} no longer hashes to {sha[:16]}...; "
+                             "removed, the coordinator must send it again")  # fmt: skip
         artifact.validate(public, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner of the expert sent for router tuning", owner, artifact.owner)

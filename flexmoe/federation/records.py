@@ -115,11 +115,11 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     name the experts of a merge by hash."""
     import hashlib
 
+    from flexmoe.upcycle import hash_tensor
+
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, name, tensors[name])
     for key in sorted(metadata):
         h.update(f"{key}={metadata[key]}\n".encode())
     return h.hexdigest()

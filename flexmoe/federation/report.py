@@ -67,6 +67,12 @@ def render(report: dict) -> str:
         rt = report.get("router_tuning") or {}
         if "skipped" in rt:
             lines.append(f"- router tuning: skipped ({rt['skipped']})")
+        elif rt.get("data") == "owners":
+            rounds = rt.get("rounds") or []
+            last = rounds[-1]["owners"] if rounds else []
+            lines.append(f"- router tuning: federated, on the owners' own text and the public data: {len(rounds)} "
+                         f"round(s) of {rt.get('local_steps')} local steps; owners in the last round: "
+                         f"{', '.join(last) or 'none'}")  # fmt: skip
         elif rt:
             lines.append(f"- router tuning: {rt.get('steps')} steps, loss {_num(rt.get('loss_first'))} -> "
                          f"{_num(rt.get('loss_last'))}, proxy sets from {', '.join(rt.get('proxy_owners') or []) or 'no owner'}")  # fmt: skip
