@@ -52,6 +52,7 @@ from flexmoe.federation.records import (
     read_artifact_file,
     record_bytes,
     record_to_proxy,
+    tensors_to_arrays,
 )
 from flexmoe.federation.report import write_report
 from flexmoe.spec import FederationSpec
@@ -403,7 +404,8 @@ class Coordinator:
         """Federated router tuning (``RouterTuningRecipe.data="owners"``): each round, every
         accepted owner still connected trains the routers on its own text (message
         ``train.router``) while the coordinator does the same on the public data; the round's
-        routers are the FedAvg of the returned ones (:func:`~flexmoe.router_tuning.aggregate_router_rows`).
+        routers are ``start + server_lr * mean(change)`` over the participants
+        (:func:`~flexmoe.router_tuning.aggregate_router_rows`).
         Replies are checked like artifacts; an owner that fails or sends bad routers sits the round
         out, and after two such rounds in a row is left out of the rest. Returns the summary."""
         from flexmoe.router_tuning import (
@@ -417,7 +419,8 @@ class Coordinator:
 
         recipe = self.spec.router_tuning
         public_rows = pack_documents(self.public_docs, tokenizer, recipe.seq_len, max_documents=2000)
-        hashes = {o: content_sha256(*read_artifact_file(self.artifacts_dir / f"{o}.safetensors")) for o in owners}
+        files = {o: read_artifact_file(self.artifacts_dir / f"{o}.safetensors") for o in owners}  # read once
+        hashes = {o: content_sha256(*files[o]) for o in owners}
         node_of = {name: node for node, name in self.nodes.items() if name}
         active = [o for o in owners if o in node_of]
         for o in sorted(set(owners) - set(active)):
@@ -428,7 +431,7 @@ class Coordinator:
         for r in range(recipe.rounds):
             t = time.monotonic()
             start = router_rows(model)
-            sent = self._send_router_round(r, start, owners, hashes, active, has_experts, node_of)
+            sent = self._send_router_round(r, start, files, hashes, active, has_experts, node_of)
             public = local_router_round(model, public_rows, recipe, r, seed=self.s.seed)  # meanwhile, the public share
             updates, losses = [router_rows(model)], {"public": public["loss_last"]}
             set_router_rows(model, start)
@@ -467,10 +470,10 @@ class Coordinator:
                 f"{time.monotonic() - t:.1f} s")  # fmt: skip
         return {"rounds": rounds, "local_steps": recipe.local_steps, "steps": len(rounds) * recipe.local_steps}
 
-    def _send_router_round(self, r, start, owners, hashes, active, has_experts, node_of) -> dict:
-        """Push round ``r`` to every active owner; returns message id -> owner."""
-        from flexmoe.federation.records import tensors_to_arrays
-
+    def _send_router_round(self, r, start, files, hashes, active, has_experts, node_of) -> dict:
+        """Push round ``r`` to every active owner, with the experts (``files``: owner -> tensors,
+        metadata) to those that lack them; returns message id -> owner."""
+        owners = list(files)
         base = {
             SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
             ROUND: ConfigRecord({"round": r, "owners": ",".join(owners), "sha256": ",".join(hashes[o] for o in owners),
@@ -483,9 +486,7 @@ class Coordinator:
             content = RecordDict(dict(base))
             if not has_experts[owner]:
                 if not experts:
-                    for o in owners:
-                        tensors, metadata = read_artifact_file(self.artifacts_dir / f"{o}.safetensors")
-                        experts[o] = (tensors_to_arrays(tensors), ConfigRecord(dict(metadata)))
+                    experts = {o: (tensors_to_arrays(t), ConfigRecord(dict(m))) for o, (t, m) in files.items()}
                 for o, (arrays, manifest) in experts.items():
                     content[f"{EXPERT}:{o}"], content[f"{MANIFEST}:{o}"] = arrays, manifest
             messages.append(self._message(content, node_of[owner], ROUTER_MESSAGE))
