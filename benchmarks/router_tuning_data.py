@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +40,7 @@ def _parse_federated(text: str) -> tuple[int, int, float | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
     from flexmoe import demo as D
-    from flexmoe.artifact import ExpertArtifact
     from flexmoe.evaluate import perplexity
     from flexmoe.router_tuning import (
         aggregate_router_rows,
@@ -54,7 +50,6 @@ def main(argv: list[str] | None = None) -> None:
         set_router_rows,
         tune_router,
     )
-    from flexmoe.spec import FederationSpec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run (default sizes or not)")
@@ -66,18 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    root = Path(args.demo)
-    report = json.loads((root / "report.json").read_text())
-    cfg = D.DemoConfig(**report["settings"]["config"])
-    spec = FederationSpec.load(root / "spec.json")
-    coordinator = root / "federation" / "coordinator"
-    artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
-                                        spec_sha256=spec.sha256) for o in D.OWNERS}  # fmt: skip
-    corpus = D.build_corpus(cfg, Path(tempfile.mkdtemp(prefix="flexmoe-rt-")))  # the demo's hash-chosen sample
-    tokenizer = AutoTokenizer.from_pretrained(root / "public")
-    models = D.Models(root / "public", artifacts, cfg)
-    rows = D.eval_rows(cfg, corpus, tokenizer)
-    public_docs = list(corpus["domains"][D.PUBLIC].train)
+    run = D.DemoRun.open(args.demo)
+    cfg, spec, corpus, tokenizer, models, rows = run.cfg, run.spec, run.corpus, run.tokenizer, run.models, run.rows
+    report, public_docs = run.report, run.public_docs
     own = {o: pack_documents(list(corpus["domains"][o].train), tokenizer, cfg.seq_len) for o in D.OWNERS}
     public_rows = pack_documents(public_docs, tokenizer, cfg.seq_len, max_documents=2000)
     recipe = dataclasses.replace(spec.router_tuning, enabled=True)
@@ -95,9 +81,8 @@ def main(argv: list[str] | None = None) -> None:
               + f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
 
     score("no tuning", start(), 0.0)
-    fed = json.loads((coordinator / "report.json").read_text())
     t = time.perf_counter()
-    score("proxy", D.tune_on_proxies(cfg, models, spec, fed, public_docs, tokenizer), time.perf_counter() - t)
+    score("proxy", D.tune_on_proxies(cfg, models, spec, run.federation, public_docs, tokenizer), time.perf_counter() - t)
     for steps in args.central:
         model, t = start(), time.perf_counter()
         texts = {o: list(corpus["domains"][o].train) for o in D.OWNERS}

@@ -572,6 +572,59 @@ class Table:
                         "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items()))  # fmt: skip
 
 
+@dataclass
+class DemoRun:
+    """A finished ``flexmoe demo --out DIR`` run, opened again to measure more on the same
+    models and text (``benchmarks/router_tuning_data.py``, ``benchmarks/routing_diagnosis.py``):
+    every accepted expert is loaded with the artifact checks against the run's spec, and the
+    corpus is rebuilt from its config (the same hash-chosen sample, so the same held-out rows)."""
+
+    root: Path
+    cfg: DemoConfig
+    report: dict
+    federation: dict
+    spec: object
+    corpus: dict
+    tokenizer: object
+    models: Models
+    rows: dict[str, torch.Tensor]
+
+    @classmethod
+    def open(cls, out: str | os.PathLike) -> DemoRun:
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        from flexmoe.artifact import ExpertArtifact
+        from flexmoe.spec import FederationSpec
+
+        root = Path(out)
+        if not (root / "report.json").is_file():
+            raise FileNotFoundError(f"{root} is not a finished flexmoe demo run (no report.json)")
+        report = json.loads((root / "report.json").read_text())
+        cfg = DemoConfig(**report["settings"]["config"])
+        spec = FederationSpec.load(root / "spec.json")
+        coordinator = root / "federation" / "coordinator"
+        artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors",
+                                            fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
+                     for o in OWNERS}  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="flexmoe-demo-") as tmp:
+            corpus = build_corpus(cfg, Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(root / "public")
+        return cls(root, cfg, report, json.loads((coordinator / "report.json").read_text()), spec, corpus, tokenizer,
+                   Models(root / "public", artifacts, cfg), eval_rows(cfg, corpus, tokenizer))  # fmt: skip
+
+    @property
+    def public_docs(self) -> list[str]:
+        return list(self.corpus["domains"][PUBLIC].train)
+
+    def flexolmo(self):
+        """The ``flexolmo`` row: the coordinator's exported model, loaded by flexmoe."""
+        from flexmoe.hf import load
+
+        return load(self.root / "federation" / "coordinator" / "model").eval()
+
+
 # -- 6: the report (flexmoe/demo_report.py) ------------------------------------------------------
 
 

@@ -113,6 +113,46 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     assert ppl == pytest.approx(report["methods"]["flexolmo"]["per_domain"]["licenses"], rel=1e-4)
 
 
+def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
+    """DemoRun.open (what the benchmarks start from) rebuilds the held-out rows and models the
+    report was measured on: every expert row and flexolmo give the report's figures again."""
+    from flexmoe.demo import DemoRun
+    from flexmoe.evaluate import perplexity
+
+    out, report = run
+    again = DemoRun.open(out)
+    assert again.cfg == DemoConfig(**report["settings"]["config"])
+    assert list(again.rows) == DOMAINS
+    for name, model in (("flexolmo", again.flexolmo()), ("expert:licenses", again.models.merged(["licenses"], 2))):
+        r = perplexity(model, again.rows, batch_size=again.cfg.eval_batch_size)
+        assert r["average"] == pytest.approx(report["methods"][name]["average"], rel=1e-4), name
+
+
+def test_routing_diagnosis_benchmark_runs_on_a_demo_and_its_figures_hold_together(run, tmp_path):
+    """benchmarks/routing_diagnosis.py on the run: the right-pair model of public text is the public
+    model itself (every owner opted out), so it scores the oracle exactly; at layer 0 the merged
+    model's router input is the public model's, so the two probes agree there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "routing_diagnosis.py"
+    spec = importlib.util.spec_from_file_location("routing_diagnosis", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, report = run
+    bench.main(["--demo", str(out), "--probe-rows", "16", "--out", str(tmp_path / "d.json")])
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert list(d["domains"]) == DOMAINS
+    for domain, x in d["domains"].items():
+        assert x["flexolmo"] == pytest.approx(report["methods"]["flexolmo"]["per_domain"][domain], rel=1e-4)
+        assert x["oracle"] == pytest.approx(report["methods"]["oracle"]["per_domain"][domain], rel=1e-4)
+        assert all(0.0 <= v <= 1.0 for v in x["right_top1_share"] + x["right_pair_mass"])
+    assert d["domains"]["public"]["right_pair_only"] == pytest.approx(d["domains"]["public"]["oracle"], rel=1e-5)
+    (flex, public) = d["probe"].values()
+    assert len(flex) == OVERRIDES["num_layers"]
+    assert flex[0] == public[0]
+
+
 def test_report_md_bolds_the_best_of_every_column(run):
     out, report = run
     text = (out / "report.md").read_text()
