@@ -65,7 +65,8 @@ from torch import nn
 from tqdm import tqdm
 
 import flexmoe
-from flexmoe.upcycle import decoder_layers, moe_blocks
+from flexmoe.routing import mlp_inputs
+from flexmoe.upcycle import moe_blocks
 
 
 @dataclass(frozen=True)
@@ -120,20 +121,6 @@ def public_model(s: Shapes, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     return Olmo2ForCausalLM(config).to(dtype).eval()
 
 
-def mlp_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Every decoder layer's MLP input on ``ids`` (to scale the router rows)."""
-    seen, hooks = [], []
-    for layer in decoder_layers(model):
-        hooks.append(layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].detach())))
-    try:
-        with torch.inference_mode():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, seed: int = 0) -> nn.Module:
     """A merged MoE as the coordinator would build it: ``[public, e_1 .. e_{E-1}]`` per layer.
 
@@ -142,7 +129,7 @@ def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, 
     about 1 (spread routing, like a tuned router; a collapsed router would time mostly one expert).
     """
     g = torch.Generator().manual_seed(seed)
-    inputs = mlp_inputs(dense, ids)
+    inputs = mlp_inputs(dense, ids, batch_size=ids.shape[0])
     model = flexmoe.upcycle(copy.deepcopy(dense), num_experts=experts - 1, top_k=min(top_k, experts))
     with torch.no_grad():
         for block, x in zip(moe_blocks(model), inputs):

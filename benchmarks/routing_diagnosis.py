@@ -74,24 +74,6 @@ def router_decisions(model, rows: torch.Tensor, right: list[int], batch_size: in
     return [(float(a) / n, float(b) / n) for a, b in zip(top1, mass)]
 
 
-def mlp_inputs(model, rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Every decoder layer's MLP input ``[N, S, H]`` (the router's input in a flexmoe MoE)."""
-    from flexmoe.upcycle import decoder_layers
-
-    layers = decoder_layers(model)
-    seen: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, L=L: seen[L].append(args[0].detach().float()))
-             for L, layer in enumerate(layers)]  # fmt: skip
-    try:
-        with torch.inference_mode():
-            for s in range(0, rows.shape[0], batch_size):
-                model(input_ids=rows[s : s + batch_size], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(x) for x in seen]
-
-
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4, iters: int = 200):
     """Multinomial logistic regression on standardised features (full-batch L-BFGS)."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
@@ -114,9 +96,11 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-4, 
 
 def probe(model, train: dict[str, torch.Tensor], held_out: dict[str, torch.Tensor], batch_size: int) -> list[dict]:
     """Per layer: ``{domain: [accuracy per position bucket]}`` of the best linear domain classifier."""
+    from flexmoe.routing import mlp_inputs
+
     names = list(train)
-    feats_train = {d: mlp_inputs(model, train[d], batch_size) for d in names}
-    feats_held = {d: mlp_inputs(model, held_out[d], batch_size) for d in names}
+    feats_train = {d: [x.float() for x in mlp_inputs(model, train[d], batch_size=batch_size)] for d in names}
+    feats_held = {d: [x.float() for x in mlp_inputs(model, held_out[d], batch_size=batch_size)] for d in names}
     out = []
     for L in range(len(feats_train[names[0]])):
         x = torch.cat([feats_train[d][L].flatten(0, 1) for d in names])

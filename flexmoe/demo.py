@@ -628,7 +628,6 @@ class DemoRun:
 # -- 6: the report (flexmoe/demo_report.py) ------------------------------------------------------
 
 
-
 def publish_model(source: Path, out: Path, model, rows: torch.Tensor) -> dict:
     """Copy the coordinator's FlexOlmo export to ``out`` and check that plain ``transformers``
     gives the logits flexmoe's model (the ``flexolmo`` row) gives."""

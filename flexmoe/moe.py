@@ -125,12 +125,15 @@ class MoEBlock(nn.Module):
         self.router = router
         self.settings = settings
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on ``x``; without autograd, unhooked gated SiLU experts skip their temporaries."""
+    def expert(self, e: int, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert ``e`` on ``x``, times ``weight`` (``[n, 1]``) if given; without autograd, unhooked
+        gated SiLU experts skip their temporaries and take the weight in place (same numbers)."""
         module = self.experts[e]
         if not torch.is_grad_enabled() and _silu_gated(module):
-            return _gated_inplace(module, x)
-        return module(x)
+            y = _gated_inplace(module, x)  # a fresh tensor, so it may be scaled in place
+            return y if weight is None else y.mul_(weight)
+        y = module(x)
+        return y if weight is None else y * weight
 
     @property
     def num_experts(self) -> int:
@@ -160,10 +163,10 @@ class MoEBlock(nn.Module):
         """Every token goes to every expert (an owner's top-2 of 2, router tuning's top-k = all):
         run each expert on the whole batch; no sort, gathers, scatters or host sync."""
         w = torch.zeros_like(weights).scatter(1, indices, weights)  # back in expert order
-        out = self.expert(0, h) * w[:, :1]
+        out = self.expert(0, h, w[:, :1])
         for e in range(1, self.num_experts):
             # Multiply, then add: the rounding of transformers' per-expert loop, so exports match to 0.0.
-            out = out + self.expert(e, h) * w[:, e, None]
+            out = out + self.expert(e, h, w[:, e, None])
         return out
 
     def _routed_experts(self, h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -186,7 +189,7 @@ class MoEBlock(nn.Module):
             if n == 0:
                 continue
             idx = tokens[start : start + n]
-            y = self.expert(e, h[idx]) * w_sorted[start : start + n, None]
+            y = self.expert(e, h[idx], w_sorted[start : start + n, None])
             out.index_add_(0, idx, y.to(out.dtype))
             start += n
         return out

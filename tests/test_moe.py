@@ -254,7 +254,7 @@ def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
 
     import flexmoe
     from flexmoe.moe import _gated_inplace, _silu_gated
-    from flexmoe.upcycle import moe_blocks
+    from flexmoe.upcycle import moe_blocks, set_top_k
 
     model = AutoModelForCausalLM.from_pretrained(public_dir)
     flexmoe.upcycle(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
@@ -277,3 +277,12 @@ def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
     assert not _silu_gated(block.experts[1]) and _silu_gated(block.experts[2])
     handle.remove()
     assert _silu_gated(block.experts[1])
+    # Only the fast path's own fresh output is scaled in place: an expert that hands back its input
+    # (here an identity, at top-k = all, where the experts see the caller's tensor itself) leaves
+    # that tensor as it was.
+    block.experts[3] = torch.nn.Identity()
+    set_top_k(model, 4)
+    before = x.clone()
+    with torch.no_grad():
+        block(x)
+    assert torch.equal(x, before)
