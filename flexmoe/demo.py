@@ -207,6 +207,30 @@ def build_corpus(cfg: DemoConfig, data_dir: Path) -> dict:
     return {"domains": domains, "parts": {d: corpus[d] for d in PUBLIC_DOMAINS}}
 
 
+def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
+    """:func:`build_corpus`'s result read back from the files it wrote. The public validation
+    documents are the parts' one after another; ``parts_val_docs`` (the report's
+    ``settings.corpus.public.parts_val_docs``) says where each part ends."""
+    from flexmoe.corpus import Domain
+    from flexmoe.data import read_documents
+
+    if not parts_val_docs or list(parts_val_docs) != list(PUBLIC_DOMAINS):
+        raise ValueError(f"the run's report does not say how its public validation text splits into {PUBLIC_DOMAINS} "
+                         "(settings.corpus.public.parts_val_docs; runs before it was recorded cannot be reopened)")  # fmt: skip
+    domains = {}
+    for d in (PUBLIC, *OWNERS):
+        split = {s: read_documents(str(data_dir / d / f"{s}.jsonl")) for s in ("train", "val")}
+        domains[d] = Domain(name=d, description=d, source=str(data_dir / d), **split)
+    val, parts, start = domains[PUBLIC].val, {}, 0
+    if sum(parts_val_docs.values()) != len(val):
+        raise ValueError(f"{data_dir / PUBLIC / 'val.jsonl'} holds {len(val)} documents, the report says "
+                         f"{sum(parts_val_docs.values())} ({parts_val_docs})")  # fmt: skip
+    for p, n in parts_val_docs.items():
+        parts[p] = Domain(name=p, description=p, source=str(data_dir / PUBLIC), train=[], val=val[start : start + n])
+        start += n
+    return {"domains": domains, "parts": parts}
+
+
 def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
     from flexmoe.pretrain import REPORT, pretrain
 
@@ -576,8 +600,9 @@ class Table:
 class DemoRun:
     """A finished ``flexmoe demo --out DIR`` run, opened again to measure more on the same
     models and text (``benchmarks/router_tuning_data.py``, ``benchmarks/routing_diagnosis.py``):
-    every accepted expert is loaded with the artifact checks against the run's spec, and the
-    corpus is rebuilt from its config (the same hash-chosen sample, so the same held-out rows)."""
+    every accepted expert is loaded with the artifact checks against the run's spec, and the text
+    is the run's own ``DIR/data`` (the machine's files may have changed since), so the held-out
+    rows are the ones the report was measured on."""
 
     root: Path
     cfg: DemoConfig
@@ -591,8 +616,6 @@ class DemoRun:
 
     @classmethod
     def open(cls, out: str | os.PathLike) -> DemoRun:
-        import tempfile
-
         from transformers import AutoTokenizer
 
         from flexmoe.artifact import ExpertArtifact
@@ -608,8 +631,7 @@ class DemoRun:
         artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors",
                                             fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
                      for o in OWNERS}  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="flexmoe-demo-") as tmp:
-            corpus = build_corpus(cfg, Path(tmp))
+        corpus = read_corpus(root / "data", report["settings"]["corpus"][PUBLIC].get("parts_val_docs"))
         tokenizer = AutoTokenizer.from_pretrained(root / "public")
         return cls(root, cfg, report, json.loads((coordinator / "report.json").read_text()), spec, corpus, tokenizer,
                    Models(root / "public", artifacts, cfg), eval_rows(cfg, corpus, tokenizer))  # fmt: skip
@@ -815,6 +837,7 @@ def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_
         "owners": list(OWNERS),
         "corpus": {
             d: {"train_docs": len(x.train), "val_docs": len(x.val), "eval_tokens": int(rows[d].numel())}
+            | ({"parts_val_docs": {p: len(corpus["parts"][p].val) for p in PUBLIC_DOMAINS}} if d == PUBLIC else {})
             for d, x in domains.items()
         },
         "public_model": {k: pretrained.get(k) for k in ("parameters", "train_tokens", "val_ppl_init", "val_ppl")},

@@ -128,6 +128,24 @@ def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
         assert r["average"] == pytest.approx(report["methods"][name]["average"], rel=1e-4), name
 
 
+def test_read_corpus_splits_the_public_text_into_its_parts_and_refuses_what_does_not_add_up(tmp_path):
+    from flexmoe.corpus import Domain, write_corpus
+    from flexmoe.demo import PUBLIC, PUBLIC_DOMAINS, read_corpus
+
+    val = {PUBLIC: ["code a", "code b", "topic c"]}
+    docs = {d: Domain(name=d, description=d, source="test", train=[f"{d} train {i}" for i in range(3)],
+                      val=val.get(d, [f"{d} val {i}" for i in range(2)])) for d in (PUBLIC, *OWNERS)}  # fmt: skip
+    write_corpus(docs, tmp_path)
+    first, second = PUBLIC_DOMAINS
+    corpus = read_corpus(tmp_path, {first: 2, second: 1})
+    assert corpus["parts"][first].val == ["code a", "code b"] and corpus["parts"][second].val == ["topic c"]
+    assert corpus["domains"]["licenses"].train == ["licenses train 0", "licenses train 1", "licenses train 2"]
+    with pytest.raises(ValueError, match="holds 3 documents, the report says 4"):
+        read_corpus(tmp_path, {first: 2, second: 2})
+    with pytest.raises(ValueError, match="parts_val_docs"):
+        read_corpus(tmp_path, None)
+
+
 def test_routing_diagnosis_benchmark_runs_on_a_demo_and_its_figures_hold_together(run, tmp_path):
     """benchmarks/routing_diagnosis.py on the run: the right-pair model of public text is the public
     model itself (every owner opted out), so it scores the oracle exactly; at layer 0 the merged
