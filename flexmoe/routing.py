@@ -100,19 +100,23 @@ def _batches(rows: torch.Tensor, batch_size: int):
 @torch.inference_mode()
 def mlp_inputs(model: nn.Module, rows: torch.Tensor, *, batch_size: int = 8) -> list[torch.Tensor]:
     """Every decoder layer's MLP input (the router's input in a flexmoe MoE) on ``rows``
-    ``[N, S]``, kept whole: a list of ``[N, S, H]`` tensors on ``rows``' device. For a probe or a
-    plot; :func:`mlp_input_moments` keeps only the moments, for corpora too big to hold."""
+    ``[N, S]``, kept whole: a list of ``[N, S, H]`` tensors on ``rows``' device (inference tensors:
+    copy them to train on them). For a probe or a plot; :func:`mlp_input_moments` keeps only the
+    moments, for corpora too big to hold."""
     layers = decoder_layers(model)
     seen: list[list[torch.Tensor]] = [[] for _ in layers]
     handles = [layer.mlp.register_forward_pre_hook(lambda m, args, L=L: seen[L].append(args[0].detach()))
                for L, layer in enumerate(layers)]  # fmt: skip
     device = next(model.parameters()).device
+    was_training = model.training
     try:
+        model.eval()
         for batch in _batches(rows.long(), batch_size):
             model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return [torch.cat(x).to(rows.device) for x in seen]
 
 

@@ -11,6 +11,7 @@ from flexmoe.routing import (
     lda_router,
     lda_weights,
     mlp_input_moments,
+    mlp_inputs,
     prefix_lda_router,
     use_affine_routers,
 )
@@ -83,7 +84,7 @@ def test_scale_only_calibration_stays_a_plain_router():
         torch.testing.assert_close(l.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
 
 
-def test_mlp_input_moments_match_a_direct_capture():
+def test_mlp_input_moments_and_mlp_inputs_match_a_direct_capture():
     model = tiny_model("olmo2")
     ids = rows(4, 8)
     seen = []
@@ -97,7 +98,12 @@ def test_mlp_input_moments_match_a_direct_capture():
         h.remove()
     stats = mlp_input_moments(model, ids, batch_size=3, covariance=True)
     assert stats.count == ids.numel()
+    model.train()
+    whole = mlp_inputs(model, ids, batch_size=3)  # batches of 3, 1: the same rows as one batch of 4
+    assert model.training  # restored after its eval-mode passes
     for L, x in enumerate(seen):
+        assert whole[L].shape == (*ids.shape, x.shape[-1])
+        torch.testing.assert_close(whole[L].reshape(-1, x.shape[-1]), x, atol=1e-6, rtol=1e-6)
         x = x.double()
         torch.testing.assert_close(stats.mean[L], x.mean(0))
         torch.testing.assert_close(stats.covariance[L], torch.cov(x.T, correction=0), atol=1e-8, rtol=1e-6)
