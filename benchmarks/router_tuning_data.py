@@ -14,8 +14,9 @@ the demo scores its rows (held-out perplexity per domain, top-``top_k``):
                               public data take S local steps (local_router_round) from the same
                               routers, then aggregate_router_rows with server_lr (None: the sum)
 
-The federated rows run the library's own round functions, one participant after another, with
-no Flower in between: the numbers are what the Flower rounds compute, without the messaging.
+The federated rows run :func:`flexmoe.router_tuning.router_rounds_in_process`: the library's own
+round functions, one participant after another, with no Flower in between, so the numbers are
+what the Flower rounds compute, without the messaging.
 
     .venv/bin/python benchmarks/router_tuning_data.py --demo demo_out
     .venv/bin/python benchmarks/router_tuning_data.py --demo demo_out --central 100 400 \\
@@ -42,14 +43,7 @@ def _parse_federated(text: str) -> tuple[int, int, float | None]:
 def main(argv: list[str] | None = None) -> None:
     from flexmoe import demo as D
     from flexmoe.evaluate import perplexity
-    from flexmoe.router_tuning import (
-        aggregate_router_rows,
-        local_router_round,
-        pack_documents,
-        router_rows,
-        set_router_rows,
-        tune_router,
-    )
+    from flexmoe.router_tuning import pack_documents, router_rounds_in_process, tune_router
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run (default sizes or not)")
@@ -96,14 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         r = dataclasses.replace(recipe, data="owners", rounds=rounds, max_steps=rounds * local, server_lr=server_lr,
                                 warmup_steps=max(1, rounds * local // 10))  # fmt: skip
         model, t = start(), time.perf_counter()
-        sources = {"public": public_rows, **own}
-        for k in range(rounds):
-            begin, updates = router_rows(model), []
-            for name in sorted(sources):
-                set_router_rows(model, begin)
-                local_router_round(model, sources[name], r, k, seed=cfg.seed)
-                updates.append(router_rows(model))
-            set_router_rows(model, aggregate_router_rows(begin, updates, server_lr=server_lr))
+        router_rounds_in_process(model, {"public": public_rows, **own}, r, seed=cfg.seed)
         score(f"federated:{text}", model, time.perf_counter() - t)
     for name in ("btm", "weighted_soup", "oracle"):
         if name in report["methods"]:

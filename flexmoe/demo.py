@@ -596,6 +596,15 @@ class Table:
                         "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items()))  # fmt: skip
 
 
+def accepted_artifacts(coordinator: Path, spec) -> dict:
+    """Every owner's expert as the coordinator accepted it, loaded with the artifact checks
+    against ``spec`` (fingerprint of the public model, spec hash)."""
+    from flexmoe.artifact import ExpertArtifact
+
+    return {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
+                                   spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
+
+
 @dataclass
 class DemoRun:
     """A finished ``flexmoe demo --out DIR`` run, opened again to measure more on the same
@@ -618,7 +627,6 @@ class DemoRun:
     def open(cls, out: str | os.PathLike) -> DemoRun:
         from transformers import AutoTokenizer
 
-        from flexmoe.artifact import ExpertArtifact
         from flexmoe.spec import FederationSpec
 
         root = Path(out)
@@ -628,9 +636,7 @@ class DemoRun:
         cfg = DemoConfig(**report["settings"]["config"])
         spec = FederationSpec.load(root / "spec.json")
         coordinator = root / "federation" / "coordinator"
-        artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors",
-                                            fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
-                     for o in OWNERS}  # fmt: skip
+        artifacts = accepted_artifacts(coordinator, spec)
         corpus = read_corpus(root / "data", report["settings"]["corpus"][PUBLIC].get("parts_val_docs"))
         tokenizer = AutoTokenizer.from_pretrained(root / "public")
         return cls(root, cfg, report, json.loads((coordinator / "report.json").read_text()), spec, corpus, tokenizer,
@@ -735,7 +741,6 @@ def demo(
 def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     from transformers import AutoTokenizer
 
-    from flexmoe.artifact import ExpertArtifact
     from flexmoe.hf import load
     from flexmoe.merge import BTMEnsemble
 
@@ -755,8 +760,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
                      "(ServerApp) on the simulation engine", run_federation, cfg, fed_dir, root / "spec.json",
                      public_dir, data_dir, threads)  # fmt: skip
     coordinator = fed_dir / "coordinator"
-    artifacts = {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
-                                        spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
+    artifacts = accepted_artifacts(coordinator, spec)
     tuning = fed.get("router_tuning", {})
     stages.times["router_tuning"] = round(float(tuning.get("seconds", 0.0)), 1)  # inside the federation stage
 
@@ -789,7 +793,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
                              "(diagnostic)", tune_on_proxies, cfg, models, spec, fed, public_docs, tokenizer)  # fmt: skip
     table.diagnose("proxy_router_tuning", proxy_tuned)
     del proxy_tuned
-    tuned = load(coordinator / "model").eval()
+    tuned = load(coordinator / "model").eval()  # the flexolmo row: the coordinator's export
     table.score("flexolmo", tuned)
     flexolmo_summary = {"routing": routing_summary, "coordinator_routing": fed.get("routing_recipe"),
                         "router_tuning": tuning, "diagnostics": table.diagnostics}  # fmt: skip

@@ -13,8 +13,9 @@ owners' proxy sets and the public data, with all experts active (top-k = all). T
 ``Trainer`` and data: it refuses to finish if any parameter but the routers' moved.
 
 Federated router tuning (``RouterTuningRecipe.data="owners"``) runs the same module in rounds:
-each participant takes :func:`local_router_round` on its own text, the coordinator averages the
-rows (:func:`average_router_rows`); :mod:`flexmoe.federation` carries the rows over Flower.
+each participant takes :func:`local_router_round` on its own text, the coordinator combines the
+rows (:func:`aggregate_router_rows`); :mod:`flexmoe.federation` carries the rows over Flower, and
+:func:`router_rounds_in_process` computes the same rounds in one process, for studies.
 """
 
 from __future__ import annotations
@@ -279,10 +280,11 @@ def aggregate_router_rows(
     if not updates:
         raise ValueError("no router rows to aggregate")
     server_lr = len(updates) if server_lr is None else server_lr
-    return {
-        name: s0.float() + server_lr * (torch.stack([u[name].float() for u in updates]).mean(dim=0) - s0.float())
-        for name, s0 in start.items()
-    }
+    out = {}
+    for name, s0 in start.items():
+        s0 = s0.float()
+        out[name] = s0 + server_lr * (torch.stack([u[name].float() for u in updates]).mean(dim=0) - s0)
+    return out
 
 
 def local_router_round(
@@ -306,3 +308,23 @@ def local_router_round(
     quiet = {"enable_progress_bar": False, **(trainer_kwargs or {})}  # many short fits: the caller logs rounds
     pl.Trainer(**_trainer_kwargs(model, steps, [losses], quiet)).fit(module, train_dataloaders=loader)
     return {"steps": len(losses.values), "loss_first": losses.values[0], "loss_last": losses.values[-1]}
+
+
+def router_rounds_in_process(
+    model: nn.Module, sources: Mapping[str, torch.Tensor], recipe: RouterTuningRecipe, *, seed: int = 0
+) -> list[dict[str, dict]]:
+    """What ``recipe.rounds`` rounds of federated router tuning compute, without the messaging:
+    in each round every source (``name -> packed rows [N, T]``, in sorted order as the coordinator
+    takes the replies) takes :func:`local_router_round` from the same routers, then
+    :func:`aggregate_router_rows` combines them. Changes ``model``'s routers in place; returns each
+    round's ``{source: local_router_round result}``."""
+    log = []
+    for r in range(recipe.rounds):
+        start, updates, results = router_rows(model), [], {}
+        for name in sorted(sources):
+            set_router_rows(model, start)
+            results[name] = local_router_round(model, sources[name], recipe, r, seed=seed)
+            updates.append(router_rows(model))
+        set_router_rows(model, aggregate_router_rows(start, updates, server_lr=recipe.server_lr))
+        log.append(results)
+    return log

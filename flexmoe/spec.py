@@ -59,8 +59,9 @@ class RouterTuningRecipe:
       proxy sets (public documents chosen to resemble each owner's data) and the public data.
     * ``"owners"``: federated, over Flower. In each of ``rounds`` rounds every owner trains the
       router rows on its own text for ``max_steps / rounds`` steps, the coordinator does the same on
-      the public data, and the coordinator averages the rows (FedAvg, equal weights: a uniform
-      mixture of the sources). Only router rows leave an owner, never text.
+      the public data, and the coordinator combines the rows' changes, every source weighted
+      equally (a uniform mixture of the sources; ``server_lr`` below). Only router rows leave an
+      owner, never text.
 
     ``max_steps`` counts one source's steps: all of them with ``"proxy"``, each participant's over
     all rounds with ``"owners"``. ``server_lr`` scales the round's mean change (FedOpt's server

@@ -17,11 +17,10 @@ from flexmoe.router_tuning import (
     aggregate_router_rows,
     check_router_rows,
     frozen_digest,
-    local_router_round,
     mixture_loader,
     pack_documents,
+    router_rounds_in_process,
     router_rows,
-    set_router_rows,
     tune_router,
 )
 from flexmoe.spec import RouterTuningRecipe
@@ -156,20 +155,16 @@ def test_federated_rounds_keep_experts_and_their_average_lowers_the_mixture_loss
     tok = AutoTokenizer.from_pretrained(public_dir)
     model = merged_model(public_dir)
     digest = frozen_digest(model)
-    recipe = RouterTuningRecipe(data="owners", rounds=3, max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=1)
+    recipe = RouterTuningRecipe(data="owners", rounds=3, max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=1,
+                                server_lr=1.0)  # fmt: skip
     sources = {"public": license_texts()[4:6] + python_texts()[4:6], "a": license_texts()[:4], "b": python_texts()[:4]}
     rows = {name: pack_documents(docs, tok, 32) for name, docs in sources.items()}
     held = torch.cat([r[:6] for r in rows.values()])
     loss_before = mixture_loss(model, held)
-    for r in range(recipe.rounds):
-        start = router_rows(model)
-        updates = []
-        for name in sorted(rows):
-            set_router_rows(model, start)
-            result = local_router_round(model, rows[name], recipe, r, seed=0)
-            assert result["steps"] == recipe.local_steps == 10
-            updates.append(router_rows(model))
-        set_router_rows(model, aggregate_router_rows(start, updates, server_lr=1.0))
+    start = router_rows(model)
+    log = router_rounds_in_process(model, rows, recipe, seed=0)
+    assert len(log) == recipe.rounds and all(sorted(r) == ["a", "b", "public"] for r in log)
+    assert all(res["steps"] == recipe.local_steps == 10 for r in log for res in r.values())
     assert frozen_digest(model) == digest
     assert settings(model).top_k == 2  # restored after every round
     assert mixture_loss(model, held) < loss_before

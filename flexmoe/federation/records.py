@@ -13,8 +13,8 @@ Wire format (Flower Message API, DESIGN.md "Federation"):
 * coordinator -> owner, message type ``query``: asks a SuperNode which owner it is (its
   ``node_config`` name); the reply is ``owner`` (ConfigRecord: ``name``, ``share-proxy``).
 * coordinator -> owner, message type ``train.router`` (federated router tuning, one per round):
-  ``spec``, ``round`` (ConfigRecord: round index, owners in expert order, each expert file's
-  sha256, seed), ``routers`` (ArrayRecord: every layer's router rows and biases) and, until the
+  ``spec``, ``round`` (ConfigRecord: round index, owners in expert order, each expert's
+  :func:`content_sha256`, seed), ``routers`` (ArrayRecord: every layer's router rows and biases) and, until the
   owner has them, every accepted expert as ``expert:<owner>`` + ``manifest:<owner>``. The reply is
   ``routers`` (the rows after the owner's local steps on its own text) and ``metrics``.
 
