@@ -65,7 +65,7 @@ def setup(work: Path, arch: str, num_artifacts: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import flexmoe
-    from flexmoe.upcycle import moe_blocks
+    from flexmoe.core.surgery import moe_blocks
 
     config = AutoConfig.for_model(
         arch, vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
@@ -77,7 +77,7 @@ def setup(work: Path, arch: str, num_artifacts: int) -> None:
     print(f"public model: {arch}, {sum(p.numel() for p in public.parameters()) / 1e6:.1f}M parameters", flush=True)
     public.save_pretrained(work / "public")
     fp = flexmoe.fingerprint(public)
-    model = flexmoe.upcycle(public, 1)
+    model = flexmoe.core.surgery(public, 1)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for i in range(num_artifacts):

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # th
 logging.disable(logging.WARNING)
 from transformers import AutoModelForCausalLM
 import flexmoe
-from flexmoe.upcycle import moe_blocks
-from conftest import tiny_model, perturb_
+from flexmoe.core.surgery import moe_blocks
+from flexmoe.testing import tiny_model, perturb_
 
 ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -25,7 +25,7 @@ ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 def merged(arch, owners, normalize):
     arts = []
     for i in range(owners):
-        m = flexmoe.upcycle(tiny_model(arch), num_experts=1, owners=[f"o{i}"])
+        m = flexmoe.core.surgery(tiny_model(arch), num_experts=1, owners=[f"o{i}"])
         for b in moe_blocks(m):
             perturb_(b.experts[1], seed=10 + i, scale=0.2)
             b.router.weight.data[1].normal_(generator=torch.Generator().manual_seed(i))

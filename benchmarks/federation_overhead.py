@@ -47,11 +47,11 @@ def build_world(root: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flexmoe.corpus import local_corpus, write_corpus
-    from flexmoe.data import train_tokenizer
-    from flexmoe.pretrain import olmo2_config
+    from flexmoe.data.corpus import local_corpus, write_corpus
+    from flexmoe.data.tokenizer import train_tokenizer
+    from flexmoe.training.pretrain import olmo2_config
     from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     corpus = local_corpus(args.max_docs, domains=["docstrings", "stdlib_code", "unicode_names"])
     data = write_corpus(corpus, root / "data")
@@ -94,7 +94,7 @@ def direct(world: dict, root: Path, threads: int) -> dict:
     import torch
 
     from flexmoe.federation.client_app import train_owner_expert
-    from flexmoe.federation.records import OwnerSettings
+    from flexmoe.federation.settings import OwnerSettings
 
     torch.set_num_threads(threads)
     os.environ["FLEXMOE_CACHE"] = str(root / "cache-direct")

@@ -1,7 +1,7 @@
 """LoRA-sized FlexOlmo experts against full ones: what an owner uploads, and what it costs in perplexity.
 
-Setting (defaults): the public model is ``flexmoe.pretrain``-ed on ``stdlib_code`` + ``pydoc_topics``
-from :func:`flexmoe.corpus.local_corpus` (a fixed, hash-chosen sample of ``--docs`` documents per
+Setting (defaults): the public model is ``flexmoe.training.pretrain``-ed on ``stdlib_code`` + ``pydoc_topics``
+from :func:`flexmoe.data.corpus.local_corpus` (a fixed, hash-chosen sample of ``--docs`` documents per
 domain); each owner domain (``--owners``, default ``docstrings`` and ``unicode_names``) gets
 
     full        :class:`flexmoe.ExpertModule`: expert 1 = a trained full copy of the public MLP
@@ -41,9 +41,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_spec(public: Path, args, rank: int | None, lr: float):
-    from flexmoe.expert import load_public_model
+    from flexmoe.formats.load import load_public_model
     from flexmoe.spec import ExpertRecipe, FederationSpec
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     recipe = ExpertRecipe(max_steps=args.expert_steps, batch_size=args.expert_batch, seq_len=args.seq_len, lr=lr,
                           warmup_steps=max(1, args.expert_steps // 10), lora_rank=rank)  # fmt: skip
@@ -55,8 +55,8 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
     """Train one expert (cached); returns its artifact path, trained-number count and time."""
     import lightning.pytorch as pl
 
-    from flexmoe.data import TextDataModule
-    from flexmoe.expert import ExpertModule, expert_callbacks
+    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.training.expert import ExpertModule, expert_callbacks
     from flexmoe.lora import LoraExpertModule
 
     art = work / "experts" / f"{owner}-{variant}.safetensors"
@@ -71,7 +71,7 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
     if rank:
         trained = sum(p.numel() for p in module.lora_parameters())
     else:
-        from flexmoe.upcycle import moe_blocks
+        from flexmoe.core.surgery import moe_blocks
 
         trained = sum(p.numel() for b in moe_blocks(module.model) for p in b.experts[1].parameters())
     data = TextDataModule(str(paths[owner] / "train.jsonl"), str(public), seq_len=args.seq_len,
@@ -88,8 +88,9 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
 
 def full_artifact(path: Path, public: Path):
     """The coordinator's view: a full ExpertArtifact (a LoRA one materialised on the public model)."""
-    from flexmoe.artifact import ExpertArtifact, read_safetensors_header
-    from flexmoe.expert import load_public_model
+    from flexmoe.artifacts.expert import ExpertArtifact
+    from flexmoe.artifacts.guard import read_safetensors_header
+    from flexmoe.formats.load import load_public_model
     from flexmoe.lora import LORA_FORMAT_VERSION, LoraExpertArtifact
 
     if read_safetensors_header(path)["__metadata__"]["format_version"] == LORA_FORMAT_VERSION:
@@ -141,8 +142,9 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     import flexmoe
-    from flexmoe.evaluate import pack_domain, perplexity
-    from flexmoe.expert import load_public_model
+    from flexmoe.data.packing import pack_domain
+    from flexmoe.evaluate import perplexity
+    from flexmoe.formats.load import load_public_model
 
     work = Path(args.work)
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Inference tokens/s of a merged flexmoe model vs the same model exported to transformers' FlexOlmo.
 
 One OLMo-2 public model (float32, CPU); for each expert count E (default 2, 4, 8, 16) a merged
-MoE is built with ``flexmoe.upcycle`` (owner experts = the public MLP plus seeded noise, router
+MoE is built with ``flexmoe.core.surgery`` (owner experts = the public MLP plus seeded noise, router
 rows random with logits of standard deviation ~1 so every expert gets tokens, biases 0), set to
 top-k 2 and exported with ``flexmoe.export(..., format="flexolmo")``. The export is opened twice
 with ``AutoModelForCausalLM.from_pretrained``: once with transformers' default experts
@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 import flexmoe
 from flexmoe.routing import mlp_inputs
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, 
     """
     g = torch.Generator().manual_seed(seed)
     inputs = mlp_inputs(dense, ids, batch_size=ids.shape[0])
-    model = flexmoe.upcycle(copy.deepcopy(dense), num_experts=experts - 1, top_k=min(top_k, experts))
+    model = flexmoe.core.surgery(copy.deepcopy(dense), num_experts=experts - 1, top_k=min(top_k, experts))
     with torch.no_grad():
         for block, x in zip(moe_blocks(model), inputs):
             for e in block.experts[1:]:

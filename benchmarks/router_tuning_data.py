@@ -14,7 +14,7 @@ the demo scores its rows (held-out perplexity per domain, top-``top_k``):
                               public data take S local steps (local_router_round) from the same
                               routers, then aggregate_router_rows with server_lr (None: the sum)
 
-The federated rows run :func:`flexmoe.router_tuning.router_rounds_in_process`: the library's own
+The federated rows run :func:`flexmoe.training.router_tuning.router_rounds_in_process`: the library's own
 round functions, one participant after another, with no Flower in between, so the numbers are
 what the Flower rounds compute, without the messaging.
 
@@ -41,9 +41,10 @@ def _parse_federated(text: str) -> tuple[int, int, float | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flexmoe import demo as D
+    from flexmoe.experiments import demo as D
     from flexmoe.evaluate import perplexity
-    from flexmoe.router_tuning import pack_documents, router_rounds_in_process, tune_router
+    from flexmoe.data.packing import pack_documents
+    from flexmoe.training.router_tuning import router_rounds_in_process, tune_router
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run (default sizes or not)")

@@ -4,7 +4,7 @@ Starts from a finished ``flexmoe demo`` run (``--demo DIR``: its public model, t
 experts, the coordinator's exported ``flexolmo`` model and the corpus) and prints four tables:
 
 1. **Where the loss is.** Per held-out domain: ``flexolmo``; ``flexolmo`` restricted to the right
-   pair (every other owner removed with :func:`flexmoe.upcycle.opt_out`, so each token mixes the
+   pair (every other owner removed with :func:`flexmoe.core.surgery.opt_out`, so each token mixes the
    public expert and the domain's owner with the tuned router's own weights); and ``oracle`` (the
    owner's own 2-expert model). A restricted model near the oracle means the experts mix well and
    what is missing is choosing them.
@@ -60,7 +60,7 @@ def by_bucket(nll: torch.Tensor) -> list[float]:
 
 def router_decisions(model, rows: torch.Tensor, right: list[int], batch_size: int) -> list[tuple[float, float]]:
     """Per layer: (share of tokens whose top-1 expert is ``right[0]``, mean softmax mass on ``right``)."""
-    from flexmoe.moe import record_router_logits
+    from flexmoe.core.moe import record_router_logits
 
     top1, mass, n = None, None, 0
     with torch.inference_mode():
@@ -119,11 +119,11 @@ def probe(model, train: dict[str, torch.Tensor], held_out: dict[str, torch.Tenso
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from flexmoe import demo as D
-    from flexmoe.expert import load_public_model
-    from flexmoe.router_tuning import pack_documents
-    from flexmoe.routing import spread_rows
-    from flexmoe.upcycle import expert_index, opt_out
+    from flexmoe.experiments import demo as D
+    from flexmoe.formats.load import load_public_model
+    from flexmoe.data.packing import pack_documents
+    from flexmoe.data.packing import spread_rows
+    from flexmoe.core.surgery import expert_index, opt_out
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run")

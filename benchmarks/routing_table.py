@@ -2,11 +2,11 @@
 
 Setting (defaults): public data = a mixture of ``stdlib_code`` and ``pydoc_topics``; owners =
 ``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (from
-:func:`flexmoe.corpus.local_corpus`, a fixed hash-chosen sample of ``--docs`` documents per
+:func:`flexmoe.data.corpus.local_corpus`, a fixed hash-chosen sample of ``--docs`` documents per
 domain). Docstrings and comments resemble the public code somewhat; Unicode names and licence
 texts do not.
 
-1. ``flexmoe.pretrain`` a small OLMo-2 public model (``--hidden``, ``--layers``, ``--vocab``,
+1. ``flexmoe.training.pretrain`` a small OLMo-2 public model (``--hidden``, ``--layers``, ``--vocab``,
    ``--pretrain-steps``) on the public training text.
 2. One expert per owner: :class:`~flexmoe.ExpertModule` + ``expert_callbacks(spec, out)`` on a
    Lightning ``Trainer`` (``--expert-steps``); router init by the spec's embedder (default
@@ -22,8 +22,8 @@ texts do not.
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
    lda-folded/...      the same with its biases folded into the rows at the classes' mixture moments
                        (what flexmoe.routing.route(exportable=True) does: exports to transformers)
-   lda-mix/top-N       merged + :func:`flexmoe.routing.lda_mixture_router` (LDA posterior x owners' own routers)
-   prefix-lda/top-2    merged + :func:`flexmoe.routing.prefix_lda_router` (sequence-level, causal)
+   lda-mix/top-N       merged + :func:`benchmarks.research_routers` (LDA posterior x owners' own routers)
+   prefix-lda/top-2    merged + :func:`benchmarks.research_routers` (sequence-level, causal)
    layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
    btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
    oracle              each domain through its own model (public -> public, owner -> single)
@@ -66,7 +66,7 @@ def log(msg: str) -> None:
 
 
 def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
-    from flexmoe.corpus import local_corpus, write_corpus
+    from flexmoe.data.corpus import local_corpus, write_corpus
 
     names = list(PUBLIC_DOMAINS) + list(owners)
     root = work / "corpus"
@@ -81,7 +81,7 @@ def read_jsonl(path: Path) -> list[str]:
 
 
 def pretrain_public(work: Path, paths, args) -> Path:
-    from flexmoe.pretrain import pretrain
+    from flexmoe.training.pretrain import pretrain
 
     out = work / "public"
     if (out / "config.json").is_file():
@@ -101,10 +101,10 @@ def pretrain_public(work: Path, paths, args) -> Path:
 def make_spec(work: Path, public: Path, paths, args):
     from transformers import AutoTokenizer
 
-    from flexmoe.embed import router_embedding
-    from flexmoe.expert import load_public_model
+    from flexmoe.owner.embed import router_embedding
+    from flexmoe.formats.load import load_public_model
     from flexmoe.spec import ExpertRecipe, FederationSpec
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     path = work / "spec.json"
     if path.is_file():
@@ -147,8 +147,8 @@ def mixed_source(work: Path, paths, owner: str, fraction: float) -> Path:
 def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> dict[str, Path]:
     import lightning.pytorch as pl
 
-    from flexmoe.data import TextDataModule
-    from flexmoe.expert import ExpertModule, expert_callbacks
+    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.training.expert import ExpertModule, expert_callbacks
 
     out = {}
     for owner in owners:
@@ -177,22 +177,22 @@ def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> d
 
 
 def public_model(public: Path):
-    from flexmoe.expert import load_public_model
+    from flexmoe.formats.load import load_public_model
 
     return load_public_model(str(public)).eval()
 
 
 def assembled(public: Path, arts, top_k):
-    from flexmoe.artifact import assemble
+    from flexmoe.assembly import assemble
 
     return assemble(public_model(public), [str(a) for a in arts], top_k=top_k).eval()
 
 
 def soup_model(public: Path, arts):
     """Dense public model whose MLPs are the uniform average of the owners' expert MLPs."""
-    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifacts.expert import ExpertArtifact
     from flexmoe.merge import average
-    from flexmoe.upcycle import decoder_layers
+    from flexmoe.core.surgery import decoder_layers
 
     model = public_model(public)
     loaded = [ExpertArtifact.load(a) for a in arts]
@@ -317,17 +317,10 @@ def main(argv=None):
     import torch
     from transformers import AutoTokenizer
 
-    from flexmoe.evaluate import pack_domain
-    from flexmoe.routing import (
-        calibrate_router,
-        class_mixture,
-        fold_router_bias,
-        lda_mixture_router,
-        lda_router,
-        mlp_input_moments,
-        prefix_lda_router,
-        spread_rows,
-    )
+    from flexmoe.data.packing import pack_domain
+    from flexmoe.routing import calibrate_router, class_mixture, fold_router_bias, lda_router, mlp_input_moments
+    from benchmarks.research_routers import lda_mixture_router, prefix_lda_router
+    from flexmoe.data.packing import spread_rows
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -424,8 +417,8 @@ def main(argv=None):
     if args.router_tuning:
         # (e) FlexOlmo's router tuning on proxy sets drawn from the public data (TF-IDF proxy
         # selection, the spec's default budget), alone and after the folded LDA router.
-        from flexmoe.proxy import select_proxy
-        from flexmoe.router_tuning import tune_router
+        from flexmoe.owner.proxy import select_proxy
+        from flexmoe.training.router_tuning import tune_router
         from flexmoe.spec import RouterTuningRecipe
 
         pub_docs = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from flexmoe.upcycle import is_moe
+from flexmoe.core.surgery import is_moe
 
 
 def find_moe_model(pl_module: nn.Module) -> nn.Module:
@@ -16,7 +16,7 @@ def find_moe_model(pl_module: nn.Module) -> nn.Module:
         if hasattr(module, "config") and _safe_is_moe(module):
             return module
     raise TypeError(
-        f"{type(pl_module).__name__} holds no flexmoe MoE model; build one with flexmoe.upcycle() "
+        f"{type(pl_module).__name__} holds no flexmoe MoE model; build one with flexmoe.core.surgery() "
         "(ExpertModule does this for you)"
     )
 

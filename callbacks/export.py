@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from flexmoe.artifact import ExpertArtifact
+from flexmoe.artifacts.expert import ExpertArtifact
 
 from ._common import find_moe_model
 
@@ -92,7 +92,7 @@ class ExportExpert(pl.Callback):
             self.proxy_path = self.write_proxy(trainer, pl_module)
 
     def write_proxy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        from flexmoe.proxy import select_proxy
+        from flexmoe.owner.proxy import select_proxy
 
         spec = getattr(pl_module, "spec", None) or self.spec
         datamodule = getattr(trainer, "datamodule", None)

@@ -7,8 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 
-from flexmoe.expert import freeze_public
-from flexmoe.upcycle import fingerprint
+from flexmoe.core.surgery import freeze_public
+from flexmoe.core.hashing import fingerprint
 
 from ._common import find_moe_model
 

@@ -48,7 +48,7 @@ class RouterEmbeddingInit(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:
             return
-        from flexmoe.embed import init_router, router_embedding
+        from flexmoe.owner.embed import init_router, router_embedding
 
         datamodule = getattr(trainer, "datamodule", None)
         docs = self.documents

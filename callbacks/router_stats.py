@@ -7,8 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from flexmoe.moe import MoEBlock
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.moe import MoEBlock
+from flexmoe.core.surgery import moe_blocks
 
 from ._common import find_moe_model
 

@@ -101,7 +101,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is a folder of scripts, not a package
 from matrix_factorization import MFConfig, corpus_tokens, factorize, ppmi_matrix
 
-from flexmoe.corpus import local_corpus
+from flexmoe.data.corpus import local_corpus
 from flexmoe.merge import TaskVector, analogy
 
 T0 = time.perf_counter()
@@ -312,7 +312,7 @@ def domain_texts(spec: str, corpus: dict) -> tuple[list[str], list[str]]:
 
 def byte_rows(docs: Sequence[str], seq_len: int, max_bytes: int) -> torch.Tensor:
     """Documents as UTF-8 bytes (token = byte + 1; 0 separates documents), cut into rows."""
-    from flexmoe.data import pack
+    from flexmoe.data.packing import pack
 
     ids, total = [], 0
     for doc in docs:
@@ -583,7 +583,7 @@ if __name__ == "__main__":
     from jsonargparse import auto_cli
 
     # The flexmoe command's spellings too: `--domains a b` for a list, `--max-docs-per-domain`.
-    from flexmoe.cli import normalize_options
+    from flexmoe.cli.commands import normalize_options
 
     auto_cli(
         main,

@@ -5,7 +5,7 @@ the oldest form of the model merging flexmoe does (McDonald et al. 2010, Zinkevi
 Matrix factorization is the classic case where one-shot averaging fails and where Gemulla et al.'s
 *stratified* SGD (DSGD) parallelises SGD without averaging anything.
 
-**The matrix.** Words of the prose domains of :func:`flexmoe.corpus.local_corpus` (docstrings,
+**The matrix.** Words of the prose domains of :func:`flexmoe.data.corpus.local_corpus` (docstrings,
 comments and the language reference, all read from this Python installation), lower-cased
 ``[a-z]+`` tokens. Rows are the ``vocab_size`` most frequent words, columns the same words as
 contexts within ``window`` tokens either side; entries are positive pointwise mutual information,
@@ -84,7 +84,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from flexmoe.corpus import local_corpus
+from flexmoe.data.corpus import local_corpus
 from flexmoe.merge import average
 
 PROSE_DOMAINS = ("docstrings", "comments", "pydoc_topics")
@@ -103,7 +103,7 @@ def log(msg: str) -> None:
 def corpus_tokens(domains: Sequence[str] = PROSE_DOMAINS, max_docs_per_domain: int | None = None,
                   corpus: dict | None = None) -> list[str]:  # fmt: skip
     """Lower-cased ``[a-z]+`` words of every document (train and validation) of ``domains``, read
-    from ``corpus`` (a :func:`~flexmoe.corpus.local_corpus` result) or a new local corpus."""
+    from ``corpus`` (a :func:`~flexmoe.data.corpus.local_corpus` result) or a new local corpus."""
     if corpus is None:
         corpus = local_corpus(max_docs_per_domain, domains=list(domains))
     tokens = []
@@ -583,6 +583,6 @@ if __name__ == "__main__":
     from jsonargparse import auto_cli
 
     # The flexmoe command's spellings too: `--domains a b` for a list, `--max-docs-per-domain`.
-    from flexmoe.cli import normalize_options
+    from flexmoe.cli.commands import normalize_options
 
     auto_cli(main, args=normalize_options(sys.argv[1:], {"domains": "list"}), as_positional=False)

@@ -2,7 +2,7 @@
 
 1. **Public model.** A tiny OLMo-2 built from a ``transformers`` config (no hub), trained for
    a few dozen steps on public text, saved with ``save_pretrained``.
-2. **Owners.** Each owner upcycles the public model (:func:`flexmoe.upcycle`: expert 0 = the
+2. **Owners.** Each owner upcycles the public model (:func:`flexmoe.core.surgery`: expert 0 = the
    frozen public MLP, expert 1 = a copy), trains only expert 1 and its router row on its own
    text with plain ``torch`` AdamW, checks the public part still has the published
    fingerprint, and saves its :class:`flexmoe.ExpertArtifact` (one safetensors file).
@@ -37,7 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM, Olmo2Config
 
 import flexmoe
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
 VOCAB = 256  # byte-level
 T0 = time.perf_counter()
@@ -140,7 +140,7 @@ def train(model, params, data, steps: int, lr: float, *, z_loss: float = 0.0) ->
 def train_owner_expert(public_dir: Path, owner: str, data, steps: int, lr: float, public_fp: str):
     """One owner: upcycle, train expert 1 and router row r_1 only, return the model."""
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.upcycle(model, num_experts=1, owners=[owner])  # top_k = all (2) while training
+    flexmoe.core.surgery(model, num_experts=1, owners=[owner])  # top_k = all (2) while training
     for p in model.parameters():
         p.requires_grad_(False)
     params = []

@@ -1,30 +1,33 @@
 """flexmoe: FlexOlmo-style federated mixture-of-experts training for PyTorch Lightning."""
 
-from flexmoe.artifact import ArtifactError, ExpertArtifact, assemble
-from flexmoe.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
+from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.core.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-from flexmoe.upcycle import add_expert, fingerprint, is_moe, opt_out, set_top_k, upcycle
+from flexmoe.core.surgery import add_expert, is_moe, opt_out, set_top_k, upcycle
+from flexmoe.core.hashing import fingerprint
 
 __version__ = "0.1.0"
 
 # transformers and Lightning are slow to import; load the modules that need them on first
 # use, so that `import flexmoe` (and the merge tools) stay quick.
 _LAZY = {
-    "export": "flexmoe.hf",
-    "load": "flexmoe.hf",
-    "assemble_to_dir": "flexmoe.hf",
-    "ExpertModule": "flexmoe.expert",
-    "expert_callbacks": "flexmoe.expert",
-    "TextDataModule": "flexmoe.data",
-    "select_proxy": "flexmoe.proxy",
-    "ProxySelection": "flexmoe.proxy",
-    "RouterTuning": "flexmoe.router_tuning",
+    "assemble": "flexmoe.assembly",
+    "export": "flexmoe.formats.export",
+    "load": "flexmoe.formats.load",
+    "assemble_to_dir": "flexmoe.assembly",
+    "ExpertModule": "flexmoe.training.expert",
+    "expert_callbacks": "flexmoe.training.expert",
+    "TextDataModule": "flexmoe.data.datamodule",
+    "select_proxy": "flexmoe.owner.proxy",
+    "ProxySelection": "flexmoe.owner.proxy",
+    "RouterTuning": "flexmoe.training.router_tuning",
     "btx": "flexmoe.merge.btx",
     "MoEFinetune": "flexmoe.merge.btx",
     "BTMEnsemble": "flexmoe.merge.btm",
     "btm_average": "flexmoe.merge.btm",
     "route": "flexmoe.routing",
-    "tune_router": "flexmoe.router_tuning",
+    "tune_router": "flexmoe.training.router_tuning",
 }
 
 

@@ -1,7 +1,7 @@
 """The evaluation table (DESIGN.md, "The evaluation table"; FlexOlmo Table 1): per-domain
 held-out perplexity of each model, its averages, throughput, and where an MoE routes.
 
-A domain's documents are tokenised and packed exactly as :class:`~flexmoe.data.TextDataModule`
+A domain's documents are tokenised and packed exactly as :class:`~flexmoe.data.datamodule.TextDataModule`
 packs them (each document followed by EOS, the stream cut into rows of ``seq_len``, the final
 partial row dropped), so a domain's perplexity here is ``exp`` of the validation loss an owner
 sees on the same text. Perplexity is ``exp`` of the mean next-token NLL over every predicted
@@ -15,9 +15,10 @@ directories. ``oracle`` routing (each domain through its own model) is the bound
 
 from __future__ import annotations
 
+from flexmoe.data.packing import Documents
+
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -29,47 +30,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flexmoe.merge import BTMEnsemble
-from flexmoe.moe import record_router_logits
-from flexmoe.upcycle import is_moe, settings
+from flexmoe.core.moe import record_router_logits
+from flexmoe.core.surgery import is_moe, settings
+from flexmoe.data.packing import pack_domain
 
 BTM_PREFIX = "btm:"
 ORACLE = "oracle"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _ENCODE_BATCH = 256
 
-Documents = str | os.PathLike | Sequence[str] | torch.Tensor
 
 
 # -- data ------------------------------------------------------------------------------------
 
 
-def pack_domain(documents: Documents, tokenizer, seq_len: int = 256, max_tokens: int | None = None) -> torch.Tensor:
-    """The packed rows ``[N, seq_len]`` (int64) that a domain is evaluated on.
-
-    ``documents``: a path (file, folder, glob, JSONL, ``datasets`` directory: anything
-    :func:`flexmoe.data.read_documents` reads; *all* its documents are used), a list of
-    document strings, or already packed rows (returned as they are). ``max_tokens`` keeps
-    the first ``max(1, max_tokens // seq_len)`` rows.
-    """
-    from flexmoe.data import _encode, pack, read_documents  # lightning is slow to import; only here
-
-    if isinstance(documents, torch.Tensor):
-        rows = documents.long()
-    else:
-        if isinstance(documents, (str, os.PathLike)):
-            documents = read_documents(documents)
-        docs = list(documents)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token, which separates documents in packed rows")
-        ids = (i for k in range(0, len(docs), _ENCODE_BATCH) for i in _encode(tokenizer, docs[k : k + _ENCODE_BATCH]))
-        rows, stream = pack(ids, tokenizer.eos_token_id, seq_len)
-        if rows.shape[0] == 0:
-            raise ValueError(f"{len(docs)} documents hold {stream} tokens, fewer than one row of seq_len={seq_len}; "
-                             "add text or lower seq_len")  # fmt: skip
-        rows = rows.long()
-    if max_tokens is not None:
-        rows = rows[: max(1, max_tokens // rows.shape[1])]
-    return rows
 
 
 # -- one model -------------------------------------------------------------------------------
@@ -212,7 +186,7 @@ def model_dirs(spec: str) -> list[str]:
 def open_model(spec: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """A model string -> the model, in eval mode: a dense ``transformers`` directory, any
     format :func:`flexmoe.load` opens, or ``btm:DIR1,DIR2,...`` (a :class:`BTMEnsemble`)."""
-    from flexmoe.hf import load
+    from flexmoe.formats.load import load
 
     for d in model_dirs(spec):
         if not Path(d).is_dir():
@@ -243,7 +217,7 @@ def _shared_tokenizer(dirs: list[str], tokenizer: str | None):
     """The tokenizer every model is evaluated with; refuses models that disagree on it."""
     from transformers import AutoTokenizer
 
-    from flexmoe.data import tokenizer_hash
+    from flexmoe.data.packing import tokenizer_hash
 
     with_tok = [d for d in dirs if _has_tokenizer(d)]
     source = tokenizer or (with_tok[0] if with_tok else None)
@@ -300,7 +274,7 @@ def eval_models(
         models: model strings (a dense ``transformers`` directory, any flexmoe format, or
             ``btm:DIR1,DIR2,...``), each a row; they must share the tokenizer.
         data: ``NAME=PATH`` per domain; PATH is held-out text in any form
-            :class:`~flexmoe.data.TextDataModule` reads, and all of it is evaluated.
+            :class:`~flexmoe.data.datamodule.TextDataModule` reads, and all of it is evaluated.
         oracle: ``DOMAIN=DIR`` per domain, reported as the row ``"oracle"`` (each domain
             through its own model: the bound on routing).
         json_out: where to write the result as JSON.

@@ -40,52 +40,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from flexmoe.moe import Router
-from flexmoe.upcycle import decoder_layers, moe_blocks
+from flexmoe.core.moe import Router
+from flexmoe.core.surgery import decoder_layers, moe_blocks
+from flexmoe.artifacts.expert import MLPInputStats
+from flexmoe.core.surgery import use_affine_routers
+from flexmoe.data.packing import spread_rows
 
 
-class AffineRouter(Router):
-    """A :class:`~flexmoe.moe.Router` whose biases are used as they are: no ``min(beta, 0)``
-    clamp, and the public expert's bias is free too. ``logits_j = r_j . x + b_j``."""
-
-    def effective_bias(self) -> torch.Tensor:
-        return self.bias.float()
 
 
-def use_affine_routers(model: nn.Module) -> nn.Module:
-    """Replace every MoE layer's router by an :class:`AffineRouter` computing the same logits
-    (biases set to the old effective biases), in place. Returns ``model``."""
-    for block in moe_blocks(model):
-        old = block.router
-        if isinstance(old, AffineRouter):
-            continue
-        new = AffineRouter(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-            new.bias.copy_(old.effective_bias())
-        block.router = new
-    return model
 
 
 # -- statistics of MLP inputs ------------------------------------------------------------------
 
 
-@dataclass
-class MLPInputStats:
-    """Per-layer moments of what each decoder layer's MLP (or MoE block) receives.
-
-    ``mean`` ``[L, H]`` and, when asked for, ``covariance`` ``[L, H, H]`` (float64, divided by
-    ``count``); ``count`` tokens. ``mean`` is what an owner shares for :func:`lda_router`.
-    """
-
-    mean: torch.Tensor
-    count: int
-    covariance: torch.Tensor | None = None
 
 
 class _Stop(Exception):
@@ -267,7 +239,7 @@ def lda_weights(
     return W / temperature, b / temperature
 
 
-def _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature):
+def layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature):
     """:func:`lda_weights` for each of ``blocks`` (layers ``0..len(blocks)-1``) from the public
     and owners' per-layer means, in the model's expert order."""
     if len(owner_means) != blocks[0].num_experts - 1:
@@ -299,7 +271,7 @@ def lda_router(
     expert); deeper layers see the merged model's own hidden states, an approximation.
     """
     blocks = moe_blocks(model)
-    scores = _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
+    scores = layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
     use_affine_routers(model)
     for block, (W, b) in zip(blocks, scores):
         with torch.no_grad():
@@ -308,114 +280,14 @@ def lda_router(
     return model
 
 
-class PosteriorMixRouter(nn.Module):
-    """Router of :func:`lda_mixture_router`: gates are the hierarchical mixture
-    ``g_d = p(d|x) p(e_d|x, d)`` for owners and ``g_0 = p(0|x) + sum_d p(d|x) p(e_0|x, d)`` for
-    the public expert, returned as log-gates (their softmax is the gates themselves)."""
-
-    def __init__(self, router: Router, lda_weight: torch.Tensor, lda_bias: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(router.weight.detach().clone(), requires_grad=False)
-        self.register_buffer("bias", router.effective_bias().detach().clone())
-        self.register_buffer("lda_weight", lda_weight.float())
-        self.register_buffer("lda_bias", lda_bias.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        post = torch.log_softmax(x @ self.lda_weight.T + self.lda_bias, dim=-1)  # [T, E]: public, owners
-        own = x @ self.weight.float().T + self.bias  # each owner's own 2-expert logits share column 0
-        pair = torch.stack([own[:, :1].expand_as(own[:, 1:]), own[:, 1:]], dim=-1)  # [T, n, 2]
-        pair = torch.log_softmax(pair, dim=-1)
-        owners = post[:, 1:] + pair[..., 1]
-        public = torch.logsumexp(torch.cat([post[:, :1], post[:, 1:] + pair[..., 0]], dim=-1), dim=-1, keepdim=True)
-        return torch.cat([public, owners], dim=-1)
 
 
-def lda_mixture_router(
-    model: nn.Module,
-    public_mean: torch.Tensor,
-    owner_means: Sequence[torch.Tensor],
-    covariance: torch.Tensor,
-    *,
-    prior: Sequence[float] | torch.Tensor | None = None,
-    shrinkage: float = 0.1,
-    temperature: float = 1.0,
-) -> nn.Module:
-    """Token-level hierarchical routing, in place: at every layer the LDA posterior over
-    ``public, owner_1..n`` (as in :func:`lda_router`) weights each owner's own 2-expert router
-    (``r_0, r_d, b_d`` as trained), so a token the owner's data explains is mixed between
-    public and owner expert exactly as the owner's model would. With a one-hot posterior it
-    is the owner's model. Not expressible as a linear router (the public gate is a sum)."""
-    blocks = moe_blocks(model)
-    scores = _layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
-    for block, (W, b) in zip(blocks, scores):
-        block.router = PosteriorMixRouter(block.router, W, b)
-    return model
 
 
-class _PrefixClass:
-    """Shared per-forward state: the class chosen for every token, ``[B * S]``."""
-
-    classes: torch.Tensor | None = None
 
 
-class PrefixGatedRouter(nn.Module):
-    """Router of :func:`prefix_lda_router`: the original rows and effective biases, with every
-    expert other than the public one and the token's chosen owner masked to ``-inf``."""
-
-    def __init__(self, router: Router, state: _PrefixClass):
-        super().__init__()
-        self.weight = nn.Parameter(router.weight.detach().clone(), requires_grad=False)
-        self.register_buffer("bias", router.effective_bias().detach().clone())
-        self.state = state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x.float() @ self.weight.float().T + self.bias
-        cls = self.state.classes
-        if cls is None or cls.shape[0] != x.shape[0]:
-            raise RuntimeError("PrefixGatedRouter runs inside a model prepared by prefix_lda_router only")
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[:, 0] = True
-        keep[torch.arange(x.shape[0], device=x.device), cls.to(x.device)] = True
-        return logits.masked_fill(~keep, float("-inf"))
 
 
-def prefix_lda_router(
-    model: nn.Module,
-    public_mean: torch.Tensor,
-    owner_means: Sequence[torch.Tensor],
-    covariance: torch.Tensor,
-    *,
-    prior: Sequence[float] | torch.Tensor | None = None,
-    shrinkage: float = 0.1,
-    prefix: bool = True,
-) -> nn.Module:
-    """Sequence-level causal routing (see the module docstring), in place.
-
-    Token ``t`` of a sequence is classed ``argmax_c mean_{s<=t} logit_c(x_s)`` with
-    ``logit_c`` layer 0's LDA score (:func:`lda_weights` on the layer-0 rows of the means and
-    ``covariance``); only the public expert and that owner's expert can be chosen, weighted by
-    the owner's own router row and bias. Use ``top_k=2``. ``prefix=False`` classes each token
-    by its own layer-0 score alone (the token-level ablation of the same router). Not expressible as a
-    ``transformers`` checkpoint: the choice depends on the prefix, not on the token alone.
-    """
-    blocks = moe_blocks(model)
-    W, b = _layer_lda(blocks[:1], public_mean, owner_means, covariance, prior, shrinkage, 1.0)[0]
-    W, b = W.float(), b.float()
-    state = _PrefixClass()
-
-    def classify(module, args):
-        x = args[0]  # [B, S, H]: layer 0's MLP input
-        scores = x.float() @ W.to(x.device).T + b.to(x.device)  # [B, S, C]
-        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :, None]
-        if prefix:
-            scores = scores.cumsum(1) / steps
-        state.classes = scores.argmax(-1).reshape(-1)
-
-    for block in blocks:
-        block.router = PrefixGatedRouter(block.router, state)
-    blocks[0].register_forward_pre_hook(classify)
-    return model
 
 
 __all__ = [
@@ -461,7 +333,7 @@ def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float
     ``stats``: mean and covariance of the MLP inputs (:func:`mlp_input_moments` with
     ``covariance=True``, e.g. on public data). Softmax ignores a common shift, so biases are
     first taken relative to the public expert's; each layer's then becomes ``b_j * u``
-    (:func:`constant_direction`). The routers become plain :class:`~flexmoe.moe.Router`\\ s with
+    (:func:`constant_direction`). The routers become plain :class:`~flexmoe.core.moe.Router`\\ s with
     zero biases. Returns the per-layer ``q``: the folded logits' error has standard deviation
     ``|b_j| / sqrt(q)`` on data like ``stats``'s, so a large ``q`` means a near-exact fold.
     """
@@ -484,11 +356,6 @@ def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float
 # -- the default recipe, end to end ------------------------------------------------------------
 
 
-def spread_rows(rows: torch.Tensor, max_tokens: int) -> torch.Tensor:
-    """At most ``max_tokens`` tokens of ``rows`` ``[N, S]``, as whole rows spread evenly over all
-    of them: statistics from the first few documents alone are unrepresentative."""
-    n = min(rows.shape[0], max(1, max_tokens // max(1, rows.shape[1])))
-    return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long().unique()]
 
 
 def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch_size: int = 8) -> MLPInputStats | None:
@@ -514,7 +381,7 @@ class _OnlyPublic:
         self.model = model
 
     def __enter__(self):
-        from flexmoe.upcycle import settings
+        from flexmoe.core.surgery import settings
 
         self.routers = [(b, b.router) for b in moe_blocks(self.model)]
         s = settings(self.model)
@@ -529,7 +396,7 @@ class _OnlyPublic:
         return self.model
 
     def __exit__(self, *exc):
-        from flexmoe.upcycle import settings
+        from flexmoe.core.surgery import settings
 
         for block, router in self.routers:
             block.router = router
@@ -574,7 +441,7 @@ def route(
             otherwise the routers keep their biases (:class:`AffineRouter`, native format only).
     """
     from flexmoe.spec import RoutingRecipe
-    from flexmoe.upcycle import settings
+    from flexmoe.core.surgery import settings
 
     recipe = recipe or RoutingRecipe()
     summary: dict = {"method": recipe.method}

@@ -9,8 +9,9 @@ import lightning.pytorch as pl
 
 import flexmoe
 from flexmoe.callbacks import ExportExpert, FreezePublicModel
-from flexmoe.data import TextDataModule
-from flexmoe.expert import ExpertModule, load_public_model
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.training.expert import ExpertModule
+from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec
 
 public, data, out, devices, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

@@ -17,8 +17,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import post_localSGD_hook as post_localSGD
 from transformers import AutoConfig
 
-from flexmoe.data import TextDataModule
-from flexmoe.pretrain import PretrainModule
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.training.pretrain import PretrainModule
 
 
 class PostLocalSGDOnCPU(pl.Callback):

@@ -10,14 +10,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LICENSES, VOCAB, perturb_, tiny_config, tiny_model, train_tiny_tokenizer
+from flexmoe.testing import LICENSES
+from flexmoe.testing import VOCAB, perturb_, tiny_config, tiny_model, train_tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexmoe.corpus import split_module
-from flexmoe.evaluate import pack_domain
+from flexmoe.data.corpus import split_module
+from flexmoe.data.packing import pack_domain
 from flexmoe.merge import BTMEnsemble, btm_average
-from flexmoe.pretrain import PretrainModule
+from flexmoe.training.pretrain import PretrainModule
 
 
 def _logprobs(model, ids):

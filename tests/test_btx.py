@@ -7,14 +7,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LICENSES, VOCAB, perturb_, tiny_model
+from flexmoe.testing import LICENSES
+from flexmoe.testing import VOCAB, perturb_, tiny_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.evaluate import pack_domain
+from flexmoe.data.packing import pack_domain
 from flexmoe.merge import MoEFinetune, btx
-from flexmoe.upcycle import decoder_layers, moe_blocks, settings
+from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 
 
 def _logits(model, ids):
@@ -99,7 +100,7 @@ def test_refuses_what_it_cannot_mix():
     with pytest.raises(ValueError, match="shape"):
         btx([experts[0], tiny_model("olmo2", intermediate_size=64)])
     with pytest.raises(ValueError, match="already a flexmoe MoE"):
-        btx([flexmoe.upcycle(tiny_model(), 1)])
+        btx([flexmoe.core.surgery(tiny_model(), 1)])
 
 
 # -- MoE finetuning ---------------------------------------------------------------------------------

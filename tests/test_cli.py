@@ -19,10 +19,11 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import flexmoe
-from flexmoe.cli import main, normalize_argv
-from flexmoe.upcycle import moe_blocks
+from flexmoe.cli.commands import main, normalize_argv
+from flexmoe.core.surgery import moe_blocks
 
-from conftest import LICENSES, perturb_, tiny_model
+from flexmoe.testing import LICENSES
+from flexmoe.testing import perturb_, tiny_model
 
 OWNERS = ["alice", "bob"]
 
@@ -68,7 +69,7 @@ def load_public(public_dir):
 @pytest.fixture(scope="module")
 def artifacts(public_dir, tmp_path_factory):
     """Two owners' artifact files, trained (here: perturbed) on the saved public model."""
-    model = flexmoe.upcycle(load_public(public_dir), num_experts=2, owners=OWNERS)
+    model = flexmoe.core.surgery(load_public(public_dir), num_experts=2, owners=OWNERS)
     for block in moe_blocks(model):
         for j in (1, 2):
             perturb_(block.experts[j], seed=10 * j)
@@ -122,7 +123,7 @@ def test_truncated_artifact_names_owner_and_problem(capsys, public_dir, artifact
 
 
 def test_artifact_from_another_public_model_is_refused(capsys, public_dir, tmp_path):
-    other = flexmoe.upcycle(tiny_model("olmo2", seed=7, vocab_size=load_public(public_dir).config.vocab_size), 1,
+    other = flexmoe.core.surgery(tiny_model("olmo2", seed=7, vocab_size=load_public(public_dir).config.vocab_size), 1,
                             owners=["carol"])  # fmt: skip
     path = flexmoe.ExpertArtifact.from_model(other, owner="carol").save(tmp_path / "carol.safetensors")
     code, _, err = run_main(capsys, "assemble", "--public", public_dir, "--experts", path, "--out", tmp_path / "out")
@@ -227,7 +228,8 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
 
 def test_option_kinds_read_pep604_hints():
     """``list[str] | None`` is a list option just like ``Optional[list[str]]``."""
-    from flexmoe.cli import _option_kinds, assemble
+    from flexmoe.cli.commands import _option_kinds
+    from flexmoe.cli.commands import assemble
 
     def command(a: list[str] | None = None, c: bool = False, d: int | None = None):
         pass

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from flexmoe.corpus import DEFAULT_DOMAINS, local_corpus, split_module, write_corpus
-from flexmoe.data import TextDataModule, train_tokenizer
+from flexmoe.data.corpus import DEFAULT_DOMAINS, local_corpus, split_module, write_corpus
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.tokenizer import train_tokenizer
 
 CAP = 40
 
@@ -61,7 +62,7 @@ def test_train_and_validation_never_share_a_document_and_domains_share_none(corp
 
 def test_same_documents_in_another_process_with_another_hash_seed(sample):
     code = (
-        "import hashlib, json; from flexmoe.corpus import local_corpus\n"
+        "import hashlib, json; from flexmoe.data.corpus import local_corpus\n"
         f"c = local_corpus(max_docs_per_domain={CAP})\n"
         "print(hashlib.sha256(json.dumps({n: [d.description, d.train, d.val] for n, d in c.items()}).encode()).hexdigest())"
     )
@@ -181,12 +182,6 @@ def test_errors_name_the_problem():
         local_corpus(max_docs_per_domain=1)
     with pytest.raises(ValueError, match="val_fraction"):
         local_corpus(val_fraction=1.0)
-
-
-def test_flexmoe_data_points_to_the_corpus():
-    from flexmoe.data import local_corpus as via_data
-
-    assert list(via_data(max_docs_per_domain=3, domains=["pydoc_topics"])) == ["pydoc_topics"]
 
 
 @pytest.mark.skipif(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from flexmoe import data
-from flexmoe.data import TextDataModule, read_documents, split_documents, train_tokenizer
+from flexmoe.data.datamodule import datamodule as data
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.documents import read_documents, split_documents
+from flexmoe.data.tokenizer import train_tokenizer
 
-from conftest import LICENSES, license_texts
+from flexmoe.testing import LICENSES
+from flexmoe.testing import license_texts
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 
-from flexmoe.demo import OWNERS, DemoConfig, findings, markdown_table
+from flexmoe.experiments.demo import OWNERS, DemoConfig, findings, markdown_table
 
 # Smaller than --fast, so the end-to-end run takes 2-3 minutes on a loaded 2-core machine
 # (most of it is Ray starting the simulated owners).
@@ -33,7 +33,7 @@ METHOD_KEYS = ["public", *(f"expert:{o}" for o in OWNERS), "soup", "weighted_sou
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`flexmoe demo --out DIR --fast --settings.X ...` through the real command line."""
-    from flexmoe.cli import main
+    from flexmoe.cli.commands import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
     argv = ["demo", "--out", str(out), "--fast", "--threads", "1"]
@@ -95,9 +95,10 @@ def test_files_exist_and_the_federation_kept_every_owners_expert(run):
 def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flexmoe.data import read_documents
-    from flexmoe.evaluate import pack_domain, perplexity
-    from flexmoe.routing import spread_rows
+    from flexmoe.data.documents import read_documents
+    from flexmoe.data.packing import pack_domain
+    from flexmoe.evaluate import perplexity
+    from flexmoe.data.packing import spread_rows
 
     out, report = run
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
@@ -116,7 +117,7 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
 def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
     """DemoRun.open (what the benchmarks start from) rebuilds the held-out rows and models the
     report was measured on: every expert row and flexolmo give the report's figures again."""
-    from flexmoe.demo import DemoRun
+    from flexmoe.experiments.demo import DemoRun
     from flexmoe.evaluate import perplexity
 
     out, report = run
@@ -129,8 +130,8 @@ def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
 
 
 def test_read_corpus_splits_the_public_text_into_its_parts_and_refuses_what_does_not_add_up(tmp_path):
-    from flexmoe.corpus import Domain, write_corpus
-    from flexmoe.demo import PUBLIC, PUBLIC_DOMAINS, read_corpus
+    from flexmoe.data.corpus import Domain, write_corpus
+    from flexmoe.experiments.demo import PUBLIC, PUBLIC_DOMAINS, read_corpus
 
     val = {PUBLIC: ["code a", "code b", "topic c"]}
     docs = {d: Domain(name=d, description=d, source="test", train=[f"{d} train {i}" for i in range(3)],
@@ -226,7 +227,7 @@ def test_demo_config_is_validated_and_fast_overrides_merge():
 
 
 def test_demo_refuses_a_directory_that_is_not_an_earlier_demo(tmp_path):
-    from flexmoe.demo import demo
+    from flexmoe.experiments.demo import demo
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds no earlier demo run"):

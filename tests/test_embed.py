@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.embed import init_router, load_embedder, projection, resolve_embedder, router_embedding
-from flexmoe.upcycle import decoder_layers, moe_blocks
+from flexmoe.owner.embed import init_router, load_embedder, projection, resolve_embedder, router_embedding
+from flexmoe.core.surgery import decoder_layers, moe_blocks
 
-from conftest import license_texts, perturb_, tiny_model
+from flexmoe.testing import license_texts, perturb_, tiny_model
 
 LICENCE = [
     (
@@ -123,7 +123,7 @@ def test_hidden_state_fallback_is_the_public_models_own_on_a_moe(public_model):
     dense, tokenizer = public_model
     docs = LICENCE + CODE
     expected = router_embedding(docs, dense, embedder=None, tokenizer=tokenizer)
-    moe = flexmoe.upcycle(copy.deepcopy(dense), num_experts=1, top_k=2)
+    moe = flexmoe.core.surgery(copy.deepcopy(dense), num_experts=1, top_k=2)
     for L, block in enumerate(moe_blocks(moe)):  # a trained owner expert and router must not matter
         perturb_(block.experts[1], seed=L, scale=0.5)
         block.router.weight.data.normal_()
@@ -135,7 +135,7 @@ def test_hidden_state_fallback_is_the_public_models_own_on_a_moe(public_model):
 
 
 def test_init_router_writes_only_that_experts_rows():
-    model = flexmoe.upcycle(tiny_model("olmo2"), num_experts=2, owners=["alice", "bob"])
+    model = flexmoe.core.surgery(tiny_model("olmo2"), num_experts=2, owners=["alice", "bob"])
     for block in moe_blocks(model):
         block.router.weight.data.normal_()
         block.router.bias.data.normal_()

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LICENSES, perturb_, tiny_model, train_tiny_tokenizer
+from flexmoe.testing import LICENSES
+from flexmoe.testing import perturb_, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.evaluate import eval_models, pack_domain, perplexity
+from flexmoe.evaluate import eval_models, perplexity
+from flexmoe.data.packing import pack_domain
 from flexmoe.merge import BTMEnsemble
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
 SEQ = 32
 DATA = [f"gpl={LICENSES}/GPL-3", f"apache={LICENSES}/Apache-2.0"]
@@ -29,7 +31,7 @@ def dirs(public_dir, tmp_path_factory):
     other = AutoModelForCausalLM.from_pretrained(public_dir)
     perturb_(other, seed=5, scale=0.2)
     other.save_pretrained(root / "other")
-    moe = flexmoe.upcycle(AutoModelForCausalLM.from_pretrained(public_dir), 2, top_k=1, owners=["law", "code"])
+    moe = flexmoe.core.surgery(AutoModelForCausalLM.from_pretrained(public_dir), 2, top_k=1, owners=["law", "code"])
     for block in moe_blocks(moe):
         perturb_(block.experts[1], seed=1)
         perturb_(block.experts[2], seed=2)
@@ -101,7 +103,7 @@ def test_perplexity_is_exp_of_the_models_own_loss(dirs, which):
 
 
 def test_domains_are_packed_as_the_datamodule_packs_them(dirs, tmp_path):
-    from flexmoe.data import TextDataModule
+    from flexmoe.data.datamodule import TextDataModule
 
     tok = AutoTokenizer.from_pretrained(dirs["dense"])
     dm = TextDataModule(f"{LICENSES}/Apache-2.0", tok, seq_len=SEQ, val_fraction=0, cache_dir=tmp_path)

@@ -1,6 +1,5 @@
 """The owner's side: an expert trains with a real Lightning Trainer, and the callbacks keep it right."""
 
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -9,12 +8,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import flexmoe
 from flexmoe.callbacks import ExportExpert, FreezePublicModel, PublicModelChanged, RouterEmbeddingInit, RouterStats
-from flexmoe.data import TextDataModule
-from flexmoe.expert import ExpertModule, cosine_with_warmup
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.training.expert import ExpertModule
+from flexmoe.training.optim import cosine_with_warmup
 from flexmoe.spec import ExpertRecipe, FederationSpec
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
-from conftest import LICENSES
+from flexmoe.testing import LICENSES
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_router_embedding_init_uses_the_sentence_embedder_and_spec_r_pub(spec):
     from types import SimpleNamespace
 
     pytest.importorskip("sentence_transformers")
-    from flexmoe.embed import router_embedding
+    from flexmoe.owner.embed import router_embedding
 
     docs = ["This program is free software; you can redistribute it.", "THERE IS NO WARRANTY FOR THE PROGRAM."]
     r_pub = torch.linspace(-1, 1, 32).tolist()

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from flexmoe import ExpertArtifact, FederationSpec
-from flexmoe.cli import main
+from flexmoe.cli.commands import main
 
-from conftest import LICENSES
+from flexmoe.testing import LICENSES
 
 
 @pytest.fixture(scope="module")

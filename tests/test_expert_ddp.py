@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from flexmoe import ExpertArtifact
 
-from conftest import LICENSES
+from flexmoe.testing import LICENSES
 
 SCRIPT = Path(__file__).with_name("ddp_expert.py")
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import LICENSES
+from flexmoe.testing import LICENSES
 from flwr.simulation import run_simulation
 from transformers import AutoModelForCausalLM
 

@@ -20,32 +20,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import license_texts
+from flexmoe.testing import license_texts
 from federation_helpers import Deployment, wait_for
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from flexmoe.artifact import ArtifactError
-from flexmoe.expert import load_public_model
+from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.formats.load import load_public_model
 from flexmoe.federation.client_app import OwnerResult, app, reply_content
 from flexmoe.federation.coordinator import Coordinator, OwnerState
-from flexmoe.federation.records import (
-    EXPERT,
-    MANIFEST,
-    METRICS,
-    PROXY,
-    REPLY_RECORDS,
-    ROUND,
-    ROUTERS,
-    CoordinatorSettings,
-    OwnerSettings,
-    arrays_to_tensors,
-    content_sha256,
-    file_sha256,
-    read_artifact_file,
-    tensors_to_arrays,
-)
+from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, PROXY, REPLY_RECORDS, ROUND, ROUTERS, arrays_to_tensors, read_artifact_file, tensors_to_arrays
+from flexmoe.federation.settings import CoordinatorSettings, OwnerSettings
+from flexmoe.core.hashing import content_sha256, file_sha256
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-from flexmoe.upcycle import fingerprint
+from flexmoe.core.hashing import fingerprint
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "federation"
 CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
@@ -298,7 +285,7 @@ def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owne
     """The real ``train.router`` handler, in process: experts are checked (hash, then every artifact
     check) before use and kept for later rounds; only the routers and metrics go back."""
     import flexmoe
-    from flexmoe.router_tuning import check_router_rows, router_rows
+    from flexmoe.training.router_tuning import check_router_rows, router_rows
 
     _, node_config, spec = owner_reply
     tensors, metadata = read_artifact_file(Path(node_config["work-dir"]) / "canary.safetensors")

@@ -9,18 +9,18 @@ import struct
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LICENSES
+from flexmoe.testing import LICENSES
 from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe
 from flexmoe import ArtifactError, ExpertArtifact
-from flexmoe.data import TextDataModule
+from flexmoe.data.datamodule import TextDataModule
 from flexmoe.lora import LoraExpertArtifact, LoraExpertModule
 from flexmoe.routing import route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
 RANK = 4
 
@@ -218,7 +218,7 @@ def test_a_lora_for_another_mlp_shape_is_refused_before_materialising(trained, s
 def test_assemble_and_the_cli_take_lora_files_directly(trained, spec, tmp_path, ids):
     """``flexmoe.assemble`` and ``flexmoe assemble`` / ``add-expert`` accept a LoRA expert's file
     as they accept a full one: it is materialised on the public model first."""
-    from flexmoe.cli import main
+    from flexmoe.cli.commands import main
 
     _, path = trained
     want = flexmoe.assemble(public(spec), [LoraExpertArtifact.load(path).materialize(public(spec))], top_k=2)
@@ -232,6 +232,6 @@ def test_assemble_and_the_cli_take_lora_files_directly(trained, spec, tmp_path, 
     dense_moe = flexmoe.assemble(public(spec), [], top_k=None)
     flexmoe.export(dense_moe, tmp_path / "p", format="native", tokenizer=spec.public_model)
     main(["add-expert", "--model", str(tmp_path / "p"), "--expert", str(path), "--out", str(tmp_path / "added")])
-    from flexmoe.upcycle import settings
+    from flexmoe.core.surgery import settings
 
     assert settings(flexmoe.load(tmp_path / "added")).owners == ["public", "gpl"]

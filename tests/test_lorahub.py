@@ -8,12 +8,12 @@ import copy
 
 import pytest
 import torch
-from conftest import license_texts, train_peft_lora
+from flexmoe.testing import license_texts, train_peft_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flexmoe.corpus import local_corpus
-from flexmoe.evaluate import pack_domain
+from flexmoe.data.corpus import local_corpus
+from flexmoe.data.packing import pack_domain
 from flexmoe.lora import LoraHub
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import perturb_, tiny_model
+from flexmoe.testing import perturb_, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe.merge import (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flexmoe.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
+from flexmoe.core.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
 
 
 class Scale(nn.Module):
@@ -253,11 +253,11 @@ def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
     from transformers import AutoModelForCausalLM
 
     import flexmoe
-    from flexmoe.moe import _gated_inplace, _silu_gated
-    from flexmoe.upcycle import moe_blocks, set_top_k
+    from flexmoe.core.moe import _gated_inplace, _silu_gated
+    from flexmoe.core.surgery import moe_blocks, set_top_k
 
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.upcycle(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
+    flexmoe.core.surgery(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
     block = moe_blocks(model)[0]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -12,13 +12,14 @@ import struct
 
 import pytest
 import torch
-from conftest import license_texts, train_peft_lora
+from flexmoe.testing import license_texts, train_peft_lora
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe import ArtifactError
-from flexmoe.corpus import local_corpus
-from flexmoe.evaluate import pack_domain, perplexity
+from flexmoe.data.corpus import local_corpus
+from flexmoe.data.packing import pack_domain
+from flexmoe.evaluate import perplexity
 from flexmoe.lora import GatedAdapter, Phatgoose, gated, lora_factors, train_gates
 
 TARGETS = ["lm_head"]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from flexmoe.corpus import local_corpus, write_corpus
-from flexmoe.data import pack
-from flexmoe.pretrain import PretrainModule, olmo2_config, pretrain
+from flexmoe.data.corpus import local_corpus, write_corpus
+from flexmoe.data.packing import pack
+from flexmoe.training.pretrain import PretrainModule, olmo2_config, pretrain
 
 TINY = {"vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_len": 64, "batch_size": 8}
 DOMAINS = ["pydoc_topics", "docstrings"]
@@ -123,8 +123,8 @@ def test_module_schedule_and_optimizer_groups():
 
 
 def test_limited_validation_spreads_over_every_source(corpus, tmp_path):
-    from flexmoe.data import train_tokenizer
-    from flexmoe.pretrain import PretrainData
+    from flexmoe.data.tokenizer import train_tokenizer
+    from flexmoe.training.pretrain import PretrainData
 
     _, paths = corpus
     data = [str(paths[name] / "train.jsonl") for name in DOMAINS]

@@ -11,9 +11,9 @@ import sysconfig
 import pytest
 import torch
 
-from flexmoe.proxy import ProxySelection, hashed_tfidf, select_proxy
+from flexmoe.owner.proxy import ProxySelection, hashed_tfidf, select_proxy
 
-from conftest import license_texts
+from flexmoe.testing import license_texts
 
 
 def paragraphs(text: str, min_chars: int = 120, max_chars: int = 400) -> list[str]:

@@ -8,29 +8,20 @@ import glob
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import license_texts, perturb_
+from flexmoe.testing import license_texts, perturb_
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.router_tuning import (
-    RouterTuning,
-    aggregate_router_rows,
-    check_router_rows,
-    frozen_digest,
-    mixture_loader,
-    pack_documents,
-    router_rounds_in_process,
-    router_rows,
-    tune_router,
-)
+from flexmoe.training.router_tuning import RouterTuning, aggregate_router_rows, check_router_rows, frozen_digest, mixture_loader, router_rounds_in_process, router_rows, tune_router
+from flexmoe.data.packing import pack_documents
 from flexmoe.spec import RouterTuningRecipe
-from flexmoe.upcycle import moe_blocks, settings
+from flexmoe.core.surgery import moe_blocks, settings
 
 
 def merged_model(public_dir, seed: int = 0):
     """public + two perturbed experts with random router rows, top-2 of 3."""
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.upcycle(model, num_experts=2, top_k=2, owners=["a", "b"])
+    flexmoe.core.surgery(model, num_experts=2, top_k=2, owners=["a", "b"])
     g = torch.Generator().manual_seed(seed)
     for block in moe_blocks(model):
         for j in (1, 2):
@@ -124,8 +115,8 @@ def test_tune_router_command(public_dir, tmp_path):
     and the output still loads in transformers."""
     import json
 
-    from flexmoe.cli import main
-    from flexmoe.proxy import ProxySelection
+    from flexmoe.cli.commands import main
+    from flexmoe.owner.proxy import ProxySelection
 
     model = merged_model(public_dir)
     flexmoe.export(model, tmp_path / "merged", format="flexolmo", tokenizer=str(public_dir))
@@ -195,7 +186,7 @@ def test_aggregate_is_the_mean_change_scaled_by_the_server_lr():
     ],
 )
 def test_router_rows_from_another_party_are_checked(public_dir, corrupt, field):
-    from flexmoe.artifact import ArtifactError
+    from flexmoe.artifacts.guard import ArtifactError
 
     model = merged_model(public_dir)
     rows = router_rows(model)

@@ -2,20 +2,14 @@
 
 import pytest
 import torch
-from conftest import VOCAB, perturb_, tiny_model
+from flexmoe.testing import VOCAB, perturb_, tiny_model
 
-from flexmoe.moe import Router, record_router_logits
-from flexmoe.routing import (
-    AffineRouter,
-    calibrate_router,
-    lda_router,
-    lda_weights,
-    mlp_input_moments,
-    mlp_inputs,
-    prefix_lda_router,
-    use_affine_routers,
-)
-from flexmoe.upcycle import decoder_layers, moe_blocks, set_top_k, upcycle
+from flexmoe.core.moe import Router, record_router_logits
+from flexmoe.core.moe import AffineRouter
+from flexmoe.routing import calibrate_router, lda_router, lda_weights, mlp_input_moments, mlp_inputs
+from benchmarks.research_routers import prefix_lda_router
+from flexmoe.core.surgery import use_affine_routers
+from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle
 
 
 def merged(arch="olmo2", owners=3, seed=0):
@@ -175,7 +169,8 @@ def test_lda_weights_reject_bad_settings():
 
 def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it():
     """A sequence classed as owner 1 goes through exactly owner 1's 2-expert model."""
-    from flexmoe.artifact import ExpertArtifact, assemble
+    from flexmoe.artifacts.expert import ExpertArtifact
+    from flexmoe.assembly import assemble
 
     model = merged(owners=3)
     ids = rows()
@@ -195,8 +190,9 @@ def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it()
 
 
 def test_lda_mixture_router_gates_sum_to_one_and_equal_the_owners_model_when_certain():
-    from flexmoe.artifact import ExpertArtifact, assemble
-    from flexmoe.routing import lda_mixture_router
+    from flexmoe.artifacts.expert import ExpertArtifact
+    from flexmoe.assembly import assemble
+    from benchmarks.research_routers import lda_mixture_router
 
     model = merged(owners=3)
     ids = rows()

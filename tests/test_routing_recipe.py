@@ -6,26 +6,21 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LICENSES, perturb_, tiny_model
+from flexmoe.testing import LICENSES
+from flexmoe.testing import perturb_, tiny_model
 from transformers import AutoModelForCausalLM
 
 import flexmoe
-from flexmoe.artifact import ArtifactError, ExpertArtifact
-from flexmoe.data import TextDataModule
-from flexmoe.expert import ExpertModule, expert_callbacks
-from flexmoe.moe import record_router_logits
-from flexmoe.routing import (
-    AffineRouter,
-    MLPInputStats,
-    _OnlyPublic,
-    fold_router_bias,
-    lda_router,
-    mlp_input_moments,
-    owner_statistics,
-    route,
-)
+from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.training.expert import ExpertModule, expert_callbacks
+from flexmoe.core.moe import record_router_logits
+from flexmoe.core.moe import AffineRouter
+from flexmoe.artifacts.expert import MLPInputStats
+from flexmoe.routing import _OnlyPublic, fold_router_bias, lda_router, mlp_input_moments, owner_statistics, route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
-from flexmoe.upcycle import moe_blocks, upcycle
+from flexmoe.core.surgery import moe_blocks, upcycle
 
 
 def owner_model(seed: int, arch: str = "olmo2"):
@@ -177,7 +172,7 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
         assert (hf(ids).logits - merged(ids).logits).abs().max() < 1e-4
     # The same from the command line: `auto` picks the discriminant router because every
     # artifact carries statistics and public data is given, and folds it for FlexOlmo.
-    from flexmoe.cli import main
+    from flexmoe.cli.commands import main
 
     main(["assemble", "--public", str(public_dir), "--experts", *map(str, paths), "--public-data",
           f"{LICENSES}/BSD", "--out", str(tmp_path / "cli"), "--top-k", "2"])  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_, tiny_model
+from flexmoe.testing import perturb_, tiny_model
 
 from flexmoe import upcycle
 from flexmoe.merge import WeightedSoup, average

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, license_texts, perturb_, tiny_model
+from flexmoe.testing import VOCAB, license_texts, perturb_, tiny_model
 
 from flexmoe.merge import (
     TaskVector,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb_, tiny_model
+from flexmoe.testing import perturb_, tiny_model
 
 from flexmoe import upcycle
 from flexmoe.merge import kernel, ties

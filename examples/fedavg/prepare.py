@@ -4,8 +4,8 @@
     flwr run examples/fedavg --run-config demo_out/fedavg/run_config.toml --federation-config "num-supernodes=2"
 
 Owners: the standard library's code (docstrings and comments removed) and its docstrings, from
-:func:`flexmoe.corpus.local_corpus` (no download). The starting model is a randomly initialised
-small OLMo-2 (:func:`flexmoe.pretrain.olmo2_config`) with a byte-level BPE tokenizer trained on
+:func:`flexmoe.data.corpus.local_corpus` (no download). The starting model is a randomly initialised
+small OLMo-2 (:func:`flexmoe.training.pretrain.olmo2_config`) with a byte-level BPE tokenizer trained on
 both owners' text, saved as a ``transformers`` directory. The run config repeats
 ``pyproject.toml``'s defaults with absolute paths.
 """
@@ -31,9 +31,9 @@ def main(out: str = "demo_out/fedavg", max_docs_per_domain: int = 120, vocab_siz
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flexmoe.corpus import local_corpus, write_corpus
-    from flexmoe.data import train_tokenizer
-    from flexmoe.pretrain import olmo2_config
+    from flexmoe.data.corpus import local_corpus, write_corpus
+    from flexmoe.data.tokenizer import train_tokenizer
+    from flexmoe.training.pretrain import olmo2_config
 
     root = Path(out).resolve()
     domains = local_corpus(max_docs_per_domain=max_docs_per_domain, domains=list(OWNERS))

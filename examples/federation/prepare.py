@@ -4,8 +4,8 @@
     flwr run examples/federation --run-config federation_out/run_config.toml \\
              --federation-config "num-supernodes=2"        # the whole federation, simulated
 
-Everything comes from this Python installation (:func:`flexmoe.corpus.local_corpus`), so no
-download is needed: the public model is a small OLMo-2 pretrained with :func:`flexmoe.pretrain`
+Everything comes from this Python installation (:func:`flexmoe.data.corpus.local_corpus`), so no
+download is needed: the public model is a small OLMo-2 pretrained with :func:`flexmoe.training.pretrain`
 on the standard library's docstrings; owner ``code`` holds the library's code (docstrings and
 comments removed), owner ``unicode`` the Unicode character names. Written under ``--out``::
 
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> Path:
                         "public model's own hidden states and TF-IDF features)")  # fmt: skip
     args = p.parse_args(argv)
 
-    from flexmoe.cli import spec as write_spec
-    from flexmoe.corpus import local_corpus, write_corpus
-    from flexmoe.pretrain import pretrain
+    from flexmoe.cli.commands import spec as write_spec
+    from flexmoe.data.corpus import local_corpus, write_corpus
+    from flexmoe.training.pretrain import pretrain
     from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
 
     out = Path(args.out).resolve()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 _LAZY = {
     "Coordinator": "flexmoe.federation.coordinator",
-    "CoordinatorSettings": "flexmoe.federation.records",
-    "OwnerSettings": "flexmoe.federation.records",
+    "CoordinatorSettings": "flexmoe.federation.settings",
+    "OwnerSettings": "flexmoe.federation.settings",
     "train_owner_expert": "flexmoe.federation.client_app",
     "write_report": "flexmoe.federation.report",
 }

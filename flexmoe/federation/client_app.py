@@ -24,26 +24,9 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexmoe.federation.records import (
-    EXPERT,
-    MANIFEST,
-    METRICS,
-    OWNER,
-    PROXY,
-    ROUND,
-    ROUTERS,
-    SPEC,
-    TRAIN,
-    OwnerSettings,
-    arrays_to_tensors,
-    as_list,
-    content_sha256,
-    manifest_to_metadata,
-    metrics_record,
-    proxy_to_record,
-    read_artifact_file,
-    tensors_to_arrays,
-)
+from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, ROUND, ROUTERS, SPEC, TRAIN, arrays_to_tensors, manifest_to_metadata, metrics_record, proxy_to_record, read_artifact_file, tensors_to_arrays
+from flexmoe.federation.settings import OwnerSettings, as_list
+from flexmoe.core.hashing import content_sha256
 
 app = ClientApp()
 
@@ -89,8 +72,8 @@ def received_spec(content: RecordDict):
 
 def _public_model(s: OwnerSettings, spec):
     """The owner's own copy of the public model, refused unless it is the spec's (fingerprint)."""
-    from flexmoe.expert import load_public_model
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.formats.load import load_public_model
+    from flexmoe.core.hashing import fingerprint
 
     public_path = s.public_model or spec.public_model
     public = load_public_model(public_path)
@@ -110,15 +93,11 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     ``work-dir/router-tuning/`` so later rounds need not carry them), load the received routers,
     train them on the owner's text, and return ``(routers, metrics)``."""
     import flexmoe
-    from flexmoe.artifact import ArtifactError, ExpertArtifact
-    from flexmoe.data import read_documents
-    from flexmoe.router_tuning import (
-        check_router_rows,
-        local_router_round,
-        pack_documents,
-        router_rows,
-        set_router_rows,
-    )
+    from flexmoe.artifacts.guard import ArtifactError
+    from flexmoe.artifacts.expert import ExpertArtifact
+    from flexmoe.data.documents import read_documents
+    from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
+    from flexmoe.data.packing import pack_documents
 
     started = time.perf_counter()
     recipe = spec.router_tuning
@@ -190,8 +169,9 @@ def train_owner_expert(s: OwnerSettings, spec, *, seed: int = 0) -> OwnerResult:
     """The owner-side training run: the same Lightning path as ``flexmoe train-expert``."""
     import lightning.pytorch as pl
 
-    from flexmoe.data import TextDataModule, read_documents
-    from flexmoe.expert import ExpertModule, expert_callbacks
+    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.data.documents import read_documents
+    from flexmoe.training.expert import ExpertModule, expert_callbacks
 
     started = time.perf_counter()
     public, public_path = _public_model(s, spec)
@@ -254,7 +234,7 @@ def reply_content(result: OwnerResult, s: OwnerSettings) -> RecordDict:
         }
     )
     if s.share_proxy and result.proxy is not None:
-        from flexmoe.proxy import ProxySelection
+        from flexmoe.owner.proxy import ProxySelection
 
         content[PROXY] = proxy_to_record(ProxySelection.from_json(result.proxy.read_text()))
     return content

@@ -29,31 +29,11 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from flexmoe.artifact import ArtifactError, ExpertArtifact
-from flexmoe.federation.records import (
-    EXPERT,
-    MANIFEST,
-    METRICS,
-    OWNER,
-    PROXY,
-    QUERY_MESSAGE,
-    REPLY_RECORDS,
-    ROUND,
-    ROUTER_MESSAGE,
-    ROUTERS,
-    SPEC,
-    TRAIN,
-    TRAIN_MESSAGE,
-    CoordinatorSettings,
-    arrays_to_tensors,
-    content_sha256,
-    file_sha256,
-    manifest_to_metadata,
-    read_artifact_file,
-    record_bytes,
-    record_to_proxy,
-    tensors_to_arrays,
-)
+from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, QUERY_MESSAGE, REPLY_RECORDS, ROUND, ROUTER_MESSAGE, ROUTERS, SPEC, TRAIN, TRAIN_MESSAGE, arrays_to_tensors, manifest_to_metadata, read_artifact_file, record_bytes, record_to_proxy, tensors_to_arrays
+from flexmoe.federation.settings import CoordinatorSettings
+from flexmoe.core.hashing import content_sha256, file_sha256
 from flexmoe.federation.report import write_report
 from flexmoe.spec import FederationSpec
 
@@ -158,8 +138,8 @@ class Coordinator:
 
     def prepare(self) -> None:
         """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
-        from flexmoe.expert import load_public_model
-        from flexmoe.upcycle import fingerprint
+        from flexmoe.formats.load import load_public_model
+        from flexmoe.core.hashing import fingerprint
 
         self.public = load_public_model(self.public_path).eval()
         fp = fingerprint(self.public)
@@ -169,7 +149,7 @@ class Coordinator:
                 f"{self.s.spec} says {self.spec.fingerprint[:16]}...; set run config 'public-model' to the published model"
             )
         if self.s.public_data:
-            from flexmoe.data import read_documents
+            from flexmoe.data.documents import read_documents
 
             self.public_docs = read_documents(self.s.public_data)
         for path in self.earlier:
@@ -335,9 +315,9 @@ class Coordinator:
         """FlexOlmo steps 3-4: assemble ``[public, e_1 ... e_n]`` (expected-owners order), set the
         routers by the spec's routing recipe, optionally tune them, and export. Returns the model."""
         import flexmoe
-        from flexmoe.cli import detect_format
-        from flexmoe.hf import target_format
-        from flexmoe.upcycle import settings as moe_settings
+        from flexmoe.formats.load import detect_format
+        from flexmoe.formats.export import target_format
+        from flexmoe.core.surgery import settings as moe_settings
 
         self.phase = "merging"
         self.progress()
@@ -359,7 +339,7 @@ class Coordinator:
         self.summary["merge_seconds"] = time.monotonic() - t
         tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
         if tune:
-            from flexmoe.router_tuning import tune_router
+            from flexmoe.training.router_tuning import tune_router
 
             self.phase = "tuning the router"
             self.progress()
@@ -405,17 +385,11 @@ class Coordinator:
         accepted owner still connected trains the routers on its own text (message
         ``train.router``) while the coordinator does the same on the public data; the round's
         routers are ``start + server_lr * mean(change)`` over the participants
-        (:func:`~flexmoe.router_tuning.aggregate_router_rows`).
+        (:func:`~flexmoe.training.router_tuning.aggregate_router_rows`).
         Replies are checked like artifacts; an owner that fails or sends bad routers sits the round
         out, and after two such rounds in a row is left out of the rest. Returns the summary."""
-        from flexmoe.router_tuning import (
-            aggregate_router_rows,
-            check_router_rows,
-            local_router_round,
-            pack_documents,
-            router_rows,
-            set_router_rows,
-        )
+        from flexmoe.training.router_tuning import aggregate_router_rows, check_router_rows, local_router_round, router_rows, set_router_rows
+        from flexmoe.data.packing import pack_documents
 
         recipe = self.spec.router_tuning
         public_rows = pack_documents(self.public_docs, tokenizer, recipe.seq_len, max_documents=2000)
@@ -521,7 +495,7 @@ class Coordinator:
             why = f"owners {missing} shipped no routing statistics" if missing else "no run config 'public-data'"
             self.notes.append(f"routing recipe {recipe.method!r} not applied ({why}); FlexOlmo's published merge used")
             return {"method": "published", "wanted": recipe.method}
-        from flexmoe.evaluate import pack_domain
+        from flexmoe.data.packing import pack_domain
         from flexmoe.routing import route
 
         rows = pack_domain(self.public_docs, tokenizer, self.spec.expert.seq_len)
@@ -529,7 +503,7 @@ class Coordinator:
         return {**{k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))}, "folded": exportable}
 
     def proxy_texts(self, owner: str) -> list[str]:
-        from flexmoe.proxy import ProxySelection
+        from flexmoe.owner.proxy import ProxySelection
 
         return ProxySelection.from_dict(self.owners[owner].proxy).texts(self.public_docs)
 

@@ -3,7 +3,7 @@ of one dense model -- the baseline FlexOlmo is compared against when data stays 
 
 Every round the ServerApp sends the global model to every owner's SuperNode; each trains it with
 Lightning for ``local-steps`` steps on its own text (:func:`train_locally`, the causal-LM step of
-:class:`flexmoe.pretrain.PretrainModule`) and replies with its weights and ``num-examples``, the
+:class:`flexmoe.training.pretrain.PretrainModule`) and replies with its weights and ``num-examples``, the
 number of training sequences it holds; Flower's own :class:`flwr.serverapp.strategy.FedAvg`
 averages the replies weighted by ``num-examples``, ``θ ← Σ_k n_k θ_k / Σ_k n_k``. It is iterative
 parameter mixing (McDonald et al. 2010) with owners as the shards. Unlike FlexOlmo, the owners must
@@ -54,7 +54,7 @@ class FedAvgSettings:
         batch_size, seq_len: local batches of ``batch_size`` packed sequences of ``seq_len`` tokens.
         seed: local training in round ``R`` is seeded with ``seed + R``.
         min_nodes: owners that must be connected, and all of them train every round.
-        eval_data: held-out text (anything :func:`flexmoe.data.read_documents` reads) on which
+        eval_data: held-out text (anything :func:`flexmoe.data.documents.read_documents` reads) on which
             the server measures the global model's loss before training and after every round
             (``""``: none).
         eval_max_tokens: evaluate on at most this many held-out tokens.
@@ -135,8 +135,8 @@ def train_locally(model: str, state: Mapping, data: str | os.PathLike, *, local_
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
-    from flexmoe.data import TextDataModule
-    from flexmoe.pretrain import PretrainModule
+    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.training.pretrain import PretrainModule
 
     pl.seed_everything(seed, verbose=False)
     with no_init_weights():  # every weight is overwritten by `state` right away
@@ -239,7 +239,7 @@ def run_fedavg(grid: Grid, s: FedAvgSettings) -> dict:
 
 
 def _eval_rows(s: FedAvgSettings, tokenizer):
-    from flexmoe.evaluate import pack_domain
+    from flexmoe.data.packing import pack_domain
 
     return pack_domain(s.eval_data, tokenizer, seq_len=s.seq_len, max_tokens=s.eval_max_tokens)
 

@@ -1,7 +1,7 @@
 """The coordinator's Flower ``ServerApp`` (DESIGN.md "Federation"; FlexOlmo steps 3-5).
 
 ``flwr run`` starts it on the SuperLink's side with the app's ``[tool.flwr.app.config]`` (see
-:class:`~flexmoe.federation.records.CoordinatorSettings`). It waits for the expected owners,
+:class:`~flexmoe.federation.settings`). It waits for the expected owners,
 sends them the spec, validates and keeps every acceptable expert as it arrives, merges the
 experts with the public model, tunes the router, exports, and writes ``report.json`` and
 ``report.md`` into ``out-dir``. The work is :class:`~flexmoe.federation.coordinator.Coordinator`'s.
@@ -22,7 +22,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from flexmoe.federation.coordinator import Coordinator
-    from flexmoe.federation.records import CoordinatorSettings
+    from flexmoe.federation.settings import CoordinatorSettings
 
     settings = CoordinatorSettings.from_run_config(context.run_config)
     Coordinator(grid, settings, run_id=grid.run.run_id).run()

@@ -15,8 +15,8 @@ See docs/lora.md.
 
 # peft, nevergrad and Lightning are slow to import: each name loads its module on first use.
 _LAZY = {
-    "LoraFactors": "flexmoe.lora.adapters",
-    "lora_factors": "flexmoe.lora.adapters",
+    "LoraFactors": "flexmoe.artifacts.peft_adapters",
+    "lora_factors": "flexmoe.artifacts.peft_adapters",
     "LoraHub": "flexmoe.lora.lorahub",
     "LoraHubResult": "flexmoe.lora.lorahub",
     "Candidate": "flexmoe.lora.lorahub",
@@ -25,9 +25,9 @@ _LAZY = {
     "PhatgooseLinear": "flexmoe.lora.phatgoose",
     "train_gates": "flexmoe.lora.phatgoose",
     "gated": "flexmoe.lora.phatgoose",
-    "LoraExpertArtifact": "flexmoe.lora.artifact",
-    "LORA_FORMAT_VERSION": "flexmoe.lora.artifact",
-    "LoraExpertModule": "flexmoe.lora.expert",
+    "LoraExpertArtifact": "flexmoe.artifacts.lora",
+    "LORA_FORMAT_VERSION": "flexmoe.artifacts.lora",
+    "LoraExpertModule": "flexmoe.training.lora_expert",
 }
 
 

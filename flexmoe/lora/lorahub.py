@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexmoe.lora.adapters import PEFT_WEIGHTS, LoraFactors, check_peft_dir, lora_factors, lora_layers
+from flexmoe.artifacts.peft_adapters import PEFT_WEIGHTS, LoraFactors, check_peft_dir, lora_factors, lora_layers
 
 Example = str | tuple[str, str] | Mapping[str, str]
 AdapterSource = str | os.PathLike | nn.Module

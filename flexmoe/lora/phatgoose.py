@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexmoe.artifact import DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
-from flexmoe.lora.adapters import LoraFactors, active_adapter, lora_factors, lora_layers
+from flexmoe.artifacts.guard import DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
+from flexmoe.artifacts.peft_adapters import LoraFactors, active_adapter, lora_factors, lora_layers
 
 GATED_FORMAT = "flexmoe.gated_lora"
 GATED_FORMAT_VERSION = "1"
@@ -238,7 +238,7 @@ def _batches(data, tokenizer, seq_len: int, batch_size: int, seed: int) -> Itera
     ):
         if tokenizer is None:
             raise ValueError("documents given as text need the model's tokenizer (tokenizer=...)")
-        from flexmoe.evaluate import pack_domain
+        from flexmoe.data.packing import pack_domain
 
         data = pack_domain(list(data), tokenizer, seq_len)
     if isinstance(data, torch.Tensor):

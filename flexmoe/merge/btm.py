@@ -141,7 +141,7 @@ class BTMEnsemble(nn.Module):
     def from_dirs(cls, paths: Sequence[str | os.PathLike], prior=None, *, dtype: torch.dtype | None = None, **kwargs):
         """Load each member with :func:`flexmoe.load` (dense ``transformers`` or any flexmoe format);
         ``kwargs`` go to the constructor (``top_k``, ``ema_alpha``, ``held_out``)."""
-        from flexmoe.hf import load
+        from flexmoe.formats.load import load
 
         return cls([load(p, dtype=dtype) for p in paths], prior, **kwargs)
 

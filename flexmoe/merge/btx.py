@@ -2,7 +2,7 @@
 Mixture-of-Experts LLM", section 2).
 
 1. **Branch**: copies of one seed LM. 2. **Train**: each copy fully fine-tuned on its own domain
-(e.g. with :class:`flexmoe.pretrain.PretrainModule`), giving dense "expert LMs".
+(e.g. with :class:`flexmoe.training.pretrain.PretrainModule`), giving dense "expert LMs".
 3. **MiX** (:func:`btx`): one MoE in which every decoder layer's feed-forward block becomes a
 mixture of the experts' feed-forward blocks, and every other parameter (embeddings,
 attention, norms, output head) is the experts' average; then **MoE-finetune**
@@ -28,10 +28,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from flexmoe.expert import adamw_cosine
+from flexmoe.training.optim import adamw_cosine
 from flexmoe.merge.soup import average
-from flexmoe.moe import load_balancing_loss, record_router_logits
-from flexmoe.upcycle import decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
+from flexmoe.core.moe import load_balancing_loss, record_router_logits
+from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 
 RouterInit = Literal["random", "embedding"]
 BTX_TOP_K = 2
@@ -62,7 +62,7 @@ def btx(
         router_init: ``"random"``: router rows drawn from ``N(0, initializer_range²)`` with a
             generator seeded by ``seed`` (BTX); ``"embedding"``: row ``j`` of every layer is
             ``embeddings[j]`` (FlexOlmo's domain-embedding initialisation, e.g. from
-            :func:`flexmoe.embed.router_embedding` on expert ``j``'s training text).
+            :func:`flexmoe.owner.embed.router_embedding` on expert ``j``'s training text).
         top_k: experts per token (BTX: 2).
         embeddings: one ``[H]`` or ``[layers, H]`` tensor per expert, for ``router_init="embedding"``.
         names: owner names of experts ``1 ..`` (default ``expert_1 ...``); flexmoe's MoE format
@@ -91,7 +91,7 @@ def btx(
         if embeddings is None or len(embeddings) != n:
             got = "none" if embeddings is None else len(embeddings)
             raise ValueError(f"router_init='embedding' needs one embedding per expert ({n}, the seed model first "
-                             f"if given), got {got}; e.g. flexmoe.embed.router_embedding(texts_j, model)")  # fmt: skip
+                             f"if given), got {got}; e.g. flexmoe.owner.embed.router_embedding(texts_j, model)")  # fmt: skip
     elif embeddings is not None:
         raise ValueError("embeddings are only used with router_init='embedding'")
     if names is not None and len(names) != n - 1:
@@ -116,7 +116,7 @@ def _init_router(model, blocks, router_init, seed, embeddings) -> None:
         block.router.bias.zero_()
         block.router.bias.requires_grad_(False)  # BTX's router has no bias
     if router_init == "embedding":
-        from flexmoe.embed import init_router
+        from flexmoe.owner.embed import init_router
 
         for j, rows in enumerate(embeddings):
             init_router(model, j, rows)
@@ -134,7 +134,7 @@ class MoEFinetune(pl.LightningModule):
     Loss: LM cross-entropy + ``balance_coef`` x the load-balancing loss
     (:func:`flexmoe.load_balancing_loss` over every layer's router logits, top-k as the model
     routes; BTX: 0.01). AdamW with linear warmup and cosine decay
-    (:func:`flexmoe.expert.adamw_cosine`), weight decay on matrices only, gradient clipping.
+    (:func:`flexmoe.training.optim.adamw_cosine`), weight decay on matrices only, gradient clipping.
 
     Args:
         model: a flexmoe MoE, e.g. from :func:`btx`.
@@ -200,7 +200,7 @@ class MoEFinetune(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # Decay weight matrices, not norms (GPT-2 / OLMo convention, as flexmoe.pretrain does).
+        # Decay weight matrices, not norms (GPT-2 / OLMo convention, as flexmoe.training.pretrain does).
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},

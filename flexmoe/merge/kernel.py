@@ -55,16 +55,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from flexmoe.merge.stream import (
-    DEFAULT_SHARD_BYTES,
-    INDEX,
-    SINGLE,
-    SafetensorsDir,
-    ShardWriter,
-    StateDictSource,
-    atomic_dir,
-    unique_tensors,
-)
+from flexmoe.merge.stream import DEFAULT_SHARD_BYTES, INDEX, SINGLE, SafetensorsDir, ShardWriter, StateDictSource, unique_tensors
+from flexmoe.core.io import atomic_dir
 
 Combine = Literal["mean", "sum", "disjoint_mean"]
 Trim = Literal["global", "per_tensor"]

@@ -32,15 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.artifact import (
-    _DTYPE_NAMES,
-    _DTYPES,
-    FORMAT_VERSION,
-    ArtifactError,
-    ExpertArtifact,
-    ExpertFile,
-)
-from flexmoe.lora.adapters import LoraFactors, lora_factors
+from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
+from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile
+from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
 
 LORA_FORMAT_VERSION = "lora-1"
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)\.lora_[AB])$")
@@ -94,8 +88,8 @@ class LoraExpertArtifact(ExpertFile):
 
         ``stats``: the owner's routing statistics, shipped as in a full artifact
         (:meth:`flexmoe.ExpertArtifact.from_model`)."""
-        from flexmoe.upcycle import expert_index, moe_blocks
-        from flexmoe.upcycle import fingerprint as model_fingerprint
+        from flexmoe.core.surgery import expert_index, moe_blocks
+        from flexmoe.core.hashing import fingerprint as model_fingerprint
 
         j = expert_index(model, expert)
         if j == 0:
@@ -218,7 +212,7 @@ class LoraExpertArtifact(ExpertFile):
         """The full :class:`~flexmoe.ExpertArtifact` this LoRA stands for: the public MLP of every
         layer with ``W + scaling * B @ A`` in each adapted linear (computed in float32, stored in
         the public MLP's dtype). The fingerprint must match ``public_model``'s."""
-        from flexmoe.upcycle import fingerprint
+        from flexmoe.core.hashing import fingerprint
 
         fp = fingerprint(public_model)
         self.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
@@ -249,7 +243,7 @@ class LoraExpertArtifact(ExpertFile):
 
 
 def _public_mlps(model: nn.Module) -> list[nn.Module]:
-    from flexmoe.upcycle import decoder_layers, is_moe, moe_blocks
+    from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks
 
     if is_moe(model):
         return [b.experts[0] for b in moe_blocks(model)]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flexmoe.embed import DEFAULT_EMBEDDER, as_embedder, embed_documents, sample_indices
+from flexmoe.owner.embed import DEFAULT_EMBEDDER, as_embedder, embed_documents, sample_indices
 from flexmoe.spec import ProxyBudget
 
 PROXY_VERSION = 1

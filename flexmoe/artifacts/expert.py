@@ -23,10 +23,8 @@ owner, the field, and what was expected and found.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from flexmoe.artifacts.guard import ArtifactError, DEFAULT_MAX_BYTES, _DTYPES, _DTYPE_NAMES, read_safetensors_header
 
 FORMAT_VERSION = "1"
-DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
-_MAX_HEADER_BYTES = 100 * 2**20
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|stats\.mean|stats\.covariance)$")
 # Tensors kept in float32 whatever the expert's dtype.
 _FLOAT32_KEYS = ("router.bias", "stats.mean", "stats.covariance")
@@ -58,15 +53,6 @@ _REQUIRED_METADATA = (
 )
 
 
-class ArtifactError(ValueError):
-    """An expert artifact is unusable. ``owner``, ``field``, ``expected`` and ``got`` say why."""
-
-    def __init__(self, owner: str, field: str, expected, got, *, source: str | os.PathLike | None = None, hint=""):
-        self.owner, self.field, self.expected, self.got = owner, field, expected, got
-        self.source = str(source) if source is not None else None
-        where = f" ({self.source})" if self.source else ""
-        msg = f"expert artifact of owner {owner!r}{where}: {field}: expected {expected}, got {got}"
-        super().__init__(msg + (f". {hint}" if hint else ""))
 
 
 @dataclass
@@ -171,9 +157,9 @@ class ExpertArtifact(ExpertFile):
 
     @property
     def routing_stats(self):
-        """The owner's MLP-input statistics (:class:`flexmoe.routing.MLPInputStats`: ``mean``
+        """The owner's MLP-input statistics (:class:`flexmoe.artifacts.expert`: ``mean``
         ``[L, H]``, ``covariance`` ``[L, H, H]`` or ``None``), or ``None`` if it shipped none."""
-        from flexmoe.routing import MLPInputStats
+        from flexmoe.artifacts.expert import MLPInputStats
 
         if "layers.0.stats.mean" not in self.tensors:
             return None
@@ -205,11 +191,11 @@ class ExpertArtifact(ExpertFile):
     ) -> ExpertArtifact:
         """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact.
 
-        ``stats``: the owner's :class:`flexmoe.routing.MLPInputStats` for the routing recipe
+        ``stats``: the owner's :class:`flexmoe.artifacts.expert` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
         """
-        from flexmoe.upcycle import expert_index, moe_blocks
-        from flexmoe.upcycle import fingerprint as model_fingerprint
+        from flexmoe.core.surgery import expert_index, moe_blocks
+        from flexmoe.core.hashing import fingerprint as model_fingerprint
 
         j = expert_index(model, expert)
         if j == 0:
@@ -305,7 +291,7 @@ class ExpertArtifact(ExpertFile):
         """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):
         layer count, expert tensor names, shapes and dtypes, hidden size, and optionally
         the fingerprint and spec hash."""
-        from flexmoe.upcycle import decoder_layers, is_moe, moe_blocks
+        from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks
 
         self.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
         if is_moe(model):
@@ -335,70 +321,6 @@ class ExpertArtifact(ExpertFile):
                     raise self._error(f"dtype of layers.{L}.expert.{name}", ref.dtype, got.dtype)
 
 
-def read_safetensors_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> dict:
-    """Parse and check a safetensors header without trusting the file.
-
-    Checks: size cap, header length, JSON well-formedness, entry layout, and that the data
-    section is exactly as long as the header says (catches truncation and appended bytes).
-    Recognises pickles and ``torch.save`` zips and says so.
-    """
-    path = Path(path)
-    who = path.name
-    if not path.is_file():
-        raise ArtifactError(who, "file", "an existing file", "nothing at that path", source=path)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ArtifactError(who, "file size", f"at most {max_bytes} bytes", f"{size} bytes", source=path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
-            kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save format)"
-            raise ArtifactError(
-                who, "format", "safetensors", kind, source=path,
-                hint="flexmoe never unpickles files from other parties; export the expert with ExpertArtifact.save",
-            )  # fmt: skip
-        if len(head) < 8:
-            raise ArtifactError(who, "file", "a safetensors file (>= 8 bytes)", f"{len(head)} bytes", source=path)
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ArtifactError(who, "header length", f"at most {min(_MAX_HEADER_BYTES, size - 8)}", n, source=path,
-                                hint="not a safetensors file, or a truncated one")  # fmt: skip
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise TypeError("header is not a JSON object")
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        raise ArtifactError(who, "header", "a JSON object", f"unreadable ({e})", source=path) from e
-    metadata = header.get("__metadata__")
-    if isinstance(metadata, dict) and isinstance(metadata.get("owner"), str):
-        who = metadata["owner"]
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
-    ):
-        raise ArtifactError(who, "__metadata__", "a map of strings to strings", type(metadata).__name__, source=path)
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        ok = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("dtype"), str)
-            and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-            and isinstance(entry.get("data_offsets"), list)
-            and len(entry["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in entry["data_offsets"])
-            and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1]
-        )
-        if not ok:
-            raise ArtifactError(who, f"header entry {name!r}", "{dtype, shape, data_offsets}", entry, source=path)
-        end = max(end, entry["data_offsets"][1])
-    data = size - 8 - n
-    if data != end:
-        what = "truncated" if data < end else "trailing bytes after the data"
-        raise ArtifactError(who, "file length", f"{8 + n + end} bytes", f"{size} bytes ({what})", source=path)
-    return header
 
 
 def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
@@ -417,59 +339,24 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
 
 
-def is_lora_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a LoRA-sized expert (:class:`flexmoe.lora.LoraExpertArtifact`)."""
-    version = (read_safetensors_header(path).get("__metadata__") or {}).get("format_version", "")
-    return isinstance(version, str) and version.startswith("lora-")
 
 
-def has_routing_stats(path: str | os.PathLike) -> bool:
-    """Whether the expert file at ``path`` carries routing statistics (reads the header only)."""
-    return "layers.0.stats.mean" in read_safetensors_header(path)
 
 
-def load_expert(
-    path: str | os.PathLike, public_model: nn.Module, *, fingerprint: str | None = None, spec_sha256: str | None = None
-) -> ExpertArtifact:
-    """Load an owner's expert file, full or LoRA-sized: a LoRA expert is validated and then
-    materialised on ``public_model`` (``W + scaling * B @ A``), so either way the result is an
-    ordinary :class:`ExpertArtifact`."""
-    if is_lora_file(path):
-        from flexmoe.lora.artifact import LoraExpertArtifact
-
-        lora = LoraExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
-        return lora.materialize(public_model, spec_sha256=spec_sha256)
-    return ExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
 
 
-def assemble(
-    public_model: nn.Module,
-    artifacts: list[ExpertArtifact | str | os.PathLike],
-    top_k: int | None = None,
-    *,
-    normalize: bool = False,
-    spec_sha256: str | None = None,
-) -> nn.Module:
-    """Build the merged ``[public, e_1 ... e_n]`` MoE (FlexOlmo step 3), **in place**.
 
-    ``public_model`` is the dense public model (upcycled here) or a flexmoe MoE that has
-    only the public expert. Artifacts (objects or paths; a path may hold a LoRA-sized expert,
-    materialised by :func:`load_expert`) are validated against it: the fingerprint must match,
-    and ``spec_sha256`` too when given.
+
+@dataclass
+class MLPInputStats:
+    """Per-layer moments of what each decoder layer's MLP (or MoE block) receives.
+
+    ``mean`` ``[L, H]`` and, when asked for, ``covariance`` ``[L, H, H]`` (float64, divided by
+    ``count``); ``count`` tokens. ``mean`` is what an owner shares for :func:`lda_router`.
     """
-    from flexmoe.upcycle import add_expert, fingerprint, is_moe, set_top_k, settings, upcycle
 
-    if is_moe(public_model) and settings(public_model).num_experts != 1:
-        raise ValueError("assemble() takes the public model (dense, or a MoE with only the public expert)")
-    fp = fingerprint(public_model)
-    loaded = [
-        a if isinstance(a, ExpertArtifact) else load_expert(a, public_model, fingerprint=fp, spec_sha256=spec_sha256)
-        for a in artifacts
-    ]
-    for a in loaded:
-        a.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
-    model = public_model if is_moe(public_model) else upcycle(public_model, num_experts=0, normalize=normalize)
-    for a in loaded:
-        add_expert(model, a, check_fingerprint=False)
-    set_top_k(model, top_k)
-    return model
+    mean: torch.Tensor
+    count: int
+    covariance: torch.Tensor | None = None
+
+

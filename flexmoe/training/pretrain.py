@@ -6,7 +6,7 @@ byte-level BPE tokenizer and an OLMo-2 decoder (``transformers.Olmo2Config``) le
 scratch on local text with a Lightning ``Trainer``, saved as an ordinary ``transformers``
 directory::
 
-    from flexmoe.corpus import local_corpus, write_corpus
+    from flexmoe.data.corpus import local_corpus, write_corpus
     paths = write_corpus(local_corpus(), "corpus/")
     pretrain([f"{paths['pydoc_topics']}/train.jsonl", f"{paths['docstrings']}/train.jsonl"], "public/")
     AutoModelForCausalLM.from_pretrained("public/"); AutoTokenizer.from_pretrained("public/")
@@ -14,7 +14,7 @@ directory::
 The defaults give a 5.3M-parameter model (4 layers, width 256, vocabulary 4,096; 300 steps of
 16 x 256 tokens, 1.2M tokens). On two CPU cores a step takes about 1.3 s when they are idle
 (some 7 minutes in all) and 4-5 s when other jobs share them (measured: 25 minutes; trained on
-the five :func:`~flexmoe.corpus.local_corpus` domains, held-out perplexity 4318 at
+the five :func:`~flexmoe.data.corpus.local_corpus` domains, held-out perplexity 4318 at
 initialisation, 60-213 per domain after). On a busy machine ``OMP_NUM_THREADS=1`` is faster than
 threads that wait on each other.
 """
@@ -31,8 +31,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import MeanMetric
 
-from flexmoe.data import TextDataModule, read_documents, split_documents, train_tokenizer
-from flexmoe.expert import adamw_cosine
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.documents import read_documents, split_documents
+from flexmoe.data.tokenizer import train_tokenizer
+from flexmoe.training.optim import adamw_cosine
 
 REPORT = "flexmoe_pretrain.json"
 
@@ -41,7 +43,7 @@ class PretrainModule(pl.LightningModule):
     """Causal-LM pretraining of a ``transformers`` model built from its config (random init).
 
     AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to
-    ``min_lr_ratio * lr`` (:func:`flexmoe.expert.cosine_with_warmup`), gradient clipping 1.0.
+    ``min_lr_ratio * lr`` (:func:`flexmoe.training.optim.cosine_with_warmup`), gradient clipping 1.0.
     Logs ``train/loss``, ``train/ppl`` per step and the token-weighted ``val/loss``, ``val/ppl``.
 
     Args:
@@ -128,7 +130,7 @@ class PretrainModule(pl.LightningModule):
 
 
 class PretrainData(TextDataModule):
-    """:class:`~flexmoe.data.TextDataModule` whose validation uses at most ``val_batches``
+    """:class:`~flexmoe.data.datamodule.TextDataModule` whose validation uses at most ``val_batches``
     batches spread evenly over all held-out sequences, so that a limited validation still
     covers every source (the first batches alone come from the first source only)."""
 
@@ -212,9 +214,9 @@ def pretrain(
 ) -> Path:
     """Train a small OLMo-2 public model and its tokenizer from scratch on local text.
 
-    A byte-level BPE tokenizer (:func:`flexmoe.data.train_tokenizer`; pad, bos, eos = 0, 1, 2)
+    A byte-level BPE tokenizer (:func:`flexmoe.data.tokenizer.train_tokenizer`; pad, bos, eos = 0, 1, 2)
     is learned on the training documents, then the model on the packed sequences of a
-    :class:`~flexmoe.data.TextDataModule` (validation documents are held out of both). The
+    :class:`~flexmoe.data.datamodule.TextDataModule` (validation documents are held out of both). The
     result is a ``transformers`` directory (``config.json``, ``model.safetensors``,
     ``generation_config.json``, tokenizer files) plus ``flexmoe_pretrain.json`` (settings,
     held-out loss and perplexity at initialisation and at the end, tokens, time) and the
@@ -222,7 +224,7 @@ def pretrain(
 
     Args:
         data: Training text: files, folders, glob patterns, JSONL files or ``datasets``
-            directories, as :class:`~flexmoe.data.TextDataModule` reads them.
+            directories, as :class:`~flexmoe.data.datamodule.TextDataModule` reads them.
         out: Output directory; must be empty or not exist yet.
         vocab_size: Tokenizer vocabulary (at least 259: 256 bytes and three special tokens).
         hidden_size: Model width.

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from flexmoe.expert import adamw_cosine
+from flexmoe.training.optim import adamw_cosine
 from flexmoe.spec import RouterTuningRecipe
-from flexmoe.upcycle import is_moe, moe_blocks, settings
+from flexmoe.core.surgery import is_moe, moe_blocks, settings
+from flexmoe.data.packing import pack_documents
 
 # The schedule decays to this fraction of the peak lr (the recipe fixes lr, warmup and decay).
 MIN_LR_RATIO = 0.1
@@ -140,16 +141,6 @@ def _ids_batch(items) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.stack([row for (row,) in items])}
 
 
-def pack_documents(documents: Sequence[str], tokenizer, seq_len: int, max_documents: int | None = None) -> torch.Tensor:
-    """Tokenise and pack documents into ``[N, seq_len]`` rows (EOS between documents)."""
-    from flexmoe.data import _encode, pack
-
-    docs = list(documents)[:max_documents] if max_documents else list(documents)
-    if not docs:
-        return torch.empty(0, seq_len, dtype=torch.long)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows, _ = pack(_encode(tokenizer, docs), eos, seq_len)
-    return rows.long()
 
 
 def _trainer_kwargs(model: nn.Module, steps: int, callbacks: list, extra: dict | None) -> dict:
@@ -242,7 +233,7 @@ def router_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_router_rows(rows: Mapping[str, torch.Tensor], model: nn.Module, who: str) -> None:
     """Refuse routers from another party unless they fit ``model`` exactly: the same names and
     shapes, float32, finite. ``who`` names the sender in the error (an :class:`ArtifactError`)."""
-    from flexmoe.artifact import ArtifactError
+    from flexmoe.artifacts.guard import ArtifactError
 
     expected = router_rows(model)
     if set(rows) != set(expected):

@@ -1,6 +1,6 @@
 """The demo's report: findings computed from the numbers, the Markdown table, and the plots.
 
-Split from :mod:`flexmoe.demo`, which runs the flow and calls these on its results.
+Split from :mod:`flexmoe.experiments.demo`, which runs the flow and calls these on its results.
 """
 
 from __future__ import annotations
@@ -172,14 +172,13 @@ def routing_table(routing: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, report: dict, routing: dict) -> None:
-    """``report.md``; ``routing``: every MoE row's routing shares (``routing.json``)."""
-    from flexmoe.demo import OWNERS, PUBLIC_DOMAINS
-
+def write_markdown(path: Path, report: dict, routing: dict, *, owners, public_domains) -> None:
+    """``report.md``; ``routing``: every MoE row's routing shares (``routing.json``); ``owners`` and
+    ``public_domains``: the corpus domains of the owners and of the public data."""
     methods, s, times = report["methods"], report["settings"], report["wall_times"]
     c = s["config"]
     setting = (
-        f"Public data: {' + '.join(PUBLIC_DOMAINS)}; owners: {', '.join(OWNERS)} (`flexmoe.corpus.local_corpus`, "
+        f"Public data: {' + '.join(public_domains)}; owners: {', '.join(owners)} (`flexmoe.data.corpus.local_corpus`, "
         f"{c['docs_per_domain']} documents per domain). Public model: OLMo-2, "
         f"{s['public_model']['parameters'] / 1e6:.1f}M parameters, {c['pretrain_steps']} steps; experts "
         f"{c['expert_steps']} steps each, trained by the owners' Flower ClientApps; merged models run {c['top_k']} "

@@ -241,3 +241,13 @@ def load_balancing_loss(logits: Sequence[torch.Tensor] | torch.Tensor, top_k: in
         f = torch.bincount(chosen.reshape(-1), minlength=num_experts).float() / chosen.numel()
         losses.append(num_experts * (f * probs.mean(dim=0)).sum())
     return torch.stack(losses).mean()
+
+
+class AffineRouter(Router):
+    """A :class:`~flexmoe.core.moe.Router` whose biases are used as they are: no ``min(beta, 0)``
+    clamp, and the public expert's bias is free too. ``logits_j = r_j . x + b_j``."""
+
+    def effective_bias(self) -> torch.Tensor:
+        return self.bias.float()
+
+

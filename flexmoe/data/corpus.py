@@ -25,7 +25,7 @@ request (``domains=[...]``) because not every installation has them: ``stdlib_te
 (licence texts found on this machine, which differ between machines).
 
 Every domain is split into training and validation documents by
-:func:`flexmoe.data.split_documents` (by content hash), so ``TextDataModule`` over
+:func:`flexmoe.data.documents.split_documents` (by content hash), so ``TextDataModule`` over
 :func:`write_corpus`'s output with the same ``val_fraction`` and ``seed`` reproduces the split.
 """
 
@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flexmoe.data import split_documents
+from flexmoe.data.documents import split_documents
 
 DEFAULT_DOMAINS = ("stdlib_code", "docstrings", "comments", "pydoc_topics", "unicode_names")
 EXTRA_DOMAINS = ("stdlib_tests", "licenses")
@@ -117,7 +117,7 @@ def local_corpus(
             a hash of each document's name (module path, topic, page), so it is the same
             sample on every machine and only the modules needed are parsed. ``None``: all.
         val_fraction: share of each domain's documents held out for validation.
-        seed: seeds the train/validation split (:func:`flexmoe.data.split_documents`).
+        seed: seeds the train/validation split (:func:`flexmoe.data.documents.split_documents`).
         domains: which domains, in this order; default :data:`DEFAULT_DOMAINS`. Also
             available: :data:`EXTRA_DOMAINS`, which depend on what this machine has installed.
 

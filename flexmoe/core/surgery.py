@@ -1,6 +1,6 @@
 """Model surgery on Hugging Face decoders: dense -> MoE, opt-out, opt-in, fingerprint.
 
-Every decoder layer's ``mlp`` becomes a :class:`~flexmoe.moe.MoEBlock` whose expert 0 is
+Every decoder layer's ``mlp`` becomes a :class:`~flexmoe.core.moe.MoEBlock` whose expert 0 is
 the public MLP itself and whose other experts are copies of it (same class). Works for any
 ``transformers`` causal LM whose decoder layers have an ``mlp`` attribute (OLMo-2, Llama,
 Mistral, Qwen2, Qwen3 are tested).
@@ -9,17 +9,17 @@ Mistral, Qwen2, Qwen3 are tested).
 from __future__ import annotations
 
 import copy
-import hashlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from flexmoe.moe import MoEBlock, MoESettings, Router
+from flexmoe.core.moe import MoEBlock, MoESettings, Router
+from flexmoe.core.hashing import fingerprint
+from flexmoe.core.moe import AffineRouter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifacts.expert import ExpertArtifact
 
 PUBLIC = "public"
 
@@ -52,7 +52,7 @@ def settings(model: nn.Module) -> MoESettings:
     """The :class:`MoESettings` shared by the model's MoE blocks."""
     blocks = moe_blocks(model)
     if not blocks:
-        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.upcycle(model) first")
+        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.core.surgery(model) first")
     return blocks[0].settings
 
 
@@ -176,40 +176,41 @@ def _check_owner_names(owners: list[str]) -> None:
             raise ValueError(f"owner names must be non-empty strings, got {o!r}")
 
 
-def public_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The public model's tensors under their dense names, in sorted order.
+def use_affine_routers(model: nn.Module) -> nn.Module:
+    """Replace every MoE layer's router by an :class:`AffineRouter` computing the same logits
+    (biases set to the old effective biases), in place. Returns ``model``."""
+    for block in moe_blocks(model):
+        old = block.router
+        if isinstance(old, AffineRouter):
+            continue
+        new = AffineRouter(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.copy_(old.effective_bias())
+        block.router = new
+    return model
 
-    For a dense model this is its state dict; for a flexmoe MoE it is expert 0 under the
-    original ``...mlp.*`` names, without routers and owner experts.
+
+def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[nn.Parameter]:
+    """Freeze everything of the public model; leave the experts in ``trainable`` and their
+    router rows and biases trainable. Returns the trainable parameters.
+
+    Router rows of frozen experts share one tensor with the trainable rows; the router
+    detaches them (:meth:`~flexmoe.core.moe.Router.freeze_rows`) and gets no weight decay (see
+    :meth:`ExpertModule.configure_optimizers`), so ``r_0`` stays bit-for-bit unchanged.
     """
-    prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, MoEBlock)]
-    items = {}
-    for name, t in model.state_dict().items():
-        prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is not None:
-            rest = name[len(prefix) :]
-            if not rest.startswith("experts.0."):
-                continue
-            name = prefix + rest[len("experts.0.") :]
-        items[name] = t
-    for name in sorted(items):
-        yield name, items[name]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable_params: list[nn.Parameter] = []
+    for block in moe_blocks(model):
+        for j in trainable:
+            for p in block.experts[j].parameters():
+                p.requires_grad_(True)
+                trainable_params.append(p)
+        block.router.freeze_rows(trainable)
+        for p in (block.router.weight, block.router.bias):
+            p.requires_grad_(True)
+            trainable_params.append(p)
+    return trainable_params
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the public model's tensors (name, dtype, shape, bytes), by sorted name.
-
-    Streams one tensor at a time; a dense model and the MoE upcycled from it (before or
-    after training the owners' experts) have the same fingerprint.
-    """
-    h = hashlib.sha256()
-    for name, t in public_state(model):
-        hash_tensor(h, name, t)
-    return h.hexdigest()
-
-
-def hash_tensor(h, name: str, t: torch.Tensor) -> None:
-    """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes."""
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from flexmoe.expert import ExpertModule, adamw_cosine
-from flexmoe.lora.artifact import LoraExpertArtifact
+from flexmoe.training.expert import ExpertModule
+from flexmoe.training.optim import adamw_cosine
+from flexmoe.artifacts.lora import LoraExpertArtifact
 from flexmoe.spec import FederationSpec
-from flexmoe.upcycle import moe_blocks
+from flexmoe.core.surgery import moe_blocks
 
 
 class LoraExpertModule(ExpertModule):

@@ -1,10 +1,10 @@
 """The main job end to end: ``flexmoe demo --out DIR`` reproduces FlexOlmo's comparison table
 (Shi et al., 2025, Table 1; DESIGN.md "The evaluation table") on text found on this machine.
 
-1. **Data.** :func:`flexmoe.corpus.local_corpus`: public data = ``stdlib_code`` + ``pydoc_topics``;
+1. **Data.** :func:`flexmoe.data.corpus.local_corpus`: public data = ``stdlib_code`` + ``pydoc_topics``;
    one owner per ``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (docs/routing.md's
    setting), written to ``DIR/data``.
-2. **Public model.** :func:`flexmoe.pretrain.pretrain`: a small OLMo-2 with a byte-level BPE
+2. **Public model.** :func:`flexmoe.training.pretrain.pretrain`: a small OLMo-2 with a byte-level BPE
    tokenizer, trained from scratch on the public text (``DIR/public``).
 3. **Spec.** A :class:`~flexmoe.FederationSpec` with ``embedder=None`` (router rows from the
    public model's own mean MLP inputs: the fallback that needs no sentence embedder) and the
@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from flexmoe.demo_report import findings, markdown_table, plot_perplexity, plot_routing, write_markdown
+from flexmoe.experiments.report import findings, markdown_table, plot_perplexity, plot_routing, write_markdown
 
 PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
@@ -194,7 +194,7 @@ def _progress_bar() -> bool:
 
 def build_corpus(cfg: DemoConfig, data_dir: Path) -> dict:
     """``{domain: Domain}`` for ``public`` (the two public domains together) and every owner."""
-    from flexmoe.corpus import Domain, local_corpus, write_corpus
+    from flexmoe.data.corpus import Domain, local_corpus, write_corpus
 
     corpus = local_corpus(max_docs_per_domain=cfg.docs_per_domain, seed=cfg.seed,
                           domains=list(PUBLIC_DOMAINS) + list(OWNERS))  # fmt: skip
@@ -211,8 +211,8 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
     """:func:`build_corpus`'s result read back from the files it wrote. The public validation
     documents are the parts' one after another; ``parts_val_docs`` (the report's
     ``settings.corpus.public.parts_val_docs``) says where each part ends."""
-    from flexmoe.corpus import Domain
-    from flexmoe.data import read_documents
+    from flexmoe.data.corpus import Domain
+    from flexmoe.data.documents import read_documents
 
     if not parts_val_docs or list(parts_val_docs) != list(PUBLIC_DOMAINS):
         raise ValueError(f"the run's report does not say how its public validation text splits into {PUBLIC_DOMAINS} "
@@ -232,7 +232,7 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
 
 
 def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
-    from flexmoe.pretrain import REPORT, pretrain
+    from flexmoe.training.pretrain import REPORT, pretrain
 
     pretrain([str(data_dir / PUBLIC / "train.jsonl")], str(out), vocab_size=cfg.vocab_size,
              hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seq_len=cfg.seq_len,
@@ -247,10 +247,10 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
     the default routing recipe, the demo's sizes for expert training and router tuning."""
     from transformers import AutoTokenizer
 
-    from flexmoe.embed import router_embedding
-    from flexmoe.expert import load_public_model
+    from flexmoe.owner.embed import router_embedding
+    from flexmoe.formats.load import load_public_model
     from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     model = load_public_model(str(public_dir))
     rows = router_embedding(public_docs, model, embedder=None, tokenizer=AutoTokenizer.from_pretrained(public_dir),
@@ -380,18 +380,18 @@ class Models:
         self.public_dir, self.artifacts, self.cfg = public_dir, artifacts, cfg
 
     def public(self):
-        from flexmoe.expert import load_public_model
+        from flexmoe.formats.load import load_public_model
 
         return load_public_model(str(self.public_dir)).eval()
 
     def merged(self, owners, top_k):
-        from flexmoe.artifact import assemble
+        from flexmoe.assembly import assemble
 
         return assemble(self.public(), [self.artifacts[o] for o in owners], top_k=top_k).eval()
 
     def with_expert_mlp(self, owner: str):
         """The dense public model with every MLP replaced by ``owner``'s expert."""
-        from flexmoe.upcycle import decoder_layers
+        from flexmoe.core.surgery import decoder_layers
 
         model = self.public()
         for L, layer in enumerate(decoder_layers(model)):
@@ -441,10 +441,10 @@ def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
     the report's diagnostic. Either way, the dense experts saw only their owner's text."""
     import copy
 
-    from flexmoe.data import TextDataModule
+    from flexmoe.data.datamodule import TextDataModule
     from flexmoe.merge import MoEFinetune, btx
-    from flexmoe.pretrain import PretrainModule
-    from flexmoe.upcycle import set_top_k
+    from flexmoe.training.pretrain import PretrainModule
+    from flexmoe.core.surgery import set_top_k
 
     dense = []
     for owner in OWNERS:
@@ -476,7 +476,7 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     public model and trained jointly on all the data: experts and router, with BTX's
     load-balancing loss; attention and embeddings stay the public model's. Ignores privacy."""
     from flexmoe.merge import MoEFinetune
-    from flexmoe.upcycle import moe_blocks, upcycle
+    from flexmoe.core.surgery import moe_blocks, upcycle
 
     model = upcycle(models.public(), num_experts=len(OWNERS), top_k=cfg.top_k, owners=list(OWNERS))
     # Identical experts behind a zero router would get identical gradients forever: a small random
@@ -493,7 +493,7 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
 
 
 def _union(cfg: DemoConfig, models: Models, data_dir: Path, domains: tuple[str, ...] = (PUBLIC, *OWNERS)):
-    from flexmoe.data import TextDataModule
+    from flexmoe.data.datamodule import TextDataModule
 
     sources = [str(data_dir / d / "train.jsonl") for d in domains]
     return TextDataModule(sources, str(models.public_dir), seq_len=cfg.seq_len, batch_size=cfg.joint_batch_size,
@@ -506,7 +506,7 @@ def routed_without_tuning(cfg: DemoConfig, models: Models, spec, public_docs: li
     accepted artifacts exactly as the coordinator builds it (assemble, then the spec's routing
     recipe on the same public rows, biases folded for the FlexOlmo export). ``exportable=False``
     keeps the discriminant's biases (flexmoe-native routers): what the fold costs."""
-    from flexmoe.evaluate import pack_domain
+    from flexmoe.data.packing import pack_domain
     from flexmoe.routing import route
 
     model = models.merged(OWNERS, cfg.top_k)
@@ -521,8 +521,8 @@ def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_doc
     as one participant of the federated tuning."""
     import dataclasses
 
-    from flexmoe.proxy import ProxySelection
-    from flexmoe.router_tuning import tune_router
+    from flexmoe.owner.proxy import ProxySelection
+    from flexmoe.training.router_tuning import tune_router
 
     model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
     proxies = {o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs) for o in OWNERS
@@ -540,8 +540,8 @@ def eval_rows(cfg: DemoConfig, corpus: dict, tokenizer) -> dict[str, torch.Tenso
     """Every domain's held-out rows: ``eval_tokens`` tokens as whole rows spread evenly over all of
     the domain's validation documents (the first rows alone can be one unrepresentative document);
     the public domain takes half from each public part."""
-    from flexmoe.evaluate import pack_domain
-    from flexmoe.routing import spread_rows
+    from flexmoe.data.packing import pack_domain
+    from flexmoe.data.packing import spread_rows
 
     def rows(docs, tokens):
         return spread_rows(pack_domain(docs, tokenizer, cfg.seq_len), tokens)
@@ -599,7 +599,7 @@ class Table:
 def accepted_artifacts(coordinator: Path, spec) -> dict:
     """Every owner's expert as the coordinator accepted it, loaded with the artifact checks
     against ``spec`` (fingerprint of the public model, spec hash)."""
-    from flexmoe.artifact import ExpertArtifact
+    from flexmoe.artifacts.expert import ExpertArtifact
 
     return {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
                                    spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
@@ -648,7 +648,7 @@ class DemoRun:
 
     def flexolmo(self):
         """The ``flexolmo`` row: the coordinator's exported model, loaded by flexmoe."""
-        from flexmoe.hf import load
+        from flexmoe.formats.load import load
 
         return load(self.root / "federation" / "coordinator" / "model").eval()
 
@@ -741,7 +741,7 @@ def demo(
 def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     from transformers import AutoTokenizer
 
-    from flexmoe.hf import load
+    from flexmoe.formats.load import load
     from flexmoe.merge import BTMEnsemble
 
     stages = Stages()
@@ -818,7 +818,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     plot_perplexity(table.methods, root / "perplexity.png")
     plot_routing(table.routing["flexolmo"], root / "routing.png",
                  "flexolmo: top-1 expert share per held-out domain, per layer")  # fmt: skip
-    write_markdown(root / "report.md", report, table.routing)
+    write_markdown(root / "report.md", report, table.routing, owners=OWNERS, public_domains=PUBLIC_DOMAINS)
     stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
     print("\n" + markdown_table(table.methods, list(table.rows)) + "\n", flush=True)
     for line in findings(table.methods, table.routing, report["settings"]["flexolmo"]):

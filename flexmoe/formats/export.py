@@ -45,25 +45,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
     FlexOlmoConfig,
-    GenerationConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
     Olmo2Config,
     PreTrainedConfig,
 )
-from transformers.initialization import no_init_weights
 
-from flexmoe.artifact import ArtifactError, ExpertArtifact, read_safetensors_header
-from flexmoe.merge.stream import atomic_dir
-from flexmoe.upcycle import PUBLIC, decoder_layers, fingerprint, moe_blocks, set_top_k, settings, upcycle
+from flexmoe.core.io import atomic_dir
+from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +88,10 @@ class _ModelSource:
         self.model, self.config = model, model.config
         self.owners, self.top_k, self.normalize = list(s.owners), s.top_k, s.normalize
         self.blocks = moe_blocks(model)
-        self.mlp_prefixes = _mlp_prefixes(model)
+        self.mlp_prefixes = mlp_prefixes(model)
 
     def dense_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return _dense_tensors(self.model, self.mlp_prefixes)
+        return dense_tensors(self.model, self.mlp_prefixes)
 
     def routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(b.router.weight.detach(), b.router.bias.detach()) for b in self.blocks]
@@ -107,8 +101,8 @@ class _ModelSource:
 
     @property
     def router_kind(self) -> str:
-        """``affine`` when any router uses its biases as they are (:class:`flexmoe.routing.AffineRouter`)."""
-        from flexmoe.routing import AffineRouter
+        """``affine`` when any router uses its biases as they are (:class:`flexmoe.core.moe`)."""
+        from flexmoe.core.moe import AffineRouter
 
         return "affine" if any(isinstance(b.router, AffineRouter) for b in self.blocks) else "clamped"
 
@@ -134,99 +128,16 @@ class _ModelSource:
         return float((plain - renormalised).abs().max())
 
 
-class _ArtifactSource:
-    """The dense public model plus owners' artifact files (what :func:`assemble_to_dir` writes).
-
-    Up front, each file's header is checked (size, truncation, fingerprint, spec, owner) and
-    only its router rows are read. The full validation (shapes, dtypes, NaN/Inf, fit to the
-    public model) happens in :meth:`expert`, which loads one artifact when its shard is written;
-    a failure there discards the unfinished export.
-    """
-
-    def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256):
-        self.model, self.config = public, public.config
-        self.top_k, self.normalize, self.spec_sha256 = top_k, normalize, spec_sha256
-        self.paths = [Path(p) for p in paths]
-        self.mlp_prefixes = _mlp_prefixes(public)
-        self.fingerprint = fingerprint(public)
-        self.owners = [PUBLIC]
-        self._router_rows = []  # per artifact and layer: (embedding, bias) as read up front
-        for path in self.paths:
-            metadata = read_safetensors_header(path).get("__metadata__") or {}
-            owner = metadata.get("owner", path.name)
-            stub = ExpertArtifact(owner=owner, tensors={}, metadata=metadata, source=str(path))
-            stub.check_identity(fingerprint=self.fingerprint, spec_sha256=spec_sha256)
-            if stub.owner in self.owners:
-                raise ArtifactError(stub.owner, "owner", "a name not yet in the model", f"a second {stub.owner!r}",
-                                    source=path)  # fmt: skip
-            self.owners.append(stub.owner)
-            self._router_rows.append(_read_router_rows(stub, len(self.mlp_prefixes), self.config.hidden_size))
-        if top_k is not None and not 1 <= top_k <= len(self.owners):
-            raise ValueError(f"top_k must be between 1 and the number of experts ({len(self.owners)}), got {top_k}")
-        dtype = next(decoder_layers(public)[0].mlp.parameters()).dtype
-        self._routers = []
-        for L in range(len(self.mlp_prefixes)):
-            rows = [torch.zeros(self.config.hidden_size, dtype=dtype)] + [r[L][0].to(dtype) for r in self._router_rows]
-            biases = [torch.zeros(1)] + [r[L][1].float() for r in self._router_rows]
-            self._routers.append((torch.stack(rows), torch.cat(biases)))
-
-    def dense_tensors(self):
-        return _dense_tensors(self.model, self.mlp_prefixes)
-
-    def routers(self):
-        return self._routers
-
-    def effective_biases(self) -> list[torch.Tensor]:
-        return [_effective_bias(b) for _, b in self._routers]
-
-    router_kind = "clamped"
-
-    def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
-        if j == 0:
-            return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
-        art = ExpertArtifact.load(self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
-        art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
-        for L, (emb, bias) in enumerate(self._router_rows[j - 1]):
-            _, emb2, bias2 = art.layer(L)
-            if not (torch.equal(emb, emb2) and torch.equal(bias, bias2)):
-                changed = "different contents (the file changed during assembly)"
-                raise ArtifactError(art.owner, f"layers.{L}.router", "the contents read at the start", changed,
-                                    source=art.source)  # fmt: skip
-        return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
-
-    def renormalisation_gap(self) -> float | None:
-        return None  # would need the whole MoE in memory, which is what this source avoids
 
 
-def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) -> list[tuple[torch.Tensor, ...]]:
-    """Just the router embedding [hidden] and bias [1] of every layer, not the expert weights."""
-    names = [(f"layers.{L}.router.embedding", f"layers.{L}.router.bias") for L in range(num_layers)]
-    try:
-        with safe_open(artifact.source, framework="pt") as f:
-            present = set(f.keys())
-            missing = [n for pair in names for n in pair if n not in present]
-            if missing:
-                raise ArtifactError(artifact.owner, "router tensors", f"{num_layers} layers of them",
-                                    f"missing {missing[:4]}", source=artifact.source)  # fmt: skip
-            rows = [(f.get_tensor(e), f.get_tensor(b)) for e, b in names]
-    except ArtifactError:
-        raise
-    except Exception as e:  # safetensors' own errors for unreadable files
-        raise ArtifactError(artifact.owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}",
-                            source=artifact.source) from e  # fmt: skip
-    for (e, b), (emb, bias) in zip(names, rows):
-        if list(emb.shape) != [hidden] or list(bias.shape) != [1]:
-            got = f"{e} {list(emb.shape)}, {b} {list(bias.shape)}"
-            raise ArtifactError(artifact.owner, "router shapes", f"[{hidden}] and [1]", got, source=artifact.source)
-    return rows
 
 
-def _mlp_prefixes(model: nn.Module) -> list[str]:
+def mlp_prefixes(model: nn.Module) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     return [names[id(layer.mlp)] for layer in decoder_layers(model)]
 
 
-def _dense_tensors(model: nn.Module, mlp_prefixes: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def dense_tensors(model: nn.Module, mlp_prefixes: Sequence[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Everything outside the MLPs, once per storage (tied ``lm_head`` is left out, as HF does)."""
     skip = tuple(p + "." for p in mlp_prefixes)
     seen = set()
@@ -407,7 +318,7 @@ def _hf_config(source, fmt: str, dtype: torch.dtype) -> PreTrainedConfig:
     return config
 
 
-def _dense_config(config: PreTrainedConfig) -> PreTrainedConfig:
+def dense_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """The dense base config of a FlexOlmo (-> OLMo-2) or Mixtral (-> Llama, or Mistral when it
     uses a sliding window) config."""
     if config.model_type == "flex_olmo":
@@ -420,7 +331,7 @@ def _dense_config(config: PreTrainedConfig) -> PreTrainedConfig:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _write(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), tokenizer=None) -> Path:
+def write_checkpoint(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), tokenizer=None) -> Path:
     """Write ``source`` in format ``fmt`` (or ``"auto"``) into ``out_dir``, atomically."""
     fmt = _resolve_format(fmt, source, allow_approximate)
     out_dir = Path(out_dir)
@@ -502,7 +413,7 @@ def export(model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approxi
     files = ()
     if isinstance(tokenizer, (str, os.PathLike)):
         files, tokenizer = tokenizer_files(tokenizer), None
-    return _write(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, files=files,
+    return write_checkpoint(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, files=files,
                   tokenizer=tokenizer)  # fmt: skip
 
 
@@ -511,119 +422,3 @@ def tokenizer_files(model_dir) -> list[Path]:
     return [Path(model_dir) / f for f in _TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
 
 
-def assemble_to_dir(
-    public_dir,
-    artifact_paths: Sequence[str | os.PathLike],
-    out_dir,
-    *,
-    format: str = "native",
-    top_k: int | None = None,
-    normalize: bool = False,
-    spec_sha256: str | None = None,
-    allow_approximate: bool = False,
-) -> Path:
-    """FlexOlmo step 3 straight to disk: ``[public, e_1 ... e_n]`` without building the MoE.
-
-    Loads the dense public model once, validates every artifact against it (fingerprint, and
-    ``spec_sha256`` when given), then writes the public shard and one shard per artifact,
-    holding at most one artifact in memory. The result equals
-    ``export(assemble(public, artifacts, top_k, normalize=normalize), out_dir, format)``.
-    Tokenizer files in ``public_dir`` are copied along.
-    """
-    public = AutoModelForCausalLM.from_pretrained(public_dir).eval()
-    source = _ArtifactSource(public, artifact_paths, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)
-    return _write(source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir))
-
-
-def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Open a native flexmoe export, a FlexOlmo or Mixtral checkpoint (as a flexmoe MoE that
-    supports ``opt_out``/``add_expert``), or a dense ``transformers`` model (returned as is)."""
-    path = Path(path)
-    meta = json.loads((path / FLEXMOE_CONFIG).read_text()) if (path / FLEXMOE_CONFIG).is_file() else None
-    if meta is not None and meta.get("format") == "native":
-        return _load_native(path, meta, dtype)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds neither a flexmoe export ({FLEXMOE_CONFIG}) nor a config.json")
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-    if model.config.model_type not in ("flex_olmo", "mixtral"):
-        return model
-    return _from_hf_moe(model, meta)
-
-
-def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
-    if meta.get("format_version") != NATIVE_VERSION:
-        raise ValueError(f"{path}: native format version {meta.get('format_version')!r}, "
-                         f"this flexmoe reads version {NATIVE_VERSION}")  # fmt: skip
-    config = AutoConfig.from_pretrained(path / BASE_CONFIG)
-    dtype = dtype or getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
-    owners = meta["owners"]
-    model = _empty_model(config, dtype)
-    upcycle(model, len(owners) - 1, owners=owners[1:], normalize=meta["normalize"])
-    set_top_k(model, meta["top_k"])
-    router = meta.get("router", "clamped")
-    if router == "affine":  # biases used as they are (a discriminant router, flexmoe.routing)
-        from flexmoe.routing import use_affine_routers
-
-        use_affine_routers(model)
-    elif router != "clamped":
-        raise ValueError(f"{path}: unknown router kind {router!r} in {FLEXMOE_CONFIG} (this flexmoe reads clamped, affine)")
-    expected = dict(_dense_tensors(model, []))
-    index = json.loads((path / INDEX).read_text())["weight_map"]
-    if set(index) != set(expected):
-        missing, extra = sorted(set(expected) - set(index)), sorted(set(index) - set(expected))
-        raise ValueError(f"{path}: tensors do not match a {config.model_type} MoE with {len(owners)} experts; "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}")  # fmt: skip
-    with torch.no_grad():
-        for shard in sorted(set(index.values())):
-            with safe_open(str(path / shard), framework="pt") as f:
-                for key in f.keys():
-                    target = expected[key]
-                    value = f.get_tensor(key)
-                    if value.shape != target.shape:
-                        raise ValueError(f"{path / shard}: {key} has shape {list(value.shape)}, "
-                                         f"the model expects {list(target.shape)}")  # fmt: skip
-                    target.copy_(value)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model
-
-
-def _empty_model(config: PreTrainedConfig, dtype: torch.dtype) -> nn.Module:
-    """A dense model of ``config`` whose weights are about to be overwritten (no random init)."""
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # no_init_weights skips the tying that normally happens at init
-    return model.eval()
-
-
-def _from_hf_moe(hf: nn.Module, meta: dict | None) -> nn.Module:
-    """A flexmoe MoE computing what a loaded FlexOlmo / Mixtral model computes."""
-    config = hf.config
-    num_experts = config.num_experts if config.model_type == "flex_olmo" else config.num_local_experts
-    owners = [PUBLIC] + [f"expert_{i}" for i in range(1, num_experts)]
-    if meta is not None and len(meta.get("owners", [])) == num_experts:
-        owners = list(meta["owners"])  # exported by flexmoe: keep the owners' names
-    normalize = bool(config.norm_topk_prob) if config.model_type == "flex_olmo" else True
-    top_k = config.num_experts_per_tok
-    dense_config = _dense_config(config)
-    hf_state = hf.state_dict()
-    model = _empty_model(dense_config, hf.dtype)
-    with torch.no_grad():
-        for name, t in _dense_tensors(model, _mlp_prefixes(model)):
-            t.copy_(hf_state[name])
-    del hf_state
-    upcycle(model, num_experts - 1, owners=owners[1:], normalize=normalize)
-    set_top_k(model, None if top_k >= num_experts else top_k)
-    with torch.no_grad():
-        for hf_layer, block in zip(decoder_layers(hf), moe_blocks(model)):
-            gate_up, down = hf_layer.mlp.experts.gate_up_proj, hf_layer.mlp.experts.down_proj
-            inter = gate_up.shape[1] // 2
-            for j, expert in enumerate(block.experts):
-                expert.gate_proj.weight.copy_(gate_up[j, :inter])  # gate rows come first
-                expert.up_proj.weight.copy_(gate_up[j, inter:])
-                expert.down_proj.weight.copy_(down[j])
-            block.router.weight.copy_(hf_layer.mlp.gate.weight)
-            block.router.bias.zero_()
-    model.generation_config = hf.generation_config
-    return model

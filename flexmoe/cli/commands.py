@@ -22,16 +22,11 @@ for the traceback. A new command is a typed function plus one line in :data:`COM
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
-import sys
-import types
-import typing
 from pathlib import Path
 from typing import Literal, Optional
 
 from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
+from flexmoe.formats.load import detect_format
 
 Format = Literal["auto", "native", "flexolmo", "mixtral"]
 
@@ -77,8 +72,8 @@ def assemble(
             exact; the native format keeps them.
         spec: FederationSpec JSON: checks the artifacts' spec hash and supplies the routing recipe.
     """
-    from flexmoe.artifact import has_routing_stats, is_lora_file
-    from flexmoe.hf import assemble_to_dir
+    from flexmoe.artifacts.load import has_routing_stats, is_lora_file
+    from flexmoe.assembly import assemble_to_dir
 
     recipe = None
     if spec:
@@ -98,7 +93,7 @@ def assemble(
         )  # fmt: skip  (streams one expert at a time; copies the tokenizer files too)
         print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: published)")
         return
-    from flexmoe.hf import export as export_model
+    from flexmoe.formats.export import export as export_model
     from flexmoe.spec import RoutingRecipe
 
     if routing == "published":
@@ -115,14 +110,14 @@ def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, nor
     """Assemble in memory and apply the routing recipe; the biases are folded for FlexOlmo/Mixtral."""
     from transformers import AutoTokenizer
 
-    from flexmoe.artifact import assemble as assemble_model
-    from flexmoe.artifact import load_expert
-    from flexmoe.data import read_documents
-    from flexmoe.evaluate import pack_domain
-    from flexmoe.expert import load_public_model
-    from flexmoe.hf import target_format
+    from flexmoe.assembly import assemble as assemble_model
+    from flexmoe.artifacts.load import load_expert
+    from flexmoe.data.documents import read_documents
+    from flexmoe.data.packing import pack_domain
+    from flexmoe.formats.load import load_public_model
+    from flexmoe.formats.export import target_format
     from flexmoe.routing import route
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     base = load_public_model(public)
     fp = fingerprint(base)
@@ -145,8 +140,8 @@ def export(model: str, out: str, format: Format = "auto", allow_approximate: boo
         format: ``flexolmo``, ``mixtral``, ``native`` or ``auto`` (pick by base).
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.hf import export as export_model
-    from flexmoe.hf import load
+    from flexmoe.formats.export import export as export_model
+    from flexmoe.formats.load import load
 
     export_model(load(model), out, format=format, allow_approximate=allow_approximate, tokenizer=model)
     print(f"flexmoe: exported {model} -> {out} ({format})")
@@ -171,9 +166,9 @@ def add_expert(
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.artifact import load_expert
-    from flexmoe.upcycle import add_expert as add
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.artifacts.load import load_expert
+    from flexmoe.core.surgery import add_expert as add
+    from flexmoe.core.hashing import fingerprint
 
     def change(moe):
         add(moe, load_expert(expert, moe, fingerprint=fingerprint(moe)), check_fingerprint=False)
@@ -201,7 +196,7 @@ def opt_out(
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.upcycle import opt_out as remove
+    from flexmoe.core.surgery import opt_out as remove
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, lambda moe: remove(moe, owner))
     print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
@@ -209,9 +204,9 @@ def opt_out(
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
     """Open a merged model, apply ``change`` to it, and write it (by default in its own format)."""
-    from flexmoe.hf import export as export_model
-    from flexmoe.hf import load
-    from flexmoe.upcycle import set_top_k
+    from flexmoe.formats.export import export as export_model
+    from flexmoe.formats.load import load
+    from flexmoe.core.surgery import set_top_k
 
     fmt = format or detect_format(model)
     moe = load(model)
@@ -247,17 +242,17 @@ def spec(
         router_tuning: The coordinator's router-tuning recipe.
         proxy: The proxy-set budget.
     """
-    from flexmoe.expert import load_public_model
+    from flexmoe.formats.load import load_public_model
     from flexmoe.spec import FederationSpec
-    from flexmoe.upcycle import fingerprint
+    from flexmoe.core.hashing import fingerprint
 
     model = load_public_model(public)
     r_pub = None
     if public_data:
         from transformers import AutoTokenizer
 
-        from flexmoe.data import read_documents
-        from flexmoe.embed import router_embedding
+        from flexmoe.data.documents import read_documents
+        from flexmoe.owner.embed import router_embedding
 
         docs = read_documents(public_data)
         tokenizer = AutoTokenizer.from_pretrained(public) if embedder is None else None
@@ -333,10 +328,10 @@ def tune_router(
         format: Output format (default: the format of ``model``).
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.data import read_documents
+    from flexmoe.data.documents import read_documents
     from flexmoe.evaluate import parse_domains
-    from flexmoe.proxy import ProxySelection
-    from flexmoe.router_tuning import tune_router as tune
+    from flexmoe.owner.proxy import ProxySelection
+    from flexmoe.training.router_tuning import tune_router as tune
     from flexmoe.spec import FederationSpec
 
     public_docs = read_documents(public_data)
@@ -372,157 +367,21 @@ def merge(recipe: str, out: str) -> None:
     print(f"flexmoe: merged -> {run(recipe, out)}")
 
 
-# name -> "module:function"; a command's module is imported only when that command runs,
-# so `flexmoe assemble` does not pay for importing Lightning.
-COMMANDS: dict[str, str] = {
-    "spec": "flexmoe.cli:spec",
-    "pretrain": "flexmoe.pretrain:pretrain",
-    "eval": "flexmoe.cli:evaluate",
-    "assemble": "flexmoe.cli:assemble",
-    "export": "flexmoe.cli:export",
-    "add-expert": "flexmoe.cli:add_expert",
-    "opt-out": "flexmoe.cli:opt_out",
-    "merge": "flexmoe.cli:merge",
-    "tune-router": "flexmoe.cli:tune_router",
-    "demo": "flexmoe.demo:demo",
-}
 
 
-def command(name: str) -> typing.Callable[..., None]:
-    import importlib
-
-    module, _, function = COMMANDS[name].partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 # -- helpers ----------------------------------------------------------------------------
 
 
-def detect_format(model_dir: str | os.PathLike) -> str:
-    """The format a merged model directory is in: ``native``, ``flexolmo`` or ``mixtral``."""
-    d = Path(model_dir)
-    meta = d / "flexmoe_config.json"  # every flexmoe export writes it, whatever the format
-    if meta.is_file():
-        fmt = json.loads(meta.read_text()).get("format")
-        if fmt in ("native", "flexolmo", "mixtral"):
-            return fmt
-    config = d / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{d}: neither flexmoe_config.json nor config.json; expected a merged model directory")
-    model_type = json.loads(config.read_text()).get("model_type")
-    formats = {"flex_olmo": "flexolmo", "mixtral": "mixtral"}
-    if model_type not in formats:
-        raise ValueError(
-            f"{d}: model_type {model_type!r} is not a mixture of experts flexmoe can open "
-            "(expected a flexmoe export, a FlexOlmo or a Mixtral checkpoint)"
-        )
-    return formats[model_type]
 
 
-def _option_kinds(fn: typing.Callable) -> dict[str, str]:
-    """``{parameter: "list" | "bool" | "other"}`` from a command's type hints."""
-    hints = typing.get_type_hints(fn)
-    kinds = {}
-    for name in inspect.signature(fn).parameters:
-        hint = hints.get(name)
-        union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] and X | None
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if union else []
-        hint = args[0] if len(args) == 1 else hint
-        kinds[name] = "list" if typing.get_origin(hint) is list else "bool" if hint is bool else "other"
-    return kinds
 
 
-def normalize_argv(argv: list[str]) -> list[str]:
-    """Rewrite the usual command-line spellings into jsonargparse's (see :func:`normalize_options`),
-    using the option kinds of the command named in ``argv``."""
-    for i, tok in enumerate(argv):
-        if tok in COMMANDS:
-            rest = argv[i + 1 :]
-            if tok == "merge" and rest and not rest[0].startswith("-"):
-                rest = ["--recipe", *rest]  # `flexmoe merge RECIPE.yaml --out DIR`
-            return argv[: i + 1] + normalize_options(rest, _option_kinds(command(tok)))
-    return normalize_options(argv, {})
 
 
-def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
-    """Rewrite options, given ``{name: "list" | "bool" | "other"}``:
-
-    * ``--top-k 2`` -> ``--top_k 2`` (dashes in option names become underscores);
-    * ``--experts a b`` -> ``--experts '["a", "b"]'`` for list options (a single value that
-      starts with ``[`` is left to jsonargparse, as is the append form ``--experts+ a``);
-    * ``--normalize`` with no value -> ``--normalize=true`` for bool options;
-    * a list option given several times (``--model a --model b``) collects all the values.
-    """
-    out: list[str] = []
-    lists: dict[str, list[str]] = {}  # list options, emitted once at the end
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if not tok.startswith("--") or tok == "--":
-            out.append(tok)
-            continue
-        name, eq, value = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        kind = kinds.get(name, "other")
-        if eq or kind == "other":
-            out.append(f"--{name}{eq}{value}")
-            continue
-        values = []
-        while i < len(argv) and not argv[i].startswith("--") and (kind == "list" or not values):
-            values.append(argv[i])
-            i += 1
-        if kind == "bool":
-            out += [f"--{name}", values[0]] if values else [f"--{name}=true"]
-        elif len(values) == 1 and values[0].lstrip().startswith("["):
-            out += [f"--{name}", values[0]]
-        elif values:
-            lists.setdefault(name, []).extend(values)
-        else:
-            out.append(f"--{name}")  # jsonargparse reports the missing value
-    for name, values in lists.items():
-        out += [f"--{name}", json.dumps(values)]
-    return out
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        return str(e.args[0])  # str(KeyError) would wrap the message in quotes
-    return str(e) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``flexmoe`` command."""
-    from jsonargparse import auto_cli
 
-    from flexmoe import __version__
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["train-expert"]:
-            # LightningCLI owns this command's parser: every Trainer option is available.
-            from flexmoe.expert import train_expert_cli
-
-            return train_expert_cli(argv[1:])
-        # Build only the parser of the command asked for (all of them for `flexmoe --help`).
-        names = [a for a in argv[:1] if a in COMMANDS] or list(COMMANDS)
-        auto_cli(
-            {name: command(name) for name in names},
-            args=normalize_argv(argv),
-            as_positional=False,
-            prog="flexmoe",
-            description="FlexOlmo-style mixtures of experts. The owner's training run is `flexmoe train-expert` "
-            "(a LightningCLI: `flexmoe train-expert --help`).",
-            version=__version__,
-        )
-    except (ValueError, KeyError, IndexError, OSError) as e:
-        # Bad input (ArtifactError is a ValueError): one line for the person who made the
-        # mistake, not a traceback. FLEXMOE_DEBUG=1 shows the traceback.
-        if os.environ.get("FLEXMOE_DEBUG"):
-            raise
-        print(f"flexmoe: error: {_message(e)}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,101 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from flexmoe.training.expert import ExpertModule, expert_callbacks
+
+import os
+import sys
+from pathlib import Path
+from flexmoe.spec import FederationSpec
+
+
+def train_expert_cli(args: list[str] | None = None) -> None:
+    """``flexmoe train-expert``: one owner's training run from the command line.
+
+    Built on :class:`~lightning.pytorch.cli.LightningCLI`, so every ``Trainer`` and
+    ``TextDataModule`` option is available as ``--trainer.*`` / ``--data.*`` or from
+    ``--config cfg.yaml``. The spec fixes the public model, the sequence length and batch size
+    (``--data.*`` options other than those stay free), and the callbacks that make an expert
+    valid are always attached.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    from flexmoe.data.datamodule import TextDataModule
+
+    class ExpertCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_argument("--spec", type=str, required=True, help="FederationSpec JSON from the coordinator")
+            parser.add_argument("--owner", type=str, required=True, help="this owner's name")
+            parser.add_argument("--out", type=str, required=True, help="where to write the expert artifact")
+            parser.add_argument("--max_steps", type=int | None, default=None, help="default: the spec's recipe")
+            parser.add_argument("--public_data", type=list[str] | None, default=None,
+                                help="public corpus to select the proxy set from")  # fmt: skip
+            parser.link_arguments("spec", "model.spec")
+            parser.link_arguments("owner", "model.owner")
+            parser.link_arguments("spec", "model.public_model", compute_fn=_spec_public_model)
+            parser.link_arguments("spec", "data.tokenizer", compute_fn=_spec_public_model)
+            parser.link_arguments("spec", "data.seq_len", compute_fn=lambda s: FederationSpec.load(s).expert.seq_len)
+            parser.link_arguments("spec", "data.batch_size", compute_fn=lambda s: FederationSpec.load(s).expert.batch_size)
+
+        def before_instantiate_classes(self):
+            cfg = self.config
+            spec = FederationSpec.load(cfg.spec)
+            out = Path(cfg.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+                raise PermissionError(f"cannot write the expert artifact to {out}")
+            cfg.trainer.max_steps = cfg.max_steps or (
+                cfg.trainer.max_steps if cfg.trainer.max_steps not in (None, -1) else spec.expert.max_steps
+            )
+            self._spec = spec
+
+        def after_instantiate_classes(self):
+            cfg = self.config
+            public_docs = None
+            if cfg.public_data:
+                from flexmoe.data.documents import read_documents
+
+                public_docs = read_documents(cfg.public_data)
+            self.trainer.callbacks.extend(expert_callbacks(self._spec, cfg.out, public_docs))
+
+    argv = _expert_argv(sys.argv[1:] if args is None else list(args))
+    cli = ExpertCLI(
+        _module_class(argv),
+        TextDataModule,
+        args=argv,
+        run=False,
+        save_config_callback=None,
+        trainer_defaults={"gradient_clip_val": None, "log_every_n_steps": 10},
+        seed_everything_default=0,
+        parser_kwargs={"prog": "flexmoe train-expert", "description": train_expert_cli.__doc__.split("\n\n")[0]},
+    )
+    cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def _expert_argv(argv: list[str]) -> list[str]:
+    """Accept ``--data A B`` (the owner's text), several ``--public-data`` paths and dashed
+    option names (``--max-steps``). LightningCLI's own ``--data`` is the datamodule group, so
+    ``--data PATH...`` is shorthand for ``--data.sources '[PATH, ...]'``."""
+    from flexmoe.cli.commands import normalize_options
+
+    argv = normalize_options(argv, {"data": "list", "public_data": "list"})
+    return ["--data.sources" if a == "--data" else a for a in argv]
+
+
+def _module_class(argv: list[str]) -> type[ExpertModule]:
+    """:class:`ExpertModule`, or :class:`flexmoe.lora.LoraExpertModule` when the spec named by
+    ``--spec`` sets ``expert.lora_rank`` (a LoRA-sized expert)."""
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--spec"), None)
+    spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith("--spec=")), None)
+    if spec and Path(spec).is_file() and FederationSpec.load(spec).expert.lora_rank:
+        from flexmoe.training.lora_expert import LoraExpertModule
+
+        return LoraExpertModule
+    return ExpertModule
+
+
+def _spec_public_model(path: str) -> str:
+    return FederationSpec.load(path).public_model
+
+

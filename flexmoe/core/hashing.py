@@ -1,0 +1,80 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import hashlib
+from collections.abc import Iterator
+import torch
+from torch import nn
+from flexmoe.core.moe import MoEBlock
+
+
+def public_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The public model's tensors under their dense names, in sorted order.
+
+    For a dense model this is its state dict; for a flexmoe MoE it is expert 0 under the
+    original ``...mlp.*`` names, without routers and owner experts.
+    """
+    prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, MoEBlock)]
+    items = {}
+    for name, t in model.state_dict().items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            rest = name[len(prefix) :]
+            if not rest.startswith("experts.0."):
+                continue
+            name = prefix + rest[len("experts.0.") :]
+        items[name] = t
+    for name in sorted(items):
+        yield name, items[name]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the public model's tensors (name, dtype, shape, bytes), by sorted name.
+
+    Streams one tensor at a time; a dense model and the MoE upcycled from it (before or
+    after training the owners' experts) have the same fingerprint.
+    """
+    h = hashlib.sha256()
+    for name, t in public_state(model):
+        hash_tensor(h, name, t)
+    return h.hexdigest()
+
+
+def hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes."""
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 of an expert's tensors (name, dtype, shape, bytes, by sorted name) and metadata (sorted
+    items): the same for the same expert however its file was written, so owners and coordinator can
+    name the experts of a merge by hash."""
+    import hashlib
+
+    from flexmoe.core.hashing import hash_tensor
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        hash_tensor(h, name, tensors[name])
+    for key in sorted(metadata):
+        h.update(f"{key}={metadata[key]}\n".encode())
+    return h.hexdigest()
+
+

@@ -1,0 +1,36 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import math
+import lightning.pytorch as pl
+import torch
+
+
+def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_cosine(
+    module: pl.LightningModule, groups, *, lr, betas, warmup_steps, min_lr_ratio, max_steps, offset: int = 0,
+    total: int | None = None,
+) -> dict:
+    """AdamW over ``groups`` with linear warmup and cosine decay, stepped every optimizer step,
+    over the Trainer's ``max_steps`` (``max_steps`` when there is no Trainer or it sets none).
+
+    A run that is one piece of a longer schedule (a round of federated router tuning) passes
+    ``total`` (the whole schedule's steps) and ``offset`` (the steps before this piece)."""
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    if total is None:
+        trainer = module._trainer
+        total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_with_warmup(s + offset, warmup=warmup_steps, total=total, min_ratio=min_lr_ratio)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
