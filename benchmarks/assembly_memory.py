@@ -43,8 +43,9 @@ def _rss_mb() -> float:
 
 def child(mode: str, work: Path, n: int, fmt: str) -> None:
     """Run one assembly and print ``{"peak_mb", "baseline_mb", "wall_s"}`` as JSON."""
-    import flexmoe
     from transformers import AutoModelForCausalLM
+
+    import flexmoe
 
     paths = sorted(work.glob("artifacts/owner_*.safetensors"))[:n]
     out = work / f"out-{mode}-{n}"
@@ -68,10 +69,18 @@ def setup(work: Path, arch: str, num_artifacts: int) -> None:
     from flexmoe.core.surgery import moe_blocks
 
     config = AutoConfig.for_model(
-        arch, vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        arch,
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     public = AutoModelForCausalLM.from_config(config).eval()
     print(f"public model: {arch}, {sum(p.numel() for p in public.parameters()) / 1e6:.1f}M parameters", flush=True)
@@ -128,9 +137,16 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for n, s, m in rows:
-        cells = [n, f"{s['baseline_mb']:.0f}", f"{s['peak_mb']:.0f}", f"{s['wall_s']:.2f}",
-                 f"{m['peak_mb']:.0f}" if m else "-", f"{m['wall_s']:.2f}" if m else "-", f"{s['peak_mb'] / first:.2f}"]
-        print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)))  # fmt: skip
+        cells = [
+            n,
+            f"{s['baseline_mb']:.0f}",
+            f"{s['peak_mb']:.0f}",
+            f"{s['wall_s']:.2f}",
+            f"{m['peak_mb']:.0f}" if m else "-",
+            f"{m['wall_s']:.2f}" if m else "-",
+            f"{s['peak_mb'] / first:.2f}",
+        ]
+        print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, WIDTHS)))
 
 
 if __name__ == "__main__":

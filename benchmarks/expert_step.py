@@ -86,9 +86,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flexmoe.training.expert import ExpertModule
 from flexmoe.core.moe import router_z_loss
 from flexmoe.core.surgery import decoder_layers, moe_blocks
+from flexmoe.training.expert import ExpertModule
 
 
 @dataclass(frozen=True)

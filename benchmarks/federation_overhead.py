@@ -47,20 +47,28 @@ def build_world(root: Path, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from flexmoe.core.hashing import fingerprint
     from flexmoe.data.corpus import local_corpus, write_corpus
     from flexmoe.data.tokenizer import train_tokenizer
-    from flexmoe.training.pretrain import olmo2_config
     from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-    from flexmoe.core.hashing import fingerprint
+    from flexmoe.training.pretrain import olmo2_config
 
     corpus = local_corpus(args.max_docs, domains=["docstrings", "stdlib_code", "unicode_names"])
     data = write_corpus(corpus, root / "data")
     tok = train_tokenizer(corpus["docstrings"].train, vocab_size=args.vocab_size)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        olmo2_config(len(tok), args.hidden, args.layers, max(1, args.hidden // 32), max_position_embeddings=args.seq_len,
-                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    )  # fmt: skip
+        olmo2_config(
+            len(tok),
+            args.hidden,
+            args.layers,
+            max(1, args.hidden // 32),
+            max_position_embeddings=args.seq_len,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     public = root / "public"
     model.save_pretrained(public)
     tok.save_pretrained(public)
@@ -117,8 +125,14 @@ def flower(world: dict, root: Path) -> dict:
             d.start_supernode(owner, {"owner": owner, "data-path": str(path), "work-dir": str(root / "owners" / owner)})
         log = d.logs["superlink"]
         wait_for(lambda: log.read_text().count("Activated node_id") >= len(world["owners"]), 300, "the SuperNodes")
-        config = {"spec": str(root / "spec.json"), "expected-owners": ",".join(world["owners"]), "out-dir": str(out),
-                  "public-data": str(world["public_data"]), "router-tuning": False, "poll-interval": 1.0}  # fmt: skip
+        config = {
+            "spec": str(root / "spec.json"),
+            "expected-owners": ",".join(world["owners"]),
+            "out-dir": str(out),
+            "public-data": str(world["public_data"]),
+            "router-tuning": False,
+            "poll-interval": 1.0,
+        }
         t0 = time.perf_counter()
         run_id = d.run(ROOT / "examples" / "federation", config)
         run = d.wait(run_id, 3600, until=(out / "report.json").is_file)
@@ -154,29 +168,39 @@ def main(argv=None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     report = b["report"]
-    print(f"\nTwo owners, {args.steps} steps each (batch {args.batch_size} x {args.seq_len} tokens), OLMo-2 "
-          f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab_size}; {os.cpu_count()} CPUs\n")  # fmt: skip
+    print(
+        f"\nTwo owners, {args.steps} steps each (batch {args.batch_size} x {args.seq_len} tokens), OLMo-2 "
+        f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab_size}; {os.cpu_count()} CPUs\n"
+    )
     slowest = max(a["train_seconds"].values())
     print("| path | wall time (s) | owners' training inside (s) | vs (a) | vs slower owner of (a) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| (a) direct, one process, Lightning | {a['seconds']:.1f} | "
-          f"{' + '.join(f'{v:.1f}' for v in a['train_seconds'].values())} (one after the other) | 1.00 | "
-          f"{a['seconds'] / slowest:.2f} |")  # fmt: skip
+    print(
+        f"| (a) direct, one process, Lightning | {a['seconds']:.1f} | "
+        f"{' + '.join(f'{v:.1f}' for v in a['train_seconds'].values())} (one after the other) | 1.00 | "
+        f"{a['seconds'] / slowest:.2f} |"
+    )
     inside = [o["metrics"].get("train-seconds", float("nan")) for o in report["owners"].values()]
-    print(f"| (b) Flower deployment on loopback | {b['seconds']:.1f} | "
-          f"{', '.join(f'{v:.1f}' for v in inside)} (side by side) | {b['seconds'] / a['seconds']:.2f} | "
-          f"{b['seconds'] / slowest:.2f} |")  # fmt: skip
+    print(
+        f"| (b) Flower deployment on loopback | {b['seconds']:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in inside)} (side by side) | {b['seconds'] / a['seconds']:.2f} | "
+        f"{b['seconds'] / slowest:.2f} |"
+    )
     replies = ", ".join(f"{n} {o['seconds_to_reply']:.1f} s" for n, o in report["owners"].items())
-    print(f"\nCoordinator: {report['seconds']:.1f} s in the ServerApp (merge + routing {report['merge_seconds']:.1f} s, "
-          f"export {report['export']['seconds']:.1f} s); replies {replies} after the spec was sent")  # fmt: skip
+    print(
+        f"\nCoordinator: {report['seconds']:.1f} s in the ServerApp (merge + routing {report['merge_seconds']:.1f} s, "
+        f"export {report['export']['seconds']:.1f} s); replies {replies} after the spec was sent"
+    )
     traffic = b["run"].get("network-traffic", {})
     print(f"Flower's count of the run's traffic: {traffic}\n")
     print("| owner | bytes sent | full-model FedAvg upload (2-expert model) | ratio | dense public model | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, o in report["owners"].items():
         sent = o["upload_bytes"]
-        print(f"| {name} | {sent:,} | {world['moe_bytes']:,} | {sent / world['moe_bytes']:.3f} | "
-              f"{world['dense_bytes']:,} | {sent / world['dense_bytes']:.3f} |")  # fmt: skip
+        print(
+            f"| {name} | {sent:,} | {world['moe_bytes']:,} | {sent / world['moe_bytes']:.3f} | "
+            f"{world['dense_bytes']:,} | {sent / world['dense_bytes']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

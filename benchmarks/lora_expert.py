@@ -41,12 +41,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_spec(public: Path, args, rank: int | None, lr: float):
+    from flexmoe.core.hashing import fingerprint
     from flexmoe.formats.load import load_public_model
     from flexmoe.spec import ExpertRecipe, FederationSpec
-    from flexmoe.core.hashing import fingerprint
 
-    recipe = ExpertRecipe(max_steps=args.expert_steps, batch_size=args.expert_batch, seq_len=args.seq_len, lr=lr,
-                          warmup_steps=max(1, args.expert_steps // 10), lora_rank=rank)  # fmt: skip
+    recipe = ExpertRecipe(
+        max_steps=args.expert_steps,
+        batch_size=args.expert_batch,
+        seq_len=args.seq_len,
+        lr=lr,
+        warmup_steps=max(1, args.expert_steps // 10),
+        lora_rank=rank,
+    )
     fp = fingerprint(load_public_model(str(public)))
     return FederationSpec(public_model=str(public), fingerprint=fp, embedder=None, expert=recipe)
 
@@ -56,8 +62,8 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
     import lightning.pytorch as pl
 
     from flexmoe.data.datamodule import TextDataModule
-    from flexmoe.training.expert import ExpertModule, expert_callbacks
     from flexmoe.lora import LoraExpertModule
+    from flexmoe.training.expert import ExpertModule, expert_callbacks
 
     art = work / "experts" / f"{owner}-{variant}.safetensors"
     meta = art.with_suffix(".json")
@@ -74,11 +80,26 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
         from flexmoe.core.surgery import moe_blocks
 
         trained = sum(p.numel() for b in moe_blocks(module.model) for p in b.experts[1].parameters())
-    data = TextDataModule(str(paths[owner] / "train.jsonl"), str(public), seq_len=args.seq_len,
-                          batch_size=args.expert_batch, val_fraction=0.0, cache_dir=str(work / "cache"))  # fmt: skip
-    trainer = pl.Trainer(max_steps=args.expert_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=expert_callbacks(spec, art))  # fmt: skip
+    data = TextDataModule(
+        str(paths[owner] / "train.jsonl"),
+        str(public),
+        seq_len=args.seq_len,
+        batch_size=args.expert_batch,
+        val_fraction=0.0,
+        cache_dir=str(work / "cache"),
+    )
+    trainer = pl.Trainer(
+        max_steps=args.expert_steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=expert_callbacks(spec, art),
+    )
     t = time.perf_counter()
     trainer.fit(module, data)
     info = {"trained": trained, "train_s": round(time.perf_counter() - t, 1), "lr": lr}
@@ -115,8 +136,9 @@ def tensor_bytes(path: Path, part: str) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="/tmp/flexmoe-lora", help="cache of corpus, public model and experts")
     p.add_argument("--owners", nargs="+", default=["docstrings", "unicode_names"])
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 16])
@@ -174,10 +196,12 @@ def main(argv=None):
             lines.append((owner, variant, info["trained"], size, expert, ppl["own"], ppl["public"], info["train_s"]))
             log(f"{owner}/{variant}: upload {size} B, ppl own {ppl['own']:.2f}, public {ppl['public']:.2f}")
 
-    cfg = (f"public OLMo-2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.pretrain_steps} "
-           f"pretraining steps; experts {args.expert_steps} steps x {args.expert_batch} x {args.seq_len} tokens, "
-           f"lr {args.expert_lr:g} (LoRA {args.lora_lr or args.expert_lr:g}); "
-           f"{args.eval_tokens} held-out tokens per domain")  # fmt: skip
+    cfg = (
+        f"public OLMo-2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.pretrain_steps} "
+        f"pretraining steps; experts {args.expert_steps} steps x {args.expert_batch} x {args.seq_len} tokens, "
+        f"lr {args.expert_lr:g} (LoRA {args.lora_lr or args.expert_lr:g}); "
+        f"{args.eval_tokens} held-out tokens per domain"
+    )
     print()
     print(cfg)
     head = ["owner", "expert", "trained", "upload (B)", "expert (B)", "vs full", "ppl own", "ppl public", "train s"]
@@ -188,9 +212,17 @@ def main(argv=None):
         if variant == "full":
             full_bytes[owner] = expert
         share = f"{expert / full_bytes[owner]:.3f}" if expert is not None else ""
-        cells = [owner, variant, f"{trained:,}" if trained else "", f"{size:,}" if size else "",
-                 f"{expert:,}" if expert else "", share, f"{own:.2f}", f"{pub:.2f}",
-                 f"{secs}" if secs else ""]  # fmt: skip
+        cells = [
+            owner,
+            variant,
+            f"{trained:,}" if trained else "",
+            f"{size:,}" if size else "",
+            f"{expert:,}" if expert else "",
+            share,
+            f"{own:.2f}",
+            f"{pub:.2f}",
+            f"{secs}" if secs else "",
+        ]
         print("| " + " | ".join(cells) + " |")
     print(f"\n(total {time.perf_counter() - started:.0f} s)")
 

@@ -50,13 +50,22 @@ def make_inputs(work: Path, n: int) -> tuple[Path, list[Path]]:
     variants = [work / f"ft{i}" for i in range(n)]
     if base_dir.is_dir() and all(v.is_dir() for v in variants):
         return base_dir, variants
-    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=8192, max_position_embeddings=512,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8192,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    print(f"inputs: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama, base + {n} variants",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"inputs: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama, base + {n} variants",
+        file=sys.stderr,
+    )
     if not base_dir.is_dir():
         model.save_pretrained(base_dir)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -76,14 +85,22 @@ def configs(method: str, base: Path, models: list[Path]) -> tuple[dict, dict | N
     paths = [str(m) for m in models]
     if method == "task_arithmetic":
         ours = {"method": "task_arithmetic", "base": str(base), "models": paths}
-        theirs = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
-                  "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths]}  # fmt: skip
+        theirs = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(base),
+            "dtype": "float32",
+            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in paths],
+        }
         return ours, theirs
     trim = method.removeprefix("ties_")
     ours = {"method": "ties", "base": str(base), "models": paths, "density": DENSITY, "trim": trim}
-    theirs = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
-              "parameters": {"normalize": True},
-              "models": [{"model": p, "parameters": {"weight": 1.0, "density": DENSITY}} for p in paths]}  # fmt: skip
+    theirs = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "dtype": "float32",
+        "parameters": {"normalize": True},
+        "models": [{"model": p, "parameters": {"weight": 1.0, "density": DENSITY}} for p in paths],
+    }
     return ours, theirs
 
 
@@ -136,8 +153,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/flexmoe-merge-bench", help="inputs and outputs go here")
     parser.add_argument("--n", type=int, nargs="+", default=list(SIZES), help="numbers of fine-tuned models")
     parser.add_argument("--methods", nargs="+", default=["ties_per_tensor", "ties_global", "task_arithmetic"])
-    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
-                        help="path of mergekit-yaml (in its own venv); omit to report flexmoe alone")  # fmt: skip
+    parser.add_argument(
+        "--mergekit",
+        default=shutil.which("mergekit-yaml"),
+        help="path of mergekit-yaml (in its own venv); omit to report flexmoe alone",
+    )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both tools")
     args = parser.parse_args()
     if args.threads is not None:
@@ -185,17 +205,23 @@ def main() -> None:
 
 
 def table(rows: list[dict]) -> str:
-    header = ("| method | N | flexmoe wall s | flexmoe peak RSS MB | mergekit wall s | mergekit peak RSS MB "
-              "| time ratio | RSS ratio | max abs diff |")  # fmt: skip
+    header = (
+        "| method | N | flexmoe wall s | flexmoe peak RSS MB | mergekit wall s | mergekit peak RSS MB "
+        "| time ratio | RSS ratio | max abs diff |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, theirs = r["flexmoe"], r.get("mergekit")
         cells = [r["method"], str(r["n"]), f"{ours['wall_s']:.1f}", f"{ours['peak_rss_mb']:.0f}"]
         if theirs:
             star = "*" if "note" in theirs else ""
-            cells += [f"{theirs['wall_s']:.1f}{star}", f"{theirs['peak_rss_mb']:.0f}{star}",
-                      f"{ours['wall_s'] / theirs['wall_s']:.2f}", f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}",
-                      f"{r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "-"]  # fmt: skip
+            cells += [
+                f"{theirs['wall_s']:.1f}{star}",
+                f"{theirs['peak_rss_mb']:.0f}{star}",
+                f"{ours['wall_s'] / theirs['wall_s']:.2f}",
+                f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}",
+                f"{r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "-",
+            ]
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells) + " |")

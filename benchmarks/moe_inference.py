@@ -65,8 +65,8 @@ from torch import nn
 from tqdm import tqdm
 
 import flexmoe
-from flexmoe.routing import mlp_inputs
 from flexmoe.core.surgery import moe_blocks
+from flexmoe.routing import mlp_inputs
 
 
 @dataclass(frozen=True)
@@ -307,8 +307,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.disable(logging.WARNING)  # transformers' load reports
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    s = Shapes(args.batch, args.seq, args.hidden, args.layers, args.intermediate, args.vocab, args.heads,
-               args.heads, args.top_k)  # fmt: skip
+    s = Shapes(
+        args.batch,
+        args.seq,
+        args.hidden,
+        args.layers,
+        args.intermediate,
+        args.vocab,
+        args.heads,
+        args.heads,
+        args.top_k,
+    )
     sizes = sorted(args.experts)
     ids = torch.randint(3, s.vocab, (s.batch, s.seq), generator=torch.Generator().manual_seed(1))
     dense = public_model(s, dtype)

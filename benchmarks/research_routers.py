@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from flexmoe.routing import layer_lda
-
 from collections.abc import Sequence
+
 import torch
 from torch import nn
+
 from flexmoe.core.moe import Router
 from flexmoe.core.surgery import moe_blocks
+from flexmoe.routing import layer_lda
 
 
 class PosteriorMixRouter(nn.Module):
@@ -119,5 +120,3 @@ def prefix_lda_router(
         block.router = PrefixGatedRouter(block.router, state)
     blocks[0].register_forward_pre_hook(classify)
     return model
-
-

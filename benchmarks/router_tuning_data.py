@@ -41,16 +41,20 @@ def _parse_federated(text: str) -> tuple[int, int, float | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flexmoe.experiments import demo as D
-    from flexmoe.evaluate import perplexity
     from flexmoe.data.packing import pack_documents
+    from flexmoe.evaluate import perplexity
+    from flexmoe.experiments import demo as D
     from flexmoe.training.router_tuning import router_rounds_in_process, tune_router
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run (default sizes or not)")
     p.add_argument("--central", type=int, nargs="*", default=[100, 400], help="steps of the central rows")
-    p.add_argument("--federated", nargs="*", default=["10x10@1", "10x10", "20x5"],
-                   help="ROUNDSxLOCAL_STEPS[@SERVER_LR] (no @: the sum of the changes)")  # fmt: skip
+    p.add_argument(
+        "--federated",
+        nargs="*",
+        default=["10x10@1", "10x10", "20x5"],
+        help="ROUNDSxLOCAL_STEPS[@SERVER_LR] (no @: the sum of the changes)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -70,26 +74,45 @@ def main(argv: list[str] | None = None) -> None:
 
     def score(name: str, model, seconds: float) -> None:
         r = perplexity(model.eval(), rows, batch_size=cfg.eval_batch_size, name=name)
-        results[name] = {"average": float(r["average"]), "per_domain": {d: float(v) for d, v in r["per_domain"].items()},
-                         "seconds": round(seconds, 1)}  # fmt: skip
-        print(f"{name:<24} {r['average']:8.1f}  " + "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items())
-              + f"  ({seconds:.0f} s)", flush=True)  # fmt: skip
+        results[name] = {
+            "average": float(r["average"]),
+            "per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+            "seconds": round(seconds, 1),
+        }
+        print(
+            f"{name:<24} {r['average']:8.1f}  "
+            + "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items())
+            + f"  ({seconds:.0f} s)",
+            flush=True,
+        )
 
     score("no tuning", start(), 0.0)
     t = time.perf_counter()
-    score("proxy", D.tune_on_proxies(cfg, models, spec, run.federation, public_docs, tokenizer), time.perf_counter() - t)
+    score(
+        "proxy", D.tune_on_proxies(cfg, models, spec, run.federation, public_docs, tokenizer), time.perf_counter() - t
+    )
     for steps in args.central:
         model, t = start(), time.perf_counter()
         texts = {o: list(corpus["domains"][o].train) for o in D.OWNERS}
-        tune_router(model, proxy_documents=texts, public_documents=public_docs, tokenizer=tokenizer,
-                    recipe=dataclasses.replace(recipe, data="proxy", max_steps=steps,
-                                               warmup_steps=max(1, steps // 10)),
-                    trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
+        tune_router(
+            model,
+            proxy_documents=texts,
+            public_documents=public_docs,
+            tokenizer=tokenizer,
+            recipe=dataclasses.replace(recipe, data="proxy", max_steps=steps, warmup_steps=max(1, steps // 10)),
+            trainer_kwargs={"enable_progress_bar": False},
+        )
         score(f"central:{steps}", model, time.perf_counter() - t)
     for text in args.federated:
         rounds, local, server_lr = _parse_federated(text)
-        r = dataclasses.replace(recipe, data="owners", rounds=rounds, max_steps=rounds * local, server_lr=server_lr,
-                                warmup_steps=max(1, rounds * local // 10))  # fmt: skip
+        r = dataclasses.replace(
+            recipe,
+            data="owners",
+            rounds=rounds,
+            max_steps=rounds * local,
+            server_lr=server_lr,
+            warmup_steps=max(1, rounds * local // 10),
+        )
         model, t = start(), time.perf_counter()
         router_rounds_in_process(model, {"public": public_rows, **own}, r, seed=cfg.seed)
         score(f"federated:{text}", model, time.perf_counter() - t)

@@ -104,8 +104,9 @@ def probe(model, train: dict[str, torch.Tensor], held_out: dict[str, torch.Tenso
     out = []
     for L in range(len(feats_train[names[0]])):
         x = torch.cat([feats_train[d][L].flatten(0, 1) for d in names])
-        y = torch.cat([torch.full((feats_train[d][L].shape[0] * feats_train[d][L].shape[1],), i)
-                       for i, d in enumerate(names)])  # fmt: skip
+        y = torch.cat(
+            [torch.full((feats_train[d][L].shape[0] * feats_train[d][L].shape[1],), i) for i, d in enumerate(names)]
+        )
         predict = fit_probe(x, y, len(names))
         layer = {}
         for i, d in enumerate(names):
@@ -119,11 +120,10 @@ def probe(model, train: dict[str, torch.Tensor], held_out: dict[str, torch.Tenso
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
+    from flexmoe.core.surgery import expert_index, opt_out
+    from flexmoe.data.packing import pack_documents, spread_rows
     from flexmoe.experiments import demo as D
     from flexmoe.formats.load import load_public_model
-    from flexmoe.data.packing import pack_documents
-    from flexmoe.data.packing import spread_rows
-    from flexmoe.core.surgery import expert_index, opt_out
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", required=True, help="a finished `flexmoe demo --out DIR` run")
@@ -142,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"demo": str(run.root), "domains": {}, "probe": {}}
 
     print("\n## 1-3. Where flexolmo loses, by domain (held-out perplexity; router decisions per layer)\n")
-    print("| domain | flexolmo | right pair only | oracle | " + " | ".join(f"flexolmo / oracle, pos {b}"
-          for b in bucket_names(cfg.seq_len)) + " | right top-1 share by layer | mass on right pair by layer |")  # fmt: skip
+    print(
+        "| domain | flexolmo | right pair only | oracle | "
+        + " | ".join(f"flexolmo / oracle, pos {b}" for b in bucket_names(cfg.seq_len))
+        + " | right top-1 share by layer | mass on right pair by layer |"
+    )
     print("|---" * (7 + len(BUCKETS)) + "|")
     for d in names:
         own = run.models.public() if d == D.PUBLIC else run.models.merged([d], 2)
@@ -155,39 +158,57 @@ def main(argv: list[str] | None = None) -> None:
         f, o_, r = (nll_by_position(m, rows[d], bs) for m in (flexolmo, own, pair))
         decisions = router_decisions(flexolmo, rows[d], right, bs)
         results["domains"][d] = {
-            "flexolmo": math.exp(f.mean().item()), "right_pair_only": math.exp(r.mean().item()),
-            "oracle": math.exp(o_.mean().item()), "flexolmo_by_position": by_bucket(f),
-            "oracle_by_position": by_bucket(o_), "right_top1_share": [a for a, _ in decisions],
+            "flexolmo": math.exp(f.mean().item()),
+            "right_pair_only": math.exp(r.mean().item()),
+            "oracle": math.exp(o_.mean().item()),
+            "flexolmo_by_position": by_bucket(f),
+            "oracle_by_position": by_bucket(o_),
+            "right_top1_share": [a for a, _ in decisions],
             "right_pair_mass": [b for _, b in decisions],
-        }  # fmt: skip
+        }
         x = results["domains"][d]
-        print(f"| {d} | {x['flexolmo']:.1f} | {x['right_pair_only']:.1f} | {x['oracle']:.1f} | "
-              + " | ".join(f"{a:.0f} / {b:.0f}" for a, b in zip(x["flexolmo_by_position"], x["oracle_by_position"]))
-              + " | " + " ".join(f"{a:.2f}" for a in x["right_top1_share"])
-              + " | " + " ".join(f"{b:.2f}" for b in x["right_pair_mass"]) + " |", flush=True)  # fmt: skip
+        print(
+            f"| {d} | {x['flexolmo']:.1f} | {x['right_pair_only']:.1f} | {x['oracle']:.1f} | "
+            + " | ".join(f"{a:.0f} / {b:.0f}" for a, b in zip(x["flexolmo_by_position"], x["oracle_by_position"]))
+            + " | "
+            + " ".join(f"{a:.2f}" for a in x["right_top1_share"])
+            + " | "
+            + " ".join(f"{b:.2f}" for b in x["right_pair_mass"])
+            + " |",
+            flush=True,
+        )
     avg = {
         k: sum(results["domains"][d][k] for d in names) / len(names) for k in ("flexolmo", "right_pair_only", "oracle")
     }
     results["average"] = avg
     print(f"| **average** | {avg['flexolmo']:.1f} | {avg['right_pair_only']:.1f} | {avg['oracle']:.1f} |")
 
-    train = {d: spread_rows(pack_documents(list(run.corpus["domains"][d].train), run.tokenizer, cfg.seq_len),
-                            args.probe_rows * cfg.seq_len) for d in names}  # fmt: skip
+    train = {
+        d: spread_rows(
+            pack_documents(list(run.corpus["domains"][d].train), run.tokenizer, cfg.seq_len),
+            args.probe_rows * cfg.seq_len,
+        )
+        for d in names
+    }
     probed = {"flexolmo (router input)": flexolmo}
     for path in args.probe_model or [str(run.root / "public")]:
         if AutoTokenizer.from_pretrained(path).get_vocab() != run.tokenizer.get_vocab():
             raise SystemExit(f"--probe-model {path}: its tokenizer is not the demo run's, so the rows mean other text")
         probed[path] = load_public_model(path).eval()
-    print(f"\n## 4. Best linear classifier of the domain from one token's MLP input (held-out accuracy; chance "
-          f"{1 / len(names):.2f}; {args.probe_rows} training rows per domain)\n")  # fmt: skip
+    print(
+        f"\n## 4. Best linear classifier of the domain from one token's MLP input (held-out accuracy; chance "
+        f"{1 / len(names):.2f}; {args.probe_rows} training rows per domain)\n"
+    )
     print("| model | layer | " + " | ".join(f"{d}, pos {' / '.join(bucket_names(cfg.seq_len))}" for d in names) + " |")
     print("|---" * (2 + len(names)) + "|")
     for name, model in probed.items():
         layers = probe(model, train, rows, bs)
         results["probe"][name] = layers
         for L, layer in enumerate(layers):
-            print(f"| {name} | {L} | " + " | ".join(" / ".join(f"{v:.2f}" for v in layer[d]) for d in names) + " |",
-                  flush=True)  # fmt: skip
+            print(
+                f"| {name} | {L} | " + " | ".join(" / ".join(f"{v:.2f}" for v in layer[d]) for d in names) + " |",
+                flush=True,
+            )
     print(f"\n({time.perf_counter() - started:.0f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

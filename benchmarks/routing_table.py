@@ -89,11 +89,22 @@ def pretrain_public(work: Path, paths, args) -> Path:
     log("pretraining the public model")
     t = time.perf_counter()
     pretrain(
-        [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS], str(out), vocab_size=args.vocab,
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, seq_len=args.seq_len,
-        batch_size=args.batch_size, max_steps=args.pretrain_steps, seed=SEED, warmup_steps=max(1, args.pretrain_steps // 10),
-        val_every=args.pretrain_steps, val_batches=4, cache_dir=str(work / "cache"), progress_bar=False,
-    )  # fmt: skip
+        [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS],
+        str(out),
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.pretrain_steps,
+        seed=SEED,
+        warmup_steps=max(1, args.pretrain_steps // 10),
+        val_every=args.pretrain_steps,
+        val_batches=4,
+        cache_dir=str(work / "cache"),
+        progress_bar=False,
+    )
     TIMINGS["pretrain_s"] = round(time.perf_counter() - t, 1)
     return out
 
@@ -101,10 +112,10 @@ def pretrain_public(work: Path, paths, args) -> Path:
 def make_spec(work: Path, public: Path, paths, args):
     from transformers import AutoTokenizer
 
-    from flexmoe.owner.embed import router_embedding
-    from flexmoe.formats.load import load_public_model
-    from flexmoe.spec import ExpertRecipe, FederationSpec
     from flexmoe.core.hashing import fingerprint
+    from flexmoe.formats.load import load_public_model
+    from flexmoe.owner.embed import router_embedding
+    from flexmoe.spec import ExpertRecipe, FederationSpec
 
     path = work / "spec.json"
     if path.is_file():
@@ -112,13 +123,24 @@ def make_spec(work: Path, public: Path, paths, args):
     model = load_public_model(str(public))
     docs = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
     embedder = args.embedder or None
-    r_pub = router_embedding(docs, model, embedder=embedder, tokenizer=AutoTokenizer.from_pretrained(public),
-                             seq_len=args.seq_len)  # fmt: skip
-    recipe = ExpertRecipe(max_steps=args.expert_steps, batch_size=args.expert_batch, seq_len=args.seq_len,
-                          lr=args.expert_lr, warmup_steps=max(1, args.expert_steps // 10))  # fmt: skip
+    r_pub = router_embedding(
+        docs, model, embedder=embedder, tokenizer=AutoTokenizer.from_pretrained(public), seq_len=args.seq_len
+    )
+    recipe = ExpertRecipe(
+        max_steps=args.expert_steps,
+        batch_size=args.expert_batch,
+        seq_len=args.seq_len,
+        lr=args.expert_lr,
+        warmup_steps=max(1, args.expert_steps // 10),
+    )
     rows = r_pub[0].tolist() if embedder else r_pub.tolist()
-    spec = FederationSpec(public_model=str(public), fingerprint=fingerprint(model), embedder=embedder,
-                          public_router_embedding=rows, expert=recipe)  # fmt: skip
+    spec = FederationSpec(
+        public_model=str(public),
+        fingerprint=fingerprint(model),
+        embedder=embedder,
+        public_router_embedding=rows,
+        expert=recipe,
+    )
     spec.save(path)
     return spec
 
@@ -161,13 +183,26 @@ def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> d
         pl.seed_everything(SEED, verbose=False)
         module = ExpertModule(spec.public_model, spec, owner=owner)
         source = mixed_source(work, paths, owner, public_mix) if public_mix else paths[owner] / "train.jsonl"
-        data = TextDataModule(str(source), spec.public_model, seq_len=spec.expert.seq_len,
-                              batch_size=spec.expert.batch_size, val_fraction=0.0, cache_dir=str(work / "cache"))  # fmt: skip
+        data = TextDataModule(
+            str(source),
+            spec.public_model,
+            seq_len=spec.expert.seq_len,
+            batch_size=spec.expert.batch_size,
+            val_fraction=0.0,
+            cache_dir=str(work / "cache"),
+        )
         trainer = pl.Trainer(
-            max_steps=spec.expert.max_steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, callbacks=expert_callbacks(spec, art),
-        )  # fmt: skip
+            max_steps=spec.expert.max_steps,
+            max_epochs=-1,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=expert_callbacks(spec, art),
+        )
         trainer.fit(module, data)
         TIMINGS[f"expert_{owner}_s"] = round(time.perf_counter() - t, 1)
     return out
@@ -191,8 +226,8 @@ def assembled(public: Path, arts, top_k):
 def soup_model(public: Path, arts):
     """Dense public model whose MLPs are the uniform average of the owners' expert MLPs."""
     from flexmoe.artifacts.expert import ExpertArtifact
-    from flexmoe.merge import average
     from flexmoe.core.surgery import decoder_layers
+    from flexmoe.merge import average
 
     model = public_model(public)
     loaded = [ExpertArtifact.load(a) for a in arts]
@@ -252,8 +287,10 @@ def print_table(results, domain_names):
 def markdown_table(results, domain_names) -> str:
     """The table as Markdown: per-domain perplexity, averages, and each MoE row's top-1 share
     of the expert that owns the domain (public for the public domain), mean over layers."""
-    lines = ["| model | " + " | ".join(domain_names) + " | average | geo. avg | right-expert top-1 share |",
-             "|---" * (len(domain_names) + 4) + "|"]  # fmt: skip
+    lines = [
+        "| model | " + " | ".join(domain_names) + " | average | geo. avg | right-expert top-1 share |",
+        "|---" * (len(domain_names) + 4) + "|",
+    ]
     for name, r in results.items():
         cells = " | ".join(f"{r['per_domain'][d]:.1f}" for d in domain_names)
         share = ""
@@ -276,11 +313,17 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/flexmoe-routing", help="cache of corpus, public model, spec, experts")
     p.add_argument("--owners", nargs="+", default=None, help=f"default {' '.join(OWNERS)}")
     p.add_argument("--public-domains", nargs="+", default=None, help=f"default {' '.join(PUBLIC_DOMAINS)}")
-    p.add_argument("--harsh", action="store_true",
-                   help=f"public = {' '.join(HARSH_PUBLIC)}, owners = {' '.join(HARSH_OWNERS)} (unless given)")
+    p.add_argument(
+        "--harsh",
+        action="store_true",
+        help=f"public = {' '.join(HARSH_PUBLIC)}, owners = {' '.join(HARSH_OWNERS)} (unless given)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of pretraining and expert training")
-    p.add_argument("--router-tuning", action="store_true",
-                   help="add FlexOlmo's router tuning on proxy sets, alone and after the folded LDA router")
+    p.add_argument(
+        "--router-tuning",
+        action="store_true",
+        help="add FlexOlmo's router tuning on proxy sets, alone and after the folded LDA router",
+    )
     p.add_argument("--tuning-steps", type=int, default=100)
     p.add_argument("--docs", type=int, default=60, help="documents per domain (hash-chosen sample)")
     p.add_argument("--vocab", type=int, default=2048)
@@ -298,13 +341,21 @@ def main(argv=None):
     )
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (whole rows)")
     p.add_argument("--eval-batch", type=int, default=8)
-    p.add_argument("--stat-tokens", type=int, default=16384,
-                   help="tokens for router statistics (per owner / public), rows spread over the training text")  # fmt: skip
+    p.add_argument(
+        "--stat-tokens",
+        type=int,
+        default=16384,
+        help="tokens for router statistics (per owner / public), rows spread over the training text",
+    )
     p.add_argument("--lda-shrinkage", type=float, nargs="+", default=[0.1, 0.5])
     p.add_argument("--lda-covariance", nargs="+", choices=["public", "pooled"], default=["public", "pooled"])
     p.add_argument("--lda-temperature", type=float, nargs="+", default=[1.0])
-    p.add_argument("--public-mix", type=float, default=0.0,
-                   help="train the experts on owner text + this share of public text (own cache folder)")  # fmt: skip
+    p.add_argument(
+        "--public-mix",
+        type=float,
+        default=0.0,
+        help="train the experts on owner text + this share of public text (own cache folder)",
+    )
     p.add_argument("--skip-btm", action="store_true")
     p.add_argument("--skip-calibration", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is faster on a shared machine)")
@@ -317,10 +368,9 @@ def main(argv=None):
     import torch
     from transformers import AutoTokenizer
 
-    from flexmoe.data.packing import pack_domain
-    from flexmoe.routing import calibrate_router, class_mixture, fold_router_bias, lda_router, mlp_input_moments
     from benchmarks.research_routers import lda_mixture_router, prefix_lda_router
-    from flexmoe.data.packing import spread_rows
+    from flexmoe.data.packing import pack_domain, spread_rows
+    from flexmoe.routing import calibrate_router, class_mixture, fold_router_bias, lda_router, mlp_input_moments
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -394,23 +444,46 @@ def main(argv=None):
             tag = f"{cov_name} cov, shrink {shrink:g}"
             for T in args.lda_temperature:
                 for k in ks[-1:]:
-                    m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
-                                   cov, shrinkage=shrink, temperature=T)  # fmt: skip
+                    m = lda_router(
+                        assembled(public, [arts[o] for o in owners], k),
+                        pub_stats.mean,
+                        owner_means,
+                        cov,
+                        shrinkage=shrink,
+                        temperature=T,
+                    )
                     evaluate(f"lda/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
                     if T == 1:  # the exportable form: biases folded into the rows
-                        m = lda_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
-                                       cov, shrinkage=shrink)  # fmt: skip
+                        m = lda_router(
+                            assembled(public, [arts[o] for o in owners], k),
+                            pub_stats.mean,
+                            owner_means,
+                            cov,
+                            shrinkage=shrink,
+                        )
                         q = fold_router_bias(m, class_mixture([pub_stats, *owner_stats], cov))
                         log("folded LDA biases, q per layer " + " ".join(f"{v:.1f}" for v in q))
                         evaluate(f"lda-folded/top-{k} ({tag})", m, domains, args, results)
                         folded[tag] = m
-                m = lda_mixture_router(assembled(public, [arts[o] for o in owners], k), pub_stats.mean, owner_means,
-                                       cov, shrinkage=shrink, temperature=T)  # fmt: skip
+                m = lda_mixture_router(
+                    assembled(public, [arts[o] for o in owners], k),
+                    pub_stats.mean,
+                    owner_means,
+                    cov,
+                    shrinkage=shrink,
+                    temperature=T,
+                )
                 evaluate(f"lda-mix/top-{k} ({tag}{'' if T == 1 else f', T {T:g}'})", m, domains, args, results)
             # (d) sequence-level: causal prefix mean of layer-0 LDA scores picks the owner
             for prefix in (True, False):
-                m = prefix_lda_router(assembled(public, [arts[o] for o in owners], 2), pub_stats.mean, owner_means,
-                                      cov, shrinkage=shrink, prefix=prefix)  # fmt: skip
+                m = prefix_lda_router(
+                    assembled(public, [arts[o] for o in owners], 2),
+                    pub_stats.mean,
+                    owner_means,
+                    cov,
+                    shrinkage=shrink,
+                    prefix=prefix,
+                )
                 kind = "prefix-lda" if prefix else "layer0-lda token"
                 evaluate(f"{kind}/top-2 ({tag})", m, domains, args, results)
 
@@ -418,8 +491,8 @@ def main(argv=None):
         # (e) FlexOlmo's router tuning on proxy sets drawn from the public data (TF-IDF proxy
         # selection, the spec's default budget), alone and after the folded LDA router.
         from flexmoe.owner.proxy import select_proxy
-        from flexmoe.training.router_tuning import tune_router
         from flexmoe.spec import RouterTuningRecipe
+        from flexmoe.training.router_tuning import tune_router
 
         pub_docs = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
         proxies = {}
@@ -432,10 +505,18 @@ def main(argv=None):
         start.update({f"lda-folded ({tag})": m for tag, m in folded.items()})
         for name, m in start.items():
             t = time.perf_counter()
-            r = tune_router(m, proxy_documents=proxies, public_documents=pub_docs, tokenizer=tok, recipe=recipe,
-                            trainer_kwargs={"enable_progress_bar": False})  # fmt: skip
-            log(f"router tuning of {name}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+            r = tune_router(
+                m,
+                proxy_documents=proxies,
+                public_documents=pub_docs,
+                tokenizer=tok,
+                recipe=recipe,
+                trainer_kwargs={"enable_progress_bar": False},
+            )
+            log(
+                f"router tuning of {name}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
+                f"({time.perf_counter() - t:.0f} s)"
+            )
             evaluate(f"{name} + router tuning/top-{k}", m, domains, args, results)
 
     if not args.skip_btm:
@@ -460,9 +541,12 @@ def main(argv=None):
     payload = {
         "settings": vars(args) | {"public_domains": list(PUBLIC_DOMAINS)},
         "timings_s": TIMINGS,
-        "models": {k: {kk: vv for kk, vv in v.items() if kk != "routing"} | ({"routing": v["routing"]} if "routing" in v else {})
-                   for k, v in results.items()},
-    }  # fmt: skip
+        "models": {
+            k: {kk: vv for kk, vv in v.items() if kk != "routing"}
+            | ({"routing": v["routing"]} if "routing" in v else {})
+            for k, v in results.items()
+        },
+    }
     out.write_text(json.dumps(payload, indent=1) + "\n")
     log(f"wrote {out}")
 

@@ -7,8 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 
-from flexmoe.core.surgery import freeze_public
 from flexmoe.core.hashing import fingerprint
+from flexmoe.core.surgery import freeze_public
 
 from ._common import find_moe_model
 

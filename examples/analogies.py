@@ -218,8 +218,9 @@ def cosines(vectors: torch.Tensor | sp.spmatrix) -> torch.Tensor:
 VARIANTS = {"3CosAdd": ("3CosAdd", False), "3CosMul": ("3CosMul", True), "3CosMul, no shift": ("3CosMul", False)}
 
 
-def answer(sims: torch.Tensor, questions: Sequence[Question], method: str, shift: bool,
-           chunk: int = 512) -> torch.Tensor:  # fmt: skip
+def answer(
+    sims: torch.Tensor, questions: Sequence[Question], method: str, shift: bool, chunk: int = 512
+) -> torch.Tensor:
     """The predicted ``b*`` of every question by ``method`` (``"3CosAdd"`` or ``"3CosMul"``).
     ``shift``: map cosines to ``[0, 1]`` by ``(cos + 1) / 2`` for 3CosMul."""
     if method not in ("3CosAdd", "3CosMul"):
@@ -242,8 +243,9 @@ def answer(sims: torch.Tensor, questions: Sequence[Question], method: str, shift
     return torch.cat(preds)
 
 
-def accuracies(sims: torch.Tensor, questions: Sequence[Question],
-               variants: Sequence[str] = ("3CosAdd", "3CosMul")) -> dict[str, dict[str, float]]:  # fmt: skip
+def accuracies(
+    sims: torch.Tensor, questions: Sequence[Question], variants: Sequence[str] = ("3CosAdd", "3CosMul")
+) -> dict[str, dict[str, float]]:
     """``{variant: {relation: accuracy, ..., "all": over all questions}}`` for variants of :data:`VARIANTS`."""
     gold = torch.tensor([q.b_star for q in questions])
     out = {}
@@ -259,8 +261,7 @@ def accuracies(sims: torch.Tensor, questions: Sequence[Question],
 
 
 SHORT = {"3CosAdd": "add", "3CosMul": "mul", "3CosMul, no shift": "mul raw"}
-LEGEND = ("add: 3CosAdd; mul: 3CosMul (cosines shifted to [0, 1], ε = 0.001); "
-          "mul raw: 3CosMul on unshifted cosines")  # fmt: skip
+LEGEND = "add: 3CosAdd; mul: 3CosMul (cosines shifted to [0, 1], ε = 0.001); mul raw: 3CosMul on unshifted cosines"
 
 
 def accuracy_table(results: dict[str, dict[str, dict[str, float]]], counts: dict[str, int]) -> str:
@@ -302,8 +303,10 @@ def domain_texts(spec: str, corpus: dict) -> tuple[list[str], list[str]]:
     """``(train, val)`` documents of a domain spec: a local_corpus name, upper-cased when written in capitals."""
     name = spec.lower()
     if name not in corpus:
-        raise ValueError(f"unknown domain {spec!r}; use a local_corpus domain ({', '.join(corpus)}), "
-                         "in capitals for its upper-cased text")  # fmt: skip
+        raise ValueError(
+            f"unknown domain {spec!r}; use a local_corpus domain ({', '.join(corpus)}), "
+            "in capitals for its upper-cased text"
+        )
     d = corpus[name]
     if spec.isupper():
         return [t.upper() for t in d.train], [t.upper() for t in d.val]
@@ -329,9 +332,18 @@ def tiny_lm(seed: int, seq_len: int):
     from transformers import AutoModelForCausalLM, Olmo2Config
 
     torch.manual_seed(seed)
-    config = Olmo2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(256, seq_len),
-                         pad_token_id=None, bos_token_id=None, eos_token_id=0)  # fmt: skip
+    config = Olmo2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max(256, seq_len),
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -393,8 +405,11 @@ class ModelAnalogy:
         parts.append(f"τ_A + τ_B without − τ_C {plain:.3f}")
         if "oracle" in self.losses:
             parts.append(f"oracle fine-tuned on D {self.losses['oracle'][d]:.3f}")
-        better = [name for name, v in (("the base", base), ("the best single expert", singles[best_single]),
-                                       ("τ_A + τ_B", plain)) if ana[best] < v]  # fmt: skip
+        better = [
+            name
+            for name, v in (("the base", base), ("the best single expert", singles[best_single]), ("τ_A + τ_B", plain))
+            if ana[best] < v
+        ]
         worse = [n for n in ("the base", "the best single expert", "τ_A + τ_B") if n not in better]
         verdict_ = f"The analogy beats {_and(better) or 'none of them'}"
         if worse and better:
@@ -437,8 +452,10 @@ def model_analogy(
             experts[role] = AutoModelForCausalLM.from_pretrained(path).eval()
         for label, m in [("--base", base), *(("--experts " + r, experts[r]) for r in "ABC")]:
             if m.config.vocab_size != VOCAB:
-                raise SystemExit(f"analogies: {label} has a vocabulary of {m.config.vocab_size}; this example "
-                                 f"evaluates byte-level models (vocabulary {VOCAB}), as it saves under OUT/models/")  # fmt: skip
+                raise SystemExit(
+                    f"analogies: {label} has a vocabulary of {m.config.vocab_size}; this example "
+                    f"evaluates byte-level models (vocabulary {VOCAB}), as it saves under OUT/models/"
+                )
         log(f"loaded base {base_dir} and experts A, B, C from {', '.join(map(str, expert_dirs))}")
     else:
         base = tiny_lm(seed, seq_len)
@@ -451,13 +468,17 @@ def model_analogy(
             name = "oracle" if role == "D" else role
             model.save_pretrained(out / "models" / name)
             experts[name] = model
-            log(f"{'oracle (not used by the analogy)' if role == 'D' else 'expert ' + role}: "
-                f"{finetune_steps} steps on {roles[role]}, training loss {loss:.3f}")  # fmt: skip
+            log(
+                f"{'oracle (not used by the analogy)' if role == 'D' else 'expert ' + role}: "
+                f"{finetune_steps} steps on {roles[role]}, training loss {loss:.3f}"
+            )
 
     tau = {role: TaskVector.from_models(experts[role], base) for role in "ABC"}
     cos = tau["A"].cosine(tau["C"])
-    log(f"task vectors: |τ_A| {tau['A'].norm():.3f}, |τ_B| {tau['B'].norm():.3f}, |τ_C| {tau['C'].norm():.3f}; "
-        f"cos(τ_A, τ_C) {cos:.3f}")  # fmt: skip
+    log(
+        f"task vectors: |τ_A| {tau['A'].norm():.3f}, |τ_B| {tau['B'].norm():.3f}, |τ_C| {tau['C'].norm():.3f}; "
+        f"cos(τ_A, τ_C) {cos:.3f}"
+    )
     candidates = {"base": base}
     for role in "ABC":
         candidates[f"base + τ_{role} ({roles[role]})"] = tau[role].apply(base)
@@ -547,8 +568,10 @@ def main(
     counts = {r: n for r, n in counts.items() if n}
     if not questions:
         raise SystemExit("analogies: no question has all four words in the vocabulary; raise vocab_size")
-    log(f"{len(questions)} analogy questions with all four words in the vocabulary: "
-        + ", ".join(f"{r} {n}" for r, n in counts.items()))  # fmt: skip
+    log(
+        f"{len(questions)} analogy questions with all four words in the vocabulary: "
+        + ", ".join(f"{r} {n}" for r, n in counts.items())
+    )
     results = {"PPMI rows (sparse)": accuracies(cosines(matrix.ppmi), questions, tuple(VARIANTS))}
     cfg = MFConfig(rank=rank, epochs=epochs, seed=seed, workers=1)
     for method, r in factorize(matrix.ppmi, cfg, factorizations).items():
@@ -565,11 +588,27 @@ def main(
     print()
 
     # 2. Models: task vectors and their analogy.
-    ma = model_analogy(corpus, roles, base_domain, lambdas or (0.5, 0.75, 1.0), base_steps, finetune_steps, seq_len,
-                       batch_size, max_bytes, eval_bytes, seed, out_dir, base, experts)  # fmt: skip
+    ma = model_analogy(
+        corpus,
+        roles,
+        base_domain,
+        lambdas or (0.5, 0.75, 1.0),
+        base_steps,
+        finetune_steps,
+        seq_len,
+        batch_size,
+        max_bytes,
+        eval_bytes,
+        seed,
+        out_dir,
+        base,
+        experts,
+    )
     print()
-    print(f"task analogy: {roles['C']} : {roles['A']} :: {roles['B']} : {roles['D']}   "
-          "(θ_base + λ(τ_A + τ_B − τ_C) predicts a model for D)")  # fmt: skip
+    print(
+        f"task analogy: {roles['C']} : {roles['A']} :: {roles['B']} : {roles['D']}   "
+        "(θ_base + λ(τ_A + τ_B − τ_C) predicts a model for D)"
+    )
     print(ma.table())
     print()
     print(ma.summary())

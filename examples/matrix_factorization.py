@@ -100,8 +100,9 @@ def log(msg: str) -> None:
 # -- the matrix ----------------------------------------------------------------------------------
 
 
-def corpus_tokens(domains: Sequence[str] = PROSE_DOMAINS, max_docs_per_domain: int | None = None,
-                  corpus: dict | None = None) -> list[str]:  # fmt: skip
+def corpus_tokens(
+    domains: Sequence[str] = PROSE_DOMAINS, max_docs_per_domain: int | None = None, corpus: dict | None = None
+) -> list[str]:
     """Lower-cased ``[a-z]+`` words of every document (train and validation) of ``domains``, read
     from ``corpus`` (a :func:`~flexmoe.data.corpus.local_corpus` result) or a new local corpus."""
     if corpus is None:
@@ -127,15 +128,18 @@ class WordContextMatrix:
 
     def __str__(self) -> str:
         n = self.ppmi.shape[0]
-        return (f"{n} x {n} word-context PPMI matrix, {self.ppmi.nnz:,d} observed entries "
-                f"({self.ppmi.nnz / n / n:.1%}), from {self.tokens:,d} tokens")  # fmt: skip
+        return (
+            f"{n} x {n} word-context PPMI matrix, {self.ppmi.nnz:,d} observed entries "
+            f"({self.ppmi.nnz / n / n:.1%}), from {self.tokens:,d} tokens"
+        )
 
 
 def ppmi_matrix(tokens: Sequence[str], vocab_size: int = 3000, window: int = 2, alpha: float = 0.75):
     """The PPMI matrix of the ``vocab_size`` most frequent words (module docstring)."""
     if vocab_size < 2 or window < 1 or not 0 < alpha <= 1:
-        raise ValueError(f"ppmi_matrix needs vocab_size >= 2, window >= 1, 0 < alpha <= 1; "
-                         f"got {vocab_size}, {window}, {alpha}")  # fmt: skip
+        raise ValueError(
+            f"ppmi_matrix needs vocab_size >= 2, window >= 1, 0 < alpha <= 1; got {vocab_size}, {window}, {alpha}"
+        )
     counts = Counter(tokens)
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]]
     if len(words) < 2:
@@ -181,8 +185,10 @@ class MFConfig:
         if self.lam < 0 or self.lr <= 0:
             raise ValueError(f"MFConfig needs lam >= 0 and lr > 0, got lam={self.lam}, lr={self.lr}")
         if self.batch_size < self.p:
-            raise ValueError(f"MFConfig.batch_size ({self.batch_size}) must be >= p ({self.p}): "
-                             "each of the p workers takes batch_size // p entries per step")  # fmt: skip
+            raise ValueError(
+                f"MFConfig.batch_size ({self.batch_size}) must be >= p ({self.p}): "
+                "each of the p workers takes batch_size // p entries per step"
+            )
 
     @property
     def worker_batch(self) -> int:
@@ -224,12 +230,15 @@ def init_factors(shape: tuple[int, int], cfg: MFConfig, mean: float) -> dict[str
     """Uniform random factors whose products average ``mean`` (every method starts here)."""
     g = torch.Generator().manual_seed(cfg.seed)
     scale = 2 * math.sqrt(mean / cfg.rank)
-    return {"W": torch.rand(shape[0], cfg.rank, generator=g) * scale,
-            "H": torch.rand(shape[1], cfg.rank, generator=g) * scale}  # fmt: skip
+    return {
+        "W": torch.rand(shape[0], cfg.rank, generator=g) * scale,
+        "H": torch.rand(shape[1], cfg.rank, generator=g) * scale,
+    }
 
 
-def sgd_pass(f: dict[str, torch.Tensor], obs: Observed, idx: torch.Tensor, lr: float, batch_size: int,
-             seed: int) -> None:  # fmt: skip
+def sgd_pass(
+    f: dict[str, torch.Tensor], obs: Observed, idx: torch.Tensor, lr: float, batch_size: int, seed: int
+) -> None:
     """One pass of mini-batch SGD over the entries ``idx`` of ``obs``, in an order drawn from ``seed``,
     updating ``f`` in place. The gradient of ``L_ij`` is ``-2 e_ij h_j + 2 λ w_i / N_i`` for ``w_i``
     (and symmetrically for ``h_j``), with ``e_ij = M_ij − w_i·h_j``."""
@@ -371,8 +380,9 @@ class DSGD:
         _dsgd_init(state)
         self.pool = None
         if cfg.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            self.pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_dsgd_init, initargs=(state,))  # fmt: skip
+            self.pool = ProcessPoolExecutor(
+                cfg.workers, mp_context=multiprocessing.get_context("fork"), initializer=_dsgd_init, initargs=(state,)
+            )
 
     def run_stratum(self, cells: list[tuple[int, int]], lr: float, seeds: list[int]) -> None:
         tasks = [(b, c, lr, s) for (b, c), s in zip(cells, seeds)]
@@ -477,14 +487,20 @@ def factorize(matrix: sp.spmatrix, cfg: MFConfig, methods: Sequence[str] = METHO
             try:
                 how = f"{cfg.workers} worker processes" if dsgd.pool else "one process, blocks in turn"
                 diff = dsgd.independence_check()
-                log(f"DSGD ({how}): one stratum as run vs. its blocks one by one in reverse order: "
-                    f"max |difference| = {diff:.1e}")  # fmt: skip
+                log(
+                    f"DSGD ({how}): one stratum as run vs. its blocks one by one in reverse order: "
+                    f"max |difference| = {diff:.1e}"
+                )
                 curve, f = dsgd.train()
             finally:
                 dsgd.close()
         else:
-            train = {"sgd": train_sgd, "one-shot mixing": train_one_shot_mixing,
-                     "iterative mixing": train_iterative_mixing, "ALS": train_als}[method]  # fmt: skip
+            train = {
+                "sgd": train_sgd,
+                "one-shot mixing": train_one_shot_mixing,
+                "iterative mixing": train_iterative_mixing,
+                "ALS": train_als,
+            }[method]
             curve, f = train(obs, f0, cfg)
         out[method] = Result(curve, f, time.perf_counter() - t)
         log(f"{method}: loss/|Ω| {curve[0][1]:.4f} -> {curve[-1][1]:.4f} in {out[method].seconds:.1f}s")
@@ -573,8 +589,11 @@ def main(
     print()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = plot(results, out_dir / "mf_loss.png",
-                f"{matrix.ppmi.shape[0]}x{matrix.ppmi.shape[1]} PPMI, {matrix.ppmi.nnz:,d} entries, rank {rank}")  # fmt: skip
+    path = plot(
+        results,
+        out_dir / "mf_loss.png",
+        f"{matrix.ppmi.shape[0]}x{matrix.ppmi.shape[1]} PPMI, {matrix.ppmi.nnz:,d} entries, rank {rank}",
+    )
     log(f"plot: {path}")
     return results
 

@@ -68,8 +68,9 @@ def load_data(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, 
     from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
-    X_tr, X_te, y_tr, y_te = train_test_split(X.astype(np.float64), y, test_size=test_fraction, random_state=seed,
-                                              stratify=y)  # fmt: skip
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        X.astype(np.float64), y, test_size=test_fraction, random_state=seed, stratify=y
+    )
     mean, std = X_tr.mean(0), X_tr.std(0) + 1e-8  # some pixels are always 0
     X_tr, X_te = ((X - mean) / std for X in (X_tr, X_te))
     bias = (np.ones((len(X_tr), 1)), np.ones((len(X_te), 1)))

@@ -117,7 +117,9 @@ def perplexity(model, windows: torch.Tensor) -> float:
 def train(model, params, data, steps: int, lr: float, *, z_loss: float = 0.0) -> float:
     """Plain AdamW (beta 0.9/0.95, no weight decay, clip 1.0), as in FlexOlmo's recipe."""
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
@@ -217,8 +219,13 @@ def main(
         eos_token_id=None,
     )
     public = AutoModelForCausalLM.from_config(config)
-    loss = train(public, list(public.parameters()), batches(domains["public"][0], seq_len, batch_size, seed),
-                 public_steps, lr=3e-3)  # fmt: skip
+    loss = train(
+        public,
+        list(public.parameters()),
+        batches(domains["public"][0], seq_len, batch_size, seed),
+        public_steps,
+        lr=3e-3,
+    )
     public_dir = out_dir / "public"
     public.save_pretrained(public_dir)
     public_fp = flexmoe.fingerprint(public)
@@ -230,20 +237,32 @@ def main(
     for i, owner in enumerate(owners):
         data = batches(domains[owner][0], seq_len, batch_size, seed + 1 + i)
         model, loss = train_owner_expert(public_dir, owner, data, owner_steps, lr=3e-3, public_fp=public_fp)
-        artifact = flexmoe.ExpertArtifact.from_model(model, owner=owner, expert=owner,
-                                                     training_tokens=owner_steps * batch_size * seq_len)  # fmt: skip
+        artifact = flexmoe.ExpertArtifact.from_model(
+            model, owner=owner, expert=owner, training_tokens=owner_steps * batch_size * seq_len
+        )
         path = artifact.save(out_dir / "experts" / f"{owner}.safetensors")
         own_expert[owner] = perplexity(model, held_out[owner])
         artifact_paths.append(path)
-        log(f"owner {owner!r}: {owner_steps} steps, loss {loss:.3f}, artifact {path} "
-            f"({path.stat().st_size / 1e6:.2f} MB)")  # fmt: skip
+        log(
+            f"owner {owner!r}: {owner_steps} steps, loss {loss:.3f}, artifact {path} "
+            f"({path.stat().st_size / 1e6:.2f} MB)"
+        )
 
     # 3. The coordinator merges them with the command line tool.
     merged_dir = out_dir / "merged"
     cli = Path(sys.executable).with_name("flexmoe")
     cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "flexmoe"]
-    cmd += ["assemble", "--public", str(public_dir), "--experts", *map(str, artifact_paths),
-            "--out", str(merged_dir), "--format", "flexolmo"]  # fmt: skip
+    cmd += [
+        "assemble",
+        "--public",
+        str(public_dir),
+        "--experts",
+        *map(str, artifact_paths),
+        "--out",
+        str(merged_dir),
+        "--format",
+        "flexolmo",
+    ]
     log("$ " + " ".join(["flexmoe", *cmd[cmd.index("assemble") :]]))
     subprocess.run(cmd, check=True)
 

@@ -1,11 +1,11 @@
 """flexmoe: FlexOlmo-style federated mixture-of-experts training for PyTorch Lightning."""
 
-from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.artifacts.expert import ExpertArtifact
-from flexmoe.core.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
-from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-from flexmoe.core.surgery import add_expert, is_moe, opt_out, set_top_k, upcycle
+from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import fingerprint
+from flexmoe.core.moe import MoEBlock, MoESettings, Router, load_balancing_loss, record_router_logits, router_z_loss
+from flexmoe.core.surgery import add_expert, is_moe, opt_out, set_top_k, upcycle
+from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 
 __version__ = "0.1.0"
 

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from transformers import AutoModelForCausalLM
-
-from flexmoe.artifacts.expert import ExpertArtifact
-from flexmoe.core.surgery import PUBLIC, decoder_layers
-from flexmoe.formats.export import _effective_bias, dense_tensors, mlp_prefixes, write_checkpoint
-
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoModelForCausalLM
+
+from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError, read_safetensors_header
 from flexmoe.artifacts.load import load_expert
-from flexmoe.formats.export import tokenizer_files
 from flexmoe.core.hashing import fingerprint
+from flexmoe.core.surgery import PUBLIC, decoder_layers
+from flexmoe.formats.export import _effective_bias, dense_tensors, mlp_prefixes, tokenizer_files, write_checkpoint
 
 
 def assemble(
@@ -36,8 +34,8 @@ def assemble(
     materialised by :func:`load_expert`) are validated against it: the fingerprint must match,
     and ``spec_sha256`` too when given.
     """
-    from flexmoe.core.surgery import add_expert, is_moe, set_top_k, settings, upcycle
     from flexmoe.core.hashing import fingerprint
+    from flexmoe.core.surgery import add_expert, is_moe, set_top_k, settings, upcycle
 
     if is_moe(public_model) and settings(public_model).num_experts != 1:
         raise ValueError("assemble() takes the public model (dense, or a MoE with only the public expert)")
@@ -78,8 +76,9 @@ class _ArtifactSource:
             stub = ExpertArtifact(owner=owner, tensors={}, metadata=metadata, source=str(path))
             stub.check_identity(fingerprint=self.fingerprint, spec_sha256=spec_sha256)
             if stub.owner in self.owners:
-                raise ArtifactError(stub.owner, "owner", "a name not yet in the model", f"a second {stub.owner!r}",
-                                    source=path)  # fmt: skip
+                raise ArtifactError(
+                    stub.owner, "owner", "a name not yet in the model", f"a second {stub.owner!r}", source=path
+                )
             self.owners.append(stub.owner)
             self._router_rows.append(_read_router_rows(stub, len(self.mlp_prefixes), self.config.hidden_size))
         if top_k is not None and not 1 <= top_k <= len(self.owners):
@@ -111,8 +110,9 @@ class _ArtifactSource:
             _, emb2, bias2 = art.layer(L)
             if not (torch.equal(emb, emb2) and torch.equal(bias, bias2)):
                 changed = "different contents (the file changed during assembly)"
-                raise ArtifactError(art.owner, f"layers.{L}.router", "the contents read at the start", changed,
-                                    source=art.source)  # fmt: skip
+                raise ArtifactError(
+                    art.owner, f"layers.{L}.router", "the contents read at the start", changed, source=art.source
+                )
         return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
 
     def renormalisation_gap(self) -> float | None:
@@ -127,14 +127,20 @@ def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) ->
             present = set(f.keys())
             missing = [n for pair in names for n in pair if n not in present]
             if missing:
-                raise ArtifactError(artifact.owner, "router tensors", f"{num_layers} layers of them",
-                                    f"missing {missing[:4]}", source=artifact.source)  # fmt: skip
+                raise ArtifactError(
+                    artifact.owner,
+                    "router tensors",
+                    f"{num_layers} layers of them",
+                    f"missing {missing[:4]}",
+                    source=artifact.source,
+                )
             rows = [(f.get_tensor(e), f.get_tensor(b)) for e, b in names]
     except ArtifactError:
         raise
     except Exception as e:  # safetensors' own errors for unreadable files
-        raise ArtifactError(artifact.owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}",
-                            source=artifact.source) from e  # fmt: skip
+        raise ArtifactError(
+            artifact.owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=artifact.source
+        ) from e
     for (e, b), (emb, bias) in zip(names, rows):
         if list(emb.shape) != [hidden] or list(bias.shape) != [1]:
             got = f"{e} {list(emb.shape)}, {b} {list(bias.shape)}"
@@ -163,6 +169,6 @@ def assemble_to_dir(
     """
     public = AutoModelForCausalLM.from_pretrained(public_dir).eval()
     source = _ArtifactSource(public, artifact_paths, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)
-    return write_checkpoint(source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir))
-
-
+    return write_checkpoint(
+        source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir)
+    )

@@ -15,8 +15,6 @@ directories. ``oracle`` routing (each domain through its own model) is the bound
 
 from __future__ import annotations
 
-from flexmoe.data.packing import Documents
-
 import json
 import math
 import sys
@@ -29,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexmoe.merge import BTMEnsemble
 from flexmoe.core.moe import record_router_logits
 from flexmoe.core.surgery import is_moe, settings
-from flexmoe.data.packing import pack_domain
+from flexmoe.data.packing import Documents, pack_domain
+from flexmoe.merge import BTMEnsemble
 
 BTM_PREFIX = "btm:"
 ORACLE = "oracle"
@@ -40,10 +38,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _ENCODE_BATCH = 256
 
 
-
 # -- data ------------------------------------------------------------------------------------
-
-
 
 
 # -- one model -------------------------------------------------------------------------------
@@ -156,8 +151,10 @@ def oracle_perplexity(
     missing = [d for d in domains if d not in models]
     extra = [d for d in models if d not in domains]
     if missing or extra:
-        raise ValueError(f"oracle routing needs exactly one model per domain: domains without one {missing}, "
-                         f"models for unknown domains {extra} (domains: {list(domains)})")  # fmt: skip
+        raise ValueError(
+            f"oracle routing needs exactly one model per domain: domains without one {missing}, "
+            f"models for unknown domains {extra} (domains: {list(domains)})"
+        )
     per_domain, tokens, seconds = {}, 0, 0.0
     for domain, docs in domains.items():
         model = models[domain]
@@ -227,14 +224,18 @@ def _shared_tokenizer(dirs: list[str], tokenizer: str | None):
     reference = tokenizer_hash(tok)
     for d in with_tok:
         if d != source and tokenizer_hash(AutoTokenizer.from_pretrained(d)) != reference:
-            raise ValueError(f"the tokenizer in {d} differs from the one in {source}; "
-                             "every model in one table must share the tokenizer")  # fmt: skip
+            raise ValueError(
+                f"the tokenizer in {d} differs from the one in {source}; "
+                "every model in one table must share the tokenizer"
+            )
     sizes = {d: _config_vocab_size(d) for d in dirs}
     known = {d: v for d, v in sizes.items() if v is not None}
     if len(set(known.values())) > 1:
         listed = ", ".join(f"{d}: {v}" for d, v in known.items())
-        raise ValueError(f"the models do not share a vocabulary (vocab_size {listed}); "
-                         "every model in one table must use the same tokenizer")  # fmt: skip
+        raise ValueError(
+            f"the models do not share a vocabulary (vocab_size {listed}); "
+            "every model in one table must use the same tokenizer"
+        )
     for d, v in known.items():
         if len(tok) > v:
             raise ValueError(f"the tokenizer from {source} has {len(tok)} tokens but {d} has vocab_size {v}")
@@ -301,10 +302,15 @@ def eval_models(
         raise ValueError("no domains: give --data NAME=PATH at least once")
     oracle_dirs = parse_domains(oracle or [], what="--oracle")
     if oracle_dirs and set(oracle_dirs) != set(domains):
-        raise ValueError(f"--oracle must name one model per --data domain: domains {list(domains)}, "
-                         f"oracle domains {list(oracle_dirs)}")  # fmt: skip
-    dirs = list(dict.fromkeys([d for m in models for d in model_dirs(m)] +
-                              [d for o in oracle_dirs.values() for d in model_dirs(o)]))  # fmt: skip
+        raise ValueError(
+            f"--oracle must name one model per --data domain: domains {list(domains)}, "
+            f"oracle domains {list(oracle_dirs)}"
+        )
+    dirs = list(
+        dict.fromkeys(
+            [d for m in models for d in model_dirs(m)] + [d for o in oracle_dirs.values() for d in model_dirs(o)]
+        )
+    )
     for d in dirs:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"model directory {d!r} does not exist")
@@ -333,10 +339,20 @@ def format_table(result: dict, tokens: Mapping[str, int] | None = None) -> str:
         return ""
     domains = list(next(iter(rows.values()))["per_domain"])
     head = ["model", *domains, "average", "geo. avg", "tok/s"]
-    body = [[name, *(f"{r['per_domain'][d]:.2f}" for d in domains), f"{r['average']:.2f}",
-             f"{r['geometric_average']:.2f}", f"{r['tokens_per_s']:.0f}"] for name, r in rows.items()]  # fmt: skip
-    lines = ["held-out perplexity" + (" (" + ", ".join(f"{d}: {n} tokens" for d, n in tokens.items()) + ")"
-                                      if tokens else "")]  # fmt: skip
+    body = [
+        [
+            name,
+            *(f"{r['per_domain'][d]:.2f}" for d in domains),
+            f"{r['average']:.2f}",
+            f"{r['geometric_average']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+        ]
+        for name, r in rows.items()
+    ]
+    lines = [
+        "held-out perplexity"
+        + (" (" + ", ".join(f"{d}: {n} tokens" for d, n in tokens.items()) + ")" if tokens else "")
+    ]
     lines += _grid(head, body)
     for name, r in rows.items():
         if "routing" not in r:

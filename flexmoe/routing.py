@@ -44,20 +44,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from flexmoe.core.moe import Router
-from flexmoe.core.surgery import decoder_layers, moe_blocks
 from flexmoe.artifacts.expert import MLPInputStats
-from flexmoe.core.surgery import use_affine_routers
+from flexmoe.core.moe import Router
+from flexmoe.core.surgery import decoder_layers, moe_blocks, use_affine_routers
 from flexmoe.data.packing import spread_rows
 
-
-
-
-
-
 # -- statistics of MLP inputs ------------------------------------------------------------------
-
-
 
 
 class _Stop(Exception):
@@ -77,8 +69,10 @@ def mlp_inputs(model: nn.Module, rows: torch.Tensor, *, batch_size: int = 8) -> 
     moments, for corpora too big to hold."""
     layers = decoder_layers(model)
     seen: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = [layer.mlp.register_forward_pre_hook(lambda m, args, L=L: seen[L].append(args[0].detach()))
-               for L, layer in enumerate(layers)]  # fmt: skip
+    handles = [
+        layer.mlp.register_forward_pre_hook(lambda m, args, L=L: seen[L].append(args[0].detach()))
+        for L, layer in enumerate(layers)
+    ]
     device = next(model.parameters()).device
     was_training = model.training
     try:
@@ -280,16 +274,6 @@ def lda_router(
     return model
 
 
-
-
-
-
-
-
-
-
-
-
 __all__ = [
     "AffineRouter",
     "MLPInputStats",
@@ -308,7 +292,9 @@ __all__ = [
 # -- exportable form ---------------------------------------------------------------------------
 
 
-def constant_direction(mean: torch.Tensor, covariance: torch.Tensor, *, shrinkage: float = 0.1) -> tuple[torch.Tensor, float]:
+def constant_direction(
+    mean: torch.Tensor, covariance: torch.Tensor, *, shrinkage: float = 0.1
+) -> tuple[torch.Tensor, float]:
     """The direction ``u`` along which the MLP input is most nearly constant, scaled so that
     ``E[u . x] = 1``, and the signal-to-noise ratio ``q = mu^T Sigma^-1 mu`` of ``u . x``.
 
@@ -356,8 +342,6 @@ def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float
 # -- the default recipe, end to end ------------------------------------------------------------
 
 
-
-
 def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch_size: int = 8) -> MLPInputStats | None:
     """What an owner ships for the routing recipe (``spec.routing``): the per-layer mean (and
     covariance, for ``covariance="pooled"``) of the MLP inputs of its own 2-expert ``model`` on
@@ -369,8 +353,9 @@ def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch
     kind = recipe.owner_statistics
     if kind is None:
         return None
-    return mlp_input_moments(model, spread_rows(rows, recipe.stats_tokens), batch_size=batch_size,
-                             covariance=kind == "covariance")  # fmt: skip
+    return mlp_input_moments(
+        model, spread_rows(rows, recipe.stats_tokens), batch_size=batch_size, covariance=kind == "covariance"
+    )
 
 
 class _OnlyPublic:
@@ -387,8 +372,12 @@ class _OnlyPublic:
         s = settings(self.model)
         self.top_k, s.top_k = s.top_k, 1
         for block in moe_blocks(self.model):
-            plain = Router(block.router.weight.shape[1], block.router.weight.shape[0],
-                           dtype=block.router.weight.dtype, device=block.router.weight.device)  # fmt: skip
+            plain = Router(
+                block.router.weight.shape[1],
+                block.router.weight.shape[0],
+                dtype=block.router.weight.dtype,
+                device=block.router.weight.device,
+            )
             with torch.no_grad():
                 plain.weight.copy_(block.router.weight)
                 plain.bias.fill_(-1e30)
@@ -440,8 +429,8 @@ def route(
             FlexOlmo/Mixtral checkpoint, at some cost in routing quality (docs/routing.md);
             otherwise the routers keep their biases (:class:`AffineRouter`, native format only).
     """
-    from flexmoe.spec import RoutingRecipe
     from flexmoe.core.surgery import settings
+    from flexmoe.spec import RoutingRecipe
 
     recipe = recipe or RoutingRecipe()
     summary: dict = {"method": recipe.method}
@@ -462,16 +451,22 @@ def route(
             )
         stats.append(s)
     with _OnlyPublic(model) as public:
-        pub = mlp_input_moments(public, spread_rows(public_rows, recipe.stats_tokens), batch_size=batch_size,
-                                covariance=True)  # fmt: skip
+        pub = mlp_input_moments(
+            public, spread_rows(public_rows, recipe.stats_tokens), batch_size=batch_size, covariance=True
+        )
     if recipe.covariance == "pooled":
         every = [pub, *stats]
         cov = sum(s.covariance * s.count for s in every) / sum(s.count for s in every)
     else:
         cov = pub.covariance
     lda_router(model, pub.mean, [s.mean for s in stats], cov, shrinkage=recipe.shrinkage)
-    summary.update(covariance=recipe.covariance, shrinkage=recipe.shrinkage, public_tokens=pub.count,
-                   owner_tokens={o: s.count for o, s in zip(owners, stats)}, folded=exportable)  # fmt: skip
+    summary.update(
+        covariance=recipe.covariance,
+        shrinkage=recipe.shrinkage,
+        public_tokens=pub.count,
+        owner_tokens={o: s.count for o, s in zip(owners, stats)},
+        folded=exportable,
+    )
     if exportable:
         summary["fold_q"] = [round(q, 2) for q in fold_router_bias(model, class_mixture([pub, *stats], cov))]
     return summary

@@ -94,8 +94,10 @@ class RouterTuningRecipe:
         if self.data not in ROUTER_TUNING_DATA:
             raise ValueError(f"RouterTuningRecipe.data must be one of {ROUTER_TUNING_DATA}, got {self.data!r}")
         if self.data == "owners" and self.rounds > self.max_steps:
-            raise ValueError(f"RouterTuningRecipe: rounds={self.rounds} is more than max_steps={self.max_steps}; each "
-                             "round needs at least one local step")  # fmt: skip
+            raise ValueError(
+                f"RouterTuningRecipe: rounds={self.rounds} is more than max_steps={self.max_steps}; each "
+                "round needs at least one local step"
+            )
 
     @property
     def local_steps(self) -> int:
@@ -187,14 +189,20 @@ class FederationSpec:
     version: int = SPEC_VERSION
 
     def __post_init__(self):
-        recipes = (("expert", ExpertRecipe), ("router_tuning", RouterTuningRecipe), ("proxy", ProxyBudget),
-                   ("routing", RoutingRecipe))  # fmt: skip
+        recipes = (
+            ("expert", ExpertRecipe),
+            ("router_tuning", RouterTuningRecipe),
+            ("proxy", ProxyBudget),
+            ("routing", RoutingRecipe),
+        )
         for name, cls in recipes:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"spec.{name}"))
         if self.version != SPEC_VERSION:
-            raise ValueError(f"FederationSpec version {self.version} is not supported (this flexmoe reads {SPEC_VERSION})")
+            raise ValueError(
+                f"FederationSpec version {self.version} is not supported (this flexmoe reads {SPEC_VERSION})"
+            )
         if not self.public_model:
             raise ValueError("FederationSpec.public_model is empty")
         if len(self.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in self.fingerprint):

@@ -98,5 +98,3 @@ def train_tiny_tokenizer(texts, vocab_size: int = VOCAB * 3):
     from flexmoe.data.tokenizer import train_tokenizer
 
     return train_tokenizer(texts, vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"])
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from flexmoe.testing import VOCAB, license_texts, tiny_model, train_tiny_tokenizer
 
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
@@ -11,24 +12,9 @@ from flexmoe.testing import VOCAB, license_texts, tiny_model, train_tiny_tokeniz
 torch.set_num_threads(1)
 
 
-
-
-
-
-
-
-
 @pytest.fixture
 def ids():
     return torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,13 @@ usage: python ddp_expert.py PUBLIC_DIR DATA OUT DEVICES PER_DEVICE_BATCH
 import sys
 
 import lightning.pytorch as pl
+from flexmoe.callbacks import ExportExpert, FreezePublicModel
 
 import flexmoe
-from flexmoe.callbacks import ExportExpert, FreezePublicModel
 from flexmoe.data.datamodule import TextDataModule
-from flexmoe.training.expert import ExpertModule
 from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec
+from flexmoe.training.expert import ExpertModule
 
 public, data, out, devices, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 fp = flexmoe.fingerprint(load_public_model(public))

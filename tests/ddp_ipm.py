@@ -59,10 +59,12 @@ dm = TextDataModule(data, tokenizer=public, seq_len=32, batch_size=2, val_fracti
 # "intra-node" subgroup would be every process, i.e. plain DDP again) and the parameters are
 # averaged every `period` steps by torch's PeriodicModelAverager, which Lightning runs after each
 # optimizer step.
-state = post_localSGD.PostLocalSGDState(process_group=None, subgroup=None, start_localSGD_iter=warmup,
-                                        post_local_gradient_allreduce=False)  # fmt: skip
-strategy = DDPStrategy(ddp_comm_state=state, ddp_comm_hook=post_localSGD.post_localSGD_hook,
-                       model_averaging_period=period)  # fmt: skip
+state = post_localSGD.PostLocalSGDState(
+    process_group=None, subgroup=None, start_localSGD_iter=warmup, post_local_gradient_allreduce=False
+)
+strategy = DDPStrategy(
+    ddp_comm_state=state, ddp_comm_hook=post_localSGD.post_localSGD_hook, model_averaging_period=period
+)
 trainer = pl.Trainer(
     accelerator="cpu",
     devices=2,

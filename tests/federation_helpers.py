@@ -131,17 +131,30 @@ class Deployment:
         log = self.root / f"{name}.log"
         self.logs[name] = log
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env(name),
-                                    cwd=self.root, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=self.env(name), cwd=self.root, start_new_session=True
+            )
         self.procs[name] = proc
         return proc
 
     def start_superlink(self) -> None:
-        argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]  # fmt: skip
+        argv = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.tls:
-            argv += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
-                     "--ssl-keyfile", str(self.certs["key"])]  # fmt: skip
+            argv += [
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["cert"]),
+                "--ssl-keyfile",
+                str(self.certs["key"]),
+            ]
         else:
             argv += ["--insecure"]
         if self.auth:
@@ -160,8 +173,15 @@ class Deployment:
         config = " ".join(
             f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in node_config.items()
         )
-        argv = [str(BIN / "flower-supernode"), "--superlink", self.address, "--node-config", config,
-                "--port", str(free_port())]  # fmt: skip
+        argv = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            self.address,
+            "--node-config",
+            config,
+            "--port",
+            str(free_port()),
+        ]
         argv += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
         if self.auth:
             private, public = make_supernode_key(self.root / "keys", name)
@@ -172,8 +192,15 @@ class Deployment:
     def flwr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         env = self.env("cli")
         env["FLWR_HOME"] = str(self.cli_home)
-        result = subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=self.root, capture_output=True, text=True,
-                                timeout=timeout, check=False)  # fmt: skip
+        result = subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result

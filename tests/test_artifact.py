@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 import flexmoe
 from flexmoe import ArtifactError, ExpertArtifact
 from flexmoe.core.surgery import moe_blocks
-
 from flexmoe.testing import perturb_, tiny_model
 
 
@@ -94,7 +93,9 @@ def test_shape_mismatch_against_the_public_model(tmp_path):
     other = trained_expert(intermediate_size=40)
     path = ExpertArtifact.from_model(other, owner="bob").save(tmp_path / "bob.safetensors")
     art = ExpertArtifact.load(path)
-    with pytest.raises(ArtifactError, match=r"'bob'.*shape of layers\.0\.expert\.\w+_proj\.weight: expected \[\d+, \d+\], got"):
+    with pytest.raises(
+        ArtifactError, match=r"'bob'.*shape of layers\.0\.expert\.\w+_proj\.weight: expected \[\d+, \d+\], got"
+    ):
         art.validate(tiny_model())
 
 
@@ -107,7 +108,9 @@ def test_dtype_mismatch_against_the_public_model(tmp_path):
 
 def test_dtype_disagreeing_with_metadata(artifact):
     _, path, _ = artifact
-    rewrite(path, tensors={"layers.0.expert.up_proj.weight": load_file(str(path))["layers.0.expert.up_proj.weight"].half()})
+    rewrite(
+        path, tensors={"layers.0.expert.up_proj.weight": load_file(str(path))["layers.0.expert.up_proj.weight"].half()}
+    )
     with pytest.raises(ArtifactError, match="dtype of layers.0.expert.up_proj.weight: expected F32, got F16"):
         ExpertArtifact.load(path)
 
@@ -152,7 +155,9 @@ def test_non_finite_values(artifact, bad):
     w = load_file(str(path))["layers.1.expert.gate_proj.weight"]
     w[3, 4] = bad
     rewrite(path, tensors={"layers.1.expert.gate_proj.weight": w})
-    with pytest.raises(ArtifactError, match=r"values of layers\.1\.expert\.gate_proj\.weight: expected finite numbers, got 1 NaN/Inf"):
+    with pytest.raises(
+        ArtifactError, match=r"values of layers\.1\.expert\.gate_proj\.weight: expected finite numbers, got 1 NaN/Inf"
+    ):
         ExpertArtifact.load(path)
 
 
@@ -190,7 +195,9 @@ def test_pickle_is_recognised_and_never_loaded(tmp_path):
 
 def test_random_and_malformed_bytes(tmp_path):
     path = tmp_path / "noise.safetensors"
-    path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    path.write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    )
     with pytest.raises(ArtifactError, match="header length"):
         ExpertArtifact.load(path)
     header = b"{not json"

@@ -10,14 +10,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from flexmoe.testing import LICENSES
-from flexmoe.testing import VOCAB, perturb_, tiny_config, tiny_model, train_tiny_tokenizer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe.data.corpus import split_module
 from flexmoe.data.packing import pack_domain
 from flexmoe.merge import BTMEnsemble, btm_average
+from flexmoe.testing import LICENSES, VOCAB, perturb_, tiny_config, tiny_model, train_tiny_tokenizer
 from flexmoe.training.pretrain import PretrainModule
 
 
@@ -172,10 +171,21 @@ def _train_lm(rows, config, steps=60):
     """A tiny OLMo-2 branched from one seed (the same init for every domain), trained with Lightning."""
     pl.seed_everything(0)
     module = PretrainModule(config.to_dict(), lr=1e-2, warmup_steps=4, max_steps=steps, weight_decay=0.0)
-    loader = DataLoader(rows, batch_size=8, shuffle=True, collate_fn=lambda b: {"input_ids": torch.stack(b)},
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    loader = DataLoader(
+        rows,
+        batch_size=8,
+        shuffle=True,
+        collate_fn=lambda b: {"input_ids": torch.stack(b)},
+        generator=torch.Generator().manual_seed(0),
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     return module.model.eval()
 
@@ -184,8 +194,10 @@ def _train_lm(rows, config, steps=60):
 def domains():
     """{"code"|"prose": (model, held-out rows [8, 48])}: one expert per domain, one tokenizer. The
     held-out rows are spread over the held-out text, skipping the first (a module's imports)."""
-    texts = {"code": (_python_sources(CODE_TRAIN), _python_sources(CODE_HELD_OUT)),
-             "prose": (_licences(PROSE_TRAIN), _licences(PROSE_HELD_OUT))}  # fmt: skip
+    texts = {
+        "code": (_python_sources(CODE_TRAIN), _python_sources(CODE_HELD_OUT)),
+        "prose": (_licences(PROSE_TRAIN), _licences(PROSE_HELD_OUT)),
+    }
     tok = train_tiny_tokenizer([t for train, _ in texts.values() for t in train])
     config = tiny_config("olmo2", vocab_size=len(tok), max_position_embeddings=128)
     out = {}
@@ -220,7 +232,9 @@ def test_ema_prior_moves_toward_the_held_out_domain(domains):
         expected = torch.full((2,), 0.5, dtype=torch.float64)
         for row in rows[:4]:
             with torch.no_grad():
-                ll = torch.stack([-m(row[None], labels=row[None]).loss.double() * (row.numel() - 1) for m in (code, prose)])
+                ll = torch.stack(
+                    [-m(row[None], labels=row[None]).loss.double() * (row.numel() - 1) for m in (code, prose)]
+                )
             expected = 0.7 * expected + 0.3 * torch.softmax(ll, 0)
         torch.testing.assert_close(prior.double(), expected, atol=1e-5, rtol=0)
         # more held-out sequences, or a larger alpha, move it further
@@ -311,8 +325,14 @@ def test_generate_samples_reproducibly_and_stops_at_eos(ids):
     assert torch.equal(a, b) and a.shape == (2, 12)
     # the first sampled token declared EOS: those sequences end and are padded from then on
     eos = int(a[0, 4])
-    c = ensemble.generate(prompt, max_new_tokens=8, do_sample=True, eos_token_id=eos, pad_token_id=0,
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    c = ensemble.generate(
+        prompt,
+        max_new_tokens=8,
+        do_sample=True,
+        eos_token_id=eos,
+        pad_token_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert c[0, 4] == eos and (c[0, 5:] == 0).all()
     assert torch.equal(ensemble.generate(prompt, max_new_tokens=0), prompt)
 
@@ -341,6 +361,8 @@ def test_btm_average_with_the_fitted_prior(domains):
     ensemble = BTMEnsemble([code, prose], prior="ema", held_out=code_rows[:4])
     averaged = btm_average(ensemble.members, ensemble.prior)
     with torch.no_grad():
-        nll = {name: m(code_rows, labels=code_rows).loss.item() for name, m in
-               [("avg", averaged), ("code", code), ("prose", prose)]}  # fmt: skip
+        nll = {
+            name: m(code_rows, labels=code_rows).loss.item()
+            for name, m in [("avg", averaged), ("code", code), ("prose", prose)]
+        }
     assert nll["avg"] < nll["prose"]  # weighted toward the code expert, it models code better than prose's

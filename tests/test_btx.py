@@ -7,15 +7,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from flexmoe.testing import LICENSES
-from flexmoe.testing import VOCAB, perturb_, tiny_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
+from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 from flexmoe.data.packing import pack_domain
 from flexmoe.merge import MoEFinetune, btx
-from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
+from flexmoe.testing import LICENSES, VOCAB, perturb_, tiny_model
 
 
 def _logits(model, ids):
@@ -39,8 +38,14 @@ def test_identical_experts_give_the_seed_model(arch, router_init, top_k, ids):
     experts = [tiny_model(arch) for _ in range(2)]
     hidden = seed.config.hidden_size
     embeddings = [torch.randn(hidden, generator=torch.Generator().manual_seed(j)) for j in range(3)]
-    moe = btx(experts, seed, router_init=router_init, top_k=top_k, seed=5,
-              embeddings=embeddings if router_init == "embedding" else None).eval()  # fmt: skip
+    moe = btx(
+        experts,
+        seed,
+        router_init=router_init,
+        top_k=top_k,
+        seed=5,
+        embeddings=embeddings if router_init == "embedding" else None,
+    ).eval()
     assert settings(moe).num_experts == 3 and settings(moe).top_k == top_k and settings(moe).normalize
     assert (_logits(moe, ids) - _logits(seed, ids)).abs().max() <= 1e-5
     router = moe_blocks(moe)[0].router.weight
@@ -70,7 +75,9 @@ def test_experts_are_the_dense_mlps_and_the_rest_is_their_average(ids):
         checked += 1
     assert checked > 10  # embeddings, attention, norms, head
     # the inputs were not modified, and without a seed model only the expert LMs are mixed
-    assert torch.equal(seed.model.layers[0].self_attn.q_proj.weight, states[0]["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        seed.model.layers[0].self_attn.q_proj.weight, states[0]["model.layers.0.self_attn.q_proj.weight"]
+    )
     two = btx(experts, names=["wiki"])
     assert settings(two).owners == ["public", "wiki"] and len(moe_blocks(two)[0].experts) == 2
     q = "model.layers.1.self_attn.q_proj.weight"
@@ -121,10 +128,22 @@ def _public_branches(public_dir, n=2):
 
 
 def _finetune(module, rows, steps=12):
-    loader = DataLoader(rows, batch_size=4, shuffle=True, collate_fn=lambda b: {"input_ids": torch.stack(b)},
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
+    loader = DataLoader(
+        rows,
+        batch_size=4,
+        shuffle=True,
+        collate_fn=lambda b: {"input_ids": torch.stack(b)},
+        generator=torch.Generator().manual_seed(0),
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     trainer.fit(module, loader)
     return trainer
 

@@ -21,9 +21,7 @@ from transformers import AutoModelForCausalLM
 import flexmoe
 from flexmoe.cli.commands import main, normalize_argv
 from flexmoe.core.surgery import moe_blocks
-
-from flexmoe.testing import LICENSES
-from flexmoe.testing import perturb_, tiny_model
+from flexmoe.testing import LICENSES, perturb_, tiny_model
 
 OWNERS = ["alice", "bob"]
 
@@ -83,8 +81,19 @@ def artifacts(public_dir, tmp_path_factory):
 def merged_dir(public_dir, artifacts, tmp_path_factory):
     """``flexmoe assemble`` run as a subprocess, with the spellings of the issue text."""
     out = tmp_path_factory.mktemp("merged") / "model"
-    r = run_cli("assemble", "--public", public_dir, "--experts", *artifacts, "--out", out,
-                "--format", "flexolmo", "--top-k", "2")  # fmt: skip
+    r = run_cli(
+        "assemble",
+        "--public",
+        public_dir,
+        "--experts",
+        *artifacts,
+        "--out",
+        out,
+        "--format",
+        "flexolmo",
+        "--top-k",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     return out
@@ -116,15 +125,17 @@ def test_truncated_artifact_names_owner_and_problem(capsys, public_dir, artifact
     data = artifacts[1].read_bytes()
     cut = tmp_path / "bob.safetensors"
     cut.write_bytes(data[: len(data) // 2])
-    code, _, err = run_main(capsys, "assemble", "--public", public_dir, "--experts", artifacts[0], cut,
-                            "--out", tmp_path / "out")  # fmt: skip
+    code, _, err = run_main(
+        capsys, "assemble", "--public", public_dir, "--experts", artifacts[0], cut, "--out", tmp_path / "out"
+    )
     assert code == 1
     assert err.startswith("flexmoe: error: ") and "'bob'" in err and "truncated" in err
 
 
 def test_artifact_from_another_public_model_is_refused(capsys, public_dir, tmp_path):
-    other = flexmoe.core.surgery(tiny_model("olmo2", seed=7, vocab_size=load_public(public_dir).config.vocab_size), 1,
-                            owners=["carol"])  # fmt: skip
+    other = flexmoe.core.surgery(
+        tiny_model("olmo2", seed=7, vocab_size=load_public(public_dir).config.vocab_size), 1, owners=["carol"]
+    )
     path = flexmoe.ExpertArtifact.from_model(other, owner="carol").save(tmp_path / "carol.safetensors")
     code, _, err = run_main(capsys, "assemble", "--public", public_dir, "--experts", path, "--out", tmp_path / "out")
     assert code == 1
@@ -132,8 +143,9 @@ def test_artifact_from_another_public_model_is_refused(capsys, public_dir, tmp_p
 
 
 def test_missing_public_model_is_one_line(capsys, artifacts, tmp_path):
-    code, _, err = run_main(capsys, "assemble", "--public", tmp_path / "nowhere", "--experts", *artifacts,
-                            "--out", tmp_path / "out")  # fmt: skip
+    code, _, err = run_main(
+        capsys, "assemble", "--public", tmp_path / "nowhere", "--experts", *artifacts, "--out", tmp_path / "out"
+    )
     assert code == 1
     assert err.startswith("flexmoe: error: ") and len(err.strip().splitlines()) == 1
 
@@ -148,8 +160,9 @@ def test_opt_out_then_add_expert_restores_the_model(capsys, merged_dir, artifact
 
     back = tmp_path / "back"
     # top-k is a number on disk: 2 of 2 experts reopens as "all", so say again that it is 2
-    code, _, err = run_main(capsys, "add-expert", "--model", without_bob, "--expert", artifacts[1], "--out", back,
-                            "--top-k", "2")  # fmt: skip
+    code, _, err = run_main(
+        capsys, "add-expert", "--model", without_bob, "--expert", artifacts[1], "--out", back, "--top-k", "2"
+    )
     assert code == 0, err
     with torch.no_grad():
         restored = AutoModelForCausalLM.from_pretrained(back).eval()(ids).logits
@@ -176,8 +189,11 @@ def test_export_to_native_reopens_with_flexmoe_load(capsys, merged_dir, tmp_path
 def test_config_file_gives_the_same_command(capsys, public_dir, artifacts, tmp_path):
     config = tmp_path / "assemble.yaml"
     out = tmp_path / "from_config"
-    config.write_text(yaml.safe_dump({"public": str(public_dir), "experts": [str(a) for a in artifacts],
-                                      "out": str(out), "format": "native"}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {"public": str(public_dir), "experts": [str(a) for a in artifacts], "out": str(out), "format": "native"}
+        )
+    )
     code, _, err = run_main(capsys, "assemble", "--config", config)
     assert code == 0, err
     assert flexmoe.load(out).config.model_type == "olmo2"
@@ -185,25 +201,56 @@ def test_config_file_gives_the_same_command(capsys, public_dir, artifacts, tmp_p
 
 def test_argv_spellings():
     assert normalize_argv(["assemble", "--top-k", "2", "--experts", "a b", "c", "--normalize", "--out", "o"]) == [
-        "assemble", "--top_k", "2", "--normalize=true", "--out", "o", "--experts", '["a b", "c"]',
-    ]  # fmt: skip
+        "assemble",
+        "--top_k",
+        "2",
+        "--normalize=true",
+        "--out",
+        "o",
+        "--experts",
+        '["a b", "c"]',
+    ]
     # a repeated list option collects its values
     assert normalize_argv(["eval", "--model", "a", "--data", "x=1", "--model", "b"]) == [
-        "eval", "--model", '["a", "b"]', "--data", '["x=1"]',
-    ]  # fmt: skip
+        "eval",
+        "--model",
+        '["a", "b"]',
+        "--data",
+        '["x=1"]',
+    ]
     # jsonargparse's own syntax passes through untouched
     assert normalize_argv(["assemble", "--experts", "[a, b]", "--normalize", "false", "--experts+", "c"]) == [
-        "assemble", "--experts", "[a, b]", "--normalize", "false", "--experts+", "c",
-    ]  # fmt: skip
+        "assemble",
+        "--experts",
+        "[a, b]",
+        "--normalize",
+        "false",
+        "--experts+",
+        "c",
+    ]
     assert normalize_argv(["opt-out", "--print-config"]) == ["opt-out", "--print_config"]
 
 
 def test_eval_command_scores_each_model_as_given(capsys, public_dir, merged_dir, tmp_path):
     out = tmp_path / "eval.json"
     code, stdout, err = run_main(
-        capsys, "eval", "--model", public_dir, "--model", merged_dir, "--data", f"gpl={LICENSES}/GPL-3",
-        "--data", f"apache={LICENSES}/Apache-2.0", "--json", out, "--seq-len", 32, "--max-tokens", 640,
-    )  # fmt: skip
+        capsys,
+        "eval",
+        "--model",
+        public_dir,
+        "--model",
+        merged_dir,
+        "--data",
+        f"gpl={LICENSES}/GPL-3",
+        "--data",
+        f"apache={LICENSES}/Apache-2.0",
+        "--json",
+        out,
+        "--seq-len",
+        32,
+        "--max-tokens",
+        640,
+    )
     assert code == 0, err
     result = json.loads(out.read_text())["models"]
     assert set(result) == {str(public_dir), str(merged_dir)}
@@ -217,7 +264,9 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
     perturb_(tuned, seed=3)
     tuned.save_pretrained(tmp_path / "tuned")
     recipe = tmp_path / "ties.yaml"
-    recipe.write_text(yaml.safe_dump({"method": "ties", "base": str(public_dir), "models": [str(tmp_path / "tuned")], "density": 0.5}))
+    recipe.write_text(
+        yaml.safe_dump({"method": "ties", "base": str(public_dir), "models": [str(tmp_path / "tuned")], "density": 0.5})
+    )
     code, _, err = run_main(capsys, "merge", recipe, "--out", tmp_path / "merged")
     assert code == 0, err
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == tuned.config.vocab_size
@@ -228,8 +277,7 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
 
 def test_option_kinds_read_pep604_hints():
     """``list[str] | None`` is a list option just like ``Optional[list[str]]``."""
-    from flexmoe.cli.commands import _option_kinds
-    from flexmoe.cli.commands import assemble
+    from flexmoe.cli.commands import _option_kinds, assemble
 
     def command(a: list[str] | None = None, c: bool = False, d: int | None = None):
         pass

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flexmoe.testing import perturb_, tiny_model
 
 from flexmoe.merge import dare, task_arithmetic, ties
+from flexmoe.testing import perturb_, tiny_model
 
 
 def _state(seed, n=2000, scale=1.0):
@@ -78,8 +78,9 @@ def test_dare_then_ties_elects_signs_among_survivors():
     assert (merged == 2.0).float().mean() == pytest.approx(0.5, abs=0.1)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"drop": 1.0}, "drop"), ({"drop": -0.1}, "drop"),
-                                          ({"drop": 0.5, "then": "magnitude"}, "then")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs,match", [({"drop": 1.0}, "drop"), ({"drop": -0.1}, "drop"), ({"drop": 0.5, "then": "magnitude"}, "then")]
+)
 def test_bad_settings_are_refused(kwargs, match):
     base = _state(0)
     with pytest.raises(ValueError, match=match):

@@ -11,13 +11,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from flexmoe.data.datamodule import datamodule as data
 from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.datamodule import datamodule as data
 from flexmoe.data.documents import read_documents, split_documents
 from flexmoe.data.tokenizer import train_tokenizer
-
-from flexmoe.testing import LICENSES
-from flexmoe.testing import license_texts
+from flexmoe.testing import LICENSES, license_texts
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +340,13 @@ def test_lightning_trainer_drives_the_datamodule(tmp_path, tokenizer):
     dm = datamodule(paragraphs_file(tmp_path, n=40), tokenizer, tmp_path, seq_len=16, val_fraction=0.2)
     model = TinyLM()
     trainer = L.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
     )
     trainer.fit(model, dm)
     assert model.seen == dm.num_train_tokens and "val_loss" in trainer.callback_metrics

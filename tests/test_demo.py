@@ -21,13 +21,35 @@ from flexmoe.experiments.demo import OWNERS, DemoConfig, findings, markdown_tabl
 # Smaller than --fast, so the end-to-end run takes 2-3 minutes on a loaded 2-core machine
 # (most of it is Ray starting the simulated owners).
 OVERRIDES = {
-    "docs_per_domain": 12, "vocab_size": 320, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "seq_len": 32,
-    "pretrain_steps": 20, "expert_steps": 8, "router_tuning_steps": 4, "router_tuning_rounds": 2, "btx_finetune_steps": 4,
-    "unrestricted_steps": 6, "joint_batch_size": 4, "eval_tokens": 256, "weighted_soup_prefix": 8,
-}  # fmt: skip
+    "docs_per_domain": 12,
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "seq_len": 32,
+    "pretrain_steps": 20,
+    "expert_steps": 8,
+    "router_tuning_steps": 4,
+    "router_tuning_rounds": 2,
+    "btx_finetune_steps": 4,
+    "unrestricted_steps": 6,
+    "joint_batch_size": 4,
+    "eval_tokens": 256,
+    "weighted_soup_prefix": 8,
+}
 DOMAINS = ["public", *OWNERS]
-METHOD_KEYS = ["public", *(f"expert:{o}" for o in OWNERS), "soup", "weighted_soup", "btm", "btx", "flexolmo_no_rt",
-               "flexolmo", "unrestricted", "oracle"]  # fmt: skip
+METHOD_KEYS = [
+    "public",
+    *(f"expert:{o}" for o in OWNERS),
+    "soup",
+    "weighted_soup",
+    "btm",
+    "btx",
+    "flexolmo_no_rt",
+    "flexolmo",
+    "unrestricted",
+    "oracle",
+]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +118,8 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flexmoe.data.documents import read_documents
-    from flexmoe.data.packing import pack_domain
+    from flexmoe.data.packing import pack_domain, spread_rows
     from flexmoe.evaluate import perplexity
-    from flexmoe.data.packing import spread_rows
 
     out, report = run
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
@@ -106,8 +127,10 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     assert report["settings"]["export"]["max_abs_logit_diff"] <= 1e-4
     tok = AutoTokenizer.from_pretrained(out / "model")
     cfg = report["settings"]["config"]
-    rows = spread_rows(pack_domain(read_documents(str(out / "data" / "licenses" / "val.jsonl")), tok, cfg["seq_len"]),
-                       cfg["eval_tokens"])  # fmt: skip
+    rows = spread_rows(
+        pack_domain(read_documents(str(out / "data" / "licenses" / "val.jsonl")), tok, cfg["seq_len"]),
+        cfg["eval_tokens"],
+    )
     with torch.inference_mode():
         assert torch.isfinite(model(input_ids=rows[:2]).logits).all()
     ppl = perplexity(model, {"licenses": rows}, batch_size=cfg["eval_batch_size"])["per_domain"]["licenses"]
@@ -117,8 +140,8 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
 def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
     """DemoRun.open (what the benchmarks start from) rebuilds the held-out rows and models the
     report was measured on: every expert row and flexolmo give the report's figures again."""
-    from flexmoe.experiments.demo import DemoRun
     from flexmoe.evaluate import perplexity
+    from flexmoe.experiments.demo import DemoRun
 
     out, report = run
     again = DemoRun.open(out)
@@ -134,8 +157,16 @@ def test_read_corpus_splits_the_public_text_into_its_parts_and_refuses_what_does
     from flexmoe.experiments.demo import PUBLIC, PUBLIC_DOMAINS, read_corpus
 
     val = {PUBLIC: ["code a", "code b", "topic c"]}
-    docs = {d: Domain(name=d, description=d, source="test", train=[f"{d} train {i}" for i in range(3)],
-                      val=val.get(d, [f"{d} val {i}" for i in range(2)])) for d in (PUBLIC, *OWNERS)}  # fmt: skip
+    docs = {
+        d: Domain(
+            name=d,
+            description=d,
+            source="test",
+            train=[f"{d} train {i}" for i in range(3)],
+            val=val.get(d, [f"{d} val {i}" for i in range(2)]),
+        )
+        for d in (PUBLIC, *OWNERS)
+    }
     write_corpus(docs, tmp_path)
     first, second = PUBLIC_DOMAINS
     corpus = read_corpus(tmp_path, {first: 2, second: 1})
@@ -182,8 +213,10 @@ def test_report_md_bolds_the_best_of_every_column(run):
     for j, column in enumerate(head[1:], start=1):
         bold = [row[0] for row in body if row[j].startswith("**")]
         assert bold, column
-        best = min((r for m, r in report["methods"].items() if m != "oracle"),
-                   key=lambda r: r["average"] if column == "average" else r["per_domain"][column])  # fmt: skip
+        best = min(
+            (r for m, r in report["methods"].items() if m != "oracle"),
+            key=lambda r: r["average"] if column == "average" else r["per_domain"][column],
+        )
         value = best["average"] if column == "average" else best["per_domain"][column]
         assert any(row[j] == f"**{value:.1f}**" for row in body), column
     assert "## What the numbers mean" in text and "flexolmo" in text

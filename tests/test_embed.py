@@ -8,9 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.owner.embed import init_router, load_embedder, projection, resolve_embedder, router_embedding
 from flexmoe.core.surgery import decoder_layers, moe_blocks
-
+from flexmoe.owner.embed import init_router, load_embedder, projection, resolve_embedder, router_embedding
 from flexmoe.testing import license_texts, perturb_, tiny_model
 
 LICENCE = [

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flexmoe.testing import LICENSES
-from flexmoe.testing import perturb_, tiny_model, train_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.evaluate import eval_models, perplexity
-from flexmoe.data.packing import pack_domain
-from flexmoe.merge import BTMEnsemble
 from flexmoe.core.surgery import moe_blocks
+from flexmoe.data.packing import pack_domain
+from flexmoe.evaluate import eval_models, perplexity
+from flexmoe.merge import BTMEnsemble
+from flexmoe.testing import LICENSES, perturb_, tiny_model, train_tiny_tokenizer
 
 SEQ = 32
 DATA = [f"gpl={LICENSES}/GPL-3", f"apache={LICENSES}/Apache-2.0"]

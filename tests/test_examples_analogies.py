@@ -29,9 +29,19 @@ def load_example(name: str):
 
 an = load_example("analogies")
 SMALL = {
-    "max_docs_per_domain": 40, "vocab_size": 1500, "rank": 8, "epochs": 3, "factorizations": ["ALS"], "base_steps": 6,
-    "finetune_steps": 4, "seq_len": 64, "batch_size": 4, "max_bytes": 20_000, "eval_bytes": 4096, "lambdas": [0.5, 1.0],
-}  # fmt: skip
+    "max_docs_per_domain": 40,
+    "vocab_size": 1500,
+    "rank": 8,
+    "epochs": 3,
+    "factorizations": ["ALS"],
+    "base_steps": 6,
+    "finetune_steps": 4,
+    "seq_len": 64,
+    "batch_size": 4,
+    "max_bytes": 20_000,
+    "eval_bytes": 4096,
+    "lambdas": [0.5, 1.0],
+}
 
 
 def test_both_rules_solve_an_exact_parallelogram():
@@ -85,9 +95,21 @@ def test_example_reports_3cosmul_vs_3cosadd_honestly_and_reloads_its_models(tmp_
         SMALL["max_docs_per_domain"], domains=sorted({*(s.lower() for s in roles.values()), "pydoc_topics"})
     )
     again = an.model_analogy(
-        corpus, roles, "pydoc_topics", SMALL["lambdas"], 0, 0, SMALL["seq_len"], SMALL["batch_size"],
-        SMALL["max_bytes"], SMALL["eval_bytes"], 0, tmp_path / "unused", str(models / "base"), [str(models / r) for r in "ABC"],
-    )  # fmt: skip
+        corpus,
+        roles,
+        "pydoc_topics",
+        SMALL["lambdas"],
+        0,
+        0,
+        SMALL["seq_len"],
+        SMALL["batch_size"],
+        SMALL["max_bytes"],
+        SMALL["eval_bytes"],
+        0,
+        tmp_path / "unused",
+        str(models / "base"),
+        [str(models / r) for r in "ABC"],
+    )
     assert "oracle" not in again.losses
     for label, row in again.losses.items():
         assert row == pytest.approx(first[label], abs=1e-5)

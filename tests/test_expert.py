@@ -1,20 +1,18 @@
 """The owner's side: an expert trains with a real Lightning Trainer, and the callbacks keep it right."""
 
-
 import lightning.pytorch as pl
 import pytest
 import torch
+from flexmoe.callbacks import ExportExpert, FreezePublicModel, PublicModelChanged, RouterEmbeddingInit, RouterStats
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import flexmoe
-from flexmoe.callbacks import ExportExpert, FreezePublicModel, PublicModelChanged, RouterEmbeddingInit, RouterStats
+from flexmoe.core.surgery import moe_blocks
 from flexmoe.data.datamodule import TextDataModule
+from flexmoe.spec import ExpertRecipe, FederationSpec
+from flexmoe.testing import LICENSES
 from flexmoe.training.expert import ExpertModule
 from flexmoe.training.optim import cosine_with_warmup
-from flexmoe.spec import ExpertRecipe, FederationSpec
-from flexmoe.core.surgery import moe_blocks
-
-from flexmoe.testing import LICENSES
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,12 @@ def test_five_lines_of_lightning_train_a_valid_expert(spec, tmp_path):
     module = ExpertModule(spec.public_model, spec, owner="gpl")
     data = datamodule(spec, tmp_path)
     public_r0 = moe_blocks(module.model)[0].router.weight[0].clone()
-    callbacks = [FreezePublicModel(spec.fingerprint), RouterEmbeddingInit(embedder=None), ExportExpert(tmp_path / "gpl.safetensors"), RouterStats(every_n_steps=4)]
+    callbacks = [
+        FreezePublicModel(spec.fingerprint),
+        RouterEmbeddingInit(embedder=None),
+        ExportExpert(tmp_path / "gpl.safetensors"),
+        RouterStats(every_n_steps=4),
+    ]
     t = trainer(tmp_path, callbacks=callbacks, val_check_interval=4, limit_val_batches=2)
     t.validate(module, data)
     before = t.callback_metrics["val/ppl"].item()
@@ -68,7 +71,9 @@ def test_five_lines_of_lightning_train_a_valid_expert(spec, tmp_path):
     after = t.callback_metrics["val/ppl"].item()
     assert after < before  # the expert learned the owner's domain
 
-    art = flexmoe.ExpertArtifact.load(tmp_path / "gpl.safetensors", fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
+    art = flexmoe.ExpertArtifact.load(
+        tmp_path / "gpl.safetensors", fingerprint=spec.fingerprint, spec_sha256=spec.sha256
+    )
     assert art.owner == "gpl" and art.training_tokens == 8 * 4 * 32
     block = moe_blocks(module.model)[0]
     assert not torch.equal(block.experts[1].up_proj.weight, block.experts[0].up_proj.weight)
@@ -82,9 +87,7 @@ def test_optimizer_sees_only_the_owner_expert_and_router(spec):
     opt = module.configure_optimizers()["optimizer"]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     trainable = {
-        id(p)
-        for b in moe_blocks(module.model)
-        for p in [*b.experts[1].parameters(), b.router.weight, b.router.bias]
+        id(p) for b in moe_blocks(module.model) for p in [*b.experts[1].parameters(), b.router.weight, b.router.bias]
     }
     assert in_opt == trainable
     assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.0 for g in opt.param_groups)
@@ -123,7 +126,11 @@ def test_resume_from_checkpoint_reaches_the_same_weights(spec, tmp_path):
     def run(stop_at=None, ckpt_path=None):
         pl.seed_everything(0)
         module = ExpertModule(spec.public_model, spec, owner="o")
-        callbacks = [FreezePublicModel(spec.fingerprint), RouterEmbeddingInit(embedder=None), RouterStats(every_n_steps=3)]
+        callbacks = [
+            FreezePublicModel(spec.fingerprint),
+            RouterEmbeddingInit(embedder=None),
+            RouterStats(every_n_steps=3),
+        ]
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1))
         if stop_at:
             callbacks.append(StopAt(stop_at))
@@ -158,7 +165,13 @@ def test_gradient_accumulation_matches_the_larger_batch(spec, tmp_path):
 def test_bf16_mixed_precision_trains(spec, tmp_path):
     module = ExpertModule(spec.public_model, spec, owner="o")
     start = moe_blocks(module.model)[0].experts[1].up_proj.weight.clone()
-    t = trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=0, callbacks=[FreezePublicModel(spec.fingerprint)])
+    t = trainer(
+        tmp_path,
+        max_steps=2,
+        precision="bf16-mixed",
+        limit_val_batches=0,
+        callbacks=[FreezePublicModel(spec.fingerprint)],
+    )
     t.fit(module, datamodule(spec, tmp_path))
     assert torch.isfinite(t.callback_metrics["train/loss"])
     trained = moe_blocks(module.model)[0].experts[1].up_proj.weight
@@ -171,10 +184,25 @@ def test_csv_and_tensorboard_loggers_get_the_metrics(spec, tmp_path):
     pytest.importorskip("tensorboard")
     module = ExpertModule(spec.public_model, spec, owner="o")
     loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
-    t = trainer(tmp_path, max_steps=4, logger=loggers, log_every_n_steps=1, val_check_interval=2, limit_val_batches=1, callbacks=[RouterStats(every_n_steps=2)])
+    t = trainer(
+        tmp_path,
+        max_steps=4,
+        logger=loggers,
+        log_every_n_steps=1,
+        val_check_interval=2,
+        limit_val_batches=1,
+        callbacks=[RouterStats(every_n_steps=2)],
+    )
     t.fit(module, datamodule(spec, tmp_path))
     header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
-    for key in ("train/loss", "train/ppl", "train/tokens_per_s", "val/ppl", "router/layer0/prob_o", "router/layer0/entropy"):
+    for key in (
+        "train/loss",
+        "train/ppl",
+        "train/tokens_per_s",
+        "val/ppl",
+        "router/layer0/prob_o",
+        "router/layer0/entropy",
+    ):
         assert key in header
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
 
@@ -215,7 +243,9 @@ def test_router_embedding_init_uses_the_sentence_embedder_and_spec_r_pub(spec):
 
     docs = ["This program is free software; you can redistribute it.", "THERE IS NO WARRANTY FOR THE PROGRAM."]
     r_pub = torch.linspace(-1, 1, 32).tolist()
-    with_pub = FederationSpec.from_dict({**spec.to_dict(), "public_router_embedding": r_pub, "embedder": "sentence-transformers/all-MiniLM-L6-v2"})
+    with_pub = FederationSpec.from_dict(
+        {**spec.to_dict(), "public_router_embedding": r_pub, "embedder": "sentence-transformers/all-MiniLM-L6-v2"}
+    )
     module = ExpertModule(spec.public_model, with_pub, owner="o")
     init = RouterEmbeddingInit.from_spec(with_pub, documents=docs)
     init.on_fit_start(SimpleNamespace(datamodule=None), module)
@@ -233,7 +263,11 @@ def test_export_expert_writes_with_each_checkpoint(spec, tmp_path):
                 raise RuntimeError("power cut")
 
     module = ExpertModule(spec.public_model, spec, owner="o")
-    callbacks = [ExportExpert(tmp_path / "o.safetensors"), ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2), Crash()]
+    callbacks = [
+        ExportExpert(tmp_path / "o.safetensors"),
+        ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2),
+        Crash(),
+    ]
     t = trainer(tmp_path, max_steps=8, callbacks=callbacks, limit_val_batches=0, enable_checkpointing=True)
     with pytest.raises(RuntimeError, match="power cut"):
         t.fit(module, datamodule(spec, tmp_path))

@@ -9,15 +9,31 @@ import pytest
 
 from flexmoe import ExpertArtifact, FederationSpec
 from flexmoe.cli.commands import main
-
 from flexmoe.testing import LICENSES
 
 
 @pytest.fixture(scope="module")
 def spec_path(public_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "spec.json"
-    main(["spec", "--public", str(public_dir), "--out", str(path), "--public-data", f"{LICENSES}/Apache-2.0",
-          "--embedder", "null", "--expert.batch_size", "4", "--expert.seq_len", "32", "--expert.max_steps", "3"])  # fmt: skip
+    main(
+        [
+            "spec",
+            "--public",
+            str(public_dir),
+            "--out",
+            str(path),
+            "--public-data",
+            f"{LICENSES}/Apache-2.0",
+            "--embedder",
+            "null",
+            "--expert.batch_size",
+            "4",
+            "--expert.seq_len",
+            "32",
+            "--expert.max_steps",
+            "3",
+        ]
+    )
     return path
 
 
@@ -30,9 +46,29 @@ def test_spec_command_writes_a_checked_spec(spec_path, public_dir):
 
 def test_train_expert_command_end_to_end(spec_path, tmp_path):
     out = tmp_path / "owner" / "gpl.safetensors"
-    cmd = [sys.executable, "-m", "flexmoe", "train-expert", "--spec", str(spec_path), "--data", f"{LICENSES}/GPL-3",
-           "--owner", "gpl", "--out", str(out), "--public-data", f"{LICENSES}/Apache-2.0", f"{LICENSES}/GFDL-1.3",
-           "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flexmoe",
+        "train-expert",
+        "--spec",
+        str(spec_path),
+        "--data",
+        f"{LICENSES}/GPL-3",
+        "--owner",
+        "gpl",
+        "--out",
+        str(out),
+        "--public-data",
+        f"{LICENSES}/Apache-2.0",
+        f"{LICENSES}/GFDL-1.3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "120"})
     assert done.returncode == 0, done.stderr[-3000:]
     spec = FederationSpec.load(spec_path)
@@ -51,7 +87,9 @@ def run_failing(capsys, *args):
 
 
 def test_missing_data_path(spec_path, tmp_path, capsys):
-    err = run_failing(capsys, "--spec", spec_path, "--data", tmp_path / "nope", "--owner", "o", "--out", tmp_path / "o.safetensors")
+    err = run_failing(
+        capsys, "--spec", spec_path, "--data", tmp_path / "nope", "--owner", "o", "--out", tmp_path / "o.safetensors"
+    )
     assert "flexmoe: error: data source" in err and "does not exist" in err
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -59,21 +97,35 @@ def test_missing_data_path(spec_path, tmp_path, capsys):
 def test_empty_corpus(spec_path, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("\n\n  \n")
-    err = run_failing(capsys, "--spec", spec_path, "--data", tmp_path / "empty", "--owner", "o", "--out", tmp_path / "o.safetensors")
+    err = run_failing(
+        capsys, "--spec", spec_path, "--data", tmp_path / "empty", "--owner", "o", "--out", tmp_path / "o.safetensors"
+    )
     assert "flexmoe: error: the data sources" in err and "hold no text" in err
 
 
 def test_spec_of_another_public_model(spec_path, tmp_path, capsys):
     wrong = FederationSpec.from_dict({**FederationSpec.load(spec_path).to_dict(), "fingerprint": "1" * 64})
     wrong.save(tmp_path / "wrong.json")
-    err = run_failing(capsys, "--spec", tmp_path / "wrong.json", "--data", f"{LICENSES}/GPL-3", "--owner", "o", "--out", tmp_path / "o.safetensors")
+    err = run_failing(
+        capsys,
+        "--spec",
+        tmp_path / "wrong.json",
+        "--data",
+        f"{LICENSES}/GPL-3",
+        "--owner",
+        "o",
+        "--out",
+        tmp_path / "o.safetensors",
+    )
     assert "does not match the spec" in err
 
 
 def test_unwritable_output(spec_path, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    err = run_failing(capsys, "--spec", spec_path, "--data", f"{LICENSES}/GPL-3", "--owner", "o", "--out", blocker / "o.safetensors")
+    err = run_failing(
+        capsys, "--spec", spec_path, "--data", f"{LICENSES}/GPL-3", "--owner", "o", "--out", blocker / "o.safetensors"
+    )
     assert "flexmoe: error:" in err
 
 
@@ -86,8 +138,26 @@ def test_train_expert_trains_a_lora_expert_when_the_spec_sets_a_rank(spec_path, 
     lora_spec = FederationSpec.from_dict(d)
     lora_spec.save(tmp_path / "lora.json")
     out = tmp_path / "gpl.safetensors"
-    main(["train-expert", "--spec", str(tmp_path / "lora.json"), "--data", f"{LICENSES}/GPL-3", "--owner", "gpl",
-          "--out", str(out), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    main(
+        [
+            "train-expert",
+            "--spec",
+            str(tmp_path / "lora.json"),
+            "--data",
+            f"{LICENSES}/GPL-3",
+            "--owner",
+            "gpl",
+            "--out",
+            str(out),
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     art = LoraExpertArtifact.load(out, fingerprint=lora_spec.fingerprint, spec_sha256=lora_spec.sha256)
     assert art.rank == 2 and art.owner == "gpl"

@@ -8,7 +8,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexmoe import ExpertArtifact
-
 from flexmoe.testing import LICENSES
 
 SCRIPT = Path(__file__).with_name("ddp_expert.py")
@@ -29,4 +28,6 @@ def test_two_process_ddp_matches_one_process(public_dir, tmp_path):
         torch.testing.assert_close(ddp.tensors[name], t, rtol=1e-4, atol=1e-5, msg=name)
     # and training did move the expert away from the public MLP it started from
     public = AutoModelForCausalLM.from_pretrained(public_dir)
-    assert not torch.allclose(single.tensors["layers.0.expert.up_proj.weight"], public.model.layers[0].mlp.up_proj.weight)
+    assert not torch.allclose(
+        single.tensors["layers.0.expert.up_proj.weight"], public.model.layers[0].mlp.up_proj.weight
+    )

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from flexmoe.testing import LICENSES
 from flwr.simulation import run_simulation
 from transformers import AutoModelForCausalLM
 
 from flexmoe.federation.fedavg import FedAvgSettings, make_client_app, make_server_app, train_locally
+from flexmoe.testing import LICENSES
 
 # Two owners with different amounts of text (GPL-3 is about three times Apache-2.0).
 OWNERS = [f"{LICENSES}/GPL-3", f"{LICENSES}/Apache-2.0"]
@@ -23,10 +23,23 @@ def _state(path):
 
 def test_fedavg_rounds_mix_the_owners_models(public_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path / "cache"))
-    s = FedAvgSettings(model=str(public_dir), num_rounds=2, local_steps=4, lr=3e-3, batch_size=4, seq_len=32,
-                       eval_data=f"{LICENSES}/LGPL-3", out_dir=str(tmp_path / "out"), save_rounds=True)  # fmt: skip
-    run_simulation(make_server_app(s), make_client_app(OWNERS), num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0}})  # fmt: skip
+    s = FedAvgSettings(
+        model=str(public_dir),
+        num_rounds=2,
+        local_steps=4,
+        lr=3e-3,
+        batch_size=4,
+        seq_len=32,
+        eval_data=f"{LICENSES}/LGPL-3",
+        out_dir=str(tmp_path / "out"),
+        save_rounds=True,
+    )
+    run_simulation(
+        make_server_app(s),
+        make_client_app(OWNERS),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0}},
+    )
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     rounds = report["rounds"]
@@ -41,8 +54,9 @@ def test_fedavg_rounds_mix_the_owners_models(public_dir, tmp_path, monkeypatch):
     previous = _state(out / "rounds" / "round-1")
     states, sizes = [], []
     for path in OWNERS:
-        state, n, _ = train_locally(str(public_dir), previous, path, local_steps=4, lr=3e-3, batch_size=4, seq_len=32,
-                                    seed=s.seed + 2)  # fmt: skip
+        state, n, _ = train_locally(
+            str(public_dir), previous, path, local_steps=4, lr=3e-3, batch_size=4, seq_len=32, seed=s.seed + 2
+        )
         states.append(state)
         sizes.append(n)
     assert sizes[0] > 2 * sizes[1]
@@ -58,8 +72,9 @@ def test_fedavg_rounds_mix_the_owners_models(public_dir, tmp_path, monkeypatch):
 
 
 def test_settings_come_from_the_run_config():
-    s = FedAvgSettings.from_run_config({"model": "m", "num-rounds": 5, "lr": "0.01", "save-rounds": "true",
-                                        "data-paths": "a,b"})  # fmt: skip
+    s = FedAvgSettings.from_run_config(
+        {"model": "m", "num-rounds": 5, "lr": "0.01", "save-rounds": "true", "data-paths": "a,b"}
+    )
     assert (s.num_rounds, s.lr, s.save_rounds) == (5, 0.01, True)
     with pytest.raises(ValueError, match="unknown FedAvg run config key"):
         FedAvgSettings.from_run_config({"model": "m", "rounds": 3})

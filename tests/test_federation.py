@@ -20,19 +20,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from flexmoe.testing import license_texts
 from federation_helpers import Deployment, wait_for
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from flexmoe.artifacts.guard import ArtifactError
-from flexmoe.formats.load import load_public_model
+from flexmoe.core.hashing import content_sha256, file_sha256, fingerprint
 from flexmoe.federation.client_app import OwnerResult, app, reply_content
 from flexmoe.federation.coordinator import Coordinator, OwnerState
-from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, PROXY, REPLY_RECORDS, ROUND, ROUTERS, arrays_to_tensors, read_artifact_file, tensors_to_arrays
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    METRICS,
+    PROXY,
+    REPLY_RECORDS,
+    ROUND,
+    ROUTERS,
+    arrays_to_tensors,
+    read_artifact_file,
+    tensors_to_arrays,
+)
 from flexmoe.federation.settings import CoordinatorSettings, OwnerSettings
-from flexmoe.core.hashing import content_sha256, file_sha256
+from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
-from flexmoe.core.hashing import fingerprint
+from flexmoe.testing import license_texts
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "federation"
 CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
@@ -62,8 +72,12 @@ class World:
         }
 
     def node(self, owner: str, data: str | None = None, **extra) -> dict:
-        return {"owner": owner, "data-path": str(self.data[data or owner]), "work-dir": str(self.root / "owners" / owner),
-                **extra}  # fmt: skip
+        return {
+            "owner": owner,
+            "data-path": str(self.data[data or owner]),
+            "work-dir": str(self.root / "owners" / owner),
+            **extra,
+        }
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -82,7 +96,9 @@ def world(public_dir, tmp_path_factory) -> World:
         embedder=None,  # the hidden-state router init and TF-IDF proxy selection: no embedder to load
         expert=ExpertRecipe(max_steps=10, batch_size=4, seq_len=32, warmup_steps=2),
         # Federated router tuning: 2 Flower rounds of 2 local steps on each owner's text and the public data.
-        router_tuning=RouterTuningRecipe(data="owners", rounds=2, max_steps=4, batch_size=4, seq_len=32, warmup_steps=1),
+        router_tuning=RouterTuningRecipe(
+            data="owners", rounds=2, max_steps=4, batch_size=4, seq_len=32, warmup_steps=1
+        ),
         proxy=ProxyBudget(min_docs=3),
     )
     spec.save(root / "spec.json")
@@ -144,8 +160,10 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     md = (out / "report.md").read_text()
     for owner in "abcd":
         assert f"| {owner} | " in md
-    assert "router tuning: federated, on the owners' own text and the public data: 2 round(s) of 2 local steps; " \
-           "owners in the last round: a, b" in md
+    assert (
+        "router tuning: federated, on the owners' own text and the public data: 2 round(s) of 2 local steps; "
+        "owners in the last round: a, b" in md
+    )
     # Accepted artifacts are kept, rejected ones are not; only b allowed its proxy selection out.
     assert sorted(p.name for p in (out / "artifacts").glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     assert report["owners"]["a"]["proxy"] is None and len(report["owners"]["b"]["proxy"]["indices"]) == 3
@@ -155,8 +173,9 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     tuning = report["router_tuning"]
     assert tuning["data"] == "owners" and tuning["steps"] == 4
     assert [r["owners"] for r in tuning["rounds"]] == [["a", "b"], ["a", "b"]]
-    kept = sorted(f"{content_sha256(*read_artifact_file(out / 'artifacts' / f'{o}.safetensors'))}.safetensors"
-                  for o in "ab")  # fmt: skip
+    kept = sorted(
+        f"{content_sha256(*read_artifact_file(out / 'artifacts' / f'{o}.safetensors'))}.safetensors" for o in "ab"
+    )
     for owner in "ab":
         assert sorted(p.name for p in (world.root / "owners" / owner / "router-tuning").iterdir()) == kept
     assert crash_run["router_rounds_a"] == 2
@@ -191,8 +210,11 @@ def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run
         d.start_supernode("a", world.node("a"))
         first = d.run(APP, world.run_config(out, "a,b"))
         progress = out / "progress.json"
-        wait_for(lambda: progress.is_file() and json.loads(progress.read_text())["owners"]["a"] == "accepted", 300,
-                 "a's expert to be accepted")  # fmt: skip
+        wait_for(
+            lambda: progress.is_file() and json.loads(progress.read_text())["owners"]["a"] == "accepted",
+            300,
+            "a's expert to be accepted",
+        )
         artifact = out / "artifacts" / "a.safetensors"
         kept = file_sha256(artifact), artifact.stat().st_mtime_ns
         os.kill(json.loads(progress.read_text())["pid"], signal.SIGKILL)  # the coordinator crashes
@@ -226,13 +248,28 @@ def owner_reply(world, tmp_path_factory):
     """The real ClientApp ``train`` handler, called in this process, for an owner whose text
     holds a canary sentence."""
     spec = FederationSpec.load(world.spec)
-    node_config = {"owner": "canary", "data-path": str(world.data["canary"]), "public-data": str(world.public_data),
-                   "share-proxy": True, "work-dir": str(tmp_path_factory.mktemp("canary-owner"))}  # fmt: skip
+    node_config = {
+        "owner": "canary",
+        "data-path": str(world.data["canary"]),
+        "public-data": str(world.public_data),
+        "share-proxy": True,
+        "work-dir": str(tmp_path_factory.mktemp("canary-owner")),
+    }
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-    content = RecordDict({"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}),
-                          "train": ConfigRecord({"seed": 0})})  # fmt: skip
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="flexmoe", created_at=time.time(), ttl=3600, message_type="train")  # fmt: skip
+    content = RecordDict(
+        {"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}), "train": ConfigRecord({"seed": 0})}
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="flexmoe",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEXMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
         reply = app(Message(content, metadata=metadata), context)
@@ -271,13 +308,29 @@ def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
 
 def _router_message(spec, start, sha: str, experts=None) -> Message:
     """A ``train.router`` message as the coordinator sends it: round 0 of a merge of the canary's expert."""
-    content = RecordDict({"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}),
-                          ROUND: ConfigRecord({"round": 0, "owners": "canary", "sha256": sha, "seed": 0}),
-                          ROUTERS: tensors_to_arrays(start)})  # fmt: skip
+    content = RecordDict(
+        {
+            "spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}),
+            ROUND: ConfigRecord({"round": 0, "owners": "canary", "sha256": sha, "seed": 0}),
+            ROUTERS: tensors_to_arrays(start),
+        }
+    )
     if experts is not None:
-        content[f"{EXPERT}:canary"], content[f"{MANIFEST}:canary"] = tensors_to_arrays(experts[0]), ConfigRecord(experts[1])
-    metadata = Metadata(run_id=1, message_id="r1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="flexmoe", created_at=time.time(), ttl=3600, message_type="train.router")  # fmt: skip
+        content[f"{EXPERT}:canary"], content[f"{MANIFEST}:canary"] = (
+            tensors_to_arrays(experts[0]),
+            ConfigRecord(experts[1]),
+        )
+    metadata = Metadata(
+        run_id=1,
+        message_id="r1",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="flexmoe",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train.router",
+    )
     return Message(content, metadata=metadata)
 
 
@@ -290,10 +343,13 @@ def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owne
     _, node_config, spec = owner_reply
     tensors, metadata = read_artifact_file(Path(node_config["work-dir"]) / "canary.safetensors")
     sha = content_sha256(tensors, metadata)
-    model = flexmoe.assemble(load_public_model(world.public_model), [Path(node_config["work-dir"]) / "canary.safetensors"])
+    model = flexmoe.assemble(
+        load_public_model(world.public_model), [Path(node_config["work-dir"]) / "canary.safetensors"]
+    )
     start = router_rows(model)
-    context = Context(run_id=1, node_id=7, node_config={**node_config, "work-dir": str(tmp_path)}, state=RecordDict(),
-                      run_config={})  # fmt: skip
+    context = Context(
+        run_id=1, node_id=7, node_config={**node_config, "work-dir": str(tmp_path)}, state=RecordDict(), run_config={}
+    )
     with pytest.raises(ValueError, match="must send it again"):  # nothing kept yet, nothing sent
         app(_router_message(spec, start, sha), context)
     with pytest.raises(ArtifactError, match="announced another expert"):
@@ -318,8 +374,13 @@ def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owne
 
 @pytest.fixture
 def coordinator(world, tmp_path):
-    settings = CoordinatorSettings(spec=str(world.spec), expected_owners=["canary"], out_dir=str(tmp_path),
-                                   public_data=str(world.public_data), router_tuning=False)  # fmt: skip
+    settings = CoordinatorSettings(
+        spec=str(world.spec),
+        expected_owners=["canary"],
+        out_dir=str(tmp_path),
+        public_data=str(world.public_data),
+        router_tuning=False,
+    )
     c = Coordinator(None, settings)
     c.start()
     c.prepare()
@@ -328,9 +389,12 @@ def coordinator(world, tmp_path):
 
 @pytest.mark.parametrize(
     "fault, field",
-    [("nan", "values of layers.0.expert.down_proj.weight"), ("wrong-shape", "shape of layers.0.expert.down_proj.weight"),
-     ("wrong-fingerprint", "fingerprint")],
-)  # fmt: skip
+    [
+        ("nan", "values of layers.0.expert.down_proj.weight"),
+        ("wrong-shape", "shape of layers.0.expert.down_proj.weight"),
+        ("wrong-fingerprint", "fingerprint"),
+    ],
+)
 def test_the_coordinator_rejects_a_corrupt_expert_and_names_why(owner_reply, coordinator, fault, field):
     reply, node_config, _ = owner_reply
     s = OwnerSettings.from_configs({**node_config, "fault-injection": fault}, {})
@@ -381,8 +445,10 @@ def test_the_example_app_config_is_valid_coordinator_and_simulation_settings():
         import tomli as tomllib
 
     config = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert config["components"] == {"serverapp": "flexmoe.federation.server_app:app",
-                                    "clientapp": "flexmoe.federation.client_app:app"}  # fmt: skip
+    assert config["components"] == {
+        "serverapp": "flexmoe.federation.server_app:app",
+        "clientapp": "flexmoe.federation.client_app:app",
+    }
     settings = CoordinatorSettings.from_run_config(config["config"])
     assert settings.expected_owners == ["code", "unicode"] and settings.required == 2
     # In the simulation engine, virtual SuperNode i is the i-th expected owner, with the i-th data path.

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from flexmoe.testing import perturb_, tiny_config, tiny_model
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -21,8 +20,9 @@ from transformers import (
 )
 
 import flexmoe
-from flexmoe.formats import export as hf
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
+from flexmoe.formats import export as hf
+from flexmoe.testing import perturb_, tiny_config, tiny_model
 
 TOL = 1e-4
 
@@ -245,15 +245,28 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 def genuine_hf_moe(kind: str, num_experts=4, top_k=2, sliding_window=None):
     """A transformers FlexOlmo / Mixtral model with random weights and a non-trivial router."""
     base = tiny_config("olmo2").to_dict()
-    kw = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                               "bos_token_id", "eos_token_id", "pad_token_id")}  # fmt: skip
+    kw = {
+        k: base[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        )
+    }
     torch.manual_seed(3)
     if kind == "flex_olmo":
         model = FlexOlmoForCausalLM(FlexOlmoConfig(num_experts=num_experts, num_experts_per_tok=top_k, **kw))
     else:
-        config = MixtralConfig(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=sliding_window,
-                               **kw)  # fmt: skip
+        config = MixtralConfig(
+            num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=sliding_window, **kw
+        )
         model = MixtralForCausalLM(config)
     with torch.no_grad():
         for layer in decoder_layers(model):
@@ -263,8 +276,9 @@ def genuine_hf_moe(kind: str, num_experts=4, top_k=2, sliding_window=None):
     return model.eval()
 
 
-@pytest.mark.parametrize(("kind", "window", "base"), [("flex_olmo", None, "olmo2"), ("mixtral", None, "llama"),
-                                                      ("mixtral", 5, "mistral")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "window", "base"), [("flex_olmo", None, "olmo2"), ("mixtral", None, "llama"), ("mixtral", 5, "mistral")]
+)
 def test_import_hf_checkpoint(tmp_path, ids, kind, window, base):
     reference = genuine_hf_moe(kind, sliding_window=window)
     reference.save_pretrained(tmp_path / "hf")
@@ -341,8 +355,9 @@ def test_assemble_to_dir_matches_in_memory_assembly(tmp_path, ids, arch, fmt):
     paths = owner_artifacts(tmp_path / "public", arch, 3, tmp_path, biases=fmt == "native")
     normalize = fmt == "mixtral"
 
-    streamed = flexmoe.assemble_to_dir(tmp_path / "public", paths, tmp_path / "streamed", format=fmt, top_k=2,
-                                       normalize=normalize, spec_sha256="spec")  # fmt: skip
+    streamed = flexmoe.assemble_to_dir(
+        tmp_path / "public", paths, tmp_path / "streamed", format=fmt, top_k=2, normalize=normalize, spec_sha256="spec"
+    )
     merged = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(tmp_path / "public"), paths, 2, normalize=normalize)
     in_memory = flexmoe.export(merged, tmp_path / "in_memory", fmt)
 

@@ -9,18 +9,18 @@ import struct
 import lightning.pytorch as pl
 import pytest
 import torch
-from flexmoe.testing import LICENSES
 from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import flexmoe
 from flexmoe import ArtifactError, ExpertArtifact
+from flexmoe.core.surgery import moe_blocks
 from flexmoe.data.datamodule import TextDataModule
 from flexmoe.lora import LoraExpertArtifact, LoraExpertModule
 from flexmoe.routing import route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
-from flexmoe.core.surgery import moe_blocks
+from flexmoe.testing import LICENSES
 
 RANK = 4
 
@@ -29,8 +29,13 @@ RANK = 4
 def spec(public_dir):
     fp = flexmoe.fingerprint(AutoModelForCausalLM.from_pretrained(public_dir))
     recipe = ExpertRecipe(max_steps=8, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, lora_rank=RANK)
-    return FederationSpec(public_model=str(public_dir), fingerprint=fp, embedder=None, expert=recipe,
-                          routing=RoutingRecipe(stats_tokens=512))
+    return FederationSpec(
+        public_model=str(public_dir),
+        fingerprint=fp,
+        embedder=None,
+        expert=recipe,
+        routing=RoutingRecipe(stats_tokens=512),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +44,24 @@ def trained(spec, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_owner")
     pl.seed_everything(0)
     module = LoraExpertModule(spec.public_model, spec, owner="gpl")
-    data = TextDataModule(f"{LICENSES}/GPL-3", tokenizer=spec.public_model, seq_len=32, batch_size=4,
-                          cache_dir=tmp / "cache")  # fmt: skip
+    data = TextDataModule(
+        f"{LICENSES}/GPL-3", tokenizer=spec.public_model, seq_len=32, batch_size=4, cache_dir=tmp / "cache"
+    )
     freeze = FreezePublicModel(spec.fingerprint)
     callbacks = [freeze, RouterEmbeddingInit(embedder=None), ExportExpert(tmp / "gpl.safetensors")]
-    trainer = pl.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
     trainer.fit(module, data)
     assert freeze.verified == spec.fingerprint  # the public model stayed frozen
     return module, tmp / "gpl.safetensors"
@@ -121,8 +137,9 @@ def test_materialised_expert_merges_and_exports_like_a_full_one(trained, spec, t
 
     # The coordinator's default routing recipe works from the statistics the LoRA expert shipped;
     # folded into bias-free rows, the model exports exactly to a transformers FlexOlmo checkpoint.
-    public_rows = TextDataModule(f"{LICENSES}/BSD", tokenizer=spec.public_model, seq_len=32, val_fraction=0.0,
-                                 cache_dir=tmp_path / "c")  # fmt: skip
+    public_rows = TextDataModule(
+        f"{LICENSES}/BSD", tokenizer=spec.public_model, seq_len=32, val_fraction=0.0, cache_dir=tmp_path / "c"
+    )
     public_rows.setup()
     assert route(merged, [full], public_rows.train_rows, spec.routing, exportable=True)["folded"]
     flexmoe.export(merged, tmp_path / "merged", format="flexolmo")
@@ -186,9 +203,19 @@ def corrupt(name, path, out, spec):
 
 @pytest.mark.parametrize(
     "name",
-    ["nan", "wrong rank", "missing factor", "extra tensor", "half precision", "bad scaling", "truncated", "pickle",
-     "other public model", "full artifact"],
-)  # fmt: skip
+    [
+        "nan",
+        "wrong rank",
+        "missing factor",
+        "extra tensor",
+        "half precision",
+        "bad scaling",
+        "truncated",
+        "pickle",
+        "other public model",
+        "full artifact",
+    ],
+)
 def test_corrupt_lora_artifacts_are_refused_with_a_clear_error(trained, spec, tmp_path, name):
     _, path = trained
     bad, expected = corrupt(name, path, tmp_path / "bad.safetensors", spec)
@@ -225,8 +252,23 @@ def test_assemble_and_the_cli_take_lora_files_directly(trained, spec, tmp_path, 
     got = flexmoe.assemble(public(spec), [path], top_k=2)
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, want(ids).logits)
-    main(["assemble", "--public", spec.public_model, "--experts", str(path), "--out", str(tmp_path / "m"),
-          "--routing", "published", "--top-k", "2", "--format", "native"])  # fmt: skip
+    main(
+        [
+            "assemble",
+            "--public",
+            spec.public_model,
+            "--experts",
+            str(path),
+            "--out",
+            str(tmp_path / "m"),
+            "--routing",
+            "published",
+            "--top-k",
+            "2",
+            "--format",
+            "native",
+        ]
+    )
     with torch.no_grad():
         assert (flexmoe.load(tmp_path / "m")(ids).logits - want(ids).logits).abs().max() < 1e-5
     dense_moe = flexmoe.assemble(public(spec), [], top_k=None)

@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
-from flexmoe.testing import license_texts, train_peft_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe.data.corpus import local_corpus
 from flexmoe.data.packing import pack_domain
 from flexmoe.lora import LoraHub
+from flexmoe.testing import license_texts, train_peft_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
@@ -131,8 +131,17 @@ def test_seq2seq_models_work_too(pool, tmp_path):
 
     tokenizer = pool[1]
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     t5 = T5ForConditionalGeneration(config).eval()
     for i in range(2):
         adapter = get_peft_model(copy.deepcopy(t5), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]))

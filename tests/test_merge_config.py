@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flexmoe.testing import perturb_, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe.merge import (
@@ -23,6 +22,7 @@ from flexmoe.merge import (
     ties,
 )
 from flexmoe.merge.stream import SafetensorsDir
+from flexmoe.testing import perturb_, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +64,26 @@ IN_MEMORY = {
     "average": lambda base, fts: average(fts, weights=[1.0, 2.0, 1.0]),
     "task_arithmetic": lambda base, fts: task_arithmetic(base, fts, lam=0.5, weights=[1.0, -1.0, 0.5]),
     "ties_global": lambda base, fts: ties(base, fts, density=0.2, lam=1.2),
-    "ties_per_tensor": lambda base, fts: ties(base, fts, density=0.3, trim="per_tensor", sign="weighted_mass",
-                                              weights=[1.0, 2.0, 3.0]),
+    "ties_per_tensor": lambda base, fts: ties(
+        base, fts, density=0.3, trim="per_tensor", sign="weighted_mass", weights=[1.0, 2.0, 3.0]
+    ),
     "dare_linear": lambda base, fts: dare(base, fts, drop=0.8, seed=7),
     "dare_ties": lambda base, fts: dare(base, fts, drop=0.5, seed=7, then="ties"),
-}  # fmt: skip
+}
 CONFIGS = {
     "average": {"method": "average", "weights": [1.0, 2.0, 1.0]},
     "task_arithmetic": {"method": "task_arithmetic", "lam": 0.5, "weights": [1.0, -1.0, 0.5]},
     "ties_global": {"method": "ties", "density": 0.2, "lam": 1.2},
-    "ties_per_tensor": {"method": "ties", "density": 0.3, "trim": "per_tensor", "sign": "weighted_mass",
-                        "weights": [1.0, 2.0, 3.0]},
+    "ties_per_tensor": {
+        "method": "ties",
+        "density": 0.3,
+        "trim": "per_tensor",
+        "sign": "weighted_mass",
+        "weights": [1.0, 2.0, 3.0],
+    },
     "dare_linear": {"method": "dare", "drop": 0.8, "seed": 7},
     "dare_ties": {"method": "dare", "drop": 0.5, "seed": 7, "then": "ties"},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("blocks", [None, 1000], ids=["whole_tensors", "row_blocks"])
@@ -95,8 +101,10 @@ def test_directory_merge_equals_in_memory_merge(case, blocks, dirs, tmp_path, mo
 
 
 def test_output_is_a_transformers_directory_with_the_base_tokenizer(dirs, tmp_path):
-    config = _write(tmp_path / "ties.yaml", {"method": "ties", "base": str(dirs["base"]), "density": 0.2,
-                                              "models": [str(dirs["ft0"]), str(dirs["ft1"])]})  # fmt: skip
+    config = _write(
+        tmp_path / "ties.yaml",
+        {"method": "ties", "base": str(dirs["base"]), "density": 0.2, "models": [str(dirs["ft0"]), str(dirs["ft1"])]},
+    )
     out = merge(str(config), str(tmp_path / "merged"))
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     tok = AutoTokenizer.from_pretrained(out)
@@ -116,8 +124,13 @@ def test_relative_paths_resolve_against_the_config_file(dirs, tmp_path):
 
 
 def test_small_shards_and_a_dtype_override(dirs, tmp_path):
-    config = {"method": "task_arithmetic", "base": str(dirs["base"]), "models": [str(dirs["ft0"])],
-              "dtype": "bfloat16", "max_shard_size": "20KB"}  # fmt: skip
+    config = {
+        "method": "task_arithmetic",
+        "base": str(dirs["base"]),
+        "models": [str(dirs["ft0"])],
+        "dtype": "bfloat16",
+        "max_shard_size": "20KB",
+    }
     out = merge(str(_write(tmp_path / "ta.yaml", config)), str(tmp_path / "merged"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -166,8 +179,7 @@ def no_weight_reads(monkeypatch):
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(change, match, dirs, tmp_path, no_weight_reads):
-    data = {"method": "ties", "base": str(dirs["base"]), "models": [str(dirs["ft0"]), str(dirs["ft1"])],
-            "density": 0.2}  # fmt: skip
+    data = {"method": "ties", "base": str(dirs["base"]), "models": [str(dirs["ft0"]), str(dirs["ft1"])], "density": 0.2}
     data.update(change)
     data = {k: v for k, v in data.items() if v is not None}
     path = _write(tmp_path / "bad.yaml", data)
@@ -187,8 +199,10 @@ def test_average_takes_no_base_and_dare_needs_drop(dirs, tmp_path, no_weight_rea
 
 
 def test_mismatched_architectures_are_refused_before_loading(dirs, tmp_path, no_weight_reads):
-    path = _write(tmp_path / "m.yaml", {"method": "task_arithmetic", "base": str(dirs["base"]),
-                                         "models": [str(dirs["ft0"]), str(dirs["wider"])]})  # fmt: skip
+    path = _write(
+        tmp_path / "m.yaml",
+        {"method": "task_arithmetic", "base": str(dirs["base"]), "models": [str(dirs["ft0"]), str(dirs["wider"])]},
+    )
     with pytest.raises(MergeConfigError, match="hidden_size: 32 vs 64"):
         merge(str(path), str(tmp_path / "out"))
 

@@ -20,8 +20,16 @@ def test_post_local_sgd_averages_the_ranks_every_period(public_dir, tmp_path):
     its own data, and PeriodicModelAverager averages them at steps 2, 5, 8 (warm-up + k·period):
     identical there, different in between."""
     max_steps, warmup, period = 9, 2, 3
-    cmd = [sys.executable, str(SCRIPT), str(public_dir), f"{LICENSES}/GPL-3", str(tmp_path),
-           str(max_steps), str(warmup), str(period)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        str(public_dir),
+        f"{LICENSES}/GPL-3",
+        str(tmp_path),
+        str(max_steps),
+        str(warmup),
+        str(period),
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["hashes"] for r in (0, 1)]

@@ -12,7 +12,6 @@ import struct
 
 import pytest
 import torch
-from flexmoe.testing import license_texts, train_peft_lora
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,6 +20,7 @@ from flexmoe.data.corpus import local_corpus
 from flexmoe.data.packing import pack_domain
 from flexmoe.evaluate import perplexity
 from flexmoe.lora import GatedAdapter, Phatgoose, gated, lora_factors, train_gates
+from flexmoe.testing import license_texts, train_peft_lora
 
 TARGETS = ["lm_head"]
 
@@ -51,8 +51,9 @@ def test_gate_training_leaves_the_lora_and_the_model_as_they_were(experts):
     ids = pack_domain(domains["licenses"][1], tokenizer, 32)[:2]
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    adapter = train_gates(model, domains["licenses"][0], tokenizer=tokenizer, seq_len=32, steps=5, name="lic",
-                          progress=False)  # fmt: skip
+    adapter = train_gates(
+        model, domains["licenses"][0], tokenizer=tokenizer, seq_len=32, steps=5, name="lic", progress=False
+    )
     assert adapter.name == "lic" and set(adapter.gates) == set(before) == {"lm_head"}
     assert adapter.gates["lm_head"].shape == (32,) and adapter.gates["lm_head"].abs().sum() > 0
     for module, f in before.items():  # the LoRA stayed frozen
@@ -118,8 +119,11 @@ def test_the_base_model_must_be_plain_and_fit_the_adapters(experts):
         Phatgoose(peft_models["licenses"], gated_adapters)
     with pytest.raises(ValueError, match="unique"):
         Phatgoose(copy.deepcopy(base), [gated_adapters[0], gated_adapters[0]])
-    other = GatedAdapter("other", {"model.layers.9.mlp.up_proj": gated_adapters[0].modules["lm_head"]},
-                         {"model.layers.9.mlp.up_proj": gated_adapters[0].gates["lm_head"]})  # fmt: skip
+    other = GatedAdapter(
+        "other",
+        {"model.layers.9.mlp.up_proj": gated_adapters[0].modules["lm_head"]},
+        {"model.layers.9.mlp.up_proj": gated_adapters[0].gates["lm_head"]},
+    )
     with pytest.raises(ValueError, match="no module 'model.layers.9.mlp.up_proj'"):
         Phatgoose(copy.deepcopy(base), [other])
 

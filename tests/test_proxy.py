@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from flexmoe.owner.proxy import ProxySelection, hashed_tfidf, select_proxy
-
 from flexmoe.testing import license_texts
 
 

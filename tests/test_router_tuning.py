@@ -8,14 +8,23 @@ import glob
 import lightning.pytorch as pl
 import pytest
 import torch
-from flexmoe.testing import license_texts, perturb_
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import flexmoe
-from flexmoe.training.router_tuning import RouterTuning, aggregate_router_rows, check_router_rows, frozen_digest, mixture_loader, router_rounds_in_process, router_rows, tune_router
+from flexmoe.core.surgery import moe_blocks, settings
 from flexmoe.data.packing import pack_documents
 from flexmoe.spec import RouterTuningRecipe
-from flexmoe.core.surgery import moe_blocks, settings
+from flexmoe.testing import license_texts, perturb_
+from flexmoe.training.router_tuning import (
+    RouterTuning,
+    aggregate_router_rows,
+    check_router_rows,
+    frozen_digest,
+    mixture_loader,
+    router_rounds_in_process,
+    router_rows,
+    tune_router,
+)
 
 
 def merged_model(public_dir, seed: int = 0):
@@ -32,7 +41,9 @@ def merged_model(public_dir, seed: int = 0):
 
 
 def python_texts() -> list[str]:
-    return [open(p, encoding="utf-8").read()[:4000] for p in sorted(glob.glob(torch.__path__[0] + "/nn/modules/*.py"))[:12]]
+    return [
+        open(p, encoding="utf-8").read()[:4000] for p in sorted(glob.glob(torch.__path__[0] + "/nn/modules/*.py"))[:12]
+    ]
 
 
 def mixture_loss(model, rows: torch.Tensor) -> float:
@@ -70,8 +81,9 @@ def test_train_bias_moves_owner_biases(public_dir):
     tok = AutoTokenizer.from_pretrained(public_dir)
     model = merged_model(public_dir, seed=3)
     recipe = RouterTuningRecipe(max_steps=6, batch_size=2, seq_len=32, lr=5e-2, warmup_steps=0, train_bias=True)
-    tune_router(model, proxy_documents={"a": license_texts()[:2]}, public_documents=python_texts(), tokenizer=tok,
-                recipe=recipe)  # fmt: skip
+    tune_router(
+        model, proxy_documents={"a": license_texts()[:2]}, public_documents=python_texts(), tokenizer=tok, recipe=recipe
+    )
     assert any(b.router.bias[1:].abs().sum() > 0 for b in moe_blocks(model))
 
 
@@ -88,8 +100,14 @@ def test_moving_an_expert_is_refused(public_dir):
 
     rows = torch.randint(3, 50, (8, 16))
     loader = mixture_loader({"x": rows}, batch_size=2, num_samples=4)
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, callbacks=[Tamper()],
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[Tamper()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(RuntimeError, match="other than the routers"):
         trainer.fit(module, train_dataloaders=loader)
 
@@ -125,9 +143,27 @@ def test_tune_router_command(public_dir, tmp_path):
     public.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     sel = ProxySelection(indices=(0, 1), scores=(2.0, 1.0), budget=2, num_public=len(docs))
     (tmp_path / "a.proxy.json").write_text(sel.to_json())
-    main(["tune-router", "--model", str(tmp_path / "merged"), "--proxy", f"a={tmp_path / 'a.proxy.json'}",
-          "--proxy", f"b={tmp_path / 'public.jsonl'}", "--public-data", str(public), "--out", str(tmp_path / "tuned"),
-          "--recipe.max_steps", "3", "--recipe.batch_size", "2", "--recipe.seq_len", "32"])  # fmt: skip
+    main(
+        [
+            "tune-router",
+            "--model",
+            str(tmp_path / "merged"),
+            "--proxy",
+            f"a={tmp_path / 'a.proxy.json'}",
+            "--proxy",
+            f"b={tmp_path / 'public.jsonl'}",
+            "--public-data",
+            str(public),
+            "--out",
+            str(tmp_path / "tuned"),
+            "--recipe.max_steps",
+            "3",
+            "--recipe.batch_size",
+            "2",
+            "--recipe.seq_len",
+            "32",
+        ]
+    )
     tuned = flexmoe.load(tmp_path / "tuned")
     assert frozen_digest(tuned) == frozen_digest(model)
     assert not torch.equal(moe_blocks(tuned)[0].router.weight, moe_blocks(model)[0].router.weight)
@@ -146,8 +182,9 @@ def test_federated_rounds_keep_experts_and_their_average_lowers_the_mixture_loss
     tok = AutoTokenizer.from_pretrained(public_dir)
     model = merged_model(public_dir)
     digest = frozen_digest(model)
-    recipe = RouterTuningRecipe(data="owners", rounds=3, max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=1,
-                                server_lr=1.0)  # fmt: skip
+    recipe = RouterTuningRecipe(
+        data="owners", rounds=3, max_steps=30, batch_size=4, seq_len=32, lr=2e-2, warmup_steps=1, server_lr=1.0
+    )
     sources = {"public": license_texts()[4:6] + python_texts()[4:6], "a": license_texts()[:4], "b": python_texts()[:4]}
     rows = {name: pack_documents(docs, tok, 32) for name, docs in sources.items()}
     held = torch.cat([r[:6] for r in rows.values()])
@@ -180,8 +217,14 @@ def test_aggregate_is_the_mean_change_scaled_by_the_server_lr():
     [
         (lambda r: r.pop("layers.1.router.bias"), "router tensors"),
         (lambda r: r.update({"layers.0.router.extra": torch.zeros(1)}), "router tensors"),
-        (lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"][:-1]}), "shape of layers.0.router.weight"),
-        (lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"].half()}), "dtype of layers.0.router.weight"),
+        (
+            lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"][:-1]}),
+            "shape of layers.0.router.weight",
+        ),
+        (
+            lambda r: r.update({"layers.0.router.weight": r["layers.0.router.weight"].half()}),
+            "dtype of layers.0.router.weight",
+        ),
         (lambda r: r["layers.1.router.bias"].fill_(float("nan")), "values of layers.1.router.bias"),
     ],
 )

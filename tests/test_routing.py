@@ -2,14 +2,12 @@
 
 import pytest
 import torch
-from flexmoe.testing import VOCAB, perturb_, tiny_model
 
-from flexmoe.core.moe import Router, record_router_logits
-from flexmoe.core.moe import AffineRouter
-from flexmoe.routing import calibrate_router, lda_router, lda_weights, mlp_input_moments, mlp_inputs
 from benchmarks.research_routers import prefix_lda_router
-from flexmoe.core.surgery import use_affine_routers
-from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle
+from flexmoe.core.moe import AffineRouter, Router, record_router_logits
+from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle, use_affine_routers
+from flexmoe.routing import calibrate_router, lda_router, lda_weights, mlp_input_moments, mlp_inputs
+from flexmoe.testing import VOCAB, perturb_, tiny_model
 
 
 def merged(arch="olmo2", owners=3, seed=0):
@@ -190,9 +188,9 @@ def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it()
 
 
 def test_lda_mixture_router_gates_sum_to_one_and_equal_the_owners_model_when_certain():
+    from benchmarks.research_routers import lda_mixture_router
     from flexmoe.artifacts.expert import ExpertArtifact
     from flexmoe.assembly import assemble
-    from benchmarks.research_routers import lda_mixture_router
 
     model = merged(owners=3)
     ids = rows()

@@ -6,21 +6,18 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from flexmoe.testing import LICENSES
-from flexmoe.testing import perturb_, tiny_model
 from transformers import AutoModelForCausalLM
 
 import flexmoe
+from flexmoe.artifacts.expert import ExpertArtifact, MLPInputStats
 from flexmoe.artifacts.guard import ArtifactError
-from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.core.moe import AffineRouter, record_router_logits
+from flexmoe.core.surgery import moe_blocks, upcycle
 from flexmoe.data.datamodule import TextDataModule
-from flexmoe.training.expert import ExpertModule, expert_callbacks
-from flexmoe.core.moe import record_router_logits
-from flexmoe.core.moe import AffineRouter
-from flexmoe.artifacts.expert import MLPInputStats
 from flexmoe.routing import _OnlyPublic, fold_router_bias, lda_router, mlp_input_moments, owner_statistics, route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
-from flexmoe.core.surgery import moe_blocks, upcycle
+from flexmoe.testing import LICENSES, perturb_, tiny_model
+from flexmoe.training.expert import ExpertModule, expert_callbacks
 
 
 def owner_model(seed: int, arch: str = "olmo2"):
@@ -144,24 +141,35 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
     """ExpertModule + expert_callbacks put the statistics in the artifact; route(exportable=True)
     gives a bias-free router that a transformers FlexOlmo checkpoint reproduces."""
     public = AutoModelForCausalLM.from_pretrained(public_dir)
-    spec = FederationSpec(public_model=str(public_dir), fingerprint=flexmoe.fingerprint(public), embedder=None,
-                          expert=ExpertRecipe(max_steps=3, batch_size=2, seq_len=32, warmup_steps=1),
-                          routing=RoutingRecipe(stats_tokens=512))  # fmt: skip
+    spec = FederationSpec(
+        public_model=str(public_dir),
+        fingerprint=flexmoe.fingerprint(public),
+        embedder=None,
+        expert=ExpertRecipe(max_steps=3, batch_size=2, seq_len=32, warmup_steps=1),
+        routing=RoutingRecipe(stats_tokens=512),
+    )
     paths = []
     for owner, source in (("gpl", f"{LICENSES}/GPL-3"), ("apache", f"{LICENSES}/Apache-2.0")):
         pl.seed_everything(0)
         data = TextDataModule(source, tokenizer=str(public_dir), seq_len=32, batch_size=2, cache_dir=tmp_path / "c")
-        trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, limit_val_batches=0,
-                             callbacks=expert_callbacks(spec, tmp_path / f"{owner}.safetensors"))  # fmt: skip
+        trainer = pl.Trainer(
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=expert_callbacks(spec, tmp_path / f"{owner}.safetensors"),
+        )
         trainer.fit(ExpertModule(str(public_dir), spec, owner=owner), data)
         paths.append(tmp_path / f"{owner}.safetensors")
     arts = [ExpertArtifact.load(p, fingerprint=spec.fingerprint, spec_sha256=spec.sha256) for p in paths]
     assert all(a.routing_stats is not None and a.routing_stats.count == 512 for a in arts)
 
     merged = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(public_dir), arts, top_k=2)
-    public_rows = TextDataModule(f"{LICENSES}/BSD", tokenizer=str(public_dir), seq_len=32, val_fraction=0.0,
-                                 cache_dir=tmp_path / "c")  # fmt: skip
+    public_rows = TextDataModule(
+        f"{LICENSES}/BSD", tokenizer=str(public_dir), seq_len=32, val_fraction=0.0, cache_dir=tmp_path / "c"
+    )
     public_rows.setup()
     summary = route(merged, arts, public_rows.train_rows, spec.routing, exportable=True)
     assert summary["folded"] and len(summary["fold_q"]) == 2
@@ -174,14 +182,40 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
     # artifact carries statistics and public data is given, and folds it for FlexOlmo.
     from flexmoe.cli.commands import main
 
-    main(["assemble", "--public", str(public_dir), "--experts", *map(str, paths), "--public-data",
-          f"{LICENSES}/BSD", "--out", str(tmp_path / "cli"), "--top-k", "2"])  # fmt: skip
+    main(
+        [
+            "assemble",
+            "--public",
+            str(public_dir),
+            "--experts",
+            *map(str, paths),
+            "--public-data",
+            f"{LICENSES}/BSD",
+            "--out",
+            str(tmp_path / "cli"),
+            "--top-k",
+            "2",
+        ]
+    )
     assert (tmp_path / "cli" / "config.json").is_file()  # a transformers FlexOlmo checkpoint
     again = flexmoe.load(tmp_path / "cli")
     stacked = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(public_dir), arts)
     assert not torch.allclose(moe_blocks(again)[1].router.weight, moe_blocks(stacked)[1].router.weight)
-    main(["assemble", "--public", str(public_dir), "--experts", *map(str, paths), "--public-data",
-          f"{LICENSES}/BSD", "--out", str(tmp_path / "native"), "--format", "native"])  # fmt: skip
+    main(
+        [
+            "assemble",
+            "--public",
+            str(public_dir),
+            "--experts",
+            *map(str, paths),
+            "--public-data",
+            f"{LICENSES}/BSD",
+            "--out",
+            str(tmp_path / "native"),
+            "--format",
+            "native",
+        ]
+    )
     native = flexmoe.load(tmp_path / "native")
     assert all(isinstance(b.router, AffineRouter) for b in moe_blocks(native))  # biases kept, exactly
 
@@ -192,8 +226,9 @@ def test_class_mixture_is_the_moments_of_the_pooled_sample():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4000, 3, generator=g).double() + torch.tensor([2.0, 0.0, -1.0])
     b = torch.randn(4000, 3, generator=g).double() * 0.5
-    stats = [MLPInputStats(mean=x.mean(0)[None], count=len(x), covariance=torch.cov(x.T, correction=0)[None])
-             for x in (a, b)]  # fmt: skip
+    stats = [
+        MLPInputStats(mean=x.mean(0)[None], count=len(x), covariance=torch.cov(x.T, correction=0)[None]) for x in (a, b)
+    ]
     within = (stats[0].covariance + stats[1].covariance) / 2
     mix = class_mixture(stats, within)
     both = torch.cat([a, b])

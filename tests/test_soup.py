@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flexmoe.testing import perturb_, tiny_model
 
 from flexmoe import upcycle
 from flexmoe.merge import WeightedSoup, average
+from flexmoe.testing import perturb_, tiny_model
 
 
 def _logits(model, ids):

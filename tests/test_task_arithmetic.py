@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from flexmoe.testing import VOCAB, license_texts, perturb_, tiny_model
 
 from flexmoe.merge import (
     TaskVector,
@@ -16,6 +15,7 @@ from flexmoe.merge import (
     plot_disentanglement,
     task_arithmetic,
 )
+from flexmoe.testing import VOCAB, license_texts, perturb_, tiny_model
 
 
 def _finetuned(seed, scale=0.05, arch="llama", **overrides):

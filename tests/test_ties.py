@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flexmoe.testing import perturb_, tiny_model
 
 from flexmoe import upcycle
 from flexmoe.merge import kernel, ties
+from flexmoe.testing import perturb_, tiny_model
 
 SHAPES = {"a.weight": (8, 6), "b.weight": (40,), "c.bias": (3, 5, 2), "d.weight": (1,)}
 
@@ -56,8 +56,9 @@ def _reference(base, fts, density, trim, lam=1.0, sign="mass", weights=None):
 
 
 @pytest.mark.parametrize("trim", ["global", "per_tensor"])
-@pytest.mark.parametrize("sign,weights", [("mass", None), ("mass", [1.0, 2.0, 0.5]), ("weighted_mass", [1.0, 2.0, 0.5]),
-                                          ("count", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    "sign,weights", [("mass", None), ("mass", [1.0, 2.0, 0.5]), ("weighted_mass", [1.0, 2.0, 0.5]), ("count", None)]
+)
 def test_matches_the_algorithm_written_out(trim, sign, weights):
     base = _state(0)
     fts = [{k: v + d for (k, v), d in zip(base.items(), _state(s, 0.1).values())} for s in (1, 2, 3)]
@@ -120,8 +121,11 @@ def test_entries_tied_at_the_threshold_are_kept_in_storage_order(block, monkeypa
 
 def test_sign_election_rules_and_disjoint_mean():
     base = {"w": torch.zeros(3)}
-    fts = [{"w": torch.tensor([3.0, -1.0, 2.0])}, {"w": torch.tensor([-1.0, -1.0, 2.0])},
-           {"w": torch.tensor([-1.0, 4.0, -5.0])}]  # fmt: skip
+    fts = [
+        {"w": torch.tensor([3.0, -1.0, 2.0])},
+        {"w": torch.tensor([-1.0, -1.0, 2.0])},
+        {"w": torch.tensor([-1.0, 4.0, -5.0])},
+    ]
     # mass: signs of [1, 2, -1] -> keep only agreeing entries and average them
     assert ties(base, fts, density=1.0)["w"].tolist() == [3.0, 4.0, -5.0]
     # count: most models are negative, negative, positive

@@ -6,7 +6,6 @@ import torch
 import flexmoe
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
-
 from flexmoe.testing import ARCHS, perturb_, tiny_model
 
 

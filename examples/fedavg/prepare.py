@@ -17,8 +17,13 @@ from pathlib import Path
 OWNERS = ("stdlib_code", "docstrings")
 
 
-def main(out: str = "demo_out/fedavg", max_docs_per_domain: int = 120, vocab_size: int = 1024,
-         hidden_size: int = 64, num_layers: int = 2) -> Path:  # fmt: skip
+def main(
+    out: str = "demo_out/fedavg",
+    max_docs_per_domain: int = 120,
+    vocab_size: int = 1024,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> Path:
     """Write ``out/public``, ``out/data/<owner>/{train,val}.jsonl`` and ``out/run_config.toml``.
 
     Args:

@@ -41,15 +41,18 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--pretrain-steps", type=int, default=150)
     p.add_argument("--expert-steps", type=int, default=40, help="each owner's training steps (default: %(default)s)")
     p.add_argument("--router-tuning-steps", type=int, default=20)
-    p.add_argument("--embedder", default=None,
-                   help="sentence-transformers model for router init and proxy sets (default: none, the "
-                        "public model's own hidden states and TF-IDF features)")  # fmt: skip
+    p.add_argument(
+        "--embedder",
+        default=None,
+        help="sentence-transformers model for router init and proxy sets (default: none, the "
+        "public model's own hidden states and TF-IDF features)",
+    )
     args = p.parse_args(argv)
 
     from flexmoe.cli.commands import spec as write_spec
     from flexmoe.data.corpus import local_corpus, write_corpus
-    from flexmoe.training.pretrain import pretrain
     from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
+    from flexmoe.training.pretrain import pretrain
 
     out = Path(args.out).resolve()
     corpus = local_corpus(args.max_docs, domains=[PUBLIC, *OWNERS.values()])
@@ -57,9 +60,17 @@ def main(argv: list[str] | None = None) -> Path:
     public_text = data[PUBLIC] / "train.jsonl"
     public = out / "public"
     if not (public / "config.json").is_file():
-        pretrain([str(public_text)], str(public), vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                 num_layers=args.num_layers, seq_len=args.seq_len, batch_size=args.batch_size,
-                 max_steps=args.pretrain_steps, warmup_steps=max(1, args.pretrain_steps // 10))  # fmt: skip
+        pretrain(
+            [str(public_text)],
+            str(public),
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_steps=args.pretrain_steps,
+            warmup_steps=max(1, args.pretrain_steps // 10),
+        )
     write_spec(
         public=str(public),
         out=str(out / "spec.json"),

@@ -33,7 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from flexmoe.artifacts.guard import ArtifactError, DEFAULT_MAX_BYTES, _DTYPES, _DTYPE_NAMES, read_safetensors_header
+
+from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
 
 FORMAT_VERSION = "1"
 _KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|stats\.mean|stats\.covariance)$")
@@ -51,8 +52,6 @@ _REQUIRED_METADATA = (
     "dtype",
     "training_tokens",
 )
-
-
 
 
 @dataclass
@@ -111,14 +110,18 @@ class ExpertFile(ABC):
         cls.check_metadata(metadata, owner, path)
         for name, entry in header.items():
             if entry["dtype"] not in _DTYPES:
-                raise ArtifactError(owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path)
+                raise ArtifactError(
+                    owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path
+                )
         tensors = {}
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     tensors[name] = f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ArtifactError(owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path) from e
+            raise ArtifactError(
+                owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path
+            ) from e
         art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
         art.check_structure()
         art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
@@ -141,14 +144,18 @@ class ExpertFile(ABC):
         """Check the expert was trained on this public model and under this spec."""
         if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
             raise self._error(
-                "fingerprint", fingerprint, self.metadata.get("fingerprint"),
+                "fingerprint",
+                fingerprint,
+                self.metadata.get("fingerprint"),
                 hint="the expert was trained on a different public model",
-            )  # fmt: skip
+            )
         if spec_sha256 is not None and self.metadata.get("spec_sha256") != spec_sha256:
             raise self._error(
-                "spec_sha256", spec_sha256, self.metadata.get("spec_sha256"),
+                "spec_sha256",
+                spec_sha256,
+                self.metadata.get("spec_sha256"),
                 hint="the expert was trained under a different FederationSpec",
-            )  # fmt: skip
+            )
 
 
 @dataclass
@@ -194,8 +201,8 @@ class ExpertArtifact(ExpertFile):
         ``stats``: the owner's :class:`flexmoe.artifacts.expert` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
         """
-        from flexmoe.core.surgery import expert_index, moe_blocks
         from flexmoe.core.hashing import fingerprint as model_fingerprint
+        from flexmoe.core.surgery import expert_index, moe_blocks
 
         j = expert_index(model, expert)
         if j == 0:
@@ -244,7 +251,9 @@ class ExpertArtifact(ExpertFile):
             m = _KEY.match(name)
             if m is None:
                 raise self._error(
-                    "tensor names", "layers.{L}.expert.*, layers.{L}.router.{embedding,bias} or layers.{L}.stats.*", name
+                    "tensor names",
+                    "layers.{L}.expert.*, layers.{L}.router.{embedding,bias} or layers.{L}.stats.*",
+                    name,
                 )
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
         if set(per_layer) != set(range(n)):
@@ -261,15 +270,22 @@ class ExpertArtifact(ExpertFile):
                 raise self._error(f"tensors of layer {L}", sorted(reference), sorted(names))
             if "stats.covariance" in names and "stats.mean" not in names:
                 raise self._error(f"layers.{L}.stats.mean", "present with stats.covariance", "missing")
-            shapes = {"router.embedding": [hidden], "router.bias": [1], "stats.mean": [hidden],
-                      "stats.covariance": [hidden, hidden]}  # fmt: skip
+            shapes = {
+                "router.embedding": [hidden],
+                "router.bias": [1],
+                "stats.mean": [hidden],
+                "stats.covariance": [hidden, hidden],
+            }
             for part, expected in shapes.items():
                 key = f"layers.{L}.{part}"
                 if key in self.tensors and list(self.tensors[key].shape) != expected:
                     raise self._error(f"shape of {key}", expected, list(self.tensors[key].shape))
         if "stats.mean" in reference and not self.metadata.get("stats_tokens", "").isdigit():
-            raise self._error("metadata 'stats_tokens'", "a non-negative integer with layers.*.stats.*",
-                              self.metadata.get("stats_tokens"))  # fmt: skip
+            raise self._error(
+                "metadata 'stats_tokens'",
+                "a non-negative integer with layers.*.stats.*",
+                self.metadata.get("stats_tokens"),
+            )
         for name, t in self.tensors.items():
             if not t.is_floating_point():
                 raise self._error(f"dtype of {name}", "a floating-point dtype", t.dtype)
@@ -284,8 +300,11 @@ class ExpertArtifact(ExpertFile):
             if name.endswith("stats.covariance"):
                 asym = float((t - t.T).abs().max())
                 if asym > 1e-3 * max(1.0, float(t.abs().max())) or bool((t.diagonal() < 0).any()):
-                    raise self._error(f"values of {name}", "a covariance (symmetric, non-negative diagonal)",
-                                      f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}")  # fmt: skip
+                    raise self._error(
+                        f"values of {name}",
+                        "a covariance (symmetric, non-negative diagonal)",
+                        f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}",
+                    )
 
     def validate(self, model: nn.Module, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
         """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):
@@ -310,17 +329,17 @@ class ExpertArtifact(ExpertFile):
             want = mlp.state_dict()
             if set(state) != set(want):
                 raise self._error(
-                    f"expert tensors of layer {L}", sorted(want), sorted(state),
+                    f"expert tensors of layer {L}",
+                    sorted(want),
+                    sorted(state),
                     hint=f"missing {sorted(set(want) - set(state))}, extra {sorted(set(state) - set(want))}",
-                )  # fmt: skip
+                )
             for name, ref in want.items():
                 got = state[name]
                 if got.shape != ref.shape:
                     raise self._error(f"shape of layers.{L}.expert.{name}", list(ref.shape), list(got.shape))
                 if got.dtype != ref.dtype:
                     raise self._error(f"dtype of layers.{L}.expert.{name}", ref.dtype, got.dtype)
-
-
 
 
 def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
@@ -330,21 +349,15 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
     if metadata["format_version"] != FORMAT_VERSION:
         hint = ""
         if metadata["format_version"].startswith("lora-"):
-            hint = "a LoRA expert: load it with flexmoe.lora.LoraExpertArtifact and materialize() it on the public model"
+            hint = (
+                "a LoRA expert: load it with flexmoe.lora.LoraExpertArtifact and materialize() it on the public model"
+            )
         raise ArtifactError(owner, "format_version", FORMAT_VERSION, metadata["format_version"], source=path, hint=hint)
     for key in ("num_layers", "hidden_size", "intermediate_size", "training_tokens"):
         if not metadata[key].isdigit():
             raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -358,5 +371,3 @@ class MLPInputStats:
     mean: torch.Tensor
     count: int
     covariance: torch.Tensor | None = None
-
-

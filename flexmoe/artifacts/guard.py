@@ -6,8 +6,8 @@ import json
 import os
 import struct
 from pathlib import Path
-import torch
 
+import torch
 
 DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
 
@@ -51,15 +51,25 @@ def read_safetensors_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT
         if head[:1] == b"\x80" or head[:2] == b"PK":
             kind = "a pickle" if head[:1] == b"\x80" else "a zip archive (torch.save format)"
             raise ArtifactError(
-                who, "format", "safetensors", kind, source=path,
+                who,
+                "format",
+                "safetensors",
+                kind,
+                source=path,
                 hint="flexmoe never unpickles files from other parties; export the expert with ExpertArtifact.save",
-            )  # fmt: skip
+            )
         if len(head) < 8:
             raise ArtifactError(who, "file", "a safetensors file (>= 8 bytes)", f"{len(head)} bytes", source=path)
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ArtifactError(who, "header length", f"at most {min(_MAX_HEADER_BYTES, size - 8)}", n, source=path,
-                                hint="not a safetensors file, or a truncated one")  # fmt: skip
+            raise ArtifactError(
+                who,
+                "header length",
+                f"at most {min(_MAX_HEADER_BYTES, size - 8)}",
+                n,
+                source=path,
+                hint="not a safetensors file, or a truncated one",
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -96,5 +106,3 @@ def read_safetensors_header(path: str | os.PathLike, *, max_bytes: int = DEFAULT
         what = "truncated" if data < end else "trailing bytes after the data"
         raise ArtifactError(who, "file length", f"{8 + n + end} bytes", f"{size} bytes ({what})", source=path)
     return header
-
-

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flexmoe.artifacts.expert import ExpertArtifact
-
 import os
+
 from torch import nn
+
+from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import read_safetensors_header
 
 
@@ -32,5 +33,3 @@ def load_expert(
         lora = LoraExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
         return lora.materialize(public_model, spec_sha256=spec_sha256)
     return ExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
-
-

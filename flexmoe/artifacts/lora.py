@@ -32,16 +32,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile
+from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
 
 LORA_FORMAT_VERSION = "lora-1"
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)\.lora_[AB])$")
 _REQUIRED_METADATA = (
-    "format_version", "owner", "fingerprint", "spec_sha256", "architecture", "num_layers", "hidden_size",
-    "intermediate_size", "dtype", "training_tokens", "lora_rank", "lora_scaling", "lora_targets",
-)  # fmt: skip
+    "format_version",
+    "owner",
+    "fingerprint",
+    "spec_sha256",
+    "architecture",
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "dtype",
+    "training_tokens",
+    "lora_rank",
+    "lora_scaling",
+    "lora_targets",
+)
 
 
 @dataclass
@@ -88,8 +99,8 @@ class LoraExpertArtifact(ExpertFile):
 
         ``stats``: the owner's routing statistics, shipped as in a full artifact
         (:meth:`flexmoe.ExpertArtifact.from_model`)."""
-        from flexmoe.core.surgery import expert_index, moe_blocks
         from flexmoe.core.hashing import fingerprint as model_fingerprint
+        from flexmoe.core.surgery import expert_index, moe_blocks
 
         j = expert_index(model, expert)
         if j == 0:
@@ -202,8 +213,10 @@ class LoraExpertArtifact(ExpertFile):
                 if not isinstance(linear, nn.Linear):
                     linears = [n for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
                     raise self._error(f"lora_targets (layer {L})", f"linear layers of the MLP {linears}", name)
-                for what, got, want in (("lora_A", f.A, [self.rank, linear.in_features]),
-                                        ("lora_B", f.B, [linear.out_features, self.rank])):  # fmt: skip
+                for what, got, want in (
+                    ("lora_A", f.A, [self.rank, linear.in_features]),
+                    ("lora_B", f.B, [linear.out_features, self.rank]),
+                ):
                     if list(got.shape) != want:
                         raise self._error(f"shape of layers.{L}.expert.{name}.{what}", want, list(got.shape))
 
@@ -272,7 +285,12 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         raise ArtifactError(owner, "metadata 'lora_scaling'", "a finite number", metadata["lora_scaling"], source=path)
     targets = metadata["lora_targets"].split(",")
     if not all(targets) or len(set(targets)) != len(targets):
-        raise ArtifactError(owner, "metadata 'lora_targets'", "comma-separated distinct module names",
-                            metadata["lora_targets"], source=path)  # fmt: skip
+        raise ArtifactError(
+            owner,
+            "metadata 'lora_targets'",
+            "comma-separated distinct module names",
+            metadata["lora_targets"],
+            source=path,
+        )
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)

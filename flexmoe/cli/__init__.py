@@ -9,7 +9,6 @@ import sys
 import types
 import typing
 
-
 # name -> "module:function"; a command's module is imported only when that command runs,
 # so `flexmoe assemble` does not pay for importing Lightning.
 COMMANDS: dict[str, str] = {
@@ -136,5 +135,3 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"flexmoe: error: {_message(e)}", file=sys.stderr)
         sys.exit(1)
-
-

@@ -25,8 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
 from flexmoe.formats.load import detect_format
+from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
 
 Format = Literal["auto", "native", "flexolmo", "mixtral"]
 
@@ -88,9 +88,15 @@ def assemble(
     lora = [e for e in experts if is_lora_file(e)]
     if routing == "published" and not lora:
         assemble_to_dir(
-            public, list(experts), out, format=format, top_k=top_k, normalize=normalize,
-            spec_sha256=spec_sha256, allow_approximate=allow_approximate,
-        )  # fmt: skip  (streams one expert at a time; copies the tokenizer files too)
+            public,
+            list(experts),
+            out,
+            format=format,
+            top_k=top_k,
+            normalize=normalize,
+            spec_sha256=spec_sha256,
+            allow_approximate=allow_approximate,
+        )  # streams one expert at a time; copies the tokenizer files too
         print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: published)")
         return
     from flexmoe.formats.export import export as export_model
@@ -98,26 +104,36 @@ def assemble(
 
     if routing == "published":
         recipe = RoutingRecipe(method="published")  # LoRA experts are materialised in memory first
-    summary = _assemble_routed(public, experts, public_data, recipe or RoutingRecipe(method="lda"), format=format,
-                               top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)  # fmt: skip
+    summary = _assemble_routed(
+        public,
+        experts,
+        public_data,
+        recipe or RoutingRecipe(method="lda"),
+        format=format,
+        top_k=top_k,
+        normalize=normalize,
+        spec_sha256=spec_sha256,
+    )
     model, fmt = summary.pop("model"), summary.pop("format")
     export_model(model, out, format=fmt, allow_approximate=allow_approximate, tokenizer=public)
-    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: {routing}, {fmt}"
-          f"{f', {len(lora)} LoRA expert(s) materialised' if lora else ''})")  # fmt: skip
+    print(
+        f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: {routing}, {fmt}"
+        f"{f', {len(lora)} LoRA expert(s) materialised' if lora else ''})"
+    )
 
 
 def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, normalize, spec_sha256) -> dict:
     """Assemble in memory and apply the routing recipe; the biases are folded for FlexOlmo/Mixtral."""
     from transformers import AutoTokenizer
 
-    from flexmoe.assembly import assemble as assemble_model
     from flexmoe.artifacts.load import load_expert
+    from flexmoe.assembly import assemble as assemble_model
+    from flexmoe.core.hashing import fingerprint
     from flexmoe.data.documents import read_documents
     from flexmoe.data.packing import pack_domain
-    from flexmoe.formats.load import load_public_model
     from flexmoe.formats.export import target_format
+    from flexmoe.formats.load import load_public_model
     from flexmoe.routing import route
-    from flexmoe.core.hashing import fingerprint
 
     base = load_public_model(public)
     fp = fingerprint(base)
@@ -167,8 +183,8 @@ def add_expert(
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
     from flexmoe.artifacts.load import load_expert
-    from flexmoe.core.surgery import add_expert as add
     from flexmoe.core.hashing import fingerprint
+    from flexmoe.core.surgery import add_expert as add
 
     def change(moe):
         add(moe, load_expert(expert, moe, fingerprint=fingerprint(moe)), check_fingerprint=False)
@@ -204,9 +220,9 @@ def opt_out(
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
     """Open a merged model, apply ``change`` to it, and write it (by default in its own format)."""
+    from flexmoe.core.surgery import set_top_k
     from flexmoe.formats.export import export as export_model
     from flexmoe.formats.load import load
-    from flexmoe.core.surgery import set_top_k
 
     fmt = format or detect_format(model)
     moe = load(model)
@@ -242,9 +258,9 @@ def spec(
         router_tuning: The coordinator's router-tuning recipe.
         proxy: The proxy-set budget.
     """
+    from flexmoe.core.hashing import fingerprint
     from flexmoe.formats.load import load_public_model
     from flexmoe.spec import FederationSpec
-    from flexmoe.core.hashing import fingerprint
 
     model = load_public_model(public)
     r_pub = None
@@ -299,8 +315,9 @@ def evaluate(
     """
     from flexmoe.evaluate import eval_models
 
-    eval_models(model, data, oracle=oracle, json_out=json, seq_len=seq_len, batch_size=batch_size,
-                max_tokens=max_tokens)  # fmt: skip
+    eval_models(
+        model, data, oracle=oracle, json_out=json, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens
+    )
 
 
 def tune_router(
@@ -331,8 +348,8 @@ def tune_router(
     from flexmoe.data.documents import read_documents
     from flexmoe.evaluate import parse_domains
     from flexmoe.owner.proxy import ProxySelection
-    from flexmoe.training.router_tuning import tune_router as tune
     from flexmoe.spec import FederationSpec
+    from flexmoe.training.router_tuning import tune_router as tune
 
     public_docs = read_documents(public_data)
     proxies = {}
@@ -346,8 +363,10 @@ def tune_router(
 
     def change(moe):
         summary = tune(moe, proxy_documents=proxies, public_documents=public_docs, tokenizer=model, recipe=recipe)
-        print(f"flexmoe: router tuning {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
-              f"{summary['loss_last']:.3f}")  # fmt: skip
+        print(
+            f"flexmoe: router tuning {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
+            f"{summary['loss_last']:.3f}"
+        )
 
     fmt = _rewrite(model, out, format, None, allow_approximate, change)
     print(f"flexmoe: tuned the routers of {model} -> {out} ({fmt})")
@@ -367,21 +386,4 @@ def merge(recipe: str, out: str) -> None:
     print(f"flexmoe: merged -> {run(recipe, out)}")
 
 
-
-
-
-
 # -- helpers ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flexmoe.training.expert import ExpertModule, expert_callbacks
-
 import os
 import sys
 from pathlib import Path
+
 from flexmoe.spec import FederationSpec
+from flexmoe.training.expert import ExpertModule, expert_callbacks
 
 
 def train_expert_cli(args: list[str] | None = None) -> None:
@@ -29,14 +29,17 @@ def train_expert_cli(args: list[str] | None = None) -> None:
             parser.add_argument("--owner", type=str, required=True, help="this owner's name")
             parser.add_argument("--out", type=str, required=True, help="where to write the expert artifact")
             parser.add_argument("--max_steps", type=int | None, default=None, help="default: the spec's recipe")
-            parser.add_argument("--public_data", type=list[str] | None, default=None,
-                                help="public corpus to select the proxy set from")  # fmt: skip
+            parser.add_argument(
+                "--public_data", type=list[str] | None, default=None, help="public corpus to select the proxy set from"
+            )
             parser.link_arguments("spec", "model.spec")
             parser.link_arguments("owner", "model.owner")
             parser.link_arguments("spec", "model.public_model", compute_fn=_spec_public_model)
             parser.link_arguments("spec", "data.tokenizer", compute_fn=_spec_public_model)
             parser.link_arguments("spec", "data.seq_len", compute_fn=lambda s: FederationSpec.load(s).expert.seq_len)
-            parser.link_arguments("spec", "data.batch_size", compute_fn=lambda s: FederationSpec.load(s).expert.batch_size)
+            parser.link_arguments(
+                "spec", "data.batch_size", compute_fn=lambda s: FederationSpec.load(s).expert.batch_size
+            )
 
         def before_instantiate_classes(self):
             cfg = self.config
@@ -97,5 +100,3 @@ def _module_class(argv: list[str]) -> type[ExpertModule]:
 
 def _spec_public_model(path: str) -> str:
     return FederationSpec.load(path).public_model
-
-

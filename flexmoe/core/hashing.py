@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 import hashlib
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+
 import torch
 from torch import nn
+
 from flexmoe.core.moe import MoEBlock
 
 
@@ -76,5 +76,3 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     for key in sorted(metadata):
         h.update(f"{key}={metadata[key]}\n".encode())
     return h.hexdigest()
-
-

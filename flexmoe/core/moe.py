@@ -249,5 +249,3 @@ class AffineRouter(Router):
 
     def effective_bias(self) -> torch.Tensor:
         return self.bias.float()
-
-

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from flexmoe.core.moe import MoEBlock, MoESettings, Router
 from flexmoe.core.hashing import fingerprint
-from flexmoe.core.moe import AffineRouter
+from flexmoe.core.moe import AffineRouter, MoEBlock, MoESettings, Router
 
 if TYPE_CHECKING:  # pragma: no cover
     from flexmoe.artifacts.expert import ExpertArtifact
@@ -212,5 +211,3 @@ def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[n
             p.requires_grad_(True)
             trainable_params.append(p)
     return trainable_params
-
-

@@ -21,10 +21,6 @@ from scratch on local text (the demo, the tests).
 
 from __future__ import annotations
 
-from flexmoe.data.documents import Source
-
-from flexmoe.data.packing import _ENCODE_BATCH
-
 import hashlib
 import json
 import os
@@ -36,47 +32,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from flexmoe.data.documents import _read_entries, _resolve, _show, split_documents
-from flexmoe.data.packing import _encode, pack, tokenizer_hash
+
+from flexmoe.data.documents import Source, _read_entries, _resolve, _show, split_documents
+from flexmoe.data.packing import _ENCODE_BATCH, _encode, pack, tokenizer_hash
 
 CACHE_FORMAT = "1"
-
 
 
 # -- reading documents -----------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # -- splitting, tokenising, packing ------------------------------------------------------------
-
-
-
-
-
-
-
-
 
 
 def _default_cache_dir() -> Path:
@@ -303,8 +269,7 @@ class TextDataModule(L.LightningDataModule):
         self._train, self._val = tensors["train"], tensors["val"]
         if self._train.shape[0] == 0:
             raise ValueError(
-                f"the training documents hold fewer than seq_len={self.seq_len} tokens; "
-                "add text or lower seq_len"
+                f"the training documents hold fewer than seq_len={self.seq_len} tokens; add text or lower seq_len"
             )
         if self._val.shape[0] == 0 and self._split_indices()[1]:
             rank_zero_warn(

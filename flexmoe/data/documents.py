@@ -217,5 +217,3 @@ def split_documents(docs: Sequence[str], val_fraction: float, seed: int = 0) -> 
             val.extend(groups[key])
     held = set(val)
     return [i for i in range(n) if i not in held], sorted(val)
-
-

@@ -6,9 +6,9 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+
 import numpy as np
 import torch
-
 
 _ENCODE_BATCH = 256
 Documents = str | os.PathLike | Sequence[str] | torch.Tensor
@@ -55,8 +55,8 @@ def pack_domain(documents: Documents, tokenizer, seq_len: int = 256, max_tokens:
     document strings, or already packed rows (returned as they are). ``max_tokens`` keeps
     the first ``max(1, max_tokens // seq_len)`` rows.
     """
-    from flexmoe.data.packing import _encode, pack
     from flexmoe.data.documents import read_documents  # lightning is slow to import; only here
+    from flexmoe.data.packing import _encode, pack
 
     if isinstance(documents, torch.Tensor):
         rows = documents.long()
@@ -69,8 +69,10 @@ def pack_domain(documents: Documents, tokenizer, seq_len: int = 256, max_tokens:
         ids = (i for k in range(0, len(docs), _ENCODE_BATCH) for i in _encode(tokenizer, docs[k : k + _ENCODE_BATCH]))
         rows, stream = pack(ids, tokenizer.eos_token_id, seq_len)
         if rows.shape[0] == 0:
-            raise ValueError(f"{len(docs)} documents hold {stream} tokens, fewer than one row of seq_len={seq_len}; "
-                             "add text or lower seq_len")  # fmt: skip
+            raise ValueError(
+                f"{len(docs)} documents hold {stream} tokens, fewer than one row of seq_len={seq_len}; "
+                "add text or lower seq_len"
+            )
         rows = rows.long()
     if max_tokens is not None:
         rows = rows[: max(1, max_tokens // rows.shape[1])]
@@ -94,5 +96,3 @@ def spread_rows(rows: torch.Tensor, max_tokens: int) -> torch.Tensor:
     of them: statistics from the first few documents alone are unrepresentative."""
     n = min(rows.shape[0], max(1, max_tokens // max(1, rows.shape[1])))
     return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long().unique()]
-
-

@@ -38,5 +38,3 @@ def train_tokenizer(
     pad, bos, eos, *extra = special_tokens
     more = {"extra_special_tokens": extra} if extra else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos, **more)
-
-

@@ -114,37 +114,60 @@ class DemoConfig:
         if bad:
             raise ValueError(f"DemoConfig: these settings must be > 0: {', '.join(bad)}")
         if self.docs_per_domain < 10:
-            raise ValueError(f"DemoConfig.docs_per_domain={self.docs_per_domain}: at least 10, so every domain "
-                             "keeps a held-out document")  # fmt: skip
+            raise ValueError(
+                f"DemoConfig.docs_per_domain={self.docs_per_domain}: at least 10, so every domain "
+                "keeps a held-out document"
+            )
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"DemoConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
-                             "heads of even width (RoPE)")  # fmt: skip
+            raise ValueError(
+                f"DemoConfig: hidden_size={self.hidden_size} must split into num_heads={self.num_heads} "
+                "heads of even width (RoPE)"
+            )
         if self.router_tuning_rounds > self.router_tuning_steps:
-            raise ValueError(f"DemoConfig: router_tuning_rounds={self.router_tuning_rounds} is more than "
-                             f"router_tuning_steps={self.router_tuning_steps}; each round takes at least one step")  # fmt: skip
+            raise ValueError(
+                f"DemoConfig: router_tuning_rounds={self.router_tuning_rounds} is more than "
+                f"router_tuning_steps={self.router_tuning_steps}; each round takes at least one step"
+            )
         if self.top_k > len(OWNERS) + 1:
             raise ValueError(f"DemoConfig.top_k={self.top_k}: the merged model has {len(OWNERS) + 1} experts")
         if not 2 <= self.weighted_soup_prefix < self.seq_len:
             raise ValueError(f"DemoConfig.weighted_soup_prefix={self.weighted_soup_prefix} must be in [2, seq_len)")
         if self.eval_tokens < self.seq_len:
-            raise ValueError(f"DemoConfig.eval_tokens={self.eval_tokens} is less than one row of seq_len={self.seq_len}")
+            raise ValueError(
+                f"DemoConfig.eval_tokens={self.eval_tokens} is less than one row of seq_len={self.seq_len}"
+            )
         if self.vocab_size < 259:
             raise ValueError(f"DemoConfig.vocab_size={self.vocab_size}: at least 259 (256 bytes + 3 special tokens)")
 
     @classmethod
     def fast(cls) -> DemoConfig:
         """The ``--fast`` preset (CI): every stage runs, on a much smaller model and corpus."""
-        return cls(docs_per_domain=30, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
-                   pretrain_steps=120, expert_steps=40, router_tuning_steps=20, router_tuning_rounds=4, btx_finetune_steps=20,
-                   unrestricted_steps=60, joint_batch_size=8, eval_tokens=1024)  # fmt: skip
+        return cls(
+            docs_per_domain=30,
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            pretrain_steps=120,
+            expert_steps=40,
+            router_tuning_steps=20,
+            router_tuning_rounds=4,
+            btx_finetune_steps=20,
+            unrestricted_steps=60,
+            joint_batch_size=8,
+            eval_tokens=1024,
+        )
 
     def overriding(self, settings: DemoConfig | None) -> DemoConfig:
         """This config with every field of ``settings`` that differs from the default sizes."""
         if settings is None:
             return self
         default = DemoConfig()
-        changed = {f.name: getattr(settings, f.name) for f in dataclasses.fields(self)
-                   if getattr(settings, f.name) != getattr(default, f.name)}  # fmt: skip
+        changed = {
+            f.name: getattr(settings, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(settings, f.name) != getattr(default, f.name)
+        }
         return dataclasses.replace(self, **changed)
 
 
@@ -180,9 +203,12 @@ class Stages:
         return result
 
     def machine(self) -> dict:
-        return {"cpu_count": os.cpu_count(), "load_average_at_start": self.load,
-                "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if self.load else [],
-                "main_process_cpu_s": self.cpu}  # fmt: skip
+        return {
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": self.load,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()] if self.load else [],
+            "main_process_cpu_s": self.cpu,
+        }
 
 
 def _progress_bar() -> bool:
@@ -196,12 +222,17 @@ def build_corpus(cfg: DemoConfig, data_dir: Path) -> dict:
     """``{domain: Domain}`` for ``public`` (the two public domains together) and every owner."""
     from flexmoe.data.corpus import Domain, local_corpus, write_corpus
 
-    corpus = local_corpus(max_docs_per_domain=cfg.docs_per_domain, seed=cfg.seed,
-                          domains=list(PUBLIC_DOMAINS) + list(OWNERS))  # fmt: skip
+    corpus = local_corpus(
+        max_docs_per_domain=cfg.docs_per_domain, seed=cfg.seed, domains=list(PUBLIC_DOMAINS) + list(OWNERS)
+    )
     parts = [corpus[d] for d in PUBLIC_DOMAINS]
-    public = Domain(name=PUBLIC, description="public data: " + " + ".join(PUBLIC_DOMAINS),
-                    source="; ".join(p.source for p in parts), train=[t for p in parts for t in p.train],
-                    val=[t for p in parts for t in p.val])  # fmt: skip
+    public = Domain(
+        name=PUBLIC,
+        description="public data: " + " + ".join(PUBLIC_DOMAINS),
+        source="; ".join(p.source for p in parts),
+        train=[t for p in parts for t in p.train],
+        val=[t for p in parts for t in p.val],
+    )
     domains = {PUBLIC: public, **{o: corpus[o] for o in OWNERS}}
     write_corpus(domains, data_dir)
     return {"domains": domains, "parts": {d: corpus[d] for d in PUBLIC_DOMAINS}}
@@ -215,16 +246,20 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
     from flexmoe.data.documents import read_documents
 
     if not parts_val_docs or list(parts_val_docs) != list(PUBLIC_DOMAINS):
-        raise ValueError(f"the run's report does not say how its public validation text splits into {PUBLIC_DOMAINS} "
-                         "(settings.corpus.public.parts_val_docs; runs before it was recorded cannot be reopened)")  # fmt: skip
+        raise ValueError(
+            f"the run's report does not say how its public validation text splits into {PUBLIC_DOMAINS} "
+            "(settings.corpus.public.parts_val_docs; runs before it was recorded cannot be reopened)"
+        )
     domains = {}
     for d in (PUBLIC, *OWNERS):
         split = {s: read_documents(str(data_dir / d / f"{s}.jsonl")) for s in ("train", "val")}
         domains[d] = Domain(name=d, description=d, source=str(data_dir / d), **split)
     val, parts, start = domains[PUBLIC].val, {}, 0
     if sum(parts_val_docs.values()) != len(val):
-        raise ValueError(f"{data_dir / PUBLIC / 'val.jsonl'} holds {len(val)} documents, the report says "
-                         f"{sum(parts_val_docs.values())} ({parts_val_docs})")  # fmt: skip
+        raise ValueError(
+            f"{data_dir / PUBLIC / 'val.jsonl'} holds {len(val)} documents, the report says "
+            f"{sum(parts_val_docs.values())} ({parts_val_docs})"
+        )
     for p, n in parts_val_docs.items():
         parts[p] = Domain(name=p, description=p, source=str(data_dir / PUBLIC), train=[], val=val[start : start + n])
         start += n
@@ -234,11 +269,23 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
 def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
     from flexmoe.training.pretrain import REPORT, pretrain
 
-    pretrain([str(data_dir / PUBLIC / "train.jsonl")], str(out), vocab_size=cfg.vocab_size,
-             hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads, seq_len=cfg.seq_len,
-             batch_size=cfg.pretrain_batch_size, max_steps=cfg.pretrain_steps,
-             warmup_steps=max(1, cfg.pretrain_steps // 10), seed=cfg.seed, val_every=cfg.pretrain_steps,
-             val_batches=8, accelerator="cpu", progress_bar=_progress_bar())  # fmt: skip
+    pretrain(
+        [str(data_dir / PUBLIC / "train.jsonl")],
+        str(out),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.pretrain_batch_size,
+        max_steps=cfg.pretrain_steps,
+        warmup_steps=max(1, cfg.pretrain_steps // 10),
+        seed=cfg.seed,
+        val_every=cfg.pretrain_steps,
+        val_batches=8,
+        accelerator="cpu",
+        progress_bar=_progress_bar(),
+    )
     return json.loads((out / REPORT).read_text())
 
 
@@ -247,24 +294,41 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
     the default routing recipe, the demo's sizes for expert training and router tuning."""
     from transformers import AutoTokenizer
 
-    from flexmoe.owner.embed import router_embedding
-    from flexmoe.formats.load import load_public_model
-    from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
     from flexmoe.core.hashing import fingerprint
+    from flexmoe.formats.load import load_public_model
+    from flexmoe.owner.embed import router_embedding
+    from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
 
     model = load_public_model(str(public_dir))
-    rows = router_embedding(public_docs, model, embedder=None, tokenizer=AutoTokenizer.from_pretrained(public_dir),
-                            seq_len=cfg.seq_len, seed=cfg.seed)  # fmt: skip
+    rows = router_embedding(
+        public_docs,
+        model,
+        embedder=None,
+        tokenizer=AutoTokenizer.from_pretrained(public_dir),
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+    )
     spec = FederationSpec(
-        public_model=str(public_dir), fingerprint=fingerprint(model), embedder=None,
+        public_model=str(public_dir),
+        fingerprint=fingerprint(model),
+        embedder=None,
         public_router_embedding=rows.tolist(),
-        expert=ExpertRecipe(max_steps=cfg.expert_steps, batch_size=cfg.expert_batch_size, seq_len=cfg.seq_len,
-                            lr=cfg.expert_lr, warmup_steps=max(1, cfg.expert_steps // 10)),
-        router_tuning=RouterTuningRecipe(data="owners", rounds=cfg.router_tuning_rounds,
-                                         max_steps=cfg.router_tuning_steps, seq_len=cfg.seq_len,
-                                         warmup_steps=max(1, cfg.router_tuning_steps // 10)),
+        expert=ExpertRecipe(
+            max_steps=cfg.expert_steps,
+            batch_size=cfg.expert_batch_size,
+            seq_len=cfg.seq_len,
+            lr=cfg.expert_lr,
+            warmup_steps=max(1, cfg.expert_steps // 10),
+        ),
+        router_tuning=RouterTuningRecipe(
+            data="owners",
+            rounds=cfg.router_tuning_rounds,
+            max_steps=cfg.router_tuning_steps,
+            seq_len=cfg.seq_len,
+            warmup_steps=max(1, cfg.router_tuning_steps // 10),
+        ),
         routing=RoutingRecipe(),
-    )  # fmt: skip
+    )
     spec.save(path)
     return spec
 
@@ -277,8 +341,13 @@ def _context(context):
     from flwr.app import Context
 
     run_config = json.loads(Path(os.environ[RUN_CONFIG_ENV]).read_text())
-    return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
-                   state=context.state, run_config=run_config)  # fmt: skip
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config=run_config,
+    )
 
 
 def _owner_query(msg, context):
@@ -326,20 +395,33 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
 
     out.mkdir(parents=True, exist_ok=True)
     run_config = {
-        "spec": str(spec_path), "expected-owners": ",".join(OWNERS), "quorum": 0, "connect-timeout": 600.0,
-        "train-timeout": 3600.0, "out-dir": str(out / "coordinator"), "public-model": str(public_dir),
-        "public-data": str(data_dir / PUBLIC / "train.jsonl"), "top-k": cfg.top_k,
+        "spec": str(spec_path),
+        "expected-owners": ",".join(OWNERS),
+        "quorum": 0,
+        "connect-timeout": 600.0,
+        "train-timeout": 3600.0,
+        "out-dir": str(out / "coordinator"),
+        "public-model": str(public_dir),
+        "public-data": str(data_dir / PUBLIC / "train.jsonl"),
+        "top-k": cfg.top_k,
         # The spec leaves router tuning off (the library default); the `flexolmo` row is the full
         # flow, so the run config switches it on. FlexOlmo export: the folded router is exact.
-        "router-tuning": True, "resume": False, "export-format": "flexolmo", "allow-approximate": False,
-        "seed": cfg.seed, "poll-interval": 0.5,
-        "data-paths": ",".join(str(data_dir / o / "train.jsonl") for o in OWNERS), "share-proxy": True,
-    }  # fmt: skip
+        "router-tuning": True,
+        "resume": False,
+        "export-format": "flexolmo",
+        "allow-approximate": False,
+        "seed": cfg.seed,
+        "poll-interval": 0.5,
+        "data-paths": ",".join(str(data_dir / o / "train.jsonl") for o in OWNERS),
+        "share-proxy": True,
+    }
     config_path = out / "run_config.json"
     config_path.write_text(json.dumps(run_config, indent=2) + "\n")
     cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True}}  # fmt: skip
+    backend = {
+        "client_resources": {"num_cpus": min(threads, cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True},
+    }
     previous = os.environ.get(RUN_CONFIG_ENV)
     os.environ[RUN_CONFIG_ENV] = str(config_path)
     try:
@@ -361,12 +443,16 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
         raise RuntimeError(f"the federation ended without a coordinator report ({report_path}); see the log above")
     report = json.loads(report_path.read_text())
     if report.get("status") != "merged" or sorted(report.get("accepted", [])) != sorted(OWNERS):
-        raise RuntimeError(f"the federation did not accept every owner's expert: status {report.get('status')!r}, "
-                           f"rejected {report.get('rejected')}, missing {report.get('missing')}; see {report_path}")  # fmt: skip
+        raise RuntimeError(
+            f"the federation did not accept every owner's expert: status {report.get('status')!r}, "
+            f"rejected {report.get('rejected')}, missing {report.get('missing')}; see {report_path}"
+        )
     recipe, tuning = report.get("routing_recipe") or {}, report.get("router_tuning") or {}
     if recipe.get("method") != "lda" or "skipped" in tuning or report.get("export", {}).get("format") != "flexolmo":
-        raise RuntimeError(f"the coordinator did not run the whole flow (routing {recipe}, router tuning {tuning}, "
-                           f"export {report.get('export')}); see {report_path}")  # fmt: skip
+        raise RuntimeError(
+            f"the coordinator did not run the whole flow (routing {recipe}, router tuning {tuning}, "
+            f"export {report.get('export')}); see {report_path}"
+        )
     return report
 
 
@@ -426,9 +512,18 @@ def _finetune(module, data, steps: int, seed: int) -> None:
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, enable_progress_bar=_progress_bar())  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=_progress_bar(),
+    )
     trainer.fit(module, data)
 
 
@@ -441,32 +536,64 @@ def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
     the report's diagnostic. Either way, the dense experts saw only their owner's text."""
     import copy
 
+    from flexmoe.core.surgery import set_top_k
     from flexmoe.data.datamodule import TextDataModule
     from flexmoe.merge import MoEFinetune, btx
     from flexmoe.training.pretrain import PretrainModule
-    from flexmoe.core.surgery import set_top_k
 
     dense = []
     for owner in OWNERS:
         public = models.public()
-        module = PretrainModule(public.config, lr=cfg.expert_lr, weight_decay=0.0,
-                                warmup_steps=max(1, cfg.expert_steps // 10), max_steps=cfg.expert_steps)  # fmt: skip
+        module = PretrainModule(
+            public.config,
+            lr=cfg.expert_lr,
+            weight_decay=0.0,
+            warmup_steps=max(1, cfg.expert_steps // 10),
+            max_steps=cfg.expert_steps,
+        )
         module.model.load_state_dict(public.state_dict())
-        data = TextDataModule(str(data_dir / owner / "train.jsonl"), str(models.public_dir), seq_len=cfg.seq_len,
-                              batch_size=cfg.expert_batch_size, val_fraction=0.0, seed=cfg.seed)  # fmt: skip
-        stages.run(f"btx_dense_{owner}", f"BTX: fine-tuning a dense copy on {owner} ({cfg.expert_steps} steps)",
-                   _finetune, module, data, cfg.expert_steps, cfg.seed)  # fmt: skip
+        data = TextDataModule(
+            str(data_dir / owner / "train.jsonl"),
+            str(models.public_dir),
+            seq_len=cfg.seq_len,
+            batch_size=cfg.expert_batch_size,
+            val_fraction=0.0,
+            seed=cfg.seed,
+        )
+        stages.run(
+            f"btx_dense_{owner}",
+            f"BTX: fine-tuning a dense copy on {owner} ({cfg.expert_steps} steps)",
+            _finetune,
+            module,
+            data,
+            cfg.expert_steps,
+            cfg.seed,
+        )
         dense.append(module.model.eval())
     mixed = btx(dense, seed_model=models.public(), seed=cfg.seed, names=list(OWNERS))
     set_top_k(mixed, cfg.top_k)
     out = []
-    for key, what, data in (("btx_moe_finetune", "the public data", _union(cfg, models, data_dir, (PUBLIC,))),
-                            ("btx_pooled_moe_finetune", "all the data pooled", _union(cfg, models, data_dir))):  # fmt: skip
+    for key, what, data in (
+        ("btx_moe_finetune", "the public data", _union(cfg, models, data_dir, (PUBLIC,))),
+        ("btx_pooled_moe_finetune", "all the data pooled", _union(cfg, models, data_dir)),
+    ):
         model = copy.deepcopy(mixed)
-        module = MoEFinetune(model, train="all", lr=cfg.joint_lr, warmup_steps=max(1, cfg.btx_finetune_steps // 10),
-                             max_steps=cfg.btx_finetune_steps)  # fmt: skip
-        stages.run(key, f"BTX: MoE fine-tuning on {what} ({cfg.btx_finetune_steps} steps)", _finetune, module, data,
-                   cfg.btx_finetune_steps, cfg.seed)  # fmt: skip
+        module = MoEFinetune(
+            model,
+            train="all",
+            lr=cfg.joint_lr,
+            warmup_steps=max(1, cfg.btx_finetune_steps // 10),
+            max_steps=cfg.btx_finetune_steps,
+        )
+        stages.run(
+            key,
+            f"BTX: MoE fine-tuning on {what} ({cfg.btx_finetune_steps} steps)",
+            _finetune,
+            module,
+            data,
+            cfg.btx_finetune_steps,
+            cfg.seed,
+        )
         out.append(model.eval())
     return tuple(out)
 
@@ -475,8 +602,8 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     """The same MoE shape as FlexOlmo's (public + one expert per owner, ``top_k``), upcycled from the
     public model and trained jointly on all the data: experts and router, with BTX's
     load-balancing loss; attention and embeddings stay the public model's. Ignores privacy."""
-    from flexmoe.merge import MoEFinetune
     from flexmoe.core.surgery import moe_blocks, upcycle
+    from flexmoe.merge import MoEFinetune
 
     model = upcycle(models.public(), num_experts=len(OWNERS), top_k=cfg.top_k, owners=list(OWNERS))
     # Identical experts behind a zero router would get identical gradients forever: a small random
@@ -486,8 +613,13 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     with torch.no_grad():
         for block in moe_blocks(model):
             block.router.weight.copy_(torch.randn(block.router.weight.shape, generator=g) * std)
-    module = MoEFinetune(model, train="moe", lr=cfg.joint_lr, warmup_steps=max(1, cfg.unrestricted_steps // 10),
-                         max_steps=cfg.unrestricted_steps)  # fmt: skip
+    module = MoEFinetune(
+        model,
+        train="moe",
+        lr=cfg.joint_lr,
+        warmup_steps=max(1, cfg.unrestricted_steps // 10),
+        max_steps=cfg.unrestricted_steps,
+    )
     _finetune(module, _union(cfg, models, data_dir), cfg.unrestricted_steps, cfg.seed)
     return model.eval()
 
@@ -496,12 +628,19 @@ def _union(cfg: DemoConfig, models: Models, data_dir: Path, domains: tuple[str, 
     from flexmoe.data.datamodule import TextDataModule
 
     sources = [str(data_dir / d / "train.jsonl") for d in domains]
-    return TextDataModule(sources, str(models.public_dir), seq_len=cfg.seq_len, batch_size=cfg.joint_batch_size,
-                          val_fraction=0.0, seed=cfg.seed)  # fmt: skip
+    return TextDataModule(
+        sources,
+        str(models.public_dir),
+        seq_len=cfg.seq_len,
+        batch_size=cfg.joint_batch_size,
+        val_fraction=0.0,
+        seed=cfg.seed,
+    )
 
 
-def routed_without_tuning(cfg: DemoConfig, models: Models, spec, public_docs: list[str], tokenizer,
-                          exportable: bool = True) -> tuple:  # fmt: skip
+def routed_without_tuning(
+    cfg: DemoConfig, models: Models, spec, public_docs: list[str], tokenizer, exportable: bool = True
+) -> tuple:
     """``flexolmo_no_rt``: the coordinator's merge before its router tuning, rebuilt from the
     accepted artifacts exactly as the coordinator builds it (assemble, then the spec's routing
     recipe on the same public rows, biases folded for the FlexOlmo export). ``exportable=False``
@@ -510,8 +649,13 @@ def routed_without_tuning(cfg: DemoConfig, models: Models, spec, public_docs: li
     from flexmoe.routing import route
 
     model = models.merged(OWNERS, cfg.top_k)
-    summary = route(model, [models.artifacts[o] for o in OWNERS], pack_domain(public_docs, tokenizer, cfg.seq_len),
-                    spec.routing, exportable=exportable)  # fmt: skip
+    summary = route(
+        model,
+        [models.artifacts[o] for o in OWNERS],
+        pack_domain(public_docs, tokenizer, cfg.seq_len),
+        spec.routing,
+        exportable=exportable,
+    )
     return model.eval(), summary
 
 
@@ -525,11 +669,21 @@ def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_doc
     from flexmoe.training.router_tuning import tune_router
 
     model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
-    proxies = {o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs) for o in OWNERS
-               if (fed["owners"].get(o) or {}).get("proxy")}  # fmt: skip
+    proxies = {
+        o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs)
+        for o in OWNERS
+        if (fed["owners"].get(o) or {}).get("proxy")
+    }
     recipe = dataclasses.replace(spec.router_tuning, data="proxy")
-    tune_router(model, proxy_documents=proxies, public_documents=public_docs, tokenizer=tokenizer, recipe=recipe,
-                seed=cfg.seed, trainer_kwargs={"enable_progress_bar": _progress_bar()})  # fmt: skip
+    tune_router(
+        model,
+        proxy_documents=proxies,
+        public_documents=public_docs,
+        tokenizer=tokenizer,
+        recipe=recipe,
+        seed=cfg.seed,
+        trainer_kwargs={"enable_progress_bar": _progress_bar()},
+    )
     return model.eval()
 
 
@@ -540,8 +694,7 @@ def eval_rows(cfg: DemoConfig, corpus: dict, tokenizer) -> dict[str, torch.Tenso
     """Every domain's held-out rows: ``eval_tokens`` tokens as whole rows spread evenly over all of
     the domain's validation documents (the first rows alone can be one unrepresentative document);
     the public domain takes half from each public part."""
-    from flexmoe.data.packing import pack_domain
-    from flexmoe.data.packing import spread_rows
+    from flexmoe.data.packing import pack_domain, spread_rows
 
     def rows(docs, tokens):
         return spread_rows(pack_domain(docs, tokenizer, cfg.seq_len), tokens)
@@ -564,8 +717,15 @@ class Table:
     def score(self, name: str, model) -> None:
         from flexmoe.evaluate import perplexity
 
-        r = self.stages.run(f"eval:{name}", f"evaluating {name}", perplexity, model, self.rows,
-                            batch_size=self.cfg.eval_batch_size, name=name)  # fmt: skip
+        r = self.stages.run(
+            f"eval:{name}",
+            f"evaluating {name}",
+            perplexity,
+            model,
+            self.rows,
+            batch_size=self.cfg.eval_batch_size,
+            name=name,
+        )
         self._keep(name, r)
         if "routing" in r:
             self.routing[name] = r["routing"]
@@ -574,10 +734,19 @@ class Table:
         """Score a model that is not a row of the table (kept in ``self.diagnostics``)."""
         from flexmoe.evaluate import perplexity
 
-        r = self.stages.run(f"eval:{name}", f"evaluating {name} (diagnostic)", perplexity, model, self.rows,
-                            batch_size=self.cfg.eval_batch_size, name=name)  # fmt: skip
-        self.diagnostics[name] = {"per_domain": {d: float(v) for d, v in r["per_domain"].items()},
-                                  "average": float(r["average"])}  # fmt: skip
+        r = self.stages.run(
+            f"eval:{name}",
+            f"evaluating {name} (diagnostic)",
+            perplexity,
+            model,
+            self.rows,
+            batch_size=self.cfg.eval_batch_size,
+            name=name,
+        )
+        self.diagnostics[name] = {
+            "per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+            "average": float(r["average"]),
+        }
         if "routing" in r:
             self.routing[name] = r["routing"]
         return self.diagnostics[name]
@@ -585,15 +754,24 @@ class Table:
     def oracle(self, models: dict) -> None:
         from flexmoe.evaluate import oracle_perplexity
 
-        r = self.stages.run("eval:oracle", "evaluating oracle (each domain through its own model)", oracle_perplexity,
-                            models, self.rows, batch_size=self.cfg.eval_batch_size)  # fmt: skip
+        r = self.stages.run(
+            "eval:oracle",
+            "evaluating oracle (each domain through its own model)",
+            oracle_perplexity,
+            models,
+            self.rows,
+            batch_size=self.cfg.eval_batch_size,
+        )
         self._keep("oracle", r)
 
     def _keep(self, name: str, r: dict) -> None:
-        self.methods[name] = {"per_domain": {d: float(v) for d, v in r["per_domain"].items()},
-                              "average": float(r["average"])}  # fmt: skip
-        self.stages.log(f"{name:<24} average {r['average']:9.2f}  " +
-                        "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items()))  # fmt: skip
+        self.methods[name] = {
+            "per_domain": {d: float(v) for d, v in r["per_domain"].items()},
+            "average": float(r["average"]),
+        }
+        self.stages.log(
+            f"{name:<24} average {r['average']:9.2f}  " + "  ".join(f"{d} {v:.1f}" for d, v in r["per_domain"].items())
+        )
 
 
 def accepted_artifacts(coordinator: Path, spec) -> dict:
@@ -601,8 +779,12 @@ def accepted_artifacts(coordinator: Path, spec) -> dict:
     against ``spec`` (fingerprint of the public model, spec hash)."""
     from flexmoe.artifacts.expert import ExpertArtifact
 
-    return {o: ExpertArtifact.load(coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint,
-                                   spec_sha256=spec.sha256) for o in OWNERS}  # fmt: skip
+    return {
+        o: ExpertArtifact.load(
+            coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint, spec_sha256=spec.sha256
+        )
+        for o in OWNERS
+    }
 
 
 @dataclass
@@ -639,8 +821,17 @@ class DemoRun:
         artifacts = accepted_artifacts(coordinator, spec)
         corpus = read_corpus(root / "data", report["settings"]["corpus"][PUBLIC].get("parts_val_docs"))
         tokenizer = AutoTokenizer.from_pretrained(root / "public")
-        return cls(root, cfg, report, json.loads((coordinator / "report.json").read_text()), spec, corpus, tokenizer,
-                   Models(root / "public", artifacts, cfg), eval_rows(cfg, corpus, tokenizer))  # fmt: skip
+        return cls(
+            root,
+            cfg,
+            report,
+            json.loads((coordinator / "report.json").read_text()),
+            spec,
+            corpus,
+            tokenizer,
+            Models(root / "public", artifacts, cfg),
+            eval_rows(cfg, corpus, tokenizer),
+        )
 
     @property
     def public_docs(self) -> list[str]:
@@ -680,8 +871,9 @@ def _prepare_out(out: str, overwrite: bool) -> Path:
         if not (root / MARKER).is_file():
             raise FileExistsError(f"--out {root} is not empty and holds no earlier demo run; choose a new directory")
         if not overwrite:
-            raise FileExistsError(f"--out {root} holds an earlier demo run; pass --overwrite to replace it, "
-                                  "or choose another directory")  # fmt: skip
+            raise FileExistsError(
+                f"--out {root} holds an earlier demo run; pass --overwrite to replace it, or choose another directory"
+            )
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("flexmoe demo output; `flexmoe demo --overwrite` may delete this directory\n")
@@ -750,15 +942,37 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     corpus = stages.run("data", "building the local corpus", build_corpus, cfg, data_dir)
     domains = corpus["domains"]
     stages.log("; ".join(f"{d}: {len(x.train)} train / {len(x.val)} held-out docs" for d, x in domains.items()))
-    pretrained = stages.run("pretrain", f"pretraining the public model ({cfg.pretrain_steps} steps)", pretrain_public,
-                            cfg, data_dir, public_dir)  # fmt: skip
+    pretrained = stages.run(
+        "pretrain",
+        f"pretraining the public model ({cfg.pretrain_steps} steps)",
+        pretrain_public,
+        cfg,
+        data_dir,
+        public_dir,
+    )
     public_docs = list(domains[PUBLIC].train)  # what the coordinator reads from data/public/train.jsonl
-    spec = stages.run("spec", "writing the FederationSpec (no embedder; default routing recipe)", make_spec, cfg,
-                      public_dir, public_docs, root / "spec.json")  # fmt: skip
+    spec = stages.run(
+        "spec",
+        "writing the FederationSpec (no embedder; default routing recipe)",
+        make_spec,
+        cfg,
+        public_dir,
+        public_docs,
+        root / "spec.json",
+    )
     fed_dir = root / "federation"
-    fed = stages.run("federation", f"federation: {len(OWNERS)} owners (Flower ClientApps) and the coordinator "
-                     "(ServerApp) on the simulation engine", run_federation, cfg, fed_dir, root / "spec.json",
-                     public_dir, data_dir, threads)  # fmt: skip
+    fed = stages.run(
+        "federation",
+        f"federation: {len(OWNERS)} owners (Flower ClientApps) and the coordinator "
+        "(ServerApp) on the simulation engine",
+        run_federation,
+        cfg,
+        fed_dir,
+        root / "spec.json",
+        public_dir,
+        data_dir,
+        threads,
+    )
     coordinator = fed_dir / "coordinator"
     artifacts = accepted_artifacts(coordinator, spec)
     tuning = fed.get("router_tuning", {})
@@ -777,47 +991,84 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     table.score("weighted_soup", CausalWeightedSoup(members, uniform, cfg.weighted_soup_prefix))
     del members, uniform
     table.score("btm", BTMEnsemble([models.public(), *singles.values()], top_k=cfg.btm_top_k))
-    btx_model, btx_pooled = stages.run("btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models,
-                                       data_dir, stages)  # fmt: skip
+    btx_model, btx_pooled = stages.run(
+        "btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models, data_dir, stages
+    )
     table.score("btx", btx_model)
     table.diagnose("btx_pooled_data", btx_pooled)
     del btx_model, btx_pooled
-    no_rt, routing_summary = stages.run("routing", "rebuilding the merge before router tuning (flexolmo_no_rt)",
-                                        routed_without_tuning, cfg, models, spec, public_docs, tokenizer)  # fmt: skip
+    no_rt, routing_summary = stages.run(
+        "routing",
+        "rebuilding the merge before router tuning (flexolmo_no_rt)",
+        routed_without_tuning,
+        cfg,
+        models,
+        spec,
+        public_docs,
+        tokenizer,
+    )
     table.score("flexolmo_no_rt", no_rt)
     del no_rt
     native, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer, exportable=False)
     table.diagnose("lda_with_biases", native)
     del native
-    proxy_tuned = stages.run("proxy_router_tuning", "FlexOlmo's published router tuning, on the proxy sets "
-                             "(diagnostic)", tune_on_proxies, cfg, models, spec, fed, public_docs, tokenizer)  # fmt: skip
+    proxy_tuned = stages.run(
+        "proxy_router_tuning",
+        "FlexOlmo's published router tuning, on the proxy sets (diagnostic)",
+        tune_on_proxies,
+        cfg,
+        models,
+        spec,
+        fed,
+        public_docs,
+        tokenizer,
+    )
     table.diagnose("proxy_router_tuning", proxy_tuned)
     del proxy_tuned
     tuned = load(coordinator / "model").eval()  # the flexolmo row: the coordinator's export
     table.score("flexolmo", tuned)
-    flexolmo_summary = {"routing": routing_summary, "coordinator_routing": fed.get("routing_recipe"),
-                        "router_tuning": tuning, "diagnostics": table.diagnostics}  # fmt: skip
-    unrestricted = stages.run("unrestricted", f"unrestricted MoE trained on all the data ({cfg.unrestricted_steps} "
-                              "steps)", train_unrestricted, cfg, models, data_dir)  # fmt: skip
+    flexolmo_summary = {
+        "routing": routing_summary,
+        "coordinator_routing": fed.get("routing_recipe"),
+        "router_tuning": tuning,
+        "diagnostics": table.diagnostics,
+    }
+    unrestricted = stages.run(
+        "unrestricted",
+        f"unrestricted MoE trained on all the data ({cfg.unrestricted_steps} steps)",
+        train_unrestricted,
+        cfg,
+        models,
+        data_dir,
+    )
     table.score("unrestricted", unrestricted)
     del unrestricted
     table.oracle({PUBLIC: models.public(), **singles})
 
-    exported = stages.run("export", "copying the coordinator's FlexOlmo export to model/ and checking it",
-                          publish_model, coordinator / "model", root / "model", tuned, table.rows[PUBLIC])  # fmt: skip
+    exported = stages.run(
+        "export",
+        "copying the coordinator's FlexOlmo export to model/ and checking it",
+        publish_model,
+        coordinator / "model",
+        root / "model",
+        tuned,
+        table.rows[PUBLIC],
+    )
     stages.times["total"] = round(time.perf_counter() - stages.started, 1)
     report = {
         "methods": table.methods,
-        "settings": settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported,
-                                    table.rows)
+        "settings": settings_record(
+            cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, table.rows
+        )
         | {"machine": stages.machine()},
         "wall_times": stages.times,
     }
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "routing.json").write_text(json.dumps(table.routing, indent=1) + "\n")
     plot_perplexity(table.methods, root / "perplexity.png")
-    plot_routing(table.routing["flexolmo"], root / "routing.png",
-                 "flexolmo: top-1 expert share per held-out domain, per layer")  # fmt: skip
+    plot_routing(
+        table.routing["flexolmo"], root / "routing.png", "flexolmo: top-1 expert share per held-out domain, per layer"
+    )
     write_markdown(root / "report.md", report, table.routing, owners=OWNERS, public_domains=PUBLIC_DOMAINS)
     stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
     print("\n" + markdown_table(table.methods, list(table.rows)) + "\n", flush=True)

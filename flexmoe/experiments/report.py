@@ -50,8 +50,10 @@ def findings(methods: dict, routing: dict | None = None, flexolmo: dict | None =
     )
     rt = avg["flexolmo"] - avg["flexolmo_no_rt"]
     tuning = (flexolmo or {}).get("router_tuning") or {}
-    how = (f"federated router tuning ({len(tuning.get('rounds') or [])} Flower rounds on each owner's own text and "
-           "the public data; only router rows left the owners)")  # fmt: skip
+    how = (
+        f"federated router tuning ({len(tuning.get('rounds') or [])} Flower rounds on each owner's own text and "
+        "the public data; only router rows left the owners)"
+    )
     lines.append(
         f"The {how} moved the average from {avg['flexolmo_no_rt']:.1f} (`flexolmo_no_rt`) to "
         f"{fo:.1f} ({'better' if rt < 0 else 'worse' if rt > 0 else 'unchanged'} by {abs(rt):.1f})."
@@ -125,8 +127,10 @@ def routing_findings(methods: dict, routing: dict) -> list[str]:
     fo, oracle = methods["flexolmo"]["per_domain"], methods["oracle"]["per_domain"]
     gaps = sorted(fo, key=lambda d: fo[d] / oracle[d], reverse=True)
     own = {d: shares[d].get(d, 0.0) for d in shares}
-    lines = ["In `flexolmo`, the top-1 routing share of each domain's own expert (the public expert for public text), mean over "
-             "layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."]  # fmt: skip
+    lines = [
+        "In `flexolmo`, the top-1 routing share of each domain's own expert (the public expert for public text), mean over "
+        "layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."
+    ]
     for d in gaps[:2]:
         if fo[d] / oracle[d] < 1.05:
             continue
@@ -246,9 +250,16 @@ def plot_perplexity(methods: dict, path: Path) -> None:
     for i in range(len(names)):
         for j in range(len(columns)):
             bold = names[i] != "oracle" and values[i, j] == values[contenders, j].min()
-            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                    fontweight="bold" if bold else "normal",
-                    color="white" if values[i, j] > math.sqrt(values.min() * values.max()) else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                fontweight="bold" if bold else "normal",
+                color="white" if values[i, j] > math.sqrt(values.min() * values.max()) else "black",
+            )
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
     ax.set_title("held-out perplexity (lower is better; bold: best method per column)")
@@ -268,15 +279,27 @@ def plot_routing(routing: dict, path: Path, title: str) -> None:
     domains = list(routing)
     layers = list(routing[domains[0]])
     experts = list(routing[domains[0]][layers[0]])
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 + 0.9 * len(experts) * len(layers), 0.5 * len(domains) + 2),
-                             squeeze=False, sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        len(layers),
+        figsize=(2.2 + 0.9 * len(experts) * len(layers), 0.5 * len(domains) + 2),
+        squeeze=False,
+        sharey=True,
+    )
     for ax, layer in zip(axes[0], layers):
         share = np.array([[routing[d][layer][e] for e in experts] for d in domains])
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
         for i in range(len(domains)):
             for j in range(len(experts)):
-                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.6 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
         ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(domains)), domains)
         ax.set_title(layer)

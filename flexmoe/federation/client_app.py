@@ -24,9 +24,25 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, ROUND, ROUTERS, SPEC, TRAIN, arrays_to_tensors, manifest_to_metadata, metrics_record, proxy_to_record, read_artifact_file, tensors_to_arrays
-from flexmoe.federation.settings import OwnerSettings, as_list
 from flexmoe.core.hashing import content_sha256
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    METRICS,
+    OWNER,
+    PROXY,
+    ROUND,
+    ROUTERS,
+    SPEC,
+    TRAIN,
+    arrays_to_tensors,
+    manifest_to_metadata,
+    metrics_record,
+    proxy_to_record,
+    read_artifact_file,
+    tensors_to_arrays,
+)
+from flexmoe.federation.settings import OwnerSettings, as_list
 
 app = ClientApp()
 
@@ -72,8 +88,8 @@ def received_spec(content: RecordDict):
 
 def _public_model(s: OwnerSettings, spec):
     """The owner's own copy of the public model, refused unless it is the spec's (fingerprint)."""
-    from flexmoe.formats.load import load_public_model
     from flexmoe.core.hashing import fingerprint
+    from flexmoe.formats.load import load_public_model
 
     public_path = s.public_model or spec.public_model
     public = load_public_model(public_path)
@@ -93,11 +109,11 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     ``work-dir/router-tuning/`` so later rounds need not carry them), load the received routers,
     train them on the owner's text, and return ``(routers, metrics)``."""
     import flexmoe
-    from flexmoe.artifacts.guard import ArtifactError
     from flexmoe.artifacts.expert import ExpertArtifact
+    from flexmoe.artifacts.guard import ArtifactError
     from flexmoe.data.documents import read_documents
-    from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
     from flexmoe.data.packing import pack_documents
+    from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
 
     started = time.perf_counter()
     recipe = spec.router_tuning
@@ -105,12 +121,15 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     round_index, seed = int(r["round"]), int(r["seed"])
     owners, hashes = as_list(str(r["owners"]), "owners"), as_list(str(r["sha256"]), "sha256")
     if len(owners) != len(hashes) or s.owner not in owners:
-        raise ValueError(f"owner {s.owner!r}: round {round_index} names experts {owners} with {len(hashes)} hashes; "
-                         "expected one hash per expert, this owner among them")  # fmt: skip
+        raise ValueError(
+            f"owner {s.owner!r}: round {round_index} names experts {owners} with {len(hashes)} hashes; "
+            "expected one hash per expert, this owner among them"
+        )
     bad = [h for h in hashes if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
     if bad:  # the hashes name the kept files: nothing else from the message reaches a path
-        raise ValueError(f"owner {s.owner!r}: round {round_index} announces expert hashes that are not sha256 hex "
-                         f"digests: {bad}")  # fmt: skip
+        raise ValueError(
+            f"owner {s.owner!r}: round {round_index} announces expert hashes that are not sha256 hex digests: {bad}"
+        )
     public, public_path = _public_model(s, spec)
     cache = s.work_path / "router-tuning"
     cache.mkdir(parents=True, exist_ok=True)
@@ -125,19 +144,28 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
             metadata = manifest_to_metadata(content.config_records[f"{MANIFEST}:{owner}"], owner)
             got = content_sha256(tensors, metadata)
             if got != sha:
-                raise ArtifactError(owner, "sha256 of the expert sent for router tuning", sha, got,
-                                    hint="the coordinator announced another expert than it sent")  # fmt: skip
+                raise ArtifactError(
+                    owner,
+                    "sha256 of the expert sent for router tuning",
+                    sha,
+                    got,
+                    hint="the coordinator announced another expert than it sent",
+                )
             partial = path.with_name(path.name + ".partial")
             save_file(tensors, str(partial), metadata=metadata)
             os.replace(partial, path)
         elif not path.is_file():
-            raise ValueError(f"owner {s.owner!r}: the expert of {owner!r} (sha256 {sha[:16]}...) is not in "
-                             f"{cache}; the coordinator must send it again")  # fmt: skip
+            raise ValueError(
+                f"owner {s.owner!r}: the expert of {owner!r} (sha256 {sha[:16]}...) is not in "
+                f"{cache}; the coordinator must send it again"
+            )
         artifact = ExpertArtifact.load(path, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
         if not received and content_sha256(artifact.tensors, artifact.metadata) != sha:  # changed on disk
             path.unlink()
-            raise ValueError(f"owner {s.owner!r}: the kept expert of {owner!r} no longer hashes to {sha[:16]}...; "
-                             "removed, the coordinator must send it again")  # fmt: skip
+            raise ValueError(
+                f"owner {s.owner!r}: the kept expert of {owner!r} no longer hashes to {sha[:16]}...; "
+                "removed, the coordinator must send it again"
+            )
         artifact.validate(public, fingerprint=spec.fingerprint, spec_sha256=spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner of the expert sent for router tuning", owner, artifact.owner)
@@ -151,8 +179,13 @@ def tune_router_round(s: OwnerSettings, spec, content: RecordDict) -> tuple[dict
     tokenizer = AutoTokenizer.from_pretrained(public_path)
     text = pack_documents(read_documents(s.data_path), tokenizer, recipe.seq_len, max_documents=2000)
     result = local_router_round(model, text, recipe, round_index, seed=seed)
-    metrics = {"round": round_index, "steps": result["steps"], "loss-first": result["loss_first"],
-               "loss-last": result["loss_last"], "seconds": time.perf_counter() - started}  # fmt: skip
+    metrics = {
+        "round": round_index,
+        "steps": result["steps"],
+        "loss-first": result["loss_first"],
+        "loss-last": result["loss_last"],
+        "seconds": time.perf_counter() - started,
+    }
     return router_rows(model), metrics
 
 
@@ -182,8 +215,9 @@ def train_owner_expert(s: OwnerSettings, spec, *, seed: int = 0) -> OwnerResult:
 
     pl.seed_everything(seed, verbose=False)
     module = ExpertModule(public, spec, owner=s.owner, check_fingerprint=False)  # checked just above
-    data = TextDataModule(s.data_path, public_path, seq_len=spec.expert.seq_len, batch_size=spec.expert.batch_size,
-                          seed=seed)  # fmt: skip
+    data = TextDataModule(
+        s.data_path, public_path, seq_len=spec.expert.seq_len, batch_size=spec.expert.batch_size, seed=seed
+    )
     callbacks = expert_callbacks(spec, out, public_docs)
     trainer = pl.Trainer(
         max_steps=spec.expert.max_steps,

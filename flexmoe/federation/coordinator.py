@@ -29,12 +29,32 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.artifacts.expert import ExpertArtifact
-from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, QUERY_MESSAGE, REPLY_RECORDS, ROUND, ROUTER_MESSAGE, ROUTERS, SPEC, TRAIN, TRAIN_MESSAGE, arrays_to_tensors, manifest_to_metadata, read_artifact_file, record_bytes, record_to_proxy, tensors_to_arrays
-from flexmoe.federation.settings import CoordinatorSettings
+from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import content_sha256, file_sha256
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    METRICS,
+    OWNER,
+    PROXY,
+    QUERY_MESSAGE,
+    REPLY_RECORDS,
+    ROUND,
+    ROUTER_MESSAGE,
+    ROUTERS,
+    SPEC,
+    TRAIN,
+    TRAIN_MESSAGE,
+    arrays_to_tensors,
+    manifest_to_metadata,
+    read_artifact_file,
+    record_bytes,
+    record_to_proxy,
+    tensors_to_arrays,
+)
 from flexmoe.federation.report import write_report
+from flexmoe.federation.settings import CoordinatorSettings
 from flexmoe.spec import FederationSpec
 
 # Owner statuses. Unresolved: waiting (not connected yet), training (spec sent, no reply yet).
@@ -122,8 +142,10 @@ class Coordinator:
         self.phase = "preparing"
         self.progress()
         if self.s.router_tuning is None and self.spec.router_tuning.enabled and not self.s.public_data:
-            raise ValueError("the spec enables router tuning, which needs the public data: set run config "
-                             "'public-data', or 'router-tuning=false'")  # fmt: skip
+            raise ValueError(
+                "the spec enables router tuning, which needs the public data: set run config "
+                "'public-data', or 'router-tuning=false'"
+            )
         self.earlier = sorted(self.artifacts_dir.glob("*.safetensors"))
         if not self.s.resume and (self.earlier or (self.out / "model").exists()):
             raise FileExistsError(
@@ -138,8 +160,8 @@ class Coordinator:
 
     def prepare(self) -> None:
         """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
-        from flexmoe.formats.load import load_public_model
         from flexmoe.core.hashing import fingerprint
+        from flexmoe.formats.load import load_public_model
 
         self.public = load_public_model(self.public_path).eval()
         fp = fingerprint(self.public)
@@ -259,11 +281,17 @@ class Coordinator:
         owner = state.name
         extra = sorted(set(content.keys()) - REPLY_RECORDS)
         if extra:
-            raise ArtifactError(owner, "reply records", sorted(REPLY_RECORDS), f"also {extra}",
-                                hint="an owner sends its expert, manifest, metrics and proxy ids, nothing else")  # fmt: skip
+            raise ArtifactError(
+                owner,
+                "reply records",
+                sorted(REPLY_RECORDS),
+                f"also {extra}",
+                hint="an owner sends its expert, manifest, metrics and proxy ids, nothing else",
+            )
         if EXPERT not in content.array_records or MANIFEST not in content.config_records:
-            raise ArtifactError(owner, "reply records", "an 'expert' ArrayRecord and a 'manifest' ConfigRecord",
-                                sorted(content.keys()))  # fmt: skip
+            raise ArtifactError(
+                owner, "reply records", "an 'expert' ArrayRecord and a 'manifest' ConfigRecord", sorted(content.keys())
+            )
         tensors = arrays_to_tensors(content.array_records[EXPERT], owner)
         metadata = manifest_to_metadata(content.config_records[MANIFEST], owner)
         incoming = self.artifacts_dir / ".incoming"
@@ -280,19 +308,28 @@ class Coordinator:
         if PROXY in content.config_records:
             selection = record_to_proxy(content.config_records[PROXY])
             if self.public_docs is not None and selection.num_public != len(self.public_docs):
-                self.notes.append(f"{owner!r}'s proxy selection indexes {selection.num_public} public documents, the "
-                                  f"coordinator's public data has {len(self.public_docs)}; proxy set not used")  # fmt: skip
+                self.notes.append(
+                    f"{owner!r}'s proxy selection indexes {selection.num_public} public documents, the "
+                    f"coordinator's public data has {len(self.public_docs)}; proxy set not used"
+                )
             else:
                 proxy = selection.to_dict()
         final = self.artifacts_dir / f"{owner}.safetensors"
         state.metrics, state.proxy = metrics, proxy
         state.training_tokens = artifact.training_tokens
         state.upload_bytes = record_bytes(*content.values())
-        _write_json(self.received_dir / f"{owner}.json", {
-            "metadata": metadata, "metrics": metrics, "proxy": proxy, "upload_bytes": state.upload_bytes,
-            "training_tokens": state.training_tokens, "node_id": state.node_id,
-            "seconds_to_reply": state.seconds_to_reply,
-        })  # fmt: skip
+        _write_json(
+            self.received_dir / f"{owner}.json",
+            {
+                "metadata": metadata,
+                "metrics": metrics,
+                "proxy": proxy,
+                "upload_bytes": state.upload_bytes,
+                "training_tokens": state.training_tokens,
+                "node_id": state.node_id,
+                "seconds_to_reply": state.seconds_to_reply,
+            },
+        )
         os.replace(staged, final)  # the artifact's presence is what marks the owner accepted
         state.artifact, state.artifact_sha256 = str(final), file_sha256(final)
         self.resolve(state, ACCEPTED, None)
@@ -315,18 +352,19 @@ class Coordinator:
         """FlexOlmo steps 3-4: assemble ``[public, e_1 ... e_n]`` (expected-owners order), set the
         routers by the spec's routing recipe, optionally tune them, and export. Returns the model."""
         import flexmoe
-        from flexmoe.formats.load import detect_format
-        from flexmoe.formats.export import target_format
         from flexmoe.core.surgery import settings as moe_settings
+        from flexmoe.formats.export import target_format
+        from flexmoe.formats.load import detect_format
 
         self.phase = "merging"
         self.progress()
         t = time.monotonic()
         artifacts = [
-            ExpertArtifact.load(self.artifacts_dir / f"{o}.safetensors", fingerprint=self.spec.fingerprint,
-                                spec_sha256=self.spec.sha256)
+            ExpertArtifact.load(
+                self.artifacts_dir / f"{o}.safetensors", fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256
+            )
             for o in owners
-        ]  # fmt: skip
+        ]
         model = flexmoe.assemble(self.public, artifacts, top_k=self.s.top_k or None, spec_sha256=self.spec.sha256)
         self.summary["experts"] = list(moe_settings(model).owners)
         target = target_format(model, self.s.export_format)
@@ -348,11 +386,19 @@ class Coordinator:
                 result = self.tune_router_with_owners(model, owners, tokenizer)
             else:
                 proxies = {o: self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None}
-                result = tune_router(model, proxy_documents=proxies, public_documents=self.public_docs,
-                                     tokenizer=tokenizer, recipe=self.spec.router_tuning)  # fmt: skip
+                result = tune_router(
+                    model,
+                    proxy_documents=proxies,
+                    public_documents=self.public_docs,
+                    tokenizer=tokenizer,
+                    recipe=self.spec.router_tuning,
+                )
                 result["proxy_owners"] = sorted(proxies)
-            self.summary["router_tuning"] = {**result, "data": self.spec.router_tuning.data,
-                                             "seconds": time.monotonic() - t}  # fmt: skip
+            self.summary["router_tuning"] = {
+                **result,
+                "data": self.spec.router_tuning.data,
+                "seconds": time.monotonic() - t,
+            }
         else:
             why = (
                 "run config router-tuning=false"
@@ -374,9 +420,13 @@ class Coordinator:
         requested = self.s.export_format
         fmt = target if requested != "auto" or folded or self.s.allow_approximate else "auto"
         flexmoe.export(model, out, format=fmt, allow_approximate=self.s.allow_approximate, tokenizer=self.public_path)
-        self.summary["export"] = {"dir": str(out), "format": detect_format(out), "requested": requested,
-                                  "allow_approximate": self.s.allow_approximate,
-                                  "seconds": time.monotonic() - t}  # fmt: skip
+        self.summary["export"] = {
+            "dir": str(out),
+            "format": detect_format(out),
+            "requested": requested,
+            "allow_approximate": self.s.allow_approximate,
+            "seconds": time.monotonic() - t,
+        }
         say(f"merged {len(owners)} expert(s) -> {out} ({self.summary['export']['format']})")
         return model
 
@@ -388,8 +438,14 @@ class Coordinator:
         (:func:`~flexmoe.training.router_tuning.aggregate_router_rows`).
         Replies are checked like artifacts; an owner that fails or sends bad routers sits the round
         out, and after two such rounds in a row is left out of the rest. Returns the summary."""
-        from flexmoe.training.router_tuning import aggregate_router_rows, check_router_rows, local_router_round, router_rows, set_router_rows
         from flexmoe.data.packing import pack_documents
+        from flexmoe.training.router_tuning import (
+            aggregate_router_rows,
+            check_router_rows,
+            local_router_round,
+            router_rows,
+            set_router_rows,
+        )
 
         recipe = self.spec.router_tuning
         public_rows = pack_documents(self.public_docs, tokenizer, recipe.seq_len, max_documents=2000)
@@ -434,14 +490,24 @@ class Coordinator:
                 self.notes.append(f"router tuning: owner {o!r} failed two rounds in a row; left out of the rest")
             active = [o for o in active if o not in dropped]
             if len(updates) == 1:
-                self.notes.append(f"router tuning stopped at round {r}: no owner returned routers, and tuning on "
-                                  "public data alone would teach it to send everything to the public expert")  # fmt: skip
+                self.notes.append(
+                    f"router tuning stopped at round {r}: no owner returned routers, and tuning on "
+                    "public data alone would teach it to send everything to the public expert"
+                )
                 break
             set_router_rows(model, aggregate_router_rows(start, updates, server_lr=recipe.server_lr))
-            rounds.append({"round": r, "owners": sorted(set(losses) - {"public"}), "loss_last": losses,
-                           "seconds": time.monotonic() - t})  # fmt: skip
-            say(f"router tuning round {r + 1}/{recipe.rounds}: {len(updates) - 1} owner(s) + public, "
-                f"{time.monotonic() - t:.1f} s")  # fmt: skip
+            rounds.append(
+                {
+                    "round": r,
+                    "owners": sorted(set(losses) - {"public"}),
+                    "loss_last": losses,
+                    "seconds": time.monotonic() - t,
+                }
+            )
+            say(
+                f"router tuning round {r + 1}/{recipe.rounds}: {len(updates) - 1} owner(s) + public, "
+                f"{time.monotonic() - t:.1f} s"
+            )
         return {"rounds": rounds, "local_steps": recipe.local_steps, "steps": len(rounds) * recipe.local_steps}
 
     def _send_router_round(self, r, start, files, hashes, active, has_experts, node_of) -> dict:
@@ -450,10 +516,16 @@ class Coordinator:
         owners = list(files)
         base = {
             SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
-            ROUND: ConfigRecord({"round": r, "owners": ",".join(owners), "sha256": ",".join(hashes[o] for o in owners),
-                                 "seed": self.s.seed}),
+            ROUND: ConfigRecord(
+                {
+                    "round": r,
+                    "owners": ",".join(owners),
+                    "sha256": ",".join(hashes[o] for o in owners),
+                    "seed": self.s.seed,
+                }
+            ),
             ROUTERS: tensors_to_arrays(start),
-        }  # fmt: skip
+        }
         experts = {}
         messages, names = [], []
         for owner in active:
@@ -526,15 +598,23 @@ class Coordinator:
 
     # -- bookkeeping --------------------------------------------------------------------------
     def progress(self) -> None:
-        _write_json(self.out / "progress.json", {
-            "pid": os.getpid(), "run_id": self.run_id, "phase": self.phase, "updated": time.time(),
-            "owners": {o.name: o.status for o in self.owners.values()},
-        })  # fmt: skip
+        _write_json(
+            self.out / "progress.json",
+            {
+                "pid": os.getpid(),
+                "run_id": self.run_id,
+                "phase": self.phase,
+                "updated": time.time(),
+                "owners": {o.name: o.status for o in self.owners.values()},
+            },
+        )
 
     def finish(self, status: str) -> dict:
         self.phase = status
-        owners = {name: {k: v for k, v in asdict(o).items() if k not in ("name", "sent_at")}
-                  for name, o in self.owners.items()}  # fmt: skip
+        owners = {
+            name: {k: v for k, v in asdict(o).items() if k not in ("name", "sent_at")}
+            for name, o in self.owners.items()
+        }
         report = {
             "status": status,
             "run_id": self.run_id,

@@ -105,8 +105,16 @@ class FedAvgSettings:
 
     def train_config(self) -> ConfigRecord:
         """What every owner needs to train a round (FedAvg adds ``server-round``)."""
-        return ConfigRecord({"model": self.model, "local-steps": self.local_steps, "lr": float(self.lr),
-                             "batch-size": self.batch_size, "seq-len": self.seq_len, "seed": self.seed})  # fmt: skip
+        return ConfigRecord(
+            {
+                "model": self.model,
+                "local-steps": self.local_steps,
+                "lr": float(self.lr),
+                "batch-size": self.batch_size,
+                "seq-len": self.seq_len,
+                "seed": self.seed,
+            }
+        )
 
 
 _TYPES = {"str": str, "int": int, "float": float}
@@ -125,8 +133,17 @@ def _as_bool(value, key: str) -> bool:
 # -- owner side ------------------------------------------------------------------------------------
 
 
-def train_locally(model: str, state: Mapping, data: str | os.PathLike, *, local_steps: int, lr: float,
-                  batch_size: int, seq_len: int, seed: int) -> tuple[dict, int, float]:  # fmt: skip
+def train_locally(
+    model: str,
+    state: Mapping,
+    data: str | os.PathLike,
+    *,
+    local_steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+) -> tuple[dict, int, float]:
     """One owner's round: load ``state`` into the model of ``model`` (a directory or hub id, which
     also gives the tokenizer), train it for ``local_steps`` AdamW steps on ``data`` in a Lightning
     ``Trainer``, and return ``(state dict, training sequences held, last training loss)``.
@@ -140,14 +157,28 @@ def train_locally(model: str, state: Mapping, data: str | os.PathLike, *, local_
 
     pl.seed_everything(seed, verbose=False)
     with no_init_weights():  # every weight is overwritten by `state` right away
-        module = PretrainModule(AutoConfig.from_pretrained(model), lr=lr, weight_decay=0.0, warmup_steps=0,
-                                min_lr_ratio=1.0, max_steps=local_steps)  # fmt: skip
+        module = PretrainModule(
+            AutoConfig.from_pretrained(model),
+            lr=lr,
+            weight_decay=0.0,
+            warmup_steps=0,
+            min_lr_ratio=1.0,
+            max_steps=local_steps,
+        )
     module.model.load_state_dict(dict(state))
     module.model.tie_weights()
-    data_module = TextDataModule(str(data), tokenizer=model, seq_len=seq_len, batch_size=batch_size, val_fraction=0.0,
-                                 seed=seed)  # fmt: skip
-    trainer = pl.Trainer(max_steps=local_steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, devices=1)  # fmt: skip
+    data_module = TextDataModule(
+        str(data), tokenizer=model, seq_len=seq_len, batch_size=batch_size, val_fraction=0.0, seed=seed
+    )
+    trainer = pl.Trainer(
+        max_steps=local_steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        devices=1,
+    )
     trainer.fit(module, data_module)
     examples = len(trainer.train_dataloader.dataset)
     loss = float(trainer.callback_metrics["train/loss"])
@@ -169,8 +200,10 @@ def _data_path(context: Context, data_paths: Sequence[str] | None) -> str:
         data_paths = [p.strip() for p in str(context.run_config.get("data-paths", "")).split(",") if p.strip()]
     i = int(node["partition-id"])
     if i >= len(data_paths):
-        raise ValueError(f"simulation: SuperNode {i} has no data; the run config 'data-paths' must list one path "
-                         f"per SuperNode, got {len(data_paths)}")  # fmt: skip
+        raise ValueError(
+            f"simulation: SuperNode {i} has no data; the run config 'data-paths' must list one path "
+            f"per SuperNode, got {len(data_paths)}"
+        )
     return str(data_paths[i])
 
 
@@ -184,10 +217,15 @@ def make_client_app(data_paths: Sequence[str] | None = None) -> ClientApp:
         """Train the received global model on this owner's data; reply with it and its data size."""
         cfg = msg.content[CONFIG]
         state, examples, loss = train_locally(
-            str(cfg["model"]), msg.content[ARRAYS].to_torch_state_dict(), _data_path(context, data_paths),
-            local_steps=int(cfg["local-steps"]), lr=float(cfg["lr"]), batch_size=int(cfg["batch-size"]),
-            seq_len=int(cfg["seq-len"]), seed=int(cfg["seed"]) + int(cfg["server-round"]),
-        )  # fmt: skip
+            str(cfg["model"]),
+            msg.content[ARRAYS].to_torch_state_dict(),
+            _data_path(context, data_paths),
+            local_steps=int(cfg["local-steps"]),
+            lr=float(cfg["lr"]),
+            batch_size=int(cfg["batch-size"]),
+            seq_len=int(cfg["seq-len"]),
+            seed=int(cfg["seed"]) + int(cfg["server-round"]),
+        )
         reply = RecordDict(
             {ARRAYS: ArrayRecord(state), METRICS: MetricRecord({NUM_EXAMPLES: examples, "train-loss": loss})}
         )
@@ -223,13 +261,24 @@ def run_fedavg(grid: Grid, s: FedAvgSettings) -> dict:
         report["rounds"].setdefault(str(server_round), {})["eval-loss"] = loss
         return MetricRecord({"eval-loss": loss})
 
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=s.min_nodes,
-                      min_available_nodes=s.min_nodes, weighted_by_key=NUM_EXAMPLES)  # fmt: skip
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(_transportable(model.state_dict())),
-                            num_rounds=s.num_rounds, train_config=s.train_config(), evaluate_fn=after_round)  # fmt: skip
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=s.min_nodes,
+        min_available_nodes=s.min_nodes,
+        weighted_by_key=NUM_EXAMPLES,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(_transportable(model.state_dict())),
+        num_rounds=s.num_rounds,
+        train_config=s.train_config(),
+        evaluate_fn=after_round,
+    )
     if len(result.arrays) == 0:
-        raise RuntimeError(f"FedAvg produced no model: no owner replied in any of the {s.num_rounds} rounds; "
-                           "see the SuperNodes' logs")  # fmt: skip
+        raise RuntimeError(
+            f"FedAvg produced no model: no owner replied in any of the {s.num_rounds} rounds; see the SuperNodes' logs"
+        )
     for r, metrics in result.train_metrics_clientapp.items():
         report["rounds"].setdefault(str(r), {})["train-loss"] = float(metrics["train-loss"])
     model.load_state_dict(result.arrays.to_torch_state_dict())

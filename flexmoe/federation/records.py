@@ -96,10 +96,6 @@ def read_artifact_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
 
-
-
-
-
 def manifest_to_metadata(manifest: ConfigRecord, owner: str) -> dict[str, str]:
     metadata = {}
     for key, value in manifest.items():
@@ -146,16 +142,6 @@ def record_to_proxy(record: ConfigRecord):
 
 
 # -- settings ---------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 
 
 def metrics_record(values: Mapping[str, float | int | list[float]]) -> MetricRecord:

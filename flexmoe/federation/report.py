@@ -39,9 +39,13 @@ def render(report: dict) -> str:
     ]
     if report.get("error"):
         lines += [f"- **error**: {report['error']}"]
-    lines += ["", "## Owners", "",
-              "| owner | status | why | tokens | train loss | val loss | sent (bytes) | proxy docs | reply (s) |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [
+        "",
+        "## Owners",
+        "",
+        "| owner | status | why | tokens | train loss | val loss | sent (bytes) | proxy docs | reply (s) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, o in report["owners"].items():
         m = o.get("metrics") or {}
         status = o["status"] + (" (kept from an earlier run)" if o.get("resumed") else "")
@@ -59,9 +63,11 @@ def render(report: dict) -> str:
         lines += ["", "## Merged model", "", f"- experts, in order: {', '.join(report['experts'])}"]
         recipe = report.get("routing_recipe") or {}
         if recipe.get("method") == "lda":
-            lines.append(f"- routing: discriminant router (lda, {recipe.get('covariance')} covariance, shrinkage "
-                         f"{recipe.get('shrinkage')}) from the owners' statistics and {recipe.get('public_tokens')} "
-                         f"public tokens{'; biases folded into the rows' if recipe.get('folded') else ''}")  # fmt: skip
+            lines.append(
+                f"- routing: discriminant router (lda, {recipe.get('covariance')} covariance, shrinkage "
+                f"{recipe.get('shrinkage')}) from the owners' statistics and {recipe.get('public_tokens')} "
+                f"public tokens{'; biases folded into the rows' if recipe.get('folded') else ''}"
+            )
         elif recipe:
             lines.append("- routing: FlexOlmo's published merge (the owners' router rows stacked)")
         rt = report.get("router_tuning") or {}
@@ -70,21 +76,31 @@ def render(report: dict) -> str:
         elif rt.get("data") == "owners":
             rounds = rt.get("rounds") or []
             last = rounds[-1]["owners"] if rounds else []
-            lines.append(f"- router tuning: federated, on the owners' own text and the public data: {len(rounds)} "
-                         f"round(s) of {rt.get('local_steps')} local steps; owners in the last round: "
-                         f"{', '.join(last) or 'none'}")  # fmt: skip
+            lines.append(
+                f"- router tuning: federated, on the owners' own text and the public data: {len(rounds)} "
+                f"round(s) of {rt.get('local_steps')} local steps; owners in the last round: "
+                f"{', '.join(last) or 'none'}"
+            )
         elif rt:
-            lines.append(f"- router tuning: {rt.get('steps')} steps, loss {_num(rt.get('loss_first'))} -> "
-                         f"{_num(rt.get('loss_last'))}, proxy sets from {', '.join(rt.get('proxy_owners') or []) or 'no owner'}")  # fmt: skip
+            lines.append(
+                f"- router tuning: {rt.get('steps')} steps, loss {_num(rt.get('loss_first'))} -> "
+                f"{_num(rt.get('loss_last'))}, proxy sets from {', '.join(rt.get('proxy_owners') or []) or 'no owner'}"
+            )
         if report.get("export"):
             e = report["export"]
-            lines.append(f"- export: `{e['dir']}` ({e['format']}; requested {e['requested']}, "
-                         f"allow_approximate={e['allow_approximate']})")  # fmt: skip
+            lines.append(
+                f"- export: `{e['dir']}` ({e['format']}; requested {e['requested']}, "
+                f"allow_approximate={e['allow_approximate']})"
+            )
     if report.get("routing"):
         experts = report.get("experts") or []
-        lines += ["", "## Routing usage (top-1 share of tokens, mean over layers)", "",
-                  "| text | perplexity | " + " | ".join(experts) + " |",
-                  "| --- | ---: | " + " | ".join("---:" for _ in experts) + " |"]  # fmt: skip
+        lines += [
+            "",
+            "## Routing usage (top-1 share of tokens, mean over layers)",
+            "",
+            "| text | perplexity | " + " | ".join(experts) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in experts) + " |",
+        ]
         for name, r in report["routing"].items():
             layers = list(r["top1_share"].values())
             mean = [sum(layer.get(e, 0.0) for layer in layers) / len(layers) for e in experts]

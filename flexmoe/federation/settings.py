@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flexmoe.federation.records import FAULTS
-
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flexmoe.federation.records import FAULTS
 
 
 def as_bool(value, key: str) -> bool:
@@ -208,5 +208,3 @@ class OwnerSettings:
             work_dir=_path(str(n.get("work-dir", ""))),
             fault_injection=str(n.get("fault-injection", "")),
         )
-
-

@@ -69,12 +69,23 @@ FORMATS = ("flexolmo", "mixtral", "native")
 # Which dense bases each transformers format can hold, and its config class.
 _HF = {"flexolmo": (("olmo2",), FlexOlmoConfig), "mixtral": (("llama", "mistral"), MixtralConfig)}
 # Mixtral names its expert projections w1 (gate), w3 (up), w2 (down).
-_MIXTRAL_EXPERT_NAMES = {"gate_proj.weight": "w1.weight", "up_proj.weight": "w3.weight",
-                         "down_proj.weight": "w2.weight"}  # fmt: skip
+_MIXTRAL_EXPERT_NAMES = {
+    "gate_proj.weight": "w1.weight",
+    "up_proj.weight": "w3.weight",
+    "down_proj.weight": "w2.weight",
+}
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 # -- tensor sources: where the weights come from -------------------------------------------
@@ -126,10 +137,6 @@ class _ModelSource:
             s.normalize = old
             model.train(was_training)
         return float((plain - renormalised).abs().max())
-
-
-
-
 
 
 def mlp_prefixes(model: nn.Module) -> list[str]:
@@ -263,9 +270,14 @@ def _mixtral_prefix(prefix: str) -> str:
 _NOT_COPIED = {"model_type", "architectures", "transformers_version", "_name_or_path"}
 # MoE-only fields: set from the flexmoe settings on export, read back into them on import.
 _MOE_FIELDS = {
-    "num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob",
-    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-}  # fmt: skip
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "norm_topk_prob",
+    "output_router_logits",
+    "router_aux_loss_coef",
+    "router_jitter_noise",
+}
 
 
 def _translate_config(src: PreTrainedConfig, target_cls, *, drop=(), require=None, **fixed) -> PreTrainedConfig:
@@ -292,8 +304,10 @@ def _translate_config(src: PreTrainedConfig, target_cls, *, drop=(), require=Non
         else:
             unknown[key] = value
     if unknown:
-        raise ValueError(f"{target_cls.__name__} has no field for these {src.model_type} config values: {unknown}; "
-                         "use format='native'")  # fmt: skip
+        raise ValueError(
+            f"{target_cls.__name__} has no field for these {src.model_type} config values: {unknown}; "
+            "use format='native'"
+        )
     config = target_cls(**kwargs, **fixed)
     got = config.to_dict()
     changed = {k: (v, got.get(k)) for k, v in kwargs.items() if v is not None and got.get(k) != v}
@@ -309,11 +323,21 @@ def _hf_config(source, fmt: str, dtype: torch.dtype) -> PreTrainedConfig:
     moe = dict(num_experts_per_tok=k, num_experts=num_experts, norm_topk_prob=source.normalize)
     if fmt == "mixtral":
         # Llama attention has no sliding window; Mixtral's default could be anything.
-        moe = dict(num_experts_per_tok=k, num_local_experts=num_experts, router_jitter_noise=0.0,
-                   sliding_window=getattr(source.config, "sliding_window", None))  # fmt: skip
+        moe = dict(
+            num_experts_per_tok=k,
+            num_local_experts=num_experts,
+            router_jitter_noise=0.0,
+            sliding_window=getattr(source.config, "sliding_window", None),
+        )
     require = {"attention_bias": False, "mlp_bias": False} if fmt == "mixtral" else {}
-    config = _translate_config(source.config, target_cls, drop={"pretraining_tp", "dtype"}, require=require,
-                               dtype=str(dtype).removeprefix("torch."), **moe)  # fmt: skip
+    config = _translate_config(
+        source.config,
+        target_cls,
+        drop={"pretraining_tp", "dtype"},
+        require=require,
+        dtype=str(dtype).removeprefix("torch."),
+        **moe,
+    )
     config.architectures = ["FlexOlmoForCausalLM" if fmt == "flexolmo" else "MixtralForCausalLM"]
     return config
 
@@ -399,8 +423,9 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
 # -- public API ------------------------------------------------------------------------------
 
 
-def export(model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approximate: bool = False,
-           tokenizer=None) -> Path:  # fmt: skip
+def export(
+    model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approximate: bool = False, tokenizer=None
+) -> Path:
     """Write a flexmoe MoE as a ``transformers`` FlexOlmo or Mixtral checkpoint, or natively.
 
     ``format``: ``"flexolmo"`` (OLMo-2 bases), ``"mixtral"`` (Llama, Mistral), ``"native"``
@@ -413,12 +438,11 @@ def export(model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approxi
     files = ()
     if isinstance(tokenizer, (str, os.PathLike)):
         files, tokenizer = tokenizer_files(tokenizer), None
-    return write_checkpoint(_ModelSource(model), out_dir, format, allow_approximate=allow_approximate, files=files,
-                  tokenizer=tokenizer)  # fmt: skip
+    return write_checkpoint(
+        _ModelSource(model), out_dir, format, allow_approximate=allow_approximate, files=files, tokenizer=tokenizer
+    )
 
 
 def tokenizer_files(model_dir) -> list[Path]:
     """The tokenizer files a model directory holds (copied along with every export)."""
     return [Path(model_dir) / f for f in _TOKENIZER_FILES if (Path(model_dir) / f).is_file()]
-
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -15,10 +16,17 @@ from transformers import (
     PreTrainedConfig,
 )
 from transformers.initialization import no_init_weights
-from flexmoe.formats.export import BASE_CONFIG, FLEXMOE_CONFIG, INDEX, NATIVE_VERSION, dense_config, dense_tensors, mlp_prefixes
+
 from flexmoe.core.surgery import PUBLIC, decoder_layers, moe_blocks, set_top_k, upcycle
-
-
+from flexmoe.formats.export import (
+    BASE_CONFIG,
+    FLEXMOE_CONFIG,
+    INDEX,
+    NATIVE_VERSION,
+    dense_config,
+    dense_tensors,
+    mlp_prefixes,
+)
 
 
 def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -39,8 +47,9 @@ def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
 
 def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     if meta.get("format_version") != NATIVE_VERSION:
-        raise ValueError(f"{path}: native format version {meta.get('format_version')!r}, "
-                         f"this flexmoe reads version {NATIVE_VERSION}")  # fmt: skip
+        raise ValueError(
+            f"{path}: native format version {meta.get('format_version')!r}, this flexmoe reads version {NATIVE_VERSION}"
+        )
     config = AutoConfig.from_pretrained(path / BASE_CONFIG)
     dtype = dtype or getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
     owners = meta["owners"]
@@ -53,13 +62,17 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
 
         use_affine_routers(model)
     elif router != "clamped":
-        raise ValueError(f"{path}: unknown router kind {router!r} in {FLEXMOE_CONFIG} (this flexmoe reads clamped, affine)")
+        raise ValueError(
+            f"{path}: unknown router kind {router!r} in {FLEXMOE_CONFIG} (this flexmoe reads clamped, affine)"
+        )
     expected = dict(dense_tensors(model, []))
     index = json.loads((path / INDEX).read_text())["weight_map"]
     if set(index) != set(expected):
         missing, extra = sorted(set(expected) - set(index)), sorted(set(index) - set(expected))
-        raise ValueError(f"{path}: tensors do not match a {config.model_type} MoE with {len(owners)} experts; "
-                         f"missing {missing[:5]}, unexpected {extra[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{path}: tensors do not match a {config.model_type} MoE with {len(owners)} experts; "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     with torch.no_grad():
         for shard in sorted(set(index.values())):
             with safe_open(str(path / shard), framework="pt") as f:
@@ -67,8 +80,10 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
                     target = expected[key]
                     value = f.get_tensor(key)
                     if value.shape != target.shape:
-                        raise ValueError(f"{path / shard}: {key} has shape {list(value.shape)}, "
-                                         f"the model expects {list(target.shape)}")  # fmt: skip
+                        raise ValueError(
+                            f"{path / shard}: {key} has shape {list(value.shape)}, "
+                            f"the model expects {list(target.shape)}"
+                        )
                     target.copy_(value)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -146,5 +161,3 @@ def detect_format(model_dir: str | os.PathLike) -> str:
             "(expected a flexmoe export, a FlexOlmo or a Mixtral checkpoint)"
         )
     return formats[model_type]
-
-

@@ -75,8 +75,11 @@ class LoraHubResult:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(directory))
-        save_file({k: v.contiguous() for k, v in self.adapter.items()}, str(directory / PEFT_WEIGHTS),
-                  metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            {k: v.contiguous() for k, v in self.adapter.items()},
+            str(directory / PEFT_WEIGHTS),
+            metadata={"format": "pt"},
+        )
         return directory
 
     def merged_model(self) -> nn.Module:
@@ -136,8 +139,10 @@ class LoraHub:
         if budget < 2:
             raise ValueError(f"budget must be at least 2 (the start and the uniform weights), got {budget}")
         if not bound > 0 or l1 < 0 or batch_size < 1 or max_length < 2:
-            raise ValueError(f"need bound > 0, l1 >= 0, batch_size >= 1, max_length >= 2; got bound={bound}, "
-                             f"l1={l1}, batch_size={batch_size}, max_length={max_length}")  # fmt: skip
+            raise ValueError(
+                f"need bound > 0, l1 >= 0, batch_size >= 1, max_length >= 2; got bound={bound}, "
+                f"l1={l1}, batch_size={batch_size}, max_length={max_length}"
+            )
         self.names = list(named)
         n = len(self.names)
         self.start = np.zeros(n) if start is None else np.asarray(start, dtype=np.float64)
@@ -150,12 +155,16 @@ class LoraHub:
         self.seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
         # [N, ...] stacks per module and factor, float32: eq. 2 is one tensordot per tensor.
         self._stacks = {
-            module: (torch.stack([factors[a][module].A.float() for a in self.names]),
-                     torch.stack([factors[a][module].B.float() for a in self.names]))
+            module: (
+                torch.stack([factors[a][module].A.float() for a in self.names]),
+                torch.stack([factors[a][module].B.float() for a in self.names]),
+            )
             for module in factors[self.names[0]]
-        }  # fmt: skip
-        self._targets = {name: (m.lora_A[self.ADAPTER].weight, m.lora_B[self.ADAPTER].weight)
-                         for name, m, _ in lora_layers(self.model, self.ADAPTER)}  # fmt: skip
+        }
+        self._targets = {
+            name: (m.lora_A[self.ADAPTER].weight, m.lora_B[self.ADAPTER].weight)
+            for name, m, _ in lora_layers(self.model, self.ADAPTER)
+        }
         self.batches = self.encode(examples)
 
     # -- the objective ---------------------------------------------------------------------
@@ -253,9 +262,15 @@ class LoraHub:
         state = get_peft_model_state_dict(self.model, adapter_name=self.ADAPTER, save_embedding_layers=False)
         adapter = {k: v.detach().clone() for k, v in state.items()}
         return LoraHubResult(
-            names=list(self.names), weights=list(best.weights), loss=best.loss, objective=best.objective,
-            history=history, adapter=adapter, config=self.config, model=self.model,
-        )  # fmt: skip
+            names=list(self.names),
+            weights=list(best.weights),
+            loss=best.loss,
+            objective=best.objective,
+            history=history,
+            adapter=adapter,
+            config=self.config,
+            model=self.model,
+        )
 
     # -- examples --------------------------------------------------------------------------
     def encode(self, examples: Sequence[Example]) -> list[dict[str, torch.Tensor]]:

@@ -51,9 +51,11 @@ class GatedAdapter:
 
     def __post_init__(self):
         if set(self.modules) != set(self.gates):
-            raise ValueError(f"gated adapter {self.name!r}: modules without a gate "
-                             f"{sorted(set(self.modules) - set(self.gates))[:3]}, gates without a module "
-                             f"{sorted(set(self.gates) - set(self.modules))[:3]}")  # fmt: skip
+            raise ValueError(
+                f"gated adapter {self.name!r}: modules without a gate "
+                f"{sorted(set(self.modules) - set(self.gates))[:3]}, gates without a module "
+                f"{sorted(set(self.gates) - set(self.modules))[:3]}"
+            )
         for module, f in self.modules.items():
             if list(self.gates[module].shape) != [f.A.shape[1]]:
                 raise ValueError(
@@ -160,8 +162,10 @@ def gated(
     layers = {n: m for n, m, _ in lora_layers(model_with_lora, adapter)}
     if set(gates) != set(layers):
         missing, extra = sorted(set(layers) - set(gates))[:3], sorted(set(gates) - set(layers))[:3]
-        raise ValueError(f"gates for {len(gates)} modules but adapter {adapter!r} has {len(layers)} LoRA modules; "
-                         f"missing {missing}, extra {extra}")  # fmt: skip
+        raise ValueError(
+            f"gates for {len(gates)} modules but adapter {adapter!r} has {len(layers)} LoRA modules; "
+            f"missing {missing}, extra {extra}"
+        )
     hooks = [_Gate(layers[n], adapter, v) for n, v in gates.items()]
     try:
         yield model_with_lora
@@ -287,8 +291,15 @@ class PhatgooseLinear(nn.Module):
     the routing weights zero the ones not chosen. Ranks may differ: factors are zero-padded.
     """
 
-    def __init__(self, base_layer: nn.Linear, factors: list[LoraFactors], gates: list[torch.Tensor],
-                 experts: list[int], settings: PhatgooseSettings, name: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        factors: list[LoraFactors],
+        gates: list[torch.Tensor],
+        experts: list[int],
+        settings: PhatgooseSettings,
+        name: str = "",
+    ):
         super().__init__()
         self.base_layer, self.settings, self.name = base_layer, settings, name
         n, d_in, d_out = len(factors), base_layer.in_features, base_layer.out_features
@@ -296,8 +307,10 @@ class PhatgooseLinear(nn.Module):
         A, B = torch.zeros(n, r, d_in), torch.zeros(n, d_out, r)
         for j, f in enumerate(factors):
             if f.A.shape[1] != d_in or f.B.shape[0] != d_out:
-                raise ValueError(f"module {name!r}: adapter {experts[j]} has A {list(f.A.shape)}, B {list(f.B.shape)} "
-                                 f"but the layer maps {d_in} -> {d_out}")  # fmt: skip
+                raise ValueError(
+                    f"module {name!r}: adapter {experts[j]} has A {list(f.A.shape)}, B {list(f.B.shape)} "
+                    f"but the layer maps {d_in} -> {d_out}"
+                )
             A[j, : f.rank], B[j, :, : f.rank] = f.A.float(), f.B.float()
         device = base_layer.weight.device
         self.register_buffer("lora_A", A.to(device), persistent=False)
@@ -353,9 +366,13 @@ class Phatgoose(nn.Module):
                 raise TypeError(f"module {module!r} of the base model is a {type(linear).__name__}, not nn.Linear")
             members = [j for j, g in enumerate(gated_adapters) if module in g.modules]
             routed = PhatgooseLinear(
-                linear, [gated_adapters[j].modules[module] for j in members],
-                [gated_adapters[j].gates[module] for j in members], members, self.settings, module,
-            )  # fmt: skip
+                linear,
+                [gated_adapters[j].modules[module] for j in members],
+                [gated_adapters[j].gates[module] for j in members],
+                members,
+                self.settings,
+                module,
+            )
             parent, _, attr = module.rpartition(".")
             setattr(base.get_submodule(parent) if parent else base, attr, routed)
         self.model = base

@@ -7,8 +7,12 @@ __all__ = ["BTMEnsemble", "MoEFinetune", "btm_average", "btx"]
 
 # Branch-Train-Merge loads its members through transformers, and BTX's MoEFinetune needs Lightning:
 # import them on first use only.
-_LAZY = {"BTMEnsemble": "flexmoe.merge.btm", "btm_average": "flexmoe.merge.btm",
-         "btx": "flexmoe.merge.btx", "MoEFinetune": "flexmoe.merge.btx"}  # fmt: skip
+_LAZY = {
+    "BTMEnsemble": "flexmoe.merge.btm",
+    "btm_average": "flexmoe.merge.btm",
+    "btx": "flexmoe.merge.btx",
+    "MoEFinetune": "flexmoe.merge.btx",
+}
 
 
 def __getattr__(name):
@@ -49,7 +53,24 @@ from flexmoe.merge.task_arithmetic import (
 from flexmoe.merge.ties import ties, ties_dirs
 
 __all__ += [
-    "MergeConfig", "MergeConfigError", "MergeMethod", "TaskVector", "WeightedSoup", "analogy", "average",
-    "average_dirs", "dare", "dare_dirs", "disentanglement_error", "disentanglement_grid", "merge", "merge_dirs",
-    "merge_in_memory", "plot_disentanglement", "task_arithmetic", "task_arithmetic_dirs", "ties", "ties_dirs",
-]  # fmt: skip
+    "MergeConfig",
+    "MergeConfigError",
+    "MergeMethod",
+    "TaskVector",
+    "WeightedSoup",
+    "analogy",
+    "average",
+    "average_dirs",
+    "dare",
+    "dare_dirs",
+    "disentanglement_error",
+    "disentanglement_grid",
+    "merge",
+    "merge_dirs",
+    "merge_in_memory",
+    "plot_disentanglement",
+    "task_arithmetic",
+    "task_arithmetic_dirs",
+    "ties",
+    "ties_dirs",
+]

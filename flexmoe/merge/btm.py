@@ -219,8 +219,10 @@ class BTMEnsemble(nn.Module):
 
     def _check_prior(self) -> None:
         if not self._prior_ready:
-            raise RuntimeError("this ensemble uses the cached prior (prior='ema') but it has not been estimated yet; "
-                               "call ensemble.fit_prior(held_out_rows) or pass held_out= to the constructor")  # fmt: skip
+            raise RuntimeError(
+                "this ensemble uses the cached prior (prior='ema') but it has not been estimated yet; "
+                "call ensemble.fit_prior(held_out_rows) or pass held_out= to the constructor"
+            )
 
     def _member_logprobs(self, model, input_ids, attention_mask, next_ids, keep):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -280,7 +282,9 @@ class BTMEnsemble(nn.Module):
         joints = []
         with torch.no_grad():
             for j, model in enumerate(self.members):
-                joints.append(self.log_joint(self._member_logprobs(model, input_ids, attention_mask, next_ids, keep)[1], j))
+                joints.append(
+                    self.log_joint(self._member_logprobs(model, input_ids, attention_mask, next_ids, keep)[1], j)
+                )
         log_w = keep_top_k(self.log_posterior(joints), self.top_k).float()  # [B, T, N]
         mix = None
         for j, model in enumerate(self.members):
@@ -358,8 +362,13 @@ class BTMEnsemble(nn.Module):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
             for j, model in enumerate(self.members):
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, use_cache=True,
-                            **{_cache_argument(model): caches[j]})  # fmt: skip
+                out = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=position,
+                    use_cache=True,
+                    **{_cache_argument(model): caches[j]},
+                )
                 caches[j] = _returned_cache(out)
                 last[j] = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         return ids
@@ -402,8 +411,10 @@ def btm_average(experts: Sequence, posterior: Sequence[float] | torch.Tensor, *,
     experts = list(experts)
     w = torch.as_tensor(posterior, dtype=torch.float64).detach().cpu()
     if w.dim() != 1:
-        raise ValueError(f"posterior must be one weight per expert, shape [{len(experts)}], got {list(w.shape)}; "
-                         "for per-position posteriors pass ensemble.fit_prior(rows) instead")  # fmt: skip
+        raise ValueError(
+            f"posterior must be one weight per expert, shape [{len(experts)}], got {list(w.shape)}; "
+            "for per-position posteriors pass ensemble.fit_prior(rows) instead"
+        )
     if w.numel() != len(experts):
         raise ValueError(f"posterior has {w.numel()} weights for {len(experts)} experts")
     return average(experts, weights=w.tolist(), dtype=dtype)

@@ -28,10 +28,10 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from flexmoe.training.optim import adamw_cosine
-from flexmoe.merge.soup import average
 from flexmoe.core.moe import load_balancing_loss, record_router_logits
 from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
+from flexmoe.merge.soup import average
+from flexmoe.training.optim import adamw_cosine
 
 RouterInit = Literal["random", "embedding"]
 BTX_TOP_K = 2
@@ -77,8 +77,10 @@ def btx(
     members = ([seed_model] if seed_model is not None else []) + experts
     for i, m in enumerate(members):
         if is_moe(m):
-            raise ValueError(f"btx mixes dense LMs, but {'the seed model' if seed_model is not None and i == 0 else f'expert {i}'} "
-                             "is already a flexmoe MoE")  # fmt: skip
+            raise ValueError(
+                f"btx mixes dense LMs, but {'the seed model' if seed_model is not None and i == 0 else f'expert {i}'} "
+                "is already a flexmoe MoE"
+            )
     kinds = {getattr(m.config, "model_type", type(m).__name__) for m in members}
     if len(kinds) != 1:
         raise ValueError(f"btx needs expert LMs of one architecture, got {sorted(kinds)}")
@@ -90,8 +92,10 @@ def btx(
     if router_init == "embedding":
         if embeddings is None or len(embeddings) != n:
             got = "none" if embeddings is None else len(embeddings)
-            raise ValueError(f"router_init='embedding' needs one embedding per expert ({n}, the seed model first "
-                             f"if given), got {got}; e.g. flexmoe.owner.embed.router_embedding(texts_j, model)")  # fmt: skip
+            raise ValueError(
+                f"router_init='embedding' needs one embedding per expert ({n}, the seed model first "
+                f"if given), got {got}; e.g. flexmoe.owner.embed.router_embedding(texts_j, model)"
+            )
     elif embeddings is not None:
         raise ValueError("embeddings are only used with router_init='embedding'")
     if names is not None and len(names) != n - 1:
@@ -187,8 +191,15 @@ class MoEFinetune(pl.LightningModule):
             lm = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         balance = load_balancing_loss(logits, settings(self.model).effective_top_k())
         loss = lm + self.hparams.balance_coef * balance
-        self.log_dict({"train/loss": loss.detach(), "train/lm_loss": lm.detach(), "train/balance_loss": balance.detach(),
-                       "train/ppl": lm.detach().exp()}, on_step=True)  # fmt: skip
+        self.log_dict(
+            {
+                "train/loss": loss.detach(),
+                "train/lm_loss": lm.detach(),
+                "train/balance_loss": balance.detach(),
+                "train/ppl": lm.detach().exp(),
+            },
+            on_step=True,
+        )
         self.log("loss", lm.detach(), prog_bar=True, logger=False)
         return loss
 
@@ -205,10 +216,19 @@ class MoEFinetune(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return adamw_cosine(self, [g for g in groups if g["params"]], lr=h.lr, betas=h.betas, warmup_steps=h.warmup_steps,
-                            min_lr_ratio=h.min_lr_ratio, max_steps=h.max_steps)  # fmt: skip
+        return adamw_cosine(
+            self,
+            [g for g in groups if g["params"]],
+            lr=h.lr,
+            betas=h.betas,
+            warmup_steps=h.warmup_steps,
+            min_lr_ratio=h.min_lr_ratio,
+            max_steps=h.max_steps,
+        )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )

@@ -70,19 +70,33 @@ class MethodInfo:
 
 METHODS: dict[str, MethodInfo] = {
     "average": MethodInfo(False, (), ("weights",), lambda c: MergeMethod(combine="mean")),
-    "task_arithmetic": MethodInfo(True, (), ("weights", "lam"), lambda c: MergeMethod(combine="sum", lam=_or(c.lam, 1.0))),
-    "ties": MethodInfo(True, ("density",), ("weights", "lam", "trim", "sign"),
-                       lambda c: ties_method(c.density, _or(c.lam, 1.0), _or(c.trim, "global"), _or(c.sign, "mass"))),
-    "dare": MethodInfo(True, ("drop",), ("weights", "lam", "seed", "then", "sign"),
-                       lambda c: dare_method(c.drop, _or(c.seed, 0), _or(c.then, "linear"), _or(c.lam, 1.0),
-                                             _or(c.sign, "mass"))),
-}  # fmt: skip
+    "task_arithmetic": MethodInfo(
+        True, (), ("weights", "lam"), lambda c: MergeMethod(combine="sum", lam=_or(c.lam, 1.0))
+    ),
+    "ties": MethodInfo(
+        True,
+        ("density",),
+        ("weights", "lam", "trim", "sign"),
+        lambda c: ties_method(c.density, _or(c.lam, 1.0), _or(c.trim, "global"), _or(c.sign, "mass")),
+    ),
+    "dare": MethodInfo(
+        True,
+        ("drop",),
+        ("weights", "lam", "seed", "then", "sign"),
+        lambda c: dare_method(c.drop, _or(c.seed, 0), _or(c.then, "linear"), _or(c.lam, 1.0), _or(c.sign, "mass")),
+    ),
+}
 # Names other tools use, and what they are called here.
 _ALIASES = {
-    "linear": "average", "soup": "average", "model_soup": "average", "uniform_soup": "average",
-    "task_vector": "task_arithmetic", "dare_linear": "dare", "dare_ties": "dare (with then: ties)",
+    "linear": "average",
+    "soup": "average",
+    "model_soup": "average",
+    "uniform_soup": "average",
+    "task_vector": "task_arithmetic",
+    "dare_linear": "dare",
+    "dare_ties": "dare (with then: ties)",
     "ties_merging": "ties",
-}  # fmt: skip
+}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PARAMETERS = ("density", "trim", "sign", "lam", "drop", "seed", "then")
 
@@ -119,8 +133,11 @@ class MergeConfig:
 
         if self.method not in METHODS:
             hint = _ALIASES.get(self.method) or next(iter(difflib.get_close_matches(str(self.method), METHODS)), None)
-            fail(f"unknown merge method {self.method!r}" + (f" (did you mean {hint}?)" if hint else "")
-                 + f"; choose one of: {', '.join(METHODS)}")  # fmt: skip
+            fail(
+                f"unknown merge method {self.method!r}"
+                + (f" (did you mean {hint}?)" if hint else "")
+                + f"; choose one of: {', '.join(METHODS)}"
+            )
         info = METHODS[self.method]
         if isinstance(self.models, (str, os.PathLike)) or not self.models:
             fail("models: give a list of model directories, e.g. models: [expert_a/, expert_b/]")
@@ -131,15 +148,24 @@ class MergeConfig:
             fail(f"{self.method} averages the listed models and takes no base; list every model under models")
         for name in info.required:
             if getattr(self, name) is None:
-                what = {"density": "the fraction of each task vector's entries kept (the TIES paper uses 0.2)",
-                        "drop": "the probability of dropping each delta entry (the DARE paper uses 0.9)"}[name]  # fmt: skip
-                fail(f"{self.method} needs {name}: {what}; there is no default, so that nothing is kept or "
-                     "dropped silently")  # fmt: skip
-        unused = [p for p in (*_PARAMETERS, "weights") if getattr(self, p) is not None and p not in
-                  (*info.required, *info.optional)]  # fmt: skip
+                what = {
+                    "density": "the fraction of each task vector's entries kept (the TIES paper uses 0.2)",
+                    "drop": "the probability of dropping each delta entry (the DARE paper uses 0.9)",
+                }[name]
+                fail(
+                    f"{self.method} needs {name}: {what}; there is no default, so that nothing is kept or "
+                    "dropped silently"
+                )
+        unused = [
+            p
+            for p in (*_PARAMETERS, "weights")
+            if getattr(self, p) is not None and p not in (*info.required, *info.optional)
+        ]
         if unused:
-            fail(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not a parameter of {self.method} "
-                 f"(it takes {', '.join((*info.required, *info.optional)) or 'no parameters'})")  # fmt: skip
+            fail(
+                f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not a parameter of {self.method} "
+                f"(it takes {', '.join((*info.required, *info.optional)) or 'no parameters'})"
+            )
         if self.method == "dare" and self.sign is not None and _or(self.then, "linear") != "ties":
             fail("sign only matters for dare with then: ties")
         if self.weights is not None:
@@ -182,18 +208,23 @@ class MergeConfig:
         of ``source`` when given."""
         where = f"{source}: " if source else ""
         if not isinstance(data, dict):
-            raise MergeConfigError(f"{where}expected a mapping of keys (method, base, models, ...), "
-                                   f"got {type(data).__name__}")  # fmt: skip
+            raise MergeConfigError(
+                f"{where}expected a mapping of keys (method, base, models, ...), got {type(data).__name__}"
+            )
         known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
         unknown = [k for k in data if k not in known]
         if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), known, 1)) else repr(k)
-                     for k in unknown]  # fmt: skip
+            hints = [
+                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), known, 1)) else repr(k)
+                for k in unknown
+            ]
             raise MergeConfigError(f"{where}unknown key {', '.join(hints)}; known keys: {', '.join(known)}")
         for key in ("method", "models"):
             if key not in data:
-                raise MergeConfigError(f"{where}missing {key}: (method is one of {', '.join(METHODS)}; "
-                                       "models is a list of model directories)")  # fmt: skip
+                raise MergeConfigError(
+                    f"{where}missing {key}: (method is one of {', '.join(METHODS)}; "
+                    "models is a list of model directories)"
+                )
         data = dict(data)
         if source is not None:
             root = Path(source).resolve().parent
@@ -228,8 +259,15 @@ class MergeConfig:
         """Check the inputs, then merge into ``out`` (which must not exist yet, or be empty)."""
         self.check_inputs()
         dtype = _DTYPES[self.dtype] if self.dtype is not None else None
-        return merge_dirs(self.method_settings(), self.models, out, self.base, self.weights, dtype=dtype,
-                          max_shard_bytes=self.shard_bytes())  # fmt: skip
+        return merge_dirs(
+            self.method_settings(),
+            self.models,
+            out,
+            self.base,
+            self.weights,
+            dtype=dtype,
+            max_shard_bytes=self.shard_bytes(),
+        )
 
 
 def _parse_size(size: int | str) -> int:

@@ -36,16 +36,36 @@ def dare_method(
     return MergeMethod(combine=combine, drop=drop, seed=seed, lam=lam, sign=sign)
 
 
-def dare(base, finetuned: Sequence, drop: float = 0.9, seed: int = 0, then: Then = "linear", lam: float = 1.0,
-         weights: Sequence[float] | None = None, sign: Sign = "mass", *, dtype: torch.dtype | None = None):  # fmt: skip
+def dare(
+    base,
+    finetuned: Sequence,
+    drop: float = 0.9,
+    seed: int = 0,
+    then: Then = "linear",
+    lam: float = 1.0,
+    weights: Sequence[float] | None = None,
+    sign: Sign = "mass",
+    *,
+    dtype: torch.dtype | None = None,
+):
     """DARE-merge ``finetuned`` models (modules or state dicts) onto ``base``; returns the same
     kind as ``base``. With ``drop=0`` it is exactly task arithmetic (``then="linear"``) or
     TIES without trimming (``then="ties"``)."""
     return merge_in_memory(dare_method(drop, seed, then, lam, sign), finetuned, base, weights, dtype=dtype)
 
 
-def dare_dirs(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
-              drop: float, seed: int = 0, then: Then = "linear", lam: float = 1.0, weights=None,
-              sign: Sign = "mass", *, dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+def dare_dirs(
+    base: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    drop: float,
+    seed: int = 0,
+    then: Then = "linear",
+    lam: float = 1.0,
+    weights=None,
+    sign: Sign = "mass",
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """:func:`dare` from ``save_pretrained`` directories to a new one, a tensor at a time."""
     return merge_dirs(dare_method(drop, seed, then, lam, sign), finetuned, out, base, weights, dtype=dtype)

@@ -55,8 +55,16 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from flexmoe.merge.stream import DEFAULT_SHARD_BYTES, INDEX, SINGLE, SafetensorsDir, ShardWriter, StateDictSource, unique_tensors
 from flexmoe.core.io import atomic_dir
+from flexmoe.merge.stream import (
+    DEFAULT_SHARD_BYTES,
+    INDEX,
+    SINGLE,
+    SafetensorsDir,
+    ShardWriter,
+    StateDictSource,
+    unique_tensors,
+)
 
 Combine = Literal["mean", "sum", "disjoint_mean"]
 Trim = Literal["global", "per_tensor"]
@@ -111,14 +119,18 @@ def check_compatible(sources: Sequence, base=None) -> list[str]:
         theirs = set(src.names())
         if theirs != names:
             missing, extra = sorted(names - theirs), sorted(theirs - names)
-            raise ValueError(f"{src.label} does not have the same tensors as {ref.label}: missing {missing[:4]}"
-                             f"{' ...' if len(missing) > 4 else ''}, extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"
-                             "; merged models must share one architecture")  # fmt: skip
+            raise ValueError(
+                f"{src.label} does not have the same tensors as {ref.label}: missing {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}, extra {extra[:4]}{' ...' if len(extra) > 4 else ''}"
+                "; merged models must share one architecture"
+            )
         for name in sorted(names):
             a, b = ref.spec(name)[1], src.spec(name)[1]
             if a != b:
-                raise ValueError(f"{name} has shape {list(b)} in {src.label} but {list(a)} in {ref.label}; "
-                                 "merged models must share one architecture")  # fmt: skip
+                raise ValueError(
+                    f"{name} has shape {list(b)} in {src.label} but {list(a)} in {ref.label}; "
+                    "merged models must share one architecture"
+                )
     return sorted(names)
 
 
@@ -255,8 +267,9 @@ def _dare_generator(seed: int, i: int, name: str, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def merge_tensors(method: MergeMethod, models: Sequence, base=None, weights=None, *,
-                  dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def merge_tensors(
+    method: MergeMethod, models: Sequence, base=None, weights=None, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, rows of the merged tensor)`` for every tensor in sorted name order, each
     tensor as consecutive row blocks (:func:`row_blocks`), reading the sources
     (:mod:`flexmoe.merge.stream`) one block at a time."""
@@ -375,8 +388,14 @@ class _DisjointMean:
 # -- in memory and directory to directory ---------------------------------------------------------------
 
 
-def merge_in_memory(method: MergeMethod, models: Sequence[Models], base: Models | None = None, weights=None, *,
-                    dtype: torch.dtype | None = None):  # fmt: skip
+def merge_in_memory(
+    method: MergeMethod,
+    models: Sequence[Models],
+    base: Models | None = None,
+    weights=None,
+    *,
+    dtype: torch.dtype | None = None,
+):
     """Run the kernel on models or state dicts held in memory; the result is of the same kind
     as ``base`` (the first model for a soup): a new module (a deep copy with the merged
     weights) or a new state dict. The inputs are not modified."""
@@ -429,9 +448,16 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def merge_dirs(method: MergeMethod, models: Sequence[str | os.PathLike], out: str | os.PathLike,
-               base: str | os.PathLike | None = None, weights=None, *, dtype: torch.dtype | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
+def merge_dirs(
+    method: MergeMethod,
+    models: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    weights=None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Run the kernel from ``save_pretrained`` directories (safetensors) to a new directory.
 
     Reads one tensor per model at a time and writes each merged tensor as soon as it is done;

@@ -34,8 +34,9 @@ def average(models: Sequence, weights: Sequence[float] | None = None, *, dtype: 
     return merge_in_memory(MergeMethod(combine="mean"), models, weights=weights, dtype=dtype)
 
 
-def average_dirs(models: Sequence[str | os.PathLike], out: str | os.PathLike, weights=None, *,
-                 dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+def average_dirs(
+    models: Sequence[str | os.PathLike], out: str | os.PathLike, weights=None, *, dtype: torch.dtype | None = None
+) -> Path:
     """:func:`average` from ``save_pretrained`` directories to a new one, a tensor at a time."""
     return merge_dirs(MergeMethod(combine="mean"), models, out, weights=weights, dtype=dtype)
 
@@ -120,8 +121,13 @@ class WeightedSoup(nn.Module):
             out[name] = acc.to(p0.dtype)
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **_: object) -> WeightedSoupOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> WeightedSoupOutput:
         """``input_ids`` ``[B, T]``; ``labels`` as in ``transformers`` (the inputs, shifted inside,
         ``-100`` ignored)."""
         weights = self.prefix_weights(input_ids, attention_mask)
@@ -139,6 +145,7 @@ class WeightedSoup(nn.Module):
         if labels is not None:
             target = labels[:, 1:].clone()
             target[:, : self.prefix_len - 1] = -100  # targets x_1 .. x_{P-1} chose the weights
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten().to(logits.device),
-                                   ignore_index=-100)  # fmt: skip
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), target.flatten().to(logits.device), ignore_index=-100
+            )
         return WeightedSoupOutput(loss=loss, logits=logits, weights=weights)

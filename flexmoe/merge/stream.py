@@ -32,10 +32,19 @@ SINGLE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses by default
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024**2
 
@@ -104,16 +113,23 @@ class SafetensorsDir:
             files = [SINGLE]
         else:
             pickles = [p.name for p in self.path.glob("*.bin")] + [p.name for p in self.path.glob("*.pt")]
-            hint = (f"; it has {pickles[:2]}, which flexmoe does not unpickle: re-save the model with "
-                    "save_pretrained(..., safe_serialization=True)") if pickles else ""  # fmt: skip
+            hint = (
+                (
+                    f"; it has {pickles[:2]}, which flexmoe does not unpickle: re-save the model with "
+                    "save_pretrained(..., safe_serialization=True)"
+                )
+                if pickles
+                else ""
+            )
             raise FileNotFoundError(f"{self.path}: no {SINGLE} or {INDEX}{hint}")
         self._where: dict[str, tuple[Path, int, str, tuple[int, ...]]] = {}
         for file in files:
             path = self.path / file
             for name, (offset, dtype, shape) in _read_header(path).items():
                 if name in self._where:
-                    raise ValueError(f"{self.path}: tensor {name!r} is stored twice ({file} and "
-                                     f"{self._where[name][0].name})")  # fmt: skip
+                    raise ValueError(
+                        f"{self.path}: tensor {name!r} is stored twice ({file} and {self._where[name][0].name})"
+                    )
                 self._where[name] = (path, offset, dtype, shape)
 
     def names(self) -> list[str]:
@@ -186,8 +202,12 @@ class ShardWriter:
     bytes (or the next block of its rows) to its shard, so nothing else is held in memory.
     """
 
-    def __init__(self, directory: Path, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):  # fmt: skip
+    def __init__(
+        self,
+        directory: Path,
+        specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    ):
         self.directory = Path(directory)
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
@@ -245,8 +265,10 @@ class ShardWriter:
         for f in self._files:
             f.close()
         if self._next != len(self._order) or self._left:
-            raise RuntimeError(f"ShardWriter closed after {self._next} of {len(self._order)} tensors"
-                               f"{f' ({self._current} incomplete)' if self._left else ''}")  # fmt: skip
+            raise RuntimeError(
+                f"ShardWriter closed after {self._next} of {len(self._order)} tensors"
+                f"{f' ({self._current} incomplete)' if self._left else ''}"
+            )
         if len(self._names) > 1:
             weight_map = {name: self._names[i] for name, (i, _, _) in self._plan.items()}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -257,11 +279,16 @@ class ShardWriter:
             f.close()
 
 
-
-
 # Fields that must agree for two model directories to be merged tensor by tensor.
-ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "vocab_size")  # fmt: skip
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 def architecture(path: str | os.PathLike) -> dict:
@@ -289,5 +316,7 @@ def check_same_architecture(paths) -> None:
         diff = {k: (ref.get(k), arch.get(k)) for k in sorted(set(ref) | set(arch)) if ref.get(k) != arch.get(k)}
         if diff:
             shown = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{p} is not the same architecture as {paths[0]} ({shown}); "
-                             "only models of one architecture can be merged")  # fmt: skip
+            raise ValueError(
+                f"{p} is not the same architecture as {paths[0]} ({shown}); "
+                "only models of one architecture can be merged"
+            )

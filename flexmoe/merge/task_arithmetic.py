@@ -112,8 +112,9 @@ class TaskVector:
             b = src.get(name)
             if name in self.deltas:
                 if tuple(b.shape) != tuple(self.deltas[name].shape):
-                    raise ValueError(f"{name}: task vector shape {list(self.deltas[name].shape)}, "
-                                     f"base shape {list(b.shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"{name}: task vector shape {list(self.deltas[name].shape)}, base shape {list(b.shape)}"
+                    )
                 d = self.deltas[name]
                 b = (b.to(d.dtype) + scale * d).to(b.dtype)
             merged[name] = b
@@ -133,23 +134,37 @@ class TaskVector:
         return f"TaskVector({len(self.deltas)} tensors, {n} entries, norm {self.norm():.4g})"
 
 
-def analogy(tau_a: TaskVector, tau_b: TaskVector, tau_c: TaskVector,
-            lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> TaskVector:  # fmt: skip
+def analogy(
+    tau_a: TaskVector, tau_b: TaskVector, tau_c: TaskVector, lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> TaskVector:
     """``λ1·τ_A + λ2·τ_B − λ3·τ_C`` ("A is to B as C is to D", Ilharco et al., section 5)."""
     l1, l2, l3 = lambdas
     return l1 * tau_a + l2 * tau_b - l3 * tau_c
 
 
-def task_arithmetic(base, finetuned: Sequence, lam: float = 1.0, weights: Sequence[float] | None = None, *,
-                    dtype: torch.dtype | None = None):  # fmt: skip
+def task_arithmetic(
+    base,
+    finetuned: Sequence,
+    lam: float = 1.0,
+    weights: Sequence[float] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+):
     """``θ_base + λ · Σ_i w_i (θ_i − θ_base)`` (weights default to 1; negative ones subtract),
     returned as the same kind as ``base``. Streams tensor by tensor; equals
     ``sum(w_i * TaskVector.from_models(θ_i, base)).apply(base, lam)``."""
     return merge_in_memory(MergeMethod(combine="sum", lam=lam), finetuned, base, weights, dtype=dtype)
 
 
-def task_arithmetic_dirs(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
-                         lam: float = 1.0, weights=None, *, dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+def task_arithmetic_dirs(
+    base: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    lam: float = 1.0,
+    weights=None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """:func:`task_arithmetic` from ``save_pretrained`` directories to a new one."""
     return merge_dirs(MergeMethod(combine="sum", lam=lam), finetuned, out, base, weights, dtype=dtype)
 
@@ -176,8 +191,9 @@ def _predictions(model: nn.Module, params: dict, batches) -> list[torch.Tensor]:
     """Next-token argmax at every position, ``-1`` at padding."""
     preds = []
     for ids, mask in batches:
-        out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask,
-                                                               "use_cache": False}, strict=False)  # fmt: skip
+        out = functional_call(
+            model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask, "use_cache": False}, strict=False
+        )
         p = out.logits.argmax(-1)
         preds.append(p if mask is None else p.masked_fill(mask == 0, -1))
     return preds
@@ -208,8 +224,9 @@ def _base_state(model: nn.Module, base) -> dict:
     return {n: src.get(n) for n in src.names()}
 
 
-def disentanglement_error(model: nn.Module, base, tau1: TaskVector, tau2: TaskVector, alpha1: float,
-                          alpha2: float, data) -> float:  # fmt: skip
+def disentanglement_error(
+    model: nn.Module, base, tau1: TaskVector, tau2: TaskVector, alpha1: float, alpha2: float, data
+) -> float:
     """Weight disentanglement error ``ξ(α1, α2)`` (Ortiz-Jiménez et al., 2023)::
 
         ξ(α1, α2) = Σ_{t=1,2} E_{x ~ D_t} [ f(x; θ0 + α_t τ_t) ≠ f(x; θ0 + α1 τ1 + α2 τ2) ]
@@ -233,8 +250,14 @@ def disentanglement_error(model: nn.Module, base, tau1: TaskVector, tau2: TaskVe
     return xi
 
 
-def disentanglement_grid(model: nn.Module, base, tau1: TaskVector, tau2: TaskVector, data,
-                         alphas: Sequence[float] = (-2.0, -1.0, 0.0, 1.0, 2.0)) -> torch.Tensor:  # fmt: skip
+def disentanglement_grid(
+    model: nn.Module,
+    base,
+    tau1: TaskVector,
+    tau2: TaskVector,
+    data,
+    alphas: Sequence[float] = (-2.0, -1.0, 0.0, 1.0, 2.0),
+) -> torch.Tensor:
     """``ξ(α1, α2)`` for every pair of ``alphas`` (rows: α1, columns: α2), reusing each
     single-edit model's predictions across the grid."""
     state = _base_state(model, base)
@@ -251,8 +274,13 @@ def disentanglement_grid(model: nn.Module, base, tau1: TaskVector, tau2: TaskVec
     return grid
 
 
-def plot_disentanglement(grid: torch.Tensor, alphas: Sequence[float], path: str | os.PathLike | None = None,
-                         ax=None, title: str = "weight disentanglement error ξ(α1, α2)"):  # fmt: skip
+def plot_disentanglement(
+    grid: torch.Tensor,
+    alphas: Sequence[float],
+    path: str | os.PathLike | None = None,
+    ax=None,
+    title: str = "weight disentanglement error ξ(α1, α2)",
+):
     """Heat map of :func:`disentanglement_grid` (matplotlib, imported here only). Saves to
     ``path`` when given; returns the figure."""
     try:

@@ -33,16 +33,34 @@ def ties_method(density: float, lam: float = 1.0, trim: Trim = "global", sign: S
     return MergeMethod(combine="disjoint_mean", density=density, lam=lam, trim=trim, sign=sign)
 
 
-def ties(base, finetuned: Sequence, density: float = 0.2, lam: float = 1.0, trim: Trim = "global",
-         sign: Sign = "mass", weights: Sequence[float] | None = None, *, dtype: torch.dtype | None = None):  # fmt: skip
+def ties(
+    base,
+    finetuned: Sequence,
+    density: float = 0.2,
+    lam: float = 1.0,
+    trim: Trim = "global",
+    sign: Sign = "mass",
+    weights: Sequence[float] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+):
     """TIES-merge ``finetuned`` models (modules or state dicts) onto ``base``; returns the same
     kind as ``base``. ``density``: fraction of each task vector kept (the paper's k = 20%)."""
     return merge_in_memory(ties_method(density, lam, trim, sign), finetuned, base, weights, dtype=dtype)
 
 
-def ties_dirs(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike], out: str | os.PathLike,
-              density: float, lam: float = 1.0, trim: Trim = "global", sign: Sign = "mass", weights=None, *,
-              dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+def ties_dirs(
+    base: str | os.PathLike,
+    finetuned: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    density: float,
+    lam: float = 1.0,
+    trim: Trim = "global",
+    sign: Sign = "mass",
+    weights=None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """:func:`ties` from ``save_pretrained`` directories to a new one, a tensor at a time
     (``trim="global"`` reads the inputs three times: two passes find each model's threshold)."""
     return merge_dirs(ties_method(density, lam, trim, sign), finetuned, out, base, weights, dtype=dtype)

@@ -18,21 +18,12 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from flexmoe.artifacts.expert import ExpertArtifact
-from flexmoe.core.moe import record_router_logits, router_z_loss
-from flexmoe.spec import ExpertRecipe, FederationSpec
 from flexmoe.core.hashing import fingerprint
-from flexmoe.core.surgery import moe_blocks, upcycle
+from flexmoe.core.moe import record_router_logits, router_z_loss
+from flexmoe.core.surgery import freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
-from flexmoe.core.surgery import freeze_public
+from flexmoe.spec import ExpertRecipe, FederationSpec
 from flexmoe.training.optim import adamw_cosine
-
-
-
-
-
-
-
-
 
 
 class ExpertModule(pl.LightningModule):
@@ -149,14 +140,23 @@ class ExpertModule(pl.LightningModule):
             # No decay on the router: decay would move the frozen rows that share its tensor.
             {"params": [p for p in params if id(p) in routers], "weight_decay": 0.0},
         ]
-        return adamw_cosine(self, groups, lr=r.lr, betas=r.betas, warmup_steps=r.warmup_steps,
-                            min_lr_ratio=r.min_lr_ratio, max_steps=r.max_steps)  # fmt: skip
+        return adamw_cosine(
+            self,
+            groups,
+            lr=r.lr,
+            betas=r.betas,
+            warmup_steps=r.warmup_steps,
+            min_lr_ratio=r.min_lr_ratio,
+            max_steps=r.max_steps,
+        )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # The recipe's clipping applies even when the Trainer was built without gradient_clip_val.
         clip = gradient_clip_val if gradient_clip_val is not None else self.recipe.grad_clip
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
+            )
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["flexmoe_tokens_seen"] = self.tokens_seen
@@ -189,11 +189,3 @@ def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_docume
         ExportExpert(out, public_documents=public_documents),
         RouterStats(),
     ]
-
-
-
-
-
-
-
-

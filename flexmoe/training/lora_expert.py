@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from flexmoe.artifacts.lora import LoraExpertArtifact
+from flexmoe.core.surgery import moe_blocks
+from flexmoe.spec import FederationSpec
 from flexmoe.training.expert import ExpertModule
 from flexmoe.training.optim import adamw_cosine
-from flexmoe.artifacts.lora import LoraExpertArtifact
-from flexmoe.spec import FederationSpec
-from flexmoe.core.surgery import moe_blocks
 
 
 class LoraExpertModule(ExpertModule):
@@ -99,5 +99,12 @@ class LoraExpertModule(ExpertModule):
             # No decay on the router: decay would move the frozen rows that share its tensor.
             {"params": routers, "weight_decay": 0.0},
         ]
-        return adamw_cosine(self, groups, lr=r.lr, betas=r.betas, warmup_steps=r.warmup_steps,
-                            min_lr_ratio=r.min_lr_ratio, max_steps=r.max_steps)  # fmt: skip
+        return adamw_cosine(
+            self,
+            groups,
+            lr=r.lr,
+            betas=r.betas,
+            warmup_steps=r.warmup_steps,
+            min_lr_ratio=r.min_lr_ratio,
+            max_steps=r.max_steps,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 import lightning.pytorch as pl
 import torch
 
@@ -16,7 +17,15 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) 
 
 
 def adamw_cosine(
-    module: pl.LightningModule, groups, *, lr, betas, warmup_steps, min_lr_ratio, max_steps, offset: int = 0,
+    module: pl.LightningModule,
+    groups,
+    *,
+    lr,
+    betas,
+    warmup_steps,
+    min_lr_ratio,
+    max_steps,
+    offset: int = 0,
     total: int | None = None,
 ) -> dict:
     """AdamW over ``groups`` with linear warmup and cosine decay, stepped every optimizer step,
@@ -32,5 +41,3 @@ def adamw_cosine(
         opt, lambda s: cosine_with_warmup(s + offset, warmup=warmup_steps, total=total, min_ratio=min_lr_ratio)
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-

@@ -70,10 +70,18 @@ class PretrainModule(pl.LightningModule):
         if not isinstance(config, PretrainedConfig):
             config = dict(config)
             config = AutoConfig.for_model(config.pop("model_type"), **config)
-        self.save_hyperparameters({"config": config.to_dict()} | {
-            "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps,
-            "min_lr_ratio": min_lr_ratio, "betas": betas, "grad_clip": grad_clip,
-        })  # fmt: skip
+        self.save_hyperparameters(
+            {"config": config.to_dict()}
+            | {
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "max_steps": max_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "betas": betas,
+                "grad_clip": grad_clip,
+            }
+        )
         self.model = AutoModelForCausalLM.from_config(config)
         self.val_loss = MeanMetric()
         self.tokens_seen = 0
@@ -112,8 +120,15 @@ class PretrainModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return adamw_cosine(self, groups, lr=h.lr, betas=h.betas, warmup_steps=h.warmup_steps,
-                            min_lr_ratio=h.min_lr_ratio, max_steps=h.max_steps)  # fmt: skip
+        return adamw_cosine(
+            self,
+            groups,
+            lr=h.lr,
+            betas=h.betas,
+            warmup_steps=h.warmup_steps,
+            min_lr_ratio=h.min_lr_ratio,
+            max_steps=h.max_steps,
+        )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
@@ -146,9 +161,13 @@ class PretrainData(TextDataModule):
             return loader
         picked = sorted({round(i * (rows - 1) / (keep - 1)) for i in range(keep)}) if keep > 1 else [0]
         return DataLoader(
-            Subset(loader.dataset, picked), batch_size=self.batch_size, shuffle=False, num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers,
-        )  # fmt: skip
+            Subset(loader.dataset, picked),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+        )
 
 
 def olmo2_config(
@@ -255,9 +274,17 @@ def pretrain(
     started = time.perf_counter()
     sources = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     _check_settings(
-        sources, vocab_size=vocab_size, seq_len=seq_len, batch_size=batch_size, max_steps=max_steps,
-        warmup_steps=warmup_steps, lr=lr, val_fraction=val_fraction, val_every=val_every, val_batches=val_batches,
-    )  # fmt: skip
+        sources,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        warmup_steps=warmup_steps,
+        lr=lr,
+        val_fraction=val_fraction,
+        val_every=val_every,
+        val_batches=val_batches,
+    )
     olmo2_config(vocab_size, hidden_size, num_layers, num_heads, intermediate_size)  # shape errors, before any work
     out_dir = _check_out_dir(out)
     docs = read_documents(sources, text_field=text_field)  # a missing source fails here
@@ -269,14 +296,28 @@ def pretrain(
     tokenizer = train_tokenizer((docs[i] for i in train_idx), vocab_size=vocab_size)
     del docs
     datamodule = PretrainData(
-        sources, tokenizer, seq_len=seq_len, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
-        text_field=text_field, cache_dir=cache_dir, val_batches=val_batches,
-    )  # fmt: skip
+        sources,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        text_field=text_field,
+        cache_dir=cache_dir,
+        val_batches=val_batches,
+    )
 
     config = olmo2_config(
-        len(tokenizer), hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings=seq_len,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        len(tokenizer),
+        hidden_size,
+        num_layers,
+        num_heads,
+        intermediate_size,
+        max_position_embeddings=seq_len,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     module = PretrainModule(
         config,
         lr=lr,
@@ -318,10 +359,21 @@ def pretrain(
         "data": [os.fspath(s) for s in sources],
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": {
-            "vocab_size": len(tokenizer), "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
-            "intermediate_size": config.intermediate_size, "seq_len": seq_len, "batch_size": batch_size,
-            "max_steps": max_steps, "lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
-            "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction, "precision": precision,
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "num_heads": num_heads,
+            "intermediate_size": config.intermediate_size,
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "max_steps": max_steps,
+            "lr": lr,
+            "warmup_steps": warmup_steps,
+            "min_lr_ratio": min_lr_ratio,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "precision": precision,
         },
         "train_tokens": module.tokens_seen,
         "train_documents": len(train_idx),
@@ -332,7 +384,7 @@ def pretrain(
         "val_loss": _metric(after, "val/loss"),
         "val_ppl": _metric(after, "val/ppl"),
         "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     shown = ""
     if report["val_ppl"] is not None and report["val_ppl_init"] is not None:

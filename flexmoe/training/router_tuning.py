@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from flexmoe.training.optim import adamw_cosine
-from flexmoe.spec import RouterTuningRecipe
 from flexmoe.core.surgery import is_moe, moe_blocks, settings
 from flexmoe.data.packing import pack_documents
+from flexmoe.spec import RouterTuningRecipe
+from flexmoe.training.optim import adamw_cosine
 
 # The schedule decays to this fraction of the peak lr (the recipe fixes lr, warmup and decay).
 MIN_LR_RATIO = 0.1
@@ -74,14 +74,22 @@ class RouterTuning(pl.LightningModule):
     at the end. The batches are ``{"input_ids": [B, T]}`` like :class:`~flexmoe.TextDataModule`'s.
     """
 
-    def __init__(self, model: nn.Module, recipe: RouterTuningRecipe | None = None, *, step_offset: int = 0,
-                 total_steps: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: RouterTuningRecipe | None = None,
+        *,
+        step_offset: int = 0,
+        total_steps: int | None = None,
+    ):
         super().__init__()
         # One round of federated tuning is a slice of one schedule: steps [offset, offset + max_steps)
         # of ``total_steps``.
         self.step_offset, self.total_steps = step_offset, total_steps
         if not is_moe(model):
-            raise ValueError("RouterTuning needs a merged flexmoe MoE (flexmoe.assemble or flexmoe.load), got a dense model")
+            raise ValueError(
+                "RouterTuning needs a merged flexmoe MoE (flexmoe.assemble or flexmoe.load), got a dense model"
+            )
         self.model = model
         self.recipe = recipe or RouterTuningRecipe()
         self.save_hyperparameters({"recipe": vars(self.recipe)})
@@ -117,9 +125,17 @@ class RouterTuning(pl.LightningModule):
         r = self.recipe
         params = [p for p in router_parameters(self.model) if p.requires_grad]
         groups = [{"params": params, "weight_decay": r.weight_decay}]
-        return adamw_cosine(self, groups, lr=r.lr, betas=(0.9, 0.95), warmup_steps=r.warmup_steps,
-                            min_lr_ratio=MIN_LR_RATIO, max_steps=r.max_steps, offset=self.step_offset,
-                            total=self.total_steps)  # fmt: skip
+        return adamw_cosine(
+            self,
+            groups,
+            lr=r.lr,
+            betas=(0.9, 0.95),
+            warmup_steps=r.warmup_steps,
+            min_lr_ratio=MIN_LR_RATIO,
+            max_steps=r.max_steps,
+            offset=self.step_offset,
+            total=self.total_steps,
+        )
 
 
 def mixture_loader(
@@ -139,8 +155,6 @@ def mixture_loader(
 
 def _ids_batch(items) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.stack([row for (row,) in items])}
-
-
 
 
 def _trainer_kwargs(model: nn.Module, steps: int, callbacks: list, extra: dict | None) -> dict:
@@ -192,10 +206,12 @@ def tune_router(
     sources = {f"proxy:{owner}": docs for owner, docs in proxy_documents.items()}
     sources["public"] = public_documents
     packed = {
-        name: pack_documents(docs, tokenizer, recipe.seq_len, max_documents_per_source) for name, docs in sources.items()
+        name: pack_documents(docs, tokenizer, recipe.seq_len, max_documents_per_source)
+        for name, docs in sources.items()
     }
-    loader = mixture_loader(packed, batch_size=recipe.batch_size, num_samples=recipe.max_steps * recipe.batch_size,
-                            seed=seed)  # fmt: skip
+    loader = mixture_loader(
+        packed, batch_size=recipe.batch_size, num_samples=recipe.max_steps * recipe.batch_size, seed=seed
+    )
     module = RouterTuning(model, recipe)
     losses = _LossLog()
     trainer = pl.Trainer(**_trainer_kwargs(model, recipe.max_steps, [losses], trainer_kwargs))
@@ -238,8 +254,12 @@ def check_router_rows(rows: Mapping[str, torch.Tensor], model: nn.Module, who: s
     expected = router_rows(model)
     if set(rows) != set(expected):
         missing, extra = sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected))
-        raise ArtifactError(who, "router tensors", f"the {len(expected)} of layers.L.router.{{weight,bias}}",
-                            f"missing {missing}, extra {extra}")  # fmt: skip
+        raise ArtifactError(
+            who,
+            "router tensors",
+            f"the {len(expected)} of layers.L.router.{{weight,bias}}",
+            f"missing {missing}, extra {extra}",
+        )
     for name, ref in expected.items():
         t = rows[name]
         if tuple(t.shape) != tuple(ref.shape):
@@ -292,8 +312,12 @@ def local_router_round(
     one cosine schedule of all rounds. Changes ``model``'s routers in place; returns the steps and
     the first and last loss. The caller sends :func:`router_rows` back."""
     steps = recipe.local_steps
-    loader = mixture_loader({"data": rows}, batch_size=recipe.batch_size, num_samples=steps * recipe.batch_size,
-                            seed=seed * 1_000_003 + round_index)  # fmt: skip
+    loader = mixture_loader(
+        {"data": rows},
+        batch_size=recipe.batch_size,
+        num_samples=steps * recipe.batch_size,
+        seed=seed * 1_000_003 + round_index,
+    )
     module = RouterTuning(model, recipe, step_offset=round_index * steps, total_steps=recipe.rounds * steps)
     losses = _LossLog()
     quiet = {"enable_progress_bar": False, **(trainer_kwargs or {})}  # many short fits: the caller logs rounds
