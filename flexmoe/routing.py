@@ -275,17 +275,10 @@ def lda_router(
 
 
 __all__ = [
-    "AffineRouter",
-    "MLPInputStats",
-    "PosteriorMixRouter",
-    "PrefixGatedRouter",
     "calibrate_router",
-    "lda_mixture_router",
     "lda_router",
     "lda_weights",
     "mlp_input_moments",
-    "prefix_lda_router",
-    "use_affine_routers",
 ]
 
 
