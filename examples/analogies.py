@@ -622,7 +622,7 @@ if __name__ == "__main__":
     from jsonargparse import auto_cli
 
     # The flexmoe command's spellings too: `--domains a b` for a list, `--max-docs-per-domain`.
-    from flexmoe.cli.commands import normalize_options
+    from flexmoe.cli import normalize_options
 
     auto_cli(
         main,

@@ -1,5 +1,5 @@
 """``python -m flexmoe`` runs the ``flexmoe`` command line."""
 
-from flexmoe.cli.commands import main
+from flexmoe.cli import main
 
 main()

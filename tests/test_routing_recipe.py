@@ -180,7 +180,7 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
         assert (hf(ids).logits - merged(ids).logits).abs().max() < 1e-4
     # The same from the command line: `auto` picks the discriminant router because every
     # artifact carries statistics and public data is given, and folds it for FlexOlmo.
-    from flexmoe.cli.commands import main
+    from flexmoe.cli import main
 
     main(
         [

@@ -80,7 +80,7 @@ def _expert_argv(argv: list[str]) -> list[str]:
     """Accept ``--data A B`` (the owner's text), several ``--public-data`` paths and dashed
     option names (``--max-steps``). LightningCLI's own ``--data`` is the datamodule group, so
     ``--data PATH...`` is shorthand for ``--data.sources '[PATH, ...]'``."""
-    from flexmoe.cli.commands import normalize_options
+    from flexmoe.cli import normalize_options
 
     argv = normalize_options(argv, {"data": "list", "public_data": "list"})
     return ["--data.sources" if a == "--data" else a for a in argv]

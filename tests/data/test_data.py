@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from flexmoe.data.datamodule import TextDataModule
-from flexmoe.data.datamodule import datamodule as data
+from flexmoe.data import datamodule as data
 from flexmoe.data.documents import read_documents, split_documents
 from flexmoe.data.tokenizer import train_tokenizer
 from flexmoe.testing import LICENSES, license_texts

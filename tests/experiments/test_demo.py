@@ -55,7 +55,7 @@ METHOD_KEYS = [
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """`flexmoe demo --out DIR --fast --settings.X ...` through the real command line."""
-    from flexmoe.cli.commands import main
+    from flexmoe.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
     argv = ["demo", "--out", str(out), "--fast", "--threads", "1"]
@@ -185,7 +185,7 @@ def test_routing_diagnosis_benchmark_runs_on_a_demo_and_its_figures_hold_togethe
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "routing_diagnosis.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "routing_diagnosis.py"
     spec = importlib.util.spec_from_file_location("routing_diagnosis", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

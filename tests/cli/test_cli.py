@@ -19,7 +19,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import flexmoe
-from flexmoe.cli.commands import main, normalize_argv
+from flexmoe.cli import main, normalize_argv
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.testing import LICENSES, perturb_, tiny_model
 
@@ -277,7 +277,8 @@ def test_merge_command_takes_the_recipe_as_first_argument(capsys, public_dir, tm
 
 def test_option_kinds_read_pep604_hints():
     """``list[str] | None`` is a list option just like ``Optional[list[str]]``."""
-    from flexmoe.cli.commands import _option_kinds, assemble
+    from flexmoe.cli import _option_kinds
+    from flexmoe.cli.commands import assemble
 
     def command(a: list[str] | None = None, c: bool = False, d: int | None = None):
         pass

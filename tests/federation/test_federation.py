@@ -44,7 +44,7 @@ from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 from flexmoe.testing import license_texts
 
-APP = Path(__file__).resolve().parents[1] / "examples" / "federation"
+APP = Path(__file__).resolve().parents[2] / "examples" / "federation"
 CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
 RUN_TIMEOUT = 480.0  # seconds; generous for a loaded 2-core machine
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flexmoe.testing import LICENSES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_ipm.py")
 
 

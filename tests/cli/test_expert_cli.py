@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flexmoe import ExpertArtifact, FederationSpec
-from flexmoe.cli.commands import main
+from flexmoe.cli import main
 from flexmoe.testing import LICENSES
 
 

@@ -133,7 +133,7 @@ def test_tune_router_command(public_dir, tmp_path):
     and the output still loads in transformers."""
     import json
 
-    from flexmoe.cli.commands import main
+    from flexmoe.cli import main
     from flexmoe.owner.proxy import ProxySelection
 
     model = merged_model(public_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def test_quickstart_runs_end_to_end(tmp_path):

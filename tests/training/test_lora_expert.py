@@ -245,7 +245,7 @@ def test_a_lora_for_another_mlp_shape_is_refused_before_materialising(trained, s
 def test_assemble_and_the_cli_take_lora_files_directly(trained, spec, tmp_path, ids):
     """``flexmoe.assemble`` and ``flexmoe assemble`` / ``add-expert`` accept a LoRA expert's file
     as they accept a full one: it is materialised on the public model first."""
-    from flexmoe.cli.commands import main
+    from flexmoe.cli import main
 
     _, path = trained
     want = flexmoe.assemble(public(spec), [LoraExpertArtifact.load(path).materialize(public(spec))], top_k=2)
