@@ -86,7 +86,7 @@ def setup(work: Path, arch: str, num_artifacts: int) -> None:
     print(f"public model: {arch}, {sum(p.numel() for p in public.parameters()) / 1e6:.1f}M parameters", flush=True)
     public.save_pretrained(work / "public")
     fp = flexmoe.fingerprint(public)
-    model = flexmoe.core.surgery(public, 1)
+    model = flexmoe.upcycle(public, 1)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for i in range(num_artifacts):

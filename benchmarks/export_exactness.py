@@ -26,7 +26,7 @@ ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 def merged(arch, owners, normalize):
     arts = []
     for i in range(owners):
-        m = flexmoe.core.surgery(tiny_model(arch), num_experts=1, owners=[f"o{i}"])
+        m = flexmoe.upcycle(tiny_model(arch), num_experts=1, owners=[f"o{i}"])
         for b in moe_blocks(m):
             perturb_(b.experts[1], seed=10 + i, scale=0.2)
             b.router.weight.data[1].normal_(generator=torch.Generator().manual_seed(i))

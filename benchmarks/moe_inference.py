@@ -130,7 +130,7 @@ def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, 
     """
     g = torch.Generator().manual_seed(seed)
     inputs = mlp_inputs(dense, ids, batch_size=ids.shape[0])
-    model = flexmoe.core.surgery(copy.deepcopy(dense), num_experts=experts - 1, top_k=min(top_k, experts))
+    model = flexmoe.upcycle(copy.deepcopy(dense), num_experts=experts - 1, top_k=min(top_k, experts))
     with torch.no_grad():
         for block, x in zip(moe_blocks(model), inputs):
             for e in block.experts[1:]:

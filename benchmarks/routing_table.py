@@ -22,8 +22,8 @@ texts do not.
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
    lda-folded/...      the same with its biases folded into the rows at the classes' mixture moments
                        (what flexmoe.routing.route(exportable=True) does: exports to transformers)
-   lda-mix/top-N       merged + :func:`benchmarks.research_routers` (LDA posterior x owners' own routers)
-   prefix-lda/top-2    merged + :func:`benchmarks.research_routers` (sequence-level, causal)
+   lda-mix/top-N       merged + :func:`research_routers.lda_mixture_router` (LDA posterior x owners' own routers)
+   prefix-lda/top-2    merged + :func:`research_routers.prefix_lda_router` (sequence-level, causal)
    layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
    btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
    oracle              each domain through its own model (public -> public, owner -> single)

@@ -16,7 +16,7 @@ def find_moe_model(pl_module: nn.Module) -> nn.Module:
         if hasattr(module, "config") and _safe_is_moe(module):
             return module
     raise TypeError(
-        f"{type(pl_module).__name__} holds no flexmoe MoE model; build one with flexmoe.core.surgery() "
+        f"{type(pl_module).__name__} holds no flexmoe MoE model; build one with flexmoe.upcycle() "
         "(ExpertModule does this for you)"
     )
 

@@ -142,7 +142,7 @@ def train(model, params, data, steps: int, lr: float, *, z_loss: float = 0.0) ->
 def train_owner_expert(public_dir: Path, owner: str, data, steps: int, lr: float, public_fp: str):
     """One owner: upcycle, train expert 1 and router row r_1 only, return the model."""
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.core.surgery(model, num_experts=1, owners=[owner])  # top_k = all (2) while training
+    flexmoe.upcycle(model, num_experts=1, owners=[owner])  # top_k = all (2) while training
     for p in model.parameters():
         p.requires_grad_(False)
     params = []

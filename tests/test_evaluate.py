@@ -30,7 +30,7 @@ def dirs(public_dir, tmp_path_factory):
     other = AutoModelForCausalLM.from_pretrained(public_dir)
     perturb_(other, seed=5, scale=0.2)
     other.save_pretrained(root / "other")
-    moe = flexmoe.core.surgery(AutoModelForCausalLM.from_pretrained(public_dir), 2, top_k=1, owners=["law", "code"])
+    moe = flexmoe.upcycle(AutoModelForCausalLM.from_pretrained(public_dir), 2, top_k=1, owners=["law", "code"])
     for block in moe_blocks(moe):
         perturb_(block.experts[1], seed=1)
         perturb_(block.experts[2], seed=2)

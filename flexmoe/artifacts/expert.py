@@ -164,7 +164,7 @@ class ExpertArtifact(ExpertFile):
 
     @property
     def routing_stats(self):
-        """The owner's MLP-input statistics (:class:`flexmoe.artifacts.expert`: ``mean``
+        """The owner's MLP-input statistics (:class:`flexmoe.artifacts.expert.MLPInputStats`: ``mean``
         ``[L, H]``, ``covariance`` ``[L, H, H]`` or ``None``), or ``None`` if it shipped none."""
         from flexmoe.artifacts.expert import MLPInputStats
 
@@ -198,7 +198,7 @@ class ExpertArtifact(ExpertFile):
     ) -> ExpertArtifact:
         """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact.
 
-        ``stats``: the owner's :class:`flexmoe.artifacts.expert` for the routing recipe
+        ``stats``: the owner's :class:`flexmoe.artifacts.expert.MLPInputStats` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
         """
         from flexmoe.core.hashing import fingerprint as model_fingerprint

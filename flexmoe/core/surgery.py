@@ -51,7 +51,7 @@ def settings(model: nn.Module) -> MoESettings:
     """The :class:`MoESettings` shared by the model's MoE blocks."""
     blocks = moe_blocks(model)
     if not blocks:
-        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.core.surgery(model) first")
+        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.upcycle(model) first")
     return blocks[0].settings
 
 

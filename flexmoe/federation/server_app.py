@@ -1,7 +1,7 @@
 """The coordinator's Flower ``ServerApp`` (DESIGN.md "Federation"; FlexOlmo steps 3-5).
 
 ``flwr run`` starts it on the SuperLink's side with the app's ``[tool.flwr.app.config]`` (see
-:class:`~flexmoe.federation.settings`). It waits for the expected owners,
+:class:`~flexmoe.federation.settings.CoordinatorSettings`). It waits for the expected owners,
 sends them the spec, validates and keeps every acceptable expert as it arrives, merges the
 experts with the public model, tunes the router, exports, and writes ``report.json`` and
 ``report.md`` into ``out-dir``. The work is :class:`~flexmoe.federation.coordinator.Coordinator`'s.

@@ -112,7 +112,7 @@ class _ModelSource:
 
     @property
     def router_kind(self) -> str:
-        """``affine`` when any router uses its biases as they are (:class:`flexmoe.core.moe`)."""
+        """``affine`` when any router uses its biases as they are (:class:`flexmoe.core.moe.AffineRouter`)."""
         from flexmoe.core.moe import AffineRouter
 
         return "affine" if any(isinstance(b.router, AffineRouter) for b in self.blocks) else "clamped"

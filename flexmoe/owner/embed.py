@@ -253,7 +253,7 @@ def init_router(model: nn.Module, expert: int | str, rows: torch.Tensor) -> None
     ``r_expert`` of every MoE layer; every other row, and every bias, is left untouched."""
     blocks = moe_blocks(model)
     if not blocks:
-        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.core.surgery(model) before init_router")
+        raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.upcycle(model) before init_router")
     j = expert_index(model, expert)
     hidden = blocks[0].router.weight.shape[1]
     rows = torch.as_tensor(rows)

@@ -15,7 +15,7 @@ from flexmoe.testing import perturb_, tiny_model
 
 
 def trained_expert(arch="olmo2", owner="alice", seed=1, **config):
-    model = flexmoe.core.surgery(tiny_model(arch, **config), num_experts=1, owners=[owner])
+    model = flexmoe.upcycle(tiny_model(arch, **config), num_experts=1, owners=[owner])
     for block in moe_blocks(model):
         perturb_(block.experts[1], seed=seed)
         block.router.weight.data[1].normal_(generator=torch.Generator().manual_seed(seed))
@@ -100,7 +100,7 @@ def test_shape_mismatch_against_the_public_model(tmp_path):
 
 
 def test_dtype_mismatch_against_the_public_model(tmp_path):
-    half = flexmoe.core.surgery(tiny_model().to(torch.bfloat16), num_experts=1)
+    half = flexmoe.upcycle(tiny_model().to(torch.bfloat16), num_experts=1)
     path = ExpertArtifact.from_model(half, owner="carol").save(tmp_path / "c.safetensors")
     with pytest.raises(ArtifactError, match="dtype of layers.0.expert.*expected torch.float32, got torch.bfloat16"):
         ExpertArtifact.load(path).validate(tiny_model())

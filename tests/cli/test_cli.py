@@ -67,7 +67,7 @@ def load_public(public_dir):
 @pytest.fixture(scope="module")
 def artifacts(public_dir, tmp_path_factory):
     """Two owners' artifact files, trained (here: perturbed) on the saved public model."""
-    model = flexmoe.core.surgery(load_public(public_dir), num_experts=2, owners=OWNERS)
+    model = flexmoe.upcycle(load_public(public_dir), num_experts=2, owners=OWNERS)
     for block in moe_blocks(model):
         for j in (1, 2):
             perturb_(block.experts[j], seed=10 * j)
@@ -133,7 +133,7 @@ def test_truncated_artifact_names_owner_and_problem(capsys, public_dir, artifact
 
 
 def test_artifact_from_another_public_model_is_refused(capsys, public_dir, tmp_path):
-    other = flexmoe.core.surgery(
+    other = flexmoe.upcycle(
         tiny_model("olmo2", seed=7, vocab_size=load_public(public_dir).config.vocab_size), 1, owners=["carol"]
     )
     path = flexmoe.ExpertArtifact.from_model(other, owner="carol").save(tmp_path / "carol.safetensors")

@@ -257,7 +257,7 @@ def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
     from flexmoe.core.surgery import moe_blocks, set_top_k
 
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.core.surgery(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
+    flexmoe.upcycle(model, num_experts=3, top_k=2, owners=["a", "b", "c"])
     block = moe_blocks(model)[0]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

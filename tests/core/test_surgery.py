@@ -19,7 +19,7 @@ def test_identity_upcycle_reproduces_the_dense_model(arch, ids):
     model = tiny_model(arch)
     dense = logits(model, ids)
     mlp_class = type(decoder_layers(model)[0].mlp)
-    flexmoe.core.surgery(model, num_experts=1, top_k=2)
+    flexmoe.upcycle(model, num_experts=1, top_k=2)
     assert (logits(model, ids) - dense).abs().max() <= 1e-5
     for block in moe_blocks(model):
         assert [type(e) for e in block.experts] == [mlp_class, mlp_class]
@@ -28,12 +28,12 @@ def test_identity_upcycle_reproduces_the_dense_model(arch, ids):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generation_and_kv_cache_survive_every_operation(arch, ids):
-    model = flexmoe.core.surgery(tiny_model(arch), num_experts=2, top_k=2, owners=["a", "b"])
+    model = flexmoe.upcycle(tiny_model(arch), num_experts=2, top_k=2, owners=["a", "b"])
     for block in moe_blocks(model):
         perturb_(block.experts[1], seed=1)
         perturb_(block.experts[2], seed=2)
         torch.nn.init.normal_(block.router.weight, std=1.0)
-    donor = flexmoe.core.surgery(tiny_model(arch), num_experts=1, owners=["c"])
+    donor = flexmoe.upcycle(tiny_model(arch), num_experts=1, owners=["c"])
     for block in moe_blocks(donor):
         perturb_(block.experts[1], seed=3)
     artifact = ExpertArtifact.from_model(donor, owner="c")
@@ -57,7 +57,7 @@ def test_opt_out_equals_never_having_joined(ids):
     public = tiny_model("olmo2")
     owners = []
     for seed, name in [(1, "a"), (2, "b"), (3, "c")]:
-        m = flexmoe.core.surgery(tiny_model("olmo2"), num_experts=1, owners=[name])
+        m = flexmoe.upcycle(tiny_model("olmo2"), num_experts=1, owners=[name])
         for block in moe_blocks(m):
             perturb_(block.experts[1], seed=seed)
             torch.nn.init.normal_(block.router.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
@@ -73,19 +73,19 @@ def test_opt_out_equals_never_having_joined(ids):
 
 
 def test_add_expert_round_trips_an_extracted_expert(ids):
-    trained = flexmoe.core.surgery(tiny_model("llama"), num_experts=1, owners=["a"])
+    trained = flexmoe.upcycle(tiny_model("llama"), num_experts=1, owners=["a"])
     for block in moe_blocks(trained):
         perturb_(block.experts[1], seed=7)
         block.router.weight.data[1].normal_()
         block.router.bias.data[1] = -0.5
     artifact = ExpertArtifact.from_model(trained, owner="a")
-    rebuilt = flexmoe.core.surgery(tiny_model("llama"), num_experts=0)
+    rebuilt = flexmoe.upcycle(tiny_model("llama"), num_experts=0)
     flexmoe.add_expert(rebuilt, artifact)
     assert torch.equal(logits(rebuilt, ids), logits(trained, ids))
 
 
 def test_public_expert_cannot_be_removed_and_names_resolve():
-    model = flexmoe.core.surgery(tiny_model(), num_experts=2, owners=["a", "b"])
+    model = flexmoe.upcycle(tiny_model(), num_experts=2, owners=["a", "b"])
     with pytest.raises(ValueError, match="public"):
         flexmoe.opt_out(model, 0)
     with pytest.raises(KeyError, match="nobody"):
@@ -96,7 +96,7 @@ def test_public_expert_cannot_be_removed_and_names_resolve():
 
 
 def test_top_k_validation_and_clamping_after_opt_out():
-    model = flexmoe.core.surgery(tiny_model(), num_experts=2, top_k=3)
+    model = flexmoe.upcycle(tiny_model(), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="between 1"):
         flexmoe.set_top_k(model, 4)
     flexmoe.opt_out(model, 1)
@@ -104,9 +104,9 @@ def test_top_k_validation_and_clamping_after_opt_out():
 
 
 def test_upcycle_twice_and_duplicate_owner_are_refused():
-    model = flexmoe.core.surgery(tiny_model(), num_experts=1, owners=["a"])
+    model = flexmoe.upcycle(tiny_model(), num_experts=1, owners=["a"])
     with pytest.raises(ValueError, match="already"):
-        flexmoe.core.surgery(model)
+        flexmoe.upcycle(model)
     artifact = ExpertArtifact.from_model(model, owner="a")
     with pytest.raises(ValueError, match="already"):
         flexmoe.add_expert(model, artifact)
@@ -115,7 +115,7 @@ def test_upcycle_twice_and_duplicate_owner_are_refused():
 def test_fingerprint_covers_the_public_part_only():
     dense = tiny_model("qwen3")
     fp = flexmoe.fingerprint(dense)
-    moe = flexmoe.core.surgery(dense, num_experts=2)
+    moe = flexmoe.upcycle(dense, num_experts=2)
     for block in moe_blocks(moe):
         perturb_(block.experts[1], seed=1)
         block.router.weight.data.normal_()
@@ -129,7 +129,7 @@ def test_fingerprint_covers_the_public_part_only():
 def test_upcycle_keeps_dtype_and_the_public_mlp_itself():
     dense = tiny_model().to(torch.bfloat16)
     public_mlp = decoder_layers(dense)[0].mlp
-    block = moe_blocks(flexmoe.core.surgery(dense, num_experts=1))[0]
+    block = moe_blocks(flexmoe.upcycle(dense, num_experts=1))[0]
     assert block.router.weight.dtype == torch.bfloat16
     assert next(block.experts[1].parameters()).dtype == torch.bfloat16
     # expert 0 is the very module of the public MLP (no copy that could drift); expert 1 is a copy

@@ -29,7 +29,7 @@ TOL = 1e-4
 
 def make_moe(arch="olmo2", owners=3, top_k=None, *, normalize=False, biases=False, seed=0, **overrides):
     """A tiny MoE whose experts differ and whose routing is far from uniform."""
-    model = flexmoe.core.surgery(tiny_model(arch, seed=seed, **overrides), owners, top_k=top_k, normalize=normalize)
+    model = flexmoe.upcycle(tiny_model(arch, seed=seed, **overrides), owners, top_k=top_k, normalize=normalize)
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for L, block in enumerate(moe_blocks(model)):
@@ -336,7 +336,7 @@ def test_load_returns_dense_models_as_they_are(tmp_path, ids):
 def owner_artifacts(public_dir, arch, n, tmp_path, *, biases=True):
     paths = []
     for i in range(n):
-        model = flexmoe.core.surgery(AutoModelForCausalLM.from_pretrained(public_dir), 1)
+        model = flexmoe.upcycle(AutoModelForCausalLM.from_pretrained(public_dir), 1)
         block_gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for block in moe_blocks(model):
@@ -417,6 +417,6 @@ def test_exports_carry_the_tokenizer(tmp_path, public_dir, fmt):
     text = "Permission is hereby granted, free of charge"
     streamed = flexmoe.assemble_to_dir(public_dir, [], tmp_path / "streamed", format=fmt)
     assert AutoTokenizer.from_pretrained(streamed)(text).input_ids == public(text).input_ids
-    model = flexmoe.core.surgery(AutoModelForCausalLM.from_pretrained(public_dir), 1)
+    model = flexmoe.upcycle(AutoModelForCausalLM.from_pretrained(public_dir), 1)
     exported = flexmoe.export(model, tmp_path / "exported", fmt, tokenizer=public)
     assert AutoTokenizer.from_pretrained(exported)(text).input_ids == public(text).input_ids

@@ -107,7 +107,7 @@ def test_refuses_what_it_cannot_mix():
     with pytest.raises(ValueError, match="shape"):
         btx([experts[0], tiny_model("olmo2", intermediate_size=64)])
     with pytest.raises(ValueError, match="already a flexmoe MoE"):
-        btx([flexmoe.core.surgery(tiny_model(), 1)])
+        btx([flexmoe.upcycle(tiny_model(), 1)])
 
 
 # -- MoE finetuning ---------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def test_hidden_state_fallback_is_the_public_models_own_on_a_moe(public_model):
     dense, tokenizer = public_model
     docs = LICENCE + CODE
     expected = router_embedding(docs, dense, embedder=None, tokenizer=tokenizer)
-    moe = flexmoe.core.surgery(copy.deepcopy(dense), num_experts=1, top_k=2)
+    moe = flexmoe.upcycle(copy.deepcopy(dense), num_experts=1, top_k=2)
     for L, block in enumerate(moe_blocks(moe)):  # a trained owner expert and router must not matter
         perturb_(block.experts[1], seed=L, scale=0.5)
         block.router.weight.data.normal_()
@@ -134,7 +134,7 @@ def test_hidden_state_fallback_is_the_public_models_own_on_a_moe(public_model):
 
 
 def test_init_router_writes_only_that_experts_rows():
-    model = flexmoe.core.surgery(tiny_model("olmo2"), num_experts=2, owners=["alice", "bob"])
+    model = flexmoe.upcycle(tiny_model("olmo2"), num_experts=2, owners=["alice", "bob"])
     for block in moe_blocks(model):
         block.router.weight.data.normal_()
         block.router.bias.data.normal_()

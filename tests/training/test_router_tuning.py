@@ -30,7 +30,7 @@ from flexmoe.training.router_tuning import (
 def merged_model(public_dir, seed: int = 0):
     """public + two perturbed experts with random router rows, top-2 of 3."""
     model = AutoModelForCausalLM.from_pretrained(public_dir)
-    flexmoe.core.surgery(model, num_experts=2, top_k=2, owners=["a", "b"])
+    flexmoe.upcycle(model, num_experts=2, top_k=2, owners=["a", "b"])
     g = torch.Generator().manual_seed(seed)
     for block in moe_blocks(model):
         for j in (1, 2):
