@@ -25,8 +25,8 @@ ratio survives other work on a shared machine far better than a ratio of medians
 reported over the "quiet" cycles alone (each variant's step within 1.2x of its fastest), and for
 process CPU time. The targets are judged on CPU time with ``--threads 1`` (a single thread's CPU
 time is its own compute, whatever else runs), else on the quiet cycles when there are at least 3:
-on a 2-core machine that other jobs share, a 2-thread step is ~1 s undisturbed and 5-7 s when
-another process holds a core (OpenMP threads wait for each other at every kernel).
+on a machine that other jobs share, a multi-threaded step slows several-fold whenever another
+process holds a core (OpenMP threads wait for each other at every kernel; docs/performance.md).
 
 FLOP accounting (matmuls only, 2*m*n*k each; norms, activations, softmax, loss, optimizer
 ignored). T = batch*seq tokens, H hidden, I intermediate, V vocab, L layers, E = 2 experts:
@@ -61,8 +61,8 @@ ignored). T = batch*seq tokens, H hidden, I intermediate, V vocab, L layers, E =
     FLOP-bound tokens/s ratio a/b = FLOPs(b) / FLOPs(a).
 
 For a 4-layer, 512-wide OLMo-2 (8 heads, vocab 8192, 4 x 256 tokens) this gives a/b = 0.940 with
-I = 1376 (OLMo's ~8/3*H), 0.919 with I = 1536 and 0.869 with I = 2048, so the issue's "about 0.93"
-is the ~1376 shape. (Counting input grads through layer 0 too, a coarser count, would give 0.863
+I = 1376 (OLMo's ~8/3*H), 0.919 with I = 1536 and 0.869 with I = 2048, so a ratio of about 0.93
+is what the ~1376 shape allows. (Counting input grads through layer 0 too, a coarser count, would give 0.863
 at 1376 and 0.797 at 2048.) The FLOP bound for a/c is 1.160 at 1376. ``--check-flops`` runs
 each step once under ``torch.utils.flop_counter.FlopCounterMode`` and compares its count with
 the analytic one, leaving out the score matmuls (it has no formula for the CPU flash-attention

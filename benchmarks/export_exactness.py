@@ -6,20 +6,16 @@ Run from the repository root: `.venv/bin/python benchmarks/export_exactness.py`.
 
 import itertools
 import logging
-import os
-import sys
 import tempfile
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the tiny-model builders
-logging.disable(logging.WARNING)
 from transformers import AutoModelForCausalLM
 
 import flexmoe
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.testing import perturb_, tiny_model
 
+logging.disable(logging.WARNING)
 ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
 

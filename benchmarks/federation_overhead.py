@@ -1,11 +1,11 @@
 """What the Flower federation costs: the same two-owner expert training, with and without Flower.
 
 (a) ``direct``: both owners' experts trained one after the other in this process, by
-    :func:`flexmoe.federation.client_app.train_owner_expert` (``ExpertModule`` +
+    :func:`flexmoe.federation.task.train_owner_expert` (``ExpertModule`` +
     ``expert_callbacks`` + ``TextDataModule`` in a Lightning ``Trainer``: exactly what each
     owner's ClientApp runs).
 (b) ``flower``: a real deployment on loopback (one ``flower-superlink``, two
-    ``flower-supernode`` processes, tests/federation_helpers.py) running examples/federation:
+    ``flower-supernode`` processes, :mod:`flexmoe.testing.federation`) running examples/federation:
     the coordinator queries the SuperNodes, sends the spec, both owners train side by side,
     their replies are validated and kept, the experts are merged and routed and the model is
     exported. Timed from ``flwr run`` to the run's report (the SuperLink and SuperNodes are
@@ -23,7 +23,7 @@ besides b/a, the table gives b against the slower owner's direct time (what the 
 take if Flower cost nothing and the owners trained in parallel, as they do): that ratio is
 Flower's overhead.
 
-    python benchmarks/federation_overhead.py                       # ~1-2 min of training
+    python benchmarks/federation_overhead.py                       # defaults
     python benchmarks/federation_overhead.py --steps 40 --hidden 64  # quicker
 """
 
@@ -33,13 +33,11 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback deployment helper the tests use
 
 
 def build_world(root: Path, args) -> dict:
@@ -101,8 +99,8 @@ def build_world(root: Path, args) -> dict:
 def direct(world: dict, root: Path, threads: int) -> dict:
     import torch
 
-    from flexmoe.federation.client_app import train_owner_expert
     from flexmoe.federation.settings import OwnerSettings
+    from flexmoe.federation.task import train_owner_expert
 
     torch.set_num_threads(threads)
     os.environ["FLEXMOE_CACHE"] = str(root / "cache-direct")
@@ -116,7 +114,7 @@ def direct(world: dict, root: Path, threads: int) -> dict:
 
 
 def flower(world: dict, root: Path) -> dict:
-    from federation_helpers import Deployment, wait_for
+    from flexmoe.testing.federation import Deployment, wait_for
 
     out = root / "coordinator"
     with Deployment(root / "deployment") as d:

@@ -5,8 +5,8 @@ MoE is built with ``flexmoe.core.surgery`` (owner experts = the public MLP plus 
 rows random with logits of standard deviation ~1 so every expert gets tokens, biases 0), set to
 top-k 2 and exported with ``flexmoe.export(..., format="flexolmo")``. The export is opened twice
 with ``AutoModelForCausalLM.from_pretrained``: once with transformers' default experts
-implementation (``grouped_mm`` in transformers 5.x when ``torch._grouped_mm`` exists, which it
-does on CPU since torch 2.9; ``PreTrainedModel.get_correct_experts_implementation``) and once
+implementation (``grouped_mm`` when ``torch._grouped_mm`` exists, CPU included;
+``PreTrainedModel.get_correct_experts_implementation``) and once
 with ``experts_implementation="eager"`` (its per-expert loop). Each must reproduce flexmoe's
 logits (max abs difference printed). The dense public model runs alongside.
 
@@ -15,8 +15,8 @@ batch, ``use_cache=False``. All ``1 + 3 * len(E)`` models are held at once and t
 (one forward of each in turn, the order rotating each cycle), so a burst of load elsewhere lands
 on all of them alike. A ratio ``a/b`` is the median over cycles of the paired ratio t_b / t_a of
 the two forwards of one cycle; each target line adds its quartiles over cycles, the size of the
-noise. (The fastest forward of each variant is not used: on a 2-core machine running ~10 other
-processes, a variant that happened to run in a quiet moment came out 15% above its FLOP bound.)
+noise. (The fastest forward of each variant is not used: on a shared machine, a variant that
+happened to run in a quiet moment can come out above its FLOP bound; docs/performance.md.)
 With ``--threads 1`` (the default) the times are process CPU time, the forward's own compute
 whatever else runs; with more threads, wall time (waiting OpenMP threads spin).
 
@@ -25,8 +25,8 @@ of T = batch*seq tokens, H hidden, I intermediate, V vocab, L layers, k = min(to
 
     attention projections  q, k, v, o         2*T*H*(2H + 2*H_kv)
     attention scores       Q.K^T and P.V      2 * 2*batch*seq^2*H   (the full square: torch's CPU
-                                              flash kernel takes as long with is_causal as without,
-                                              measured at seq 256)
+                                              flash kernel takes as long with is_causal as without;
+                                              docs/performance.md)
     MLP                    gate, up, down     3 * 2*T*H*I          per expert a token is routed to
     router                 [T,H] x [H,E]      2*T*H*E
     LM head                                   2*T*H*V
@@ -38,10 +38,10 @@ The work this leaves out (norms, RoPE, softmax, activations, the attention kerne
 FLOP rate) is the same in both models, so a measured MoE/dense ratio sits a little *above* its
 bound; below it means the MoE block wastes time.
 
-Targets (issue #7): flexmoe >= 1.0x the faster transformers implementation at every E;
+Targets: flexmoe >= 1.0x the faster transformers implementation at every E;
 flexmoe tokens/s at 16 experts >= 0.9x at 2 experts; MoE(2)/dense within 5% of its FLOP bound.
 
-    .venv/bin/python benchmarks/moe_inference.py                    # defaults, ~5 min on 1 thread
+    .venv/bin/python benchmarks/moe_inference.py                    # defaults
     .venv/bin/python benchmarks/moe_inference.py --cycles 3 --experts 2 16   # quick look
     .venv/bin/python benchmarks/moe_inference.py --profile flexmoe:16  # torch.profiler of one forward
 """

@@ -22,7 +22,7 @@ experts, the coordinator's exported ``flexolmo`` model and the corpus) and print
    linear map, so its top-1 choices cannot be right more often than this, whatever it is tuned on.
 
     .venv/bin/python benchmarks/routing_diagnosis.py --demo demo_out
-    .venv/bin/python benchmarks/routing_diagnosis.py --demo demo_out --probe-model demo_out/public /tmp/pub2400
+    .venv/bin/python benchmarks/routing_diagnosis.py --demo demo_out --probe-model demo_out/public OTHER_PUBLIC_DIR
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The routing table of issue 4 on the local corpus: how well each router recipe routes.
+"""The routing table on the local corpus: how well each router recipe routes (docs/routing.md).
 
 Setting (defaults): public data = a mixture of ``stdlib_code`` and ``pydoc_topics``; owners =
 ``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (from
@@ -22,13 +22,13 @@ texts do not.
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
    lda-folded/...      the same with its biases folded into the rows at the classes' mixture moments
                        (what flexmoe.routing.route(exportable=True) does: exports to transformers)
-   lda-mix/top-N       merged + :func:`research_routers.lda_mixture_router` (LDA posterior x owners' own routers)
-   prefix-lda/top-2    merged + :func:`research_routers.prefix_lda_router` (sequence-level, causal)
+   lda-mix/top-N       merged + :func:`lda_mixture_router` below (LDA posterior x owners' own routers)
+   prefix-lda/top-2    merged + :func:`prefix_lda_router` below (sequence-level, causal)
    layer0-lda token    the same router, each token classed by its own layer-0 score (no prefix)
    btm                 BTMEnsemble([public, single:<owner> ...]) (every member on every token)
    oracle              each domain through its own model (public -> public, owner -> single)
 
-``--public-mix F`` (recipe (c) of the issue) trains the experts on the owner's text plus public
+``--public-mix F`` trains the experts on the owner's text plus public
 training documents making up a share F of the characters, into ``WORK/experts-mixF`` (the corpus,
 public model and spec are shared with the plain run; the mixing is done on the owner's data side
 and is not recorded in the spec).
@@ -36,8 +36,8 @@ and is not recorded in the spec).
 Routing shares: for MoE rows, the top-1 expert share per domain averaged over layers.
 Everything trained is cached under ``--work``; a rerun only evaluates.
 
-    .venv/bin/python benchmarks/routing_table.py --work /tmp/rt/run4      # docs/routing.md, first table
-    .venv/bin/python benchmarks/routing_table.py --work /tmp/rt/run5 --docs 120 --pretrain-steps 600 \
+    .venv/bin/python benchmarks/routing_table.py --work WORK      # docs/routing.md has the runs and their options
+    .venv/bin/python benchmarks/routing_table.py --work WORK2 --docs 120 --pretrain-steps 600 \
         --expert-steps 200 --eval-tokens 8192 --lda-shrinkage 0.5          # the larger run
 """
 
@@ -48,14 +48,22 @@ import copy
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from torch import nn
+
+from flexmoe.core.moe import PerExpertRouter, RouterFormatError, register_router
+from flexmoe.core.surgery import moe_blocks
+from flexmoe.routing import layer_lda
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
 # The harsh setting (--harsh): public data is one technical-documentation domain, the owners'
-# domains are far from it and from each other (as in issue 4's first measurement).
+# domains are far from it and from each other.
 HARSH_PUBLIC = ("pydoc_topics",)
 HARSH_OWNERS = ("stdlib_code", "unicode_names", "licenses")
 SEED = 0
@@ -78,6 +86,194 @@ def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
 
 def read_jsonl(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- research routers ----------------------------------------------------------------------------
+# Routers no ``transformers`` checkpoint can express, measured against the library's recipes
+# (docs/routing.md). Both implement flexmoe's router protocol (flexmoe.core.moe.ExpertRouter):
+# their logits, freezing and opt-out work like the library's routers; what a format or an
+# artifact cannot carry raises an error that says what is missing.
+#
+# * lda_mixture_router -- token-level: the LDA posterior over ``public, owner_1..n``
+#   (flexmoe.routing.lda_weights) weights each owner's own 2-expert router (a hierarchical
+#   mixture; not a linear router). Exports natively (importing this module registers it).
+# * prefix_lda_router -- sequence-level, causal: the running mean over the prefix of layer 0's
+#   LDA scores picks one class per token (layer 0's MLP input depends on no expert, so the owners'
+#   layer-0 means are public-model statistics); that owner's own 2-expert router (r_0, r_d, b_d,
+#   exactly as trained) then mixes the public expert and expert d in every layer, and a token
+#   classed public uses the public expert alone. With a perfect domain posterior this is oracle
+#   routing. No checkpoint format holds it.
+
+# The state of an expert these routers need beyond an artifact's row and bias: its LDA class row.
+_LDA_STATE = {"lda_weight": "lda.weight", "lda_bias": "lda.bias"}
+
+
+@register_router
+class PosteriorMixRouter(PerExpertRouter):
+    """Router of :func:`lda_mixture_router`: gates are the hierarchical mixture
+    ``g_d = p(d|x) p(e_d|x, d)`` for owners and ``g_0 = p(0|x) + sum_d p(d|x) p(e_0|x, d)`` for
+    the public expert, returned as log-gates (their softmax is the gates themselves).
+
+    Per expert it holds the row ``r_d`` and effective bias ``b_d`` of the owner's own router and
+    the LDA class row ``(lda_weight_d, lda_bias_d)``; opting an owner out drops all four.
+    """
+
+    kind = "posterior-mix"
+    per_expert = {"weight": "router.embedding", "bias": "router.bias", **_LDA_STATE}
+    opt_in_hint = (
+        "An artifact carries no LDA class row (it comes from the owner's statistics and the shared "
+        "covariance): add the expert to a model with linear routers, then run lda_mixture_router again."
+    )
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, lda_weight: torch.Tensor, lda_bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("lda_weight", lda_weight.detach().float().clone())
+        self.register_buffer("lda_bias", lda_bias.detach().float().clone())
+
+    @classmethod
+    def from_native_state(cls, state, *, dtype=None):
+        weight = state["weight"] if dtype is None else state["weight"].to(dtype)
+        return cls(weight, state["bias"], state["lda_weight"], state["lda_bias"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        post = torch.log_softmax(x @ self.lda_weight.T + self.lda_bias, dim=-1)  # [T, E]: public, owners
+        own = x @ self.frozen(self.weight.float()).T + self.frozen(self.bias)  # owners' 2-expert logits share column 0
+        pair = torch.stack([own[:, :1].expand_as(own[:, 1:]), own[:, 1:]], dim=-1)  # [T, n, 2]
+        pair = torch.log_softmax(pair, dim=-1)
+        owners = post[:, 1:] + pair[..., 1]
+        public = torch.logsumexp(torch.cat([post[:, :1], post[:, 1:] + pair[..., 0]], dim=-1), dim=-1, keepdim=True)
+        return torch.cat([public, owners], dim=-1)
+
+    def linear_gate(self):
+        raise RouterFormatError(
+            "PosteriorMixRouter's public gate is log(p(0|x) + sum_d p(d|x) p(e_0|x, d)), a log-sum-exp over "
+            "the LDA posterior and every owner's pair, not r_0 . x + b_0: no FlexOlmo or Mixtral gate "
+            "([E, H] rows, no bias) computes it. Export with format='native'."
+        )
+
+
+def lda_mixture_router(
+    model,
+    public_mean: torch.Tensor,
+    owner_means: Sequence[torch.Tensor],
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+    temperature: float = 1.0,
+):
+    """Token-level hierarchical routing, in place: at every layer the LDA posterior over
+    ``public, owner_1..n`` (as in :func:`flexmoe.routing.lda_router`) weights each owner's own
+    2-expert router (``r_0, r_d, b_d`` as the model's linear routers hold them), so a token the
+    owner's data explains is mixed between public and owner expert exactly as the owner's model
+    would. With a one-hot posterior it is the owner's model. Not a linear router (the public gate
+    is a sum), so it exports natively only."""
+    blocks = moe_blocks(model)
+    scores = layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
+    for block, (W, b) in zip(blocks, scores):
+        block.router = PosteriorMixRouter(*block.router.linear_gate(), W, b)
+    return model
+
+
+class _PrefixClass:
+    """Shared per-forward state: the class chosen for every token, ``[B * S]``."""
+
+    classes: torch.Tensor | None = None
+
+
+class PrefixGatedRouter(PerExpertRouter):
+    """Router of :func:`prefix_lda_router`: the original rows and effective biases, with every
+    expert other than the public one and the token's chosen owner masked to ``-inf``.
+
+    Every layer's router holds the layer-0 LDA class rows too (so opting an owner out drops its
+    class everywhere); the forward hook :func:`prefix_lda_router` puts on layer 0 reads layer 0's.
+    """
+
+    kind = "prefix-lda"
+    per_expert = {"weight": "router.embedding", "bias": "router.bias", **_LDA_STATE}
+    opt_in_hint = (
+        "An artifact carries no LDA class row (it comes from the owner's statistics and the shared "
+        "covariance): add the expert to a model with linear routers, then run prefix_lda_router again."
+    )
+    _SEQUENCE_LEVEL = (
+        "PrefixGatedRouter is sequence-level: which owner a token may use follows the running mean of its "
+        "prefix's layer-0 LDA scores, chosen by a forward hook on layer 0 and shared by every layer"
+    )
+
+    def __init__(self, weight, bias, lda_weight, lda_bias, state: _PrefixClass):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.register_buffer("lda_weight", lda_weight.detach().float().clone())
+        self.register_buffer("lda_bias", lda_bias.detach().float().clone())
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ self.frozen(self.weight.float()).T + self.frozen(self.bias)
+        cls = self.state.classes
+        if cls is None or cls.shape[0] != x.shape[0]:
+            raise RuntimeError("PrefixGatedRouter runs inside a model prepared by prefix_lda_router only")
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[:, 0] = True
+        keep[torch.arange(x.shape[0], device=x.device), cls.to(x.device)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def linear_gate(self):
+        raise RouterFormatError(
+            f"{self._SEQUENCE_LEVEL}; a FlexOlmo or Mixtral gate is a function of one token's hidden state. "
+            "It has no checkpoint format: rebuild it with prefix_lda_router after loading the merged model."
+        )
+
+    def native_state(self):
+        raise RouterFormatError(
+            f"{self._SEQUENCE_LEVEL}: per-layer router tensors cannot restore the hook, so the native format "
+            "cannot hold it either. Export the merged model before prefix_lda_router, and rerun it after loading."
+        )
+
+    @classmethod
+    def from_native_state(cls, state, *, dtype=None):
+        raise RouterFormatError(f"{cls._SEQUENCE_LEVEL}: it has no native form")
+
+
+def prefix_lda_router(
+    model,
+    public_mean: torch.Tensor,
+    owner_means: Sequence[torch.Tensor],
+    covariance: torch.Tensor,
+    *,
+    prior: Sequence[float] | torch.Tensor | None = None,
+    shrinkage: float = 0.1,
+    prefix: bool = True,
+):
+    """Sequence-level causal routing (see the section comment above), in place.
+
+    Token ``t`` of a sequence is classed ``argmax_c mean_{s<=t} logit_c(x_s)`` with ``logit_c``
+    layer 0's LDA score (:func:`flexmoe.routing.lda_weights` on the layer-0 rows of the means and
+    ``covariance``); only the public expert and that owner's expert can be chosen, weighted by the
+    owner's own router row and bias. Use ``top_k=2``. ``prefix=False`` classes each token by its
+    own layer-0 score alone (the token-level ablation of the same router). No checkpoint format
+    holds it: the choice depends on the prefix, not on the token alone.
+    """
+    blocks = moe_blocks(model)
+    W, b = layer_lda(blocks[:1], public_mean, owner_means, covariance, prior, shrinkage, 1.0)[0]
+    state = _PrefixClass()
+    for block in blocks:
+        block.router = PrefixGatedRouter(*block.router.linear_gate(), W, b, state)
+    first = blocks[0].router  # its class rows, read at every call, follow opt-outs
+
+    def classify(module, args):
+        x = args[0]  # [B, S, H]: layer 0's MLP input
+        scores = x.float() @ first.lda_weight.T + first.lda_bias  # [B, S, C]
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[None, :, None]
+        if prefix:
+            scores = scores.cumsum(1) / steps
+        state.classes = scores.argmax(-1).reshape(-1)
+
+    blocks[0].register_forward_pre_hook(classify)
+    return model
 
 
 def pretrain_public(work: Path, paths, args) -> Path:
@@ -365,10 +561,8 @@ def main(argv=None):
     args.owners = list(args.owners or (HARSH_OWNERS if args.harsh else OWNERS))
     SEED = args.seed
 
-    import torch
     from transformers import AutoTokenizer
 
-    from benchmarks.research_routers import lda_mixture_router, prefix_lda_router
     from flexmoe.data.packing import pack_domain, spread_rows
     from flexmoe.routing import calibrate_router, class_mixture, fold_router_bias, lda_router, mlp_input_moments
 

@@ -1,5 +1,9 @@
 """Lightning callbacks for flexmoe, imported as ``flexmoe.callbacks``.
 
+The callbacks floor, above the owner side (``flexmoe.owner``, ``flexmoe.routing``) and below
+``flexmoe.training``, whose ``expert_callbacks`` attaches them: freezing and verifying the public
+model, initialising the owner's router row, writing the artifact, logging routing.
+
 Each is one concern, usable on its own in any ``Trainer`` whose LightningModule holds a
 flexmoe MoE (as ``.model`` or anywhere inside it), and saves its state in checkpoints.
 """

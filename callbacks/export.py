@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.core.io import atomic_write_text
+from flexmoe.owner.proxy import select_proxy
+from flexmoe.routing import owner_statistics
 
 from ._common import find_moe_model
 
@@ -24,7 +26,7 @@ class ExportExpert(pl.Callback):
     sequences; :func:`flexmoe.routing.owner_statistics`), taken from the Trainer's
     :class:`~flexmoe.TextDataModule`.
 
-    With ``public_documents``, also select the proxy set (DESIGN.md step 2) at fit end and
+    With ``public_documents``, also select the proxy set (FlexOlmo section 3.4) at fit end and
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
     scores only, never local text.
 
@@ -61,8 +63,6 @@ class ExportExpert(pl.Callback):
 
     def routing_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """The owner's statistics for ``spec.routing`` (None when the recipe needs none)."""
-        from flexmoe.routing import owner_statistics
-
         spec = getattr(pl_module, "spec", None) or self.spec
         if spec is None or spec.routing.owner_statistics is None:
             return None
@@ -92,8 +92,6 @@ class ExportExpert(pl.Callback):
             self.proxy_path = self.write_proxy(trainer, pl_module)
 
     def write_proxy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
-        from flexmoe.owner.proxy import select_proxy
-
         spec = getattr(pl_module, "spec", None) or self.spec
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "documents"):
@@ -104,10 +102,7 @@ class ExportExpert(pl.Callback):
             kwargs = dict(budget=spec.proxy.size(len(local)), embedder=spec.embedder)
         selection = select_proxy(local, list(self.public_documents), **kwargs)
         path = self.path.with_name(self.path.name.removesuffix(".safetensors") + ".proxy.json")
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(json.loads(selection.to_json()), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, selection.to_json(indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {"exports": self.exports}

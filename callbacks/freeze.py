@@ -18,12 +18,15 @@ class PublicModelChanged(RuntimeError):
 
 
 class FreezePublicModel(BaseFinetuning):
-    """Freeze everything but the owner's expert, router row and bias (DESIGN.md step 2).
+    """Freeze everything but the owner's expert, router row and bias (FlexOlmo section 3.2).
 
     Freezing happens in ``setup``, before the optimizer is built, so the optimizer never
-    sees a frozen tensor. At fit end the public tensors are hashed again and must equal
-    ``fingerprint`` (the spec's): any drift — a stray weight decay, a bug, a hook that
-    wrote into a frozen weight — fails the run loudly instead of shipping a bad expert.
+    sees a frozen tensor. A LightningModule with a ``freeze_public_model(trainable)`` method
+    (:class:`~flexmoe.ExpertModule` and its subclasses) is asked to freeze itself, so what it
+    trains is stated once, by the module, and hook order does not matter. At fit end the
+    public tensors are hashed again and must equal ``fingerprint`` (the spec's): any drift — a
+    stray weight decay, a bug, a hook that wrote into a frozen weight — fails the run loudly
+    instead of shipping a bad expert.
 
     Args:
         fingerprint: expected fingerprint; by default the one measured at fit start.
@@ -37,7 +40,13 @@ class FreezePublicModel(BaseFinetuning):
         self.verified: str | None = None
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        freeze_public(find_moe_model(pl_module), self.trainable)
+        # A module that declares what of itself trains (ExpertModule.freeze_public_model: a LoRA expert
+        # trains only its factors) freezes itself; any other module gets the plain FlexOlmo freeze.
+        freeze = getattr(pl_module, "freeze_public_model", None)
+        if callable(freeze):
+            freeze(self.trainable)
+        else:
+            freeze_public(find_moe_model(pl_module), self.trainable)
 
     def finetune_function(self, pl_module, current_epoch, optimizer) -> None:
         """Nothing is ever unfrozen: the public model stays frozen for the whole run."""

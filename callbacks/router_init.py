@@ -6,9 +6,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ._common import find_moe_model
+from flexmoe.owner.embed import init_router, router_embedding
+from flexmoe.spec import DEFAULT_EMBEDDER
 
-DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+from ._common import find_moe_model
 
 
 class RouterEmbeddingInit(pl.Callback):
@@ -48,8 +49,6 @@ class RouterEmbeddingInit(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done:
             return
-        from flexmoe.owner.embed import init_router, router_embedding
-
         datamodule = getattr(trainer, "datamodule", None)
         docs = self.documents
         if docs is None and datamodule is not None and hasattr(datamodule, "documents"):

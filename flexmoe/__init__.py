@@ -1,4 +1,11 @@
-"""flexmoe: FlexOlmo-style federated mixture-of-experts training for PyTorch Lightning."""
+"""flexmoe: FlexOlmo-style federated mixture-of-experts training for PyTorch Lightning.
+
+The names users need most, re-exported from the packages that own them (``core``, ``spec``,
+``artifacts``, ``formats``, ``assembly``, ``routing``, ``owner``, ``training``, ``merge``).
+This module stands outside the floors: it re-exports from many of them, lazily, so that
+``import flexmoe`` stays quick. docs/design.md maps the packages and the path from an owner's
+text to an exported model.
+"""
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
@@ -16,6 +23,7 @@ _LAZY = {
     "export": "flexmoe.formats.export",
     "load": "flexmoe.formats.load",
     "assemble_to_dir": "flexmoe.assembly",
+    "merge_experts": "flexmoe.assembly",
     "ExpertModule": "flexmoe.training.expert",
     "expert_callbacks": "flexmoe.training.expert",
     "TextDataModule": "flexmoe.data.datamodule",
@@ -66,6 +74,7 @@ __all__ = [
     "is_moe",
     "load",
     "load_balancing_loss",
+    "merge_experts",
     "opt_out",
     "record_router_logits",
     "route",

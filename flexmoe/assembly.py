@@ -1,31 +1,84 @@
-"""TODO docstring."""
+"""The coordinator's merge: ``[public, e_1 ... e_n]`` from the owners' expert files (FlexOlmo step 3).
+
+One assembly pipeline, :func:`merge_experts`, serves the CLI (``flexmoe assemble``), the Flower
+coordinator and the demo, in this order:
+
+1. **assemble** (:func:`assemble`): validate every artifact against the public model, then stack
+   ``[public, e_1 ... e_n]`` per layer with router rows ``[r_0, r_1 ... r_n]`` and biases
+   ``[0, b_1 ... b_n]`` (Shi et al., 2025, section 3.3);
+2. **route** by the recipe (:class:`~flexmoe.spec.RoutingRecipe`, :func:`flexmoe.routing.route`):
+   ``published`` keeps the owners' rows; ``lda`` builds the discriminant router from the
+   statistics the owners shipped and the public text;
+3. **fold** the discriminant's biases into the rows when the target is a ``transformers`` format,
+   whose routers have no bias (:func:`~flexmoe.formats.export.target_format`);
+4. **write** the format asked for (:data:`~flexmoe.formats.export.DEFAULT_FORMAT` unless told).
+
+Three rules hold for every caller:
+
+* ``r_0`` is the public row the owners trained against (the spec's ``r_pub``), read from the
+  artifacts, which must agree; an owner's row and bias only mean what they did in training next
+  to that ``r_0``, so a merge of one owner's expert is that owner's own trained model.
+* The public text is packed into rows of the spec's ``expert.seq_len`` (the owners' statistics were
+  taken on rows that long); without a spec, of ``seq_len``, :data:`~flexmoe.spec.DEFAULT_SEQ_LEN`
+  unless given.
+* A recipe that needs the owners' statistics refuses, naming every owner without them
+  (:class:`MissingRoutingStatistics`), rather than routing some other way.
+
+:func:`assemble_to_dir` streams the published merge to disk one expert at a time, so memory does
+not grow with the number of owners; :func:`merge_experts` uses it when asked to ``stream``. This
+floor sits above ``formats`` and ``routing``, which it composes, and below the owner side and
+training, which never need it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
 
-from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.artifacts.expert import ExpertArtifact, ExpertFile
 from flexmoe.artifacts.guard import ArtifactError, read_safetensors_header
-from flexmoe.artifacts.load import load_expert
+from flexmoe.artifacts.load import is_lora_file, load_expert
+from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
-from flexmoe.core.surgery import PUBLIC, decoder_layers
-from flexmoe.formats.export import _effective_bias, dense_tensors, mlp_prefixes, tokenizer_files, write_checkpoint
+from flexmoe.core.moe import Router
+from flexmoe.core.surgery import PUBLIC, add_expert, decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
+from flexmoe.data.packing import pack_domain
+from flexmoe.formats.export import (
+    DEFAULT_FORMAT,
+    dense_tensors,
+    export,
+    mlp_prefixes,
+    target_format,
+    tokenizer_files,
+    write_checkpoint,
+)
+from flexmoe.formats.load import load_public_model
+from flexmoe.routing import route
+from flexmoe.spec import DEFAULT_SEQ_LEN, FederationSpec, RoutingRecipe
+
+ArtifactLike = ExpertFile | str | os.PathLike
+
+
+# -- step 1: assemble ---------------------------------------------------------------------------
 
 
 def assemble(
     public_model: nn.Module,
-    artifacts: list[ExpertArtifact | str | os.PathLike],
+    artifacts: Sequence[ArtifactLike],
     top_k: int | None = None,
     *,
     normalize: bool = False,
     spec_sha256: str | None = None,
+    public_router_embedding=None,
 ) -> nn.Module:
     """Build the merged ``[public, e_1 ... e_n]`` MoE (FlexOlmo step 3), **in place**.
 
@@ -33,12 +86,13 @@ def assemble(
     only the public expert. Artifacts (objects or paths; a path may hold a LoRA-sized expert,
     materialised by :func:`load_expert`) are validated against it: the fingerprint must match,
     and ``spec_sha256`` too when given.
-    """
-    from flexmoe.core.hashing import fingerprint
-    from flexmoe.core.surgery import add_expert, is_moe, set_top_k, settings, upcycle
 
+    Router row 0 is set to the ``r_0`` the owners trained against (:func:`public_router_rows`):
+    ``public_router_embedding`` is the spec's ``r_pub`` (``[H]`` or ``[L, H]``), which the
+    artifacts must match; files too old to record their ``r_0`` are taken to have used it.
+    """
     if is_moe(public_model) and settings(public_model).num_experts != 1:
-        raise ValueError("assemble() takes the public model (dense, or a MoE with only the public expert)")
+        raise InputError("assemble() takes the public model (dense, or a MoE with only the public expert)")
     fp = fingerprint(public_model)
     loaded = [
         a if isinstance(a, ExpertArtifact) else load_expert(a, public_model, fingerprint=fp, spec_sha256=spec_sha256)
@@ -46,11 +100,293 @@ def assemble(
     ]
     for a in loaded:
         a.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
+    owners = [PUBLIC] + [a.owner for a in loaded]
+    if len(set(owners)) != len(owners):
+        raise InputError(f"owner names must be distinct and not {PUBLIC!r}; the experts' owners are {owners[1:]}")
+    if top_k is not None and not 1 <= top_k <= len(owners):
+        raise InputError(f"top_k must be between 1 and the number of experts ({len(owners)}), got {top_k}")
+    mlp = decoder_layers(public_model)[0].mlp
+    dtype = next((mlp.experts[0] if is_moe(public_model) else mlp).parameters()).dtype
+    r_0 = public_router_rows(
+        {a.owner: a.public_router_rows for a in loaded},
+        (len(decoder_layers(public_model)), public_model.config.hidden_size),
+        dtype,
+        public_router_embedding,
+        sources={a.owner: a.source for a in loaded},
+    )
     model = public_model if is_moe(public_model) else upcycle(public_model, num_experts=0, normalize=normalize)
+    with torch.no_grad():
+        for L, block in enumerate(moe_blocks(model)):
+            block.router.weight[0].copy_(r_0[L])
     for a in loaded:
         add_expert(model, a, check_fingerprint=False)
     set_top_k(model, top_k)
     return model
+
+
+def public_router_rows(
+    carried: dict[str, torch.Tensor | None],
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    public_router_embedding=None,
+    *,
+    sources: dict[str, str | None] | None = None,
+) -> torch.Tensor:
+    """The public expert's router rows ``r_0`` ``[L, H]`` for a merge of the artifacts whose
+    recorded ``r_0`` (``None`` for a file too old to record one) ``carried`` maps by owner.
+
+    Owners train ``r_j`` and ``beta_j`` against a frozen ``r_0`` (the spec's ``r_pub``, or zeros
+    when it has none), and the softmax only sees ``r_j - r_0``: the merge must use that same
+    ``r_0``. So every artifact's must be equal, and equal to ``public_router_embedding`` (the
+    spec's ``r_pub``, ``[H]`` or ``[L, H]``) when it is given. An artifact without a record is
+    taken to have trained against ``public_router_embedding``, or zeros (with a warning) when
+    there is none. Any disagreement is an :class:`ArtifactError` naming the owner.
+    """
+    layers, hidden = shape
+    sources = sources or {}
+    if public_router_embedding is not None:
+        assumed = torch.as_tensor(public_router_embedding, dtype=torch.float32)
+        if assumed.dim() == 1:
+            assumed = assumed.expand(layers, -1)
+        if tuple(assumed.shape) != (layers, hidden):
+            raise InputError(
+                f"the spec's public_router_embedding is {list(assumed.shape)}, but the public model needs "
+                f"[{layers}, {hidden}] (or [{hidden}] for every layer)"
+            )
+        assumed = assumed.to(dtype)
+        reference, expected = assumed, "the spec's public_router_embedding (r_pub)"
+        hint = "the expert was trained against another public router row: was it trained under this spec?"
+    else:
+        assumed = torch.zeros(layers, hidden, dtype=dtype)
+        first = next((o for o, rows in carried.items() if rows is not None), None)
+        reference = assumed if first is None else carried[first].to(dtype)
+        expected = f"the rows recorded by {first!r}"
+        hint = "the experts were trained against different public router rows, i.e. under different specs"
+    for owner, rows in carried.items():
+        if torch.equal(assumed if rows is None else rows.to(dtype), reference):
+            continue
+        got = "different rows"
+        if rows is None:
+            got = "no record (a file written before artifacts carried it), so zeros"
+            hint = "give the FederationSpec it was trained under (spec=..., --spec), whose r_pub it used"
+        raise ArtifactError(owner, "router.public_embedding (r_0)", expected, got, source=sources.get(owner), hint=hint)
+    unrecorded = [o for o, rows in carried.items() if rows is None]
+    if unrecorded and public_router_embedding is None:
+        warnings.warn(
+            f"the artifacts of {unrecorded} do not record the public router row r_0 they were trained against "
+            "(written before artifacts carried it); assuming zeros. If their spec set public_router_embedding, "
+            "give the spec (spec=..., --spec), or the merge will not reproduce what they trained",
+            stacklevel=3,
+        )
+    return reference
+
+
+# -- the rules shared by every caller -----------------------------------------------------------
+
+
+class MissingRoutingStatistics(InputError):
+    """The routing recipe needs statistics that some owners did not ship. ``owners`` names them."""
+
+    def __init__(self, owners: Sequence[str], recipe: RoutingRecipe):
+        self.owners, self.recipe = list(owners), recipe
+        super().__init__(
+            f"owner(s) {self.owners} shipped no routing statistics ({statistics_needed(recipe)}), which the "
+            f"routing recipe {recipe.method!r} (covariance {recipe.covariance!r}) needs. {STATISTICS_HINT}"
+        )
+
+
+STATISTICS_HINT = (
+    "An owner's artifact carries them when it trains under a spec whose routing recipe asks for them: have "
+    "those owners retrain under this spec, or choose the routing recipe 'published' (the owners' router rows "
+    "stacked, FlexOlmo's merge as published)"
+)
+
+
+def statistics_needed(recipe: RoutingRecipe) -> str | None:
+    """What each owner must ship for ``recipe``, in words (``None``: nothing)."""
+    kind = recipe.owner_statistics
+    if kind is None:
+        return None
+    return "the mean and covariance of its MLP inputs" if kind == "covariance" else "the mean of its MLP inputs"
+
+
+def lacks_statistics(artifact: ArtifactLike, recipe: RoutingRecipe) -> bool:
+    """Whether ``artifact`` (an object, or a file whose header alone is read) lacks the
+    statistics ``recipe`` needs."""
+    kind = recipe.owner_statistics
+    if kind is None:
+        return False
+    names = set(artifact.tensors) if isinstance(artifact, ExpertFile) else set(read_safetensors_header(artifact))
+    need = {"layers.0.stats.mean"} | ({"layers.0.stats.covariance"} if kind == "covariance" else set())
+    return not need <= names
+
+
+def check_statistics(artifacts: Sequence[ArtifactLike], recipe: RoutingRecipe) -> None:
+    """Raise :class:`MissingRoutingStatistics` naming every owner whose artifact lacks what
+    ``recipe`` needs (headers only for files: no weight is read)."""
+    missing = [_owner(a) for a in artifacts if lacks_statistics(a, recipe)]
+    if missing:
+        raise MissingRoutingStatistics(missing, recipe)
+
+
+def resolve_seq_len(spec: FederationSpec | None, seq_len: int | None = None) -> int:
+    """The length of the packed public rows the routing statistics are taken on: the spec's
+    ``expert.seq_len`` (the owners' statistics were taken on rows that long), else ``seq_len``,
+    else :data:`~flexmoe.spec.DEFAULT_SEQ_LEN`."""
+    if spec is None:
+        return DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    if seq_len is not None and seq_len != spec.expert.seq_len:
+        raise InputError(
+            f"seq_len {seq_len} differs from the spec's expert.seq_len {spec.expert.seq_len}; the spec fixes it "
+            "(the owners' statistics were taken on rows that long): leave seq_len out"
+        )
+    return spec.expert.seq_len
+
+
+def routing_recipe(spec: FederationSpec | None, routing: RoutingRecipe | str | None = None) -> RoutingRecipe:
+    """The recipe a merge routes by: ``routing`` when it is a recipe; a method name applied to the
+    spec's recipe (or the default one); with neither, the spec's recipe, or the default."""
+    if isinstance(routing, RoutingRecipe):
+        return routing
+    base = spec.routing if spec is not None else RoutingRecipe()
+    return base if routing is None else dataclasses.replace(base, method=routing)
+
+
+def _is_full_file(artifact: ArtifactLike) -> bool:
+    return not isinstance(artifact, ExpertFile) and not is_lora_file(artifact)
+
+
+def _owner(artifact: ArtifactLike) -> str:
+    if isinstance(artifact, ExpertFile):
+        return artifact.owner
+    metadata = read_safetensors_header(artifact).get("__metadata__") or {}
+    owner = metadata.get("owner")
+    return owner if isinstance(owner, str) else Path(artifact).name
+
+
+# -- steps 1 to 4 -------------------------------------------------------------------------------
+
+
+@dataclass
+class MergedModel:
+    """What :func:`merge_experts` built: the MoE (``None`` when it was streamed to disk), the
+    routing summary, the format asked for, and the export directory when one was written."""
+
+    model: nn.Module | None
+    routing: dict
+    format: str
+    out: Path | None = None
+    tokenizer: object = None
+
+    def export(self, out, *, allow_approximate: bool = False) -> Path:
+        """Write the model in the format asked for (after router tuning, say), with the public
+        model's tokenizer. Routers the pipeline folded export exactly to a ``transformers`` format."""
+        self.out = export(
+            self.model, out, format=self.format, allow_approximate=allow_approximate, tokenizer=self.tokenizer
+        )
+        return self.out
+
+
+def merge_experts(
+    public_model: nn.Module | str | os.PathLike,
+    artifacts: Sequence[ArtifactLike],
+    *,
+    spec: FederationSpec | str | os.PathLike | None = None,
+    routing: RoutingRecipe | str | None = None,
+    public_documents: Sequence[str] | None = None,
+    tokenizer=None,
+    seq_len: int | None = None,
+    format: str = DEFAULT_FORMAT,
+    top_k: int | None = None,
+    normalize: bool = False,
+    spec_sha256: str | None = None,
+    out: str | os.PathLike | None = None,
+    allow_approximate: bool = False,
+    stream: bool = False,
+) -> MergedModel:
+    """The owners' experts and the public model -> the merged MoE: assemble, route by the recipe,
+    fold the router biases for a ``transformers`` format, and (with ``out``) write the export.
+
+    Args:
+        public_model: the dense public model, or its directory (loaded in float32, as owners load it).
+        artifacts: the owners' experts in expert order: :class:`~flexmoe.ExpertArtifact`\\ s or
+            files (full or LoRA-sized).
+        spec: the :class:`~flexmoe.FederationSpec` (or its JSON) the experts were trained under:
+            it checks their spec hash and supplies ``r_pub``, the routing recipe and ``seq_len``.
+        routing: a :class:`~flexmoe.spec.RoutingRecipe`, or a method name (``"lda"``,
+            ``"published"``) applied to the spec's recipe; default: the spec's, or ``lda``.
+        public_documents: public text for the recipe's public statistics (``lda`` needs it).
+        tokenizer: the public model's tokenizer, or its directory (default: ``public_model``'s
+            directory); packs the public text and travels with the export.
+        seq_len: tokens per packed public row, only without a spec (:func:`resolve_seq_len`).
+        format: ``auto`` (the base's exact ``transformers`` format, else native), ``flexolmo``,
+            ``mixtral`` or ``native``. A routing recipe with biases is folded unless the target
+            is native.
+        top_k, normalize: experts per token (``None``: all); renormalise the top-k weights.
+        spec_sha256: refuse artifacts not trained under this spec hash (default: ``spec``'s).
+        out: write the export here (a new or empty directory).
+        allow_approximate: let an explicitly named ``transformers`` format drop what it cannot hold.
+        stream: only the export is wanted: with the ``published`` recipe and artifact files that
+            are all full experts, write ``out`` one expert at a time (:func:`assemble_to_dir`)
+            and return no model.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        spec = FederationSpec.load(spec)
+    if spec is not None:
+        spec_sha256 = spec_sha256 or spec.sha256
+    recipe = routing_recipe(spec, routing)
+    seq_len = resolve_seq_len(spec, seq_len)
+    r_pub = spec.public_router_embedding if spec is not None else None
+    check_statistics(artifacts, recipe)
+    if recipe.owner_statistics is not None and public_documents is None:
+        raise InputError(
+            f"the routing recipe {recipe.method!r} needs public text for its public statistics (public_documents; "
+            "--public-data on the command line, run config 'public-data' for the coordinator), or choose the "
+            "recipe 'published'"
+        )
+    if tokenizer is None and isinstance(public_model, (str, os.PathLike)):
+        tokenizer = public_model
+    streamable = stream and out is not None and recipe.method == "published"
+    if streamable and isinstance(public_model, (str, os.PathLike)) and all(_is_full_file(a) for a in artifacts):
+        written = assemble_to_dir(
+            public_model,
+            list(artifacts),
+            out,
+            format=format,
+            top_k=top_k,
+            normalize=normalize,
+            spec_sha256=spec_sha256,
+            allow_approximate=allow_approximate,
+            public_router_embedding=r_pub,
+        )
+        return MergedModel(None, {"method": "published"}, format, written, tokenizer)
+    public = load_public_model(public_model).eval()
+    fp = fingerprint(public)
+    loaded = [
+        a if isinstance(a, ExpertArtifact) else load_expert(a, public, fingerprint=fp, spec_sha256=spec_sha256)
+        for a in artifacts
+    ]
+    model = assemble(
+        public, loaded, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256, public_router_embedding=r_pub
+    )
+    if recipe.owner_statistics is None:
+        summary = route(model, loaded, None, recipe)
+    else:
+        if tokenizer is None:
+            raise InputError(
+                "the routing recipe packs the public text with the public model's tokenizer: pass tokenizer"
+            )
+        packer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        rows = pack_domain(list(public_documents), packer, seq_len)
+        summary = route(model, loaded, rows, recipe, exportable=target_format(model, format) != "native")
+        summary["seq_len"] = seq_len
+    merged = MergedModel(model.eval(), summary, format, tokenizer=tokenizer)
+    if out is not None:
+        merged.export(out, allow_approximate=allow_approximate)
+    return merged
+
+
+# -- streaming the published merge --------------------------------------------------------------
 
 
 class _ArtifactSource:
@@ -62,14 +398,15 @@ class _ArtifactSource:
     a failure there discards the unfinished export.
     """
 
-    def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256):
+    def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256, public_router_embedding=None):
         self.model, self.config = public, public.config
         self.top_k, self.normalize, self.spec_sha256 = top_k, normalize, spec_sha256
         self.paths = [Path(p) for p in paths]
         self.mlp_prefixes = mlp_prefixes(public)
         self.fingerprint = fingerprint(public)
         self.owners = [PUBLIC]
-        self._router_rows = []  # per artifact and layer: (embedding, bias) as read up front
+        self._router_rows = []  # per artifact and layer: (embedding, bias, public row or None) as read up front
+        sources = {}
         for path in self.paths:
             metadata = read_safetensors_header(path).get("__metadata__") or {}
             owner = metadata.get("owner", path.name)
@@ -80,33 +417,39 @@ class _ArtifactSource:
                     stub.owner, "owner", "a name not yet in the model", f"a second {stub.owner!r}", source=path
                 )
             self.owners.append(stub.owner)
+            sources[stub.owner] = str(path)
             self._router_rows.append(_read_router_rows(stub, len(self.mlp_prefixes), self.config.hidden_size))
         if top_k is not None and not 1 <= top_k <= len(self.owners):
-            raise ValueError(f"top_k must be between 1 and the number of experts ({len(self.owners)}), got {top_k}")
+            raise InputError(f"top_k must be between 1 and the number of experts ({len(self.owners)}), got {top_k}")
         dtype = next(decoder_layers(public)[0].mlp.parameters()).dtype
+        recorded = {}
+        for owner, rows in zip(self.owners[1:], self._router_rows, strict=True):
+            recorded[owner] = None if rows[0][2] is None else torch.stack([r[2] for r in rows])
+        r_0 = public_router_rows(
+            recorded,
+            (len(self.mlp_prefixes), self.config.hidden_size),
+            dtype,
+            public_router_embedding,
+            sources=sources,
+        )
         self._routers = []
         for L in range(len(self.mlp_prefixes)):
-            rows = [torch.zeros(self.config.hidden_size, dtype=dtype)] + [r[L][0].to(dtype) for r in self._router_rows]
+            rows = [r_0[L]] + [r[L][0].to(dtype) for r in self._router_rows]
             biases = [torch.zeros(1)] + [r[L][1].float() for r in self._router_rows]
             self._routers.append((torch.stack(rows), torch.cat(biases)))
 
     def dense_tensors(self):
         return dense_tensors(self.model, self.mlp_prefixes)
 
-    def routers(self):
-        return self._routers
-
-    def effective_biases(self) -> list[torch.Tensor]:
-        return [_effective_bias(b) for _, b in self._routers]
-
-    router_kind = "clamped"
+    def routers(self) -> list[Router]:
+        return [Router.from_rows(w, b) for w, b in self._routers]  # what assemble() builds, per layer
 
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         if j == 0:
             return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
         art = ExpertArtifact.load(self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
         art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
-        for L, (emb, bias) in enumerate(self._router_rows[j - 1]):
+        for L, (emb, bias, _) in enumerate(self._router_rows[j - 1]):
             _, emb2, bias2 = art.layer(L)
             if not (torch.equal(emb, emb2) and torch.equal(bias, bias2)):
                 changed = "different contents (the file changed during assembly)"
@@ -119,8 +462,9 @@ class _ArtifactSource:
         return None  # would need the whole MoE in memory, which is what this source avoids
 
 
-def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) -> list[tuple[torch.Tensor, ...]]:
-    """Just the router embedding [hidden] and bias [1] of every layer, not the expert weights."""
+def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) -> list[tuple]:
+    """Just the router embedding [hidden], bias [1] and recorded public row [hidden] (``None`` in
+    a file too old to carry it) of every layer, not the expert weights."""
     names = [(f"layers.{L}.router.embedding", f"layers.{L}.router.bias") for L in range(num_layers)]
     try:
         with safe_open(artifact.source, framework="pt") as f:
@@ -134,17 +478,27 @@ def _read_router_rows(artifact: ExpertArtifact, num_layers: int, hidden: int) ->
                     f"missing {missing[:4]}",
                     source=artifact.source,
                 )
-            rows = [(f.get_tensor(e), f.get_tensor(b)) for e, b in names]
+            rows = []
+            for L, (e, b) in enumerate(names):
+                public = f"layers.{L}.router.public_embedding"
+                rows.append((f.get_tensor(e), f.get_tensor(b), f.get_tensor(public) if public in present else None))
     except ArtifactError:
         raise
     except Exception as e:  # safetensors' own errors for unreadable files
         raise ArtifactError(
             artifact.owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=artifact.source
         ) from e
-    for (e, b), (emb, bias) in zip(names, rows):
-        if list(emb.shape) != [hidden] or list(bias.shape) != [1]:
-            got = f"{e} {list(emb.shape)}, {b} {list(bias.shape)}"
+    for L, (emb, bias, public) in enumerate(rows):
+        if list(emb.shape) != [hidden] or list(bias.shape) != [1] or (public is not None and public.dim() != 1):
+            got = f"layers.{L}.router.embedding {list(emb.shape)}, layers.{L}.router.bias {list(bias.shape)}"
             raise ArtifactError(artifact.owner, "router shapes", f"[{hidden}] and [1]", got, source=artifact.source)
+        if public is not None and list(public.shape) != [hidden]:
+            name = f"shape of layers.{L}.router.public_embedding"
+            raise ArtifactError(artifact.owner, name, [hidden], list(public.shape), source=artifact.source)
+    if len({r[2] is None for r in rows}) > 1:
+        raise ArtifactError(
+            artifact.owner, "router.public_embedding", "in every layer or in none", "in some", source=artifact.source
+        )
     return rows
 
 
@@ -153,22 +507,30 @@ def assemble_to_dir(
     artifact_paths: Sequence[str | os.PathLike],
     out_dir,
     *,
-    format: str = "native",
+    format: str = DEFAULT_FORMAT,
     top_k: int | None = None,
     normalize: bool = False,
     spec_sha256: str | None = None,
     allow_approximate: bool = False,
+    public_router_embedding=None,
 ) -> Path:
     """FlexOlmo step 3 straight to disk: ``[public, e_1 ... e_n]`` without building the MoE.
 
-    Loads the dense public model once, validates every artifact against it (fingerprint, and
-    ``spec_sha256`` when given), then writes the public shard and one shard per artifact,
-    holding at most one artifact in memory. The result equals
-    ``export(assemble(public, artifacts, top_k, normalize=normalize), out_dir, format)``.
-    Tokenizer files in ``public_dir`` are copied along.
+    Loads the dense public model once (float32, as owners load it), validates every artifact
+    against it (fingerprint, and ``spec_sha256`` when given), then writes the public shard and one
+    shard per artifact, holding at most one artifact in memory. The result equals
+    ``export(assemble(public, artifacts, top_k, normalize=normalize, public_router_embedding=...),
+    out_dir, format)``. Tokenizer files in ``public_dir`` are copied along.
     """
-    public = AutoModelForCausalLM.from_pretrained(public_dir).eval()
-    source = _ArtifactSource(public, artifact_paths, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256)
+    public = load_public_model(public_dir).eval()
+    source = _ArtifactSource(
+        public,
+        artifact_paths,
+        top_k=top_k,
+        normalize=normalize,
+        spec_sha256=spec_sha256,
+        public_router_embedding=public_router_embedding,
+    )
     return write_checkpoint(
         source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir)
     )

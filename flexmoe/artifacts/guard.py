@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""The file guard: read another party's safetensors header without trusting the file.
+
+Before any tensor is read, :func:`read_safetensors_header` checks the size cap, the header's
+length and JSON, every entry's layout, and that the data section is exactly as long as the header
+says; pickles and ``torch.save`` zips are recognised and refused, never loaded. Every problem is an
+:class:`ArtifactError` naming the owner, the field, what was expected and what was found. The
+expert loaders (full and LoRA-sized) and the coordinator's streaming assembly all start here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import struct
 from pathlib import Path
 
 import torch
+
+from flexmoe.core.errors import InputError
 
 DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
 
@@ -21,7 +30,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(InputError):
     """An expert artifact is unusable. ``owner``, ``field``, ``expected`` and ``got`` say why."""
 
     def __init__(self, owner: str, field: str, expected, got, *, source: str | os.PathLike | None = None, hint=""):

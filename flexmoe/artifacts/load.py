@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Open an owner's expert file whichever kind it is, full or LoRA-sized, by its header.
+
+The coordinator's assembly, the CLI and ``add_expert`` take either kind: a LoRA-sized expert is
+validated and materialised on the public model, so callers always get an ordinary
+:class:`~flexmoe.ExpertArtifact`. It sits on the artifacts floor because it needs nothing but
+the two file classes and the header guard.
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ MLP (as named in the base MLP, e.g. ``gate_proj``)::
     layers.{L}.expert.{name}.lora_B   [out, r]   LoRA up-projection B
     layers.{L}.router.embedding       [hidden]   the owner's router row r_j
     layers.{L}.router.bias            [1]        the owner's raw bias beta_j
+    layers.{L}.router.public_embedding [hidden]  the public row r_0 it trained against (as in a full artifact)
     layers.{L}.stats.mean, .covariance           routing statistics, when the spec's recipe asks
                                                  (as in a full artifact; float32, ``stats_tokens``)
 
@@ -123,6 +124,8 @@ class LoraExpertArtifact(ExpertFile):
             # One dtype in the file: the router row travels in the dtype the LoRA was trained in.
             tensors[f"layers.{L}.router.embedding"] = block.router.weight.detach()[j].to(dtype).cpu().contiguous()
             tensors[f"layers.{L}.router.bias"] = block.router.bias.detach()[j : j + 1].float().cpu().contiguous()
+            public_row = block.router.weight.detach()[0].to(dtype).cpu().contiguous()
+            tensors[f"layers.{L}.router.public_embedding"] = public_row
             if stats is not None:
                 tensors[f"layers.{L}.stats.mean"] = stats.mean[L].float().cpu().contiguous()
                 if stats.covariance is not None:
@@ -241,6 +244,10 @@ class LoraExpertArtifact(ExpertFile):
             tensors.update({f"layers.{L}.expert.{k}": v.contiguous() for k, v in state.items()})
             tensors[f"layers.{L}.router.embedding"] = embedding.to(dtype).contiguous()
             tensors[f"layers.{L}.router.bias"] = bias.float().contiguous()
+            if f"layers.{L}.router.public_embedding" in self.tensors:
+                tensors[f"layers.{L}.router.public_embedding"] = (
+                    self.tensors[f"layers.{L}.router.public_embedding"].to(dtype).contiguous()
+                )
             for part in ("stats.mean", "stats.covariance"):
                 if f"layers.{L}.{part}" in self.tensors:
                     tensors[f"layers.{L}.{part}"] = self.tensors[f"layers.{L}.{part}"]

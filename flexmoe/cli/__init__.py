@@ -1,13 +1,26 @@
-"""TODO docstring."""
+"""The ``flexmoe`` command: the top floor, which imports the rest and is imported by nothing.
+
+:data:`COMMANDS` maps each command to the typed function behind it (most in
+:mod:`flexmoe.cli.commands`), imported only when that command runs, so ``flexmoe assemble`` does
+not pay for Lightning. :func:`main` builds the command's jsonargparse parser, accepts the
+spellings people type (:func:`normalize_argv`) and turns bad input into one line on stderr and
+exit status 1.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
 import sys
 import types
 import typing
+
+from jsonargparse import auto_cli
+
+from flexmoe import __version__
+from flexmoe.core.errors import InputError
 
 # name -> "module:function"; a command's module is imported only when that command runs,
 # so `flexmoe assemble` does not pay for importing Lightning.
@@ -26,8 +39,7 @@ COMMANDS: dict[str, str] = {
 
 
 def command(name: str) -> typing.Callable[..., None]:
-    import importlib
-
+    """The function behind command ``name`` (its module imported now)."""
     module, _, function = COMMANDS[name].partition(":")
     return getattr(importlib.import_module(module), function)
 
@@ -58,13 +70,22 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
-    """Rewrite options, given ``{name: "list" | "bool" | "other"}``:
+    """Rewrite the spellings people type into jsonargparse's, given each option's kind
+    (``{name: "list" | "bool" | "other"}``, :func:`_option_kinds`).
+
+    Why a shim: jsonargparse (checked with 4.53) generates the options from a function's
+    parameters and accepts only its own syntax, with no setting for these spellings: an option is
+    named exactly as its parameter (``--top_k``; there are no dashed aliases), a list takes one
+    JSON/YAML value (``--experts '[a, b]'``, or ``--experts+ a`` to append one item; not
+    ``nargs="+"``), and a bool takes its value (``--normalize true``; a bare flag is refused). So:
 
     * ``--top-k 2`` -> ``--top_k 2`` (dashes in option names become underscores);
     * ``--experts a b`` -> ``--experts '["a", "b"]'`` for list options (a single value that
       starts with ``[`` is left to jsonargparse, as is the append form ``--experts+ a``);
     * ``--normalize`` with no value -> ``--normalize=true`` for bool options;
     * a list option given several times (``--model a --model b``) collects all the values.
+
+    Everything else passes through unchanged, so jsonargparse's own syntax keeps working.
     """
     out: list[str] = []
     lists: dict[str, list[str]] = {}  # list options, emitted once at the end
@@ -98,22 +119,19 @@ def normalize_options(argv: list[str], kinds: dict[str, str]) -> list[str]:
     return out
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        return str(e.args[0])  # str(KeyError) would wrap the message in quotes
-    return str(e) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``flexmoe`` command."""
-    from jsonargparse import auto_cli
+    """Entry point of the ``flexmoe`` command.
 
-    from flexmoe import __version__
-
+    Bad input -- an :class:`~flexmoe.core.errors.InputError` (``ArtifactError`` is one) or an
+    ``OSError`` (a missing or unwritable path) -- prints one line for the person who made the
+    mistake and exits with status 1. Any other exception is a bug and keeps its traceback.
+    ``FLEXMOE_DEBUG=1`` shows the traceback of bad input too.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["train-expert"]:
-            # LightningCLI owns this command's parser: every Trainer option is available.
+            # LightningCLI owns this command's parser: every Trainer option is available. Imported
+            # here so that the other commands do not pay for importing Lightning.
             from flexmoe.cli.train_expert import train_expert_cli
 
             return train_expert_cli(argv[1:])
@@ -128,10 +146,19 @@ def main(argv: list[str] | None = None) -> None:
             "(a LightningCLI: `flexmoe train-expert --help`).",
             version=__version__,
         )
-    except (ValueError, KeyError, IndexError, OSError) as e:
-        # Bad input (ArtifactError is a ValueError): one line for the person who made the
-        # mistake, not a traceback. FLEXMOE_DEBUG=1 shows the traceback.
-        if os.environ.get("FLEXMOE_DEBUG"):
+    except Exception as e:
+        bad = _bad_input(e)
+        if bad is None or os.environ.get("FLEXMOE_DEBUG"):
             raise
-        print(f"flexmoe: error: {_message(e)}", file=sys.stderr)
+        print(f"flexmoe: error: {str(bad) or type(bad).__name__}", file=sys.stderr)
         sys.exit(1)
+
+
+def _bad_input(e: BaseException | None) -> BaseException | None:
+    """``e``, or the exception it was raised from, when that is bad input. jsonargparse raises a
+    ``ValueError`` of its own from what a recipe's validation raised (``--routing.covariance x``)."""
+    while e is not None:
+        if isinstance(e, (InputError, OSError)):
+            return e
+        e = e.__cause__
+    return None

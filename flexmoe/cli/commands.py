@@ -25,10 +25,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from flexmoe.formats.load import detect_format
-from flexmoe.spec import ExpertRecipe, ProxyBudget, RouterTuningRecipe
+from transformers import AutoTokenizer
 
-Format = Literal["auto", "native", "flexolmo", "mixtral"]
+from flexmoe.artifacts.load import load_expert
+from flexmoe.assembly import merge_experts
+from flexmoe.core.errors import InputError
+from flexmoe.core.hashing import fingerprint
+from flexmoe.core.surgery import PUBLIC, set_top_k, settings
+from flexmoe.core.surgery import add_expert as add_to_model
+from flexmoe.core.surgery import opt_out as remove_from_model
+from flexmoe.data.documents import read_documents
+from flexmoe.evaluate import eval_models, parse_domains
+from flexmoe.formats.export import DEFAULT_FORMAT, FORMATS
+from flexmoe.formats.export import export as export_model
+from flexmoe.formats.load import detect_format, load, load_public_model
+from flexmoe.merge.config import merge as merge_recipe
+from flexmoe.owner.embed import router_embedding
+from flexmoe.owner.proxy import ProxySelection
+from flexmoe.spec import (
+    DEFAULT_EMBEDDER,
+    ExpertRecipe,
+    FederationSpec,
+    ProxyBudget,
+    RouterTuningRecipe,
+    RoutingRecipe,
+)
+
+Format = Literal[("auto", *FORMATS)]
 
 # -- commands ---------------------------------------------------------------------------
 
@@ -37,7 +60,7 @@ def assemble(
     public: str,
     experts: list[str],
     out: str,
-    format: Format = "auto",
+    format: Format = DEFAULT_FORMAT,
     top_k: Optional[int] = None,
     normalize: bool = False,
     spec_sha256: Optional[str] = None,
@@ -45,120 +68,79 @@ def assemble(
     public_data: Optional[list[str]] = None,
     routing: Literal["auto", "lda", "published"] = "auto",
     spec: Optional[str] = None,
+    seq_len: Optional[int] = None,
 ) -> None:
     """Merge owners' expert artifacts with the public model into one MoE (FlexOlmo step 3).
 
     Every artifact is validated (fingerprint of the public model, shapes, dtypes, finite
-    values; never unpickled) before any weight is merged.
+    values; never unpickled) before any weight is merged. The same pipeline as the coordinator's
+    (:func:`flexmoe.assembly.merge_experts`): assemble, route, fold the router biases for a
+    transformers format, write.
 
     Args:
         public: Directory of the dense public model (``save_pretrained`` output).
         experts: Expert artifacts (``.safetensors``), one per owner, in expert order.
         out: Output directory.
         format: ``flexolmo`` (OLMo-2 bases), ``mixtral`` (Llama/Mistral bases), ``native``
-            (any base, reopened with ``flexmoe.load``), or ``auto`` to pick by base.
+            (any base, reopened with ``flexmoe.load``), or ``auto``: the base's transformers
+            format when it holds the model exactly, else native.
         top_k: Experts per token at inference (default: all).
         normalize: Renormalise the top-k router weights (Mixtral); FlexOlmo does not.
         spec_sha256: Reject artifacts not trained under this FederationSpec hash.
-        allow_approximate: Export even where the format cannot represent the model
-            exactly (e.g. non-zero router biases in FlexOlmo).
+        allow_approximate: Export to a named transformers format even where it cannot represent
+            the model exactly (e.g. non-zero router biases in FlexOlmo).
         public_data: Public text (files, folders, globs, JSONL) for the routing recipe's public
             statistics.
         routing: ``lda``: the discriminant router built from the statistics the owners shipped
             (docs/routing.md; needs ``--public-data``); ``published``: FlexOlmo's merge as
-            published (the owners' router rows stacked); ``auto``: ``lda`` when public data is
-            given and every artifact carries statistics, else ``published``. For FlexOlmo and
-            Mixtral outputs the discriminant's biases are folded into the rows so the export is
-            exact; the native format keeps them.
-        spec: FederationSpec JSON: checks the artifacts' spec hash and supplies the routing recipe.
+            published (the owners' router rows stacked); ``auto``: the spec's recipe with
+            ``--spec``, else ``lda`` when ``--public-data`` is given, else ``published``. A recipe
+            that needs statistics some owner did not ship is an error naming those owners. For
+            FlexOlmo and Mixtral outputs the discriminant's biases are folded into the rows so the
+            export is exact; the native format keeps them.
+        spec: FederationSpec JSON the experts were trained under: checks their spec hash and
+            supplies the public router row r_pub, the routing recipe and the row length.
+        seq_len: Tokens per packed row of public text for the routing statistics, without
+            ``--spec`` (with it, the spec's ``expert.seq_len``); default ``flexmoe.spec.DEFAULT_SEQ_LEN``.
     """
-    from flexmoe.artifacts.load import has_routing_stats, is_lora_file
-    from flexmoe.assembly import assemble_to_dir
-
-    recipe = None
-    if spec:
-        from flexmoe.spec import FederationSpec
-
-        loaded = FederationSpec.load(spec)
-        spec_sha256, recipe = spec_sha256 or loaded.sha256, loaded.routing
-    if routing == "auto":
-        routing = "lda" if public_data and all(has_routing_stats(e) for e in experts) else "published"
-    if routing == "lda" and not public_data:
-        raise ValueError("--routing lda needs --public-data (the public statistics of the discriminant router)")
-    lora = [e for e in experts if is_lora_file(e)]
-    if routing == "published" and not lora:
-        assemble_to_dir(
-            public,
-            list(experts),
-            out,
-            format=format,
-            top_k=top_k,
-            normalize=normalize,
-            spec_sha256=spec_sha256,
-            allow_approximate=allow_approximate,
-        )  # streams one expert at a time; copies the tokenizer files too
-        print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: published)")
-        return
-    from flexmoe.formats.export import export as export_model
-    from flexmoe.spec import RoutingRecipe
-
-    if routing == "published":
-        recipe = RoutingRecipe(method="published")  # LoRA experts are materialised in memory first
-    summary = _assemble_routed(
+    loaded = FederationSpec.load(spec) if spec else None
+    if routing != "auto":
+        method = routing
+    elif loaded is not None:
+        method = None  # the spec's recipe
+    else:
+        method = "lda" if public_data else "published"
+    merged = merge_experts(
         public,
-        experts,
-        public_data,
-        recipe or RoutingRecipe(method="lda"),
+        list(experts),
+        spec=loaded,
+        routing=method,
+        public_documents=read_documents(public_data) if public_data else None,
+        seq_len=seq_len,
         format=format,
         top_k=top_k,
         normalize=normalize,
         spec_sha256=spec_sha256,
+        out=out,
+        allow_approximate=allow_approximate,
+        stream=True,  # the published merge goes to disk one expert at a time
     )
-    model, fmt = summary.pop("model"), summary.pop("format")
-    export_model(model, out, format=fmt, allow_approximate=allow_approximate, tokenizer=public)
     print(
-        f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: {routing}, {fmt}"
-        f"{f', {len(lora)} LoRA expert(s) materialised' if lora else ''})"
+        f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} "
+        f"(routing: {merged.routing['method']}, {detect_format(out)})"
     )
 
 
-def _assemble_routed(public, experts, public_data, recipe, *, format, top_k, normalize, spec_sha256) -> dict:
-    """Assemble in memory and apply the routing recipe; the biases are folded for FlexOlmo/Mixtral."""
-    from transformers import AutoTokenizer
-
-    from flexmoe.artifacts.load import load_expert
-    from flexmoe.assembly import assemble as assemble_model
-    from flexmoe.core.hashing import fingerprint
-    from flexmoe.data.documents import read_documents
-    from flexmoe.data.packing import pack_domain
-    from flexmoe.formats.export import target_format
-    from flexmoe.formats.load import load_public_model
-    from flexmoe.routing import route
-
-    base = load_public_model(public)
-    fp = fingerprint(base)
-    arts = [load_expert(e, base, fingerprint=fp, spec_sha256=spec_sha256) for e in experts]
-    model = assemble_model(base, arts, top_k=top_k, normalize=normalize)
-    if recipe.method == "published":  # nothing to fold: export's own `auto` picks an exact format
-        return {"model": model, "format": format, **route(model, arts, None, recipe)}
-    fmt = target_format(model, format)
-    rows = pack_domain(read_documents(public_data), AutoTokenizer.from_pretrained(public), 256)
-    summary = route(model, arts, rows, recipe, exportable=fmt != "native")
-    return {"model": model, "format": fmt, **summary}
-
-
-def export(model: str, out: str, format: Format = "auto", allow_approximate: bool = False) -> None:
+def export(model: str, out: str, format: Format = DEFAULT_FORMAT, allow_approximate: bool = False) -> None:
     """Re-export a flexmoe model directory (native, FlexOlmo or Mixtral) in another format.
 
     Args:
         model: Model directory written by flexmoe, or a transformers FlexOlmo/Mixtral checkpoint.
         out: Output directory.
-        format: ``flexolmo``, ``mixtral``, ``native`` or ``auto`` (pick by base).
+        format: ``flexolmo``, ``mixtral``, ``native`` or ``auto`` (the base's transformers format
+            when it holds the model exactly, else native).
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.formats.export import export as export_model
-    from flexmoe.formats.load import load
-
     export_model(load(model), out, format=format, allow_approximate=allow_approximate, tokenizer=model)
     print(f"flexmoe: exported {model} -> {out} ({format})")
 
@@ -182,12 +164,12 @@ def add_expert(
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.artifacts.load import load_expert
-    from flexmoe.core.hashing import fingerprint
-    from flexmoe.core.surgery import add_expert as add
 
     def change(moe):
-        add(moe, load_expert(expert, moe, fingerprint=fingerprint(moe)), check_fingerprint=False)
+        artifact = load_expert(expert, moe, fingerprint=fingerprint(moe))
+        if artifact.owner in settings(moe).owners:
+            raise InputError(f"{model} already holds an expert of owner {artifact.owner!r} ({expert})")
+        add_to_model(moe, artifact, check_fingerprint=False)
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
     print(f"flexmoe: added {expert} to {model} -> {out} ({fmt})")
@@ -212,22 +194,29 @@ def opt_out(
             number of experts; a model saved with k = all experts reopens as "all").
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.core.surgery import opt_out as remove
 
-    fmt = _rewrite(model, out, format, top_k, allow_approximate, lambda moe: remove(moe, owner))
+    def change(moe):
+        owners = settings(moe).owners[1:]
+        if owner == PUBLIC:
+            raise InputError(
+                f"the public expert anchors the router and cannot be removed; {model}'s owners are {owners}"
+            )
+        if owner not in owners:
+            raise InputError(f"{model} holds no expert of owner {owner!r}; its owners are {owners}")
+        remove_from_model(moe, owner)
+
+    fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
     print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
 
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
     """Open a merged model, apply ``change`` to it, and write it (by default in its own format)."""
-    from flexmoe.core.surgery import set_top_k
-    from flexmoe.formats.export import export as export_model
-    from flexmoe.formats.load import load
-
     fmt = format or detect_format(model)
     moe = load(model)
     change(moe)
     if top_k is not None:
+        if not 1 <= top_k <= settings(moe).num_experts:
+            raise InputError(f"--top-k must be between 1 and the number of experts ({settings(moe).num_experts})")
         set_top_k(moe, top_k)
     export_model(moe, out, format=fmt, allow_approximate=allow_approximate, tokenizer=model)
     return fmt
@@ -237,12 +226,13 @@ def spec(
     public: str,
     out: str,
     public_data: Optional[list[str]] = None,
-    embedder: Optional[str] = "sentence-transformers/all-MiniLM-L6-v2",
+    embedder: Optional[str] = DEFAULT_EMBEDDER,
     projection_seed: int = 0,
     max_router_docs: int = 1000,
     expert: Optional[ExpertRecipe] = None,
     router_tuning: Optional[RouterTuningRecipe] = None,
     proxy: Optional[ProxyBudget] = None,
+    routing: Optional[RoutingRecipe] = None,
 ) -> None:
     """Write the FederationSpec a coordinator publishes (FlexOlmo step 1).
 
@@ -257,19 +247,12 @@ def spec(
         expert: The owners' training recipe (``--expert.lr``, ``--expert.max_steps``, ...).
         router_tuning: The coordinator's router-tuning recipe.
         proxy: The proxy-set budget.
+        routing: How the coordinator sets the merged model's routers, and so what statistics
+            owners ship (``--routing.method published``, ``--routing.covariance``, ...).
     """
-    from flexmoe.core.hashing import fingerprint
-    from flexmoe.formats.load import load_public_model
-    from flexmoe.spec import FederationSpec
-
     model = load_public_model(public)
     r_pub = None
     if public_data:
-        from transformers import AutoTokenizer
-
-        from flexmoe.data.documents import read_documents
-        from flexmoe.owner.embed import router_embedding
-
         docs = read_documents(public_data)
         tokenizer = AutoTokenizer.from_pretrained(public) if embedder is None else None
         rows = router_embedding(
@@ -287,6 +270,7 @@ def spec(
         expert=expert or ExpertRecipe(),
         router_tuning=router_tuning or RouterTuningRecipe(),
         proxy=proxy or ProxyBudget(),
+        routing=routing or RoutingRecipe(),
     )
     result.save(out)
     print(f"flexmoe: wrote spec {out} (sha256 {result.sha256[:16]}..., fingerprint {result.fingerprint[:16]}...)")
@@ -313,8 +297,6 @@ def evaluate(
         batch_size: Rows per forward pass.
         max_tokens: Evaluate at most this many tokens per domain.
     """
-    from flexmoe.evaluate import eval_models
-
     eval_models(
         model, data, oracle=oracle, json_out=json, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens
     )
@@ -345,11 +327,7 @@ def tune_router(
         format: Output format (default: the format of ``model``).
         allow_approximate: Export even where the format cannot represent the model exactly.
     """
-    from flexmoe.data.documents import read_documents
-    from flexmoe.evaluate import parse_domains
-    from flexmoe.owner.proxy import ProxySelection
-    from flexmoe.spec import FederationSpec
-    from flexmoe.training.router_tuning import tune_router as tune
+    from flexmoe.training.router_tuning import tune_router as tune  # Lightning: only this command needs it
 
     public_docs = read_documents(public_data)
     proxies = {}
@@ -381,9 +359,7 @@ def merge(recipe: str, out: str) -> None:
         recipe: The merge recipe (YAML): method, base, models and the method's parameters.
         out: Output directory (must not exist yet, or be empty).
     """
-    from flexmoe.merge.config import merge as run
-
-    print(f"flexmoe: merged -> {run(recipe, out)}")
+    print(f"flexmoe: merged -> {merge_recipe(recipe, out)}")
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""``flexmoe train-expert``: an owner's training run as a ``LightningCLI``.
+
+The one command that is not a plain function in :mod:`flexmoe.cli.commands`: Lightning builds its
+parser, so every ``Trainer`` and ``TextDataModule`` option is there. The spec fixes the recipe
+and the callbacks that make a valid expert are always attached.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.pytorch.cli import LightningCLI
+
+from flexmoe.cli import normalize_options
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.documents import read_documents
 from flexmoe.spec import FederationSpec
 from flexmoe.training.expert import ExpertModule, expert_callbacks
 
@@ -19,9 +29,6 @@ def train_expert_cli(args: list[str] | None = None) -> None:
     (``--data.*`` options other than those stay free), and the callbacks that make an expert
     valid are always attached.
     """
-    from lightning.pytorch.cli import LightningCLI
-
-    from flexmoe.data.datamodule import TextDataModule
 
     class ExpertCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):
@@ -57,8 +64,6 @@ def train_expert_cli(args: list[str] | None = None) -> None:
             cfg = self.config
             public_docs = None
             if cfg.public_data:
-                from flexmoe.data.documents import read_documents
-
                 public_docs = read_documents(cfg.public_data)
             self.trainer.callbacks.extend(expert_callbacks(self._spec, cfg.out, public_docs))
 
@@ -80,8 +85,6 @@ def _expert_argv(argv: list[str]) -> list[str]:
     """Accept ``--data A B`` (the owner's text), several ``--public-data`` paths and dashed
     option names (``--max-steps``). LightningCLI's own ``--data`` is the datamodule group, so
     ``--data PATH...`` is shorthand for ``--data.sources '[PATH, ...]'``."""
-    from flexmoe.cli import normalize_options
-
     argv = normalize_options(argv, {"data": "list", "public_data": "list"})
     return ["--data.sources" if a == "--data" else a for a in argv]
 
@@ -92,7 +95,7 @@ def _module_class(argv: list[str]) -> type[ExpertModule]:
     spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--spec"), None)
     spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith("--spec=")), None)
     if spec and Path(spec).is_file() and FederationSpec.load(spec).expert.lora_rank:
-        from flexmoe.training.lora_expert import LoraExpertModule
+        from flexmoe.training.lora_expert import LoraExpertModule  # peft: an optional dependency
 
         return LoraExpertModule
     return ExpertModule

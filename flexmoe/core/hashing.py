@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Content hashes: the public model's fingerprint and an expert's content hash.
+
+The fingerprint (sha256 over the public model's tensors by sorted name) is what every owner's
+expert and the spec are checked against, so a dense model and any MoE upcycled from it hash the
+same. It sits on the lowest floor because model surgery, the artifact loader, training and the
+coordinator all need the same definition.
+"""
 
 from __future__ import annotations
 

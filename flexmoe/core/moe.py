@@ -12,18 +12,27 @@ Router, per layer (FlexOlmo eq. 1 with the negative-bias opt-out of section 3.3)
 
 Only the tokens routed to an expert run through it, so expert compute depends on
 ``top_k``, not on the number of experts.
+
+Every router implements :class:`ExpertRouter`, so model surgery (opt-out, opt-in, freezing) and
+the checkpoint formats work on any router without knowing its class. :class:`Router` and
+:class:`AffineRouter` are the library's; a router defined elsewhere subclasses
+:class:`PerExpertRouter` and registers itself (:func:`register_router`) so a native export of
+it loads again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+
+from flexmoe.core.errors import InputError
 
 
 @dataclass
@@ -50,7 +59,173 @@ class MoESettings:
         return max(1, min(k, self.num_experts))
 
 
-class Router(nn.Module):
+class RouterFormatError(InputError):
+    """A checkpoint format cannot hold this router; the message names what it cannot express."""
+
+
+@runtime_checkable
+class ExpertRouter(Protocol):
+    """What every router of a :class:`MoEBlock` provides.
+
+    Surgery and export speak only this protocol, so a new router (one that holds per-expert
+    statistics beside its rows, or judges the whole prefix) plugs in without touching them:
+
+    - ``router(x)``: float32 logits ``[T, E]`` for ``x`` ``[T, H]``; the block takes their
+      softmax and top-k.
+    - :meth:`freeze_rows`: while an owner trains, the public row ``r_0`` and the other owners'
+      rows share a tensor with the trainable ones and must not move.
+    - :meth:`expert_state`, :meth:`keep_experts`, :meth:`append_expert`: opt-out and opt-in
+      by expert index. An expert's state is named as an :class:`~flexmoe.ExpertArtifact` names
+      it under ``layers.{L}.`` (``router.embedding``, ``router.bias``, ...), so an artifact's
+      tensors opt an owner in and the state of one expert round-trips exactly.
+    - :meth:`linear_gate`: the rows ``[E, H]`` and effective biases ``[E]`` (float32) with
+      ``logits = x @ W.T + b``: what the FlexOlmo and Mixtral gates hold. A router that is
+      not such a map raises :class:`RouterFormatError` saying why.
+    - ``kind``, :meth:`native_state`, :meth:`from_native_state`: the native format writes
+      ``kind`` and the tensors and rebuilds the router from them (:func:`router_class`).
+    """
+
+    kind: ClassVar[str]
+
+    @property
+    def num_experts(self) -> int: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def freeze_rows(self, trainable: Sequence[int] | None) -> None: ...
+
+    def expert_state(self, j: int) -> dict[str, torch.Tensor]: ...
+
+    def keep_experts(self, keep: Sequence[int]) -> None: ...
+
+    def append_expert(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+    def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def native_state(self) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def from_native_state(cls, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None): ...
+
+
+ROUTERS: dict[str, type[ExpertRouter]] = {}
+
+
+def register_router(cls):
+    """Class decorator: let native exports of routers of ``cls.kind`` load again (:func:`router_class`)."""
+    known = ROUTERS.get(cls.kind)
+    reloaded = known is not None and (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+    if known is not None and not reloaded:
+        raise ValueError(f"router kind {cls.kind!r} is taken by {known.__module__}.{known.__qualname__}")
+    ROUTERS[cls.kind] = cls
+    return cls
+
+
+def router_class(kind: str) -> type[ExpertRouter]:
+    """The router class a native export names by ``kind``."""
+    if kind not in ROUTERS:
+        raise InputError(
+            f"unknown router kind {kind!r}; this process knows {', '.join(sorted(ROUTERS))}. A router defined "
+            "outside flexmoe registers itself (flexmoe.core.moe.register_router) when its module is imported: "
+            "import it before loading"
+        )
+    return ROUTERS[kind]
+
+
+class PerExpertRouter(nn.Module):
+    """An :class:`ExpertRouter` whose state is tensors indexed by expert along dim 0.
+
+    ``per_expert`` maps each such attribute (parameter or buffer) to the name of one expert's
+    slice in :meth:`expert_state` (a ``[E]`` tensor gives a ``[1]`` slice, ``[E, ...]`` gives
+    ``[...]``, as artifacts store them). Opt-out, opt-in and freezing follow from it; a subclass
+    supplies ``forward`` (calling :meth:`frozen` on each per-expert tensor it reads),
+    :meth:`linear_gate` and :meth:`from_native_state`.
+    """
+
+    kind: ClassVar[str]
+    per_expert: ClassVar[dict[str, str]] = {}
+    # Appended to the error when :meth:`append_expert` misses part of a new expert's state.
+    opt_in_hint: ClassVar[str] = ""
+
+    def __init__(self):
+        super().__init__()
+        # When set, only these rows (experts) receive gradients; the others are frozen while
+        # sharing one tensor with them (an owner trains r_1 but never r_0).
+        self.register_buffer("trainable_rows", None, persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return getattr(self, next(iter(self.per_expert))).shape[0]
+
+    def freeze_rows(self, trainable: Sequence[int] | None) -> None:
+        """Let only the rows of the ``trainable`` experts learn (``None``: all)."""
+        if trainable is None:
+            self.trainable_rows = None
+            return
+        ref = getattr(self, next(iter(self.per_expert)))
+        mask = torch.zeros(self.num_experts, dtype=torch.bool, device=ref.device)
+        mask[list(trainable)] = True
+        self.trainable_rows = mask
+
+    def frozen(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (indexed by expert along dim 0) with the frozen experts' rows detached."""
+        if self.trainable_rows is None:
+            return t
+        m = self.trainable_rows.reshape(-1, *([1] * (t.dim() - 1)))
+        return torch.where(m, t, t.detach())
+
+    def expert_state(self, j: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for attr, key in self.per_expert.items():
+            t = getattr(self, attr).detach()
+            out[key] = (t[j : j + 1] if t.dim() == 1 else t[j]).clone()
+        return out
+
+    def keep_experts(self, keep: Sequence[int]) -> None:
+        """Keep the experts ``keep``, in that order (opt-out drops one); freezing is reset."""
+        keep = list(keep)
+        for attr in self.per_expert:
+            self._replace(attr, getattr(self, attr).detach()[keep])
+        self.freeze_rows(None)
+
+    def append_expert(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Append one expert, given its :meth:`expert_state` (extra entries are ignored). Nothing
+        changes if part of it is missing or misshapen."""
+        missing = [key for key in self.per_expert.values() if key not in state]
+        if missing:
+            raise InputError(
+                f"{type(self).__name__} needs {missing} for a new expert, got {sorted(state)}. {self.opt_in_hint}".strip()
+            )
+        grown = {}
+        for attr, key in self.per_expert.items():
+            t, x = getattr(self, attr).detach(), state[key]
+            if x.numel() != t[0].numel():
+                raise InputError(
+                    f"{key} of the new expert has shape {list(x.shape)}, this router's is {list(t.shape[1:])}"
+                )
+            grown[attr] = torch.cat([t, x.detach().to(t).reshape(1, *t.shape[1:])])
+        for attr, t in grown.items():
+            self._replace(attr, t)
+        self.freeze_rows(None)
+
+    def _replace(self, attr: str, value: torch.Tensor) -> None:
+        old = getattr(self, attr)
+        if isinstance(old, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        setattr(self, attr, value)
+
+    def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RouterFormatError(
+            f"{type(self).__name__} is not a linear map of one token's hidden state, which is all a FlexOlmo or "
+            "Mixtral gate ([E, H] rows, no bias) can hold; export with format='native'"
+        )
+
+    def native_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+
+@register_router
+class Router(PerExpertRouter):
     """Linear router with one embedding row and one clamped bias per expert.
 
     ``weight`` is ``[E, H]`` (row ``j`` is ``r_j``); ``bias`` holds the raw ``beta_j``.
@@ -58,22 +233,27 @@ class Router(nn.Module):
     expert (index 0), whatever ``bias[0]`` holds.
     """
 
+    kind = "clamped"
+    per_expert = {"weight": "router.embedding", "bias": "router.bias"}
+
     def __init__(self, hidden_size: int, num_experts: int, *, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32, device=device))
-        # When set, only these rows (experts) receive gradients; the others are frozen while
-        # sharing one tensor with them (an owner trains r_1 but never r_0).
-        self.register_buffer("trainable_rows", None, persistent=False)
 
-    def freeze_rows(self, trainable: Sequence[int] | None) -> None:
-        """Let only the router rows and biases of ``trainable`` experts learn (``None``: all)."""
-        if trainable is None:
-            self.trainable_rows = None
-            return
-        mask = torch.zeros(self.weight.shape[0], dtype=torch.bool, device=self.weight.device)
-        mask[list(trainable)] = True
-        self.trainable_rows = mask
+    @classmethod
+    def from_rows(cls, weight: torch.Tensor, bias: torch.Tensor, *, dtype: torch.dtype | None = None):
+        """A router holding copies of ``weight`` ``[E, H]`` (in ``dtype``, default its own) and the raw
+        biases ``bias`` ``[E]`` (float32)."""
+        router = cls(weight.shape[1], weight.shape[0], dtype=dtype or weight.dtype, device=weight.device)
+        with torch.no_grad():
+            router.weight.copy_(weight)
+            router.bias.copy_(bias)
+        return router
+
+    @classmethod
+    def from_native_state(cls, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None):
+        return cls.from_rows(state["weight"], state["bias"], dtype=dtype)
 
     def effective_bias(self) -> torch.Tensor:
         b = self.bias.float().clamp(max=0.0)
@@ -82,13 +262,12 @@ class Router(nn.Module):
         mask[0] = 0.0
         return b * mask
 
+    def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.detach(), self.effective_bias().detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 router logits ``[T, E]`` for ``x`` of shape ``[T, H]``."""
-        w, b = self.weight.float(), self.effective_bias()
-        if self.trainable_rows is not None:
-            m = self.trainable_rows
-            w, b = torch.where(m[:, None], w, w.detach()), torch.where(m, b, b.detach())
-        return F.linear(x.float(), w) + b
+        return F.linear(x.float(), self.frozen(self.weight.float())) + self.frozen(self.effective_bias())
 
 
 def _silu_gated(expert: nn.Module) -> bool:
@@ -106,8 +285,9 @@ def _silu_gated(expert: nn.Module) -> bool:
 
 def _gated_inplace(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The gated SiLU MLP without its two ``[n, intermediate]`` temporaries (SiLU and the product
-    in place): the same numbers as the module's forward, 1-14% less time on CPU for a few hundred
-    to a few thousand rows (the allocations' page faults). Inference only: autograd needs them."""
+    in place): the same numbers as the module's forward, in less time on CPU, where the
+    temporaries' allocations cost page faults (docs/performance.md). Inference only: autograd
+    needs them."""
     a = F.linear(x, expert.gate_proj.weight)
     F.silu(a, inplace=True)
     a.mul_(F.linear(x, expert.up_proj.weight))
@@ -117,10 +297,10 @@ def _gated_inplace(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class MoEBlock(nn.Module):
     """A drop-in replacement for a decoder layer's MLP: ``[B, S, H] -> [B, S, H]``."""
 
-    def __init__(self, experts: Sequence[nn.Module], router: Router, settings: MoESettings):
+    def __init__(self, experts: Sequence[nn.Module], router: ExpertRouter, settings: MoESettings):
         super().__init__()
-        if len(experts) != router.weight.shape[0]:
-            raise ValueError(f"{len(experts)} experts but the router has {router.weight.shape[0]} rows")
+        if len(experts) != router.num_experts:
+            raise ValueError(f"{len(experts)} experts but the router routes to {router.num_experts}")
         self.experts = nn.ModuleList(experts)
         self.router = router
         self.settings = settings
@@ -173,10 +353,9 @@ class MoEBlock(nn.Module):
         """Each expert runs once, on a contiguous slice of the (token, slot) pairs routed to it.
 
         The pairs are sorted by expert once (one host sync for the counts, none per expert);
-        experts with no tokens never run. Measured on CPU (benchmarks/moe_inference.py, 2-16
-        experts, two runs): median 1.01-1.06x the faster of transformers' two paths (mostly its
-        eager per-expert loop), per-cycle quartiles down to 0.98; ``torch._grouped_mm`` itself
-        (torch 2.13) took ~1.3x as long as this loop of plain matmuls for 16 groups of 256 rows.
+        experts with no tokens never run. A loop of plain matmuls rather than
+        ``torch._grouped_mm``, which was slower on CPU; ``benchmarks/moe_inference.py`` compares
+        this path with ``transformers``' own (docs/performance.md).
         """
         out = torch.zeros_like(h)
         flat = indices.reshape(-1)
@@ -243,9 +422,12 @@ def load_balancing_loss(logits: Sequence[torch.Tensor] | torch.Tensor, top_k: in
     return torch.stack(losses).mean()
 
 
+@register_router
 class AffineRouter(Router):
-    """A :class:`~flexmoe.core.moe.Router` whose biases are used as they are: no ``min(beta, 0)``
-    clamp, and the public expert's bias is free too. ``logits_j = r_j . x + b_j``."""
+    """A :class:`Router` whose biases are used as they are: no ``min(beta, 0)`` clamp, and the
+    public expert's bias is free too. ``logits_j = r_j . x + b_j``."""
+
+    kind = "affine"
 
     def effective_bias(self) -> torch.Tensor:
         return self.bias.float()

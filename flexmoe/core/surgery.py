@@ -1,9 +1,12 @@
-"""Model surgery on Hugging Face decoders: dense -> MoE, opt-out, opt-in, fingerprint.
+"""Model surgery on Hugging Face decoders: dense -> MoE, opt-out, opt-in, top-k, freezing.
 
 Every decoder layer's ``mlp`` becomes a :class:`~flexmoe.core.moe.MoEBlock` whose expert 0 is
 the public MLP itself and whose other experts are copies of it (same class). Works for any
 ``transformers`` causal LM whose decoder layers have an ``mlp`` attribute (OLMo-2, Llama,
 Mistral, Qwen2, Qwen3 are tested).
+
+Opt-out, opt-in and freezing speak only the router protocol
+(:class:`~flexmoe.core.moe.ExpertRouter`), so they work whatever router each layer holds.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def opt_out(model: nn.Module, expert: int | str) -> nn.Module:
     for block in moe_blocks(model):
         keep = [i for i in range(block.num_experts) if i != j]
         block.experts = nn.ModuleList([block.experts[i] for i in keep])
-        _resize_router(block.router, keep)
+        block.router.keep_experts(keep)
     del s.owners[j]
     if s.top_k is not None and s.top_k > s.num_experts:
         s.top_k = s.num_experts
@@ -139,32 +142,40 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
     """Append an owner's expert (from an :class:`~flexmoe.ExpertArtifact`) to every layer, in place.
 
     The artifact is validated against this model first (fingerprint of the public part,
-    layer count, tensor names, shapes and dtypes); nobody else is retrained.
+    layer count, tensor names, shapes and dtypes); nobody else is retrained. Each layer's router
+    takes the artifact's tensors of that layer other than the expert's
+    (:meth:`~flexmoe.core.moe.ExpertRouter.append_expert`); if one refuses, the model is left
+    as it was.
     """
     s = settings(model)
     if artifact.owner in s.owners:
         raise ValueError(f"an expert owned by {artifact.owner!r} is already in the model")
     artifact.validate(model, fingerprint=fingerprint(model) if check_fingerprint else None)
-    for L, block in enumerate(moe_blocks(model)):
-        state, embedding, bias = artifact.layer(L)
+    blocks = moe_blocks(model)
+    for L, block in enumerate(blocks):
+        try:
+            block.router.append_expert(_router_state(artifact, L))
+        except Exception:
+            for done in blocks[:L]:
+                done.router.keep_experts(range(done.num_experts))
+            raise
+    for L, block in enumerate(blocks):
         expert = copy.deepcopy(block.experts[0])
-        expert.load_state_dict(state)
+        expert.load_state_dict(artifact.layer(L)[0])
         block.experts.append(expert)
-        keep = list(range(block.num_experts - 1))
-        _resize_router(block.router, keep, extra=(embedding, bias))
     s.owners.append(artifact.owner)
     return model
 
 
-def _resize_router(router: Router, keep: list[int], extra: tuple[torch.Tensor, torch.Tensor] | None = None):
-    w, b = router.weight.data[keep], router.bias.data[keep]
-    if extra is not None:
-        emb, bias = extra
-        w = torch.cat([w, emb.to(w).reshape(1, -1)])
-        b = torch.cat([b, bias.to(b).reshape(1)])
-    router.weight = nn.Parameter(w, requires_grad=router.weight.requires_grad)
-    router.bias = nn.Parameter(b, requires_grad=router.bias.requires_grad)
-    router.freeze_rows(None)  # row indices changed; freezing is a training-time setting
+def _router_state(artifact: ExpertArtifact, L: int) -> dict[str, torch.Tensor]:
+    """Layer ``L``'s tensors of ``artifact`` other than the expert's, named without ``layers.{L}.``
+    (``router.embedding``, ``router.bias``, ``stats.*``): what a router may keep per expert."""
+    prefix = f"layers.{L}."
+    return {
+        name[len(prefix) :]: t
+        for name, t in artifact.tensors.items()
+        if name.startswith(prefix) and not name.startswith(prefix + "expert.")
+    }
 
 
 def _check_owner_names(owners: list[str]) -> None:
@@ -177,16 +188,10 @@ def _check_owner_names(owners: list[str]) -> None:
 
 def use_affine_routers(model: nn.Module) -> nn.Module:
     """Replace every MoE layer's router by an :class:`AffineRouter` computing the same logits
-    (biases set to the old effective biases), in place. Returns ``model``."""
+    (its :meth:`~flexmoe.core.moe.ExpertRouter.linear_gate`), in place. Returns ``model``."""
     for block in moe_blocks(model):
-        old = block.router
-        if isinstance(old, AffineRouter):
-            continue
-        new = AffineRouter(old.weight.shape[1], old.weight.shape[0], dtype=old.weight.dtype, device=old.weight.device)
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-            new.bias.copy_(old.effective_bias())
-        block.router = new
+        if not isinstance(block.router, AffineRouter):
+            block.router = AffineRouter.from_rows(*block.router.linear_gate())
     return model
 
 
@@ -195,8 +200,8 @@ def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[n
     router rows and biases trainable. Returns the trainable parameters.
 
     Router rows of frozen experts share one tensor with the trainable rows; the router
-    detaches them (:meth:`~flexmoe.core.moe.Router.freeze_rows`) and gets no weight decay (see
-    :meth:`ExpertModule.configure_optimizers`), so ``r_0`` stays bit-for-bit unchanged.
+    detaches them (:meth:`~flexmoe.core.moe.ExpertRouter.freeze_rows`) and gets no weight decay
+    (see :meth:`ExpertModule.configure_optimizers`), so ``r_0`` stays bit-for-bit unchanged.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -207,7 +212,7 @@ def freeze_public(model: nn.Module, trainable: tuple[int, ...] = (1,)) -> list[n
                 p.requires_grad_(True)
                 trainable_params.append(p)
         block.router.freeze_rows(trainable)
-        for p in (block.router.weight, block.router.bias):
+        for p in block.router.parameters():
             p.requires_grad_(True)
             trainable_params.append(p)
     return trainable_params

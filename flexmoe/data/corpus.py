@@ -4,19 +4,19 @@ FlexOlmo's evaluation (Table 1) needs a public corpus and several far-apart owne
 :func:`local_corpus` builds them from the Python standard library itself, so any machine can
 reproduce a run offline: no download, nothing cached, the same documents on every machine with
 the same CPython build. Five domains come by default, all read from parts of the standard
-library that every distribution ships::
+library that every distribution ships (their sizes: docs/demo.md)::
 
-    domain          what                                                         (CPython 3.11)
-    stdlib_code     library modules as code only: docstrings and comments removed  499 docs, 5.5 MB
-    docstrings      the docstrings of those modules (API prose)                    443 docs, 1.4 MB
-    comments        the ``#`` comments of those modules (terse notes on code)       474 docs, 1.8 MB
-    pydoc_topics    the language reference behind ``help()`` (``pydoc_data``)        79 docs, 0.47 MB
-    unicode_names   the Unicode character database: code point, character, name    158 docs, 1.1 MB
+    domain          what
+    stdlib_code     library modules as code only: docstrings and comments removed
+    docstrings      the docstrings of those modules (API prose)
+    comments        the ``#`` comments of those modules (terse notes on code)
+    pydoc_topics    the language reference behind ``help()`` (``pydoc_data``)
+    unicode_names   the Unicode character database: code point, character, name
 
 "Library modules" are the modules named in ``sys.stdlib_module_names`` except the ones some
 distributions split off (idlelib, tkinter, turtle, lib2to3, distutils, ensurepip) and every
-``test``/``tests`` package. Building all five takes 10-20 s (tokenizing 500 modules); a
-``max_docs_per_domain`` cap parses only the modules the sample needs.
+``test``/``tests`` package. Building them tokenizes every module; a ``max_docs_per_domain`` cap
+parses only the modules the sample needs.
 
 One module file gives one document in each of the first three domains, so the three never
 share text, and a held-out module is held out in all of them. Two more domains are built on
@@ -48,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexmoe.core.io import atomic_file
 from flexmoe.data.documents import split_documents
 
 DEFAULT_DOMAINS = ("stdlib_code", "docstrings", "comments", "pydoc_topics", "unicode_names")
@@ -188,10 +189,8 @@ def write_corpus(domains: dict[str, Domain] | Sequence[Domain], out_dir: str | o
         folder = root / domain.name
         folder.mkdir(parents=True, exist_ok=True)
         for split, texts in (("train", domain.train), ("val", domain.val)):
-            tmp = folder / f".{split}.jsonl.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_file(folder / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
-            os.replace(tmp, folder / f"{split}.jsonl")
         paths[domain.name] = folder
     return paths
 
@@ -431,7 +430,7 @@ def _test_modules(stdlib: Path) -> list[tuple[str, str]]:
 
 
 def _pydoc_topics() -> list[tuple[str, str]]:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # a megabyte of reference text: loaded only for this domain
 
     return [(name, text.strip() + "\n") for name, text in sorted(topics.items()) if text.strip()]
 

@@ -1,22 +1,9 @@
-"""One domain's text -> tokenised, packed sequences: the data owner's input (DESIGN.md step 2).
+"""One domain's text -> tokenised, packed sequences: the data owner's input (docs/design.md).
 
 :class:`TextDataModule` reads an owner's local text, splits it into training and validation
 documents, tokenises it with the public model's tokenizer and packs it into fixed-length
-sequences, caching the result on disk. Nothing here leaves the owner's machine.
-
-Sources (any mix, in the order given; each expanded in sorted path order)::
-
-    notes.txt            a text file                   -> one document (see ``split_paragraphs``)
-    corpus.jsonl[.gz]    one JSON object per line      -> one document per line's ``text_field``
-    notes/               a folder, read recursively    -> its files as above; binary files skipped
-    /data/**/*.md        a glob pattern                -> the files (and folders) it matches
-    saved/               a ``datasets`` ``save_to_disk`` directory -> one document per row
-
-Folders skip hidden entries (``.git``, ``.cache``) and files that are not UTF-8 text; a file
-reached twice (overlapping sources, symlinks) is read once.
-
-:func:`train_tokenizer` trains a small byte-level BPE tokenizer, for a public model pretrained
-from scratch on local text (the demo, the tests).
+sequences, caching the result on disk. Nothing here leaves the owner's machine. The sources it
+reads are :func:`flexmoe.data.documents.read_documents`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -32,17 +18,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from transformers import AutoTokenizer
 
+from flexmoe.core.io import atomic_file
 from flexmoe.data.documents import Source, _read_entries, _resolve, _show, split_documents
-from flexmoe.data.packing import _ENCODE_BATCH, _encode, pack, tokenizer_hash
+from flexmoe.data.packing import eos_token_id, tokenize_and_pack, tokenizer_hash
 
 CACHE_FORMAT = "1"
 
 
-# -- reading documents -----------------------------------------------------------------------
-
-
-# -- splitting, tokenising, packing ------------------------------------------------------------
+# -- the cache ------------------------------------------------------------------------------
 
 
 def _default_cache_dir() -> Path:
@@ -187,14 +172,8 @@ class TextDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             tok = self._tokenizer_arg
             if isinstance(tok, (str, os.PathLike)):
-                from transformers import AutoTokenizer
-
                 tok = AutoTokenizer.from_pretrained(os.fspath(tok))
-            if getattr(tok, "eos_token_id", None) is None:
-                raise ValueError(
-                    f"tokenizer {getattr(tok, 'name_or_path', '') or type(tok).__name__} has no EOS token, "
-                    "which separates documents in packed sequences; set tokenizer.eos_token"
-                )
+            eos_token_id(tok)  # refuse a tokenizer without EOS now, not when packing
             self._tokenizer = tok
         return self._tokenizer
 
@@ -226,11 +205,7 @@ class TextDataModule(L.LightningDataModule):
         docs, tok = self.documents(), self.tokenizer
         out, counts = {}, {}
         for name, idx in zip(("train", "val"), self._split_indices()):
-            texts = [docs[i] for i in idx]
-            batches = (_encode(tok, texts[i : i + _ENCODE_BATCH]) for i in range(0, len(texts), _ENCODE_BATCH))
-            ids = (doc_ids for batch in batches for doc_ids in batch)
-            out[name], counts[name] = pack(ids, tok.eos_token_id, self.seq_len)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+            out[name], counts[name] = tokenize_and_pack([docs[i] for i in idx], tok, self.seq_len)
         metadata = {
             "format": CACHE_FORMAT,
             "seq_len": str(self.seq_len),
@@ -239,14 +214,8 @@ class TextDataModule(L.LightningDataModule):
             "train_stream_tokens": str(counts["train"]),
             "val_stream_tokens": str(counts["val"]),
         }
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata=metadata)
-            os.replace(tmp, self.cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(self.cache_path) as tmp:  # other ranks may be reading the cache
+            save_file(out, str(tmp), metadata=metadata)
         rank_zero_info(
             f"flexmoe.data.datamodule: tokenised {len(docs)} documents into {out['train'].shape[0]} train and "
             f"{out['val'].shape[0]} validation sequences of {self.seq_len} tokens ({self.cache_path})"
@@ -329,6 +298,3 @@ class TextDataModule(L.LightningDataModule):
     @property
     def num_val_tokens(self) -> int:
         return self._loaded("_val").numel()
-
-
-# -- a tokenizer for a public model trained from scratch ---------------------------------------

@@ -1,4 +1,17 @@
-"""TODO docstring."""
+"""Reading an owner's text into documents, and the train/validation split.
+
+Sources (any mix, in the order given; each expanded in sorted path order)::
+
+    notes.txt            a text file                   -> one document (see ``split_paragraphs``)
+    corpus.jsonl[.gz]    one JSON object per line      -> one document per line's ``text_field``
+    notes/               a folder, read recursively    -> its files as above; binary files skipped
+    /data/**/*.md        a glob pattern                -> the files (and folders) it matches
+    saved/               a ``datasets`` ``save_to_disk`` directory -> one document per row
+
+Folders skip hidden entries (``.git``, ``.cache``) and files that are not UTF-8 text; a file
+reached twice (overlapping sources, symlinks) is read once. :func:`split_documents` decides the
+split by each document's content, so the same text lands on the same side wherever it sits.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,8 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from flexmoe.core.errors import InputError
 
 Source = str | os.PathLike
 
@@ -59,7 +74,7 @@ def _read_entries(entries, shown: str, text_field: str, split_paragraphs: bool |
     docs = [d for d in docs if d.strip()]
     if not docs:
         why = f" ({skipped} binary or non-UTF-8 file(s) skipped)" if skipped else ""
-        raise ValueError(f"the data sources {shown} hold no text{why}")
+        raise InputError(f"the data sources {shown} hold no text{why}")
     return docs
 
 

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""Tokenised text as fixed-length rows: documents joined by EOS and cut into ``seq_len`` tokens.
+
+:func:`tokenize_and_pack` is the one path from text to rows; :func:`pack_domain` (evaluation:
+paths, lists or rows; refuses too little text), :func:`pack_documents` (router tuning: may be
+empty) and :class:`~flexmoe.data.datamodule.TextDataModule` (training, cached) all use it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from flexmoe.data.documents import read_documents
 
 _ENCODE_BATCH = 256
 Documents = str | os.PathLike | Sequence[str] | torch.Tensor
@@ -47,27 +54,43 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 
+def eos_token_id(tokenizer) -> int:
+    """The tokenizer's EOS id, which separates documents in packed rows; a tokenizer without one
+    is refused (any other id would silently join documents with an ordinary token)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name} has no EOS token, which separates documents in packed rows; set tokenizer.eos_token"
+        )
+    return int(eos)
+
+
+def tokenize_and_pack(documents: Sequence[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, int]:
+    """Tokenise ``documents`` (in batches, no special tokens) and :func:`pack` them with the
+    tokenizer's EOS between documents: ``int32`` rows ``[N, seq_len]`` and the stream's length.
+    Every tokenise-and-pack in flexmoe goes through here."""
+    eos = eos_token_id(tokenizer)
+    docs = list(documents)
+    ids = (i for k in range(0, len(docs), _ENCODE_BATCH) for i in _encode(tokenizer, docs[k : k + _ENCODE_BATCH]))
+    return pack(ids, eos, seq_len)
+
+
 def pack_domain(documents: Documents, tokenizer, seq_len: int = 256, max_tokens: int | None = None) -> torch.Tensor:
     """The packed rows ``[N, seq_len]`` (int64) that a domain is evaluated on.
 
     ``documents``: a path (file, folder, glob, JSONL, ``datasets`` directory: anything
     :func:`flexmoe.data.documents.read_documents` reads; *all* its documents are used), a list of
     document strings, or already packed rows (returned as they are). ``max_tokens`` keeps
-    the first ``max(1, max_tokens // seq_len)`` rows.
+    the first ``max(1, max_tokens // seq_len)`` rows. Too little text for one row is an error.
     """
-    from flexmoe.data.documents import read_documents  # lightning is slow to import; only here
-    from flexmoe.data.packing import _encode, pack
-
     if isinstance(documents, torch.Tensor):
         rows = documents.long()
     else:
         if isinstance(documents, (str, os.PathLike)):
             documents = read_documents(documents)
         docs = list(documents)
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token, which separates documents in packed rows")
-        ids = (i for k in range(0, len(docs), _ENCODE_BATCH) for i in _encode(tokenizer, docs[k : k + _ENCODE_BATCH]))
-        rows, stream = pack(ids, tokenizer.eos_token_id, seq_len)
+        rows, stream = tokenize_and_pack(docs, tokenizer, seq_len)
         if rows.shape[0] == 0:
             raise ValueError(
                 f"{len(docs)} documents hold {stream} tokens, fewer than one row of seq_len={seq_len}; "
@@ -80,14 +103,11 @@ def pack_domain(documents: Documents, tokenizer, seq_len: int = 256, max_tokens:
 
 
 def pack_documents(documents: Sequence[str], tokenizer, seq_len: int, max_documents: int | None = None) -> torch.Tensor:
-    """Tokenise and pack documents into ``[N, seq_len]`` rows (EOS between documents)."""
-    from flexmoe.data.packing import _encode, pack
-
+    """The first ``max_documents`` documents (all by default) packed into ``[N, seq_len]`` int64
+    rows; unlike :func:`pack_domain`, too little text gives zero rows (a router-tuning source
+    that is empty is left out of the mixture, not an error)."""
     docs = list(documents)[:max_documents] if max_documents else list(documents)
-    if not docs:
-        return torch.empty(0, seq_len, dtype=torch.long)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows, _ = pack(_encode(tokenizer, docs), eos, seq_len)
+    rows, _ = tokenize_and_pack(docs, tokenizer, seq_len)
     return rows.long()
 
 

@@ -1,8 +1,17 @@
-"""TODO docstring."""
+"""A byte-level BPE tokenizer trained on local text, for a public model made from scratch.
+
+FlexOlmo starts from a public model that comes with its tokenizer; where none is at hand (the
+demo, the tests, :func:`flexmoe.training.pretrain.pretrain`), this trains one with the
+``tokenizers`` library and wraps it as a ``transformers`` tokenizer, so every later step
+(packing, export) treats it like any other.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 
 def train_tokenizer(
@@ -16,9 +25,6 @@ def train_tokenizer(
     special tokens. Byte-level means every string encodes, so ``vocab_size`` must leave room
     for the 256 byte symbols and the special tokens. No special token is added on encoding.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     special_tokens = list(special_tokens)
     if len(special_tokens) < 3 or len(set(special_tokens)) != len(special_tokens):
         raise ValueError(f"special_tokens must be distinct pad, bos, eos (then any others), got {special_tokens}")

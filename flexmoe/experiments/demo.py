@@ -1,5 +1,5 @@
 """The main job end to end: ``flexmoe demo --out DIR`` reproduces FlexOlmo's comparison table
-(Shi et al., 2025, Table 1; DESIGN.md "The evaluation table") on text found on this machine.
+(Shi et al., 2025, Table 1) on text found on this machine.
 
 1. **Data.** :func:`flexmoe.data.corpus.local_corpus`: public data = ``stdlib_code`` + ``pydoc_topics``;
    one owner per ``docstrings``, ``comments``, ``unicode_names``, ``licenses`` (docs/routing.md's
@@ -13,8 +13,9 @@
    ``ServerApp`` (the coordinator) on Flower's simulation engine: each owner trains its expert on
    its own text and ships it with its routing statistics and proxy selection; the coordinator
    validates and keeps every expert, merges them with the spec's routing recipe
-   (:func:`flexmoe.routing.route`, biases folded so the model exports exactly), tunes the router
-   on the proxy sets and public data, and exports a ``transformers`` FlexOlmo checkpoint
+   (:func:`flexmoe.routing.route`, biases folded so the model exports exactly), tunes the routers
+   over further Flower rounds on each owner's own text (only router rows leave an owner; FlexOlmo's
+   proxy-set tuning is a diagnostic), and exports a ``transformers`` FlexOlmo checkpoint
    (``DIR/federation/coordinator``; copied to ``DIR/model``).
 5. **Methods**, each scored with :func:`flexmoe.evaluate.perplexity` on every domain's held-out
    documents: ``public``, ``expert:<owner>``, ``soup``, ``weighted_soup``, ``btm``, ``btx``,
@@ -52,13 +53,14 @@ PUBLIC = "public"
 # the run config travels as a JSON file named by this environment variable.
 RUN_CONFIG_ENV = "FLEXMOE_DEMO_RUN_CONFIG"
 MARKER = ".flexmoe-demo"
+# The coordinator's export, and the format flexolmo_no_rt is rebuilt for (its routers folded alike).
+EXPORT_FORMAT = "flexolmo"
 
 
 @dataclass
 class DemoConfig:
-    """The sizes of a demo run. The defaults took 12 minutes on two lightly loaded CPU cores
-    (docs/demo.md has the stage times; two to three times that on a busy machine); :meth:`fast`
-    is the preset CI runs (about a minute there, a few on a busy machine).
+    """The sizes of a demo run: the defaults, or :meth:`fast`, the preset CI runs (docs/demo.md
+    has the measured times of both).
 
     Args:
         docs_per_domain: documents per corpus domain (a fixed hash-chosen sample; 10% held out).
@@ -408,7 +410,7 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
         # flow, so the run config switches it on. FlexOlmo export: the folded router is exact.
         "router-tuning": True,
         "resume": False,
-        "export-format": "flexolmo",
+        "export-format": EXPORT_FORMAT,
         "allow-approximate": False,
         "seed": cfg.seed,
         "poll-interval": 0.5,
@@ -460,10 +462,10 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
 
 
 class Models:
-    """Builds every row's model from the public model and the accepted artifacts."""
+    """Builds every row's model from the public model, the accepted artifacts and the spec."""
 
-    def __init__(self, public_dir: Path, artifacts: dict, cfg: DemoConfig):
-        self.public_dir, self.artifacts, self.cfg = public_dir, artifacts, cfg
+    def __init__(self, public_dir: Path, artifacts: dict, cfg: DemoConfig, spec):
+        self.public_dir, self.artifacts, self.cfg, self.spec = public_dir, artifacts, cfg, spec
 
     def public(self):
         from flexmoe.formats.load import load_public_model
@@ -471,9 +473,12 @@ class Models:
         return load_public_model(str(self.public_dir)).eval()
 
     def merged(self, owners, top_k):
-        from flexmoe.assembly import assemble
+        """FlexOlmo's merge as published of ``owners``' experts (their trained router rows beside
+        the spec's ``r_pub``): with one owner and ``top_k=2``, exactly that owner's own model."""
+        from flexmoe.assembly import merge_experts
 
-        return assemble(self.public(), [self.artifacts[o] for o in owners], top_k=top_k).eval()
+        arts = [self.artifacts[o] for o in owners]
+        return merge_experts(self.public(), arts, spec=self.spec, routing="published", top_k=top_k).model
 
     def with_expert_mlp(self, owner: str):
         """The dense public model with every MLP replaced by ``owner``'s expert."""
@@ -642,21 +647,22 @@ def routed_without_tuning(
     cfg: DemoConfig, models: Models, spec, public_docs: list[str], tokenizer, exportable: bool = True
 ) -> tuple:
     """``flexolmo_no_rt``: the coordinator's merge before its router tuning, rebuilt from the
-    accepted artifacts exactly as the coordinator builds it (assemble, then the spec's routing
-    recipe on the same public rows, biases folded for the FlexOlmo export). ``exportable=False``
-    keeps the discriminant's biases (flexmoe-native routers): what the fold costs."""
-    from flexmoe.data.packing import pack_domain
-    from flexmoe.routing import route
+    accepted artifacts by the coordinator's own pipeline (:func:`flexmoe.assembly.merge_experts`:
+    assemble, the spec's routing recipe on the same public rows, biases folded for the FlexOlmo
+    export). ``exportable=False`` keeps the discriminant's biases (flexmoe-native routers): what
+    the fold costs."""
+    from flexmoe.assembly import merge_experts
 
-    model = models.merged(OWNERS, cfg.top_k)
-    summary = route(
-        model,
+    merged = merge_experts(
+        models.public(),
         [models.artifacts[o] for o in OWNERS],
-        pack_domain(public_docs, tokenizer, cfg.seq_len),
-        spec.routing,
-        exportable=exportable,
+        spec=spec,
+        public_documents=public_docs,
+        tokenizer=tokenizer,
+        format=EXPORT_FORMAT if exportable else "native",
+        top_k=cfg.top_k,
     )
-    return model.eval(), summary
+    return merged.model, merged.routing
 
 
 def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_docs: list[str], tokenizer):
@@ -829,7 +835,7 @@ class DemoRun:
             spec,
             corpus,
             tokenizer,
-            Models(root / "public", artifacts, cfg),
+            Models(root / "public", artifacts, cfg, spec),
             eval_rows(cfg, corpus, tokenizer),
         )
 
@@ -844,7 +850,7 @@ class DemoRun:
         return load(self.root / "federation" / "coordinator" / "model").eval()
 
 
-# -- 6: the report (flexmoe/demo_report.py) ------------------------------------------------------
+# -- 6: the report (flexmoe/experiments/report.py) ------------------------------------------------
 
 
 def publish_model(source: Path, out: Path, model, rows: torch.Tensor) -> dict:
@@ -898,7 +904,7 @@ def demo(
 
     Args:
         out: Output directory (new or empty, or an earlier demo's with ``--overwrite``).
-        fast: The small preset (a few minutes; what CI runs) instead of the default sizes.
+        fast: The small preset (what CI runs) instead of the default sizes.
         settings: Sizes (``--settings.expert_steps 300``, or ``settings:`` in a ``--config`` YAML);
             with ``--fast``, the ones that differ from the default sizes override the fast preset.
         threads: Torch CPU threads (default: half the cores, at most 4); the simulated owners
@@ -979,7 +985,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     stages.times["router_tuning"] = round(float(tuning.get("seconds", 0.0)), 1)  # inside the federation stage
 
     tokenizer = AutoTokenizer.from_pretrained(public_dir)
-    models = Models(public_dir, artifacts, cfg)
+    models = Models(public_dir, artifacts, cfg, spec)
     table = Table(eval_rows(cfg, corpus, tokenizer), cfg, stages)
     table.score("public", models.public())
     singles = {o: models.merged([o], 2) for o in OWNERS}

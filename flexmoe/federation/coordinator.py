@@ -1,6 +1,6 @@
 """The coordinator's work inside the ServerApp: collect, validate, keep, merge, tune, export, report.
 
-FlexOlmo steps 3-5 (DESIGN.md): every owner's reply is rebuilt into an artifact file and put
+FlexOlmo steps 3-5 (docs/design.md): every owner's reply is rebuilt into an artifact file and put
 through all of :class:`~flexmoe.ExpertArtifact`'s checks (layout, identity against the spec's
 fingerprint and sha256, shapes against the public model, finite values, the owner's own name);
 a bad reply is rejected with its reason and the rest go on. Each accepted artifact is written to
@@ -24,14 +24,21 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from safetensors.torch import save_file
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
-from flexmoe.core.hashing import content_sha256, file_sha256
+from flexmoe.assembly import STATISTICS_HINT, lacks_statistics, merge_experts, statistics_needed
+from flexmoe.core.errors import InputError
+from flexmoe.core.hashing import file_sha256, fingerprint
+from flexmoe.core.io import atomic_write_json
+from flexmoe.data.documents import read_documents
+from flexmoe.evaluate import perplexity
+from flexmoe.federation import router_rounds
 from flexmoe.federation.records import (
     EXPERT,
     MANIFEST,
@@ -40,59 +47,30 @@ from flexmoe.federation.records import (
     PROXY,
     QUERY_MESSAGE,
     REPLY_RECORDS,
-    ROUND,
-    ROUTER_MESSAGE,
-    ROUTERS,
     SPEC,
     TRAIN,
     TRAIN_MESSAGE,
     arrays_to_tensors,
     manifest_to_metadata,
-    read_artifact_file,
     record_bytes,
     record_to_proxy,
-    tensors_to_arrays,
 )
-from flexmoe.federation.report import write_report
+from flexmoe.federation.report import (
+    ACCEPTED,
+    FAILED,
+    MISSING,
+    REJECTED,
+    TRAINING,
+    WAITING,
+    OwnerState,
+    run_report,
+    say,
+    write_report,
+)
 from flexmoe.federation.settings import CoordinatorSettings
+from flexmoe.formats.load import load_public_model
+from flexmoe.owner.proxy import ProxySelection
 from flexmoe.spec import FederationSpec
-
-# Owner statuses. Unresolved: waiting (not connected yet), training (spec sent, no reply yet).
-WAITING, TRAINING = "waiting", "training"
-ACCEPTED, REJECTED, FAILED, MISSING = "accepted", "rejected", "failed", "missing"
-
-
-@dataclass
-class OwnerState:
-    """What the coordinator knows about one expected owner."""
-
-    name: str
-    status: str = WAITING
-    reason: str | None = None
-    node_id: int | None = None
-    resumed: bool = False
-    seconds_to_reply: float | None = None
-    upload_bytes: int | None = None
-    training_tokens: int | None = None
-    metrics: dict = field(default_factory=dict)
-    proxy: dict | None = None
-    artifact: str | None = None
-    artifact_sha256: str | None = None
-    sent_at: float | None = field(default=None, repr=False)
-
-
-_T0 = time.monotonic()
-
-
-def say(msg: str) -> None:
-    """Progress for ``flwr log`` (the ServerApp's output is the run's log)."""
-    print(f"flexmoe coordinator [{time.monotonic() - _T0:7.1f} s]: {msg}", flush=True)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class Coordinator:
@@ -146,6 +124,11 @@ class Coordinator:
                 "the spec enables router tuning, which needs the public data: set run config "
                 "'public-data', or 'router-tuning=false'"
             )
+        if self.spec.routing.owner_statistics is not None and not self.s.public_data:
+            raise InputError(
+                f"the spec's routing recipe {self.spec.routing.method!r} needs the public data for its public "
+                "statistics: set run config 'public-data', or publish a spec whose routing.method is 'published'"
+            )
         self.earlier = sorted(self.artifacts_dir.glob("*.safetensors"))
         if not self.s.resume and (self.earlier or (self.out / "model").exists()):
             raise FileExistsError(
@@ -160,9 +143,6 @@ class Coordinator:
 
     def prepare(self) -> None:
         """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
-        from flexmoe.core.hashing import fingerprint
-        from flexmoe.formats.load import load_public_model
-
         self.public = load_public_model(self.public_path).eval()
         fp = fingerprint(self.public)
         if fp != self.spec.fingerprint:
@@ -171,8 +151,6 @@ class Coordinator:
                 f"{self.s.spec} says {self.spec.fingerprint[:16]}...; set run config 'public-model' to the published model"
             )
         if self.s.public_data:
-            from flexmoe.data.documents import read_documents
-
             self.public_docs = read_documents(self.s.public_data)
         for path in self.earlier:
             owner = path.name.removesuffix(".safetensors")
@@ -225,12 +203,13 @@ class Coordinator:
         new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
         if not new or not any(o.status == WAITING for o in self.owners.values()):
             return
-        messages = [self._message(RecordDict({OWNER: ConfigRecord({"want": "name"})}), n, QUERY_MESSAGE) for n in new]
+        messages = [self.message(RecordDict({OWNER: ConfigRecord({"want": "name"})}), n, QUERY_MESSAGE) for n in new]
         for n, mid in zip(new, self.grid.push_messages(messages)):
             self.nodes[n] = None
             self.pending[mid] = ("query", n)
 
-    def _message(self, content: RecordDict, node: int, kind: str) -> Message:
+    def message(self, content: RecordDict, node: int, kind: str) -> Message:
+        """A message of type ``kind`` to SuperNode ``node``, alive as long as the run waits for it."""
         ttl = self.s.train_timeout + self.s.connect_timeout + 60
         return Message(content, node, kind, group_id=f"flexmoe-{self.spec.sha256[:12]}", ttl=ttl)
 
@@ -255,7 +234,7 @@ class Coordinator:
                 TRAIN: ConfigRecord({"seed": self.s.seed}),
             }
         )
-        [mid] = list(self.grid.push_messages([self._message(content, node, TRAIN_MESSAGE)]))
+        [mid] = list(self.grid.push_messages([self.message(content, node, TRAIN_MESSAGE)]))
         self.pending[mid] = ("train", node)
         state.status, state.node_id, state.sent_at = TRAINING, node, time.monotonic()
         say(f"owner {name!r} connected (SuperNode {node}); spec sent, training")
@@ -276,8 +255,6 @@ class Coordinator:
 
     def accept(self, state: OwnerState, content: RecordDict) -> None:
         """Validate a reply as an artifact file; keep it (atomically) only if every check passes."""
-        from safetensors.torch import save_file
-
         owner = state.name
         extra = sorted(set(content.keys()) - REPLY_RECORDS)
         if extra:
@@ -318,7 +295,7 @@ class Coordinator:
         state.metrics, state.proxy = metrics, proxy
         state.training_tokens = artifact.training_tokens
         state.upload_bytes = record_bytes(*content.values())
-        _write_json(
+        atomic_write_json(
             self.received_dir / f"{owner}.json",
             {
                 "metadata": metadata,
@@ -329,17 +306,24 @@ class Coordinator:
                 "node_id": state.node_id,
                 "seconds_to_reply": state.seconds_to_reply,
             },
+            sort_keys=True,
         )
         os.replace(staged, final)  # the artifact's presence is what marks the owner accepted
         state.artifact, state.artifact_sha256 = str(final), file_sha256(final)
         self.resolve(state, ACCEPTED, None)
 
     def check_artifact(self, path: Path, owner: str) -> ExpertArtifact:
-        """Every ExpertArtifact check, plus: the artifact is the sending owner's own."""
+        """Every ExpertArtifact check, plus: the artifact is the sending owner's own, and it carries
+        the statistics the spec's routing recipe needs (the merge would refuse it otherwise, so it
+        is refused here, with the reason, while the other owners' experts go on)."""
         artifact = ExpertArtifact.load(path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         artifact.validate(self.public, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner", owner, artifact.owner, hint="an owner may only send its own expert")
+        recipe = self.spec.routing
+        if lacks_statistics(artifact, recipe):
+            needed = f"{statistics_needed(recipe)} (the spec's routing recipe {recipe.method!r} needs them)"
+            raise ArtifactError(owner, "routing statistics", needed, "none", source=path, hint=STATISTICS_HINT)
         return artifact
 
     def resolve(self, state: OwnerState, status: str, reason: str | None) -> None:
@@ -349,31 +333,36 @@ class Coordinator:
 
     # -- merging ------------------------------------------------------------------------------
     def merge(self, owners: list[str]):
-        """FlexOlmo steps 3-4: assemble ``[public, e_1 ... e_n]`` (expected-owners order), set the
-        routers by the spec's routing recipe, optionally tune them, and export. Returns the model."""
-        import flexmoe
+        """FlexOlmo steps 3-5: the assembly pipeline every caller shares
+        (:func:`flexmoe.assembly.merge_experts`: assemble ``[public, e_1 ... e_n]`` in
+        expected-owners order, route by the spec's recipe, fold the biases for a transformers
+        format), then router tuning if asked, and the export. Returns the model. Needs no Flower
+        grid unless the spec tunes the routers with the owners."""
         from flexmoe.core.surgery import settings as moe_settings
-        from flexmoe.formats.export import target_format
         from flexmoe.formats.load import detect_format
 
         self.phase = "merging"
         self.progress()
         t = time.monotonic()
-        artifacts = [
-            ExpertArtifact.load(
-                self.artifacts_dir / f"{o}.safetensors", fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256
-            )
-            for o in owners
-        ]
-        model = flexmoe.assemble(self.public, artifacts, top_k=self.s.top_k or None, spec_sha256=self.spec.sha256)
+        merged = merge_experts(
+            self.public,
+            [self.artifacts_dir / f"{o}.safetensors" for o in owners],
+            spec=self.spec,
+            public_documents=self.public_docs,
+            tokenizer=self.public_path,
+            format=self.s.export_format,
+            top_k=self.s.top_k or None,
+        )
+        model = merged.model
         self.summary["experts"] = list(moe_settings(model).owners)
-        target = target_format(model, self.s.export_format)
         tokenizer = None
         if self.public_docs is not None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.public_path)
-        self.summary["routing_recipe"] = self.route(model, artifacts, tokenizer, exportable=target != "native")
+        self.summary["routing_recipe"] = {
+            k: v for k, v in merged.routing.items() if isinstance(v, (str, int, float, bool))
+        }
         self.summary["merge_seconds"] = time.monotonic() - t
         tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
         if tune:
@@ -414,12 +403,9 @@ class Coordinator:
         out = self.out / "model"
         if out.exists() and self.s.resume:
             shutil.rmtree(out)  # our own earlier export, rebuilt from the kept artifacts
-        # Routers folded for a transformers format export to it exactly; otherwise "auto" falls back to
-        # native unless allow-approximate accepts dropping the router biases (FlexOlmo's merge drops them).
-        folded = self.summary["routing_recipe"].get("folded", False)
+        # The pipeline's own export: routers it folded export exactly to a transformers format.
         requested = self.s.export_format
-        fmt = target if requested != "auto" or folded or self.s.allow_approximate else "auto"
-        flexmoe.export(model, out, format=fmt, allow_approximate=self.s.allow_approximate, tokenizer=self.public_path)
+        merged.export(out, allow_approximate=self.s.allow_approximate)
         self.summary["export"] = {
             "dir": str(out),
             "format": detect_format(out),
@@ -431,158 +417,15 @@ class Coordinator:
         return model
 
     def tune_router_with_owners(self, model, owners: list[str], tokenizer) -> dict:
-        """Federated router tuning (``RouterTuningRecipe.data="owners"``): each round, every
-        accepted owner still connected trains the routers on its own text (message
-        ``train.router``) while the coordinator does the same on the public data; the round's
-        routers are ``start + server_lr * mean(change)`` over the participants
-        (:func:`~flexmoe.training.router_tuning.aggregate_router_rows`).
-        Replies are checked like artifacts; an owner that fails or sends bad routers sits the round
-        out, and after two such rounds in a row is left out of the rest. Returns the summary."""
-        from flexmoe.data.packing import pack_documents
-        from flexmoe.training.router_tuning import (
-            aggregate_router_rows,
-            check_router_rows,
-            local_router_round,
-            router_rows,
-            set_router_rows,
-        )
-
-        recipe = self.spec.router_tuning
-        public_rows = pack_documents(self.public_docs, tokenizer, recipe.seq_len, max_documents=2000)
-        files = {o: read_artifact_file(self.artifacts_dir / f"{o}.safetensors") for o in owners}  # read once
-        hashes = {o: content_sha256(*files[o]) for o in owners}
-        node_of = {name: node for node, name in self.nodes.items() if name}
-        active = [o for o in owners if o in node_of]
-        for o in sorted(set(owners) - set(active)):
-            self.notes.append(f"router tuning: owner {o!r} is not connected in this run; its data is not used")
-        has_experts = dict.fromkeys(owners, False)
-        strikes = dict.fromkeys(owners, 0)
-        rounds = []
-        for r in range(recipe.rounds):
-            t = time.monotonic()
-            start = router_rows(model)
-            sent = self._send_router_round(r, start, files, hashes, active, has_experts, node_of)
-            public = local_router_round(model, public_rows, recipe, r, seed=self.s.seed)  # meanwhile, the public share
-            updates, losses = [router_rows(model)], {"public": public["loss_last"]}
-            set_router_rows(model, start)
-            replies = self._router_replies(sent)
-            for owner in sorted(replies):  # a fixed order: the average does not depend on who answered first
-                reply = replies[owner]
-                problem = reply if isinstance(reply, str) else None
-                if problem is None:
-                    try:
-                        rows = arrays_to_tensors(reply.content.array_records[ROUTERS], owner)
-                        check_router_rows(rows, model, owner)
-                    except (ArtifactError, KeyError, TypeError, ValueError) as e:
-                        problem = f"bad routers: {e}"
-                if problem is not None:
-                    has_experts[owner] = False  # resend the experts next time, in case it lost them
-                    strikes[owner] += 1
-                    self.notes.append(f"router tuning round {r}: owner {owner!r} sat out ({problem})")
-                    continue
-                strikes[owner] = 0
-                has_experts[owner] = True
-                updates.append(rows)
-                metrics = dict(reply.content.metric_records.get(METRICS, {}))
-                losses[owner] = float(metrics.get("loss-last", float("nan")))
-            dropped = [o for o in active if strikes[o] >= 2]
-            for o in dropped:
-                self.notes.append(f"router tuning: owner {o!r} failed two rounds in a row; left out of the rest")
-            active = [o for o in active if o not in dropped]
-            if len(updates) == 1:
-                self.notes.append(
-                    f"router tuning stopped at round {r}: no owner returned routers, and tuning on "
-                    "public data alone would teach it to send everything to the public expert"
-                )
-                break
-            set_router_rows(model, aggregate_router_rows(start, updates, server_lr=recipe.server_lr))
-            rounds.append(
-                {
-                    "round": r,
-                    "owners": sorted(set(losses) - {"public"}),
-                    "loss_last": losses,
-                    "seconds": time.monotonic() - t,
-                }
-            )
-            say(
-                f"router tuning round {r + 1}/{recipe.rounds}: {len(updates) - 1} owner(s) + public, "
-                f"{time.monotonic() - t:.1f} s"
-            )
-        return {"rounds": rounds, "local_steps": recipe.local_steps, "steps": len(rounds) * recipe.local_steps}
-
-    def _send_router_round(self, r, start, files, hashes, active, has_experts, node_of) -> dict:
-        """Push round ``r`` to every active owner, with the experts (``files``: owner -> tensors,
-        metadata) to those that lack them; returns message id -> owner."""
-        owners = list(files)
-        base = {
-            SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
-            ROUND: ConfigRecord(
-                {
-                    "round": r,
-                    "owners": ",".join(owners),
-                    "sha256": ",".join(hashes[o] for o in owners),
-                    "seed": self.s.seed,
-                }
-            ),
-            ROUTERS: tensors_to_arrays(start),
-        }
-        experts = {}
-        messages, names = [], []
-        for owner in active:
-            content = RecordDict(dict(base))
-            if not has_experts[owner]:
-                if not experts:
-                    experts = {o: (tensors_to_arrays(t), ConfigRecord(dict(m))) for o, (t, m) in files.items()}
-                for o, (arrays, manifest) in experts.items():
-                    content[f"{EXPERT}:{o}"], content[f"{MANIFEST}:{o}"] = arrays, manifest
-            messages.append(self._message(content, node_of[owner], ROUTER_MESSAGE))
-            names.append(owner)
-        return dict(zip(self.grid.push_messages(messages), names))
-
-    def _router_replies(self, sent: dict) -> dict:
-        """Each owner's reply to a router round (or why there is none) within train-timeout."""
-        out, deadline = {}, time.monotonic() + self.s.train_timeout
-        pending = dict(sent)
-        while pending and time.monotonic() < deadline:
-            replies = list(self.grid.pull_messages(list(pending)))
-            for reply in replies:
-                owner = pending.pop(reply.metadata.reply_to_message_id, None)
-                if owner is not None:
-                    out[owner] = f"its round failed: {reply.error.reason}" if reply.has_error() else reply
-            if not replies:
-                time.sleep(self.s.poll_interval)
-        for owner in pending.values():
-            out[owner] = f"no reply within train-timeout={self.s.train_timeout:g} s"
-        return out
-
-    def route(self, model, artifacts, tokenizer, *, exportable: bool) -> dict:
-        """The spec's routing recipe (docs/routing.md): the discriminant router from the owners'
-        shipped statistics and the public data, or FlexOlmo's published merge (router rows stacked)
-        when the recipe says so, there is no public data, or an owner shipped no statistics."""
-        recipe = self.spec.routing
-        if recipe.method == "published":
-            return {"method": "published"}
-        missing = [a.owner for a in artifacts if a.routing_stats is None]
-        if self.public_docs is None or missing:
-            why = f"owners {missing} shipped no routing statistics" if missing else "no run config 'public-data'"
-            self.notes.append(f"routing recipe {recipe.method!r} not applied ({why}); FlexOlmo's published merge used")
-            return {"method": "published", "wanted": recipe.method}
-        from flexmoe.data.packing import pack_domain
-        from flexmoe.routing import route
-
-        rows = pack_domain(self.public_docs, tokenizer, self.spec.expert.seq_len)
-        summary = route(model, artifacts, rows, recipe, exportable=exportable)
-        return {**{k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))}, "folded": exportable}
+        """Federated router tuning over this run's owners (:mod:`flexmoe.federation.router_rounds`)."""
+        return router_rounds.tune_router_with_owners(self, model, owners, tokenizer)
 
     def proxy_texts(self, owner: str) -> list[str]:
-        from flexmoe.owner.proxy import ProxySelection
-
+        """The texts of ``owner``'s proxy selection (public documents)."""
         return ProxySelection.from_dict(self.owners[owner].proxy).texts(self.public_docs)
 
     def routing_usage(self, model, tokenizer, owners: list[str]) -> dict:
         """Top-1 routing shares of the merged model on public text and each owner's proxy set."""
-        from flexmoe.evaluate import perplexity
-
         seq_len = self.spec.expert.seq_len
         domains = {"public": self.public_docs}
         domains.update({f"proxy:{o}": self.proxy_texts(o) for o in owners if self.owners[o].proxy is not None})
@@ -598,7 +441,7 @@ class Coordinator:
 
     # -- bookkeeping --------------------------------------------------------------------------
     def progress(self) -> None:
-        _write_json(
+        atomic_write_json(
             self.out / "progress.json",
             {
                 "pid": os.getpid(),
@@ -607,34 +450,27 @@ class Coordinator:
                 "updated": time.time(),
                 "owners": {o.name: o.status for o in self.owners.values()},
             },
+            sort_keys=True,
         )
 
     def finish(self, status: str) -> dict:
+        """End the run as ``status``: write ``report.json`` and ``report.md``, return the report."""
         self.phase = status
-        owners = {
-            name: {k: v for k, v in asdict(o).items() if k not in ("name", "sent_at")}
-            for name, o in self.owners.items()
-        }
-        report = {
-            "status": status,
-            "run_id": self.run_id,
-            "spec": {
+        report = run_report(
+            status,
+            run_id=self.run_id,
+            spec={
                 "path": self.s.spec,
                 "sha256": self.spec.sha256,
                 "fingerprint": self.spec.fingerprint,
                 "public_model": self.public_path,
             },
-            "settings": asdict(self.s),
-            "owners": owners,
-            "accepted": [n for n, o in self.owners.items() if o.status == ACCEPTED],
-            "rejected": {n: o.reason for n, o in self.owners.items() if o.status == REJECTED},
-            "missing": {
-                n: o.reason for n, o in self.owners.items() if o.status in (FAILED, MISSING, WAITING, TRAINING)
-            },
-            "notes": self.notes,
-            "seconds": time.monotonic() - self.started,
-            **self.summary,
-        }
+            settings=asdict(self.s),
+            owners=self.owners,
+            notes=self.notes,
+            seconds=time.monotonic() - self.started,
+            summary=self.summary,
+        )
         if self.out.is_dir():
             write_report(self.out, report)
             self.progress()

@@ -25,16 +25,27 @@ directory with the tokenizer), ``rounds/round-R/`` (the global model after each 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import lightning.pytorch as pl
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.initialization import no_init_weights
+
+from flexmoe.core.io import atomic_write_json
+from flexmoe.data.datamodule import TextDataModule
+from flexmoe.data.packing import pack_domain
+from flexmoe.evaluate import domain_nll
+from flexmoe.federation.settings import as_bool
+from flexmoe.training.pretrain import PretrainModule
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key (its default)
@@ -98,7 +109,7 @@ class FedAvgSettings:
             if key in known:
                 kind = known[key].type  # a string: this module has `from __future__ import annotations`
                 try:
-                    kwargs[known[key].name] = _as_bool(value, key) if kind == "bool" else _TYPES[kind](value)
+                    kwargs[known[key].name] = as_bool(value, key) if kind == "bool" else _TYPES[kind](value)
                 except ValueError as e:
                     raise ValueError(f"run config '{key}' must be {kind}, got {value!r}") from e
         return cls(**kwargs)
@@ -120,16 +131,6 @@ class FedAvgSettings:
 _TYPES = {"str": str, "int": int, "float": float}
 
 
-def _as_bool(value, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no", ""):
-        return False
-    raise ValueError(f"run config '{key}' must be true or false, got {value!r}")
-
-
 # -- owner side ------------------------------------------------------------------------------------
 
 
@@ -148,13 +149,6 @@ def train_locally(
     also gives the tokenizer), train it for ``local_steps`` AdamW steps on ``data`` in a Lightning
     ``Trainer``, and return ``(state dict, training sequences held, last training loss)``.
     Deterministic for a given ``seed`` on a given machine."""
-    import lightning.pytorch as pl
-    from transformers import AutoConfig
-    from transformers.initialization import no_init_weights
-
-    from flexmoe.data.datamodule import TextDataModule
-    from flexmoe.training.pretrain import PretrainModule
-
     pl.seed_everything(seed, verbose=False)
     with no_init_weights():  # every weight is overwritten by `state` right away
         module = PretrainModule(
@@ -239,10 +233,6 @@ def make_client_app(data_paths: Sequence[str] | None = None) -> ClientApp:
 
 def run_fedavg(grid: Grid, s: FedAvgSettings) -> dict:
     """Run ``s.num_rounds`` rounds of Flower's ``FedAvg`` on ``grid``; write ``s.out_dir``; return the report."""
-    import torch
-    from flwr.serverapp.strategy import FedAvg
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32).eval()
@@ -283,19 +273,15 @@ def run_fedavg(grid: Grid, s: FedAvgSettings) -> dict:
         report["rounds"].setdefault(str(r), {})["train-loss"] = float(metrics["train-loss"])
     model.load_state_dict(result.arrays.to_torch_state_dict())
     _save(model, tokenizer, out / "model")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "report.json", report)
     return report
 
 
 def _eval_rows(s: FedAvgSettings, tokenizer):
-    from flexmoe.data.packing import pack_domain
-
     return pack_domain(s.eval_data, tokenizer, seq_len=s.seq_len, max_tokens=s.eval_max_tokens)
 
 
 def _mean_loss(model, rows) -> float:
-    from flexmoe.evaluate import domain_nll
-
     r = domain_nll(model, rows)
     return r["nll_sum"] / r["predicted_tokens"] if r["predicted_tokens"] else math.nan
 

@@ -1,7 +1,7 @@
-"""What crosses the wire between an owner's ClientApp and the coordinator's ServerApp, and the
-settings each side reads from Flower's configs.
+"""What crosses the wire between an owner's ClientApp and the coordinator's ServerApp (the
+settings each side reads from Flower's configs are :mod:`flexmoe.federation.settings`).
 
-Wire format (Flower Message API, DESIGN.md "Federation"):
+Wire format (Flower Message API; docs/federation.md):
 
 * coordinator -> owner, message type ``train``: ``spec`` (ConfigRecord: the FederationSpec JSON
   and its sha256) and ``train`` (ConfigRecord: the seed).
@@ -30,8 +30,10 @@ from collections.abc import Mapping
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from safetensors import safe_open
 
 from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.owner.proxy import ProxySelection
 
 # Record names in messages.
 SPEC, TRAIN, OWNER = "spec", "train", "owner"  # coordinator -> owner (and the query's reply)
@@ -49,8 +51,6 @@ QUERY_MESSAGE, TRAIN_MESSAGE, ROUTER_MESSAGE = "query", "train", "train.router"
 STYPE = "flexmoe.raw-le"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-FAULTS = ("", "nan", "wrong-shape", "wrong-fingerprint")
 
 
 # -- artifact <-> records ----------------------------------------------------------------------
@@ -90,13 +90,12 @@ def arrays_to_tensors(arrays: ArrayRecord, owner: str) -> dict[str, torch.Tensor
 
 def read_artifact_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the metadata of an artifact file, as written (the owner's own file)."""
-    from safetensors import safe_open
-
     with safe_open(os.fspath(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
 
 def manifest_to_metadata(manifest: ConfigRecord, owner: str) -> dict[str, str]:
+    """An artifact's metadata from a received ``manifest`` record: strings only, as in the file."""
     metadata = {}
     for key, value in manifest.items():
         if not isinstance(value, str):
@@ -113,7 +112,7 @@ def record_bytes(*records) -> int:
 # -- proxy selection <-> record ----------------------------------------------------------------
 
 
-def proxy_to_record(selection) -> ConfigRecord:
+def proxy_to_record(selection: ProxySelection) -> ConfigRecord:
     """A :class:`~flexmoe.ProxySelection` (public document ids and scores) as a ConfigRecord."""
     return ConfigRecord(
         {
@@ -126,9 +125,8 @@ def proxy_to_record(selection) -> ConfigRecord:
     )
 
 
-def record_to_proxy(record: ConfigRecord):
-    from flexmoe.owner.proxy import ProxySelection
-
+def record_to_proxy(record: ConfigRecord) -> ProxySelection:
+    """The :class:`~flexmoe.ProxySelection` of a received ``proxy`` record."""
     d = dict(record)
     return ProxySelection.from_dict(
         {
@@ -141,7 +139,7 @@ def record_to_proxy(record: ConfigRecord):
     )
 
 
-# -- settings ---------------------------------------------------------------------------------
+# -- metrics ----------------------------------------------------------------------------------
 
 
 def metrics_record(values: Mapping[str, float | int | list[float]]) -> MetricRecord:

@@ -1,20 +1,84 @@
-"""The coordinator's report: ``report.json`` (everything, for programs) and ``report.md`` (for people)."""
+"""The coordinator's record of a run: each owner's state (:class:`OwnerState`), the report
+(``report.json``, everything, for programs; ``report.md``, for people) and the progress lines it
+prints while it runs."""
 
 from __future__ import annotations
 
-import json
 import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flexmoe.core.io import atomic_write_json, atomic_write_text
+
+# Owner statuses. Unresolved: waiting (not connected yet), training (spec sent, no reply yet).
+WAITING, TRAINING = "waiting", "training"
+ACCEPTED, REJECTED, FAILED, MISSING = "accepted", "rejected", "failed", "missing"
+
+
+@dataclass
+class OwnerState:
+    """What the coordinator knows about one expected owner."""
+
+    name: str
+    status: str = WAITING
+    reason: str | None = None
+    node_id: int | None = None
+    resumed: bool = False
+    seconds_to_reply: float | None = None
+    upload_bytes: int | None = None
+    training_tokens: int | None = None
+    metrics: dict = field(default_factory=dict)
+    proxy: dict | None = None
+    artifact: str | None = None
+    artifact_sha256: str | None = None
+    sent_at: float | None = field(default=None, repr=False)
+
+
+def run_report(
+    status: str,
+    *,
+    run_id: int,
+    spec: dict,
+    settings: dict,
+    owners: dict[str, OwnerState],
+    notes: list[str],
+    seconds: float,
+    summary: dict,
+) -> dict:
+    """The report of a run that ended as ``status``: who was accepted, rejected or missing and
+    why, every owner's state, the notes, and ``summary`` (what the merge, routing, router
+    tuning and export recorded)."""
+    return {
+        "status": status,
+        "run_id": run_id,
+        "spec": spec,
+        "settings": settings,
+        "owners": {n: {k: v for k, v in asdict(o).items() if k not in ("name", "sent_at")} for n, o in owners.items()},
+        "accepted": [n for n, o in owners.items() if o.status == ACCEPTED],
+        "rejected": {n: o.reason for n, o in owners.items() if o.status == REJECTED},
+        "missing": {n: o.reason for n, o in owners.items() if o.status in (FAILED, MISSING, WAITING, TRAINING)},
+        "notes": notes,
+        "seconds": seconds,
+        **summary,
+    }
+
+
+_T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    """A progress line for ``flwr log`` (the ServerApp's output is the run's log)."""
+    print(f"flexmoe coordinator [{time.monotonic() - _T0:7.1f} s]: {msg}", flush=True)
 
 
 def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``, each atomically."""
     out = Path(out_dir)
-    paths = out / "report.json", out / "report.md"
-    for path, text in zip(paths, (json.dumps(report, indent=2, sort_keys=True, default=str) + "\n", render(report))):
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return paths
+    return (
+        atomic_write_json(out / "report.json", report, sort_keys=True, default=str),
+        atomic_write_text(out / "report.md", render(report)),
+    )
 
 
 def _num(v, fmt: str = ".3f") -> str:

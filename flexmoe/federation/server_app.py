@@ -1,4 +1,4 @@
-"""The coordinator's Flower ``ServerApp`` (DESIGN.md "Federation"; FlexOlmo steps 3-5).
+"""The coordinator's Flower ``ServerApp`` (FlexOlmo steps 3-5; docs/federation.md).
 
 ``flwr run`` starts it on the SuperLink's side with the app's ``[tool.flwr.app.config]`` (see
 :class:`~flexmoe.federation.settings.CoordinatorSettings`). It waits for the expected owners,
@@ -16,13 +16,14 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from flexmoe.federation.coordinator import Coordinator
+from flexmoe.federation.settings import CoordinatorSettings
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from flexmoe.federation.coordinator import Coordinator
-    from flexmoe.federation.settings import CoordinatorSettings
-
+    """Run the federation with the run config's settings (:class:`Coordinator` does the work)."""
     settings = CoordinatorSettings.from_run_config(context.run_config)
     Coordinator(grid, settings, run_id=grid.run.run_id).run()

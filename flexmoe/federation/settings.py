@@ -1,16 +1,21 @@
-"""TODO docstring."""
+"""What each side of the federation reads from Flower's configs: the coordinator's run config
+(:class:`CoordinatorSettings`) and an owner's node config (:class:`OwnerSettings`).
+
+Flower configs hold scalars only, so lists are comma-separated strings and "all experts" is
+``top-k = 0``; each is converted to its Python form (a list, ``top_k=None``) in one place here.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-
-from flexmoe.federation.records import FAULTS
 
 
 def as_bool(value, key: str) -> bool:
+    """A config boolean: ``true``/``false`` (TOML), or the strings and integers people type for
+    them (``"true"``, ``"yes"``, ``1`` ...). Anything else, the empty string included, is refused."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -45,7 +50,8 @@ class CoordinatorSettings:
         out_dir: where artifacts, the merged model and the report go.
         public_model: the coordinator's copy of the public model (default: the spec's).
         public_data: public corpus: router tuning data, and what proxy ids index.
-        top_k: experts per token in the exported model; 0 means all.
+        top_k: experts per token in the exported model; ``None`` means all (run config
+            ``top-k = 0``, as TOML has no null).
         router_tuning: tune the router after the merge (needs ``public_data``); ``None`` (run config
             ``"spec"``) does what the spec's ``router_tuning.enabled`` says.
         resume: keep artifacts already accepted in ``out_dir``; train only the missing owners.
@@ -63,7 +69,7 @@ class CoordinatorSettings:
     out_dir: str = "federation_out"
     public_model: str = ""
     public_data: str = ""
-    top_k: int = 0
+    top_k: int | None = None
     router_tuning: bool | None = None
     resume: bool = False
     export_format: str = "auto"
@@ -85,8 +91,8 @@ class CoordinatorSettings:
                 raise ValueError(
                     f"run config {name.replace('_', '-')!r} must be > 0 seconds, got {getattr(self, name)}"
                 )
-        if self.top_k < 0:
-            raise ValueError(f"run config 'top-k' must be >= 0 (0 = all experts), got {self.top_k}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, or None for all experts (run config top-k = 0), got {self.top_k}")
         if self.export_format not in ("auto", "flexolmo", "mixtral", "native"):
             raise ValueError(
                 f"run config 'export-format' must be auto, flexolmo, mixtral or native, got {self.export_format!r}"
@@ -102,31 +108,41 @@ class CoordinatorSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping) -> CoordinatorSettings:
-        """Read the settings; keys this class does not know (the simulation's) are ignored."""
+        """Read the settings; keys this class does not know (the simulation's) are ignored, and
+        keys left out keep the defaults above."""
         c = dict(run_config)
+        kwargs = {"spec": "", "expected_owners": []}  # missing ones are refused by __post_init__, with what to set
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in c:
+                kwargs[f.name] = _run_config_value(f, key, c[key])
+        return cls(**kwargs)
 
-        def get(key, cast, default=None):
-            return cast(c[key]) if key in c else default
 
-        return cls(
-            spec=_path(str(c.get("spec", ""))),
-            expected_owners=as_list(c.get("expected-owners", ""), "expected-owners"),
-            quorum=get("quorum", int, 0),
-            connect_timeout=get("connect-timeout", float, 600.0),
-            train_timeout=get("train-timeout", float, 3600.0),
-            out_dir=_path(str(c.get("out-dir", "federation_out"))),
-            public_model=_path(str(c.get("public-model", ""))),
-            public_data=_path(str(c.get("public-data", ""))),
-            top_k=get("top-k", int, 0),
-            router_tuning=None
-            if c.get("router-tuning", "spec") == "spec"
-            else as_bool(c["router-tuning"], "router-tuning"),
-            resume=as_bool(c.get("resume", False), "resume"),
-            export_format=str(c.get("export-format", "auto")),
-            allow_approximate=as_bool(c.get("allow-approximate", False), "allow-approximate"),
-            seed=get("seed", int, 0),
-            poll_interval=get("poll-interval", float, 1.0),
-        )
+_CASTS = {"int": int, "float": float, "str": str}
+_PATHS = ("spec", "out_dir", "public_model", "public_data")
+
+
+def _run_config_value(f, key: str, value):
+    """One run-config value as the :class:`CoordinatorSettings` field ``f`` holds it."""
+    if f.name == "expected_owners":
+        return as_list(value, key)
+    if f.name == "router_tuning":
+        return None if value == "spec" else as_bool(value, key)
+    if f.type == "bool":
+        return as_bool(value, key)
+    if f.name in _PATHS:
+        return _path(str(value))
+    cast = _CASTS[f.type.removesuffix(" | None")]
+    try:
+        value = cast(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"run config {key!r} must be {cast.__name__}, got {value!r}") from e
+    if f.name == "top_k":  # the run config's "all experts" (0) is Python's None
+        if value < 0:
+            raise ValueError(f"run config 'top-k' must be >= 0 (0 = all experts), got {value}")
+        return value or None
+    return value
 
 
 @dataclass
@@ -138,10 +154,6 @@ class OwnerSettings:
     ``public-model`` (local copy of the public model; default the spec's path), ``public-data``
     (local copy of the public corpus, needed to choose a proxy set), ``share-proxy`` (send the
     proxy selection; default false), ``work-dir`` (where the owner keeps its artifact and logs).
-
-    ``fault-injection`` is a **test hook only**: ``nan``, ``wrong-shape`` or
-    ``wrong-fingerprint`` corrupts this owner's reply after training, so tests can prove the
-    coordinator rejects such experts. Never set it on a real SuperNode.
     """
 
     owner: str
@@ -150,8 +162,6 @@ class OwnerSettings:
     public_data: str = ""
     share_proxy: bool = False
     work_dir: str = ""
-    fault_injection: str = ""
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not self.owner:
@@ -162,8 +172,6 @@ class OwnerSettings:
             raise ValueError(
                 f'owner {self.owner!r} has no data: add data-path="PATH" to the SuperNode\'s --node-config'
             )
-        if self.fault_injection not in FAULTS:
-            raise ValueError(f"node config 'fault-injection' must be one of {FAULTS[1:]}, got {self.fault_injection!r}")
         if self.share_proxy and not self.public_data:
             raise ValueError(
                 f"owner {self.owner!r} allows sharing a proxy set but has no public corpus to choose it from: "
@@ -197,7 +205,9 @@ class OwnerSettings:
                 public_model=_path(str(r.get("public-model", ""))),
                 public_data=_path(str(r.get("public-data", ""))),
                 share_proxy=as_bool(r.get("share-proxy", False), "share-proxy"),
-                work_dir=_path(os.path.join(str(r.get("out-dir", "federation_out")), "simulated-owners", owners[i])),
+                work_dir=_path(
+                    os.path.join(str(r.get("out-dir", CoordinatorSettings.out_dir)), "simulated-owners", owners[i])
+                ),
             )
         return cls(
             owner=str(n.get("owner", "")),
@@ -206,5 +216,4 @@ class OwnerSettings:
             public_data=_path(str(n.get("public-data", ""))),
             share_proxy=as_bool(n.get("share-proxy", False), "share-proxy"),
             work_dir=_path(str(n.get("work-dir", ""))),
-            fault_injection=str(n.get("fault-injection", "")),
         )

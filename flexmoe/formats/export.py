@@ -1,6 +1,6 @@
-"""Export a flexmoe MoE as a ``transformers`` checkpoint, and import one back.
+"""Export a flexmoe MoE as a ``transformers`` checkpoint, or in flexmoe's native format.
 
-Three on-disk formats (DESIGN.md, "Exports"):
+Three on-disk formats (docs/design.md, "Export formats"); :mod:`flexmoe.formats.load` reads them back:
 
 ``flexolmo``  OLMo-2 based models -> ``FlexOlmoForCausalLM`` (``model_type`` ``flex_olmo``).
     Keys: ``model.layers.L.mlp.gate.weight`` [E, H] and
@@ -11,9 +11,10 @@ Three on-disk formats (DESIGN.md, "Exports"):
     ``model.layers.L.block_sparse_moe.experts.J.w{1,2,3}.weight`` (w1 = gate, w3 = up, w2 = down),
     again what ``save_pretrained`` writes and what every Mixtral checkpoint on the hub uses.
 ``native``    any supported base: ``base_config.json`` (the dense base model's config),
-    ``flexmoe_config.json`` (owners, top-k, normalisation) and safetensors under flexmoe's own
-    state-dict names (``...mlp.experts.J.*``, ``...mlp.router.weight`` and the raw
-    ``...mlp.router.bias``). Reopen it with :func:`load`.
+    ``flexmoe_config.json`` (owners, top-k, normalisation, the router ``kind``) and safetensors
+    under flexmoe's own state-dict names (``...mlp.experts.J.*``, and the router's
+    :meth:`~flexmoe.core.moe.ExpertRouter.native_state` under ``...mlp.router.*``: ``weight`` and
+    the raw ``bias`` for the library's routers). Reopen it with :func:`flexmoe.load`.
 
     A native directory deliberately has **no** ``config.json``: its tensors are not a dense
     model's, and a ``config.json`` would let ``AutoModelForCausalLM.from_pretrained`` build the
@@ -22,14 +23,17 @@ Three on-disk formats (DESIGN.md, "Exports"):
 
 The two ``transformers`` formats are exact (``from_pretrained`` reproduces flexmoe's logits)
 only when the MoE fits them: their routers have no bias, and Mixtral always renormalises
-the top-k weights. Anything else is refused unless ``allow_approximate=True``. Every shared
+the top-k weights. Anything else is refused unless ``allow_approximate=True``. Their gate is
+the router's :meth:`~flexmoe.core.moe.ExpertRouter.linear_gate`; a router that is not a linear
+map of one token raises :class:`~flexmoe.core.moe.RouterFormatError` (native only). Every shared
 config field is copied, because the classes' defaults differ (``rms_norm_eps``, RoPE theta,
 ``sliding_window``); a base field the target cannot express is refused.
 
 Weights are written in shards: one for the dense tensors, all routers and expert 0 (the public
 model), then one per owner expert, plus the standard ``model.safetensors.index.json``. The same
-writer serves :func:`export` (an MoE in memory) and :func:`assemble_to_dir` (the public model plus
-artifact files, streamed one expert at a time so memory does not grow with the number of owners).
+writer serves :func:`export` (an MoE in memory) and :func:`flexmoe.assembly.assemble_to_dir` (the
+public model plus artifact files, streamed one expert at a time so memory does not grow with the
+number of owners).
 Every export is built in a temporary sibling directory and renamed into place when complete.
 """
 
@@ -56,7 +60,9 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_dir
+from flexmoe.core.moe import ExpertRouter
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,9 @@ FLEXMOE_CONFIG = "flexmoe_config.json"
 BASE_CONFIG = "base_config.json"
 INDEX = "model.safetensors.index.json"
 FORMATS = ("flexolmo", "mixtral", "native")
+# The export format when none is named, everywhere (export, assemble_to_dir, the assembly
+# pipeline, the command line): the base's transformers format when it holds the model exactly, else native.
+DEFAULT_FORMAT = "auto"
 # Which dense bases each transformers format can hold, and its config class.
 _HF = {"flexolmo": (("olmo2",), FlexOlmoConfig), "mixtral": (("llama", "mistral"), MixtralConfig)}
 # Mixtral names its expert projections w1 (gate), w3 (up), w2 (down).
@@ -104,18 +113,8 @@ class _ModelSource:
     def dense_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return dense_tensors(self.model, self.mlp_prefixes)
 
-    def routers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(b.router.weight.detach(), b.router.bias.detach()) for b in self.blocks]
-
-    def effective_biases(self) -> list[torch.Tensor]:
-        return [b.router.effective_bias().detach() for b in self.blocks]
-
-    @property
-    def router_kind(self) -> str:
-        """``affine`` when any router uses its biases as they are (:class:`flexmoe.core.moe.AffineRouter`)."""
-        from flexmoe.core.moe import AffineRouter
-
-        return "affine" if any(isinstance(b.router, AffineRouter) for b in self.blocks) else "clamped"
+    def routers(self) -> list[ExpertRouter]:
+        return [b.router for b in self.blocks]
 
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         return [b.experts[j].state_dict() for b in self.blocks]
@@ -176,19 +175,19 @@ def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
                 log.info("exporting in the native format: %s would not be exact: %s", candidate, "; ".join(problems))
         return "native"
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
+        raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     if fmt == "native":
         return fmt
     bases = _HF[fmt][0]
     if base not in bases:
         fits = [f for f, (b, _) in _HF.items() if base in b] + ["native"]
-        raise ValueError(
+        raise InputError(
             f"the {fmt} format holds models built on {' or '.join(bases)}, but this one is built on {base!r}; "
             f"formats supported for {base!r}: {', '.join(fits)}"
         )
     problems = _approximations(source, fmt)
     if problems and not allow_approximate:
-        raise ValueError(
+        raise InputError(
             f"exporting to {fmt} would not reproduce this model: {'; '.join(problems)}. "
             "Pass allow_approximate=True to export anyway, or use format='native', which is exact."
         )
@@ -197,7 +196,7 @@ def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
     return fmt
 
 
-def target_format(model: nn.Module, fmt: str = "auto") -> str:
+def target_format(model: nn.Module, fmt: str = DEFAULT_FORMAT) -> str:
     """The format :func:`export` picks for ``fmt`` once the router biases are folded into the
     rows (:func:`flexmoe.routing.fold_router_bias`): the ``transformers`` format of the base when
     it can express the model apart from its biases, else ``native``."""
@@ -208,18 +207,20 @@ def target_format(model: nn.Module, fmt: str = "auto") -> str:
         if source.config.model_type in bases:
             try:
                 _hf_config(source, candidate, torch.float32)
-            except ValueError:
+                if not _approximations(source, candidate, ignore_bias=True):
+                    return candidate
+            except ValueError:  # the base config or a router does not fit the format
                 continue
-            if not _approximations(source, candidate, ignore_bias=True):
-                return candidate
     return "native"
 
 
 def _approximations(source, fmt: str, *, ignore_bias: bool = False) -> list[str]:
-    """What a ``transformers`` format would change about the model (empty: exact)."""
+    """What a ``transformers`` format would change about the model (empty: exact). Raises
+    :class:`~flexmoe.core.moe.RouterFormatError` when a router is no linear gate at all."""
     problems = []
+    biases = [router.linear_gate()[1] for router in source.routers()]
     # Softmax ignores a shift common to all experts: only biases relative to the public one matter.
-    worst = 0.0 if ignore_bias else max(float((b - b[0]).abs().max()) for b in source.effective_biases())
+    worst = 0.0 if ignore_bias else max(float((b - b[0]).abs().max()) for b in biases)
     if worst > 0:
         problems.append(
             f"{fmt} routers have no bias, so the non-zero router biases would be dropped "
@@ -237,12 +238,6 @@ def _approximations(source, fmt: str, *, ignore_bias: bool = False) -> list[str]
     return problems
 
 
-def _effective_bias(bias: torch.Tensor) -> torch.Tensor:
-    b = bias.detach().float().clamp(max=0.0).clone()
-    b[0] = 0.0
-    return b
-
-
 def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
     """On-disk name of expert ``j``'s tensor ``name`` in the MLP at ``prefix``."""
     if fmt != "native" and name not in _MIXTRAL_EXPERT_NAMES:
@@ -252,12 +247,19 @@ def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
     return f"{prefix}.experts.{j}.{name}"
 
 
-def _router_tensors(fmt: str, prefix: str, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+def _router_tensors(fmt: str, prefix: str, router: ExpertRouter) -> dict[str, torch.Tensor]:
     if fmt == "native":
-        return {f"{prefix}.router.weight": weight, f"{prefix}.router.bias": bias}
+        return {f"{prefix}.router.{name}": t for name, t in router.native_state().items()}
+    weight = router.linear_gate()[0]  # the biases were checked (or allowed to drop) by _approximations
     if fmt == "mixtral":
         return {f"{_mixtral_prefix(prefix)}.gate.weight": weight}
     return {f"{prefix}.gate.weight": weight}
+
+
+def _router_kinds(routers: Sequence[ExpertRouter]) -> str | list[str]:
+    """The ``router`` entry of ``flexmoe_config.json``: one kind, or one per layer when they differ."""
+    kinds = [r.kind for r in routers]
+    return kinds[0] if len(set(kinds)) == 1 else kinds
 
 
 def _mixtral_prefix(prefix: str) -> str:
@@ -380,7 +382,7 @@ def write_checkpoint(source, out_dir, fmt: str, *, allow_approximate: bool, file
             "owners": source.owners,
             "top_k": source.top_k,
             "normalize": source.normalize,
-            "router": source.router_kind,
+            "router": _router_kinds(source.routers()),
         }
         (tmp / FLEXMOE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         generation = getattr(source.model, "generation_config", None)
@@ -410,8 +412,8 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
     for j in range(num_experts):
         shard = dict(source.dense_tensors()) if j == 0 else {}
         if j == 0:
-            for prefix, (weight, bias) in zip(source.mlp_prefixes, source.routers()):
-                shard.update(_router_tensors(fmt, prefix, weight, bias))
+            for prefix, router in zip(source.mlp_prefixes, source.routers()):
+                shard.update(_router_tensors(fmt, prefix, router))
         for prefix, state in zip(source.mlp_prefixes, source.expert(j)):
             shard.update({_layout(fmt, prefix, j, name): t for name, t in state.items()})
         write(shard, names[j])
@@ -424,12 +426,12 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
 
 
 def export(
-    model: nn.Module, out_dir, format: str = "flexolmo", *, allow_approximate: bool = False, tokenizer=None
+    model: nn.Module, out_dir, format: str = DEFAULT_FORMAT, *, allow_approximate: bool = False, tokenizer=None
 ) -> Path:
     """Write a flexmoe MoE as a ``transformers`` FlexOlmo or Mixtral checkpoint, or natively.
 
     ``format``: ``"flexolmo"`` (OLMo-2 bases), ``"mixtral"`` (Llama, Mistral), ``"native"``
-    (any base; reopen with :func:`load`) or ``"auto"`` (the exact ``transformers`` format if
+    (any base; reopen with :func:`flexmoe.load`) or ``"auto"`` (the exact ``transformers`` format if
     there is one, else native). An export that would change the model's outputs (router
     biases, Mixtral's renormalisation) raises ``ValueError`` unless ``allow_approximate``.
     Returns ``out_dir``, which must not exist yet (or be empty). ``tokenizer``: a tokenizer to

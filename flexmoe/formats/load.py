@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""Open a merged model from disk as a flexmoe MoE: native exports, FlexOlmo and Mixtral checkpoints.
+
+A FlexOlmo or Mixtral checkpoint (flexmoe's own export or an official one) is rebuilt as the
+flexmoe MoE that computes the same logits, so an official FlexOlmo model can take ``opt_out``
+and ``add_expert`` like any merged model; a dense model is returned as it is. It reads the names
+and configs :mod:`flexmoe.formats.export` writes, and so sits on the same floor, above it.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
+from flexmoe.core.errors import InputError
+from flexmoe.core.moe import Router, router_class
 from flexmoe.core.surgery import PUBLIC, decoder_layers, moe_blocks, set_top_k, upcycle
 from flexmoe.formats.export import (
     BASE_CONFIG,
@@ -56,17 +64,9 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     model = _empty_model(config, dtype)
     upcycle(model, len(owners) - 1, owners=owners[1:], normalize=meta["normalize"])
     set_top_k(model, meta["top_k"])
-    router = meta.get("router", "clamped")
-    if router == "affine":  # biases used as they are (a discriminant router, flexmoe.routing)
-        from flexmoe.core.surgery import use_affine_routers
-
-        use_affine_routers(model)
-    elif router != "clamped":
-        raise ValueError(
-            f"{path}: unknown router kind {router!r} in {FLEXMOE_CONFIG} (this flexmoe reads clamped, affine)"
-        )
-    expected = dict(dense_tensors(model, []))
     index = json.loads((path / INDEX).read_text())["weight_map"]
+    _load_routers(model, path, index, meta.get("router", Router.kind), dtype)
+    expected = dict(dense_tensors(model, []))
     if set(index) != set(expected):
         missing, extra = sorted(set(expected) - set(index)), sorted(set(index) - set(expected))
         raise ValueError(
@@ -88,6 +88,37 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
+
+
+def _load_routers(model: nn.Module, path: Path, index: dict[str, str], kinds: str | list[str], dtype) -> None:
+    """Give every layer the router the export recorded: its class by ``kind`` (one for all layers,
+    or one per layer) and its state from the tensors under ``...mlp.router.*``."""
+    blocks = moe_blocks(model)
+    kinds = [kinds] * len(blocks) if isinstance(kinds, str) else list(kinds)
+    if len(kinds) != len(blocks):
+        raise InputError(f"{path}: {FLEXMOE_CONFIG} names {len(kinds)} router kinds for {len(blocks)} layers")
+    try:
+        classes = [router_class(kind) for kind in kinds]
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    layer_of = {prefix: L for L, prefix in enumerate(mlp_prefixes(model))}
+    states: list[dict[str, torch.Tensor]] = [{} for _ in blocks]
+    wanted: dict[str, list[tuple[str, int, str]]] = {}  # shard -> (key, layer, name in the router)
+    for key, shard in index.items():
+        head, sep, name = key.partition(".router.")
+        if sep and head in layer_of:
+            wanted.setdefault(shard, []).append((key, layer_of[head], name))
+    for shard, keys in wanted.items():
+        with safe_open(str(path / shard), framework="pt") as f:
+            for key, L, name in keys:
+                states[L][name] = f.get_tensor(key)
+    for L, (block, cls, state) in enumerate(zip(blocks, classes, states)):
+        try:
+            block.router = cls.from_native_state(state, dtype=dtype)
+        except KeyError as e:
+            raise InputError(
+                f"{path}: layer {L}'s {cls.kind} router has no tensor {e} (found {sorted(state)})"
+            ) from None
 
 
 def _empty_model(config: PreTrainedConfig, dtype: torch.dtype) -> nn.Module:
@@ -124,8 +155,8 @@ def _from_hf_moe(hf: nn.Module, meta: dict | None) -> nn.Module:
                 expert.gate_proj.weight.copy_(gate_up[j, :inter])  # gate rows come first
                 expert.up_proj.weight.copy_(gate_up[j, inter:])
                 expert.down_proj.weight.copy_(down[j])
-            block.router.weight.copy_(hf_layer.mlp.gate.weight)
-            block.router.bias.zero_()
+            gate = hf_layer.mlp.gate.weight  # no bias: a plain router with zero biases computes it
+            block.router = Router.from_rows(gate, torch.zeros(gate.shape[0]))
     model.generation_config = hf.generation_config
     return model
 

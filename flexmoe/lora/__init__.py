@@ -10,7 +10,9 @@ Needs the ``lora`` extra (``pip install "flexmoe[lora]"``: ``peft``, and ``never
   as a LoRA on the copy of the public MLP and uploads only the factors; the coordinator
   materialises them into an ordinary :class:`~flexmoe.ExpertArtifact`.
 
-See docs/lora.md.
+A baselines floor, beside :mod:`flexmoe.merge` and independent of it, above training and below
+evaluation; the LoRA-sized expert's file and module live on the artifacts and training floors and
+are re-exported here. See docs/lora.md.
 """
 
 # peft, nevergrad and Lightning are slow to import: each name loads its module on first use.

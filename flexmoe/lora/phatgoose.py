@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from flexmoe.artifacts.guard import DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
 from flexmoe.artifacts.peft_adapters import LoraFactors, active_adapter, lora_factors, lora_layers
+from flexmoe.core.io import atomic_file
 
 GATED_FORMAT = "flexmoe.gated_lora"
 GATED_FORMAT_VERSION = "1"
@@ -74,11 +75,9 @@ class GatedAdapter:
             tensors[f"{module}.gate"] = self.gates[module].contiguous()
             tensors[f"{module}.scaling"] = torch.tensor([f.scaling], dtype=torch.float32)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
         meta = {"format": GATED_FORMAT, "format_version": GATED_FORMAT_VERSION, "owner": self.name}
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod

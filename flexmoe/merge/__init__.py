@@ -1,4 +1,10 @@
-"""Merging methods: ensembles and parameter merges of independently trained models."""
+"""Merging methods: ensembles and parameter merges of independently trained models.
+
+The methods FlexOlmo is compared with: model soups, task arithmetic, TIES and DARE (one
+streaming kernel, :mod:`flexmoe.merge.kernel`, and YAML merge configs), Branch-Train-Merge and
+Branch-Train-MiX. A baselines floor, beside :mod:`flexmoe.lora` and independent of it: above
+training (BTX fine-tunes with it) and below evaluation, which scores them.
+"""
 
 import sys
 import types

@@ -47,13 +47,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from flexmoe.core.errors import InputError
 from flexmoe.merge.dare import dare_method
 from flexmoe.merge.kernel import MergeMethod, check_compatible, merge_dirs
 from flexmoe.merge.stream import DEFAULT_SHARD_BYTES, SafetensorsDir, check_same_architecture
 from flexmoe.merge.ties import ties_method
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(InputError):
     """A merge configuration that cannot be run; the message says what and where."""
 
 

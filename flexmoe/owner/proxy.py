@@ -1,5 +1,5 @@
 """Proxy-set selection: the public documents that look most like an owner's data
-(FlexOlmo, Shi et al. 2025, section 3.4; DESIGN.md step 2, last point).
+(FlexOlmo, Shi et al. 2025, section 3.4).
 
 The owner trains a small logistic-regression classifier, local (1) vs public (0), on document
 features — sentence embeddings (FlexOlmo) or, with ``embedder=None``, hashed word n-gram TF-IDF
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flexmoe.owner.embed import DEFAULT_EMBEDDER, as_embedder, embed_documents, sample_indices
-from flexmoe.spec import ProxyBudget
+from flexmoe.owner.embed import as_embedder, embed_documents, sample_indices
+from flexmoe.spec import DEFAULT_EMBEDDER, ProxyBudget
 
 PROXY_VERSION = 1
 
@@ -217,9 +217,8 @@ def score_public(
     scored by a classifier trained without it. The public pool contains exactly the documents
     we hope to find (local-looking ones, labelled "public" for training); a classifier scoring
     its own training set could learn those by heart as "public", one scoring held-out documents
-    cannot. ``folds=1`` trains once on everything and scores its own training set. (Measured on
-    licence paragraphs vs stdlib docstrings: cross-fitting is never worse and at most a point of
-    precision better there; it costs ``folds`` trainings of a linear model.)
+    cannot. ``folds=1`` trains once on everything and scores its own training set. Cross-fitting
+    costs ``folds`` trainings of a linear model (docs/routing.md has what it bought).
     """
     n = x_public.shape[0]
     if folds <= 1 or n < 2:

@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""What the tests and the benchmarks share: tiny models of every supported architecture, seeded
+perturbations standing in for training, local text, small tokenizers and LoRA adapters, and
+(:mod:`flexmoe.testing.federation`) real Flower deployments on loopback.
+
+Outside the floors: the library never imports it (an import-linter contract checks that), so
+nothing here can leak into what users run.
+"""
 
 from __future__ import annotations
 
@@ -94,7 +100,7 @@ def train_peft_lora(base, rows: torch.Tensor, targets, rank: int = 4, steps: int
 
 
 def train_tiny_tokenizer(texts, vocab_size: int = VOCAB * 3):
-    """A byte-level BPE tokenizer trained in a second on local text, as a transformers tokenizer."""
+    """A small byte-level BPE tokenizer trained on local text, as a transformers tokenizer."""
     from flexmoe.data.tokenizer import train_tokenizer
 
     return train_tokenizer(texts, vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"])

@@ -1,6 +1,6 @@
 """The data owner's side: train one FlexOlmo expert against the frozen public model.
 
-FlexOlmo section 3.2 / DESIGN.md step 2: the public model is upcycled into a 2-expert MoE
+FlexOlmo section 3.2 (docs/design.md, step 4): the public model is upcycled into a 2-expert MoE
 (expert 0 = the public MLP, expert 1 = a copy); only expert 1, its router row ``r_1`` and
 its bias ``beta_1`` train, with LM loss + router z-loss, AdamW(0.9, 0.95), weight decay 0,
 cosine schedule with warmup and gradient clipping 1.0.
@@ -18,10 +18,13 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
+from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
 from flexmoe.core.moe import record_router_logits, router_z_loss
 from flexmoe.core.surgery import freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
+from flexmoe.owner.embed import init_router
 from flexmoe.spec import ExpertRecipe, FederationSpec
 from flexmoe.training.optim import adamw_cosine
 
@@ -62,7 +65,7 @@ class ExpertModule(pl.LightningModule):
             name = public_model if isinstance(public_model, str) else getattr(model, "name_or_path", "") or "public"
             spec = FederationSpec(public_model=str(name), fingerprint=fp, embedder=None)
         elif check_fingerprint and spec.fingerprint != fp:
-            raise ValueError(
+            raise InputError(
                 f"the public model does not match the spec: fingerprint {fp[:16]}... but the spec "
                 f"expects {spec.fingerprint[:16]}...; load the exact public model the coordinator published"
             )
@@ -71,10 +74,8 @@ class ExpertModule(pl.LightningModule):
         self.save_hyperparameters({"spec": spec.to_dict(), "owner": owner})
         self.model = upcycle(model, num_experts=1, top_k=self.recipe.top_k, owners=[owner])
         if spec.public_router_embedding is not None:
-            from flexmoe.owner.embed import init_router
-
             init_router(self.model, 0, torch.tensor(spec.public_router_embedding))
-        freeze_public(self.model)
+        self.freeze_public_model()
         self.model.train()  # from_pretrained returns eval mode; dropout etc. follow the Trainer from here
         self.val_ppl = Perplexity()
         self.tokens_seen = 0
@@ -83,6 +84,15 @@ class ExpertModule(pl.LightningModule):
     @property
     def recipe(self) -> ExpertRecipe:
         return self.spec.expert
+
+    def freeze_public_model(self, trainable: tuple[int, ...] = (1,)) -> None:
+        """Freeze everything but what this module trains: the experts ``trainable``, and every
+        router row and bias (the frozen rows are detached inside the router).
+
+        :class:`~flexmoe.callbacks.FreezePublicModel` freezes by calling this, so a subclass that
+        trains less of its expert (:class:`~flexmoe.lora.LoraExpertModule`) says so here, once,
+        whatever order Lightning runs the hooks in."""
+        freeze_public(self.model, trainable)
 
     def forward(self, input_ids, **kwargs):
         return self.model(input_ids=input_ids, **kwargs)
@@ -181,8 +191,6 @@ class ExpertModule(pl.LightningModule):
 def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_documents=None) -> list[pl.Callback]:
     """The callbacks that make an owner's run produce a valid expert: freeze and verify the
     public model, initialise the router row, export the artifact (and proxy set), log routing."""
-    from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
-
     return [
         FreezePublicModel(spec.fingerprint),
         RouterEmbeddingInit.from_spec(spec),

@@ -73,23 +73,19 @@ class LoraExpertModule(ExpertModule):
             inject_adapter_in_model(config, block.experts[1])
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, targets
         self.hparams.update(rank=rank, alpha=alpha, target_modules=targets)
-        self.freeze_expert_base()
+        self.freeze_public_model()  # again: the LoRA layers did not exist when ExpertModule froze
 
-    def freeze_expert_base(self) -> None:
-        """Freeze expert 1's own weights (the public MLP's copy); only its LoRA factors train.
-
-        ``FreezePublicModel`` (in :func:`~flexmoe.expert_callbacks`) unfreezes the whole of expert 1
-        in its ``setup``; this runs again in :meth:`setup`, which Lightning calls after the callbacks'.
-        """
+    def freeze_public_model(self, trainable: tuple[int, ...] = (1,)) -> None:
+        """As :meth:`ExpertModule.freeze_public_model`, except that of each trainable expert only
+        the LoRA factors train; its own weights (the public MLP's copy) stay frozen."""
+        super().freeze_public_model(trainable)
         for block in moe_blocks(self.model):
-            for name, p in block.experts[1].named_parameters():
-                p.requires_grad_(".lora_" in f".{name}")
+            for j in trainable:
+                for name, p in block.experts[j].named_parameters():
+                    p.requires_grad_(".lora_" in f".{name}")
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for b in moe_blocks(self.model) for n, p in b.experts[1].named_parameters() if ".lora_" in f".{n}"]
-
-    def setup(self, stage: str) -> None:
-        self.freeze_expert_base()
 
     def configure_optimizers(self):
         r = self.recipe

@@ -1,4 +1,9 @@
-"""TODO docstring."""
+"""The optimiser every flexmoe training module uses: AdamW, linear warmup, cosine decay.
+
+One schedule in one place, so the owner's expert, router tuning, pretraining and BTX's
+fine-tuning step the learning rate the same way, and a run split into pieces (the rounds of
+federated router tuning) continues one schedule instead of restarting it.
+"""
 
 from __future__ import annotations
 

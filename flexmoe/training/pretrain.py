@@ -12,16 +12,12 @@ directory::
     AutoModelForCausalLM.from_pretrained("public/"); AutoTokenizer.from_pretrained("public/")
 
 The defaults give a 5.3M-parameter model (4 layers, width 256, vocabulary 4,096; 300 steps of
-16 x 256 tokens, 1.2M tokens). On two CPU cores a step takes about 1.3 s when they are idle
-(some 7 minutes in all) and 4-5 s when other jobs share them (measured: 25 minutes; trained on
-the five :func:`~flexmoe.data.corpus.local_corpus` domains, held-out perplexity 4318 at
-initialisation, 60-213 per domain after). On a busy machine ``OMP_NUM_THREADS=1`` is faster than
-threads that wait on each other.
+16 x 256 tokens, 1.2M tokens); docs/performance.md has their measured time and perplexity. On a
+busy machine ``OMP_NUM_THREADS=1`` is faster than threads that wait on each other.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -30,7 +26,9 @@ import lightning.pytorch as pl
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.aggregation import MeanMetric
+from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, PretrainedConfig
 
+from flexmoe.core.io import atomic_write_json
 from flexmoe.data.datamodule import TextDataModule
 from flexmoe.data.documents import read_documents, split_documents
 from flexmoe.data.tokenizer import train_tokenizer
@@ -65,8 +63,6 @@ class PretrainModule(pl.LightningModule):
         grad_clip: float = 1.0,
     ):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-
         if not isinstance(config, PretrainedConfig):
             config = dict(config)
             config = AutoConfig.for_model(config.pop("model_type"), **config)
@@ -183,8 +179,6 @@ def olmo2_config(
 ):
     """A small ``Olmo2Config``; ``intermediate_size`` defaults to 8/3 of the width, rounded up to 16
     (the SwiGLU sizing of Llama and OLMo)."""
-    from transformers import Olmo2Config
-
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if (hidden_size // num_heads) % 2:
@@ -385,7 +379,7 @@ def pretrain(
         "val_ppl": _metric(after, "val/ppl"),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(out_dir / REPORT, report)
     shown = ""
     if report["val_ppl"] is not None and report["val_ppl_init"] is not None:
         shown = f", held-out ppl {report['val_ppl_init']:.1f} -> {report['val_ppl']:.1f}"

@@ -1,4 +1,4 @@
-"""The coordinator's router tuning (FlexOlmo section 3.4; DESIGN.md step 4).
+"""The coordinator's router tuning (FlexOlmo section 3.4; docs/design.md, step 8).
 
 After the merge, every expert and every other parameter stays frozen; only the router rows
 (and, optionally, the owners' biases) of every layer train, on a uniform mixture of the
@@ -27,7 +27,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from transformers import AutoTokenizer
 
+from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.surgery import is_moe, moe_blocks, settings
 from flexmoe.data.packing import pack_documents
 from flexmoe.spec import RouterTuningRecipe
@@ -200,8 +202,6 @@ def tune_router(
     """
     recipe = recipe or RouterTuningRecipe()
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     sources = {f"proxy:{owner}": docs for owner, docs in proxy_documents.items()}
     sources["public"] = public_documents
@@ -249,8 +249,6 @@ def router_rows(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_router_rows(rows: Mapping[str, torch.Tensor], model: nn.Module, who: str) -> None:
     """Refuse routers from another party unless they fit ``model`` exactly: the same names and
     shapes, float32, finite. ``who`` names the sender in the error (an :class:`ArtifactError`)."""
-    from flexmoe.artifacts.guard import ArtifactError
-
     expected = router_rows(model)
     if set(rows) != set(expected):
         missing, extra = sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected))

@@ -99,6 +99,7 @@ def merged_dir(public_dir, artifacts, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_assemble_output_loads_with_transformers_and_matches_flexmoe(merged_dir, public_dir, artifacts, ids):
     hf = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert type(hf).__name__ == "FlexOlmoForCausalLM"
@@ -109,6 +110,7 @@ def test_assemble_output_loads_with_transformers_and_matches_flexmoe(merged_dir,
     assert (merged_dir / "tokenizer.json").is_file(), "the public model's tokenizer travels with the merged model"
 
 
+@pytest.mark.slow
 def test_pickled_artifact_is_refused_without_traceback(public_dir, artifacts, tmp_path):
     bad = tmp_path / "mallory.safetensors"
     bad.write_bytes(pickle.dumps({"layers.0.router.bias": [0.0]}))
@@ -150,6 +152,7 @@ def test_missing_public_model_is_one_line(capsys, artifacts, tmp_path):
     assert err.startswith("flexmoe: error: ") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_opt_out_then_add_expert_restores_the_model(capsys, merged_dir, artifacts, tmp_path, ids):
     without_bob = tmp_path / "without_bob"
     code, _, err = run_main(capsys, "opt-out", "--model", merged_dir, "--owner", "bob", "--out", without_bob)
@@ -170,11 +173,13 @@ def test_opt_out_then_add_expert_restores_the_model(capsys, merged_dir, artifact
     torch.testing.assert_close(restored, original, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_opt_out_of_unknown_owner_is_an_error(capsys, merged_dir, tmp_path):
     code, _, err = run_main(capsys, "opt-out", "--model", merged_dir, "--owner", "zed", "--out", tmp_path / "o")
     assert code == 1 and "zed" in err and "alice" in err
 
 
+@pytest.mark.slow
 def test_export_to_native_reopens_with_flexmoe_load(capsys, merged_dir, tmp_path, ids):
     native = tmp_path / "native"
     code, _, err = run_main(capsys, "export", "--model", merged_dir, "--format", "native", "--out", native)
@@ -231,6 +236,7 @@ def test_argv_spellings():
     assert normalize_argv(["opt-out", "--print-config"]) == ["opt-out", "--print_config"]
 
 
+@pytest.mark.slow
 def test_eval_command_scores_each_model_as_given(capsys, public_dir, merged_dir, tmp_path):
     out = tmp_path / "eval.json"
     code, stdout, err = run_main(
@@ -285,3 +291,27 @@ def test_option_kinds_read_pep604_hints():
 
     assert _option_kinds(command) == {"a": "list", "c": "bool", "d": "other"}
     assert _option_kinds(assemble)["public_data"] == "list"  # Optional[list[str]]
+
+
+def test_spec_command_sets_the_routing_recipe(capsys, public_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    argv = ["spec", "--public", public_dir, "--out", out, "--embedder", "null"]
+    code, _, err = run_main(capsys, *argv, "--routing.method", "published", "--routing.shrinkage", "0.25")
+    assert code == 0, err
+    routing = flexmoe.FederationSpec.load(out).routing
+    assert routing.method == "published" and routing.shrinkage == 0.25 and routing.owner_statistics is None
+    code, _, err = run_main(capsys, *argv, "--routing.covariance", "diagonal")
+    assert code != 0 and "covariance" in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    """Only bad input (InputError, OSError) is one line; anything else is a bug in flexmoe."""
+    from flexmoe.cli import commands
+
+    def export(model: str, out: str) -> None:
+        """A command with a bug."""
+        return {}["no such key"]
+
+    monkeypatch.setattr(commands, "export", export)
+    with pytest.raises(KeyError, match="no such key"):
+        main(["export", "--model", "m", "--out", "o"])

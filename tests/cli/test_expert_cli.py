@@ -44,6 +44,7 @@ def test_spec_command_writes_a_checked_spec(spec_path, public_dir):
     assert len(spec.public_router_embedding) == 2  # one r_pub row per layer (hidden-state fallback)
 
 
+@pytest.mark.slow
 def test_train_expert_command_end_to_end(spec_path, tmp_path):
     out = tmp_path / "owner" / "gpl.safetensors"
     cmd = [

@@ -1,4 +1,4 @@
-"""The MoE block and router follow DESIGN.md's math exactly."""
+"""The MoE block and router follow FlexOlmo's math (eq. 1, Shi et al., 2025) exactly."""
 
 import copy
 
@@ -167,7 +167,7 @@ def gated_block(num_experts, top_k, normalize, dtype, hidden=16, seed=0):
 
 
 def per_token_reference(b: MoEBlock, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's formula one token at a time, in float64 from the block's own parameters."""
+    """FlexOlmo's router formula one token at a time, in float64 from the block's own parameters."""
     h = x.reshape(-1, x.shape[-1])
     weight = b.router.weight.detach().double()
     bias = [0.0] + [min(float(beta), 0.0) for beta in b.router.bias[1:]]

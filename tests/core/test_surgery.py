@@ -60,7 +60,8 @@ def test_opt_out_equals_never_having_joined(ids):
         m = flexmoe.upcycle(tiny_model("olmo2"), num_experts=1, owners=[name])
         for block in moe_blocks(m):
             perturb_(block.experts[1], seed=seed)
-            torch.nn.init.normal_(block.router.weight, std=0.5, generator=torch.Generator().manual_seed(seed))
+            # Each owner's own row; r_0 stays the shared public row every owner trains against.
+            block.router.weight.data[1].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
             block.router.bias.data[1] = -0.3 * seed
         owners.append(ExpertArtifact.from_model(m, owner=name))
     merged = flexmoe.assemble(public, owners, top_k=2)

@@ -42,6 +42,7 @@ def digest(domains) -> str:
     ).hexdigest()
 
 
+@pytest.mark.slow
 def test_five_named_domains_each_with_enough_text_and_a_held_out_split(corpus):
     assert list(corpus) == list(DEFAULT_DOMAINS) and len(corpus) >= 5
     for name, domain in corpus.items():
@@ -52,6 +53,7 @@ def test_five_named_domains_each_with_enough_text_and_a_held_out_split(corpus):
         assert abs(len(domain.val) / len(domain.documents) - 0.1) < 0.02
 
 
+@pytest.mark.slow
 def test_train_and_validation_never_share_a_document_and_domains_share_none(corpus):
     seen: dict[str, str] = {}
     for name, domain in corpus.items():
@@ -60,6 +62,7 @@ def test_train_and_validation_never_share_a_document_and_domains_share_none(corp
             assert seen.setdefault(doc, name) == name, f"a document is in both {seen[doc]} and {name}"
 
 
+@pytest.mark.slow
 def test_same_documents_in_another_process_with_another_hash_seed(sample):
     code = (
         "import hashlib, json; from flexmoe.data.corpus import local_corpus\n"
@@ -72,6 +75,7 @@ def test_same_documents_in_another_process_with_another_hash_seed(sample):
     assert digest(local_corpus(max_docs_per_domain=CAP)) == digest(sample)
 
 
+@pytest.mark.slow
 def test_the_cap_samples_a_subset_and_the_seed_moves_the_split(corpus, sample):
     for name, domain in sample.items():
         assert len(domain.documents) == CAP

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+from flexmoe.data import packing
 from flexmoe.data.datamodule import TextDataModule
-from flexmoe.data import datamodule as data
 from flexmoe.data.documents import read_documents, split_documents
 from flexmoe.data.tokenizer import train_tokenizer
 from flexmoe.testing import LICENSES, license_texts
@@ -27,13 +27,13 @@ def tokenizer(public_dir):
 def count_encode(monkeypatch):
     """Counts tokenizer calls made while packing."""
     calls = []
-    real = data._encode
+    real = packing._encode
 
     def counting(tok, texts):
         calls.append(len(texts))
         return real(tok, texts)
 
-    monkeypatch.setattr(data, "_encode", counting)
+    monkeypatch.setattr(packing, "_encode", counting)
     return calls
 
 
@@ -205,6 +205,25 @@ def test_packed_sequences_are_the_documents_joined_by_eos(tmp_path, tokenizer):
     assert (dm._train == tokenizer.eos_token_id).sum() >= len(dm.train_documents()) - 1
     assert dm.num_train_tokens == dm._train.numel() == dm.num_train_sequences * 16
     assert dm.num_val_tokens == dm._val.numel() > 0
+
+
+def test_every_packing_is_the_same_stream_and_refuses_a_tokenizer_without_eos(tmp_path, tokenizer):
+    """Training rows, evaluation rows and router-tuning rows of the same documents are one stream,
+    documents joined by EOS; none of them joins documents with another token when there is no EOS."""
+    docs = license_texts()[:6]
+    stream = expected_stream(tokenizer, docs)
+    rows = len(stream) // 16
+    packed, n = packing.tokenize_and_pack(docs, tokenizer, 16)
+    assert n == len(stream) and packed.dtype == torch.int32
+    assert packed.flatten().tolist() == stream[: rows * 16]
+    assert torch.equal(packing.pack_domain(docs, tokenizer, 16), packed.long())
+    assert torch.equal(packing.pack_documents(docs, tokenizer, 16), packed.long())
+    assert packing.pack_documents(docs[:1], tokenizer, 16, max_documents=1).shape[0] <= rows
+    no_eos = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    no_eos.eos_token = None
+    for pack in (packing.pack_domain, packing.pack_documents):
+        with pytest.raises(ValueError, match="no EOS token"):
+            pack(docs, no_eos, 16)
 
 
 def test_split_is_by_document_deterministic_and_stable(tmp_path, tokenizer):

@@ -66,6 +66,7 @@ def test_questions_keep_only_pairs_whose_four_words_are_in_the_vocabulary():
     assert {q.relation for q in qs} == {"noun: plural", "verb: 3rd person"}
 
 
+@pytest.mark.slow
 def test_example_reports_3cosmul_vs_3cosadd_honestly_and_reloads_its_models(tmp_path, capsys):
     result = an.main(out=str(tmp_path), **SMALL)
     out = capsys.readouterr().out

@@ -65,6 +65,7 @@ def run(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_report_json_has_every_method_and_domain(run):
     _, report = run
     assert set(report) == {"methods", "settings", "wall_times"}
@@ -77,6 +78,7 @@ def test_report_json_has_every_method_and_domain(run):
         assert row["average"] == pytest.approx(sum(values) / len(values)), key
 
 
+@pytest.mark.slow
 def test_settings_are_the_fast_preset_with_the_overrides_and_the_documented_recipe(run):
     _, report = run
     s = report["settings"]
@@ -99,6 +101,7 @@ def test_settings_are_the_fast_preset_with_the_overrides_and_the_documented_reci
     assert times["total"] >= times["federation"] + times["pretrain"]
 
 
+@pytest.mark.slow
 def test_files_exist_and_the_federation_kept_every_owners_expert(run):
     out, _ = run
     for name in ("report.md", "perplexity.png", "routing.png", "routing.json", "spec.json"):
@@ -114,6 +117,7 @@ def test_files_exist_and_the_federation_kept_every_owners_expert(run):
     assert list(shares) == ["public", *OWNERS] and sum(shares.values()) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,6 +141,7 @@ def test_the_exported_model_is_the_flexolmo_row_in_plain_transformers(run):
     assert ppl == pytest.approx(report["methods"]["flexolmo"]["per_domain"]["licenses"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_finished_run_reopens_with_the_same_rows_and_models(run):
     """DemoRun.open (what the benchmarks start from) rebuilds the held-out rows and models the
     report was measured on: every expert row and flexolmo give the report's figures again."""
@@ -178,6 +183,7 @@ def test_read_corpus_splits_the_public_text_into_its_parts_and_refuses_what_does
         read_corpus(tmp_path, None)
 
 
+@pytest.mark.slow
 def test_routing_diagnosis_benchmark_runs_on_a_demo_and_its_figures_hold_together(run, tmp_path):
     """benchmarks/routing_diagnosis.py on the run: the right-pair model of public text is the public
     model itself (every owner opted out), so it scores the oracle exactly; at layer 0 the merged
@@ -203,6 +209,7 @@ def test_routing_diagnosis_benchmark_runs_on_a_demo_and_its_figures_hold_togethe
     assert flex[0] == public[0]
 
 
+@pytest.mark.slow
 def test_report_md_bolds_the_best_of_every_column(run):
     out, report = run
     text = (out / "report.md").read_text()

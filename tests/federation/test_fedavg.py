@@ -21,6 +21,7 @@ def _state(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
+@pytest.mark.slow
 def test_fedavg_rounds_mix_the_owners_models(public_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXMOE_CACHE", str(tmp_path / "cache"))
     s = FedAvgSettings(

@@ -1,7 +1,7 @@
-"""The Flower federation (DESIGN.md "Federation"): owners' ClientApps and the coordinator's ServerApp.
+"""The Flower federation (docs/federation.md): owners' ClientApps and the coordinator's ServerApp.
 
 The end-to-end tests start a real ``flower-superlink`` and real ``flower-supernode`` processes on
-loopback (tests/federation_helpers.py), submit the app in examples/federation with ``flwr run``,
+loopback (:mod:`flexmoe.testing.federation`), submit the app in examples/federation with ``flwr run``,
 and read the run's final status with ``flwr ls`` (``flwr run`` returns as soon as the run is
 submitted, and would exit 0 even if the ServerApp failed). The public model is the tiny OLMo-2
 of ``conftest.public_dir``; owners train 10 steps.
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from federation_helpers import Deployment, wait_for
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import content_sha256, file_sha256, fingerprint
-from flexmoe.federation.client_app import OwnerResult, app, reply_content
+from flexmoe.federation.client_app import app, reply_content
 from flexmoe.federation.coordinator import Coordinator, OwnerState
 from flexmoe.federation.records import (
     EXPERT,
@@ -40,9 +39,12 @@ from flexmoe.federation.records import (
     tensors_to_arrays,
 )
 from flexmoe.federation.settings import CoordinatorSettings, OwnerSettings
+from flexmoe.federation.task import OwnerResult
 from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe
 from flexmoe.testing import license_texts
+from flexmoe.testing.faults import app_with_faults, inject_fault
+from flexmoe.testing.federation import Deployment, wait_for
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "federation"
 CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
@@ -126,16 +128,18 @@ def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def crash_run(world, tmp_path_factory):
     """Owners a and b are good, c sends an expert trained on another public model (fault
-    injection), d's SuperNode is killed (SIGKILL) while it trains; quorum 2."""
+    injection: the example app with flexmoe.testing.faults' ClientApp), d's SuperNode is killed
+    (SIGKILL) while it trains; quorum 2."""
     root = tmp_path_factory.mktemp("crash_run")
     out = root / "coordinator"
+    faulty_app = app_with_faults(APP, root / "app")
     with Deployment(root / "deployment") as d:
         d.start_superlink()
         d.start_supernode("a", world.node("a"))
         d.start_supernode("b", world.node("b", **{"public-data": str(world.public_data), "share-proxy": True}))
         d.start_supernode("c", world.node("c", **{"fault-injection": "wrong-fingerprint"}))
         d.start_supernode("d", world.node("d"))
-        run_id = d.run(APP, world.run_config(out, "a,b,c,d", quorum=2))
+        run_id = d.run(faulty_app, world.run_config(out, "a,b,c,d", quorum=2))
         wait_for(lambda: "Receiving: train message" in d.logs["supernode-d"].read_text(), 300, "d to receive the spec")
         time.sleep(3)  # d's ClientApp is starting its training
         d.kill("supernode-d", signal.SIGKILL)
@@ -146,6 +150,7 @@ def crash_run(world, tmp_path_factory):
     return {"run": run, "log": log, "out": out, "report": report, "router_rounds_a": router_rounds_a}
 
 
+@pytest.mark.slow
 def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_crashed_owner(crash_run, world):
     run, report, out = crash_run["run"], crash_run["report"], crash_run["out"]
     assert run["status"] == "finished:completed", (run, crash_run["log"][-4000:])
@@ -200,6 +205,7 @@ def test_federation_merges_the_good_experts_and_reports_the_corrupt_and_the_cras
     assert 0 < report["owners"]["a"]["upload_bytes"] < full_model / 2
 
 
+@pytest.mark.slow
 def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run, world, tmp_path):
     """(c) The coordinator dies after accepting a's expert; a rerun with resume=true keeps it,
     trains only b, and merges exactly the model an uninterrupted run merges. Over TLS, with
@@ -397,8 +403,10 @@ def coordinator(world, tmp_path):
 )
 def test_the_coordinator_rejects_a_corrupt_expert_and_names_why(owner_reply, coordinator, fault, field):
     reply, node_config, _ = owner_reply
-    s = OwnerSettings.from_configs({**node_config, "fault-injection": fault}, {})
-    content = reply_content(OwnerResult(Path(node_config["work-dir"]) / "canary.safetensors", None), s)
+    s = OwnerSettings.from_configs(node_config, {})
+    content = inject_fault(
+        reply_content(OwnerResult(Path(node_config["work-dir"]) / "canary.safetensors", None), s), fault
+    )
     with pytest.raises(ArtifactError, match="canary") as e:
         coordinator.accept(OwnerState("canary"), content)
     assert e.value.field == field

@@ -1,6 +1,6 @@
 """Exports to FlexOlmo / Mixtral / native, imports back, and streaming assembly (flexmoe.formats.export).
 
-The property DESIGN.md promises: an export reloads with the same logits (float32, max abs
+The property docs/design.md promises: an export reloads with the same logits (float32, max abs
 difference <= 1e-4), and anything a format cannot express is refused, not silently dropped.
 """
 

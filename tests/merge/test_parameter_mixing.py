@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flexmoe.testing import LICENSES
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_ipm.py")
 
 
+@pytest.mark.slow
 def test_post_local_sgd_averages_the_ranks_every_period(public_dir, tmp_path):
     """Steps 0-1 (warm-up): gradients all-reduced, ranks identical. From step 2 each rank steps on
     its own data, and PeriodicModelAverager averages them at steps 2, 5, 8 (warm-up + k·period):

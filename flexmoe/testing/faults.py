@@ -1,0 +1,99 @@
+"""Faulty owners, for tests that prove the coordinator rejects what a broken or malicious owner sends.
+
+:data:`app` is the owner's ClientApp (the library's own handlers) with one Flower mod,
+:func:`fault_injection`: a SuperNode whose node config says ``fault-injection="nan"`` (or
+``wrong-shape``, ``wrong-fingerprint``) corrupts its ``train`` reply after training, exactly as
+:func:`corrupt` does; every other SuperNode runs unchanged. :func:`app_with_faults` copies a
+Flower app folder (``examples/federation``) with its ClientApp pointed here, for real-process
+deployments; in process, :func:`inject_fault` corrupts a reply built with
+:func:`~flexmoe.federation.client_app.reply_content`.
+
+The library never reads ``fault-injection``: only this app does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import tomli_w
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from flexmoe.federation import client_app
+from flexmoe.federation.records import (
+    EXPERT,
+    MANIFEST,
+    TRAIN_MESSAGE,
+    arrays_to_tensors,
+    manifest_to_metadata,
+    tensors_to_arrays,
+)
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: Flower depends on tomli, the same parser
+    import tomli as tomllib
+
+FAULTS = ("nan", "wrong-shape", "wrong-fingerprint")
+NODE_CONFIG_KEY = "fault-injection"
+
+
+def corrupt(fault: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict]:
+    """Copies of an expert's ``tensors`` and ``metadata`` with one fault: a NaN in its first
+    expert weight, that weight one row short, or the fingerprint of another public model."""
+    if fault not in FAULTS:
+        raise ValueError(f"node config {NODE_CONFIG_KEY!r} must be one of {FAULTS}, got {fault!r}")
+    tensors, metadata = dict(tensors), dict(metadata)
+    name = next(k for k in sorted(tensors) if ".expert." in k)
+    if fault == "nan":
+        t = tensors[name].clone()
+        t.view(-1)[0] = float("nan")
+        tensors[name] = t
+    elif fault == "wrong-shape":
+        tensors[name] = tensors[name][:-1].clone()
+    else:
+        metadata["fingerprint"] = "0" * 64
+    return tensors, metadata
+
+
+def inject_fault(content: RecordDict, fault: str) -> RecordDict:
+    """A ``train`` reply's content with its expert corrupted by :func:`corrupt`."""
+    tensors = arrays_to_tensors(content[EXPERT], "faulty owner")
+    metadata = manifest_to_metadata(content[MANIFEST], "faulty owner")
+    tensors, metadata = corrupt(fault, tensors, metadata)
+    out = RecordDict(dict(content))
+    out[EXPERT], out[MANIFEST] = tensors_to_arrays(tensors), ConfigRecord(metadata)
+    return out
+
+
+def fault_injection(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod: corrupt this SuperNode's ``train`` reply when its node config asks for a fault."""
+    fault = str(context.node_config.get(NODE_CONFIG_KEY, ""))
+    if fault and fault not in FAULTS:  # refuse before training, not after
+        raise ValueError(f"node config {NODE_CONFIG_KEY!r} must be one of {FAULTS}, got {fault!r}")
+    reply = call_next(msg, context)
+    if not fault or msg.metadata.message_type != TRAIN_MESSAGE or reply.has_error():
+        return reply
+    return Message(inject_fault(reply.content, fault), reply_to=msg)
+
+
+app = ClientApp(mods=[fault_injection])
+app.query()(client_app.query)
+app.train()(client_app.train)
+app.train("router")(client_app.router_round)
+
+
+def app_with_faults(app_dir: str | Path, dest: str | Path) -> Path:
+    """A copy of the Flower app in ``app_dir`` (its run config and all) at ``dest``, whose
+    ClientApp is :data:`app`: SuperNodes started with ``fault-injection`` in their node config
+    then send corrupt experts."""
+    dest = Path(dest)
+    shutil.copytree(app_dir, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pyproject = dest / "pyproject.toml"
+    config = tomllib.loads(pyproject.read_text())
+    config["tool"]["flwr"]["app"]["components"]["clientapp"] = f"{__name__}:app"
+    pyproject.write_text(tomli_w.dumps(config))
+    return dest
