@@ -110,11 +110,11 @@ class Shapes:
 
 def step_flops(s: Shapes) -> dict[str, int]:
     """Analytic matmul FLOPs of one training step (forward + backward) of each variant."""
-    T, H, I, V, L, E = s.tokens, s.hidden, s.intermediate, s.vocab, s.layers, s.experts
+    T, H, inter, V, L, E = s.tokens, s.hidden, s.intermediate, s.vocab, s.layers, s.experts
     kv = H // s.heads * s.kv_heads
     proj = 2 * T * H * (2 * H + 2 * kv)
     scores = 2 * (2 * s.batch * s.seq * s.seq * H)
-    mlp = 3 * 2 * T * H * I
+    mlp = 3 * 2 * T * H * inter
     down = mlp // 3
     router = 2 * T * H * E
     head = 2 * T * H * V
@@ -376,7 +376,8 @@ def report(variants: list[Variant], wall: dict, cpu: dict, flops: dict, tokens: 
         f"{len(quiet)} quiet; public expert unchanged in (a) and (c)"
     )
     header = (
-        f"{'variant':<40} {'ms/step':>8} {'tokens/s':>9} {'vs (b)':>7} | {'quiet ms':>8} {'tokens/s':>9} {'vs (b)':>7} | "
+        f"{'variant':<40} {'ms/step':>8} {'tokens/s':>9} {'vs (b)':>7} | "
+        f"{'quiet ms':>8} {'tokens/s':>9} {'vs (b)':>7} | "
         f"{'cpu ms':>7} {'vs (b)':>7} | {'FLOP bound vs (b)':>17}"
     )
     print(header)
@@ -389,12 +390,14 @@ def report(variants: list[Variant], wall: dict, cpu: dict, flops: dict, tokens: 
             else f"{'-':>8} {'-':>9} {'-':>7}"
         )
         print(
-            f"({n}) {v.label:<36} {med(n, 'all') * 1e3:8.0f} {tokens / med(n, 'all'):9.0f} {paired('b', n, 'all'):7.3f} | "
+            f"({n}) {v.label:<36} {med(n, 'all') * 1e3:8.0f} {tokens / med(n, 'all'):9.0f} "
+            f"{paired('b', n, 'all'):7.3f} | "
             f"{q} | {med(n, 'all', cpu) * 1e3:7.0f} {paired('b', n, 'all', cpu):7.3f} | {bound[n]:17.3f}"
         )
     print(
         "Wall-clock medians over all cycles, then over the quiet ones (every variant's step within "
-        f"{QUIET}x of its fastest),\nthen process CPU time; vs (b): median of the paired ratio t_b / t_variant within a cycle."
+        f"{QUIET}x of its fastest),\nthen process CPU time; "
+        "vs (b): median of the paired ratio t_b / t_variant within a cycle."
     )
     # Which estimate to trust: with one thread, process CPU time is the step's own compute,
     # immune to time-sharing; with more, waiting threads spin, so prefer undisturbed cycles.
@@ -406,7 +409,8 @@ def report(variants: list[Variant], wall: dict, cpu: dict, flops: dict, tokens: 
         q = f"{paired(other, 'a', 'quiet'):7.3f}" if groups["quiet"] else f"{'-':>7}"
         got = paired(other, "a", "quiet" if judge == "quiet" else "all", cpu if judge == "cpu" else wall)
         print(
-            f"{label:<4} {paired(other, 'a', 'all'):10.3f} {q} {paired(other, 'a', 'all', cpu):9.3f}   >= {target:.3f} ({why}): "
+            f"{label:<4} {paired(other, 'a', 'all'):10.3f} {q} {paired(other, 'a', 'all', cpu):9.3f}   "
+            f">= {target:.3f} ({why}): "
             f"{'met' if got >= target else 'MISSED'} (judged on {judge})"
         )
     print(f"(a/c FLOP bound: {flops['transformers'] / flops['expert']:.3f})")
@@ -493,7 +497,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"analytic matmul FLOPs per step: (a) {flops['expert'] / 1e9:.1f} G, (b) {flops['dense'] / 1e9:.1f} G, "
-        f"(c) {flops['transformers'] / 1e9:.1f} G; FLOP-bound tokens/s ratios a/b {flops['dense'] / flops['expert']:.3f}, "
+        f"(c) {flops['transformers'] / 1e9:.1f} G; "
+        f"FLOP-bound tokens/s ratios a/b {flops['dense'] / flops['expert']:.3f}, "
         f"a/c {flops['transformers'] / flops['expert']:.3f}"
     )
     for v in variants:

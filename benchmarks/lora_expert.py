@@ -34,58 +34,11 @@ import os
 import time
 from pathlib import Path
 
+from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, log, pretrain_public, read_jsonl
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 SEED = 0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def read_jsonl(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
-    """The public and owner domains of ``local_corpus``, written once under ``work/corpus``."""
-    from flexmoe.data.corpus import local_corpus, write_corpus
-
-    names = list(PUBLIC_DOMAINS) + list(owners)
-    root = work / "corpus"
-    if all((root / n / "val.jsonl").is_file() for n in names):
-        return {n: root / n for n in names}
-    log(f"building the local corpus ({docs} docs per domain)")
-    return write_corpus(local_corpus(max_docs_per_domain=docs, domains=names), root)
-
-
-def pretrain_public(work: Path, paths, args) -> Path:
-    """The public model, pretrained once on ``PUBLIC_DOMAINS`` under ``work/public``."""
-    from flexmoe.training.pretrain import pretrain
-
-    out = work / "public"
-    if (out / "config.json").is_file():
-        return out
-    log("pretraining the public model")
-    pretrain(
-        [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS],
-        str(out),
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_steps=args.pretrain_steps,
-        seed=SEED,
-        warmup_steps=max(1, args.pretrain_steps // 10),
-        val_every=args.pretrain_steps,
-        val_batches=4,
-        cache_dir=str(work / "cache"),
-        progress_bar=False,
-    )
-    return out
 
 
 def make_spec(public: Path, args, rank: int | None, lr: float):
@@ -219,7 +172,7 @@ def main(argv=None):
     work = Path(args.work)
     started = time.perf_counter()
     paths = build_corpus(work, args.owners, args.docs)
-    public = pretrain_public(work, paths, args)
+    public = pretrain_public(work, paths, args, seed=SEED)
     tokenizer = AutoTokenizer.from_pretrained(public)
 
     def rows(domains):

@@ -88,11 +88,11 @@ class Shapes:
 
 def forward_flops(s: Shapes, experts: int | None = None) -> int:
     """Analytic matmul FLOPs of one forward pass: the dense model (``experts=None``) or the MoE."""
-    T, H, I, V, L = s.tokens, s.hidden, s.intermediate, s.vocab, s.layers
+    T, H, inter, V, L = s.tokens, s.hidden, s.intermediate, s.vocab, s.layers
     kv = H // s.heads * s.kv_heads
     proj = 2 * T * H * (2 * H + 2 * kv)
     scores = 2 * 2 * s.batch * s.seq * s.seq * H
-    mlp = 3 * 2 * T * H * I
+    mlp = 3 * 2 * T * H * inter
     head = 2 * T * H * V
     if experts is None:
         return L * (proj + scores + mlp) + head
@@ -148,9 +148,9 @@ def expert_load(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
         model(input_ids=ids, use_cache=False)
     k = moe_blocks(model)[0].settings.effective_top_k()
     shares = []
-    for l in logits:
-        chosen = l.topk(k, dim=-1).indices.reshape(-1)
-        shares.append(torch.bincount(chosen, minlength=l.shape[-1]).float() / chosen.numel())
+    for layer_logits in logits:
+        chosen = layer_logits.topk(k, dim=-1).indices.reshape(-1)
+        shares.append(torch.bincount(chosen, minlength=layer_logits.shape[-1]).float() / chosen.numel())
     shares = torch.cat(shares)
     return shares.min().item(), shares.max().item()
 

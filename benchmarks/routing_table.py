@@ -57,35 +57,16 @@ from torch import nn
 from flexmoe.core.moe import PerExpertRouter, RouterFormatError, register_router
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.routing import layer_lda
+from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, log, pretrain_public, read_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
 # The harsh setting (--harsh): public data is one technical-documentation domain, the owners'
 # domains are far from it and from each other.
 HARSH_PUBLIC = ("pydoc_topics",)
 HARSH_OWNERS = ("stdlib_code", "unicode_names", "licenses")
 SEED = 0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def build_corpus(work: Path, owners, docs: int) -> dict[str, Path]:
-    from flexmoe.data.corpus import local_corpus, write_corpus
-
-    names = list(PUBLIC_DOMAINS) + list(owners)
-    root = work / "corpus"
-    if all((root / n / "val.jsonl").is_file() for n in names):
-        return {n: root / n for n in names}
-    log(f"building the local corpus ({docs} docs per domain)")
-    return write_corpus(local_corpus(max_docs_per_domain=docs, domains=names), root)
-
-
-def read_jsonl(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
 # -- research routers ----------------------------------------------------------------------------
@@ -274,35 +255,6 @@ def prefix_lda_router(
 
     blocks[0].register_forward_pre_hook(classify)
     return model
-
-
-def pretrain_public(work: Path, paths, args) -> Path:
-    from flexmoe.training.pretrain import pretrain
-
-    out = work / "public"
-    if (out / "config.json").is_file():
-        return out
-    log("pretraining the public model")
-    t = time.perf_counter()
-    pretrain(
-        [str(paths[d] / "train.jsonl") for d in PUBLIC_DOMAINS],
-        str(out),
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_steps=args.pretrain_steps,
-        seed=SEED,
-        warmup_steps=max(1, args.pretrain_steps // 10),
-        val_every=args.pretrain_steps,
-        val_batches=4,
-        cache_dir=str(work / "cache"),
-        progress_bar=False,
-    )
-    TIMINGS["pretrain_s"] = round(time.perf_counter() - t, 1)
-    return out
 
 
 def make_spec(work: Path, public: Path, paths, args):
@@ -572,8 +524,10 @@ def main(argv=None):
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     owners = list(args.owners)
-    paths = build_corpus(work, owners, args.docs)
-    public = pretrain_public(work, paths, args)
+    paths = build_corpus(work, owners, args.docs, PUBLIC_DOMAINS)
+    t = time.perf_counter()
+    public = pretrain_public(work, paths, args, seed=SEED, public_domains=PUBLIC_DOMAINS)
+    TIMINGS["pretrain_s"] = round(time.perf_counter() - t, 1)
     spec = make_spec(work, public, paths, args)
     arts = train_experts(work, spec, paths, owners, args.public_mix)
     tok = AutoTokenizer.from_pretrained(public)

@@ -7,6 +7,8 @@ This module stands outside the floors: it re-exports from many of them, lazily, 
 text to an exported model.
 """
 
+import importlib
+
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import fingerprint
@@ -41,8 +43,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe' has no attribute {name!r}")
 

@@ -24,6 +24,9 @@ Three rules hold for every caller:
 * A recipe that needs the owners' statistics refuses, naming every owner without them
   (:class:`MissingRoutingStatistics`), rather than routing some other way.
 
+The module is a little over 500 lines on purpose: the in-memory and the streamed assembly share
+these rules and their checks, and splitting them would put one pipeline in two places.
+
 :func:`assemble_to_dir` streams the published merge to disk one expert at a time, so memory does
 not grow with the number of owners; :func:`merge_experts` uses it when asked to ``stream``. This
 floor sits above ``formats`` and ``routing``, which it composes, and below the owner side and

@@ -82,7 +82,7 @@ def domain_nll(model: nn.Module, rows: torch.Tensor, *, batch_size: int = 8, des
             if routes:
                 with record_router_logits(model) as router_logits:
                     out = model(input_ids=batch, use_cache=False)
-                top1 = torch.stack([l.argmax(-1) for l in router_logits])  # [layers, tokens]
+                top1 = torch.stack([layer.argmax(-1) for layer in router_logits])  # [layers, tokens]
                 num_experts = settings(model).num_experts
                 c = F.one_hot(top1, num_experts).sum(1)
                 counts = c if counts is None else counts + c
@@ -357,7 +357,7 @@ def format_table(result: dict, tokens: Mapping[str, int] | None = None) -> str:
         lines += ["", f"{name}: top-1 routing share, mean over layers"]
         table = []
         for d, layers in r["routing"].items():
-            mean = [sum(l[o] for l in layers.values()) / len(layers) for o in owners]
+            mean = [sum(shares[o] for shares in layers.values()) / len(layers) for o in owners]
             table.append([d, *(f"{m:.2f}" for m in mean)])
         lines += _grid(["domain", *owners], table)
     return "\n".join(lines)

@@ -35,6 +35,7 @@ it. Routers no checkpoint can express (sequence-level, mixtures) are research co
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -146,10 +147,8 @@ def _layer_logit_moments(model: nn.Module, L: int, rows: torch.Tensor, batch_siz
     handle = block.register_forward_pre_hook(capture)
     try:
         for batch in _batches(rows.long(), batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     mean = s1 / n

@@ -88,10 +88,7 @@ def test_perplexity_is_exp_of_the_models_own_loss(dirs, which):
     tok = AutoTokenizer.from_pretrained(dirs["dense"])
     path, budget = f"{LICENSES}/Apache-2.0", 24 * SEQ
     rows = pack_domain(path, tok, SEQ, max_tokens=budget)
-    if which == "btm":
-        model = BTMEnsemble.from_dirs([dirs["dense"], dirs["other"]])
-    else:
-        model = flexmoe.load(dirs[which])
+    model = BTMEnsemble.from_dirs([dirs["dense"], dirs["other"]]) if which == "btm" else flexmoe.load(dirs[which])
     with torch.no_grad():
         loss = model(input_ids=rows, labels=rows).loss.item()
     # a batch size that leaves a partial last batch

@@ -67,7 +67,7 @@ def test_wheel_holds_every_package_under_its_import_name(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"flexmoe"}
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "flexmoe = flexmoe.cli.commands:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "flexmoe = flexmoe.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_wheel_installs_in_a_fresh_venv_and_imports(wheel, tmp_path):

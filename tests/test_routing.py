@@ -50,7 +50,7 @@ def rows(n=6, seq=16, seed=3):
 def logits_on(model, ids):
     with torch.no_grad(), record_router_logits(model) as logits:
         model(input_ids=ids, use_cache=False)
-    return [l.double() for l in logits]
+    return [layer_logits.double() for layer_logits in logits]
 
 
 def test_affine_router_keeps_logits_and_frees_bias():
@@ -89,8 +89,10 @@ def test_scale_only_calibration_stays_a_plain_router():
     # Layer 0's inputs do not depend on routing: its logits are exactly rescaled.
     std0 = before[0].std(0, unbiased=False)
     torch.testing.assert_close(after[0], before[0] / std0, atol=1e-4, rtol=1e-4)
-    for l in after:
-        torch.testing.assert_close(l.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
+    for layer_logits in after:
+        torch.testing.assert_close(
+            layer_logits.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0
+        )
 
 
 def test_mlp_input_moments_and_mlp_inputs_match_a_direct_capture():
@@ -98,8 +100,8 @@ def test_mlp_input_moments_and_mlp_inputs_match_a_direct_capture():
     ids = rows(4, 8)
     seen = []
     hooks = [
-        l.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-        for l in decoder_layers(model)
+        layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        for layer in decoder_layers(model)
     ]
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)

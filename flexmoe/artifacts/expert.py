@@ -42,7 +42,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
+from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.io import atomic_file
+from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
 FORMAT_VERSION = "1"
 _KEY = re.compile(
@@ -132,7 +134,7 @@ class ExpertFile(ABC):
         tensors = {}
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     tensors[name] = f.get_tensor(name)
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ArtifactError(
@@ -182,8 +184,6 @@ class ExpertArtifact(ExpertFile):
     def routing_stats(self):
         """The owner's MLP-input statistics (:class:`flexmoe.artifacts.expert.MLPInputStats`: ``mean``
         ``[L, H]``, ``covariance`` ``[L, H, H]`` or ``None``), or ``None`` if it shipped none."""
-        from flexmoe.artifacts.expert import MLPInputStats
-
         if "layers.0.stats.mean" not in self.tensors:
             return None
         n = self.num_layers
@@ -217,9 +217,6 @@ class ExpertArtifact(ExpertFile):
         ``stats``: the owner's :class:`flexmoe.artifacts.expert.MLPInputStats` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
         """
-        from flexmoe.core.hashing import fingerprint as model_fingerprint
-        from flexmoe.core.surgery import expert_index, moe_blocks
-
         j = expert_index(model, expert)
         if j == 0:
             raise ValueError("expert 0 is the public model, not an owner's expert")
@@ -328,8 +325,6 @@ class ExpertArtifact(ExpertFile):
         """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):
         layer count, expert tensor names, shapes and dtypes, hidden size, and optionally
         the fingerprint and spec hash."""
-        from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks
-
         self.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
         if is_moe(model):
             mlps = [b.experts[0] for b in moe_blocks(model)]

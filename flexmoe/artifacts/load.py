@@ -14,6 +14,7 @@ from torch import nn
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import read_safetensors_header
+from flexmoe.artifacts.lora import LoraExpertArtifact
 
 
 def is_lora_file(path: str | os.PathLike) -> bool:
@@ -34,8 +35,6 @@ def load_expert(
     materialised on ``public_model`` (``W + scaling * B @ A``), so either way the result is an
     ordinary :class:`ExpertArtifact`."""
     if is_lora_file(path):
-        from flexmoe.artifacts.lora import LoraExpertArtifact
-
         lora = LoraExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)
         return lora.materialize(public_model, spec_sha256=spec_sha256)
     return ExpertArtifact.load(path, fingerprint=fingerprint, spec_sha256=spec_sha256)

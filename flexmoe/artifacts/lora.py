@@ -36,6 +36,8 @@ from torch import nn
 from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
+from flexmoe.core.hashing import fingerprint as model_fingerprint
+from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
 LORA_FORMAT_VERSION = "lora-1"
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)\.lora_[AB])$")
@@ -100,9 +102,6 @@ class LoraExpertArtifact(ExpertFile):
 
         ``stats``: the owner's routing statistics, shipped as in a full artifact
         (:meth:`flexmoe.ExpertArtifact.from_model`)."""
-        from flexmoe.core.hashing import fingerprint as model_fingerprint
-        from flexmoe.core.surgery import expert_index, moe_blocks
-
         j = expert_index(model, expert)
         if j == 0:
             raise ValueError("expert 0 is the public model, not an owner's expert")
@@ -228,9 +227,7 @@ class LoraExpertArtifact(ExpertFile):
         """The full :class:`~flexmoe.ExpertArtifact` this LoRA stands for: the public MLP of every
         layer with ``W + scaling * B @ A`` in each adapted linear (computed in float32, stored in
         the public MLP's dtype). The fingerprint must match ``public_model``'s."""
-        from flexmoe.core.hashing import fingerprint
-
-        fp = fingerprint(public_model)
+        fp = model_fingerprint(public_model)
         self.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
         mlps = _public_mlps(public_model)
         dtype = next(mlps[0].parameters()).dtype
@@ -263,8 +260,6 @@ class LoraExpertArtifact(ExpertFile):
 
 
 def _public_mlps(model: nn.Module) -> list[nn.Module]:
-    from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks
-
     if is_moe(model):
         return [b.experts[0] for b in moe_blocks(model)]
     return [layer.mlp for layer in decoder_layers(model)]

@@ -48,7 +48,7 @@ class LoraFactors:
 
 def inner_model(model: nn.Module) -> nn.Module:
     """The ``transformers`` model under a ``peft.PeftModel`` (the model itself otherwise)."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: peft is an optional extra (flexmoe[lora])
 
     return model.base_model.model if isinstance(model, PeftModel) else model
 
@@ -60,7 +60,7 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> Iterator[tuple[
     Raises ``ValueError`` for what LoraHub and PHATGOOSE cannot use: no LoRA layers, several active
     adapters with none chosen, non-``Linear`` LoRA layers, LoRA variants (DoRA, ...), merged layers.
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # deferred: peft is an optional extra (flexmoe[lora])
 
     root = inner_model(model)
     adapter = adapter or active_adapter(model)
@@ -86,7 +86,7 @@ def active_adapter(model: nn.Module) -> str:
     active = getattr(model, "active_adapters", None)
     # A PeftModel has a list here; a transformers model has a method of its own adapter integration.
     if active is None or callable(active):
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora import LoraLayer  # deferred: peft is an optional extra (flexmoe[lora])
 
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         active = layers[0].active_adapters if layers else []

@@ -23,7 +23,7 @@ for the traceback. A new command is a typed function plus one line in :data:`COM
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from transformers import AutoTokenizer
 
@@ -61,14 +61,14 @@ def assemble(
     experts: list[str],
     out: str,
     format: Format = DEFAULT_FORMAT,
-    top_k: Optional[int] = None,
+    top_k: int | None = None,
     normalize: bool = False,
-    spec_sha256: Optional[str] = None,
+    spec_sha256: str | None = None,
     allow_approximate: bool = False,
-    public_data: Optional[list[str]] = None,
+    public_data: list[str] | None = None,
     routing: Literal["auto", "lda", "published"] = "auto",
-    spec: Optional[str] = None,
-    seq_len: Optional[int] = None,
+    spec: str | None = None,
+    seq_len: int | None = None,
 ) -> None:
     """Merge owners' expert artifacts with the public model into one MoE (FlexOlmo step 3).
 
@@ -149,8 +149,8 @@ def add_expert(
     model: str,
     expert: str,
     out: str,
-    format: Optional[Format] = None,
-    top_k: Optional[int] = None,
+    format: Format | None = None,
+    top_k: int | None = None,
     allow_approximate: bool = False,
 ) -> None:
     """Opt in: append one owner's expert artifact to a merged model, retraining nobody.
@@ -179,8 +179,8 @@ def opt_out(
     model: str,
     owner: str,
     out: str,
-    format: Optional[Format] = None,
-    top_k: Optional[int] = None,
+    format: Format | None = None,
+    top_k: int | None = None,
     allow_approximate: bool = False,
 ) -> None:
     """Opt out: remove one owner's expert, router row and bias from a merged model.
@@ -225,14 +225,14 @@ def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
 def spec(
     public: str,
     out: str,
-    public_data: Optional[list[str]] = None,
-    embedder: Optional[str] = DEFAULT_EMBEDDER,
+    public_data: list[str] | None = None,
+    embedder: str | None = DEFAULT_EMBEDDER,
     projection_seed: int = 0,
     max_router_docs: int = 1000,
-    expert: Optional[ExpertRecipe] = None,
-    router_tuning: Optional[RouterTuningRecipe] = None,
-    proxy: Optional[ProxyBudget] = None,
-    routing: Optional[RoutingRecipe] = None,
+    expert: ExpertRecipe | None = None,
+    router_tuning: RouterTuningRecipe | None = None,
+    proxy: ProxyBudget | None = None,
+    routing: RoutingRecipe | None = None,
 ) -> None:
     """Write the FederationSpec a coordinator publishes (FlexOlmo step 1).
 
@@ -279,11 +279,11 @@ def spec(
 def evaluate(
     model: list[str],
     data: list[str],
-    oracle: Optional[list[str]] = None,
-    json: Optional[str] = None,
+    oracle: list[str] | None = None,
+    json: str | None = None,
     seq_len: int = 256,
     batch_size: int = 8,
-    max_tokens: Optional[int] = None,
+    max_tokens: int | None = None,
 ) -> None:
     """Held-out perplexity per domain for one or more models, and the routing of MoEs.
 
@@ -307,9 +307,9 @@ def tune_router(
     proxy: list[str],
     public_data: list[str],
     out: str,
-    spec: Optional[str] = None,
-    recipe: Optional[RouterTuningRecipe] = None,
-    format: Optional[Format] = None,
+    spec: str | None = None,
+    recipe: RouterTuningRecipe | None = None,
+    format: Format | None = None,
     allow_approximate: bool = False,
 ) -> None:
     """Tune a merged model's routers on the owners' proxy sets and the public data (FlexOlmo step 4).

@@ -59,8 +59,6 @@ def hash_tensor(h, name: str, t: torch.Tensor) -> None:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, streamed."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,10 +70,6 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     """sha256 of an expert's tensors (name, dtype, shape, bytes, by sorted name) and metadata (sorted
     items): the same for the same expert however its file was written, so owners and coordinator can
     name the experts of a merge by hash."""
-    import hashlib
-
-    from flexmoe.core.hashing import hash_tensor
-
     h = hashlib.sha256()
     for name in sorted(tensors):
         hash_tensor(h, name, tensors[name])

@@ -194,7 +194,9 @@ class PerExpertRouter(nn.Module):
         missing = [key for key in self.per_expert.values() if key not in state]
         if missing:
             raise InputError(
-                f"{type(self).__name__} needs {missing} for a new expert, got {sorted(state)}. {self.opt_in_hint}".strip()
+                (
+                    f"{type(self).__name__} needs {missing} for a new expert, got {sorted(state)}. {self.opt_in_hint}"
+                ).strip()
             )
         grown = {}
         for attr, key in self.per_expert.items():
@@ -401,7 +403,7 @@ def router_z_loss(logits: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor
         logits = [logits]
     if not logits:
         raise ValueError("no router logits recorded; run a forward pass inside record_router_logits()")
-    return torch.stack([torch.logsumexp(l.float(), dim=-1).pow(2).mean() for l in logits]).mean()
+    return torch.stack([torch.logsumexp(layer.float(), dim=-1).pow(2).mean() for layer in logits]).mean()
 
 
 def load_balancing_loss(logits: Sequence[torch.Tensor] | torch.Tensor, top_k: int) -> torch.Tensor:
@@ -413,9 +415,9 @@ def load_balancing_loss(logits: Sequence[torch.Tensor] | torch.Tensor, top_k: in
     if not logits:
         raise ValueError("no router logits recorded; run a forward pass inside record_router_logits()")
     losses = []
-    for l in logits:
-        num_experts = l.shape[-1]
-        probs = torch.softmax(l.float(), dim=-1)
+    for layer in logits:
+        num_experts = layer.shape[-1]
+        probs = torch.softmax(layer.float(), dim=-1)
         chosen = torch.topk(probs, min(top_k, num_experts), dim=-1).indices
         f = torch.bincount(chosen.reshape(-1), minlength=num_experts).float() / chosen.numel()
         losses.append(num_experts * (f * probs.mean(dim=0)).sum())

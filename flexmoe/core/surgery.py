@@ -30,10 +30,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder layers (``model.model.layers`` for the supported families)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(l, "mlp") for l in layers):
+    if isinstance(layers, nn.ModuleList) and len(layers) and all(hasattr(layer, "mlp") for layer in layers):
         return layers
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(l, "mlp") for l in module):
+        if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(layer, "mlp") for layer in module):
             return module
     raise TypeError(
         f"{type(model).__name__} has no list of decoder layers with an `mlp` attribute; "

@@ -27,6 +27,9 @@ request (``domains=[...]``) because not every installation has them: ``stdlib_te
 Every domain is split into training and validation documents by
 :func:`flexmoe.data.documents.split_documents` (by content hash), so ``TextDataModule`` over
 :func:`write_corpus`'s output with the same ``val_fraction`` and ``seed`` reproduces the split.
+
+One module of about 500 lines: most of it is the tokenizer-level splitting of a source file into
+code, docstrings and comments, which only this corpus needs.
 """
 
 from __future__ import annotations
@@ -55,11 +58,18 @@ DEFAULT_DOMAINS = ("stdlib_code", "docstrings", "comments", "pydoc_topics", "uni
 EXTRA_DOMAINS = ("stdlib_tests", "licenses")
 
 DESCRIPTIONS = {
-    "stdlib_code": "Python standard-library modules as code only (docstrings and comments removed); one module per document",
-    "docstrings": "docstrings of the standard-library modules (module, class and function documentation); one module per document",
+    "stdlib_code": (
+        "Python standard-library modules as code only (docstrings and comments removed); one module per document"
+    ),
+    "docstrings": (
+        "docstrings of the standard-library modules (module, class and function documentation); one module per document"
+    ),
     "comments": "'#' comments of the standard-library modules, one block per line group; one module per document",
     "pydoc_topics": "the Python language reference shipped for help() (pydoc_data.topics); one topic per document",
-    "unicode_names": "the Unicode character database: 'U+0041 A LATIN CAPITAL LETTER A'-style lines; one 256-code-point page per document",
+    "unicode_names": (
+        "the Unicode character database: 'U+0041 A LATIN CAPITAL LETTER A'-style lines; "
+        "one 256-code-point page per document"
+    ),
     "stdlib_tests": "the standard library's test package (Lib/test), as written; one module per document",
     "licenses": "software licence texts installed on this machine (system licences, Python's, packages'), deduplicated",
 }

@@ -185,7 +185,7 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 def _read_dataset(path: Path, field: str) -> list[str]:
     try:
-        import datasets
+        import datasets  # deferred: HF datasets is optional, needed only for a datasets directory
     except ImportError as e:
         raise ImportError(
             f"{path} is a Hugging Face datasets directory; reading it needs the datasets package (pip install datasets)"

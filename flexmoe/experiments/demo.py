@@ -30,12 +30,17 @@ small preset CI runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
 import json
+import logging
 import os
+import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +49,16 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.core.hashing import fingerprint
+from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle
+from flexmoe.data.corpus import Domain, local_corpus, write_corpus
+from flexmoe.data.documents import read_documents
+from flexmoe.data.packing import pack_domain, spread_rows
 from flexmoe.experiments.report import findings, markdown_table, plot_perplexity, plot_routing, write_markdown
+from flexmoe.owner.embed import router_embedding
+from flexmoe.owner.proxy import ProxySelection
+from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
 
 PUBLIC_DOMAINS = ("stdlib_code", "pydoc_topics")
 OWNERS = ("docstrings", "comments", "unicode_names", "licenses")
@@ -222,8 +236,6 @@ def _progress_bar() -> bool:
 
 def build_corpus(cfg: DemoConfig, data_dir: Path) -> dict:
     """``{domain: Domain}`` for ``public`` (the two public domains together) and every owner."""
-    from flexmoe.data.corpus import Domain, local_corpus, write_corpus
-
     corpus = local_corpus(
         max_docs_per_domain=cfg.docs_per_domain, seed=cfg.seed, domains=list(PUBLIC_DOMAINS) + list(OWNERS)
     )
@@ -244,9 +256,6 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
     """:func:`build_corpus`'s result read back from the files it wrote. The public validation
     documents are the parts' one after another; ``parts_val_docs`` (the report's
     ``settings.corpus.public.parts_val_docs``) says where each part ends."""
-    from flexmoe.data.corpus import Domain
-    from flexmoe.data.documents import read_documents
-
     if not parts_val_docs or list(parts_val_docs) != list(PUBLIC_DOMAINS):
         raise ValueError(
             f"the run's report does not say how its public validation text splits into {PUBLIC_DOMAINS} "
@@ -269,7 +278,7 @@ def read_corpus(data_dir: Path, parts_val_docs: dict[str, int] | None) -> dict:
 
 
 def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
-    from flexmoe.training.pretrain import REPORT, pretrain
+    from flexmoe.training.pretrain import REPORT, pretrain  # deferred: Lightning; keeps `flexmoe --help` fast
 
     pretrain(
         [str(data_dir / PUBLIC / "train.jsonl")],
@@ -294,12 +303,9 @@ def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
 def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: Path):
     """The coordinator's spec: no sentence embedder (r_pub from the public model's own MLP inputs),
     the default routing recipe, the demo's sizes for expert training and router tuning."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers; keeps `flexmoe --help` fast
 
-    from flexmoe.core.hashing import fingerprint
-    from flexmoe.formats.load import load_public_model
-    from flexmoe.owner.embed import router_embedding
-    from flexmoe.spec import ExpertRecipe, FederationSpec, RouterTuningRecipe, RoutingRecipe
+    from flexmoe.formats.load import load_public_model  # deferred: transformers; keeps `flexmoe --help` fast
 
     model = load_public_model(str(public_dir))
     rows = router_embedding(
@@ -340,7 +346,7 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
 
 def _context(context):
     """The Flower context with the demo's run config (the legacy simulation API passes none)."""
-    from flwr.app import Context
+    from flwr.app import Context  # deferred: Flower is heavy, needed only for the federation stage
 
     run_config = json.loads(Path(os.environ[RUN_CONFIG_ENV]).read_text())
     return Context(
@@ -353,33 +359,33 @@ def _context(context):
 
 
 def _owner_query(msg, context):
-    from flexmoe.federation import client_app
+    from flexmoe.federation import client_app  # deferred: Flower + Lightning; keeps `flexmoe --help` fast
 
     return client_app.query(msg, _context(context))
 
 
 def _owner_train(msg, context):
-    from flexmoe.federation import client_app
+    from flexmoe.federation import client_app  # deferred: Flower + Lightning; keeps `flexmoe --help` fast
 
     return client_app.train(msg, _context(context))
 
 
 def _owner_router_round(msg, context):
-    from flexmoe.federation import client_app
+    from flexmoe.federation import client_app  # deferred: Flower + Lightning; keeps `flexmoe --help` fast
 
     return client_app.router_round(msg, _context(context))
 
 
 def _coordinator(grid, context) -> None:
-    from flexmoe.federation import server_app
+    from flexmoe.federation import server_app  # deferred: Flower + Lightning; keeps `flexmoe --help` fast
 
     server_app.main(grid, _context(context))
 
 
 def simulation_apps():
     """flexmoe's owner ``ClientApp`` and coordinator ``ServerApp`` handlers, fed the demo's run config."""
-    from flwr.clientapp import ClientApp
-    from flwr.serverapp import ServerApp
+    from flwr.clientapp import ClientApp  # deferred: Flower is heavy, needed only for the federation stage
+    from flwr.serverapp import ServerApp  # deferred: Flower is heavy, needed only for the federation stage
 
     client, server = ClientApp(), ServerApp()
     client.query()(_owner_query)
@@ -391,9 +397,7 @@ def simulation_apps():
 
 def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path, data_dir: Path, threads: int) -> dict:
     """One virtual SuperNode per owner, the coordinator as the ServerApp; returns its report."""
-    import warnings
-
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # deferred: Flower's simulation engine (Ray) is heavy
 
     out.mkdir(parents=True, exist_ok=True)
     run_config = {
@@ -432,7 +436,7 @@ def run_federation(cfg: DemoConfig, out: Path, spec_path: Path, public_dir: Path
             server, client = simulation_apps()
             run_simulation(server, client, num_supernodes=len(OWNERS), backend_config=backend)
     finally:
-        import ray
+        import ray  # deferred: Ray is heavy; loaded here only to shut down the simulation's workers
 
         if ray.is_initialized():
             ray.shutdown()  # a later run starts workers that see its own run config
@@ -468,22 +472,20 @@ class Models:
         self.public_dir, self.artifacts, self.cfg, self.spec = public_dir, artifacts, cfg, spec
 
     def public(self):
-        from flexmoe.formats.load import load_public_model
+        from flexmoe.formats.load import load_public_model  # deferred: transformers; keeps `flexmoe --help` fast
 
         return load_public_model(str(self.public_dir)).eval()
 
     def merged(self, owners, top_k):
         """FlexOlmo's merge as published of ``owners``' experts (their trained router rows beside
         the spec's ``r_pub``): with one owner and ``top_k=2``, exactly that owner's own model."""
-        from flexmoe.assembly import merge_experts
+        from flexmoe.assembly import merge_experts  # deferred: transformers; keeps `flexmoe --help` fast
 
         arts = [self.artifacts[o] for o in owners]
         return merge_experts(self.public(), arts, spec=self.spec, routing="published", top_k=top_k).model
 
     def with_expert_mlp(self, owner: str):
         """The dense public model with every MLP replaced by ``owner``'s expert."""
-        from flexmoe.core.surgery import decoder_layers
-
         model = self.public()
         for L, layer in enumerate(decoder_layers(model)):
             layer.mlp.load_state_dict(self.artifacts[owner].layer(L)[0])
@@ -491,7 +493,7 @@ class Models:
 
     def soup(self):
         """Dense public model whose MLPs are the uniform average of the owners' expert MLPs."""
-        from flexmoe.merge import average
+        from flexmoe.merge import average  # deferred: transformers; keeps `flexmoe --help` fast
 
         return average([self.with_expert_mlp(o) for o in OWNERS]).eval()
 
@@ -502,7 +504,7 @@ class CausalWeightedSoup(nn.Module):
     from the uniform soup; from there on, each row's prefix-weighted soup."""
 
     def __init__(self, members, uniform: nn.Module, prefix_len: int):
-        from flexmoe.merge import WeightedSoup
+        from flexmoe.merge import WeightedSoup  # deferred: transformers; keeps `flexmoe --help` fast
 
         super().__init__()
         self.soup, self.uniform, self.head = WeightedSoup(members, prefix_len=prefix_len), uniform, prefix_len - 1
@@ -514,7 +516,7 @@ class CausalWeightedSoup(nn.Module):
 
 
 def _finetune(module, data, steps: int, seed: int) -> None:
-    import lightning.pytorch as pl
+    import lightning.pytorch as pl  # deferred: Lightning; keeps `flexmoe --help` fast
 
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
@@ -539,12 +541,9 @@ def train_btx(cfg: DemoConfig, models: Models, data_dir: Path, stages: Stages):
     as FlexOlmo's comparison runs BTX where closed data cannot be pooled; and the same mix
     fine-tuned on every owner's text pooled with the public data (the original BTX: no privacy),
     the report's diagnostic. Either way, the dense experts saw only their owner's text."""
-    import copy
-
-    from flexmoe.core.surgery import set_top_k
-    from flexmoe.data.datamodule import TextDataModule
-    from flexmoe.merge import MoEFinetune, btx
-    from flexmoe.training.pretrain import PretrainModule
+    from flexmoe.data.datamodule import TextDataModule  # deferred: Lightning; keeps `flexmoe --help` fast
+    from flexmoe.merge import MoEFinetune, btx  # deferred: Lightning; keeps `flexmoe --help` fast
+    from flexmoe.training.pretrain import PretrainModule  # deferred: Lightning; keeps `flexmoe --help` fast
 
     dense = []
     for owner in OWNERS:
@@ -607,8 +606,7 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
     """The same MoE shape as FlexOlmo's (public + one expert per owner, ``top_k``), upcycled from the
     public model and trained jointly on all the data: experts and router, with BTX's
     load-balancing loss; attention and embeddings stay the public model's. Ignores privacy."""
-    from flexmoe.core.surgery import moe_blocks, upcycle
-    from flexmoe.merge import MoEFinetune
+    from flexmoe.merge import MoEFinetune  # deferred: Lightning; keeps `flexmoe --help` fast
 
     model = upcycle(models.public(), num_experts=len(OWNERS), top_k=cfg.top_k, owners=list(OWNERS))
     # Identical experts behind a zero router would get identical gradients forever: a small random
@@ -630,7 +628,7 @@ def train_unrestricted(cfg: DemoConfig, models: Models, data_dir: Path):
 
 
 def _union(cfg: DemoConfig, models: Models, data_dir: Path, domains: tuple[str, ...] = (PUBLIC, *OWNERS)):
-    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.data.datamodule import TextDataModule  # deferred: Lightning; keeps `flexmoe --help` fast
 
     sources = [str(data_dir / d / "train.jsonl") for d in domains]
     return TextDataModule(
@@ -651,7 +649,7 @@ def routed_without_tuning(
     assemble, the spec's routing recipe on the same public rows, biases folded for the FlexOlmo
     export). ``exportable=False`` keeps the discriminant's biases (flexmoe-native routers): what
     the fold costs."""
-    from flexmoe.assembly import merge_experts
+    from flexmoe.assembly import merge_experts  # deferred: transformers; keeps `flexmoe --help` fast
 
     merged = merge_experts(
         models.public(),
@@ -669,10 +667,7 @@ def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_doc
     """``flexolmo_no_rt`` tuned as FlexOlmo publishes it: by the coordinator alone, on the owners'
     proxy sets (public documents that resemble their text) and the public data; the same steps
     as one participant of the federated tuning."""
-    import dataclasses
-
-    from flexmoe.owner.proxy import ProxySelection
-    from flexmoe.training.router_tuning import tune_router
+    from flexmoe.training.router_tuning import tune_router  # deferred: Lightning; keeps `flexmoe --help` fast
 
     model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
     proxies = {
@@ -700,7 +695,6 @@ def eval_rows(cfg: DemoConfig, corpus: dict, tokenizer) -> dict[str, torch.Tenso
     """Every domain's held-out rows: ``eval_tokens`` tokens as whole rows spread evenly over all of
     the domain's validation documents (the first rows alone can be one unrepresentative document);
     the public domain takes half from each public part."""
-    from flexmoe.data.packing import pack_domain, spread_rows
 
     def rows(docs, tokens):
         return spread_rows(pack_domain(docs, tokenizer, cfg.seq_len), tokens)
@@ -721,7 +715,7 @@ class Table:
         self.diagnostics: dict[str, dict] = {}
 
     def score(self, name: str, model) -> None:
-        from flexmoe.evaluate import perplexity
+        from flexmoe.evaluate import perplexity  # deferred: transformers; keeps `flexmoe --help` fast
 
         r = self.stages.run(
             f"eval:{name}",
@@ -738,7 +732,7 @@ class Table:
 
     def diagnose(self, name: str, model) -> dict:
         """Score a model that is not a row of the table (kept in ``self.diagnostics``)."""
-        from flexmoe.evaluate import perplexity
+        from flexmoe.evaluate import perplexity  # deferred: transformers; keeps `flexmoe --help` fast
 
         r = self.stages.run(
             f"eval:{name}",
@@ -758,7 +752,7 @@ class Table:
         return self.diagnostics[name]
 
     def oracle(self, models: dict) -> None:
-        from flexmoe.evaluate import oracle_perplexity
+        from flexmoe.evaluate import oracle_perplexity  # deferred: transformers; keeps `flexmoe --help` fast
 
         r = self.stages.run(
             "eval:oracle",
@@ -783,8 +777,6 @@ class Table:
 def accepted_artifacts(coordinator: Path, spec) -> dict:
     """Every owner's expert as the coordinator accepted it, loaded with the artifact checks
     against ``spec`` (fingerprint of the public model, spec hash)."""
-    from flexmoe.artifacts.expert import ExpertArtifact
-
     return {
         o: ExpertArtifact.load(
             coordinator / "artifacts" / f"{o}.safetensors", fingerprint=spec.fingerprint, spec_sha256=spec.sha256
@@ -813,9 +805,7 @@ class DemoRun:
 
     @classmethod
     def open(cls, out: str | os.PathLike) -> DemoRun:
-        from transformers import AutoTokenizer
-
-        from flexmoe.spec import FederationSpec
+        from transformers import AutoTokenizer  # deferred: transformers; keeps `flexmoe --help` fast
 
         root = Path(out)
         if not (root / "report.json").is_file():
@@ -845,7 +835,7 @@ class DemoRun:
 
     def flexolmo(self):
         """The ``flexolmo`` row: the coordinator's exported model, loaded by flexmoe."""
-        from flexmoe.formats.load import load
+        from flexmoe.formats.load import load  # deferred: transformers; keeps `flexmoe --help` fast
 
         return load(self.root / "federation" / "coordinator" / "model").eval()
 
@@ -856,7 +846,7 @@ class DemoRun:
 def publish_model(source: Path, out: Path, model, rows: torch.Tensor) -> dict:
     """Copy the coordinator's FlexOlmo export to ``out`` and check that plain ``transformers``
     gives the logits flexmoe's model (the ``flexolmo`` row) gives."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers; keeps `flexmoe --help` fast
 
     shutil.copytree(source, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -913,9 +903,6 @@ def demo(
 
     Returns the report (``report.json``'s content).
     """
-    import importlib.util
-    import logging
-
     if importlib.util.find_spec("matplotlib") is None:  # fail now, not after the training
         raise ImportError("flexmoe demo draws its figures with matplotlib: pip install matplotlib (or 'flexmoe[dev]')")
     cfg = (DemoConfig.fast() if fast else DemoConfig()).overriding(settings)
@@ -937,10 +924,10 @@ def demo(
 
 
 def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: transformers; keeps `flexmoe --help` fast
 
-    from flexmoe.formats.load import load
-    from flexmoe.merge import BTMEnsemble
+    from flexmoe.formats.load import load  # deferred: transformers; keeps `flexmoe --help` fast
+    from flexmoe.merge import BTMEnsemble  # deferred: transformers; keeps `flexmoe --help` fast
 
     stages = Stages()
     stages.log(f"writing to {root}; {'fast preset' if fast else 'default sizes'}, {threads} torch thread(s)")
@@ -1084,10 +1071,8 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
 
 
 def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, rows) -> dict:
-    import platform
-
-    import flwr
-    import transformers
+    import flwr  # deferred: Flower is heavy; imported here only for its version
+    import transformers  # deferred: transformers; keeps `flexmoe --help` fast
 
     domains = corpus["domains"]
     return {

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 def mean_routing(routing: dict) -> dict[str, dict[str, float]]:
     """``{domain: {expert: top-1 share}}`` averaged over layers."""
@@ -128,8 +130,8 @@ def routing_findings(methods: dict, routing: dict) -> list[str]:
     gaps = sorted(fo, key=lambda d: fo[d] / oracle[d], reverse=True)
     own = {d: shares[d].get(d, 0.0) for d in shares}
     lines = [
-        "In `flexolmo`, the top-1 routing share of each domain's own expert (the public expert for public text), mean over "
-        "layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."
+        "In `flexolmo`, the top-1 routing share of each domain's own expert (the public expert for public text), "
+        "mean over layers: " + ", ".join(f"{d} {own[d]:.2f}" for d in fo) + "."
     ]
     for d in gaps[:2]:
         if fo[d] / oracle[d] < 1.05:
@@ -234,12 +236,11 @@ def write_markdown(path: Path, report: dict, routing: dict, *, owners, public_do
 
 
 def plot_perplexity(methods: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow; `flexmoe --help` imports this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import LogNorm
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow, and must follow matplotlib.use("Agg")
+    from matplotlib.colors import LogNorm  # deferred: matplotlib is slow; `flexmoe --help` imports this module
 
     names = list(methods)
     columns = [*next(iter(methods.values()))["per_domain"], "average"]
@@ -270,11 +271,10 @@ def plot_perplexity(methods: dict, path: Path) -> None:
 
 
 def plot_routing(routing: dict, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is slow; `flexmoe --help` imports this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # deferred: matplotlib is slow, and must follow matplotlib.use("Agg")
 
     domains = list(routing)
     layers = list(routing[domains[0]])

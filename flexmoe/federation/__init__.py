@@ -14,6 +14,8 @@ modules); the names below are loaded on first use.
 
 from __future__ import annotations
 
+import importlib
+
 _LAZY = {
     "Coordinator": "flexmoe.federation.coordinator",
     "CoordinatorSettings": "flexmoe.federation.settings",
@@ -25,8 +27,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe.federation' has no attribute {name!r}")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
@@ -36,6 +37,7 @@ from flexmoe.assembly import STATISTICS_HINT, lacks_statistics, merge_experts, s
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import file_sha256, fingerprint
 from flexmoe.core.io import atomic_write_json
+from flexmoe.core.surgery import settings as moe_settings
 from flexmoe.data.documents import read_documents
 from flexmoe.evaluate import perplexity
 from flexmoe.federation import router_rounds
@@ -68,9 +70,10 @@ from flexmoe.federation.report import (
     write_report,
 )
 from flexmoe.federation.settings import CoordinatorSettings
-from flexmoe.formats.load import load_public_model
+from flexmoe.formats.load import detect_format, load_public_model
 from flexmoe.owner.proxy import ProxySelection
 from flexmoe.spec import FederationSpec
+from flexmoe.training.router_tuning import tune_router
 
 
 class Coordinator:
@@ -148,7 +151,8 @@ class Coordinator:
         if fp != self.spec.fingerprint:
             raise ValueError(
                 f"the coordinator's public model {self.public_path} has fingerprint {fp[:16]}..., but the spec "
-                f"{self.s.spec} says {self.spec.fingerprint[:16]}...; set run config 'public-model' to the published model"
+                f"{self.s.spec} says {self.spec.fingerprint[:16]}...; "
+                "set run config 'public-model' to the published model"
             )
         if self.s.public_data:
             self.public_docs = read_documents(self.s.public_data)
@@ -338,9 +342,6 @@ class Coordinator:
         expected-owners order, route by the spec's recipe, fold the biases for a transformers
         format), then router tuning if asked, and the export. Returns the model. Needs no Flower
         grid unless the spec tunes the routers with the owners."""
-        from flexmoe.core.surgery import settings as moe_settings
-        from flexmoe.formats.load import detect_format
-
         self.phase = "merging"
         self.progress()
         t = time.monotonic()
@@ -357,8 +358,6 @@ class Coordinator:
         self.summary["experts"] = list(moe_settings(model).owners)
         tokenizer = None
         if self.public_docs is not None:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(self.public_path)
         self.summary["routing_recipe"] = {
             k: v for k, v in merged.routing.items() if isinstance(v, (str, int, float, bool))
@@ -366,8 +365,6 @@ class Coordinator:
         self.summary["merge_seconds"] = time.monotonic() - t
         tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
         if tune:
-            from flexmoe.training.router_tuning import tune_router
-
             self.phase = "tuning the router"
             self.progress()
             t = time.monotonic()

@@ -117,7 +117,8 @@ def render(report: dict) -> str:
         proxy = len(o["proxy"]["indices"]) if o.get("proxy") else "-"
         lines.append(
             f"| {name} | {status} | {why} | {_num(o.get('training_tokens'))} | {_num(m.get('train-loss'))} | "
-            f"{_num(m.get('val-loss'))} | {_num(o.get('upload_bytes'))} | {proxy} | {_num(o.get('seconds_to_reply'), '.1f')} |"
+            f"{_num(m.get('val-loss'))} | {_num(o.get('upload_bytes'))} | {proxy} | "
+            f"{_num(o.get('seconds_to_reply'), '.1f')} |"
         )
     own = {n: o["metrics"].get("router-top1-own") for n, o in report["owners"].items() if o.get("metrics")}
     if any(own.values()):

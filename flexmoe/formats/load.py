@@ -76,7 +76,7 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     with torch.no_grad():
         for shard in sorted(set(index.values())):
             with safe_open(str(path / shard), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     target = expected[key]
                     value = f.get_tensor(key)
                     if value.shape != target.shape:
@@ -165,7 +165,6 @@ def load_public_model(public_model: str | Path | nn.Module, dtype: torch.dtype |
     """A local ``transformers`` directory or a hub id (loaded with ``from_pretrained``), or a model object."""
     if isinstance(public_model, nn.Module):
         return public_model
-    from transformers import AutoModelForCausalLM
 
     path = Path(public_model)
     if path.exists() and not (path / "config.json").is_file():

@@ -15,6 +15,8 @@ evaluation; the LoRA-sized expert's file and module live on the artifacts and tr
 are re-exported here. See docs/lora.md.
 """
 
+import importlib
+
 # peft, nevergrad and Lightning are slow to import: each name loads its module on first use.
 _LAZY = {
     "LoraFactors": "flexmoe.artifacts.peft_adapters",
@@ -35,8 +37,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe.lora' has no attribute {name!r}")
 

@@ -18,6 +18,8 @@ L1 term). Every candidate costs one batched forward pass over the examples; noth
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import gc
 import math
 import os
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -70,8 +73,6 @@ class LoraHubResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the composed adapter as a ``peft`` adapter directory (``PeftModel.from_pretrained`` reads it)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(str(directory))
@@ -208,7 +209,7 @@ class LoraHub:
     # -- the search ------------------------------------------------------------------------
     def fit(self) -> LoraHubResult:
         """Search the weights; return the best evaluated and the composed adapter, loaded in ``model``."""
-        import nevergrad as ng
+        import nevergrad as ng  # deferred: nevergrad is an optional extra (flexmoe[lora]) and slow to import
 
         n = len(self.names)
         if self.optimizer not in ng.optimizers.registry:
@@ -238,10 +239,9 @@ class LoraHub:
                 warnings.filterwarnings("ignore", category=ng.errors.FinishedUnderlyingOptimizerWarning)
                 for w in (self.start, np.full(n, 1.0 / n)):
                     value = evaluate(w)
-                    try:
+                    # the optimizer may not learn from it; it is still a candidate
+                    with contextlib.suppress(ng.errors.TellNotAskedNotSupportedError):
                         opt.tell(opt.parametrization.spawn_child(new_value=w), value)
-                    except ng.errors.TellNotAskedNotSupportedError:
-                        pass  # the optimizer cannot learn from it; it is still a candidate
                 asks = 0
                 while len(history) < self.budget and asks < 4 * self.budget:
                     candidate = opt.ask()
@@ -256,7 +256,7 @@ class LoraHub:
             gc.collect()
         best = min(history, key=lambda c: c.objective)
         self.combine(best.weights)
-        from peft import get_peft_model_state_dict
+        from peft import get_peft_model_state_dict  # deferred: peft is an optional extra (flexmoe[lora])
 
         # Only the LoRA factors: not the full weights of a targeted lm_head or embedding.
         state = get_peft_model_state_dict(self.model, adapter_name=self.ADAPTER, save_embedding_layers=False)
@@ -327,8 +327,7 @@ def _default_names(sources: Sequence[AdapterSource]) -> dict[str, AdapterSource]
 def _load_pool(base: nn.Module, named: dict[str, AdapterSource]):
     """One ``peft`` model holding every pool adapter, read out as factors, plus the composed
     adapter (``LoraHub.ADAPTER``, active); the pool adapters are then deleted from the model."""
-    import copy
-
+    # deferred: peft is an optional extra (flexmoe[lora])
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     if isinstance(base, PeftModel):

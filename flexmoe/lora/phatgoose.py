@@ -30,12 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from flexmoe.artifacts.guard import DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
 from flexmoe.artifacts.peft_adapters import LoraFactors, active_adapter, lora_factors, lora_layers
 from flexmoe.core.io import atomic_file
+from flexmoe.data.packing import pack_domain
 
 GATED_FORMAT = "flexmoe.gated_lora"
 GATED_FORMAT_VERSION = "1"
@@ -66,8 +69,6 @@ class GatedAdapter:
 
     def save(self, path: str | os.PathLike) -> Path:
         """One safetensors file: ``{module}.lora_A``, ``.lora_B``, ``.gate``, ``.scaling`` per module."""
-        from safetensors.torch import save_file
-
         tensors = {}
         for module, f in self.modules.items():
             tensors[f"{module}.lora_A"] = f.A.contiguous()
@@ -83,8 +84,6 @@ class GatedAdapter:
     @classmethod
     def load(cls, path: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GatedAdapter:
         """Read a file written by :meth:`save`; untrusted bytes are checked first (never unpickled)."""
-        from safetensors import safe_open
-
         path = Path(path)
         header = read_safetensors_header(path, max_bytes=max_bytes)
         meta = header.pop("__metadata__", None) or {}
@@ -241,8 +240,6 @@ def _batches(data, tokenizer, seq_len: int, batch_size: int, seed: int) -> Itera
     ):
         if tokenizer is None:
             raise ValueError("documents given as text need the model's tokenizer (tokenizer=...)")
-        from flexmoe.data.packing import pack_domain
-
         data = pack_domain(list(data), tokenizer, seq_len)
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[0] == 0:

@@ -6,6 +6,7 @@ Branch-Train-MiX. A baselines floor, beside :mod:`flexmoe.lora` and independent 
 training (BTX fine-tunes with it) and below evaluation, which scores them.
 """
 
+import importlib
 import sys
 import types
 
@@ -23,8 +24,6 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'flexmoe.merge' has no attribute {name!r}")
 

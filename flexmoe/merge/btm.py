@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from flexmoe.merge.soup import average
+
 PAPER_TOP_K = 3  # BTM (section 4.1) keeps the top-3 domains per position
 Rows = torch.Tensor | Sequence[torch.Tensor]
 
@@ -141,6 +143,7 @@ class BTMEnsemble(nn.Module):
     def from_dirs(cls, paths: Sequence[str | os.PathLike], prior=None, *, dtype: torch.dtype | None = None, **kwargs):
         """Load each member with :func:`flexmoe.load` (dense ``transformers`` or any flexmoe format);
         ``kwargs`` go to the constructor (``top_k``, ``ema_alpha``, ``held_out``)."""
+        # deferred: formats.load pulls in transformers' Auto model classes (~0.9 s), needed only to load from disk
         from flexmoe.formats.load import load
 
         return cls([load(p, dtype=dtype) for p in paths], prior, **kwargs)
@@ -406,8 +409,6 @@ def btm_average(experts: Sequence, posterior: Sequence[float] | torch.Tensor, *,
     :func:`flexmoe.merge.average` returns: a new model (or state dict); the experts are not
     modified. A one-hot posterior gives that expert's parameters exactly.
     """
-    from flexmoe.merge.soup import average
-
     experts = list(experts)
     w = torch.as_tensor(posterior, dtype=torch.float64).detach().cpu()
     if w.dim() != 1:

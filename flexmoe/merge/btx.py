@@ -31,6 +31,7 @@ from torch import nn
 from flexmoe.core.moe import load_balancing_loss, record_router_logits
 from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.merge.soup import average
+from flexmoe.owner.embed import init_router
 from flexmoe.training.optim import adamw_cosine
 
 RouterInit = Literal["random", "embedding"]
@@ -120,8 +121,6 @@ def _init_router(model, blocks, router_init, seed, embeddings) -> None:
         block.router.bias.zero_()
         block.router.bias.requires_grad_(False)  # BTX's router has no bias
     if router_init == "embedding":
-        from flexmoe.owner.embed import init_router
-
         for j, rows in enumerate(embeddings):
             init_router(model, j, rows)
         return

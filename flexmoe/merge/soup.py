@@ -92,6 +92,7 @@ class WeightedSoup(nn.Module):
     @classmethod
     def from_dirs(cls, paths: Sequence[str | os.PathLike], **kwargs) -> WeightedSoup:
         """Load each member with :func:`flexmoe.load` (dense ``transformers`` or a flexmoe format)."""
+        # deferred: formats.load pulls in transformers' Auto model classes, and flexmoe.merge stays quick to import
         from flexmoe.formats.load import load
 
         return cls([load(p) for p in paths], **kwargs)

@@ -284,11 +284,11 @@ def plot_disentanglement(
     """Heat map of :func:`disentanglement_grid` (matplotlib, imported here only). Saves to
     ``path`` when given; returns the figure."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: matplotlib is slow to import, and flexmoe.merge stays quick to import
 
         if ax is None and path is not None:
             matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: as above, only when plotting
     except ImportError as e:  # pragma: no cover - matplotlib is in the dev extra
         raise ImportError("plot_disentanglement needs matplotlib: pip install matplotlib") from e
     if ax is None:

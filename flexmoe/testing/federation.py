@@ -33,10 +33,10 @@ def free_port() -> int:
 
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography import x509  # deferred: comes with Flower; TLS set-up only
+    from cryptography.hazmat.primitives import hashes, serialization  # deferred: comes with Flower; TLS set-up only
+    from cryptography.hazmat.primitives.asymmetric import ec  # deferred: comes with Flower; TLS set-up only
+    from cryptography.x509.oid import NameOID  # deferred: comes with Flower; TLS set-up only
 
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -80,8 +80,8 @@ def make_certificates(directory: Path) -> dict[str, Path]:
 
 def make_supernode_key(directory: Path, name: str) -> tuple[Path, Path]:
     """An EC key pair in OpenSSH format (what ``ssh-keygen -t ecdsa -b 384`` writes)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization  # deferred: comes with Flower; TLS set-up only
+    from cryptography.hazmat.primitives.asymmetric import ec  # deferred: comes with Flower; TLS set-up only
 
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -208,7 +208,7 @@ class Deployment:
 
     def run(self, app: Path, run_config: dict) -> int:
         """``flwr run`` with ``run_config`` (a TOML file of overrides); returns the run id."""
-        import tomli_w
+        import tomli_w  # deferred: via Flower, not a flexmoe dependency; only `flwr run` overrides need it
 
         path = self.root / f"run-config-{time.monotonic_ns()}.toml"
         path.write_text(tomli_w.dumps(run_config))

@@ -34,7 +34,9 @@ class ExpertModule(pl.LightningModule):
 
     >>> spec = FederationSpec.load("spec.json")
     >>> module = ExpertModule(spec.public_model, spec, owner="clinic")
-    >>> data = TextDataModule("notes/", spec.public_model, seq_len=spec.expert.seq_len, batch_size=spec.expert.batch_size)
+    >>> data = TextDataModule(
+    ...     "notes/", spec.public_model, seq_len=spec.expert.seq_len, batch_size=spec.expert.batch_size
+    ... )
     >>> trainer = pl.Trainer(max_steps=spec.expert.max_steps, callbacks=expert_callbacks(spec, "clinic.safetensors"))
     >>> trainer.fit(module, data)
 
@@ -114,7 +116,7 @@ class ExpertModule(pl.LightningModule):
             self.log("train/tokens_per_s", n / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
         self._t_last = now
         with torch.no_grad():
-            usage = torch.stack([(l.argmax(-1) == 1).float().mean() for l in logits]).mean()
+            usage = torch.stack([(layer.argmax(-1) == 1).float().mean() for layer in logits]).mean()
         self.log_dict(
             {
                 "train/loss": out.loss.detach(),

@@ -48,7 +48,7 @@ class LoraExpertModule(ExpertModule):
         target_modules: list[str] | None = None,
     ):
         super().__init__(public_model, spec, owner, check_fingerprint)
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # deferred: peft is an optional extra (flexmoe[lora])
 
         spec_rank = self.recipe.lora_rank
         if rank is None and spec_rank is None:

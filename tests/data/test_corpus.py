@@ -67,7 +67,8 @@ def test_same_documents_in_another_process_with_another_hash_seed(sample):
     code = (
         "import hashlib, json; from flexmoe.data.corpus import local_corpus\n"
         f"c = local_corpus(max_docs_per_domain={CAP})\n"
-        "print(hashlib.sha256(json.dumps({n: [d.description, d.train, d.val] for n, d in c.items()}).encode()).hexdigest())"
+        "print(hashlib.sha256(json.dumps({n: [d.description, d.train, d.val] for n, d in c.items()})"
+        ".encode()).hexdigest())"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -151,7 +152,8 @@ def g(): "one line stays"
     assert docstrings == "The module.\n\nOnly a docstring.\n\nRaw \\d docstring.\n\nIndented detail."
     assert comments == "# A block\n# of two lines.\n\n# trailing"
     assert code == (
-        'import sys\nimport os\n\n\nclass A:\n    ...\n\n\nasync def f(x):\n    s = "# not a comment"\n    return x\n\n\n'
+        "import sys\nimport os\n\n\nclass A:\n    ...\n\n\n"
+        'async def f(x):\n    s = "# not a comment"\n    return x\n\n\n'
         'def g(): "one line stays"\n'
     )
     ast.parse(code)

@@ -55,7 +55,7 @@ def tensors(directory) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(set(index.values())):
         with safe_open(str(directory / shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
     assert set(out) == set(index)
     return out
 

@@ -74,7 +74,7 @@ def test_non_floating_point_tensors_are_skipped():
 
 def test_mismatched_task_vectors_are_refused():
     tau = TaskVector.from_models(_finetuned(1), tiny_model("llama"))
-    other = TaskVector({k: v for k, v in list(tau.deltas.items())[1:]})
+    other = TaskVector(dict(list(tau.deltas.items())[1:]))
     with pytest.raises(ValueError, match="different models"):
         tau + other
     with pytest.raises(ValueError, match="shape|same tensors"):
