@@ -169,6 +169,25 @@ class ProxyBudget:
 
 
 @dataclass
+class PublicStatistics:
+    """Where the public domain's token statistics are: a safetensors file next to the spec JSON
+    (a vocabulary-sized vector does not belong in the JSON) and its sha256, so the spec's own
+    hash pins the counts. Written by ``flexmoe spec``; read by
+    :func:`flexmoe.artifacts.unigram.load_public_statistics`, which checks the hash."""
+
+    file: str
+    sha256: str
+
+    def __post_init__(self):
+        if not self.file or Path(self.file).name != self.file or self.file in (".", ".."):
+            raise InputError(
+                f"PublicStatistics.file must be a file name next to the spec (no directories), got {self.file!r}"
+            )
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise InputError(f"PublicStatistics.sha256 must be a sha256 hex digest, got {self.sha256!r}")
+
+
+@dataclass
 class FederationSpec:
     """Everything an owner needs to train a compatible expert.
 
@@ -182,6 +201,8 @@ class FederationSpec:
         public_router_embedding: ``r_pub``, computed once by the coordinator: one row
             [hidden] for every layer (embedder init) or one per layer [layers][hidden]
             (hidden-state fallback).
+        public_statistics: the public domain's token unigram counts, in a file next to the
+            spec (:class:`PublicStatistics`), or ``None`` when the coordinator gave no public data.
     """
 
     public_model: str
@@ -194,6 +215,7 @@ class FederationSpec:
     router_tuning: RouterTuningRecipe = field(default_factory=RouterTuningRecipe)
     proxy: ProxyBudget = field(default_factory=ProxyBudget)
     routing: RoutingRecipe = field(default_factory=RoutingRecipe)
+    public_statistics: PublicStatistics | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self):
@@ -202,6 +224,7 @@ class FederationSpec:
             ("router_tuning", RouterTuningRecipe),
             ("proxy", ProxyBudget),
             ("routing", RoutingRecipe),
+            ("public_statistics", PublicStatistics),
         )
         for name, cls in recipes:
             value = getattr(self, name)
@@ -227,6 +250,9 @@ class FederationSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["expert"]["betas"] = list(d["expert"]["betas"])
+        if d["public_statistics"] is None:
+            # Left out rather than null, so a spec without it keeps the hash its artifacts carry.
+            del d["public_statistics"]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:

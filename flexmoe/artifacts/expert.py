@@ -20,6 +20,12 @@ float32, with their token count in the metadata ``stats_tokens``::
     layers.{L}.stats.mean         [hidden]          mean MLP input
     layers.{L}.stats.covariance   [hidden, hidden]  its covariance (recipe "pooled")
 
+and the token unigram counts of the owner's training text over the public tokenizer's vocabulary,
+one vector for the whole model, with their total in the metadata ``unigram_tokens``
+(:mod:`flexmoe.artifacts.unigram`)::
+
+    stats.unigram                 [vocab_size]      float32, integral counts
+
 Metadata (all strings): format version, base fingerprint, spec sha256, architecture,
 layer count, hidden and intermediate sizes, dtype, owner name, training tokens.
 
@@ -42,6 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
+from flexmoe.artifacts.unigram import UNIGRAM_TENSOR, UNIGRAM_TOKENS, unigram_problem
 from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.io import atomic_file
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
@@ -102,6 +109,24 @@ class ExpertFile(ABC):
         if "layers.0.router.public_embedding" not in self.tensors:
             return None
         return torch.stack([self.tensors[f"layers.{L}.router.public_embedding"] for L in range(self.num_layers)])
+
+    @property
+    def unigram(self) -> torch.Tensor | None:
+        """The token unigram counts of the owner's training text ``float32 [vocab_size]``, or
+        ``None`` for a file that carries none (:func:`flexmoe.artifacts.unigram.require_unigram`
+        says what to do)."""
+        return self.tensors.get(UNIGRAM_TENSOR)
+
+    def check_unigram(self, vocab_size: int | None = None) -> None:
+        """The unigram counts, when present, keep :func:`~flexmoe.artifacts.unigram.unigram_problem`'s
+        rules (with ``vocab_size``: the public model's); ``unigram_tokens`` comes only with them."""
+        if UNIGRAM_TENSOR not in self.tensors:
+            if UNIGRAM_TOKENS in self.metadata:
+                raise self._error(UNIGRAM_TENSOR, f"present with metadata {UNIGRAM_TOKENS!r}", "missing")
+            return
+        problem = unigram_problem(self.tensors[UNIGRAM_TENSOR], self.metadata.get(UNIGRAM_TOKENS), vocab_size)
+        if problem is not None:
+            raise self._error(*problem)
 
     # -- I/O --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -211,11 +236,14 @@ class ExpertArtifact(ExpertFile):
         training_tokens: int = 0,
         fingerprint: str | None = None,
         stats=None,
+        unigram: torch.Tensor | None = None,
     ) -> ExpertArtifact:
         """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact.
 
         ``stats``: the owner's :class:`flexmoe.artifacts.expert.MLPInputStats` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
+        ``unigram``: the token counts of its training text
+        (:func:`flexmoe.data.statistics.unigram_counts`), shipped as ``stats.unigram``.
         """
         j = expert_index(model, expert)
         if j == 0:
@@ -248,6 +276,7 @@ class ExpertArtifact(ExpertFile):
         }
         if stats is not None:
             metadata["stats_tokens"] = str(int(stats.count))
+        add_unigram(tensors, metadata, unigram)
         art = cls(owner=owner, tensors=tensors, metadata=metadata)
         art.check_structure()
         return art
@@ -260,13 +289,17 @@ class ExpertArtifact(ExpertFile):
         """Self-consistency: key layout, layer set, shapes vs metadata, dtypes, finite values."""
         n = self.num_layers
         hidden, dtype = int(self.metadata["hidden_size"]), self.metadata["dtype"]
+        self.check_unigram()
         per_layer: dict[int, set[str]] = {}
         for name in self.tensors:
+            if name == UNIGRAM_TENSOR:
+                continue
             m = _KEY.match(name)
             if m is None:
                 raise self._error(
                     "tensor names",
-                    "layers.{L}.expert.*, layers.{L}.router.{embedding,bias,public_embedding} or layers.{L}.stats.*",
+                    "layers.{L}.expert.*, layers.{L}.router.{embedding,bias,public_embedding}, layers.{L}.stats.* "
+                    f"or {UNIGRAM_TENSOR}",
                     name,
                 )
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
@@ -302,6 +335,8 @@ class ExpertArtifact(ExpertFile):
                 self.metadata.get("stats_tokens"),
             )
         for name, t in self.tensors.items():
+            if name == UNIGRAM_TENSOR:
+                continue  # checked above
             if not t.is_floating_point():
                 raise self._error(f"dtype of {name}", "a floating-point dtype", t.dtype)
             if name.endswith(_FLOAT32_KEYS):
@@ -337,6 +372,7 @@ class ExpertArtifact(ExpertFile):
         hidden = model.config.hidden_size
         if int(self.metadata["hidden_size"]) != hidden:
             raise self._error("hidden_size", hidden, self.metadata["hidden_size"])
+        self.check_unigram(model.config.vocab_size)
         for L, mlp in enumerate(mlps):
             state, _, _ = self.layer(L)
             want = mlp.state_dict()
@@ -371,6 +407,16 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
             raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
+
+
+def add_unigram(tensors: dict[str, torch.Tensor], metadata: dict[str, str], counts: torch.Tensor | None) -> None:
+    """Put the owner's token counts into an artifact's ``tensors`` and ``metadata`` (nothing
+    for ``None``): ``stats.unigram`` float32 and their total ``unigram_tokens``."""
+    if counts is None:
+        return
+    counts = counts.detach().float().cpu().contiguous()
+    tensors[UNIGRAM_TENSOR] = counts
+    metadata[UNIGRAM_TOKENS] = str(int(counts.double().sum().round()))
 
 
 @dataclass

@@ -176,9 +176,10 @@ class ExpertModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
 
-    def artifact(self, stats=None):
+    def artifact(self, stats=None, unigram=None):
         """This owner's artifact as trained so far (:attr:`artifact_class`; with the routing
-        statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`)."""
+        statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`; and the token
+        counts ``unigram``: :func:`flexmoe.data.statistics.unigram_counts`)."""
         return self.artifact_class.from_model(
             self.model,
             owner=self.owner,
@@ -187,6 +188,7 @@ class ExpertModule(pl.LightningModule):
             training_tokens=self.tokens_seen,
             fingerprint=self.spec.fingerprint,
             stats=stats,
+            unigram=unigram,
         )
 
 

@@ -120,6 +120,7 @@ def test_artifact_carries_only_the_factors_and_is_several_times_smaller(trained,
     assert art.tensors["layers.0.expert.down_proj.lora_B"].shape == (32, RANK)
     full = art.materialize(public(spec))
     assert full.routing_stats is not None and torch.equal(full.routing_stats.mean, art_stats(art))  # travels along
+    assert art.unigram is not None and torch.equal(full.unigram, art.unigram)  # so do the token counts
 
     def expert_numel(a):
         return sum(t.numel() for k, t in a.tensors.items() if ".expert." in k)
