@@ -38,6 +38,7 @@ _LAZY = {
     "btm_average": "flexmoe.merge.btm",
     "route": "flexmoe.routing",
     "tune_router": "flexmoe.training.router_tuning",
+    "use_posterior_routers": "flexmoe.core.posterior",
 }
 
 
@@ -83,4 +84,5 @@ __all__ = [
     "set_top_k",
     "tune_router",
     "upcycle",
+    "use_posterior_routers",
 ]

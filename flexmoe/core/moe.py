@@ -15,7 +15,8 @@ Only the tokens routed to an expert run through it, so expert compute depends on
 
 Every router implements :class:`ExpertRouter`, so model surgery (opt-out, opt-in, freezing) and
 the checkpoint formats work on any router without knowing its class. :class:`Router` and
-:class:`AffineRouter` are the library's; a router defined elsewhere subclasses
+:class:`AffineRouter` are the library's per-token routers (:mod:`flexmoe.core.posterior` holds
+its router by the sequence's domain posterior); a router defined elsewhere subclasses
 :class:`PerExpertRouter` and registers itself (:func:`register_router`) so a native export of
 it loads again.
 """
@@ -71,7 +72,9 @@ class ExpertRouter(Protocol):
     statistics beside its rows, or judges the whole prefix) plugs in without touching them:
 
     - ``router(x)``: float32 logits ``[T, E]`` for ``x`` ``[T, H]``; the block takes their
-      softmax and top-k.
+      softmax and top-k. A router whose weights are no softmax of per-expert logits sets
+      ``returns_gates = True`` and returns the gates themselves (non-negative, each row summing
+      to at most 1); the block then takes their top-k as they are.
     - :meth:`freeze_rows`: while an owner trains, the public row ``r_0`` and the other owners'
       rows share a tensor with the trainable ones and must not move.
     - :meth:`expert_state`, :meth:`keep_experts`, :meth:`append_expert`: opt-out and opt-in
@@ -83,9 +86,13 @@ class ExpertRouter(Protocol):
       not such a map raises :class:`RouterFormatError` saying why.
     - ``kind``, :meth:`native_state`, :meth:`from_native_state`: the native format writes
       ``kind`` and the tensors and rebuilds the router from them (:func:`router_class`).
+    - :meth:`attach`: called with the whole model once every layer's router is in place (after a
+      native load), for a router that shares state across layers (a posterior over the sequence's
+      tokens, computed once per forward) to reconnect it. A no-op for per-token routers.
     """
 
     kind: ClassVar[str]
+    returns_gates: ClassVar[bool]
 
     @property
     def num_experts(self) -> int: ...
@@ -103,6 +110,8 @@ class ExpertRouter(Protocol):
     def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def native_state(self) -> dict[str, torch.Tensor]: ...
+
+    def attach(self, model: nn.Module) -> None: ...
 
     @classmethod
     def from_native_state(cls, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None): ...
@@ -144,6 +153,7 @@ class PerExpertRouter(nn.Module):
 
     kind: ClassVar[str]
     per_expert: ClassVar[dict[str, str]] = {}
+    returns_gates: ClassVar[bool] = False
     # Appended to the error when :meth:`append_expert` misses part of a new expert's state.
     opt_in_hint: ClassVar[str] = ""
 
@@ -224,6 +234,9 @@ class PerExpertRouter(nn.Module):
 
     def native_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def attach(self, model: nn.Module) -> None:
+        """Nothing to reconnect: this router reads only the token it routes."""
 
 
 @register_router
@@ -322,9 +335,14 @@ class MoEBlock(nn.Module):
         return len(self.experts)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(logits [T,E] float32, weights [T,k] float32, indices [T,k])``."""
-        logits = self.router(h)
-        probs = torch.softmax(logits, dim=-1)
+        """Return ``(logits [T,E] float32, weights [T,k] float32, indices [T,k])``; for a router
+        that returns gates, ``logits`` are their logarithms (what the router recording holds)."""
+        if self.router.returns_gates:
+            probs = self.router(h)
+            logits = probs.log()
+        else:
+            logits = self.router(h)
+            probs = torch.softmax(logits, dim=-1)
         weights, indices = torch.topk(probs, self.settings.effective_top_k(), dim=-1)
         if self.settings.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -169,13 +169,16 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
 
 def _router_state(artifact: ExpertArtifact, L: int) -> dict[str, torch.Tensor]:
     """Layer ``L``'s tensors of ``artifact`` other than the expert's, named without ``layers.{L}.``
-    (``router.embedding``, ``router.bias``, ``stats.*``): what a router may keep per expert."""
+    (``router.embedding``, ``router.bias``, ``stats.*``), and the artifact's model-wide tensors
+    under their own names (``stats.unigram``): what a router may keep per expert."""
     prefix = f"layers.{L}."
-    return {
-        name[len(prefix) :]: t
+    state = {name: t for name, t in artifact.tensors.items() if not name.startswith("layers.")}
+    state.update(
+        (name[len(prefix) :], t)
         for name, t in artifact.tensors.items()
         if name.startswith(prefix) and not name.startswith(prefix + "expert.")
-    }
+    )
+    return state
 
 
 def _check_owner_names(owners: list[str]) -> None:

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
+from flexmoe.core import posterior  # noqa: F401  (registers the library's "posterior" router kind)
 from flexmoe.core.errors import InputError
 from flexmoe.core.moe import Router, router_class
 from flexmoe.core.surgery import PUBLIC, decoder_layers, moe_blocks, set_top_k, upcycle
@@ -85,6 +86,8 @@ def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
                             f"the model expects {list(target.shape)}"
                         )
                     target.copy_(value)
+    for block in moe_blocks(model):  # routers that share state across layers reconnect it
+        block.router.attach(model)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model

@@ -16,6 +16,7 @@ import flexmoe
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.core.hashing import fingerprint
 from flexmoe.core.moe import ROUTERS, AffineRouter, ExpertRouter, Router, RouterFormatError, router_class
+from flexmoe.core.posterior import PosteriorRouter, use_posterior_routers
 from flexmoe.core.surgery import freeze_public, moe_blocks, settings, upcycle, use_affine_routers
 from flexmoe.formats.export import export
 from flexmoe.formats.load import detect_format, load
@@ -36,11 +37,15 @@ def _benchmark(name: str):
 research = _benchmark("routing_table")  # importing it registers its exportable router
 
 OWNERS = 3
-LIBRARY = {"clamped": Router, "affine": AffineRouter}
+LIBRARY = {"clamped": Router, "affine": AffineRouter, "posterior": PosteriorRouter}
 RESEARCH = ("posterior-mix", "prefix-lda")
 KINDS = (*LIBRARY, *RESEARCH)
-# What each research router cannot do, and the words its error uses.
-NO_LINEAR_GATE = {"posterior-mix": "log-sum-exp over the LDA posterior", "prefix-lda": "sequence-level"}
+# What each router cannot do, and the words its error uses.
+NO_LINEAR_GATE = {
+    "posterior": "posterior over domains",
+    "posterior-mix": "log-sum-exp over the LDA posterior",
+    "prefix-lda": "sequence-level",
+}
 NO_NATIVE_FORM = {"prefix-lda": "cannot hold it either"}
 
 
@@ -62,6 +67,9 @@ def model_with(kind: str, arch: str = "olmo2", *, gate_fits: bool = False, seed:
         for block in moe_blocks(model):
             with torch.no_grad():
                 block.router.bias.fill_(0.3) if gate_fits else block.router.bias.uniform_(-1.0, 1.0, generator=g)
+    elif kind == "posterior":  # random integral token counts per domain: a soft posterior
+        counts = torch.randint(0, 50, (OWNERS + 1, model.config.vocab_size), generator=g).float()
+        use_posterior_routers(model, counts)
     elif kind in RESEARCH:
         ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=g)
         stats = mlp_input_moments(model, ids, covariance=True)
@@ -90,11 +98,20 @@ def assert_same_state(a, b):
 def reference_logits(router, x: torch.Tensor) -> torch.Tensor:
     """Each kind's formula, in float64, from its tensors."""
     x, W, b = x.double(), router.weight.double(), router.bias.double()
-    if router.kind == "clamped":
+    if router.kind in ("clamped", "posterior"):  # min(beta_j, 0), and 0 for the public expert
         b = torch.cat([b.new_zeros(1), b[1:].clamp(max=0.0)])
     own = x @ W.T + b
-    if router.kind in LIBRARY:
+    if router.kind in ("clamped", "affine"):
         return own
+    if router.kind == "posterior":  # gates: public + the most probable owner, by the owners' own pairs
+        post = router.posterior.probs.double()
+        s = torch.sigmoid(own[:, 1:] - own[:, :1])
+        d = post[:, 1:].argmax(-1)
+        gates = torch.zeros_like(own)
+        gates[:, 0] = post[:, 0] + (post[:, 1:] * (1 - s)).sum(-1)
+        rows = torch.arange(x.shape[0])
+        gates[rows, d + 1] = post[rows, d + 1] * s[rows, d]
+        return gates
     if router.kind == "posterior-mix":
         post = torch.softmax(x @ router.lda_weight.double().T + router.lda_bias.double(), -1)
         pair = torch.softmax(torch.stack([own[:, :1].expand_as(own[:, 1:]), own[:, 1:]], -1), -1)
@@ -123,6 +140,8 @@ def test_logits_are_the_routers_formula_in_float32(kind):
         x = torch.randn(20, model.config.hidden_size, generator=g)
         if kind == "prefix-lda":  # the class of every token, as the layer-0 hook would set it
             router.state.classes = torch.randint(0, OWNERS + 1, (20,), generator=g)
+        if kind == "posterior":  # the posterior of 20 positions, as the decoder's pre-hook would set it
+            router.posterior.advance(torch.randint(3, model.config.vocab_size, (1, 20), generator=g))
         got, want = router(x), reference_logits(router, x)
         assert got.dtype == torch.float32 and got.shape == (20, OWNERS + 1)
         if kind == "posterior-mix":  # log-gates: compare the gates, since tiny ones underflow to log 0 in the formula
@@ -171,7 +190,8 @@ def test_an_experts_router_state_opts_it_back_in_exactly(kind):
 def test_opt_out_then_add_expert_restores_the_model_bit_for_bit(kind, ids):
     model = model_with(kind)
     before, want = snapshot(model), lm_logits(model, ids)
-    artifact = ExpertArtifact.from_model(model, owner="expert_3", expert=3)
+    unigram = moe_blocks(model)[0].router.unigram[3] if kind == "posterior" else None
+    artifact = ExpertArtifact.from_model(model, owner="expert_3", expert=3, unigram=unigram)
     flexmoe.opt_out(model, "expert_3")
     if kind in LIBRARY:
         flexmoe.add_expert(model, artifact)

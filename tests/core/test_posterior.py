@@ -1,0 +1,204 @@
+"""The posterior router keeps FlexOlmo's promises exactly: a certain posterior gives the owner's own
+model, opting out gives the model assembled without that owner, opting in leaves every other owner's
+routing alone; it is causal, generates from the KV cache as a full recompute does without rescanning
+the prefix, and a native export reloads with the same logits."""
+
+import copy
+
+import pytest
+import torch
+
+import flexmoe
+from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.core.moe import RouterFormatError
+from flexmoe.core.posterior import PosteriorRouter, use_posterior_routers
+from flexmoe.core.surgery import moe_blocks, settings, upcycle
+from flexmoe.formats.export import export
+from flexmoe.formats.load import load
+from flexmoe.testing import VOCAB, perturb_, tiny_model
+
+OWNERS = 3
+# Each domain writes its own band of the vocabulary (ids 0-2 are pad, bos, eos).
+BANDS = [range(3 + 20 * d, 3 + 20 * (d + 1)) for d in range(OWNERS + 1)]
+NEW_BAND = range(83, VOCAB)  # the opting-in owner's, shared with nobody
+
+
+def merged(owners: int = OWNERS, seed: int = 0):
+    """A tiny assembled merge: public + ``owners`` perturbed experts, random rows, raw biases in
+    [-1, 1] (positive ones read as 0), every layer a clamped router."""
+    model = upcycle(tiny_model(seed=seed), num_experts=owners)
+    g = torch.Generator().manual_seed(seed + 1)
+    for block in moe_blocks(model):
+        for j in range(1, owners + 1):
+            perturb_(block.experts[j], seed=seed + 10 * j)
+        with torch.no_grad():
+            block.router.weight.normal_(generator=g)
+            block.router.bias.uniform_(-1.0, 1.0, generator=g)
+    return model.eval()
+
+
+def counts(bands, total: float = 1e4) -> torch.Tensor:
+    """Unigram counts ``[len(bands), VOCAB]``: each domain's mass spread over its band."""
+    c = torch.zeros(len(bands), VOCAB)
+    for d, band in enumerate(bands):
+        c[d, list(band)] = total / len(band)
+    return c
+
+
+def tokens(band, shape=(2, 16), seed: int = 3) -> torch.Tensor:
+    ids = torch.randint(0, len(band), shape, generator=torch.Generator().manual_seed(seed))
+    return torch.tensor(list(band))[ids]
+
+
+def mixed_ids(seed: int = 3) -> torch.Tensor:
+    """Rows from every domain's band, so the posterior is soft and moves along the row."""
+    return tokens(range(3, 83), (2, 16), seed)
+
+
+def lm_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def posterior_of(model):
+    return moe_blocks(model)[0].router.posterior
+
+
+@pytest.mark.parametrize("owners, owner", [(1, 1), (OWNERS, 2)])
+def test_a_certain_posterior_reproduces_the_owners_own_two_expert_model(owners, owner):
+    model = merged(owners)
+    own = copy.deepcopy(model)  # the owner's model: public expert + its expert, row r_d and bias against r_0
+    for other in [j for j in range(owners, 0, -1) if j != owner]:
+        flexmoe.opt_out(own, other)
+    # Every token of the row is the owner's; a high temperature makes the posterior exactly one-hot.
+    use_posterior_routers(model, counts(BANDS[: owners + 1]), temperature=50.0)
+    ids = tokens(BANDS[owner])
+    got = lm_logits(model, ids)
+    post = posterior_of(model).probs
+    assert torch.equal(post[:, owner], torch.ones(ids.numel()))
+    torch.testing.assert_close(got, lm_logits(own, ids), atol=1e-6, rtol=0)
+
+
+def test_opt_out_is_bit_identical_to_the_model_converted_without_that_owner():
+    model = use_posterior_routers(merged(), counts(BANDS))
+    flexmoe.opt_out(model, "expert_2")
+    without = merged()
+    flexmoe.opt_out(without, "expert_2")
+    use_posterior_routers(without, counts([BANDS[0], BANDS[1], BANDS[3]]))
+    assert settings(model).owners == settings(without).owners == ["public", "expert_1", "expert_3"]
+    assert_same_state(snapshot(model), snapshot(without))
+    ids = mixed_ids()
+    assert torch.equal(lm_logits(model, ids), lm_logits(without, ids))
+
+
+def test_add_expert_leaves_every_other_owners_routing_unchanged():
+    full = merged()
+    new_counts = torch.zeros(VOCAB)
+    new_counts[list(NEW_BAND)] = 1e9  # much text, none of it in the rows below
+    artifact = ExpertArtifact.from_model(full, owner="expert_3", expert=3, unigram=new_counts)
+    model = copy.deepcopy(full)
+    flexmoe.opt_out(model, "expert_3")
+    use_posterior_routers(model, counts(BANDS[:3]), temperature=1.0)
+    before = [[b.router.expert_state(j) for j in range(OWNERS)] for b in moe_blocks(model)]
+    ids = tokens(range(3, 63))  # public, expert_1 and expert_2 text only
+    want = lm_logits(model, ids)
+    chosen_before = posterior_of(model).probs[:, 1:].argmax(-1)
+
+    flexmoe.add_expert(model, artifact)
+
+    assert settings(model).owners[-1] == "expert_3"
+    for block, old in zip(moe_blocks(model), before):
+        for j in range(OWNERS):
+            new = block.router.expert_state(j)
+            assert all(torch.equal(new[k], old[j][k]) for k in old[j]), f"expert {j}'s router state moved"
+    got = lm_logits(model, ids)
+    post = posterior_of(model).probs
+    assert post[:, 3].max() < 1e-9  # the new owner is never chosen on these rows ...
+    assert torch.equal(post[:, 1:].argmax(-1), chosen_before)  # ... so every other choice stays
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # and the model is the one converted with that owner from the start
+    direct = use_posterior_routers(
+        copy.deepcopy(full), torch.cat([counts(BANDS[:3]), new_counts[None]]), temperature=1.0
+    )
+    assert_same_state(snapshot(model), snapshot(direct))
+
+
+def test_the_posterior_at_a_position_depends_only_on_the_tokens_up_to_it():
+    model = use_posterior_routers(merged(), counts(BANDS))
+    ids = mixed_ids()
+    changed = ids.clone()
+    changed[:, 9:] = tokens(BANDS[3], (2, 7), seed=9)
+    a = lm_logits(model, ids)
+    post_a = posterior_of(model).probs.reshape(2, 16, -1)
+    b = lm_logits(model, changed)
+    post_b = posterior_of(model).probs.reshape(2, 16, -1)
+    assert torch.equal(post_a[:, :9], post_b[:, :9])
+    assert not torch.equal(post_a[:, 9:], post_b[:, 9:])
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=1e-6, rtol=0)
+
+
+def test_generate_with_the_cache_gives_the_full_recompute_tokens_from_running_sums():
+    model = use_posterior_routers(merged(), counts(BANDS))
+    ids, new = mixed_ids()[:, :10], 12
+    state = posterior_of(model)
+    state.scanned = 0
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    # one prefill of the prompt, then one position per new token (the last one is never fed back)
+    assert state.scanned == ids.shape[1] + new - 1
+    cached_sums = state.sums.clone()
+    seq = ids
+    for _ in range(new):
+        last = lm_logits(model, seq)[:, -1]
+        last[:, model.config.eos_token_id] = -float("inf")  # what min_new_tokens does
+        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    lm_logits(model, out[:, :-1])  # the positions the cached run read, read at once
+    assert torch.equal(state.sums, cached_sums)
+
+
+def test_resetting_at_document_ends_restarts_the_posterior_from_the_prior():
+    model = use_posterior_routers(merged(), counts(BANDS), reset_at_eos=True)
+    first, second = tokens(BANDS[1], (1, 6)), tokens(BANDS[2], (1, 5), seed=4)
+    eos = torch.tensor([[model.config.eos_token_id]])
+    lm_logits(model, torch.cat([first, eos, second], 1))
+    packed = posterior_of(model).probs[7:]
+    lm_logits(model, second)
+    assert torch.allclose(packed, posterior_of(model).probs, atol=1e-6)
+
+
+def test_a_native_export_reloads_with_the_same_logits_and_a_gate_format_says_why_not(tmp_path):
+    model = use_posterior_routers(merged(), counts(BANDS))
+    export(model, tmp_path / "out", "native")
+    loaded = load(tmp_path / "out")
+    assert all(type(b.router) is PosteriorRouter for b in moe_blocks(loaded))
+    assert posterior_of(loaded) is not None and posterior_of(loaded) is moe_blocks(loaded)[1].router.posterior
+    assert settings(loaded).top_k == 2
+    assert_same_state(snapshot(loaded), snapshot(model))
+    ids = mixed_ids()
+    assert torch.equal(lm_logits(loaded, ids), lm_logits(model, ids))
+    flexmoe.opt_out(loaded, "expert_1")
+    flexmoe.opt_out(model, "expert_1")
+    assert torch.equal(lm_logits(loaded, ids), lm_logits(model, ids))
+    with pytest.raises(RouterFormatError, match="posterior over domains"):
+        export(model, tmp_path / "flexolmo", "flexolmo")
+
+
+def test_conversion_refuses_counts_that_do_not_fit_the_model():
+    model = merged()
+    with pytest.raises(ValueError, match=r"\[4, 96\]"):
+        use_posterior_routers(model, counts(BANDS[:3]))
+    bad = counts(BANDS)
+    bad[1, 5] = -1.0
+    with pytest.raises(ValueError, match="non-negative"):
+        use_posterior_routers(model, bad)
