@@ -295,6 +295,13 @@ def _from_dict(cls, d: dict[str, Any], where: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise InputError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(names)}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d
+    ]
+    if required:
+        raise InputError(f"{where}: missing field(s) {required}")
     return cls(**d)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexmoe.spec import ExpertRecipe, FederationSpec
+from flexmoe.spec import ExpertRecipe, FederationSpec, PublicStatistics
 
 FP = "ab" * 32
 
@@ -29,6 +29,9 @@ def test_json_round_trip_and_hash(tmp_path):
         ({"expert": {"lr": -1}}, "ExpertRecipe.lr must be > 0"),
         ({"expert": {"top_k": 3}}, "top_k 1 or 2"),
         ({"proxy": {"fraction": 2}}, "proxy fraction"),
+        ({"public_statistics": {"file": "../x.safetensors", "sha256": FP}}, "a file name next to the spec"),
+        ({"public_statistics": {"file": "x.safetensors", "sha256": "nope"}}, "PublicStatistics.sha256"),
+        ({"public_statistics": {"file": "x.safetensors"}}, "sha256"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(patch, message):
@@ -43,3 +46,13 @@ def test_proxy_budget_has_a_floor():
     spec = FederationSpec(public_model="m", fingerprint=FP)
     assert spec.proxy.size(10) == spec.proxy.min_docs
     assert spec.proxy.size(100_000) == 500
+
+
+def test_public_statistics_round_trip_and_enter_the_hash(tmp_path):
+    plain = FederationSpec(public_model="m", fingerprint=FP)
+    # A spec without public statistics hashes as before the field existed: its artifacts still match.
+    assert "public_statistics" not in plain.to_dict()
+    spec = FederationSpec(public_model="m", fingerprint=FP, public_statistics=PublicStatistics("s.bin", "cd" * 32))
+    back = FederationSpec.load(spec.save(tmp_path / "spec.json"))
+    assert back == spec and isinstance(back.public_statistics, PublicStatistics)
+    assert spec.sha256 != plain.sha256

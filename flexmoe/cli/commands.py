@@ -28,6 +28,7 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.load import load_expert
+from flexmoe.artifacts.unigram import write_public_statistics
 from flexmoe.assembly import merge_experts
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
@@ -35,6 +36,7 @@ from flexmoe.core.surgery import PUBLIC, set_top_k, settings
 from flexmoe.core.surgery import add_expert as add_to_model
 from flexmoe.core.surgery import opt_out as remove_from_model
 from flexmoe.data.documents import read_documents
+from flexmoe.data.statistics import packed_unigram_counts
 from flexmoe.evaluate import eval_models, parse_domains
 from flexmoe.formats.export import DEFAULT_FORMAT, FORMATS
 from flexmoe.formats.export import export as export_model
@@ -239,7 +241,9 @@ def spec(
     Args:
         public: The public model: a local transformers directory or a hub id.
         out: Where to write the spec JSON.
-        public_data: Public text (files, folders, globs, JSONL) for the public router row r_pub.
+        public_data: Public text (files, folders, globs, JSONL) for the public router row r_pub
+            and the public domain's token counts, written next to the spec
+            (``<out stem>.public_stats.safetensors``; the spec records its sha256).
         embedder: Sentence-transformers model for router init, or ``null`` for the fallback
             that averages the public model's own hidden states.
         projection_seed: Seed of the embedding-to-model-width projection every owner shares.
@@ -251,15 +255,23 @@ def spec(
             owners ship (``--routing.method published``, ``--routing.covariance``, ...).
     """
     model = load_public_model(public)
-    r_pub = None
+    expert = expert or ExpertRecipe()
+    r_pub = public_statistics = None
     if public_data:
         docs = read_documents(public_data)
-        tokenizer = AutoTokenizer.from_pretrained(public) if embedder is None else None
+        tokenizer = AutoTokenizer.from_pretrained(public)
         rows = router_embedding(
-            docs, model, embedder=embedder, seed=projection_seed, max_docs=max_router_docs, tokenizer=tokenizer
+            docs,
+            model,
+            embedder=embedder,
+            seed=projection_seed,
+            max_docs=max_router_docs,
+            tokenizer=tokenizer if embedder is None else None,
         )
         # The embedder gives one row for every layer; the hidden-state fallback one per layer.
         r_pub = rows[0].tolist() if embedder is not None else rows.tolist()
+        counts = packed_unigram_counts(docs, tokenizer, expert.seq_len, model.config.vocab_size)
+        public_statistics = write_public_statistics(out, counts)
     result = FederationSpec(
         public_model=public,
         fingerprint=fingerprint(model),
@@ -267,10 +279,11 @@ def spec(
         projection_seed=projection_seed,
         max_router_docs=max_router_docs,
         public_router_embedding=r_pub,
-        expert=expert or ExpertRecipe(),
+        expert=expert,
         router_tuning=router_tuning or RouterTuningRecipe(),
         proxy=proxy or ProxyBudget(),
         routing=routing or RoutingRecipe(),
+        public_statistics=public_statistics,
     )
     result.save(out)
     print(f"flexmoe: wrote spec {out} (sha256 {result.sha256[:16]}..., fingerprint {result.fingerprint[:16]}...)")

@@ -50,11 +50,13 @@ import torch
 from torch import nn
 
 from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.artifacts.unigram import write_public_statistics
 from flexmoe.core.hashing import fingerprint
 from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle
 from flexmoe.data.corpus import Domain, local_corpus, write_corpus
 from flexmoe.data.documents import read_documents
 from flexmoe.data.packing import pack_domain, spread_rows
+from flexmoe.data.statistics import packed_unigram_counts
 from flexmoe.experiments.report import findings, markdown_table, plot_perplexity, plot_routing, write_markdown
 from flexmoe.owner.embed import router_embedding
 from flexmoe.owner.proxy import ProxySelection
@@ -302,20 +304,16 @@ def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
 
 def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: Path):
     """The coordinator's spec: no sentence embedder (r_pub from the public model's own MLP inputs),
-    the default routing recipe, the demo's sizes for expert training and router tuning."""
+    the default routing recipe, the demo's sizes for expert training and router tuning, and the
+    public domain's token counts in a file next to it (as ``flexmoe spec --public-data`` writes)."""
     from transformers import AutoTokenizer  # deferred: transformers; keeps `flexmoe --help` fast
 
     from flexmoe.formats.load import load_public_model  # deferred: transformers; keeps `flexmoe --help` fast
 
     model = load_public_model(str(public_dir))
-    rows = router_embedding(
-        public_docs,
-        model,
-        embedder=None,
-        tokenizer=AutoTokenizer.from_pretrained(public_dir),
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(public_dir)
+    rows = router_embedding(public_docs, model, embedder=None, tokenizer=tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
+    counts = packed_unigram_counts(public_docs, tokenizer, cfg.seq_len, model.config.vocab_size)
     spec = FederationSpec(
         public_model=str(public_dir),
         fingerprint=fingerprint(model),
@@ -336,6 +334,7 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
             warmup_steps=max(1, cfg.router_tuning_steps // 10),
         ),
         routing=RoutingRecipe(),
+        public_statistics=write_public_statistics(path, counts),
     )
     spec.save(path)
     return spec

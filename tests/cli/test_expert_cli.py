@@ -162,3 +162,37 @@ def test_train_expert_trains_a_lora_expert_when_the_spec_sets_a_rank(spec_path, 
     )
     art = LoraExpertArtifact.load(out, fingerprint=lora_spec.fingerprint, spec_sha256=lora_spec.sha256)
     assert art.rank == 2 and art.owner == "gpl"
+
+
+def test_spec_command_writes_the_public_statistics_next_to_the_spec(spec_path, public_dir, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from flexmoe.artifacts.unigram import load_public_statistics
+    from flexmoe.core.errors import InputError
+    from flexmoe.data.documents import read_documents
+    from flexmoe.data.packing import tokenize_and_pack
+
+    spec = FederationSpec.load(spec_path)
+    sidecar = spec_path.with_name("spec.public_stats.safetensors")
+    assert spec.public_statistics.file == sidecar.name and sidecar.is_file()
+    vocab_size = AutoConfig.from_pretrained(public_dir).vocab_size
+    counts = load_public_statistics(spec, spec_path, vocab_size=vocab_size)
+    rows, _ = tokenize_and_pack(
+        read_documents(f"{LICENSES}/Apache-2.0"), AutoTokenizer.from_pretrained(public_dir), spec.expert.seq_len
+    )
+    assert torch.equal(counts, torch.bincount(rows.reshape(-1).long(), minlength=vocab_size).float())
+
+    # A copy whose counts were changed after the spec was written is refused by its hash.
+    copy = tmp_path / "spec.json"
+    shutil.copy(spec_path, copy)
+    data = bytearray(sidecar.read_bytes())
+    data[-4:] = bytes([0, 0, 0x80, 0x3F])  # the last count becomes 1.0 (float32, little-endian)
+    copy.with_name(sidecar.name).write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"sha256: expected .* \(recorded in the spec\)"):
+        load_public_statistics(spec, copy)
+    copy.with_name(sidecar.name).unlink()
+    with pytest.raises(InputError, match="are missing"):
+        load_public_statistics(spec, copy)

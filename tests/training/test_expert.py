@@ -214,6 +214,30 @@ def test_fast_dev_run_exports_an_expert(spec, tmp_path):
     assert flexmoe.ExpertArtifact.load(tmp_path / "o.safetensors").training_tokens == 4 * 32
 
 
+def test_the_artifact_counts_exactly_the_tokens_of_the_owners_training_text(spec, tmp_path):
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    module = ExpertModule(spec.public_model, spec, owner="o")
+    data = datamodule(spec, tmp_path)
+    t = pl.Trainer(fast_dev_run=True, callbacks=[ExportExpert(tmp_path / "o.safetensors")], enable_progress_bar=False)
+    t.fit(module, data)
+    art = flexmoe.ExpertArtifact.load(tmp_path / "o.safetensors")
+    # Directly: the training documents tokenised, EOS after each, the stream's last partial row dropped.
+    tokenizer = AutoTokenizer.from_pretrained(spec.public_model)
+    stream = []
+    for doc in data.train_documents():
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    stream = stream[: len(stream) // spec.expert.seq_len * spec.expert.seq_len]
+    want = torch.zeros(module.model.config.vocab_size)
+    for token, n in Counter(stream).items():
+        want[token] = n
+    assert torch.equal(art.unigram, want) and art.metadata["unigram_tokens"] == str(len(stream))
+    # Every document ends in one EOS (the last may fall in the dropped partial row).
+    assert art.unigram[tokenizer.eos_token_id] >= len(data.train_documents()) - 1
+
+
 def test_cosine_schedule_shape():
     lr = [cosine_with_warmup(s, warmup=4, total=20, min_ratio=0.1) for s in range(25)]
     assert lr[0] == 0.25 and lr[3] == 1.0 and lr[4] == 1.0
@@ -273,3 +297,4 @@ def test_export_expert_writes_with_each_checkpoint(spec, tmp_path):
         t.fit(module, datamodule(spec, tmp_path))
     art = flexmoe.ExpertArtifact.load(tmp_path / "o.safetensors", fingerprint=spec.fingerprint)
     assert art.training_tokens == 2 * 4 * 32  # the expert as of the step-2 checkpoint survived the crash
+    assert art.unigram is not None  # the counts do not wait for fit end
