@@ -41,9 +41,16 @@ bound; below it means the MoE block wastes time.
 Targets: flexmoe >= 1.0x the faster transformers implementation at every E;
 flexmoe tokens/s at 16 experts >= 0.9x at 2 experts; MoE(2)/dense within 5% of its FLOP bound.
 
+``--posterior`` also times each merged model routed by the domain posterior
+(``flexmoe.core.posterior.use_posterior_routers``; random integral unigram counts per domain, so
+the chosen owner varies) next to its token router, timed in the same round robin; target:
+posterior >= 0.97x the token router's tokens/s at every E (same top-2 expert work, plus the
+posterior's table look-up and cumulative sum once per forward and the gates in every layer).
+
     .venv/bin/python benchmarks/moe_inference.py                    # defaults
     .venv/bin/python benchmarks/moe_inference.py --cycles 3 --experts 2 16   # quick look
     .venv/bin/python benchmarks/moe_inference.py --profile flexmoe:16  # torch.profiler of one forward
+    .venv/bin/python benchmarks/moe_inference.py --posterior         # + the posterior router
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from torch import nn
 from tqdm import tqdm
 
 import flexmoe
+from flexmoe.core.posterior import use_posterior_routers
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.routing import mlp_inputs
 
@@ -140,6 +148,13 @@ def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, 
             scale = (x.reshape(-1, x.shape[-1]).float() @ rows.T).std()
             block.router.weight.copy_(rows / scale)
     return model
+
+
+def posterior_model(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` routed by the domain posterior, from random integral unigram counts."""
+    g = torch.Generator().manual_seed(seed)
+    E, V = moe_blocks(model)[0].num_experts, model.config.vocab_size
+    return use_posterior_routers(copy.deepcopy(model), torch.randint(0, 100, (E, V), generator=g).float())
 
 
 def expert_load(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:
@@ -272,6 +287,16 @@ def report(s: Shapes, sizes: list[int], hf_default: str, wall: dict, cpu: dict, 
         (statistics.median(vs_base) >= 0.9, f"flexmoe tokens/s at E={last} >= 0.9x at E={base}: {spread(vs_base)}"),
         (abs(of_bound - 1) <= 0.05, f"MoE(E={base})/dense within 5% of its FLOP bound: {bound_text}"),
     ]
+    if f"posterior:{base}" in judged:
+        print(f"{'experts':>7} {'posterior':>9} {'token':>8} {'posterior/token':>16}")
+        for E in sizes:
+            p, t = f"posterior:{E}", f"flexmoe:{E}"
+            print(f"{E:>7} {tps(p):9.0f} {tps(t):8.0f} {ratio(p, t):16.3f}")
+        slowest = min(sizes, key=lambda E: ratio(f"posterior:{E}", f"flexmoe:{E}"))
+        vs_token = paired(f"posterior:{slowest}", f"flexmoe:{slowest}")
+        text = f"posterior router >= 0.97x the token router at every E: worst E={slowest}, {spread(vs_token)}"
+        checks.append((statistics.median(vs_token) >= 0.97, text))
+        print()
     for ok, text in checks:
         print(f"  {'met   ' if ok else 'MISSED'}  {text}")
     if args.save:
@@ -299,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: judge on CPU time)")
     parser.add_argument("--save", help="write every forward's time to this JSON file")
+    parser.add_argument("--posterior", action="store_true", help="also time the posterior router (posterior:E)")
     parser.add_argument(
         "--profile", help="print a torch.profiler table of one forward of this variant, e.g. flexmoe:16"
     )
@@ -340,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
             gaps = ", ".join(f"{i} {logit_gap(model, m, ids):.1e}" for i, m in hf.items())
             tqdm.write(f"  E={E}: routed share per expert {lo:.3f}..{hi:.3f}; max |logit diff| vs flexmoe: {gaps}")
             variants.append(Variant(f"flexmoe:{E}", model))
+            if args.posterior:
+                variants.append(Variant(f"posterior:{E}", posterior_model(model)))
             variants += [Variant(f"{i}:{E}", m) for i, m in hf.items()]
     print(f"transformers' default experts implementation: {hf_default}")
 
