@@ -167,6 +167,22 @@ def test_generate_with_the_cache_gives_the_full_recompute_tokens_from_running_su
     assert torch.equal(state.sums, cached_sums)
 
 
+def test_left_padding_adds_no_evidence():
+    """A left-padded row of a batch generates what the row generates alone: masked positions do
+    not enter the posterior's sums."""
+    model = use_posterior_routers(merged(), counts(BANDS))
+    ids = mixed_ids()[:, :10]
+    short = ids[1:, 3:]
+    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kw = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        padded = model.generate(batch, attention_mask=mask, **kw)
+        alone = model.generate(short, **kw)
+    assert torch.equal(padded[1, 3:], alone[0])
+
+
 def test_resetting_at_document_ends_restarts_the_posterior_from_the_prior():
     model = use_posterior_routers(merged(), counts(BANDS), reset_at_eos=True)
     first, second = tokens(BANDS[1], (1, 6)), tokens(BANDS[2], (1, 5), seed=4)
