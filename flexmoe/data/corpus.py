@@ -22,7 +22,12 @@ One module file gives one document in each of the first three domains, so the th
 share text, and a held-out module is held out in all of them. Two more domains are built on
 request (``domains=[...]``) because not every installation has them: ``stdlib_tests``
 (the ``test`` package, which Debian, Ubuntu and Fedora ship separately) and ``licenses``
-(licence texts found on this machine, which differ between machines).
+(licence texts found on this machine). Which licence texts a machine has depends on what is
+installed, so the domain takes only texts on a pinned list of content hashes
+(``flexmoe/data/_license_hashes.py``), wherever they are found: another package installed adds
+nothing, and a listed text missing is warned about. CPython itself ships too little licence
+text for an owner domain (its ``LICENSE.txt``: seven licences, about 14 K characters), so the
+list also takes the system's and the installed packages' licences of the reference environment.
 
 Every domain is split into training and validation documents by
 :func:`flexmoe.data.documents.split_documents` (by content hash), so ``TextDataModule`` over
@@ -52,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flexmoe.core.io import atomic_file
+from flexmoe.data._license_hashes import LICENSE_SHA256
 from flexmoe.data.documents import split_documents
 
 DEFAULT_DOMAINS = ("stdlib_code", "docstrings", "comments", "pydoc_topics", "unicode_names")
@@ -71,7 +77,10 @@ DESCRIPTIONS = {
         "one 256-code-point page per document"
     ),
     "stdlib_tests": "the standard library's test package (Lib/test), as written; one module per document",
-    "licenses": "software licence texts installed on this machine (system licences, Python's, packages'), deduplicated",
+    "licenses": (
+        "software licence texts (system licences, Python's, packages'), deduplicated; "
+        "only those on a pinned list of content hashes"
+    ),
 }
 
 # Parts of the standard library that some distributions package separately (or that are
@@ -103,6 +112,17 @@ class Domain:
     @property
     def documents(self) -> list[str]:
         return self.train + self.val
+
+    def content_sha256(self) -> dict[str, str]:
+        """``{"train": ..., "val": ...}``: sha256 over each split's documents in order (over every
+        document's own sha256), so two runs can tell whether they used the same text."""
+        out = {}
+        for split, texts in (("train", self.train), ("val", self.val)):
+            h = hashlib.sha256()
+            for text in texts:
+                h.update(hashlib.sha256(text.encode()).digest())
+            out[split] = h.hexdigest()
+        return out
 
     @property
     def num_chars(self) -> int:
@@ -460,9 +480,14 @@ def _unicode_names() -> list[tuple[str, str]]:
     return [(f"{page:04X}", "\n".join(lines) + "\n") for page, lines in sorted(pages.items())]
 
 
-def _licenses(stdlib: Path) -> tuple[list[tuple[str, str]], str]:
+def _license_roots(stdlib: Path) -> list[Path]:
+    """Where licence texts are looked for: the system's licences, CPython's, installed packages'."""
     roots = [Path("/usr/share/common-licenses"), stdlib]
-    roots += [Path(p) for p in {*site.getsitepackages(), site.getusersitepackages(), *sys.path}]
+    return roots + [Path(p) for p in {*site.getsitepackages(), site.getusersitepackages(), *sys.path}]
+
+
+def _licenses(stdlib: Path) -> tuple[list[tuple[str, str]], str]:
+    roots = _license_roots(stdlib)
     seen: set[str] = set()
     docs: list[tuple[str, str]] = []
     found_in: set[str] = set()
@@ -486,13 +511,20 @@ def _licenses(stdlib: Path) -> tuple[list[tuple[str, str]], str]:
             except (OSError, UnicodeDecodeError):
                 continue
             digest = _hash(" ".join(text.split()))  # same licence, different wrapping: one document
-            if len(text) < 200 or digest in seen:
+            if digest not in LICENSE_SHA256 or digest in seen:
                 continue
             seen.add(digest)
-            docs.append((str(path), text + "\n"))
+            # Keyed by content, so the sample does not depend on where a text was installed.
+            docs.append((digest, text + "\n"))
             found_in.add(str(root))
     if len(docs) < 2:
-        raise ValueError("domain 'licenses' found fewer than two licence texts on this machine")
+        raise ValueError("domain 'licenses' found fewer than two of its pinned licence texts on this machine")
+    if len(docs) < len(LICENSE_SHA256):
+        warnings.warn(
+            f"domain 'licenses': {len(LICENSE_SHA256) - len(docs)} of its {len(LICENSE_SHA256)} pinned licence texts "
+            "are not on this machine, so the domain differs from the reference one (compare the corpus hashes)",
+            stacklevel=3,
+        )
     docs.sort(key=lambda kv: _hash(kv[1]))  # by content: the order does not depend on where they were found
     return docs, ", ".join(sorted(found_in))
 

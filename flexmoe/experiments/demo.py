@@ -1081,7 +1081,12 @@ def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_
         "public_domains": list(PUBLIC_DOMAINS),
         "owners": list(OWNERS),
         "corpus": {
-            d: {"train_docs": len(x.train), "val_docs": len(x.val), "eval_tokens": int(rows[d].numel())}
+            d: {
+                "train_docs": len(x.train),
+                "val_docs": len(x.val),
+                "eval_tokens": int(rows[d].numel()),
+                "sha256": x.content_sha256(),
+            }
             | ({"parts_val_docs": {p: len(corpus["parts"][p].val) for p in PUBLIC_DOMAINS}} if d == PUBLIC else {})
             for d, x in domains.items()
         },

@@ -198,3 +198,30 @@ def test_extra_domains_when_this_machine_has_them():
     extra = local_corpus(max_docs_per_domain=10, domains=["stdlib_tests", "licenses"])
     assert all(2 <= len(d.documents) <= 10 for d in extra.values())
     assert any("def test" in doc for doc in extra["stdlib_tests"].documents)
+
+
+def test_the_licences_domain_ignores_extra_packages(monkeypatch, tmp_path):
+    """Two environments that differ only by an extra package (with its own licence, and a second
+    copy of a pinned one elsewhere) build the same licences domain, document for document."""
+    from flexmoe.data import corpus as corpus_module
+
+    before = local_corpus(domains=["licenses"])["licenses"]
+    site = tmp_path / "site-packages"
+    info = site / "extra_package-1.0.dist-info"
+    (info / "licenses").mkdir(parents=True)
+    (info / "LICENSE").write_text("Extra Package Licence\n\n" + "Anyone may do anything with this extra package. " * 20)
+    (info / "licenses" / "COPYING").write_text(before.train[0])  # a pinned text found in a second place
+    roots = corpus_module._license_roots
+    monkeypatch.setattr(corpus_module, "_license_roots", lambda stdlib: [site, *roots(stdlib)])
+    assert site in corpus_module._license_roots(Path(sysconfig.get_paths()["stdlib"]))
+    after = local_corpus(domains=["licenses"])["licenses"]
+    assert after.train == before.train and after.val == before.val
+    assert after.content_sha256() == before.content_sha256()
+    assert not any("Extra Package Licence" in d for d in after.documents)
+
+
+def test_content_hashes_tell_splits_apart():
+    d = local_corpus(max_docs_per_domain=10, domains=["pydoc_topics"])["pydoc_topics"]
+    h = d.content_sha256()
+    assert set(h) == {"train", "val"} and h["train"] != h["val"] and len(h["train"]) == 64
+    assert local_corpus(max_docs_per_domain=10, domains=["pydoc_topics"])["pydoc_topics"].content_sha256() == h
