@@ -6,12 +6,21 @@ coordinator and the demo, in this order:
 1. **assemble** (:func:`assemble`): validate every artifact against the public model, then stack
    ``[public, e_1 ... e_n]`` per layer with router rows ``[r_0, r_1 ... r_n]`` and biases
    ``[0, b_1 ... b_n]`` (Shi et al., 2025, section 3.3);
-2. **route** by the recipe (:class:`~flexmoe.spec.RoutingRecipe`, :func:`flexmoe.routing.route`):
-   ``published`` keeps the owners' rows; ``lda`` builds the discriminant router from the
-   statistics the owners shipped and the public text;
+2. **route** by the recipe (:class:`~flexmoe.spec.RoutingRecipe`): ``posterior`` (the default)
+   converts the merge's routers with :func:`~flexmoe.core.posterior.use_posterior_routers`, from
+   the token counts ``[public, owner_1 .. owner_n]`` (the owners' from their artifacts, the
+   public data's from the spec's public-statistics file or the public text); ``published`` keeps
+   the owners' rows; ``lda`` (the token router) builds the discriminant router from the
+   statistics the owners shipped and the public text (:func:`flexmoe.routing.route`);
 3. **fold** the discriminant's biases into the rows when the target is a ``transformers`` format,
    whose routers have no bias (:func:`~flexmoe.formats.export.target_format`);
-4. **write** the format asked for (:data:`~flexmoe.formats.export.DEFAULT_FORMAT` unless told).
+4. **write** the format asked for (:data:`~flexmoe.formats.export.DEFAULT_FORMAT` unless told;
+   ``auto`` is native for a posterior-routed model, whose gates no ``transformers`` class holds).
+
+A ``posterior`` recipe asked for a FlexOlmo or Mixtral export by name builds the recipe's token
+router instead (:meth:`~flexmoe.spec.RoutingRecipe.token_router`: ``lda``, folded) and says so:
+the summary and the export's ``flexmoe_config.json`` record ``"router": "token (lda)"``
+(:func:`built_recipe`).
 
 Three rules hold for every caller:
 
@@ -22,9 +31,10 @@ Three rules hold for every caller:
   taken on rows that long); without a spec, of ``seq_len``, :data:`~flexmoe.spec.DEFAULT_SEQ_LEN`
   unless given.
 * A recipe that needs the owners' statistics refuses, naming every owner without them
-  (:class:`MissingRoutingStatistics`), rather than routing some other way.
+  (:class:`MissingRoutingStatistics`), rather than routing some other way; so does a recipe that
+  needs public statistics nobody gave (:func:`check_public_source`).
 
-The module is a little over 500 lines on purpose: the in-memory and the streamed assembly share
+The module is a little over 600 lines on purpose: the in-memory and the streamed assembly share
 these rules and their checks, and splitting them would put one pipeline in two places.
 
 :func:`assemble_to_dir` streams the published merge to disk one expert at a time, so memory does
@@ -36,6 +46,7 @@ training, which never need it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -50,13 +61,18 @@ from transformers import AutoTokenizer
 from flexmoe.artifacts.expert import ExpertArtifact, ExpertFile
 from flexmoe.artifacts.guard import ArtifactError, read_safetensors_header
 from flexmoe.artifacts.load import is_lora_file, load_expert
+from flexmoe.artifacts.unigram import UNIGRAM_TENSOR, has_unigram, load_public_statistics
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
+from flexmoe.core.io import atomic_write_text
 from flexmoe.core.moe import Router
+from flexmoe.core.posterior import use_posterior_routers
 from flexmoe.core.surgery import PUBLIC, add_expert, decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.data.packing import pack_domain
+from flexmoe.data.statistics import packed_unigram_counts
 from flexmoe.formats.export import (
     DEFAULT_FORMAT,
+    FLEXMOE_CONFIG,
     dense_tensors,
     export,
     mlp_prefixes,
@@ -192,10 +208,17 @@ class MissingRoutingStatistics(InputError):
 
     def __init__(self, owners: Sequence[str], recipe: RoutingRecipe):
         self.owners, self.recipe = list(owners), recipe
-        super().__init__(
-            f"owner(s) {self.owners} shipped no routing statistics ({statistics_needed(recipe)}), which the "
-            f"routing recipe {recipe.method!r} (covariance {recipe.covariance!r}) needs. {STATISTICS_HINT}"
-        )
+        if recipe.needs_unigram:
+            message = (
+                f"owner(s) {self.owners} shipped no token unigram counts ({statistics_needed(recipe)}), which the "
+                f"routing recipe 'posterior' needs. {UNIGRAM_HINT}"
+            )
+        else:
+            message = (
+                f"owner(s) {self.owners} shipped no routing statistics ({statistics_needed(recipe)}), which the "
+                f"routing recipe {recipe.method!r} (covariance {recipe.covariance!r}) needs. {STATISTICS_HINT}"
+            )
+        super().__init__(message)
 
 
 STATISTICS_HINT = (
@@ -205,8 +228,31 @@ STATISTICS_HINT = (
 )
 
 
+UNIGRAM_HINT = (
+    "Every owner's training run with this flexmoe version (`flexmoe train-expert`) writes them: have those "
+    "owners retrain, or choose the routing recipe 'lda' (the token router, from the MLP-input statistics) "
+    "or 'published'"
+)
+TRANSFORMERS_FORMATS = ("flexolmo", "mixtral")
+TOKEN_ROUTER_NOTE = (
+    "the {format} export carries the recipe's token router (lda, folded), not the posterior router, which "
+    "only the native format holds"
+)
+
+
+def built_recipe(recipe: RoutingRecipe, format: str) -> RoutingRecipe:
+    """The recipe the merged model is actually routed by for an export in ``format``: ``recipe``,
+    except that a ``posterior`` recipe asked for a FlexOlmo or Mixtral export by name builds its
+    token router (:meth:`~flexmoe.spec.RoutingRecipe.token_router`), since no ``transformers``
+    gate can hold a posterior over the prefix; ``auto`` stays posterior and goes native."""
+    return recipe.token_router() if recipe.needs_unigram and format in TRANSFORMERS_FORMATS else recipe
+
+
 def statistics_needed(recipe: RoutingRecipe) -> str | None:
-    """What each owner must ship for ``recipe``, in words (``None``: nothing)."""
+    """What each owner must ship for ``recipe`` as built (:func:`built_recipe`), in words
+    (``None``: nothing)."""
+    if recipe.needs_unigram:
+        return f"its training text's token unigram counts, {UNIGRAM_TENSOR}"
     kind = recipe.owner_statistics
     if kind is None:
         return None
@@ -215,7 +261,9 @@ def statistics_needed(recipe: RoutingRecipe) -> str | None:
 
 def lacks_statistics(artifact: ArtifactLike, recipe: RoutingRecipe) -> bool:
     """Whether ``artifact`` (an object, or a file whose header alone is read) lacks the
-    statistics ``recipe`` needs."""
+    statistics ``recipe`` (as built: :func:`built_recipe`) needs."""
+    if recipe.needs_unigram:
+        return not has_unigram(artifact)
     kind = recipe.owner_statistics
     if kind is None:
         return False
@@ -230,6 +278,55 @@ def check_statistics(artifacts: Sequence[ArtifactLike], recipe: RoutingRecipe) -
     missing = [_owner(a) for a in artifacts if lacks_statistics(a, recipe)]
     if missing:
         raise MissingRoutingStatistics(missing, recipe)
+
+
+def check_public_source(
+    recipe: RoutingRecipe,
+    spec: FederationSpec | None,
+    spec_path: str | os.PathLike | None,
+    public_documents: Sequence[str] | None,
+) -> None:
+    """Refuse, saying what to pass, a merge whose recipe (as built) needs public statistics that
+    nobody gave: ``lda`` the public text; ``posterior`` the spec's public-statistics file (a spec
+    given by path, or with ``spec_path``) or the public text."""
+    if recipe.method == "lda" and public_documents is None:
+        raise InputError(
+            f"the routing recipe {recipe.method!r} needs public text for its public statistics (public_documents; "
+            "--public-data on the command line, run config 'public-data' for the coordinator), or choose the "
+            "recipe 'published'"
+        )
+    if recipe.needs_unigram and public_documents is None and not _has_public_file(spec, spec_path):
+        where = ""
+        if spec is not None and spec.public_statistics is not None:
+            where = " (the spec records a public-statistics file, but was given without its path: pass spec_path)"
+        raise InputError(
+            "the routing recipe 'posterior' needs the public domain's token counts: pass the public text "
+            "(public_documents; --public-data on the command line, run config 'public-data' for the coordinator) "
+            f"or a spec that carries public statistics (written by `flexmoe spec --public-data ...`){where}; or "
+            "choose the routing recipe 'published'"
+        )
+
+
+def _has_public_file(spec: FederationSpec | None, spec_path) -> bool:
+    return spec is not None and spec.public_statistics is not None and spec_path is not None
+
+
+def public_unigram(
+    spec: FederationSpec | None,
+    spec_path: str | os.PathLike | None,
+    public_documents: Sequence[str] | None,
+    tokenizer,
+    seq_len: int,
+    vocab_size: int,
+) -> tuple[torch.Tensor, str]:
+    """The public domain's token counts ``float32 [vocab_size]`` and where they came from: the
+    spec's public-statistics file when the spec records one (checked by its sha256), else the
+    public text packed as owners pack theirs (rows of ``seq_len``, EOS after each document), so
+    both count the same kind of stream."""
+    if _has_public_file(spec, spec_path):
+        return load_public_statistics(spec, spec_path, vocab_size), "spec"
+    packer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    return packed_unigram_counts(list(public_documents), packer, seq_len, vocab_size), "public_documents"
 
 
 def resolve_seq_len(spec: FederationSpec | None, seq_len: int | None = None) -> int:
@@ -287,6 +384,11 @@ class MergedModel:
         self.out = export(
             self.model, out, format=self.format, allow_approximate=allow_approximate, tokenizer=self.tokenizer
         )
+        if "recipe" in self.routing:  # a posterior recipe: say which router the export carries
+            config = Path(self.out) / FLEXMOE_CONFIG
+            meta = json.loads(config.read_text())
+            meta["routing"] = {k: v for k, v in self.routing.items() if isinstance(v, (str, int, float, bool))}
+            atomic_write_text(config, json.dumps(meta, indent=2) + "\n")
         return self.out
 
 
@@ -295,6 +397,7 @@ def merge_experts(
     artifacts: Sequence[ArtifactLike],
     *,
     spec: FederationSpec | str | os.PathLike | None = None,
+    spec_path: str | os.PathLike | None = None,
     routing: RoutingRecipe | str | None = None,
     public_documents: Sequence[str] | None = None,
     tokenizer=None,
@@ -315,38 +418,47 @@ def merge_experts(
         artifacts: the owners' experts in expert order: :class:`~flexmoe.ExpertArtifact`\\ s or
             files (full or LoRA-sized).
         spec: the :class:`~flexmoe.FederationSpec` (or its JSON) the experts were trained under:
-            it checks their spec hash and supplies ``r_pub``, the routing recipe and ``seq_len``.
-        routing: a :class:`~flexmoe.spec.RoutingRecipe`, or a method name (``"lda"``,
-            ``"published"``) applied to the spec's recipe; default: the spec's, or ``lda``.
-        public_documents: public text for the recipe's public statistics (``lda`` needs it).
+            it checks their spec hash and supplies ``r_pub``, the routing recipe, ``seq_len`` and
+            (given by path, or with ``spec_path``) the public domain's token counts.
+        spec_path: where a ``spec`` given as an object was loaded from, for its public-statistics
+            file (:func:`~flexmoe.artifacts.unigram.load_public_statistics`).
+        routing: a :class:`~flexmoe.spec.RoutingRecipe`, or a method name (``"posterior"``,
+            ``"lda"``, ``"published"``) applied to the spec's recipe; default: the spec's, or
+            ``posterior``.
+        public_documents: public text for the recipe's public statistics: ``lda`` needs it;
+            ``posterior`` counts its tokens when the spec carries no public statistics.
         tokenizer: the public model's tokenizer, or its directory (default: ``public_model``'s
             directory); packs the public text and travels with the export.
         seq_len: tokens per packed public row, only without a spec (:func:`resolve_seq_len`).
-        format: ``auto`` (the base's exact ``transformers`` format, else native), ``flexolmo``,
-            ``mixtral`` or ``native``. A routing recipe with biases is folded unless the target
-            is native.
+        format: ``auto`` (the base's exact ``transformers`` format, else native; native for the
+            posterior router), ``flexolmo``, ``mixtral`` or ``native``. A routing recipe with biases
+            is folded unless the target is native. With the ``posterior`` recipe, ``flexolmo`` or
+            ``mixtral`` gets the recipe's token router (:func:`built_recipe`), labelled as such.
         top_k, normalize: experts per token (``None``: all); renormalise the top-k weights.
         spec_sha256: refuse artifacts not trained under this spec hash (default: ``spec``'s).
         out: write the export here (a new or empty directory).
         allow_approximate: let an explicitly named ``transformers`` format drop what it cannot hold.
         stream: only the export is wanted: with the ``published`` recipe and artifact files that
             are all full experts, write ``out`` one expert at a time (:func:`assemble_to_dir`)
-            and return no model.
+            and return no model. Other recipes need the model in memory.
+
+    Returns the :class:`MergedModel`; its ``routing`` summary names the ``method`` the model routes
+    by and, for a ``posterior`` recipe, the ``recipe``, the ``router`` the export carries and the
+    recipe's settings.
     """
     if isinstance(spec, (str, os.PathLike)):
+        spec_path = spec_path or spec
         spec = FederationSpec.load(spec)
     if spec is not None:
         spec_sha256 = spec_sha256 or spec.sha256
-    recipe = routing_recipe(spec, routing)
+    asked = routing_recipe(spec, routing)
+    recipe = built_recipe(asked, format)
     seq_len = resolve_seq_len(spec, seq_len)
     r_pub = spec.public_router_embedding if spec is not None else None
     check_statistics(artifacts, recipe)
-    if recipe.owner_statistics is not None and public_documents is None:
-        raise InputError(
-            f"the routing recipe {recipe.method!r} needs public text for its public statistics (public_documents; "
-            "--public-data on the command line, run config 'public-data' for the coordinator), or choose the "
-            "recipe 'published'"
-        )
+    check_public_source(recipe, spec, spec_path, public_documents)
+    if asked.needs_unigram and format == "auto":
+        format = "native"  # no transformers gate holds a posterior over the prefix
     if tokenizer is None and isinstance(public_model, (str, os.PathLike)):
         tokenizer = public_model
     streamable = stream and out is not None and recipe.method == "published"
@@ -372,17 +484,31 @@ def merge_experts(
     model = assemble(
         public, loaded, top_k=top_k, normalize=normalize, spec_sha256=spec_sha256, public_router_embedding=r_pub
     )
-    if recipe.owner_statistics is None:
+    needs_tokenizer = recipe.method == "lda" or (recipe.needs_unigram and not _has_public_file(spec, spec_path))
+    if needs_tokenizer and tokenizer is None:
+        raise InputError("the routing recipe packs the public text with the public model's tokenizer: pass tokenizer")
+    if recipe.needs_unigram:
+        counts, source = public_unigram(spec, spec_path, public_documents, tokenizer, seq_len, public.config.vocab_size)
+        unigram = torch.stack([counts, *(a.unigram for a in loaded)])
+        use_posterior_routers(
+            model,
+            unigram,
+            temperature=recipe.temperature,
+            smoothing=recipe.smoothing,
+            reset_at_eos=recipe.reset_at_eos,
+        )
+        summary = {**recipe.settings(), "recipe": "posterior", "router": "posterior", "public_statistics": source}
+        summary["public_tokens"] = int(counts.double().sum())
+        summary["seq_len"] = seq_len
+    elif recipe.method == "published":
         summary = route(model, loaded, None, recipe)
     else:
-        if tokenizer is None:
-            raise InputError(
-                "the routing recipe packs the public text with the public model's tokenizer: pass tokenizer"
-            )
         packer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         rows = pack_domain(list(public_documents), packer, seq_len)
         summary = route(model, loaded, rows, recipe, exportable=target_format(model, format) != "native")
         summary["seq_len"] = seq_len
+    if asked.needs_unigram and not recipe.needs_unigram:
+        summary.update(recipe="posterior", router="token (lda)", note=TOKEN_ROUTER_NOTE.format(format=format))
     merged = MergedModel(model.eval(), summary, format, tokenizer=tokenizer)
     if out is not None:
         merged.export(out, allow_approximate=allow_approximate)

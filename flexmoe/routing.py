@@ -404,14 +404,17 @@ def route(
         artifacts: the owners' :class:`~flexmoe.ExpertArtifact`\\ s, carrying their statistics.
         public_rows: packed public text ``[N, S]`` for the public class's statistics (taken
             with the merged model routed to the public expert alone, i.e. the public model).
-        recipe: :class:`~flexmoe.spec.RoutingRecipe` (default: LDA, pooled covariance).
+        recipe: :class:`~flexmoe.spec.RoutingRecipe` (default: the default recipe's token router,
+            LDA with pooled covariance; a ``posterior`` recipe builds its token router).
         exportable: fold the discriminant's biases into the router rows
             (:func:`fold_router_bias` at the moments of the classes' mixture,
             :func:`class_mixture`) so the model exports exactly to a ``transformers``
             FlexOlmo/Mixtral checkpoint, at some cost in routing quality (docs/routing.md);
             otherwise the routers keep their biases (:class:`AffineRouter`, native format only).
     """
-    recipe = recipe or RoutingRecipe()
+    # route() builds token routers: for the posterior recipe, its token router (the LDA a
+    # transformers export carries); the posterior itself is set by flexmoe.assembly.merge_experts.
+    recipe = (recipe or RoutingRecipe()).token_router()
     summary: dict = {"method": recipe.method}
     if recipe.method == "published":
         return summary

@@ -114,26 +114,43 @@ class RouterTuningRecipe:
 
 
 ROUTER_TUNING_DATA = ("proxy", "owners")
-ROUTING_METHODS = ("lda", "published")
+ROUTING_METHODS = ("posterior", "lda", "published")
 COVARIANCES = ("pooled", "public")
+# The posterior recipe's own settings, with their defaults. A spec whose method is not
+# ``posterior`` leaves them out of its JSON while they keep these values, so every spec written
+# before they existed keeps its sha256 (the one its owners' artifacts carry).
+POSTERIOR_DEFAULTS = {"temperature": 0.3, "smoothing": 0.1, "reset_at_eos": False}
 
 
 @dataclass
 class RoutingRecipe:
     """How the coordinator sets the merged model's routers (chosen by measurement: docs/routing.md).
 
-    ``lda`` (default): a linear discriminant over ``public, owner_1 .. owner_n`` from each
+    ``posterior`` (default): route by the causal naive-Bayes posterior over domains from token
+    unigram counts (:func:`flexmoe.core.posterior.use_posterior_routers`): each owner ships its
+    training text's counts (``stats.unigram``), the coordinator the public data's; every token runs
+    the public expert and the most probable owner's, mixed by that owner's own trained router.
+    ``temperature`` tempers the summed log-likelihoods, ``smoothing`` is the add-alpha count,
+    ``reset_at_eos`` restarts the posterior after each document end. Its gates read the prefix, not
+    one hidden state, so only the native format holds it; a FlexOlmo or Mixtral export of a
+    posterior recipe carries the token router (:meth:`token_router`) instead, labelled as such.
+    Owners therefore ship the token router's statistics too.
+
+    ``lda`` (the token router): a linear discriminant over ``public, owner_1 .. owner_n`` from each
     owner's per-layer mean MLP input (and, for ``covariance="pooled"``, its covariance), which
     the owners compute at the end of training and ship in the artifact as aggregates; the
     coordinator adds the public statistics from public data (:func:`flexmoe.routing.route`).
     ``published``: FlexOlmo's merge as published (stack the owners' router rows).
     """
 
-    method: str = "lda"
+    method: str = "posterior"
     covariance: str = "pooled"
     shrinkage: float = 0.5
     # Tokens of the owner's training data its statistics are taken over (spread over the data).
     stats_tokens: int = 16384
+    temperature: float = POSTERIOR_DEFAULTS["temperature"]
+    smoothing: float = POSTERIOR_DEFAULTS["smoothing"]
+    reset_at_eos: bool = POSTERIOR_DEFAULTS["reset_at_eos"]
 
     def __post_init__(self):
         if self.method not in ROUTING_METHODS:
@@ -142,14 +159,36 @@ class RoutingRecipe:
             raise InputError(f"routing covariance must be one of {COVARIANCES}, got {self.covariance!r}")
         if not 0 <= self.shrinkage <= 1:
             raise InputError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
-        _positive(self, "stats_tokens")
+        _positive(self, "stats_tokens", "temperature", "smoothing")
+        if not isinstance(self.reset_at_eos, bool):
+            raise InputError(f"RoutingRecipe.reset_at_eos must be true or false, got {self.reset_at_eos!r}")
 
     @property
     def owner_statistics(self) -> str | None:
-        """What each owner ships: ``"covariance"`` (mean and covariance), ``"mean"`` or ``None``."""
-        if self.method != "lda":
+        """What each owner ships per layer: ``"covariance"`` (mean and covariance), ``"mean"`` or
+        ``None``. The posterior recipe asks for the token router's, which its ``transformers``
+        exports carry; its own token counts every owner's run writes anyway."""
+        if self.method == "published":
             return None
         return "covariance" if self.covariance == "pooled" else "mean"
+
+    @property
+    def needs_unigram(self) -> bool:
+        """Whether the recipe routes by the owners' and the public data's token unigram counts."""
+        return self.method == "posterior"
+
+    def token_router(self) -> RoutingRecipe:
+        """The token router of this recipe: the ``lda`` recipe with the same statistics settings
+        for ``posterior`` (what a FlexOlmo or Mixtral export carries), else the recipe itself."""
+        return dataclasses.replace(self, method="lda") if self.method == "posterior" else self
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that matter for this method, as a report records them."""
+        if self.method == "posterior":
+            return {"method": self.method, **{k: getattr(self, k) for k in POSTERIOR_DEFAULTS}}
+        if self.method == "lda":
+            return {"method": self.method, "covariance": self.covariance, "shrinkage": self.shrinkage}
+        return {"method": self.method}
 
 
 @dataclass
@@ -250,6 +289,10 @@ class FederationSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["expert"]["betas"] = list(d["expert"]["betas"])
+        routing = d["routing"]
+        if routing["method"] != "posterior" and all(routing[k] == v for k, v in POSTERIOR_DEFAULTS.items()):
+            for k in POSTERIOR_DEFAULTS:  # as written before the posterior recipe: the same hash
+                del routing[k]
         if d["public_statistics"] is None:
             # Left out rather than null, so a spec without it keeps the hash its artifacts carry.
             del d["public_statistics"]

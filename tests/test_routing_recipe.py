@@ -1,7 +1,9 @@
-"""The default routing recipe end to end: owners ship statistics in the artifact, the coordinator
+"""The token routing recipe (lda) end to end: owners ship statistics in the artifact, the coordinator
 builds the discriminant router (flexmoe.routing.route), and its exportable form reloads in transformers."""
 
 from __future__ import annotations
+
+import json
 
 import lightning.pytorch as pl
 import pytest
@@ -178,8 +180,8 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
     ids = public_rows.train_rows[:2].long()
     with torch.no_grad(), record_router_logits(merged):
         assert (hf(ids).logits - merged(ids).logits).abs().max() < 1e-4
-    # The same from the command line: `auto` picks the discriminant router because every
-    # artifact carries statistics and public data is given, and folds it for FlexOlmo.
+    # The same from the command line: with public data `auto` picks the posterior recipe, whose
+    # FlexOlmo export (named) carries its token router, the discriminant, folded.
     from flexmoe.cli import main
 
     main(
@@ -195,8 +197,11 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
             str(tmp_path / "cli"),
             "--top-k",
             "2",
+            "--format",
+            "flexolmo",
         ]
     )
+    assert json.loads((tmp_path / "cli" / "flexmoe_config.json").read_text())["routing"]["router"] == "token (lda)"
     assert (tmp_path / "cli" / "config.json").is_file()  # a transformers FlexOlmo checkpoint
     again = flexmoe.load(tmp_path / "cli")
     stacked = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(public_dir), arts)
@@ -214,6 +219,8 @@ def test_owner_training_ships_statistics_and_the_coordinator_exports_exactly(pub
             str(tmp_path / "native"),
             "--format",
             "native",
+            "--routing",
+            "lda",
         ]
     )
     native = flexmoe.load(tmp_path / "native")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flexmoe.spec import ExpertRecipe, FederationSpec, PublicStatistics
+from flexmoe.spec import ExpertRecipe, FederationSpec, PublicStatistics, RoutingRecipe
 
 FP = "ab" * 32
 
@@ -32,6 +32,10 @@ def test_json_round_trip_and_hash(tmp_path):
         ({"public_statistics": {"file": "../x.safetensors", "sha256": FP}}, "a file name next to the spec"),
         ({"public_statistics": {"file": "x.safetensors", "sha256": "nope"}}, "PublicStatistics.sha256"),
         ({"public_statistics": {"file": "x.safetensors"}}, "sha256"),
+        ({"routing": {"method": "oracle"}}, "routing method must be one of"),
+        ({"routing": {"temperature": 0}}, "RoutingRecipe.temperature must be > 0"),
+        ({"routing": {"smoothing": -0.1}}, "RoutingRecipe.smoothing must be > 0"),
+        ({"routing": {"reset_at_eos": "yes"}}, "reset_at_eos must be true or false"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(patch, message):
@@ -56,3 +60,29 @@ def test_public_statistics_round_trip_and_enter_the_hash(tmp_path):
     back = FederationSpec.load(spec.save(tmp_path / "spec.json"))
     assert back == spec and isinstance(back.public_statistics, PublicStatistics)
     assert spec.sha256 != plain.sha256
+
+
+def test_the_posterior_recipe_is_the_default_and_round_trips_with_its_settings(tmp_path):
+    spec = FederationSpec(public_model="m", fingerprint=FP)
+    assert spec.routing.method == "posterior" and spec.routing.needs_unigram
+    settings = {"method": "posterior", "temperature": 0.3, "smoothing": 0.1, "reset_at_eos": False}
+    assert spec.routing.settings() == settings
+    # Owners also ship the token router's statistics, which a transformers export carries.
+    assert spec.routing.owner_statistics == "covariance" and spec.routing.token_router().method == "lda"
+    tuned = RoutingRecipe(temperature=0.5, smoothing=0.2, reset_at_eos=True)
+    spec = FederationSpec(public_model="m", fingerprint=FP, routing=tuned)
+    assert spec.to_dict()["routing"]["temperature"] == 0.5
+    back = FederationSpec.load(spec.save(tmp_path / "spec.json"))
+    assert back == spec and back.routing == tuned and back.sha256 == spec.sha256
+
+
+@pytest.mark.parametrize("method", ["lda", "published"])
+def test_a_spec_written_before_the_posterior_recipe_keeps_working_and_its_hash(method):
+    """A token-router spec's JSON has no posterior settings: one written before they existed reads
+    back equal, with the sha256 its owners' artifacts carry."""
+    spec = FederationSpec(public_model="m", fingerprint=FP, routing=RoutingRecipe(method=method))
+    d = spec.to_dict()
+    assert not {"temperature", "smoothing", "reset_at_eos"} & set(d["routing"])
+    back = FederationSpec.from_json(json.dumps(d))
+    assert back == spec and back.routing.method == method and back.sha256 == spec.sha256
+    assert (back.routing.owner_statistics is None) == (method == "published") and not back.routing.needs_unigram

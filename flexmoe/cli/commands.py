@@ -28,11 +28,12 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.load import load_expert
-from flexmoe.artifacts.unigram import write_public_statistics
+from flexmoe.artifacts.unigram import require_unigram, write_public_statistics
 from flexmoe.assembly import merge_experts
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
-from flexmoe.core.surgery import PUBLIC, set_top_k, settings
+from flexmoe.core.posterior import PosteriorRouter
+from flexmoe.core.surgery import PUBLIC, moe_blocks, set_top_k, settings
 from flexmoe.core.surgery import add_expert as add_to_model
 from flexmoe.core.surgery import opt_out as remove_from_model
 from flexmoe.data.documents import read_documents
@@ -68,7 +69,7 @@ def assemble(
     spec_sha256: str | None = None,
     allow_approximate: bool = False,
     public_data: list[str] | None = None,
-    routing: Literal["auto", "lda", "published"] = "auto",
+    routing: Literal["auto", "posterior", "lda", "published"] = "auto",
     spec: str | None = None,
     seq_len: int | None = None,
 ) -> None:
@@ -93,13 +94,18 @@ def assemble(
             the model exactly (e.g. non-zero router biases in FlexOlmo).
         public_data: Public text (files, folders, globs, JSONL) for the routing recipe's public
             statistics.
-        routing: ``lda``: the discriminant router built from the statistics the owners shipped
-            (docs/routing.md; needs ``--public-data``); ``published``: FlexOlmo's merge as
-            published (the owners' router rows stacked); ``auto``: the spec's recipe with
-            ``--spec``, else ``lda`` when ``--public-data`` is given, else ``published``. A recipe
-            that needs statistics some owner did not ship is an error naming those owners. For
-            FlexOlmo and Mixtral outputs the discriminant's biases are folded into the rows so the
-            export is exact; the native format keeps them.
+        routing: ``posterior``: route by the domain the prefix is in, from the owners' token
+            counts and the public data's (from ``--spec``'s public-statistics file, else counted
+            in ``--public-data``), each owner's expert mixed with the public one by its own trained
+            router; native format only: with ``--format flexolmo``/``mixtral`` the export carries
+            the recipe's token router (``lda``) instead, and says so. ``lda``: the token router,
+            the discriminant built from the statistics the owners shipped (docs/routing.md; needs
+            ``--public-data``). ``published``: FlexOlmo's merge as published (the owners' router
+            rows stacked). ``auto``: the spec's recipe with ``--spec``, else ``posterior`` when
+            ``--public-data`` is given, else ``published``. A recipe that needs statistics some
+            owner did not ship is an error naming those owners. For FlexOlmo and Mixtral outputs
+            the discriminant's biases are folded into the rows so the export is exact; the native
+            format keeps them.
         spec: FederationSpec JSON the experts were trained under: checks their spec hash and
             supplies the public router row r_pub, the routing recipe and the row length.
         seq_len: Tokens per packed row of public text for the routing statistics, without
@@ -111,11 +117,12 @@ def assemble(
     elif loaded is not None:
         method = None  # the spec's recipe
     else:
-        method = "lda" if public_data else "published"
+        method = "posterior" if public_data else "published"
     merged = merge_experts(
         public,
         list(experts),
         spec=loaded,
+        spec_path=spec,
         routing=method,
         public_documents=read_documents(public_data) if public_data else None,
         seq_len=seq_len,
@@ -127,10 +134,11 @@ def assemble(
         allow_approximate=allow_approximate,
         stream=True,  # the published merge goes to disk one expert at a time
     )
-    print(
-        f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} "
-        f"(routing: {merged.routing['method']}, {detect_format(out)})"
-    )
+    router = merged.routing.get("router", merged.routing["method"])
+    fmt = detect_format(out)
+    print(f"flexmoe: assembled {len(experts)} expert(s) with {public} -> {out} (routing: {router}, {fmt})")
+    if "note" in merged.routing:
+        print(f"flexmoe: note: {merged.routing['note']}; use --format native for the posterior router")
 
 
 def export(model: str, out: str, format: Format = DEFAULT_FORMAT, allow_approximate: bool = False) -> None:
@@ -159,7 +167,8 @@ def add_expert(
 
     Args:
         model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
-        expert: The new owner's expert artifact (``.safetensors``; a LoRA-sized expert is materialised).
+        expert: The new owner's expert artifact (``.safetensors``; a LoRA-sized expert is
+            materialised). A posterior-routed model needs its token counts (``stats.unigram``).
         out: Output directory.
         format: Output format (default: the format of ``model``).
         top_k: Experts per token from now on (default: keep the model's number, capped at the
@@ -171,6 +180,8 @@ def add_expert(
         artifact = load_expert(expert, moe, fingerprint=fingerprint(moe))
         if artifact.owner in settings(moe).owners:
             raise InputError(f"{model} already holds an expert of owner {artifact.owner!r} ({expert})")
+        if routes_by_posterior(moe):
+            require_unigram([artifact])  # the posterior needs every owner's token counts
         add_to_model(moe, artifact, check_fingerprint=False)
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
@@ -209,6 +220,11 @@ def opt_out(
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
     print(f"flexmoe: removed owner {owner!r} from {model} -> {out} ({fmt})")
+
+
+def routes_by_posterior(moe) -> bool:
+    """Whether a merged model routes by the domain posterior (its routers are PosteriorRouters)."""
+    return any(isinstance(b.router, PosteriorRouter) for b in moe_blocks(moe))
 
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
@@ -252,7 +268,9 @@ def spec(
         router_tuning: The coordinator's router-tuning recipe.
         proxy: The proxy-set budget.
         routing: How the coordinator sets the merged model's routers, and so what statistics
-            owners ship (``--routing.method published``, ``--routing.covariance``, ...).
+            owners ship: by default the posterior recipe (``--routing.temperature``,
+            ``--routing.smoothing``, ``--routing.reset_at_eos``), whose public counts come from
+            ``--public-data``; ``--routing.method lda`` (the token router) or ``published``.
     """
     model = load_public_model(public)
     expert = expert or ExpertRecipe()
@@ -287,6 +305,11 @@ def spec(
     )
     result.save(out)
     print(f"flexmoe: wrote spec {out} (sha256 {result.sha256[:16]}..., fingerprint {result.fingerprint[:16]}...)")
+    if result.routing.needs_unigram and public_statistics is None:
+        print(
+            "flexmoe: note: the routing recipe 'posterior' needs the public domain's token counts and this spec "
+            "carries none (no --public-data): the merge will need --public-data"
+        )
 
 
 def evaluate(

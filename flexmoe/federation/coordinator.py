@@ -33,7 +33,15 @@ from transformers import AutoTokenizer
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
-from flexmoe.assembly import STATISTICS_HINT, lacks_statistics, merge_experts, statistics_needed
+from flexmoe.assembly import (
+    STATISTICS_HINT,
+    UNIGRAM_HINT,
+    built_recipe,
+    check_public_source,
+    lacks_statistics,
+    merge_experts,
+    statistics_needed,
+)
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import file_sha256, fingerprint
 from flexmoe.core.io import atomic_write_json
@@ -122,16 +130,20 @@ class Coordinator:
         self.out.mkdir(parents=True, exist_ok=True)
         self.phase = "preparing"
         self.progress()
-        if self.s.router_tuning is None and self.spec.router_tuning.enabled and not self.s.public_data:
+        tunes = self.spec.router_tuning.enabled and not self.recipe.needs_unigram  # token routers only
+        if self.s.router_tuning is None and tunes and not self.s.public_data:
             raise ValueError(
                 "the spec enables router tuning, which needs the public data: set run config "
                 "'public-data', or 'router-tuning=false'"
             )
-        if self.spec.routing.owner_statistics is not None and not self.s.public_data:
+        recipe = self.recipe
+        if recipe.method == "lda" and not self.s.public_data:
             raise InputError(
                 f"the spec's routing recipe {self.spec.routing.method!r} needs the public data for its public "
                 "statistics: set run config 'public-data', or publish a spec whose routing.method is 'published'"
             )
+        if recipe.needs_unigram and not self.s.public_data:
+            check_public_source(recipe, self.spec, self.s.spec, None)  # the spec's public-statistics file
         self.earlier = sorted(self.artifacts_dir.glob("*.safetensors"))
         if not self.s.resume and (self.earlier or (self.out / "model").exists()):
             raise FileExistsError(
@@ -143,6 +155,13 @@ class Coordinator:
         for stale in (self.artifacts_dir / ".incoming").glob("*.safetensors"):
             stale.unlink()  # replies a dead coordinator was still checking: their owners are asked again
         self.connect_deadline = time.monotonic() + self.s.connect_timeout
+
+    @property
+    def recipe(self):
+        """The routing recipe the merge builds: the spec's, except that a ``posterior`` spec
+        exported to FlexOlmo or Mixtral by name builds its token router
+        (:func:`flexmoe.assembly.built_recipe`)."""
+        return built_recipe(self.spec.routing, self.s.export_format)
 
     def prepare(self) -> None:
         """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
@@ -318,16 +337,18 @@ class Coordinator:
 
     def check_artifact(self, path: Path, owner: str) -> ExpertArtifact:
         """Every ExpertArtifact check, plus: the artifact is the sending owner's own, and it carries
-        the statistics the spec's routing recipe needs (the merge would refuse it otherwise, so it
-        is refused here, with the reason, while the other owners' experts go on)."""
+        the statistics the spec's routing recipe needs (the posterior recipe: the owner's token
+        counts, ``stats.unigram``). The merge would refuse it otherwise, so it is refused here, with
+        the reason, while the other owners' experts go on."""
         artifact = ExpertArtifact.load(path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         artifact.validate(self.public, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner", owner, artifact.owner, hint="an owner may only send its own expert")
-        recipe = self.spec.routing
+        recipe = self.recipe
         if lacks_statistics(artifact, recipe):
             needed = f"{statistics_needed(recipe)} (the spec's routing recipe {recipe.method!r} needs them)"
-            raise ArtifactError(owner, "routing statistics", needed, "none", source=path, hint=STATISTICS_HINT)
+            hint = UNIGRAM_HINT if recipe.needs_unigram else STATISTICS_HINT
+            raise ArtifactError(owner, "routing statistics", needed, "none", source=path, hint=hint)
         return artifact
 
     def resolve(self, state: OwnerState, status: str, reason: str | None) -> None:
@@ -341,7 +362,11 @@ class Coordinator:
         (:func:`flexmoe.assembly.merge_experts`: assemble ``[public, e_1 ... e_n]`` in
         expected-owners order, route by the spec's recipe, fold the biases for a transformers
         format), then router tuning if asked, and the export. Returns the model. Needs no Flower
-        grid unless the spec tunes the routers with the owners."""
+        grid unless the spec tunes the routers with the owners.
+
+        The posterior recipe (the default) takes the public counts from the spec's
+        public-statistics file, else from the public data. Router tuning tunes token routers, so a
+        posterior-routed model is not tuned; the report says so."""
         self.phase = "merging"
         self.progress()
         t = time.monotonic()
@@ -349,6 +374,7 @@ class Coordinator:
             self.public,
             [self.artifacts_dir / f"{o}.safetensors" for o in owners],
             spec=self.spec,
+            spec_path=self.s.spec,
             public_documents=self.public_docs,
             tokenizer=self.public_path,
             format=self.s.export_format,
@@ -364,7 +390,11 @@ class Coordinator:
         }
         self.summary["merge_seconds"] = time.monotonic() - t
         tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
-        if tune:
+        if tune and merged.routing["method"] == "posterior":
+            note = "router tuning tunes token routers; the posterior recipe was not tuned"
+            self.summary["router_tuning"] = {"skipped": note}
+            self.notes.append(note)
+        elif tune:
             self.phase = "tuning the router"
             self.progress()
             t = time.monotonic()

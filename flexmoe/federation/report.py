@@ -127,12 +127,20 @@ def render(report: dict) -> str:
     if report.get("experts"):
         lines += ["", "## Merged model", "", f"- experts, in order: {', '.join(report['experts'])}"]
         recipe = report.get("routing_recipe") or {}
-        if recipe.get("method") == "lda":
+        if recipe.get("method") == "posterior":
+            lines.append(
+                f"- routing: posterior router (temperature {recipe.get('temperature')}, smoothing "
+                f"{recipe.get('smoothing')}, reset at document ends: {recipe.get('reset_at_eos')}) from the owners' "
+                f"token counts and {recipe.get('public_tokens')} public tokens ({recipe.get('public_statistics')})"
+            )
+        elif recipe.get("method") == "lda":
             lines.append(
                 f"- routing: discriminant router (lda, {recipe.get('covariance')} covariance, shrinkage "
                 f"{recipe.get('shrinkage')}) from the owners' statistics and {recipe.get('public_tokens')} "
                 f"public tokens{'; biases folded into the rows' if recipe.get('folded') else ''}"
             )
+            if recipe.get("recipe") == "posterior":
+                lines.append(f"- the spec's recipe is the posterior router: {recipe.get('note')}")
         elif recipe:
             lines.append("- routing: FlexOlmo's published merge (the owners' router rows stacked)")
         rt = report.get("router_tuning") or {}

@@ -426,16 +426,19 @@ def test_the_coordinator_rejects_anything_sent_besides_the_expert(owner_reply, c
 
 
 def test_the_coordinator_merges_routes_and_exports_an_exact_transformers_model(owner_reply, coordinator):
-    """Router tuning off: assemble, the spec's routing recipe (LDA from the owner's statistics,
-    biases folded into the rows), export. transformers reproduces the merged model's logits."""
+    """Router tuning off: assemble, the spec's routing recipe (the posterior, by default), which for
+    a FlexOlmo export asked for by name is its token router (LDA from the owner's statistics,
+    biases folded into the rows, labelled), export. transformers reproduces the merged model's logits."""
     from transformers import AutoModelForCausalLM
 
     reply, _, _ = owner_reply
+    coordinator.s.export_format = "flexolmo"
     coordinator.accept(coordinator.owners["canary"], reply.content)
     merged = coordinator.merge(["canary"]).eval()
     summary = coordinator.summary
     assert summary["router_tuning"] == {"skipped": "run config router-tuning=false"}
     assert summary["routing_recipe"]["method"] == "lda" and summary["routing_recipe"]["folded"]
+    assert summary["routing_recipe"]["recipe"] == "posterior" and summary["routing_recipe"]["router"] == "token (lda)"
     assert summary["export"]["format"] == "flexolmo" and summary["experts"] == ["public", "canary"]
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     hf = AutoModelForCausalLM.from_pretrained(coordinator.out / "model").eval()
