@@ -1,6 +1,6 @@
 """Export a flexmoe MoE as a ``transformers`` checkpoint, or in flexmoe's native format.
 
-Three on-disk formats (docs/design.md, "Export formats"); :mod:`flexmoe.formats.load` reads them back:
+Four on-disk formats (docs/design.md, "Export formats"); :mod:`flexmoe.formats.load` reads them back:
 
 ``flexolmo``  OLMo-2 based models -> ``FlexOlmoForCausalLM`` (``model_type`` ``flex_olmo``).
     Keys: ``model.layers.L.mlp.gate.weight`` [E, H] and
@@ -20,6 +20,15 @@ Three on-disk formats (docs/design.md, "Export formats"); :mod:`flexmoe.formats.
     model's, and a ``config.json`` would let ``AutoModelForCausalLM.from_pretrained`` build the
     dense base, miss every MLP weight and initialise them at random with only a warning.
     Without one, ``from_pretrained`` fails loudly ("Unrecognized model ... config.json").
+``remote``    the native layout (``base_config.json`` and the same tensors under the same names)
+    plus a ``config.json`` of ``model_type`` ``flexmoe`` whose ``auto_map`` names the modeling
+    code copied beside it (``configuration_flexmoe.py``, ``modeling_flexmoe.py``, from
+    :mod:`flexmoe.formats.remote_code`), so ``AutoModelForCausalLM.from_pretrained(dir,
+    trust_remote_code=True)`` builds the merged model, any router flexmoe's modeling code knows
+    (``posterior``, ``clamped``, ``affine``) included, without flexmoe installed. Its
+    ``config.json`` copies every field of the dense base's config (the decoder is the base
+    architecture, built by ``AutoModel``) and adds ``base_model_type`` and the ``moe_*`` fields.
+    Exact for every base in :data:`REMOTE_BASES`; :func:`flexmoe.load` reopens it as a native export.
 
 The two ``transformers`` formats are exact (``from_pretrained`` reproduces flexmoe's logits)
 only when the MoE fits them: their routers have no bias, and Mixtral always renormalises
@@ -64,6 +73,8 @@ from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_dir
 from flexmoe.core.moe import ExpertRouter
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
+from flexmoe.formats import remote_code
+from flexmoe.formats.remote_code.configuration_flexmoe import FlexMoEConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +82,13 @@ NATIVE_VERSION = "1"
 FLEXMOE_CONFIG = "flexmoe_config.json"
 BASE_CONFIG = "base_config.json"
 INDEX = "model.safetensors.index.json"
-FORMATS = ("flexolmo", "mixtral", "native")
+FORMATS = ("flexolmo", "mixtral", "native", "remote")
+# Formats that store the tensors under flexmoe's own names (the remote format adds modeling code).
+_NATIVE_LAYOUT = ("native", "remote")
+# Dense bases whose decoder ``AutoModel`` builds with a gated MLP at ``layers[L].mlp``: what the
+# remote format's modeling code rebuilds, and the router kinds it implements.
+REMOTE_BASES = ("olmo2", "llama", "mistral", "qwen2", "qwen3")
+REMOTE_ROUTERS = ("posterior", "clamped", "affine")
 # The export format when none is named, everywhere (export, assemble_to_dir, the assembly
 # pipeline, the command line): the base's transformers format when it holds the model exactly, else native.
 DEFAULT_FORMAT = "auto"
@@ -178,6 +195,9 @@ def _resolve_format(fmt: str, source, allow_approximate: bool) -> str:
         raise InputError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     if fmt == "native":
         return fmt
+    if fmt == "remote":
+        _check_remote(source)
+        return fmt
     bases = _HF[fmt][0]
     if base not in bases:
         fits = [f for f, (b, _) in _HF.items() if base in b] + ["native"]
@@ -214,6 +234,47 @@ def target_format(model: nn.Module, fmt: str = DEFAULT_FORMAT) -> str:
     return "native"
 
 
+def _check_remote(source) -> None:
+    """Refuse what the remote format's modeling code cannot rebuild: another base, another router."""
+    base = source.config.model_type
+    if base not in REMOTE_BASES:
+        raise InputError(
+            f"the remote format's modeling code rebuilds models built on {', '.join(REMOTE_BASES)}, but this one is "
+            f"built on {base!r}; use format='native'"
+        )
+    kinds = sorted({r.kind for r in source.routers()} - set(REMOTE_ROUTERS))
+    if kinds:
+        raise InputError(
+            f"the remote format's modeling code implements the {', '.join(REMOTE_ROUTERS)} routers, not {kinds}; "
+            "use format='native'"
+        )
+
+
+def _remote_config(source, dtype: torch.dtype) -> PreTrainedConfig:
+    """``config.json`` of a remote export: the base's fields, the mixture's, and the ``auto_map``."""
+    routers = source.routers()
+    holders = [L for L, r in enumerate(routers) if getattr(r, "holds_statistics", False)]
+    resets = routers[holders[0]].reset_tokens.tolist() if holders else []
+    fields = {k: v for k, v in source.config.to_dict().items() if k not in _NOT_COPIED}
+    fields["dtype"] = str(dtype).removeprefix("torch.")
+    config = FlexMoEConfig(
+        **fields,
+        base_model_type=source.config.model_type,
+        moe_owners=list(source.owners),
+        moe_top_k=source.top_k,
+        moe_normalize=source.normalize,
+        moe_router=_router_kinds(routers),
+        moe_reset_tokens=resets,
+        moe_statistics_layer=holders[0] if holders else None,
+    )
+    config.architectures = ["FlexMoEForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_flexmoe.FlexMoEConfig",
+        "AutoModelForCausalLM": "modeling_flexmoe.FlexMoEForCausalLM",
+    }
+    return config
+
+
 def _approximations(source, fmt: str, *, ignore_bias: bool = False) -> list[str]:
     """What a ``transformers`` format would change about the model (empty: exact). Raises
     :class:`~flexmoe.core.moe.RouterFormatError` when a router is no linear gate at all."""
@@ -240,7 +301,7 @@ def _approximations(source, fmt: str, *, ignore_bias: bool = False) -> list[str]
 
 def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
     """On-disk name of expert ``j``'s tensor ``name`` in the MLP at ``prefix``."""
-    if fmt != "native" and name not in _MIXTRAL_EXPERT_NAMES:
+    if fmt not in _NATIVE_LAYOUT and name not in _MIXTRAL_EXPERT_NAMES:
         raise ValueError(f"{fmt} experts are gate/up/down projections without bias; cannot store {name!r}")
     if fmt == "mixtral":
         return f"{_mixtral_prefix(prefix)}.experts.{j}.{_MIXTRAL_EXPERT_NAMES[name]}"
@@ -248,7 +309,7 @@ def _layout(fmt: str, prefix: str, j: int, name: str) -> str:
 
 
 def _router_tensors(fmt: str, prefix: str, router: ExpertRouter) -> dict[str, torch.Tensor]:
-    if fmt == "native":
+    if fmt in _NATIVE_LAYOUT:
         return {f"{prefix}.router.{name}": t for name, t in router.native_state().items()}
     weight = router.linear_gate()[0]  # the biases were checked (or allowed to drop) by _approximations
     if fmt == "mixtral":
@@ -365,14 +426,19 @@ def write_checkpoint(source, out_dir, fmt: str, *, allow_approximate: bool, file
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; choose a new path or remove it")
     dtype = next(t for _, t in source.dense_tensors() if t.is_floating_point()).dtype
     # Build the config first: it refuses what the format cannot express before any weight is written.
-    if fmt == "native":
+    if fmt in _NATIVE_LAYOUT:
         config = copy.deepcopy(source.config)
         config.dtype = dtype
     else:
         config = _hf_config(source, fmt, dtype)
+    remote = _remote_config(source, dtype) if fmt == "remote" else None
     with atomic_dir(out_dir) as tmp:
         # The whole config, not the diff to today's defaults: those differ between versions.
-        config.to_json_file(tmp / (BASE_CONFIG if fmt == "native" else "config.json"), use_diff=False)
+        config.to_json_file(tmp / (BASE_CONFIG if fmt in _NATIVE_LAYOUT else "config.json"), use_diff=False)
+        if remote is not None:
+            remote.to_json_file(tmp / "config.json", use_diff=False)
+            for name in remote_code.FILES:
+                shutil.copyfile(Path(remote_code.__file__).parent / name, tmp / name)
         _write_shards(source, tmp, fmt)
         meta = {
             "format": fmt,
@@ -428,10 +494,13 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
 def export(
     model: nn.Module, out_dir, format: str = DEFAULT_FORMAT, *, allow_approximate: bool = False, tokenizer=None
 ) -> Path:
-    """Write a flexmoe MoE as a ``transformers`` FlexOlmo or Mixtral checkpoint, or natively.
+    """Write a flexmoe MoE as a ``transformers`` FlexOlmo or Mixtral checkpoint, natively, or with
+    its own modeling code.
 
     ``format``: ``"flexolmo"`` (OLMo-2 bases), ``"mixtral"`` (Llama, Mistral), ``"native"``
-    (any base; reopen with :func:`flexmoe.load`) or ``"auto"`` (the exact ``transformers`` format if
+    (any base; reopen with :func:`flexmoe.load`), ``"remote"`` (the native layout plus
+    ``config.json`` and modeling code: ``AutoModelForCausalLM.from_pretrained(out_dir,
+    trust_remote_code=True)`` opens it, posterior routers included) or ``"auto"`` (the exact ``transformers`` format if
     there is one, else native). An export that would change the model's outputs (router
     biases, Mixtral's renormalisation) raises ``ValueError`` unless ``allow_approximate``.
     Returns ``out_dir``, which must not exist yet (or be empty). ``tokenizer``: a tokenizer to

@@ -1,4 +1,4 @@
-"""Open a merged model from disk as a flexmoe MoE: native exports, FlexOlmo and Mixtral checkpoints.
+"""Open a merged model from disk as a flexmoe MoE: native and remote exports, FlexOlmo and Mixtral checkpoints.
 
 A FlexOlmo or Mixtral checkpoint (flexmoe's own export or an official one) is rebuilt as the
 flexmoe MoE that computes the same logits, so an official FlexOlmo model can take ``opt_out``
@@ -39,11 +39,12 @@ from flexmoe.formats.export import (
 
 
 def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Open a native flexmoe export, a FlexOlmo or Mixtral checkpoint (as a flexmoe MoE that
+    """Open a native or remote flexmoe export, a FlexOlmo or Mixtral checkpoint (as a flexmoe MoE that
     supports ``opt_out``/``add_expert``), or a dense ``transformers`` model (returned as is)."""
     path = Path(path)
     meta = json.loads((path / FLEXMOE_CONFIG).read_text()) if (path / FLEXMOE_CONFIG).is_file() else None
-    if meta is not None and meta.get("format") == "native":
+    if meta is not None and meta.get("format") in ("native", "remote"):
+        # A remote export is the native layout plus config.json and modeling code; flexmoe reads the layout.
         return _load_native(path, meta, dtype)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds neither a flexmoe export ({FLEXMOE_CONFIG}) nor a config.json")
@@ -57,7 +58,8 @@ def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
 def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     if meta.get("format_version") != NATIVE_VERSION:
         raise ValueError(
-            f"{path}: native format version {meta.get('format_version')!r}, this flexmoe reads version {NATIVE_VERSION}"
+            f"{path}: {meta['format']} format version {meta.get('format_version')!r}, "
+            f"this flexmoe reads version {NATIVE_VERSION}"
         )
     config = AutoConfig.from_pretrained(path / BASE_CONFIG)
     dtype = dtype or getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
@@ -176,12 +178,12 @@ def load_public_model(public_model: str | Path | nn.Module, dtype: torch.dtype |
 
 
 def detect_format(model_dir: str | os.PathLike) -> str:
-    """The format a merged model directory is in: ``native``, ``flexolmo`` or ``mixtral``."""
+    """The format a merged model directory is in: ``native``, ``remote``, ``flexolmo`` or ``mixtral``."""
     d = Path(model_dir)
     meta = d / "flexmoe_config.json"  # every flexmoe export writes it, whatever the format
     if meta.is_file():
         fmt = json.loads(meta.read_text()).get("format")
-        if fmt in ("native", "flexolmo", "mixtral"):
+        if fmt in ("native", "remote", "flexolmo", "mixtral"):
             return fmt
     config = d / "config.json"
     if not config.is_file():
