@@ -2,12 +2,14 @@
 the same experts into the same model, and a merge reproduces what each owner trained.
 
 Two owners train a tiny expert each for a few real Lightning steps under a spec whose public
-router row ``r_pub`` is not zero, and ship it with the routing statistics the spec's recipe asks
-for, as ``flexmoe train-expert`` does.
+router row ``r_pub`` is not zero and whose routing recipe is the default (the posterior router),
+and ship it with the statistics that recipe asks for (token counts, and the token router's MLP-input
+statistics for the transformers exports), as ``flexmoe train-expert`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -15,10 +17,12 @@ import shutil
 import lightning.pytorch as pl
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import flexmoe
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.artifacts.unigram import write_public_statistics
 from flexmoe.assembly import (
     MissingRoutingStatistics,
     assemble,
@@ -29,9 +33,11 @@ from flexmoe.assembly import (
 from flexmoe.cli import commands as cli_commands
 from flexmoe.cli import main
 from flexmoe.core.errors import InputError
-from flexmoe.core.surgery import moe_blocks
+from flexmoe.core.posterior import PosteriorRouter
+from flexmoe.core.surgery import moe_blocks, settings
 from flexmoe.data.datamodule import TextDataModule
 from flexmoe.data.documents import read_documents
+from flexmoe.data.statistics import packed_unigram_counts
 from flexmoe.federation.coordinator import Coordinator
 from flexmoe.federation.settings import CoordinatorSettings
 from flexmoe.formats.export import DEFAULT_FORMAT, export
@@ -110,7 +116,9 @@ def without(path, tmp_path, *parts: str):
     """A copy of the artifact at ``path`` without the tensors whose names end with ``parts``."""
     art = ExpertArtifact.load(path)
     tensors = {k: v for k, v in art.tensors.items() if not k.endswith(parts)}
-    metadata = {k: v for k, v in art.metadata.items() if not (k == "stats_tokens" and "stats.mean" in parts)}
+    dropped = {"stats_tokens"} if "stats.mean" in parts else set()
+    dropped |= {"unigram_tokens"} if "stats.unigram" in parts else set()
+    metadata = {k: v for k, v in art.metadata.items() if k not in dropped}
     return ExpertArtifact(art.owner, tensors, metadata).save(tmp_path / path.name)
 
 
@@ -172,11 +180,34 @@ def test_experts_trained_against_different_public_rows_are_refused(world, public
 # -- one pipeline: the CLI, the coordinator and the API give the same model ---------------------
 
 
+def coordinator_for(world, tmp_path, owners, paths, **settings) -> Coordinator:
+    """A coordinator whose accepted artifacts are already in place, as after a restart (no Flower
+    grid: router tuning is off)."""
+    settings = CoordinatorSettings(
+        spec=str(world["spec_path"]),
+        expected_owners=owners,
+        out_dir=str(tmp_path / "coordinator"),
+        public_data=str(world["public_data"]),
+        router_tuning=False,
+        resume=True,
+        **settings,
+    )
+    (tmp_path / "coordinator" / "artifacts").mkdir(parents=True)
+    for owner, path in zip(owners, paths, strict=True):
+        shutil.copy(path, tmp_path / "coordinator" / "artifacts" / f"{owner}.safetensors")
+    coordinator = Coordinator(None, settings)
+    coordinator.start()
+    coordinator.prepare()
+    return coordinator
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["auto", "native"])
+@pytest.mark.parametrize("fmt", ["auto", "flexolmo"])
 def test_cli_coordinator_and_api_merge_the_same_model(world, public_dir, tmp_path, capsys, fmt):
-    """The spec's recipe (LDA from the owners' statistics and the public text, folded for the
-    FlexOlmo export under ``auto``, kept biased under ``native``), run three ways."""
+    """The spec's recipe, the posterior router (public counts from the public text, packed at the
+    spec's row length), run three ways: bit-identical models. ``auto`` writes it natively; a
+    FlexOlmo export asked for by name carries the recipe's token router (LDA from the owners'
+    statistics, folded), labelled as such in the summary, the export and the CLI's output."""
     owners, paths = list(OWNERS), [world["paths"][o] for o in OWNERS]
     api = merge_experts(
         public_dir,
@@ -186,37 +217,67 @@ def test_cli_coordinator_and_api_merge_the_same_model(world, public_dir, tmp_pat
         format=fmt,
         out=tmp_path / "api",
     )
-    assert api.routing["method"] == "lda" and api.routing["folded"] == (fmt == "auto")
-    assert api.routing["seq_len"] == world["spec"].expert.seq_len
+    posterior = fmt == "auto"
+    assert api.routing["recipe"] == "posterior" and api.routing["seq_len"] == world["spec"].expert.seq_len
+    if posterior:
+        assert api.routing["method"] == api.routing["router"] == "posterior" and api.format == "native"
+        assert api.routing["public_statistics"] == "public_documents"
+        assert all(isinstance(b.router, PosteriorRouter) for b in moe_blocks(api.model))
+    else:
+        assert api.routing["method"] == "lda" and api.routing["folded"] and api.routing["router"] == "token (lda)"
+    exported = json.loads((tmp_path / "api" / "flexmoe_config.json").read_text())
+    assert exported["routing"]["router"] == api.routing["router"]
 
     argv = ["assemble", "--public", public_dir, "--experts", *paths, "--out", tmp_path / "cli"]
     argv += ["--spec", world["spec_path"], "--public-data", world["public_data"], "--format", fmt]
     main([str(a) for a in argv])
-    assert "routing: lda" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"routing: {api.routing['router']}" in printed
+    assert ("carries the recipe's token router" in printed) == (not posterior)
 
-    settings = CoordinatorSettings(
-        spec=str(world["spec_path"]),
-        expected_owners=owners,
-        out_dir=str(tmp_path / "coordinator"),
-        public_data=str(world["public_data"]),
-        router_tuning=False,
-        resume=True,  # the accepted artifacts are already in place, as after a restart
-        export_format=fmt,
-    )
-    (tmp_path / "coordinator" / "artifacts").mkdir(parents=True)
-    for owner, path in zip(owners, paths, strict=True):
-        shutil.copy(path, tmp_path / "coordinator" / "artifacts" / f"{owner}.safetensors")
-    coordinator = Coordinator(None, settings)  # no Flower grid: router tuning is off
-    coordinator.start()
-    coordinator.prepare()
+    coordinator = coordinator_for(world, tmp_path, owners, paths, export_format=fmt)
     coordinated = coordinator.merge(owners)
-    assert coordinator.summary["routing_recipe"]["method"] == "lda"
-    assert coordinator.summary["export"]["format"] == ("flexolmo" if fmt == "auto" else "native")
+    recipe = coordinator.summary["routing_recipe"]
+    assert recipe["method"] == ("posterior" if posterior else "lda") and recipe["recipe"] == "posterior"
+    if posterior:
+        assert {k: recipe[k] for k in ("temperature", "smoothing", "reset_at_eos")} == {
+            "temperature": 0.3,
+            "smoothing": 0.1,
+            "reset_at_eos": False,
+        }
+    assert coordinator.summary["export"]["format"] == ("native" if posterior else "flexolmo")
 
     reference = state(api.model)
     assert_same_state(state(coordinated), reference, "the coordinator's model")
     for name in ("api", "cli", "coordinator/model"):
         assert_same_state(state(flexmoe.load(tmp_path / name)), reference, f"the {name} export")
+
+
+@pytest.mark.slow
+def test_the_specs_public_statistics_give_the_model_the_public_text_gives(world, public_dir, tmp_path, ids):
+    """``flexmoe spec --public-data`` writes the public counts next to the spec; a merge given that
+    spec (by path) needs no public text and builds the model the public text builds, and routes
+    like the owner's own model where the posterior is certain."""
+    docs = read_documents(str(world["public_data"]))
+    spec_path = tmp_path / "spec.json"
+    tokenizer = AutoTokenizer.from_pretrained(public_dir)
+    vocab = load_public_model(public_dir).config.vocab_size
+    counts = packed_unigram_counts(docs, tokenizer, world["spec"].expert.seq_len, vocab)
+    spec = dataclasses.replace(world["spec"], public_statistics=write_public_statistics(spec_path, counts))
+    spec.save(spec_path)
+    paths = [world["paths"][o] for o in OWNERS]
+    sha = world["spec"].sha256  # the owners trained under the spec without the public-statistics record
+    from_file = merge_experts(public_dir, paths, spec=spec_path, spec_sha256=sha)
+    from_text = merge_experts(public_dir, paths, spec=world["spec"], public_documents=docs)
+    assert from_file.routing["public_statistics"] == "spec" and from_file.format == "native"
+    assert_same_state(state(from_file.model), state(from_text.model), "the model from the spec's counts")
+    block = moe_blocks(from_file.model)[0]
+    assert torch.equal(block.router.unigram[0], counts)
+    assert torch.equal(block.router.unigram[1], ExpertArtifact.load(paths[0]).unigram)
+    # An object without its path cannot find the file: what to pass is said, nothing else is routed.
+    with pytest.raises(InputError, match="spec_path"):
+        merge_experts(public_dir, paths, spec=spec, spec_sha256=sha)
+    merge_experts(public_dir, paths, spec=spec, spec_path=spec_path, spec_sha256=sha)
 
 
 # -- the rules every caller shares -------------------------------------------------------------
@@ -229,12 +290,54 @@ def test_missing_statistics_are_an_error_naming_every_owner_and_the_coordinator_
     bare = [without(world["paths"][o], tmp_path, "stats.mean", "stats.covariance") for o in OWNERS]
     docs = read_documents(str(world["public_data"]))
     with pytest.raises(MissingRoutingStatistics, match="published") as e:
-        merge_experts(public_dir, bare, spec=world["spec"], public_documents=docs)
+        merge_experts(public_dir, bare, spec=world["spec"], routing="lda", public_documents=docs)
     assert e.value.owners == list(OWNERS)
+
+    argv = ["assemble", "--public", public_dir, "--experts", *bare, "--out", tmp_path / "out", "--routing", "lda"]
+    with pytest.raises(SystemExit):
+        main([str(a) for a in [*argv, "--spec", world["spec_path"], "--public-data", world["public_data"]]])
+    err = capsys.readouterr().err
+    assert err.startswith("flexmoe: error: ") and "'gpl'" in err and "'apache'" in err and "Traceback" not in err
+
+    coordinator = Coordinator(
+        None,
+        CoordinatorSettings(
+            spec=str(world["spec_path"]),
+            expected_owners=["gpl"],
+            out_dir=str(tmp_path / "coordinator"),
+            public_data=str(world["public_data"]),
+            router_tuning=False,
+            export_format="flexolmo",  # the posterior spec's FlexOlmo export: its token router (lda)
+        ),
+    )
+    coordinator.start()
+    coordinator.prepare()
+    with pytest.raises(ArtifactError, match="'gpl'") as e:
+        coordinator.check_artifact(bare[0], "gpl")
+    assert e.value.field == "routing statistics" and "published" in str(e.value)
+    coordinator.check_artifact(world["paths"]["gpl"], "gpl")  # the owner's genuine artifact passes
+
+    no_public_text = CoordinatorSettings(
+        spec=str(world["spec_path"]), expected_owners=["gpl"], out_dir=str(tmp_path / "c2"), router_tuning=False
+    )
+    with pytest.raises(InputError, match="public-data"):
+        Coordinator(None, no_public_text).start()
+
+
+@pytest.mark.slow
+def test_the_posterior_recipe_refuses_artifacts_without_token_counts_everywhere(world, public_dir, tmp_path, capsys):
+    """An artifact without ``stats.unigram`` under the posterior recipe: the API names every such
+    owner, the CLI says it in one line, the coordinator refuses it at acceptance with the reason;
+    and without any public counts the merge says what to pass instead of routing another way."""
+    bare = [without(world["paths"][o], tmp_path, "stats.unigram") for o in OWNERS]
+    docs = read_documents(str(world["public_data"]))
+    with pytest.raises(MissingRoutingStatistics, match="stats.unigram") as e:
+        merge_experts(public_dir, bare, spec=world["spec"], public_documents=docs)
+    assert e.value.owners == list(OWNERS) and "'lda'" in str(e.value)
 
     argv = ["assemble", "--public", public_dir, "--experts", *bare, "--out", tmp_path / "out"]
     with pytest.raises(SystemExit):
-        main([str(a) for a in [*argv, "--spec", world["spec_path"], "--public-data", world["public_data"]]])
+        main([str(a) for a in [*argv, "--public-data", world["public_data"], "--routing", "posterior"]])
     err = capsys.readouterr().err
     assert err.startswith("flexmoe: error: ") and "'gpl'" in err and "'apache'" in err and "Traceback" not in err
 
@@ -252,14 +355,59 @@ def test_missing_statistics_are_an_error_naming_every_owner_and_the_coordinator_
     coordinator.prepare()
     with pytest.raises(ArtifactError, match="'gpl'") as e:
         coordinator.check_artifact(bare[0], "gpl")
-    assert e.value.field == "routing statistics" and "published" in str(e.value)
-    coordinator.check_artifact(world["paths"]["gpl"], "gpl")  # the owner's genuine artifact passes
+    assert e.value.field == "routing statistics" and "stats.unigram" in str(e.value)
+    coordinator.check_artifact(world["paths"]["gpl"], "gpl")
 
-    no_public_text = CoordinatorSettings(
+    paths = [world["paths"][o] for o in OWNERS]
+    with pytest.raises(InputError, match="--public-data"):
+        merge_experts(public_dir, paths, spec=world["spec"])  # the spec carries no public statistics
+    with pytest.raises(InputError, match="--public-data"):
+        merge_experts(public_dir, paths, routing="posterior")
+    no_public = CoordinatorSettings(
         spec=str(world["spec_path"]), expected_owners=["gpl"], out_dir=str(tmp_path / "c2"), router_tuning=False
     )
     with pytest.raises(InputError, match="public-data"):
-        Coordinator(None, no_public_text).start()
+        Coordinator(None, no_public).start()
+    # The CLI without public data or a spec: the published merge, as before (nothing to route by).
+    main([str(a) for a in ["assemble", "--public", public_dir, "--experts", *paths, "--out", tmp_path / "pub"]])
+    assert "routing: published" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_add_expert_opt_out_and_eval_work_on_a_posterior_model(world, public_dir, tmp_path, capsys, ids):
+    """The CLI's opt-out and add-expert on a native posterior model: taking an owner out and
+    putting it back gives the model back bit for bit; an owner without token counts is refused;
+    eval scores the model and its routing."""
+    paths = [world["paths"][o] for o in OWNERS]
+    merged = tmp_path / "merged"
+    argv = ["assemble", "--public", public_dir, "--experts", *paths, "--out", merged]
+    main([str(a) for a in [*argv, "--public-data", world["public_data"], "--spec", world["spec_path"]]])
+    main([str(a) for a in ["opt-out", "--model", merged, "--owner", "apache", "--out", tmp_path / "without"]])
+    without_apache = flexmoe.load(tmp_path / "without")
+    assert settings(without_apache).owners == ["public", "gpl"]
+    assert all(isinstance(b.router, PosteriorRouter) for b in moe_blocks(without_apache))
+    main(
+        [
+            str(a)
+            for a in ["add-expert", "--model", tmp_path / "without", "--expert", paths[1], "--out", tmp_path / "back"]
+        ]
+    )
+    assert_same_state(state(flexmoe.load(tmp_path / "back")), state(flexmoe.load(merged)), "opt-out then add-expert")
+    capsys.readouterr()
+
+    bare = without(paths[1], tmp_path, "stats.unigram")
+    with pytest.raises(SystemExit):
+        main(
+            [str(a) for a in ["add-expert", "--model", tmp_path / "without", "--expert", bare, "--out", tmp_path / "x"]]
+        )
+    err = capsys.readouterr().err
+    assert err.startswith("flexmoe: error: ") and "apache" in err and "unigram" in err
+
+    out = tmp_path / "eval.json"
+    data = ["--data", f"gpl={OWNERS['gpl']}", "--data", f"apache={OWNERS['apache']}"]
+    main([str(a) for a in ["eval", "--model", merged, *data, "--json", out, "--seq-len", 32, "--max-tokens", 320]])
+    result = json.loads(out.read_text())["models"][str(merged)]
+    assert set(result["per_domain"]) == {"gpl", "apache"} and "routing" in result
 
 
 def test_public_rows_are_packed_at_the_specs_length_else_one_default():
