@@ -97,6 +97,9 @@ for case, directory in json.loads(sys.argv[1]).items():
         "tokens": out.tolist(),
         "scanned": None if state is None else state.scanned,
     }
+    half = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.bfloat16)
+    report[case]["bf16_router"] = {k: str(v.dtype) for k, v in half.model.layers[0].mlp.router.state_dict().items()}
+    report[case]["bf16_expert"] = str(half.model.layers[0].mlp.experts[0].up_proj.weight.dtype)
 report["flexmoe_imported"] = any(m == "flexmoe" or m.startswith("flexmoe.") for m in sys.modules)
 print(json.dumps(report))
 """
@@ -167,6 +170,16 @@ def test_from_pretrained_with_remote_code_gives_flexmoes_logits_and_greedy_token
     if CASES[case][1].startswith("posterior"):
         # one prefill of the prompt, then one position per new token: the cache carries the sums
         assert got["scanned"] == PROMPT + NEW - 1
+
+
+def test_loaded_in_bf16_the_routers_and_the_posteriors_statistics_stay_float32(exported):
+    _, report = exported
+    got = report["llama-posterior-reset"]
+    assert got["bf16_expert"] == "torch.bfloat16"
+    assert got["bf16_router"] == {
+        **dict.fromkeys(("weight", "bias", "unigram", "log_prior", "temperature", "smoothing"), "torch.float32"),
+        "reset_tokens": "torch.int64",
+    }
 
 
 def test_flexmoe_load_reopens_a_remote_export_that_takes_opt_outs(exported):

@@ -87,7 +87,7 @@ class Posterior:
         else:
             carry = self.sums
         sums = torch.cat([carry[:, None], ll], 1).cumsum(1)[:, 1:]
-        reset = self.source.reset_tokens.to(ids.device)
+        reset = self.source.reset_tokens.to(ids.device, torch.long)  # token ids, whatever dtype loading gave it
         if reset.numel():  # subtract the sums up to the last document end before each position
             ends = torch.isin(ids, reset)
             last = torch.where(ends, torch.arange(S, device=ids.device), -1).cummax(1).values
@@ -198,6 +198,11 @@ class FlexMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # Routers compute in float32 and the posterior's counts and temperature must not round to bf16
+    # (flexmoe keeps them in float32 whatever the model's dtype); reset_tokens stay token ids.
+    _keep_in_fp32_modules_strict = [
+        f"router.{name}" for name in ("weight", "bias", "unigram", "log_prior", "temperature", "smoothing")
+    ]
 
 
 class FlexMoEForCausalLM(FlexMoEPreTrainedModel, GenerationMixin):
