@@ -304,6 +304,43 @@ def test_spec_command_sets_the_routing_recipe(capsys, public_dir, tmp_path):
     assert code != 0 and "covariance" in err and "Traceback" not in err
 
 
+def test_spec_command_writes_the_posterior_recipe_by_default(capsys, public_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    argv = ["spec", "--public", public_dir, "--out", out, "--embedder", "null"]
+    code, stdout, err = run_main(capsys, *argv)
+    assert code == 0, err
+    routing = flexmoe.FederationSpec.load(out).routing
+    assert routing.method == "posterior" and (routing.temperature, routing.smoothing) == (0.3, 0.1)
+    assert "--public-data" in stdout  # no public counts written: the merge will need the public text
+    code, _, err = run_main(capsys, *argv, "--routing.temperature", "0.5", "--routing.reset_at_eos", "true")
+    assert code == 0, err
+    routing = flexmoe.FederationSpec.load(out).routing
+    assert routing.method == "posterior" and routing.temperature == 0.5 and routing.reset_at_eos is True
+    code, _, err = run_main(capsys, *argv, "--routing.temperature", "0")
+    assert code != 0 and "temperature" in err and "Traceback" not in err
+
+
+def test_assemble_without_public_counts_says_what_to_pass(capsys, public_dir, artifacts, tmp_path):
+    """``--routing posterior`` with neither public data nor a spec carrying public statistics is an
+    error saying what to pass, not another routing."""
+    argv = ["assemble", "--public", public_dir, "--experts", *artifacts, "--out", tmp_path / "out"]
+    code, _, err = run_main(capsys, *argv, "--routing", "posterior")
+    # These owners' files carry no token counts either: that is said first, naming them.
+    assert code == 1 and "alice" in err and "bob" in err and "stats.unigram" in err and "Traceback" not in err
+    counted = []
+    for path in artifacts:
+        art = flexmoe.ExpertArtifact.load(path)
+        vocab = load_public(public_dir).config.vocab_size
+        unigram = torch.ones(vocab)
+        tensors = {**art.tensors, "stats.unigram": unigram}
+        metadata = {**art.metadata, "unigram_tokens": str(vocab)}
+        counted.append(flexmoe.ExpertArtifact(art.owner, tensors, metadata).save(tmp_path / path.name))
+    argv = ["assemble", "--public", public_dir, "--experts", *counted, "--out", tmp_path / "out"]
+    code, _, err = run_main(capsys, *argv, "--routing", "posterior")
+    assert code == 1 and "--public-data" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
     """Only bad input (InputError, OSError) is one line; anything else is a bug in flexmoe."""
     from flexmoe.cli import commands
