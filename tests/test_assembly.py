@@ -188,9 +188,8 @@ def coordinator_for(world, tmp_path, owners, paths, **settings) -> Coordinator:
         expected_owners=owners,
         out_dir=str(tmp_path / "coordinator"),
         public_data=str(world["public_data"]),
-        router_tuning=False,
         resume=True,
-        **settings,
+        **{"router_tuning": False, **settings},
     )
     (tmp_path / "coordinator" / "artifacts").mkdir(parents=True)
     for owner, path in zip(owners, paths, strict=True):
@@ -251,6 +250,21 @@ def test_cli_coordinator_and_api_merge_the_same_model(world, public_dir, tmp_pat
     assert_same_state(state(coordinated), reference, "the coordinator's model")
     for name in ("api", "cli", "coordinator/model"):
         assert_same_state(state(flexmoe.load(tmp_path / name)), reference, f"the {name} export")
+
+
+@pytest.mark.slow
+def test_the_coordinator_skips_router_tuning_for_the_posterior_recipe_and_says_so(world, public_dir, tmp_path):
+    """Router tuning tunes token routers: asked for under the posterior recipe, the coordinator
+    merges with the posterior, does not tune, and its report says so and records the recipe."""
+    owners, paths = list(OWNERS), [world["paths"][o] for o in OWNERS]
+    coordinator = coordinator_for(world, tmp_path, owners, paths, router_tuning=True)
+    coordinator.merge(owners)
+    note = "router tuning tunes token routers; the posterior recipe was not tuned"
+    assert coordinator.summary["router_tuning"] == {"skipped": note}
+    report = coordinator.finish("merged")
+    assert report["routing_recipe"]["method"] == "posterior" and note in report["notes"]
+    md = (tmp_path / "coordinator" / "report.md").read_text()
+    assert "posterior router (temperature 0.3, smoothing 0.1" in md and note in md
 
 
 @pytest.mark.slow
