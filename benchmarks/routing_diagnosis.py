@@ -1,7 +1,9 @@
 """Why the merged model's token router falls short of BTM on a demo run, measured.
 
 Starts from a finished ``flexmoe demo`` run (``--demo DIR``: its public model, the accepted
-experts, the coordinator's exported ``flexolmo`` model and the corpus) and prints four tables:
+experts, the coordinator's exported model, the ``flexolmo_token`` row, and the corpus) and prints
+four tables, which call that token-routed model ``flexolmo`` (the demo's ``flexolmo`` row routes by
+the prefix's domain posterior instead, the answer to what these tables find):
 
 1. **Where the loss is.** Per held-out domain: ``flexolmo``; ``flexolmo`` restricted to the right
    pair (every other owner removed with :func:`flexmoe.core.surgery.opt_out`, so each token mixes the
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     run = D.DemoRun.open(args.demo)
     cfg, rows, names = run.cfg, run.rows, [D.PUBLIC, *D.OWNERS]
     bs = cfg.eval_batch_size
-    flexolmo = run.flexolmo()
+    flexolmo = run.flexolmo_token()  # the token router: what this diagnosis is about
     results: dict = {"demo": str(run.root), "domains": {}, "probe": {}}
 
     print("\n## 1-3. Where flexolmo loses, by domain (held-out perplexity; router decisions per layer)\n")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     for d in names:
         own = run.models.public() if d == D.PUBLIC else run.models.merged([d], 2)
         right = [0] if d == D.PUBLIC else [expert_index(flexolmo, d), 0]
-        pair = run.flexolmo()
+        pair = run.flexolmo_token()
         for o in D.OWNERS:
             if o != d:
                 opt_out(pair, o)

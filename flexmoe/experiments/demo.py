@@ -7,22 +7,26 @@
 2. **Public model.** :func:`flexmoe.training.pretrain.pretrain`: a small OLMo-2 with a byte-level BPE
    tokenizer, trained from scratch on the public text (``DIR/public``).
 3. **Spec.** A :class:`~flexmoe.FederationSpec` with ``embedder=None`` (router rows from the
-   public model's own mean MLP inputs: the fallback that needs no sentence embedder) and the
-   default routing recipe (``RoutingRecipe()``: LDA from owner statistics).
+   public model's own mean MLP inputs: the fallback that needs no sentence embedder), the token
+   router's recipe (``RoutingRecipe(method="lda")``, so the owners ship the MLP-input statistics
+   it needs) and the public domain's token counts next to it.
 4. **Federation.** flexmoe's Flower ``ClientApp`` (one virtual SuperNode per owner) and
    ``ServerApp`` (the coordinator) on Flower's simulation engine: each owner trains its expert on
    its own text and ships it with its routing statistics and proxy selection; the coordinator
-   validates and keeps every expert, merges them with the spec's routing recipe
+   validates and keeps every expert, merges them with the spec's token routing recipe
    (:func:`flexmoe.routing.route`, biases folded so the model exports exactly), tunes the routers
-   over further Flower rounds on each owner's own text (only router rows leave an owner; FlexOlmo's
-   proxy-set tuning is a diagnostic), and exports a ``transformers`` FlexOlmo checkpoint
-   (``DIR/federation/coordinator``; copied to ``DIR/model``).
+   over further Flower rounds on each owner's own text (only router rows leave an owner), and
+   exports a ``transformers`` FlexOlmo checkpoint (``DIR/federation/coordinator``; copied to
+   ``DIR/model``): the ``flexolmo_token`` row.
 5. **Methods**, each scored with :func:`flexmoe.evaluate.perplexity` on every domain's held-out
-   documents: ``public``, ``expert:<owner>``, ``soup``, ``weighted_soup``, ``btm``, ``btx``,
-   ``flexolmo_no_rt``, ``flexolmo``, ``unrestricted`` and the ``oracle`` reference.
+   documents: ``public``, ``expert:<owner>``, ``soup``, ``weighted_soup``, ``btm``,
+   ``btm_top3_ema``, ``btx``, ``flexolmo_no_rt``, ``flexolmo_token``, ``flexolmo_published``,
+   ``flexolmo`` (the library's default recipe, the posterior router, built from the accepted
+   artifacts by the coordinator's assembly pipeline), ``unrestricted`` and the ``oracle``
+   reference.
 6. **Outputs** in ``DIR``: ``report.json``, ``report.md``, ``perplexity.png``, ``routing.png``,
-   ``routing.json`` and ``model/`` (the ``flexolmo`` model as a ``transformers`` FlexOlmo
-   checkpoint). docs/demo.md explains the report.
+   ``routing.json`` and ``model/`` (the ``flexolmo_token`` model as a ``transformers`` FlexOlmo
+   checkpoint: those checkpoints hold a token router only). docs/demo.md explains the report.
 
 Sizes come from :class:`DemoConfig` (``--settings.*`` or a YAML ``--config``); ``--fast`` is the
 small preset CI runs.
@@ -95,7 +99,9 @@ class DemoConfig:
         unrestricted_steps: the jointly trained MoE (default: as many sequences as all the
             owners' experts together).
         joint_batch_size, joint_lr: batch and learning rate of those two joint trainings.
-        btm_top_k: domains kept per position by the BTM ensemble (BTM paper: 3).
+        btm_top_k: domains kept per position by the BTM ensembles (BTM paper: 3).
+        btm_prior_rows: held-out rows per domain that fit ``btm_top3_ema``'s cached prior (rows of
+            the domain's validation documents that are not scored; BTM section 4.1).
         weighted_soup_prefix: tokens of each row that choose the weighted soup.
         eval_tokens: held-out tokens per domain (whole rows spread over the domain's documents).
         eval_batch_size: rows per forward pass in evaluation.
@@ -121,6 +127,7 @@ class DemoConfig:
     joint_batch_size: int = 16
     joint_lr: float = 1e-3
     btm_top_k: int = 3
+    btm_prior_rows: int = 16
     weighted_soup_prefix: int = 16
     eval_tokens: int = 8192
     eval_batch_size: int = 8
@@ -304,8 +311,10 @@ def pretrain_public(cfg: DemoConfig, data_dir: Path, out: Path) -> dict:
 
 def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: Path):
     """The coordinator's spec: no sentence embedder (r_pub from the public model's own MLP inputs),
-    the default routing recipe, the demo's sizes for expert training and router tuning, and the
-    public domain's token counts in a file next to it (as ``flexmoe spec --public-data`` writes)."""
+    the token router's recipe (LDA: the federation builds and tunes ``flexolmo_token``, and the
+    owners ship the MLP-input statistics it needs besides their token counts), the demo's sizes
+    for expert training and router tuning, and the public domain's token counts in a file next to
+    it (as ``flexmoe spec --public-data`` writes), which the posterior router of ``flexolmo`` reads."""
     from transformers import AutoTokenizer  # deferred: transformers; keeps `flexmoe --help` fast
 
     from flexmoe.formats.load import load_public_model  # deferred: transformers; keeps `flexmoe --help` fast
@@ -333,7 +342,7 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
             seq_len=cfg.seq_len,
             warmup_steps=max(1, cfg.router_tuning_steps // 10),
         ),
-        routing=RoutingRecipe(),
+        routing=RoutingRecipe(method="lda"),
         public_statistics=write_public_statistics(path, counts),
     )
     spec.save(path)
@@ -662,13 +671,20 @@ def routed_without_tuning(
     return merged.model, merged.routing
 
 
-def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_docs: list[str], tokenizer):
-    """``flexolmo_no_rt`` tuned as FlexOlmo publishes it: by the coordinator alone, on the owners'
+def tune_on_proxies(
+    cfg: DemoConfig, models: Models, spec, fed: dict, public_docs: list[str], tokenizer, merge: str = "lda"
+):
+    """A merge tuned as FlexOlmo publishes router tuning: by the coordinator alone, on the owners'
     proxy sets (public documents that resemble their text) and the public data; the same steps
-    as one participant of the federated tuning."""
+    as one participant of the federated tuning. ``merge="published"``: FlexOlmo's merge as
+    published (the owners' trained rows beside the spec's ``r_pub``), the ``flexolmo_published``
+    row; ``"lda"``: ``flexolmo_no_rt``'s token router, the ``proxy_router_tuning`` diagnostic."""
     from flexmoe.training.router_tuning import tune_router  # deferred: Lightning; keeps `flexmoe --help` fast
 
-    model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
+    if merge == "published":
+        model = models.merged(OWNERS, cfg.top_k)
+    else:
+        model, _ = routed_without_tuning(cfg, models, spec, public_docs, tokenizer)
     proxies = {
         o: ProxySelection.from_dict(fed["owners"][o]["proxy"]).texts(public_docs)
         for o in OWNERS
@@ -685,6 +701,69 @@ def tune_on_proxies(cfg: DemoConfig, models: Models, spec, fed: dict, public_doc
         trainer_kwargs={"enable_progress_bar": _progress_bar()},
     )
     return model.eval()
+
+
+def routed_by_posterior(models: Models, spec, spec_path: Path, public_docs: list[str], tokenizer) -> tuple:
+    """``flexolmo``: the library's default routing recipe (``RoutingRecipe()``, the posterior
+    router) applied to the accepted artifacts by the coordinator's assembly pipeline
+    (:func:`flexmoe.assembly.merge_experts`), with the public domain's token counts from the
+    spec's statistics file and the owners' from their artifacts. Native format: a FlexOlmo
+    checkpoint would carry the recipe's token router instead. Returns ``(model, routing summary)``."""
+    from flexmoe.assembly import merge_experts  # deferred: transformers; keeps `flexmoe --help` fast
+
+    recipe = RoutingRecipe()
+    arts = [models.artifacts[o] for o in OWNERS]
+    merged = merge_experts(
+        models.public(),
+        arts,
+        spec=spec_path,
+        routing=recipe,
+        public_documents=public_docs,
+        tokenizer=tokenizer,
+        format="native",
+    )
+    return merged.model.eval(), {**recipe.settings(), **merged.routing}
+
+
+def prior_rows(cfg: DemoConfig, corpus: dict, tokenizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every domain's rows for BTM's cached prior: up to ``btm_prior_rows`` rows of its
+    validation documents that :func:`eval_rows` does not score (the rows between the scored
+    ones, spread evenly); the public domain takes half from each public part. A domain whose
+    validation text is all scored falls back on rows of its training text, which its expert has
+    seen. Returns ``(rows, {domain: "validation" or "training"})`` (the report records the latter)."""
+
+    def unscored(docs, tokens, want):
+        packed = pack_domain(docs, tokenizer, cfg.seq_len)
+        index = torch.arange(packed.shape[0])[:, None].expand(-1, packed.shape[1])
+        scored = spread_rows(index, tokens)[:, 0]  # which rows eval_rows scores
+        keep = torch.ones(packed.shape[0], dtype=torch.bool)
+        keep[scored] = False
+        return spread_rows(packed[keep], want * cfg.seq_len) if keep.any() else packed[:0]
+
+    share = cfg.eval_tokens // len(PUBLIC_DOMAINS)
+    half = max(1, cfg.btm_prior_rows // len(PUBLIC_DOMAINS))
+    out = {PUBLIC: torch.cat([unscored(corpus["parts"][d].val, share, half) for d in PUBLIC_DOMAINS])}
+    out.update({o: unscored(corpus["domains"][o].val, cfg.eval_tokens, cfg.btm_prior_rows) for o in OWNERS})
+    source = dict.fromkeys(out, "validation")
+    for d, rows in out.items():
+        if rows.shape[0] == 0:
+            train = pack_domain(corpus["domains"][d].train, tokenizer, cfg.seq_len)
+            out[d], source[d] = spread_rows(train, cfg.btm_prior_rows * cfg.seq_len), "training"
+    return out, source
+
+
+def btm_with_cached_prior(cfg: DemoConfig, members: list, rows: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``btm_top3_ema``: BTM as its paper prefers (section 4.1): top-``btm_top_k`` domains per
+    position and the cached prior, an EMA (``ema_alpha`` 0.3) of the posteriors of held-out
+    sequences of the evaluation domain, so one ensemble per evaluated domain. Returns
+    ``({domain: ensemble}, {domain: fitted prior})``."""
+    from flexmoe.merge import BTMEnsemble  # deferred: transformers; keeps `flexmoe --help` fast
+
+    ensembles, priors = {}, {}
+    for d, held_out in rows.items():
+        ensembles[d] = BTMEnsemble(members, prior="ema", top_k=cfg.btm_top_k)
+        priors[d] = [round(float(p), 4) for p in ensembles[d].fit_prior(held_out, batch_size=cfg.eval_batch_size)]
+    return ensembles, priors
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -750,18 +829,20 @@ class Table:
             self.routing[name] = r["routing"]
         return self.diagnostics[name]
 
-    def oracle(self, models: dict) -> None:
+    def oracle(self, models: dict, name: str = "oracle", what: str = "each domain through its own model") -> None:
+        """Score ``{domain: model}``, each domain's rows through its own model: the oracle, or a
+        method whose model depends on the evaluated domain (``btm_top3_ema``'s cached prior)."""
         from flexmoe.evaluate import oracle_perplexity  # deferred: transformers; keeps `flexmoe --help` fast
 
         r = self.stages.run(
-            "eval:oracle",
-            "evaluating oracle (each domain through its own model)",
+            f"eval:{name}",
+            f"evaluating {name} ({what})",
             oracle_perplexity,
             models,
             self.rows,
             batch_size=self.cfg.eval_batch_size,
         )
-        self._keep("oracle", r)
+        self._keep(name, r)
 
     def _keep(self, name: str, r: dict) -> None:
         self.methods[name] = {
@@ -832,11 +913,17 @@ class DemoRun:
     def public_docs(self) -> list[str]:
         return list(self.corpus["domains"][PUBLIC].train)
 
-    def flexolmo(self):
-        """The ``flexolmo`` row: the coordinator's exported model, loaded by flexmoe."""
+    def flexolmo_token(self):
+        """The ``flexolmo_token`` row: the coordinator's exported model (the token router, tuned
+        by the federation), loaded by flexmoe."""
         from flexmoe.formats.load import load  # deferred: transformers; keeps `flexmoe --help` fast
 
         return load(self.root / "federation" / "coordinator" / "model").eval()
+
+    def flexolmo(self):
+        """The ``flexolmo`` row: the default recipe's posterior router over the accepted
+        artifacts, rebuilt by the assembly pipeline as the demo built it."""
+        return routed_by_posterior(self.models, self.spec, self.root / "spec.json", self.public_docs, self.tokenizer)[0]
 
 
 # -- 6: the report (flexmoe/experiments/report.py) ------------------------------------------------
@@ -885,11 +972,12 @@ def demo(
     """Run FlexOlmo's whole flow and every comparison method, and write the report (the main job).
 
     Trains a public model on local text, runs the owners and the coordinator as Flower apps on
-    the simulation engine, builds the merged model with the default routing recipe, tunes its
-    router, trains the baselines (soups, BTM, BTX, an unrestricted MoE) and scores every one of
-    them on each domain's held-out text. Writes ``OUT/report.json``, ``OUT/report.md``,
-    ``OUT/perplexity.png``, ``OUT/routing.png`` and ``OUT/model`` (loads with
-    ``transformers.AutoModelForCausalLM``). See docs/demo.md.
+    the simulation engine (which merge with the token router and tune it), builds the merged
+    model with the default routing recipe (the posterior router) from the accepted experts,
+    trains the baselines (soups, BTM, BTX, an unrestricted MoE) and scores every one of them on
+    each domain's held-out text. Writes ``OUT/report.json``, ``OUT/report.md``,
+    ``OUT/perplexity.png``, ``OUT/routing.png`` and ``OUT/model`` (the token-routed model, which
+    loads with ``transformers.AutoModelForCausalLM``). See docs/demo.md.
 
     Args:
         out: Output directory (new or empty, or an earlier demo's with ``--overwrite``).
@@ -973,6 +1061,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(public_dir)
     models = Models(public_dir, artifacts, cfg, spec)
     table = Table(eval_rows(cfg, corpus, tokenizer), cfg, stages)
+    held_out, held_out_source = prior_rows(cfg, corpus, tokenizer)
     table.score("public", models.public())
     singles = {o: models.merged([o], 2) for o in OWNERS}
     for o in OWNERS:
@@ -983,6 +1072,14 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     table.score("weighted_soup", CausalWeightedSoup(members, uniform, cfg.weighted_soup_prefix))
     del members, uniform
     table.score("btm", BTMEnsemble([models.public(), *singles.values()], top_k=cfg.btm_top_k))
+    ensembles, fitted = btm_with_cached_prior(cfg, [models.public(), *singles.values()], held_out)
+    btm_priors = {
+        "fitted_prior": fitted,
+        "prior_rows": {d: int(r.shape[0]) for d, r in held_out.items()},
+        "prior_rows_from": held_out_source,
+    }
+    table.oracle(ensembles, "btm_top3_ema", f"BTM, top-{cfg.btm_top_k} domains, cached EMA prior per domain")
+    del ensembles
     btx_model, btx_pooled = stages.run(
         "btx", "BTX (dense experts, mix, MoE fine-tuning)", train_btx, cfg, models, data_dir, stages
     )
@@ -1006,7 +1103,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     del native
     proxy_tuned = stages.run(
         "proxy_router_tuning",
-        "FlexOlmo's published router tuning, on the proxy sets (diagnostic)",
+        "FlexOlmo's published router tuning of the token router, on the proxy sets (diagnostic)",
         tune_on_proxies,
         cfg,
         models,
@@ -1017,9 +1114,37 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     )
     table.diagnose("proxy_router_tuning", proxy_tuned)
     del proxy_tuned
-    tuned = load(coordinator / "model").eval()  # the flexolmo row: the coordinator's export
-    table.score("flexolmo", tuned)
+    tuned = load(coordinator / "model").eval()  # the flexolmo_token row: the coordinator's export
+    table.score("flexolmo_token", tuned)
+    published = stages.run(
+        "published_router_tuning",
+        "FlexOlmo's merge and proxy router tuning as published (flexolmo_published)",
+        tune_on_proxies,
+        cfg,
+        models,
+        spec,
+        fed,
+        public_docs,
+        tokenizer,
+        merge="published",
+    )
+    table.score("flexolmo_published", published)
+    del published
+    posterior, posterior_summary = stages.run(
+        "posterior",
+        "merging with the default recipe, the posterior router (flexolmo)",
+        routed_by_posterior,
+        models,
+        spec,
+        root / "spec.json",
+        public_docs,
+        tokenizer,
+    )
+    table.score("flexolmo", posterior)
+    posterior_kind = sorted({b.router.kind for b in moe_blocks(posterior)})
+    del posterior
     flexolmo_summary = {
+        "posterior": {**posterior_summary, "router_kind": posterior_kind},
         "routing": routing_summary,
         "coordinator_routing": fed.get("routing_recipe"),
         "router_tuning": tuning,
@@ -1050,7 +1175,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     report = {
         "methods": table.methods,
         "settings": settings_record(
-            cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, table.rows
+            cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, table.rows, btm_priors
         )
         | {"machine": stages.machine()},
         "wall_times": stages.times,
@@ -1058,8 +1183,9 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (root / "routing.json").write_text(json.dumps(table.routing, indent=1) + "\n")
     plot_perplexity(table.methods, root / "perplexity.png")
+    shown = "flexolmo" if "flexolmo" in table.routing else "flexolmo_token"
     plot_routing(
-        table.routing["flexolmo"], root / "routing.png", "flexolmo: top-1 expert share per held-out domain, per layer"
+        table.routing[shown], root / "routing.png", f"{shown}: top-1 expert share per held-out domain, per layer"
     )
     write_markdown(root / "report.md", report, table.routing, owners=OWNERS, public_domains=PUBLIC_DOMAINS)
     stages.log(f"wrote {root / 'report.md'} (total {stages.times['total'] / 60:.1f} min)")
@@ -1069,7 +1195,9 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     return report
 
 
-def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, rows) -> dict:
+def settings_record(
+    cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_summary, exported, rows, btm_priors=None
+) -> dict:
     import flwr  # deferred: Flower is heavy; imported here only for its version
     import transformers  # deferred: transformers; keeps `flexmoe --help` fast
 
@@ -1097,6 +1225,12 @@ def settings_record(cfg, threads, fast, corpus, pretrained, spec, fed, flexolmo_
         "router_tuning_forced_by": "run config router-tuning=true (the spec's own default is off)",
         "flexolmo": flexolmo_summary,
         "btm": {"members": ["public", *(f"expert:{o}" for o in OWNERS)], "prior": "uniform", "top_k": cfg.btm_top_k},
+        "btm_top3_ema": {
+            "members": ["public", *(f"expert:{o}" for o in OWNERS)],
+            "prior": "ema (alpha 0.3) per evaluated domain, fitted on its validation rows the table does not score",
+            "top_k": cfg.btm_top_k,
+            **(btm_priors or {}),
+        },
         "federation": {
             "engine": "flwr.simulation.run_simulation (Ray)",
             "supernodes": len(OWNERS),
