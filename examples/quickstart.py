@@ -2,14 +2,21 @@
 
 1. **Public model.** A tiny OLMo-2 built from a ``transformers`` config (no hub), trained for
    a few dozen steps on public text, saved with ``save_pretrained``.
+   The coordinator publishes a :class:`flexmoe.FederationSpec` for it, with the token counts of
+   its public text in a file next to the spec (what ``flexmoe spec --public-data`` writes).
 2. **Owners.** Each owner upcycles the public model (:func:`flexmoe.core.surgery`: expert 0 = the
    frozen public MLP, expert 1 = a copy), trains only expert 1 and its router row on its own
    text with plain ``torch`` AdamW, checks the public part still has the published
-   fingerprint, and saves its :class:`flexmoe.ExpertArtifact` (one safetensors file).
-3. **Coordinator.** ``flexmoe assemble --public ... --experts ... --out ... --format flexolmo``.
-4. **Check.** ``transformers.AutoModelForCausalLM`` loads the result and gives the same logits
-   as :func:`flexmoe.assemble`'s in-memory model.
-5. **Result.** Held-out perplexity per domain, public vs merged, then :func:`flexmoe.opt_out`.
+   fingerprint, and saves its :class:`flexmoe.ExpertArtifact` (one safetensors file) with the
+   token counts of its training text.
+3. **Coordinator.** ``flexmoe assemble --public ... --experts ... --spec ... --out ... --format remote``:
+   the default routing recipe, the posterior router (each token runs the public expert and the
+   owner whose text the row so far most resembles, by the token counts, mixed by that owner's own
+   router), exported as a ``transformers`` checkpoint with its modeling code.
+4. **Check.** ``transformers.AutoModelForCausalLM`` (``trust_remote_code=True``) loads the result
+   and gives the same logits as :func:`flexmoe.merge_experts`'s in-memory model.
+5. **Result.** Held-out perplexity per domain: the merged model against the public model and each
+   owner's own model, then :func:`flexmoe.opt_out`.
 
 Text is whatever every Python install carries, so the run needs no download: the standard
 library's docstrings (public), its code with the docstrings removed (owner ``code``) and
@@ -37,7 +44,9 @@ import torch
 from transformers import AutoModelForCausalLM, Olmo2Config
 
 import flexmoe
+from flexmoe.artifacts.unigram import write_public_statistics
 from flexmoe.core.surgery import moe_blocks
+from flexmoe.data.statistics import unigram_counts
 
 VOCAB = 256  # byte-level
 T0 = time.perf_counter()
@@ -231,6 +240,17 @@ def main(
     public_fp = flexmoe.fingerprint(public)
     log(f"public model: {public_steps} steps, loss {loss:.3f}, saved to {public_dir} (fingerprint {public_fp[:12]}…)")
 
+    # The coordinator's spec, with the public text's token counts next to it: the default routing
+    # recipe (the posterior router) compares them with each owner's.
+    spec_path = out_dir / "spec.json"
+    spec = flexmoe.FederationSpec(
+        public_model=str(public_dir),
+        fingerprint=public_fp,
+        public_statistics=write_public_statistics(spec_path, unigram_counts(domains["public"][0], VOCAB)),
+    )
+    spec.save(spec_path)
+    log(f"spec {spec_path} (routing: {spec.routing.method}), public token counts in {spec.public_statistics.file}")
+
     # 2. Each owner trains one expert on data that never leaves it, and ships an artifact.
     owners = ["code", "licenses"]
     artifact_paths, own_expert = [], {}
@@ -238,7 +258,12 @@ def main(
         data = batches(domains[owner][0], seq_len, batch_size, seed + 1 + i)
         model, loss = train_owner_expert(public_dir, owner, data, owner_steps, lr=3e-3, public_fp=public_fp)
         artifact = flexmoe.ExpertArtifact.from_model(
-            model, owner=owner, expert=owner, training_tokens=owner_steps * batch_size * seq_len
+            model,
+            owner=owner,
+            expert=owner,
+            training_tokens=owner_steps * batch_size * seq_len,
+            spec_sha256=spec.sha256,
+            unigram=unigram_counts(domains[owner][0], VOCAB),  # its training text's token counts
         )
         path = artifact.save(out_dir / "experts" / f"{owner}.safetensors")
         own_expert[owner] = perplexity(model, held_out[owner])
@@ -248,7 +273,7 @@ def main(
             f"({path.stat().st_size / 1e6:.2f} MB)"
         )
 
-    # 3. The coordinator merges them with the command line tool.
+    # 3. The coordinator merges them with the command line tool, by the spec's (default) recipe.
     merged_dir = out_dir / "merged"
     cli = Path(sys.executable).with_name("flexmoe")
     cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "flexmoe"]
@@ -258,21 +283,26 @@ def main(
         str(public_dir),
         "--experts",
         *map(str, artifact_paths),
+        "--spec",
+        str(spec_path),
         "--out",
         str(merged_dir),
         "--format",
-        "flexolmo",
+        "remote",
     ]
     log("$ " + " ".join(["flexmoe", *cmd[cmd.index("assemble") :]]))
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)
+    if done.returncode != 0:  # e.g. no public statistics: the command says what to pass instead
+        raise SystemExit(f"quickstart: flexmoe assemble failed:\n{done.stderr.strip()}")
 
     # 4. Anyone can load the merged model with plain transformers; flexmoe's own model agrees.
-    merged_hf = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    merged = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(public_dir), artifact_paths).eval()
+    merged_hf = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True).eval()
+    merged = flexmoe.merge_experts(public_dir, artifact_paths, spec=spec_path).model.eval()
     probe = held_out["code"][:2]
     with torch.no_grad():
         diff = (merged_hf(probe).logits - merged(probe).logits).abs().max().item()
-    log(f"{type(merged_hf).__name__} from {merged_dir}: max |logit difference| vs flexmoe.assemble = {diff:.2e}")
+    log(f"{type(merged_hf).__name__} from {merged_dir}: max |logit difference| vs flexmoe.merge_experts = {diff:.2e}")
     if diff > 1e-4:
         raise RuntimeError(f"the exported model disagrees with flexmoe's (max abs logit difference {diff:.2e})")
 
@@ -285,7 +315,7 @@ def main(
     }
     flexmoe.opt_out(merged, "code")
     table["merged, 'code' opted out"] = {d: perplexity(merged, w) for d, w in held_out.items()}
-    only_licenses = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(public_dir), artifact_paths[1:]).eval()
+    only_licenses = flexmoe.merge_experts(public_dir, artifact_paths[1:], spec=spec_path).model.eval()
     with torch.no_grad():
         same = (merged(probe).logits - only_licenses(probe).logits).abs().max().item()
 
@@ -295,8 +325,14 @@ def main(
         cells = [f"{ppl[d]:10.2f}" if d in ppl else f"{'-':>10s}" for d in held_out]
         avg = f"{sum(ppl.values()) / len(ppl):10.2f}" if len(ppl) == len(held_out) else ""
         print(f"{label:32s}" + "".join(cells) + avg)
-    print("(Routing decides the gap between the merged model and each owner's own model; these routers")
-    print(" were trained only to tell each owner's expert from the public one, on that owner's data.)")
+    print()
+    merged_ppl = table["merged (all experts)"]
+    for d in held_out:
+        ref = table["public model"][d] if d == "public" else own_expert[d]
+        what = "the public model" if d == "public" else "its own model"
+        print(f"merged / {what} on {d} text: {merged_ppl[d] / ref:.3f}")
+    print("(The posterior router sends each row to the public expert and the owner its text so far most")
+    print(" resembles, mixed by that owner's own router: close to each owner's own model on its text.)")
     print()
     log(f"after opt_out('code') the model equals one assembled without 'code' (max |logit difference| {same:.1e})")
     log(f"done; outputs under {out_dir}/ (merged model: {merged_dir})")
