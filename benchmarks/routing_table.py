@@ -19,6 +19,10 @@ texts do not.
    soup                dense: every layer's MLP = uniform average of the owners' expert MLPs
    merged/top-N        FlexOlmo merge as published (assemble, no router tuning), top-N
    calibrated/...      merged + :func:`flexmoe.routing.calibrate_router` on public tokens
+   posterior/top-2     the library's default: :func:`flexmoe.assembly.merge_experts` with
+                       ``RoutingRecipe(method="posterior")`` (the causal domain posterior over the prefix
+                       from unigram counts picks the owner; its own router mixes it with the public
+                       expert); "(published merge)": ``use_posterior_routers`` on merged/top-N (no r_pub)
    lda/...             merged + :func:`flexmoe.routing.lda_router` (owner means + public covariance)
    lda-folded/...      the same with its biases folded into the rows at the classes' mixture moments
                        (what flexmoe.routing.route(exportable=True) does: exports to transformers)
@@ -561,6 +565,36 @@ def main(argv=None):
     evaluate("soup (owners' MLPs)", soup_model(public, [arts[o] for o in owners]), domains, args, results)
     for k in ks:
         evaluate(f"merged/top-{k}", assembled(public, [arts[o] for o in owners], k), domains, args, results)
+
+    # (p) the library's default recipe: the posterior router (flexmoe.core.posterior), built by
+    # merge_experts from the artifacts' token counts (stats.unigram) and the public training text's,
+    # with the spec's r_pub; and the same router on this harness's published merge (no r_pub), with
+    # counts from each domain's training text (packed as the owners pack it).
+    from flexmoe.assembly import merge_experts
+    from flexmoe.core.posterior import use_posterior_routers
+    from flexmoe.data.statistics import packed_unigram_counts
+    from flexmoe.spec import RoutingRecipe
+
+    t = time.perf_counter()
+    pub_docs_train = [d for n in PUBLIC_DOMAINS for d in read_jsonl(paths[n] / "train.jsonl")]
+    merged = merge_experts(
+        public_model(public),
+        [str(arts[o]) for o in owners],
+        spec=spec,
+        routing=RoutingRecipe(method="posterior"),
+        public_documents=pub_docs_train,
+        tokenizer=tok,
+        format="native",
+    )
+    evaluate("posterior/top-2 (merge_experts)", merged.model.eval(), domains, args, results)
+    vocab = merged.model.get_input_embeddings().num_embeddings
+    counts = torch.stack(
+        [packed_unigram_counts(pub_docs_train, tok, args.seq_len, vocab)]
+        + [packed_unigram_counts(read_jsonl(paths[o] / "train.jsonl"), tok, args.seq_len, vocab) for o in owners]
+    )
+    m = use_posterior_routers(assembled(public, [arts[o] for o in owners], ks[0]), counts)
+    evaluate("posterior/top-2 (published merge)", m, domains, args, results)
+    TIMINGS["posterior_s"] = round(time.perf_counter() - t, 1)
 
     # (a) calibration on public tokens
     t = time.perf_counter()
