@@ -32,7 +32,7 @@ from flexmoe.core.moe import load_balancing_loss, record_router_logits
 from flexmoe.core.surgery import decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.merge.soup import average
 from flexmoe.owner.embed import init_router
-from flexmoe.training.optim import adamw_cosine
+from flexmoe.training.optim import adamw_cosine, clip_gradients, decay_groups
 
 RouterInit = Literal["random", "embedding"]
 BTX_TOP_K = 2
@@ -210,14 +210,9 @@ class MoEFinetune(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # Decay weight matrices, not norms (GPT-2 / OLMo convention, as flexmoe.training.pretrain does).
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
         return adamw_cosine(
             self,
-            [g for g in groups if g["params"]],
+            decay_groups(params, h.weight_decay),
             lr=h.lr,
             betas=h.betas,
             warmup_steps=h.warmup_steps,
@@ -226,8 +221,4 @@ class MoEFinetune(pl.LightningModule):
         )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
-            )
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, self.hparams.grad_clip)

@@ -26,7 +26,7 @@ from flexmoe.core.surgery import freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
 from flexmoe.owner.embed import init_router
 from flexmoe.spec import ExpertRecipe, FederationSpec
-from flexmoe.training.optim import adamw_cosine
+from flexmoe.training.optim import adamw_cosine, clip_gradients
 
 
 class ExpertModule(pl.LightningModule):
@@ -163,12 +163,7 @@ class ExpertModule(pl.LightningModule):
         )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # The recipe's clipping applies even when the Trainer was built without gradient_clip_val.
-        clip = gradient_clip_val if gradient_clip_val is not None else self.recipe.grad_clip
-        if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
-            )
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, self.recipe.grad_clip)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["flexmoe_tokens_seen"] = self.tokens_seen

@@ -13,6 +13,25 @@ import lightning.pytorch as pl
 import torch
 
 
+def decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups that decay weight matrices and not norms or biases (the GPT-2 / OLMo
+    convention); an empty group is left out."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def clip_gradients(module: pl.LightningModule, optimizer, clip_val, algorithm, default) -> None:
+    """Gradient clipping for ``configure_gradient_clipping``: the Trainer's ``gradient_clip_val``
+    when it sets one, else the module's own recipe value ``default``, so a recipe's clipping holds
+    even in a Trainer built without it."""
+    clip = clip_val if clip_val is not None else default
+    if clip:
+        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm or "norm")
+
+
 def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
     if warmup > 0 and step < warmup:

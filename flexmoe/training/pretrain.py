@@ -32,7 +32,7 @@ from flexmoe.core.io import atomic_write_json
 from flexmoe.data.datamodule import TextDataModule
 from flexmoe.data.documents import read_documents, split_documents
 from flexmoe.data.tokenizer import train_tokenizer
-from flexmoe.training.optim import adamw_cosine
+from flexmoe.training.optim import adamw_cosine, clip_gradients, decay_groups
 
 REPORT = "flexmoe_pretrain.json"
 
@@ -111,14 +111,9 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # Decay weight matrices, not norms or biases (GPT-2 / OLMo convention).
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
         return adamw_cosine(
             self,
-            groups,
+            decay_groups(params, h.weight_decay),
             lr=h.lr,
             betas=h.betas,
             warmup_steps=h.warmup_steps,
@@ -127,11 +122,7 @@ class PretrainModule(pl.LightningModule):
         )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if clip:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm"
-            )
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, self.hparams.grad_clip)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["flexmoe_tokens_seen"] = self.tokens_seen
