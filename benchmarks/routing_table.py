@@ -572,7 +572,7 @@ def main(argv=None):
     # counts from each domain's training text (packed as the owners pack it).
     from flexmoe.assembly import merge_experts
     from flexmoe.core.posterior import use_posterior_routers
-    from flexmoe.data.statistics import packed_unigram_counts
+    from flexmoe.data.statistics import packed_token_statistics
     from flexmoe.spec import RoutingRecipe
 
     t = time.perf_counter()
@@ -589,8 +589,11 @@ def main(argv=None):
     evaluate("posterior/top-2 (merge_experts)", merged.model.eval(), domains, args, results)
     vocab = merged.model.get_input_embeddings().num_embeddings
     counts = torch.stack(
-        [packed_unigram_counts(pub_docs_train, tok, args.seq_len, vocab)]
-        + [packed_unigram_counts(read_jsonl(paths[o] / "train.jsonl"), tok, args.seq_len, vocab) for o in owners]
+        [packed_token_statistics(pub_docs_train, tok, args.seq_len, vocab).unigram]
+        + [
+            packed_token_statistics(read_jsonl(paths[o] / "train.jsonl"), tok, args.seq_len, vocab).unigram
+            for o in owners
+        ]
     )
     m = use_posterior_routers(assembled(public, [arts[o] for o in owners], ks[0]), counts)
     evaluate("posterior/top-2 (published merge)", m, domains, args, results)

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.core.io import atomic_write_text
-from flexmoe.data.statistics import unigram_counts
+from flexmoe.data.statistics import token_statistics
 from flexmoe.owner.proxy import select_proxy
 from flexmoe.routing import owner_statistics
 
@@ -28,10 +28,12 @@ class ExportExpert(pl.Callback):
     :class:`~flexmoe.TextDataModule`.
 
     Every export also carries the token unigram counts of the packed rows the owner trains on
-    (``stats.unigram``; :func:`flexmoe.data.statistics.unigram_counts`): exactly the tokens the
+    (``stats.unigram``; :func:`flexmoe.data.statistics.token_statistics`): exactly the tokens the
     expert saw, EOS separators included, the same kind of stream the coordinator counts on its
-    public data and the merged model routes. They do not depend on the training step, so a
-    checkpoint's artifact carries them too.
+    public data and the merged model routes; and, unless the spec's routing recipe sets
+    ``bigram_buckets`` to 0, the hashed counts of adjacent token pairs (``stats.bigram``, that many
+    buckets), so the coordinator can build the posterior router whatever recipe the spec names. They
+    do not depend on the training step, so a checkpoint's artifact carries them too.
 
     With ``public_documents``, also select the proxy set (FlexOlmo section 3.4) at fit end and
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
@@ -48,7 +50,7 @@ class ExportExpert(pl.Callback):
         self.owner, self.spec, self.public_documents = owner, spec, public_documents
         self.exports = 0
         self.proxy_path: Path | None = None
-        self._unigram = None
+        self._tokens = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -57,9 +59,10 @@ class ExportExpert(pl.Callback):
             if not os.access(self.path.parent, os.W_OK):
                 raise PermissionError(f"cannot write the expert artifact to {self.path.parent}")
 
-    def artifact(self, pl_module: pl.LightningModule, stats=None, unigram=None) -> ExpertArtifact:
+    def artifact(self, pl_module: pl.LightningModule, stats=None, tokens=None) -> ExpertArtifact:
+        unigram, bigram = tokens if tokens is not None else (None, None)
         if hasattr(pl_module, "artifact"):
-            return pl_module.artifact(stats=stats, unigram=unigram)
+            return pl_module.artifact(stats=stats, unigram=unigram, bigram=bigram)
         spec = self.spec
         return ExpertArtifact.from_model(
             find_moe_model(pl_module),
@@ -68,18 +71,22 @@ class ExportExpert(pl.Callback):
             fingerprint=spec.fingerprint if spec is not None else None,
             stats=stats,
             unigram=unigram,
+            bigram=bigram,
         )
 
-    def unigram_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+    def token_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """The token counts of the owner's packed training rows over the public model's vocabulary
-        (counted once), or ``None`` when the Trainer has no TextDataModule to count."""
-        if self._unigram is None:
+        (:class:`~flexmoe.artifacts.unigram.TokenStatistics`, counted once; bigrams in the spec's
+        recipe's bucket count), or ``None`` when the Trainer has no TextDataModule to count."""
+        if self._tokens is None:
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "train_rows"):
                 return None
+            spec = getattr(pl_module, "spec", None) or self.spec
+            buckets = spec.routing.bigram_buckets if spec is not None else 0
             vocab_size = find_moe_model(pl_module).config.vocab_size
-            self._unigram = unigram_counts(datamodule.train_rows, vocab_size)
-        return self._unigram
+            self._tokens = token_statistics(datamodule.train_rows, vocab_size, buckets)
+        return self._tokens
 
     def routing_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """The owner's statistics for ``spec.routing`` (None when the recipe needs none)."""
@@ -95,20 +102,20 @@ class ExportExpert(pl.Callback):
             return None
         return owner_statistics(find_moe_model(pl_module), datamodule.train_rows, spec.routing)
 
-    def export(self, pl_module: pl.LightningModule, stats=None, unigram=None) -> Path:
-        self.artifact(pl_module, stats=stats, unigram=unigram).save(self.path)
+    def export(self, pl_module: pl.LightningModule, stats=None, tokens=None) -> Path:
+        self.artifact(pl_module, stats=stats, tokens=tokens).save(self.path)
         self.exports += 1
         return self.path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.is_global_zero:
-            self.export(pl_module, unigram=self.unigram_statistics(trainer, pl_module))
+            self.export(pl_module, tokens=self.token_statistics(trainer, pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         stats = self.routing_statistics(trainer, pl_module)
-        self.export(pl_module, stats=stats, unigram=self.unigram_statistics(trainer, pl_module))
+        self.export(pl_module, stats=stats, tokens=self.token_statistics(trainer, pl_module))
         if self.public_documents is not None:
             self.proxy_path = self.write_proxy(trainer, pl_module)
 

@@ -46,7 +46,8 @@ from transformers import AutoModelForCausalLM, Olmo2Config
 import flexmoe
 from flexmoe.artifacts.unigram import write_public_statistics
 from flexmoe.core.surgery import moe_blocks
-from flexmoe.data.statistics import unigram_counts
+from flexmoe.data.statistics import token_statistics
+from flexmoe.spec import RoutingRecipe
 
 VOCAB = 256  # byte-level
 T0 = time.perf_counter()
@@ -242,11 +243,17 @@ def main(
 
     # The coordinator's spec, with the public text's token counts next to it: the default routing
     # recipe (the posterior router) compares them with each owner's.
+    # Token counts (unigrams, and bigrams in the recipe's buckets) of one text stream: one long row.
+    buckets = RoutingRecipe().bigram_buckets
+
+    def counts(ids: torch.Tensor):
+        return token_statistics(ids[None], VOCAB, buckets)
+
     spec_path = out_dir / "spec.json"
     spec = flexmoe.FederationSpec(
         public_model=str(public_dir),
         fingerprint=public_fp,
-        public_statistics=write_public_statistics(spec_path, unigram_counts(domains["public"][0], VOCAB)),
+        public_statistics=write_public_statistics(spec_path, counts(domains["public"][0])),
     )
     spec.save(spec_path)
     log(f"spec {spec_path} (routing: {spec.routing.method}), public token counts in {spec.public_statistics.file}")
@@ -263,7 +270,7 @@ def main(
             expert=owner,
             training_tokens=owner_steps * batch_size * seq_len,
             spec_sha256=spec.sha256,
-            unigram=unigram_counts(domains[owner][0], VOCAB),  # its training text's token counts
+            **counts(domains[owner][0])._asdict(),  # its training text's token counts
         )
         path = artifact.save(out_dir / "experts" / f"{owner}.safetensors")
         own_expert[owner] = perplexity(model, held_out[owner])

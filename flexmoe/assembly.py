@@ -61,7 +61,13 @@ from transformers import AutoTokenizer
 from flexmoe.artifacts.expert import ExpertArtifact, ExpertFile
 from flexmoe.artifacts.guard import ArtifactError, read_safetensors_header
 from flexmoe.artifacts.load import is_lora_file, load_expert
-from flexmoe.artifacts.unigram import UNIGRAM_TENSOR, has_unigram, load_public_statistics
+from flexmoe.artifacts.unigram import (
+    BIGRAM_TENSOR,
+    UNIGRAM_TENSOR,
+    TokenStatistics,
+    has_token_statistics,
+    load_public_statistics,
+)
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
 from flexmoe.core.io import atomic_write_text
@@ -69,7 +75,7 @@ from flexmoe.core.moe import Router
 from flexmoe.core.posterior import use_posterior_routers
 from flexmoe.core.surgery import PUBLIC, add_expert, decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.data.packing import pack_domain
-from flexmoe.data.statistics import packed_unigram_counts
+from flexmoe.data.statistics import packed_token_statistics
 from flexmoe.formats.export import (
     DEFAULT_FORMAT,
     FLEXMOE_CONFIG,
@@ -210,7 +216,7 @@ class MissingRoutingStatistics(InputError):
         self.owners, self.recipe = list(owners), recipe
         if recipe.needs_unigram:
             message = (
-                f"owner(s) {self.owners} shipped no token unigram counts ({statistics_needed(recipe)}), which the "
+                f"owner(s) {self.owners} shipped no token counts ({statistics_needed(recipe)}), which the "
                 f"routing recipe 'posterior' needs. {UNIGRAM_HINT}"
             )
         else:
@@ -251,6 +257,11 @@ def built_recipe(recipe: RoutingRecipe, format: str) -> RoutingRecipe:
 def statistics_needed(recipe: RoutingRecipe) -> str | None:
     """What each owner must ship for ``recipe`` as built (:func:`built_recipe`), in words
     (``None``: nothing)."""
+    if recipe.needs_bigram:
+        return (
+            f"its training text's token unigram counts, {UNIGRAM_TENSOR}, and its bigram counts in "
+            f"{recipe.bigram_buckets} buckets, {BIGRAM_TENSOR}"
+        )
     if recipe.needs_unigram:
         return f"its training text's token unigram counts, {UNIGRAM_TENSOR}"
     kind = recipe.owner_statistics
@@ -263,7 +274,7 @@ def lacks_statistics(artifact: ArtifactLike, recipe: RoutingRecipe) -> bool:
     """Whether ``artifact`` (an object, or a file whose header alone is read) lacks the
     statistics ``recipe`` (as built: :func:`built_recipe`) needs."""
     if recipe.needs_unigram:
-        return not has_unigram(artifact)
+        return not has_token_statistics(artifact, bigram=recipe.needs_bigram)
     kind = recipe.owner_statistics
     if kind is None:
         return False
@@ -311,22 +322,30 @@ def _has_public_file(spec: FederationSpec | None, spec_path) -> bool:
     return spec is not None and spec.public_statistics is not None and spec_path is not None
 
 
-def public_unigram(
+def public_token_statistics(
+    recipe: RoutingRecipe,
     spec: FederationSpec | None,
     spec_path: str | os.PathLike | None,
     public_documents: Sequence[str] | None,
     tokenizer,
     seq_len: int,
     vocab_size: int,
-) -> tuple[torch.Tensor, str]:
-    """The public domain's token counts ``float32 [vocab_size]`` and where they came from: the
-    spec's public-statistics file when the spec records one (checked by its sha256), else the
-    public text packed as owners pack theirs (rows of ``seq_len``, EOS after each document), so
-    both count the same kind of stream."""
+) -> tuple[TokenStatistics, str]:
+    """The public domain's token counts (unigrams ``float32 [vocab_size]``, and bigrams when
+    ``recipe`` routes by them) and where they came from: the spec's public-statistics file when
+    the spec records one (checked by its sha256), else the public text packed as owners pack
+    theirs (rows of ``seq_len``, EOS after each document), so both count the same kind of stream."""
+    buckets = recipe.bigram_buckets if recipe.needs_bigram else 0
     if _has_public_file(spec, spec_path):
-        return load_public_statistics(spec, spec_path, vocab_size), "spec"
+        counts = load_public_statistics(spec, spec_path, vocab_size)
+        if buckets and (counts.bigram is None or counts.bigram.shape[0] != buckets):
+            raise InputError(
+                f"the spec's public statistics carry no bigram counts in {buckets} buckets, which the recipe needs: "
+                "rewrite the spec with `flexmoe spec --public-data ...`, or pass the public text instead"
+            )
+        return TokenStatistics(counts.unigram, counts.bigram if buckets else None), "spec"
     packer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    return packed_unigram_counts(list(public_documents), packer, seq_len, vocab_size), "public_documents"
+    return packed_token_statistics(list(public_documents), packer, seq_len, vocab_size, buckets), "public_documents"
 
 
 def resolve_seq_len(spec: FederationSpec | None, seq_len: int | None = None) -> int:
@@ -488,17 +507,24 @@ def merge_experts(
     if needs_tokenizer and tokenizer is None:
         raise InputError("the routing recipe packs the public text with the public model's tokenizer: pass tokenizer")
     if recipe.needs_unigram:
-        counts, source = public_unigram(spec, spec_path, public_documents, tokenizer, seq_len, public.config.vocab_size)
-        unigram = torch.stack([counts, *(a.unigram for a in loaded)])
+        vocab_size = public.config.vocab_size
+        counts, source = public_token_statistics(
+            recipe, spec, spec_path, public_documents, tokenizer, seq_len, vocab_size
+        )
+        buckets = recipe.bigram_buckets if recipe.needs_bigram else None
+        for a in loaded:  # the bucket count is the recipe's: a file can only be checked against it here
+            a.check_token_statistics(vocab_size, buckets)
         use_posterior_routers(
             model,
-            unigram,
+            torch.stack([counts.unigram, *(a.unigram for a in loaded)]),
             temperature=recipe.temperature,
             smoothing=recipe.smoothing,
             reset_at_eos=recipe.reset_at_eos,
+            bigram=torch.stack([counts.bigram, *(a.bigram for a in loaded)]) if buckets else None,
+            bigram_weight=recipe.bigram_weight,
         )
         summary = {**recipe.settings(), "recipe": "posterior", "router": "posterior", "public_statistics": source}
-        summary["public_tokens"] = int(counts.double().sum())
+        summary["public_tokens"] = int(counts.unigram.double().sum())
         summary["seq_len"] = seq_len
     elif recipe.method == "published":
         summary = route(model, loaded, None, recipe)

@@ -17,6 +17,7 @@ from typing import Any
 
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_write_text
+from flexmoe.core.posterior import MAX_BIGRAM_BITS
 
 SPEC_VERSION = 1
 # Tokens per training sequence when nothing says otherwise. The owners' routing statistics are
@@ -119,7 +120,13 @@ COVARIANCES = ("pooled", "public")
 # The posterior recipe's own settings, with their defaults. A spec whose method is not
 # ``posterior`` leaves them out of its JSON while they keep these values, so every spec written
 # before they existed keeps its sha256 (the one its owners' artifacts carry).
-POSTERIOR_DEFAULTS = {"temperature": 0.3, "smoothing": 0.1, "reset_at_eos": False}
+POSTERIOR_DEFAULTS = {
+    "temperature": 0.5,
+    "smoothing": 0.1,
+    "reset_at_eos": False,
+    "bigram_buckets": 2**20,
+    "bigram_weight": 30.0,
+}
 
 
 @dataclass
@@ -127,11 +134,14 @@ class RoutingRecipe:
     """How the coordinator sets the merged model's routers (chosen by measurement: docs/routing.md).
 
     ``posterior`` (default): route by the causal naive-Bayes posterior over domains from token
-    unigram counts (:func:`flexmoe.core.posterior.use_posterior_routers`): each owner ships its
-    training text's counts (``stats.unigram``), the coordinator the public data's; every token runs
-    the public expert and the most probable owner's, mixed by that owner's own trained router.
-    ``temperature`` tempers the summed log-likelihoods, ``smoothing`` is the add-alpha count,
-    ``reset_at_eos`` restarts the posterior after each document end. Its gates read the prefix, not
+    counts (:func:`flexmoe.core.posterior.use_posterior_routers`): each owner ships its training
+    text's unigram counts (``stats.unigram``) and adjacent-pair counts hashed into
+    ``bigram_buckets`` buckets (``stats.bigram``; ``0``: unigrams only), the coordinator the public
+    data's; every token runs the public expert and the most probable owner's, mixed by that owner's
+    own trained router. ``temperature`` tempers the summed log-likelihoods, ``smoothing`` is the
+    add-alpha count, ``bigram_weight`` the weight of the unigram prior each bigram distribution is
+    interpolated towards, ``reset_at_eos`` restarts the posterior after each document end. Defaults
+    chosen on the owners' held-out training text (docs/routing.md). Its gates read the prefix, not
     one hidden state, so only the native format holds it; a FlexOlmo or Mixtral export of a
     posterior recipe carries the token router (:meth:`token_router`) instead, labelled as such.
     Owners therefore ship the token router's statistics too.
@@ -151,6 +161,8 @@ class RoutingRecipe:
     temperature: float = POSTERIOR_DEFAULTS["temperature"]
     smoothing: float = POSTERIOR_DEFAULTS["smoothing"]
     reset_at_eos: bool = POSTERIOR_DEFAULTS["reset_at_eos"]
+    bigram_buckets: int = POSTERIOR_DEFAULTS["bigram_buckets"]
+    bigram_weight: float = POSTERIOR_DEFAULTS["bigram_weight"]
 
     def __post_init__(self):
         if self.method not in ROUTING_METHODS:
@@ -159,7 +171,13 @@ class RoutingRecipe:
             raise InputError(f"routing covariance must be one of {COVARIANCES}, got {self.covariance!r}")
         if not 0 <= self.shrinkage <= 1:
             raise InputError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
-        _positive(self, "stats_tokens", "temperature", "smoothing")
+        _positive(self, "stats_tokens", "temperature", "smoothing", "bigram_weight")
+        b = self.bigram_buckets
+        if isinstance(b, bool) or not isinstance(b, int) or (b and (b < 2 or b & (b - 1) or b > 2**MAX_BIGRAM_BITS)):
+            raise InputError(
+                f"RoutingRecipe.bigram_buckets must be 0 (unigrams only) or a power of two from 2 to "
+                f"2**{MAX_BIGRAM_BITS}, got {b!r}"
+            )
         if not isinstance(self.reset_at_eos, bool):
             raise InputError(f"RoutingRecipe.reset_at_eos must be true or false, got {self.reset_at_eos!r}")
 
@@ -176,6 +194,11 @@ class RoutingRecipe:
     def needs_unigram(self) -> bool:
         """Whether the recipe routes by the owners' and the public data's token unigram counts."""
         return self.method == "posterior"
+
+    @property
+    def needs_bigram(self) -> bool:
+        """Whether the recipe also routes by their hashed bigram counts (``bigram_buckets`` of them)."""
+        return self.needs_unigram and self.bigram_buckets > 0
 
     def token_router(self) -> RoutingRecipe:
         """The token router of this recipe: the ``lda`` recipe with the same statistics settings

@@ -37,12 +37,12 @@ from flexmoe.core.posterior import PosteriorRouter
 from flexmoe.core.surgery import moe_blocks, settings
 from flexmoe.data.datamodule import TextDataModule
 from flexmoe.data.documents import read_documents
-from flexmoe.data.statistics import packed_unigram_counts
+from flexmoe.data.statistics import packed_token_statistics
 from flexmoe.federation.coordinator import Coordinator
 from flexmoe.federation.settings import CoordinatorSettings
 from flexmoe.formats.export import DEFAULT_FORMAT, export
 from flexmoe.formats.load import load_public_model
-from flexmoe.spec import DEFAULT_SEQ_LEN, ExpertRecipe, FederationSpec
+from flexmoe.spec import DEFAULT_SEQ_LEN, ExpertRecipe, FederationSpec, RoutingRecipe
 from flexmoe.testing import LICENSES, license_texts
 from flexmoe.training.expert import ExpertModule, expert_callbacks
 
@@ -112,13 +112,20 @@ def assert_same_state(a: dict, b: dict, what: str) -> None:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), f"{what}: {name} differs"
 
 
+def unigram_recipe():
+    """The posterior recipe routing by unigram counts alone."""
+    return RoutingRecipe(bigram_buckets=0)
+
+
 def without(path, tmp_path, *parts: str):
     """A copy of the artifact at ``path`` without the tensors whose names end with ``parts``."""
     art = ExpertArtifact.load(path)
     tensors = {k: v for k, v in art.tensors.items() if not k.endswith(parts)}
     dropped = {"stats_tokens"} if "stats.mean" in parts else set()
     dropped |= {"unigram_tokens"} if "stats.unigram" in parts else set()
+    dropped |= {"bigram_pairs"} if "stats.bigram" in parts else set()
     metadata = {k: v for k, v in art.metadata.items() if k not in dropped}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return ExpertArtifact(art.owner, tensors, metadata).save(tmp_path / path.name)
 
 
@@ -239,10 +246,12 @@ def test_cli_coordinator_and_api_merge_the_same_model(world, public_dir, tmp_pat
     recipe = coordinator.summary["routing_recipe"]
     assert recipe["method"] == ("posterior" if posterior else "lda") and recipe["recipe"] == "posterior"
     if posterior:
-        assert {k: recipe[k] for k in ("temperature", "smoothing", "reset_at_eos")} == {
-            "temperature": 0.3,
-            "smoothing": 0.1,
+        default = RoutingRecipe()
+        assert {k: recipe[k] for k in ("temperature", "smoothing", "reset_at_eos", "bigram_buckets")} == {
+            "temperature": default.temperature,
+            "smoothing": default.smoothing,
             "reset_at_eos": False,
+            "bigram_buckets": default.bigram_buckets,
         }
     assert coordinator.summary["export"]["format"] == ("native" if posterior else "flexolmo")
 
@@ -264,7 +273,7 @@ def test_the_coordinator_skips_router_tuning_for_the_posterior_recipe_and_says_s
     report = coordinator.finish("merged")
     assert report["routing_recipe"]["method"] == "posterior" and note in report["notes"]
     md = (tmp_path / "coordinator" / "report.md").read_text()
-    assert "posterior router (temperature 0.3, smoothing 0.1" in md and note in md
+    assert f"posterior router (temperature {RoutingRecipe().temperature}, smoothing 0.1" in md and note in md
 
 
 @pytest.mark.slow
@@ -276,7 +285,8 @@ def test_the_specs_public_statistics_give_the_model_the_public_text_gives(world,
     spec_path = tmp_path / "spec.json"
     tokenizer = AutoTokenizer.from_pretrained(public_dir)
     vocab = load_public_model(public_dir).config.vocab_size
-    counts = packed_unigram_counts(docs, tokenizer, world["spec"].expert.seq_len, vocab)
+    buckets = world["spec"].routing.bigram_buckets
+    counts = packed_token_statistics(docs, tokenizer, world["spec"].expert.seq_len, vocab, buckets)
     spec = dataclasses.replace(world["spec"], public_statistics=write_public_statistics(spec_path, counts))
     spec.save(spec_path)
     paths = [world["paths"][o] for o in OWNERS]
@@ -286,7 +296,7 @@ def test_the_specs_public_statistics_give_the_model_the_public_text_gives(world,
     assert from_file.routing["public_statistics"] == "spec" and from_file.format == "native"
     assert_same_state(state(from_file.model), state(from_text.model), "the model from the spec's counts")
     block = moe_blocks(from_file.model)[0]
-    assert torch.equal(block.router.unigram[0], counts)
+    assert torch.equal(block.router.unigram[0], counts.unigram) and torch.equal(block.router.bigram[0], counts.bigram)
     assert torch.equal(block.router.unigram[1], ExpertArtifact.load(paths[0]).unigram)
     # An object without its path cannot find the file: what to pass is said, nothing else is routed.
     with pytest.raises(InputError, match="spec_path"):
@@ -343,11 +353,17 @@ def test_the_posterior_recipe_refuses_artifacts_without_token_counts_everywhere(
     """An artifact without ``stats.unigram`` under the posterior recipe: the API names every such
     owner, the CLI says it in one line, the coordinator refuses it at acceptance with the reason;
     and without any public counts the merge says what to pass instead of routing another way."""
-    bare = [without(world["paths"][o], tmp_path, "stats.unigram") for o in OWNERS]
+    bare = [without(world["paths"][o], tmp_path, "stats.unigram", "stats.bigram") for o in OWNERS]
     docs = read_documents(str(world["public_data"]))
     with pytest.raises(MissingRoutingStatistics, match="stats.unigram") as e:
         merge_experts(public_dir, bare, spec=world["spec"], public_documents=docs)
     assert e.value.owners == list(OWNERS) and "'lda'" in str(e.value)
+    # Unigrams alone do not make do for a recipe that routes by bigrams: it names what is missing.
+    unigrams_only = without(world["paths"]["gpl"], tmp_path / "uni", "stats.bigram")
+    with pytest.raises(MissingRoutingStatistics, match="stats.bigram") as e:
+        merge_experts(public_dir, [unigrams_only], spec=world["spec"], public_documents=docs)
+    merge_experts(public_dir, [unigrams_only], spec=world["spec"], public_documents=docs, routing=unigram_recipe())
+    capsys.readouterr()
 
     argv = ["assemble", "--public", public_dir, "--experts", *bare, "--out", tmp_path / "out"]
     with pytest.raises(SystemExit):

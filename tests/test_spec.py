@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from flexmoe.core.errors import InputError
 from flexmoe.spec import ExpertRecipe, FederationSpec, PublicStatistics, RoutingRecipe
 
 FP = "ab" * 32
@@ -65,13 +66,14 @@ def test_public_statistics_round_trip_and_enter_the_hash(tmp_path):
 def test_the_posterior_recipe_is_the_default_and_round_trips_with_its_settings(tmp_path):
     spec = FederationSpec(public_model="m", fingerprint=FP)
     assert spec.routing.method == "posterior" and spec.routing.needs_unigram
-    settings = {"method": "posterior", "temperature": 0.3, "smoothing": 0.1, "reset_at_eos": False}
-    assert spec.routing.settings() == settings
+    settings = {"method": "posterior", "temperature": 0.5, "smoothing": 0.1, "reset_at_eos": False}
+    assert spec.routing.settings() == {**settings, "bigram_buckets": 2**20, "bigram_weight": 30.0}
+    assert spec.routing.needs_bigram and not RoutingRecipe(bigram_buckets=0).needs_bigram
     # Owners also ship the token router's statistics, which a transformers export carries.
     assert spec.routing.owner_statistics == "covariance" and spec.routing.token_router().method == "lda"
-    tuned = RoutingRecipe(temperature=0.5, smoothing=0.2, reset_at_eos=True)
+    tuned = RoutingRecipe(temperature=0.2, smoothing=0.2, reset_at_eos=True, bigram_buckets=2**16, bigram_weight=100)
     spec = FederationSpec(public_model="m", fingerprint=FP, routing=tuned)
-    assert spec.to_dict()["routing"]["temperature"] == 0.5
+    assert spec.to_dict()["routing"]["temperature"] == 0.2 and spec.to_dict()["routing"]["bigram_buckets"] == 2**16
     back = FederationSpec.load(spec.save(tmp_path / "spec.json"))
     assert back == spec and back.routing == tuned and back.sha256 == spec.sha256
 
@@ -82,7 +84,13 @@ def test_a_spec_written_before_the_posterior_recipe_keeps_working_and_its_hash(m
     back equal, with the sha256 its owners' artifacts carry."""
     spec = FederationSpec(public_model="m", fingerprint=FP, routing=RoutingRecipe(method=method))
     d = spec.to_dict()
-    assert not {"temperature", "smoothing", "reset_at_eos"} & set(d["routing"])
+    assert not {"temperature", "smoothing", "reset_at_eos", "bigram_buckets", "bigram_weight"} & set(d["routing"])
     back = FederationSpec.from_json(json.dumps(d))
     assert back == spec and back.routing.method == method and back.sha256 == spec.sha256
     assert (back.routing.owner_statistics is None) == (method == "published") and not back.routing.needs_unigram
+
+
+@pytest.mark.parametrize("buckets", [1, 3, 2**25, -4, 2.0, True, "1024"])
+def test_bigram_buckets_must_be_zero_or_a_power_of_two(buckets):
+    with pytest.raises(InputError, match="bigram_buckets must be 0"):
+        RoutingRecipe(bigram_buckets=buckets)

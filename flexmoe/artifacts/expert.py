@@ -25,6 +25,8 @@ one vector for the whole model, with their total in the metadata ``unigram_token
 (:mod:`flexmoe.artifacts.unigram`)::
 
     stats.unigram                 [vocab_size]      float32, integral counts
+    stats.bigram                  [buckets]         float32, hashed adjacent-pair counts (with the
+                                                    posterior recipe's bigrams; total ``bigram_pairs``)
 
 Metadata (all strings): format version, base fingerprint, spec sha256, architecture,
 layer count, hidden and intermediate sizes, dtype, owner name, training tokens.
@@ -48,7 +50,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
-from flexmoe.artifacts.unigram import UNIGRAM_TENSOR, UNIGRAM_TOKENS, unigram_problem
+from flexmoe.artifacts.unigram import (
+    BIGRAM_TENSOR,
+    TOKEN_STATISTICS,
+    UNIGRAM_TENSOR,
+    TokenStatistics,
+    statistics_problem,
+    statistics_tensors,
+)
 from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.io import atomic_file
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
@@ -117,14 +126,17 @@ class ExpertFile(ABC):
         says what to do)."""
         return self.tensors.get(UNIGRAM_TENSOR)
 
-    def check_unigram(self, vocab_size: int | None = None) -> None:
-        """The unigram counts, when present, keep :func:`~flexmoe.artifacts.unigram.unigram_problem`'s
-        rules (with ``vocab_size``: the public model's); ``unigram_tokens`` comes only with them."""
-        if UNIGRAM_TENSOR not in self.tensors:
-            if UNIGRAM_TOKENS in self.metadata:
-                raise self._error(UNIGRAM_TENSOR, f"present with metadata {UNIGRAM_TOKENS!r}", "missing")
-            return
-        problem = unigram_problem(self.tensors[UNIGRAM_TENSOR], self.metadata.get(UNIGRAM_TOKENS), vocab_size)
+    @property
+    def bigram(self) -> torch.Tensor | None:
+        """The hashed adjacent-pair counts of the owner's training text ``float32 [buckets]``, or
+        ``None`` for a file that carries none."""
+        return self.tensors.get(BIGRAM_TENSOR)
+
+    def check_token_statistics(self, vocab_size: int | None = None, buckets: int | None = None) -> None:
+        """The token counts, when present, keep
+        :func:`~flexmoe.artifacts.unigram.statistics_problem`'s rules (with ``vocab_size``: the
+        public model's; ``buckets``: the recipe's); each total comes only with its counts."""
+        problem = statistics_problem(self.tensors, self.metadata, vocab_size, buckets)
         if problem is not None:
             raise self._error(*problem)
 
@@ -237,13 +249,15 @@ class ExpertArtifact(ExpertFile):
         fingerprint: str | None = None,
         stats=None,
         unigram: torch.Tensor | None = None,
+        bigram: torch.Tensor | None = None,
     ) -> ExpertArtifact:
         """Extract expert ``expert`` (index or owner name) of a flexmoe MoE as ``owner``'s artifact.
 
         ``stats``: the owner's :class:`flexmoe.artifacts.expert.MLPInputStats` for the routing recipe
         (:func:`flexmoe.routing.owner_statistics`), shipped as ``layers.{L}.stats.*``.
         ``unigram``: the token counts of its training text
-        (:func:`flexmoe.data.statistics.unigram_counts`), shipped as ``stats.unigram``.
+        (:func:`flexmoe.data.statistics.unigram_counts`), shipped as ``stats.unigram``; ``bigram``
+        its hashed pair counts (:func:`flexmoe.data.statistics.bigram_counts`), ``stats.bigram``.
         """
         j = expert_index(model, expert)
         if j == 0:
@@ -276,7 +290,7 @@ class ExpertArtifact(ExpertFile):
         }
         if stats is not None:
             metadata["stats_tokens"] = str(int(stats.count))
-        add_unigram(tensors, metadata, unigram)
+        add_token_statistics(tensors, metadata, unigram, bigram)
         art = cls(owner=owner, tensors=tensors, metadata=metadata)
         art.check_structure()
         return art
@@ -289,17 +303,17 @@ class ExpertArtifact(ExpertFile):
         """Self-consistency: key layout, layer set, shapes vs metadata, dtypes, finite values."""
         n = self.num_layers
         hidden, dtype = int(self.metadata["hidden_size"]), self.metadata["dtype"]
-        self.check_unigram()
+        self.check_token_statistics()
         per_layer: dict[int, set[str]] = {}
         for name in self.tensors:
-            if name == UNIGRAM_TENSOR:
+            if name in TOKEN_STATISTICS:
                 continue
             m = _KEY.match(name)
             if m is None:
                 raise self._error(
                     "tensor names",
                     "layers.{L}.expert.*, layers.{L}.router.{embedding,bias,public_embedding}, layers.{L}.stats.* "
-                    f"or {UNIGRAM_TENSOR}",
+                    f"or {', '.join(TOKEN_STATISTICS)}",
                     name,
                 )
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
@@ -335,7 +349,7 @@ class ExpertArtifact(ExpertFile):
                 self.metadata.get("stats_tokens"),
             )
         for name, t in self.tensors.items():
-            if name == UNIGRAM_TENSOR:
+            if name in TOKEN_STATISTICS:
                 continue  # checked above
             if not t.is_floating_point():
                 raise self._error(f"dtype of {name}", "a floating-point dtype", t.dtype)
@@ -372,7 +386,7 @@ class ExpertArtifact(ExpertFile):
         hidden = model.config.hidden_size
         if int(self.metadata["hidden_size"]) != hidden:
             raise self._error("hidden_size", hidden, self.metadata["hidden_size"])
-        self.check_unigram(model.config.vocab_size)
+        self.check_token_statistics(model.config.vocab_size)
         for L, mlp in enumerate(mlps):
             state, _, _ = self.layer(L)
             want = mlp.state_dict()
@@ -409,14 +423,22 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
 
 
-def add_unigram(tensors: dict[str, torch.Tensor], metadata: dict[str, str], counts: torch.Tensor | None) -> None:
-    """Put the owner's token counts into an artifact's ``tensors`` and ``metadata`` (nothing
-    for ``None``): ``stats.unigram`` float32 and their total ``unigram_tokens``."""
-    if counts is None:
+def add_token_statistics(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    unigram: torch.Tensor | None,
+    bigram: torch.Tensor | None = None,
+) -> None:
+    """Put the owner's token counts into an artifact's ``tensors`` and ``metadata`` (nothing for
+    ``unigram=None``): ``stats.unigram`` (and ``stats.bigram``) float32 with their totals
+    ``unigram_tokens`` (and ``bigram_pairs``)."""
+    if unigram is None:
+        if bigram is not None:
+            raise ValueError("bigram counts travel only with the unigram counts of the same text")
         return
-    counts = counts.detach().float().cpu().contiguous()
-    tensors[UNIGRAM_TENSOR] = counts
-    metadata[UNIGRAM_TOKENS] = str(int(counts.double().sum().round()))
+    more, totals = statistics_tensors(TokenStatistics(unigram, bigram))
+    tensors.update(more)
+    metadata.update(totals)
 
 
 @dataclass

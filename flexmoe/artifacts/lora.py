@@ -14,6 +14,7 @@ MLP (as named in the base MLP, e.g. ``gate_proj``)::
                                                  (as in a full artifact; float32, ``stats_tokens``)
     stats.unigram                   [vocab_size] the token counts of the training text (as in a full
                                                  artifact; float32, ``unigram_tokens``)
+    stats.bigram                    [buckets]    its hashed adjacent-pair counts, when the recipe asks
 
 Metadata (all strings): those of a full :class:`~flexmoe.ExpertArtifact` with
 ``format_version = "lora-1"`` (so a full-artifact loader refuses the file by name), plus
@@ -35,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile, add_unigram
+from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile, add_token_statistics
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
-from flexmoe.artifacts.unigram import UNIGRAM_TENSOR
+from flexmoe.artifacts.unigram import TOKEN_STATISTICS
 from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
@@ -100,11 +101,12 @@ class LoraExpertArtifact(ExpertFile):
         fingerprint: str | None = None,
         stats=None,
         unigram: torch.Tensor | None = None,
+        bigram: torch.Tensor | None = None,
     ) -> LoraExpertArtifact:
         """Extract the LoRA factors of expert ``expert`` of a flexmoe MoE whose expert MLP
         carries peft LoRA layers (as :class:`~flexmoe.lora.LoraExpertModule` trains it).
 
-        ``stats``, ``unigram``: the owner's routing statistics and token counts, shipped as in a
+        ``stats``, ``unigram``, ``bigram``: the owner's routing statistics and token counts, shipped as in a
         full artifact (:meth:`flexmoe.ExpertArtifact.from_model`)."""
         j = expert_index(model, expert)
         if j == 0:
@@ -153,7 +155,7 @@ class LoraExpertArtifact(ExpertFile):
         }
         if stats is not None:
             metadata["stats_tokens"] = str(int(stats.count))
-        add_unigram(tensors, metadata, unigram)
+        add_token_statistics(tensors, metadata, unigram, bigram)
         art = cls(owner=owner, tensors=tensors, metadata=metadata)
         art.check_structure()
         return art
@@ -210,7 +212,7 @@ class LoraExpertArtifact(ExpertFile):
             raise self._error("architecture", model.config.model_type, self.metadata.get("architecture"))
         if int(self.metadata["hidden_size"]) != model.config.hidden_size:
             raise self._error("hidden_size", model.config.hidden_size, self.metadata["hidden_size"])
-        self.check_unigram(model.config.vocab_size)
+        self.check_token_statistics(model.config.vocab_size)
         for L, mlp in enumerate(mlps):
             factors, _, _ = self.layer(L)
             for name, f in factors.items():
@@ -254,8 +256,7 @@ class LoraExpertArtifact(ExpertFile):
             for part in ("stats.mean", "stats.covariance"):
                 if f"layers.{L}.{part}" in self.tensors:
                     tensors[f"layers.{L}.{part}"] = self.tensors[f"layers.{L}.{part}"]
-        if UNIGRAM_TENSOR in self.tensors:
-            tensors[UNIGRAM_TENSOR] = self.tensors[UNIGRAM_TENSOR]
+        tensors.update((name, self.tensors[name]) for name in TOKEN_STATISTICS if name in self.tensors)
         metadata = {k: v for k, v in self.metadata.items() if not k.startswith("lora_")}
         metadata.update(
             format_version=FORMAT_VERSION,

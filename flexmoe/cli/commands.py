@@ -28,7 +28,7 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.load import load_expert
-from flexmoe.artifacts.unigram import require_unigram, write_public_statistics
+from flexmoe.artifacts.unigram import require_token_statistics, write_public_statistics
 from flexmoe.assembly import merge_experts
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
@@ -37,7 +37,7 @@ from flexmoe.core.surgery import PUBLIC, moe_blocks, set_top_k, settings
 from flexmoe.core.surgery import add_expert as add_to_model
 from flexmoe.core.surgery import opt_out as remove_from_model
 from flexmoe.data.documents import read_documents
-from flexmoe.data.statistics import packed_unigram_counts
+from flexmoe.data.statistics import packed_token_statistics
 from flexmoe.evaluate import eval_models, parse_domains
 from flexmoe.formats.export import DEFAULT_FORMAT, FORMATS
 from flexmoe.formats.export import export as export_model
@@ -168,7 +168,8 @@ def add_expert(
     Args:
         model: Merged model directory (flexmoe native, FlexOlmo or Mixtral).
         expert: The new owner's expert artifact (``.safetensors``; a LoRA-sized expert is
-            materialised). A posterior-routed model needs its token counts (``stats.unigram``).
+            materialised). A posterior-routed model needs its token counts (``stats.unigram``,
+            and ``stats.bigram`` when the model routes by bigrams).
         out: Output directory.
         format: Output format (default: the format of ``model``).
         top_k: Experts per token from now on (default: keep the model's number, capped at the
@@ -181,7 +182,7 @@ def add_expert(
         if artifact.owner in settings(moe).owners:
             raise InputError(f"{model} already holds an expert of owner {artifact.owner!r} ({expert})")
         if routes_by_posterior(moe):
-            require_unigram([artifact])  # the posterior needs every owner's token counts
+            require_token_statistics([artifact], bigram=routes_by_bigram(moe))  # the posterior reads them
         add_to_model(moe, artifact, check_fingerprint=False)
 
     fmt = _rewrite(model, out, format, top_k, allow_approximate, change)
@@ -225,6 +226,11 @@ def opt_out(
 def routes_by_posterior(moe) -> bool:
     """Whether a merged model routes by the domain posterior (its routers are PosteriorRouters)."""
     return any(isinstance(b.router, PosteriorRouter) for b in moe_blocks(moe))
+
+
+def routes_by_bigram(moe) -> bool:
+    """Whether a merged model's posterior router also reads bigram counts."""
+    return any(isinstance(b.router, PosteriorRouter) and b.router.holds_bigram for b in moe_blocks(moe))
 
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:
@@ -288,7 +294,8 @@ def spec(
         )
         # The embedder gives one row for every layer; the hidden-state fallback one per layer.
         r_pub = rows[0].tolist() if embedder is not None else rows.tolist()
-        counts = packed_unigram_counts(docs, tokenizer, expert.seq_len, model.config.vocab_size)
+        buckets = (routing or RoutingRecipe()).bigram_buckets
+        counts = packed_token_statistics(docs, tokenizer, expert.seq_len, model.config.vocab_size, buckets)
         public_statistics = write_public_statistics(out, counts)
     result = FederationSpec(
         public_model=public,

@@ -11,7 +11,15 @@ and the causal, tempered naive-Bayes posterior over domains at position ``t`` of
 
     log post_t(d)    = log prior(d) + tau * sum_{s <= t} log p(x_s | d)     (normalised over d)
 
-(``tau`` the temperature; the sum restarts after a document-end token when asked). In every layer
+(``tau`` the temperature; the sum restarts after a document-end token when asked). With bigram
+statistics (each domain's counts ``b_d`` of adjacent token pairs, hashed into ``K`` buckets by
+:func:`bigram_bucket`; the default recipe ships them) a token after the row's first is scored by
+the domain's bigram model interpolated towards its unigram (a Dirichlet prior of weight ``k``):
+
+    log p(x_t | x_{t-1}, d) = log(b_d[h(x_{t-1}, x_t)] + k p(x_t | d)) - log(c_d x_{t-1} + k)
+
+Unigrams see which words a domain uses; bigrams also see their order, which is what sets text
+like licences apart from prose sharing its words (docs/routing.md measures both). In every layer
 the token runs the public expert and the most probable owner's expert ``d* = argmax_{d >= 1}
 post_t(d)``, weighted by the owners' own pairwise routers (the row ``r_d`` and bias each owner
 trained against the public row ``r_0``):
@@ -28,9 +36,10 @@ and ``d*``; ``g_{d*}`` is then small. With a certain posterior for owner ``d`` t
 ``softmax(l_0, l_d)``: exactly the 2-expert model that owner trained.
 
 Where things live: every layer's :class:`PosteriorRouter` holds its rows and biases; layer 0's
-also holds the per-domain statistics (``unigram`` counts ``[E, V]``, ``log_prior`` ``[E]``) and
-the settings (temperature, smoothing, reset tokens), each indexed by expert so opt-out, opt-in
-and the native format carry them through the router protocol. One :class:`CausalPosterior` per
+also holds the per-domain statistics (``unigram`` counts ``[E, V]``, optionally ``bigram`` counts
+``[E, K]``, ``log_prior`` ``[E]``) and the settings (temperature, smoothing, bigram weight, reset
+tokens), each indexed by expert so opt-out, opt-in and the native format carry them through the
+router protocol. One :class:`CausalPosterior` per
 model, shared by every layer's router, runs as a forward pre-hook on the decoder: it reads the
 forward's ``input_ids`` once, advances the running per-row sums from where the KV cache left
 them (generation costs one row of the table per new token, no rescan of the prefix) and leaves
@@ -52,7 +61,25 @@ from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 ROWS = {"weight": "router.embedding", "bias": "router.bias"}
 # Per-domain statistics, held by layer 0's router only; named as an expert artifact names them.
 STATISTICS = {"unigram": "stats.unigram", "log_prior": "posterior.log_prior"}
+BIGRAM = {"bigram": "stats.bigram"}
 SETTINGS = ("temperature", "smoothing", "reset_tokens")
+BIGRAM_SETTINGS = ("bigram_weight",)
+# The bucket hash: two multiplicative rounds on 32 bits. Both multipliers are below 2**31 and the
+# values they multiply below 2**32, so every product fits int64 (no overflow for any vocabulary).
+_HASH_A, _HASH_B, _MASK32 = 0x5BD1E995, 0x27D4EB2F, 0xFFFFFFFF
+MAX_BIGRAM_BITS = 24
+
+
+def bigram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The bucket ``[0, buckets)`` of each adjacent token pair ``(prev, cur)`` (int64 tensors of
+    ids of one shape; ``buckets`` a power of two up to ``2**24``): the top bits of a 32-bit
+    multiplicative hash of the pair. The owners, the coordinator and the exported model's code
+    all count and look up pairs with this one function (the exported copy is tested equal)."""
+    bits = int(buckets).bit_length() - 1
+    if buckets < 2 or 1 << bits != buckets or bits > MAX_BIGRAM_BITS:
+        raise InputError(f"bigram buckets must be a power of two from 2 to 2**{MAX_BIGRAM_BITS}, got {buckets}")
+    h = (prev.long() * _HASH_A + cur.long()) & _MASK32
+    return ((h * _HASH_B) & _MASK32) >> (32 - bits)
 
 
 def unigram_log_probs(unigram: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -75,18 +102,41 @@ class CausalPosterior:
         self.source = source  # layer 0's router: the statistics and settings
         self.probs: torch.Tensor | None = None  # [B * S, E] float32, this forward's posterior
         self.sums: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None  # [B] each row's last token so far (the next pair's first)
         self.length = 0
         self.scanned = 0
         self._table: tuple[tuple, torch.Tensor] | None = None
 
     def table(self) -> torch.Tensor:
-        """``tau * log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
+        """``log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
         src = self.source
-        key = (id(src.unigram), src.unigram._version, float(src.temperature), float(src.smoothing))
+        key = (id(src.unigram), src.unigram._version, float(src.smoothing))
         if self._table is None or self._table[0] != key:
-            table = float(src.temperature) * unigram_log_probs(src.unigram, float(src.smoothing))
-            self._table = (key, table.T.contiguous())
+            self._table = (key, unigram_log_probs(src.unigram, float(src.smoothing)).T.contiguous())
         return self._table[1]
+
+    def log_likelihoods(self, ids: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+        """``log p(x_t | d)`` ``[B, S, E]`` (float64) of every position of ``ids`` ``[B, S]``:
+        the unigram model's, or with bigram statistics the interpolated bigram model's (module
+        docstring) for every position that has a previous token (``before`` ``[B]``: the token
+        preceding ``ids[:, 0]``, ``None`` at the start of the rows)."""
+        src = self.source
+        uni = self.table()
+        ll = uni[ids]
+        if not src.holds_bigram:
+            return ll
+        B, S = ids.shape
+        E = uni.shape[1]
+        start = ids.new_full((B, 1), -1) if before is None else before.to(ids)[:, None]
+        prev = torch.cat([start, ids[:, :-1]], 1)
+        has = prev >= 0
+        prev = prev.clamp(min=0)
+        pair = src.bigram.index_select(1, bigram_bucket(prev, ids, src.bigram.shape[1]).reshape(-1))
+        pair = pair.T.reshape(B, S, E).double()
+        k = float(src.bigram_weight)
+        context = src.unigram.double().T[prev]  # c_d(prev): how often the previous token occurs
+        bi = (pair + k * ll.exp()).log() - (context + k).log()
+        return torch.where(has[..., None], bi, ll)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -104,18 +154,15 @@ class CausalPosterior:
         """Set :attr:`probs` for ``input_ids`` ``[B, S]`` continuing ``past`` cached positions.
 
         Positions a 2-D ``attention_mask`` masks (padding) add no evidence. The sums are
-        sequential (a cumulative sum seeded with the carried sums, in float64), so a row advanced
-        token by token gets the same posterior as the row read at once.
+        sequential (a cumulative sum seeded with the carried sums, in float64), and the last token
+        carries over for the bigram of the next one, so a row advanced token by token gets the same
+        posterior as the row read at once.
         """
-        table = self.table()
-        ids = input_ids.to(table.device)
+        ids = input_ids.to(self.source.unigram.device).long()
         B, S = ids.shape
-        E = table.shape[1]
-        ll = table[ids]  # [B, S, E]
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
-            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
+        E = self.source.unigram.shape[0]
         if past == 0:
-            carry = ll.new_zeros(B, E)
+            carry, before = None, None
         elif self.sums is None or self.length != past or self.sums.shape != (B, E):
             have = "nothing" if self.sums is None else f"{self.length} positions of {self.sums.shape[0]} rows"
             raise RuntimeError(
@@ -124,18 +171,24 @@ class CausalPosterior:
                 "beam search and caches reordered or cropped behind its back are not supported"
             )
         else:
-            carry = self.sums
+            carry, before = self.sums, self.last
+        ll = float(self.source.temperature) * self.log_likelihoods(ids, before)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
+            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
+        if carry is None:
+            carry = ll.new_zeros(B, E)
         sums = torch.cat([carry[:, None], ll], 1).cumsum(1)[:, 1:]
         reset = self.source.reset_tokens.to(ids.device)
         if reset.numel():  # subtract the sums up to the last document end before each position
             ends = torch.isin(ids, reset)
             last = torch.where(ends, torch.arange(S, device=ids.device), -1).cummax(1).values
-            before = torch.cat([last.new_full((B, 1), -1), last[:, :-1]], 1)
-            base = sums.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, E))
-            sums = torch.where((before >= 0)[..., None], sums - base, sums)
+            previous_end = torch.cat([last.new_full((B, 1), -1), last[:, :-1]], 1)
+            base = sums.gather(1, previous_end.clamp(min=0)[..., None].expand(-1, -1, E))
+            sums = torch.where((previous_end >= 0)[..., None], sums - base, sums)
             self.sums = torch.where(ends[:, -1:], 0.0, sums[:, -1])
         else:
             self.sums = sums[:, -1]
+        self.last = ids[:, -1].clone()
         self.length = past + S
         self.scanned += S
         log_prior = self.source.log_prior.to(sums)
@@ -190,14 +243,26 @@ class PosteriorRouter(PerExpertRouter):
             self.register_buffer("smoothing", statistics["smoothing"].detach().float().clone().to(device))
             self.register_buffer("reset_tokens", statistics["reset_tokens"].detach().long().clone().to(device))
             self.per_expert.update(STATISTICS)
+            if statistics.get("bigram") is not None:
+                self.register_buffer("bigram", statistics["bigram"].detach().float().clone().to(device))
+                weight = statistics["bigram_weight"]
+                self.register_buffer("bigram_weight", torch.as_tensor(weight).detach().float().clone().to(device))
+                self.per_expert.update(BIGRAM)
 
     @property
     def holds_statistics(self) -> bool:
         return "unigram" in self._buffers
 
+    @property
+    def holds_bigram(self) -> bool:
+        return "bigram" in self._buffers
+
     @classmethod
     def from_native_state(cls, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None):
-        statistics = {k: state[k] for k in (*STATISTICS, *SETTINGS)} if "unigram" in state else None
+        statistics = None
+        if "unigram" in state:
+            names = (*STATISTICS, *SETTINGS, *((*BIGRAM, *BIGRAM_SETTINGS) if "bigram" in state else ()))
+            statistics = {k: state[k] for k in names}
         return cls(state["weight"], state["bias"], statistics, dtype=dtype)
 
     def attach(self, model: nn.Module) -> None:
@@ -205,9 +270,10 @@ class PosteriorRouter(PerExpertRouter):
 
     def append_expert(self, state: Mapping[str, torch.Tensor]) -> None:
         if self.holds_statistics:
-            counts = state.get(STATISTICS["unigram"])
-            if counts is not None and not (torch.isfinite(counts).all() and (counts >= 0).all()):
-                raise InputError("stats.unigram of the new expert must be finite, non-negative token counts")
+            for key in (STATISTICS["unigram"], *(BIGRAM.values() if self.holds_bigram else ())):
+                counts = state.get(key)
+                if counts is not None and not (torch.isfinite(counts).all() and (counts >= 0).all()):
+                    raise InputError(f"{key} of the new expert must be finite, non-negative counts")
             state = {STATISTICS["log_prior"]: torch.zeros(1), **state}
         super().append_expert(state)
 
@@ -291,6 +357,8 @@ def use_posterior_routers(
     smoothing: float = 0.1,
     prior: Sequence[float] | torch.Tensor | None = None,
     reset_at_eos: bool = False,
+    bigram: torch.Tensor | None = None,
+    bigram_weight: float = 30.0,
 ) -> nn.Module:
     """Route an assembled MoE by the causal domain posterior, in place; returns ``model``.
 
@@ -301,7 +369,9 @@ def use_posterior_routers(
     ``reset_at_eos``: restart the posterior after every ``config.eos_token_id`` token. Off by
     default: a packed evaluation row holds documents of one source, whose evidence carries over,
     and a prompt is one document; turn it on for rows that pack documents of different sources.
-    Sets ``top_k`` to 2 (the public expert and the chosen owner).
+    ``bigram``: adjacent-pair counts ``[E, K]`` hashed into ``K`` buckets (:func:`bigram_bucket`),
+    rows as ``unigram``'s, interpolated towards the unigram with weight ``bigram_weight``; ``None``
+    routes by unigrams alone. Sets ``top_k`` to 2 (the public expert and the chosen owner).
     """
     blocks = moe_blocks(model)
     if not blocks:
@@ -318,6 +388,15 @@ def use_posterior_routers(
         raise InputError("unigram counts must be finite and non-negative")
     if not (temperature > 0 and smoothing > 0):
         raise InputError(f"temperature and smoothing must be positive, got {temperature} and {smoothing}")
+    if bigram is not None:
+        bigram = torch.as_tensor(bigram)
+        if bigram.dim() != 2 or bigram.shape[0] != E:
+            raise InputError(f"bigram counts have shape {list(bigram.shape)}; this model needs [{E}, buckets]")
+        bigram_bucket(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), bigram.shape[1])
+        if not (torch.isfinite(bigram).all() and (bigram >= 0).all()):
+            raise InputError("bigram counts must be finite and non-negative")
+        if not bigram_weight > 0:
+            raise InputError(f"bigram_weight must be positive, got {bigram_weight}")
     if prior is None:
         log_prior = torch.zeros(E)
     else:
@@ -338,6 +417,8 @@ def use_posterior_routers(
         "smoothing": torch.tensor(float(smoothing)),
         "reset_tokens": torch.tensor(reset, dtype=torch.long),
     }
+    if bigram is not None:
+        statistics.update(bigram=bigram, bigram_weight=torch.tensor(float(bigram_weight)))
     for L, block in enumerate(blocks):
         if type(block.router) not in (Router, PosteriorRouter):
             raise InputError(

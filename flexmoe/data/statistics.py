@@ -1,10 +1,11 @@
-"""Token unigram counts: the aggregate of a text that owners and the coordinator share for routing.
+"""Token counts: the aggregate of a text that owners and the coordinator share for routing.
 
-:func:`unigram_counts` is the one count used on both sides: the owner counts the packed rows it
+:func:`token_statistics` is the one count used on both sides: the owner counts the packed rows it
 trained on (:class:`~flexmoe.callbacks.ExportExpert`), the coordinator the packed rows of its
-public data (``flexmoe spec``), so both vectors count the same kind of stream, EOS separators
-included, over the public tokenizer's vocabulary. How the counts travel and are checked:
-:mod:`flexmoe.artifacts.unigram`.
+public data (``flexmoe spec``), so both count the same kind of stream, EOS separators included,
+over the public tokenizer's vocabulary: tokens (:func:`unigram_counts`) and, for the recipe's
+bucket count, adjacent pairs within a row (:func:`bigram_counts`). How the counts travel and are
+checked: :mod:`flexmoe.artifacts.unigram`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from flexmoe.artifacts.unigram import TokenStatistics
+from flexmoe.core.posterior import bigram_bucket
 from flexmoe.data.packing import tokenize_and_pack
 
 
@@ -46,10 +49,31 @@ def unigram_counts(tokens: torch.Tensor | Iterable[Sequence[int]], vocab_size: i
     return counts.float()
 
 
-def packed_unigram_counts(documents: Sequence[str], tokenizer, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """:func:`unigram_counts` of ``documents`` packed as an owner packs its training text
+def bigram_counts(rows: torch.Tensor, buckets: int) -> torch.Tensor:
+    """How often each adjacent pair of tokens within a row of ``rows`` ``[N, S]`` occurs, hashed
+    into ``buckets`` (:func:`flexmoe.core.posterior.bigram_bucket`): ``float32 [buckets]``,
+    integral values, ``N (S - 1)`` pairs in all (pairs never straddle two rows: a row is what the
+    model sees at once)."""
+    rows = torch.as_tensor(rows).long()
+    if rows.dim() != 2:
+        raise ValueError(f"bigram counts are over packed rows [N, S], got shape {list(rows.shape)}")
+    pairs = bigram_bucket(rows[:, :-1], rows[:, 1:], buckets).reshape(-1)
+    return torch.bincount(pairs, minlength=buckets).float()
+
+
+def token_statistics(rows: torch.Tensor, vocab_size: int, bigram_buckets: int = 0) -> TokenStatistics:
+    """The token counts of packed rows ``[N, S]`` that the routing recipe ships: the unigram
+    counts, and the bigram counts when ``bigram_buckets`` is not 0."""
+    bigram = bigram_counts(rows, bigram_buckets) if bigram_buckets else None
+    return TokenStatistics(unigram_counts(rows, vocab_size), bigram)
+
+
+def packed_token_statistics(
+    documents: Sequence[str], tokenizer, seq_len: int, vocab_size: int, bigram_buckets: int = 0
+) -> TokenStatistics:
+    """:func:`token_statistics` of ``documents`` packed as an owner packs its training text
     (:func:`flexmoe.data.packing.tokenize_and_pack`: EOS after each document, rows of ``seq_len``,
     the last partial row dropped): what the coordinator counts on its public data, so that its
-    vector and the owners' count the same kind of stream."""
+    counts and the owners' count the same kind of stream."""
     rows, _ = tokenize_and_pack(documents, tokenizer, seq_len)
-    return unigram_counts(rows, vocab_size)
+    return token_statistics(rows, vocab_size, bigram_buckets)

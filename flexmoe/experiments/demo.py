@@ -60,7 +60,7 @@ from flexmoe.core.surgery import decoder_layers, moe_blocks, set_top_k, upcycle
 from flexmoe.data.corpus import Domain, local_corpus, write_corpus
 from flexmoe.data.documents import read_documents
 from flexmoe.data.packing import pack_domain, spread_rows
-from flexmoe.data.statistics import packed_unigram_counts
+from flexmoe.data.statistics import packed_token_statistics
 from flexmoe.experiments.report import findings, markdown_table, plot_perplexity, plot_routing, write_markdown
 from flexmoe.owner.embed import router_embedding
 from flexmoe.owner.proxy import ProxySelection
@@ -322,7 +322,10 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
     model = load_public_model(str(public_dir))
     tokenizer = AutoTokenizer.from_pretrained(public_dir)
     rows = router_embedding(public_docs, model, embedder=None, tokenizer=tokenizer, seq_len=cfg.seq_len, seed=cfg.seed)
-    counts = packed_unigram_counts(public_docs, tokenizer, cfg.seq_len, model.config.vocab_size)
+    routing = RoutingRecipe(method="lda")
+    counts = packed_token_statistics(
+        public_docs, tokenizer, cfg.seq_len, model.config.vocab_size, routing.bigram_buckets
+    )
     spec = FederationSpec(
         public_model=str(public_dir),
         fingerprint=fingerprint(model),
@@ -342,7 +345,7 @@ def make_spec(cfg: DemoConfig, public_dir: Path, public_docs: list[str], path: P
             seq_len=cfg.seq_len,
             warmup_steps=max(1, cfg.router_tuning_steps // 10),
         ),
-        routing=RoutingRecipe(method="lda"),
+        routing=routing,
         public_statistics=write_public_statistics(path, counts),
     )
     spec.save(path)

@@ -266,6 +266,9 @@ def _remote_config(source, dtype: torch.dtype) -> PreTrainedConfig:
         moe_router=_router_kinds(routers),
         moe_reset_tokens=resets,
         moe_statistics_layer=holders[0] if holders else None,
+        moe_bigram_buckets=int(routers[holders[0]].bigram.shape[1])
+        if holders and routers[holders[0]].holds_bigram
+        else 0,
     )
     config.architectures = ["FlexMoEForCausalLM"]
     config.auto_map = {

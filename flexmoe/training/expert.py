@@ -171,10 +171,10 @@ class ExpertModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
 
-    def artifact(self, stats=None, unigram=None):
+    def artifact(self, stats=None, unigram=None, bigram=None):
         """This owner's artifact as trained so far (:attr:`artifact_class`; with the routing
         statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`; and the token
-        counts ``unigram``: :func:`flexmoe.data.statistics.unigram_counts`)."""
+        counts ``unigram`` and ``bigram``: :func:`flexmoe.data.statistics.token_statistics`)."""
         return self.artifact_class.from_model(
             self.model,
             owner=self.owner,
@@ -184,6 +184,7 @@ class ExpertModule(pl.LightningModule):
             fingerprint=self.spec.fingerprint,
             stats=stats,
             unigram=unigram,
+            bigram=bigram,
         )
 
 

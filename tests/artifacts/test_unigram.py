@@ -13,7 +13,7 @@ from flexmoe.artifacts.unigram import (
     UNIGRAM_TENSOR,
     UNIGRAM_TOKENS,
     MissingUnigramStatistics,
-    require_unigram,
+    require_token_statistics,
     unigram_problem,
 )
 from flexmoe.core.surgery import moe_blocks
@@ -48,7 +48,7 @@ def test_round_trip_keeps_the_counts_and_their_total(saved):
     assert torch.equal(loaded.unigram, counts_of()) and loaded.unigram.dtype == torch.float32
     assert loaded.metadata[UNIGRAM_TOKENS] == str(7 * 16)
     loaded.validate(model)  # the public model's vocabulary
-    require_unigram([loaded, path])
+    require_token_statistics([loaded, path])
 
 
 def test_an_artifact_without_counts_still_loads_and_the_recipe_says_what_to_do(tmp_path):
@@ -56,9 +56,9 @@ def test_an_artifact_without_counts_still_loads_and_the_recipe_says_what_to_do(t
     loaded = ExpertArtifact.load(path)
     assert loaded.unigram is None
     with pytest.raises(MissingUnigramStatistics, match=r"owner bob's artifact carries no unigram statistics: retrain"):
-        require_unigram([path])
+        require_token_statistics([path])
     with pytest.raises(MissingUnigramStatistics, match="flexmoe train-expert") as e:
-        require_unigram([loaded])
+        require_token_statistics([loaded])
     assert e.value.owners == ["bob"]
 
 
@@ -170,3 +170,30 @@ def test_counts_in_another_dtype_are_refused(saved, tmp_path):
 def test_float32_rounding_of_large_counts_is_within_the_allowed_total():
     big = torch.tensor([2**24 + 1, 3], dtype=torch.long)
     assert unigram_problem(big.float(), int(big.sum())) is None  # 2**24 + 1 is rounded in float32
+
+
+def test_a_header_length_that_begins_like_a_pickle_or_zip_is_still_safetensors(tmp_path):
+    """The 8-byte header length may begin with 0x80 (a pickle's first byte) or "PK" (a zip's):
+    the file is still safetensors and loads; a real pickle is still refused."""
+    import pickle
+    import struct
+
+    from flexmoe.artifacts.guard import read_safetensors_header
+
+    def header_length(pad: int, path) -> int:
+        save_file({"x": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+    for first, target in ((b"\x80", 0x80), (b"PK", 0x4B50)):  # the little-endian lengths that begin so
+        path = tmp_path / f"{target}.safetensors"
+        base = target - header_length(0, path)
+        for pad in range(max(0, base - 16), base + 16):
+            if header_length(pad, path) == target:
+                break
+        assert path.read_bytes()[: len(first)] == first
+        assert struct.unpack("<Q", path.read_bytes()[:8])[0] > 0
+        assert "x" in read_safetensors_header(path)
+    pickled = tmp_path / "p.safetensors"
+    pickled.write_bytes(pickle.dumps({"x": [0.0, 0.0]}))
+    with pytest.raises(ArtifactError, match="a pickle"):
+        read_safetensors_header(pickled)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import flexmoe
 from flexmoe.cli import main, normalize_argv
 from flexmoe.core.surgery import moe_blocks
+from flexmoe.spec import RoutingRecipe
 from flexmoe.testing import LICENSES, perturb_, tiny_model
 
 OWNERS = ["alice", "bob"]
@@ -310,12 +311,13 @@ def test_spec_command_writes_the_posterior_recipe_by_default(capsys, public_dir,
     code, stdout, err = run_main(capsys, *argv)
     assert code == 0, err
     routing = flexmoe.FederationSpec.load(out).routing
-    assert routing.method == "posterior" and (routing.temperature, routing.smoothing) == (0.3, 0.1)
+    assert routing == RoutingRecipe() and routing.method == "posterior" and routing.needs_bigram
     assert "--public-data" in stdout  # no public counts written: the merge will need the public text
-    code, _, err = run_main(capsys, *argv, "--routing.temperature", "0.5", "--routing.reset_at_eos", "true")
+    tuned = ("--routing.temperature", "0.2", "--routing.reset_at_eos", "true", "--routing.bigram_buckets", "0")
+    code, _, err = run_main(capsys, *argv, *tuned)
     assert code == 0, err
     routing = flexmoe.FederationSpec.load(out).routing
-    assert routing.method == "posterior" and routing.temperature == 0.5 and routing.reset_at_eos is True
+    assert routing.temperature == 0.2 and routing.reset_at_eos is True and not routing.needs_bigram
     code, _, err = run_main(capsys, *argv, "--routing.temperature", "0")
     assert code != 0 and "temperature" in err and "Traceback" not in err
 
@@ -332,8 +334,9 @@ def test_assemble_without_public_counts_says_what_to_pass(capsys, public_dir, ar
         art = flexmoe.ExpertArtifact.load(path)
         vocab = load_public(public_dir).config.vocab_size
         unigram = torch.ones(vocab)
-        tensors = {**art.tensors, "stats.unigram": unigram}
-        metadata = {**art.metadata, "unigram_tokens": str(vocab)}
+        bigram = torch.zeros(RoutingRecipe().bigram_buckets)
+        tensors = {**art.tensors, "stats.unigram": unigram, "stats.bigram": bigram}
+        metadata = {**art.metadata, "unigram_tokens": str(vocab), "bigram_pairs": "0"}
         counted.append(flexmoe.ExpertArtifact(art.owner, tensors, metadata).save(tmp_path / path.name))
     argv = ["assemble", "--public", public_dir, "--experts", *counted, "--out", tmp_path / "out"]
     code, _, err = run_main(capsys, *argv, "--routing", "posterior")

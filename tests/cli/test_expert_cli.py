@@ -174,6 +174,7 @@ def test_spec_command_writes_the_public_statistics_next_to_the_spec(spec_path, p
     from flexmoe.core.errors import InputError
     from flexmoe.data.documents import read_documents
     from flexmoe.data.packing import tokenize_and_pack
+    from flexmoe.data.statistics import bigram_counts
 
     spec = FederationSpec.load(spec_path)
     sidecar = spec_path.with_name("spec.public_stats.safetensors")
@@ -183,7 +184,8 @@ def test_spec_command_writes_the_public_statistics_next_to_the_spec(spec_path, p
     rows, _ = tokenize_and_pack(
         read_documents(f"{LICENSES}/Apache-2.0"), AutoTokenizer.from_pretrained(public_dir), spec.expert.seq_len
     )
-    assert torch.equal(counts, torch.bincount(rows.reshape(-1).long(), minlength=vocab_size).float())
+    assert torch.equal(counts.unigram, torch.bincount(rows.reshape(-1).long(), minlength=vocab_size).float())
+    assert torch.equal(counts.bigram, bigram_counts(rows, spec.routing.bigram_buckets))
 
     # A copy whose counts were changed after the spec was written is refused by its hash.
     copy = tmp_path / "spec.json"

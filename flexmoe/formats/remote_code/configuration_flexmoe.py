@@ -18,6 +18,7 @@ MOE_FIELDS = (
     "moe_router",
     "moe_reset_tokens",
     "moe_statistics_layer",
+    "moe_bigram_buckets",
 )
 _NOT_BASE = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", *MOE_FIELDS}
 
@@ -30,7 +31,8 @@ class FlexMoEConfig(PreTrainedConfig):
     router kind of every layer (``posterior``, ``clamped`` or ``affine``), or one per layer.
     ``moe_reset_tokens``: the token ids after which the posterior restarts (sizes that buffer).
     ``moe_statistics_layer``: the layer whose router holds the domain statistics (``None``: no
-    posterior router).
+    posterior router). ``moe_bigram_buckets``: the hashed bigram counts' bucket count (sizes that
+    buffer; ``0``: the posterior reads unigrams alone).
     """
 
     model_type = "flexmoe"
@@ -42,6 +44,7 @@ class FlexMoEConfig(PreTrainedConfig):
     moe_router: str | list[str] = "posterior"
     moe_reset_tokens: list[int] | None = None
     moe_statistics_layer: int | None = None
+    moe_bigram_buckets: int = 0
 
     def base_config(self) -> PreTrainedConfig:
         """The dense base model's config, rebuilt from the fields this config copied."""

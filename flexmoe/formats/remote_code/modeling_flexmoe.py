@@ -12,7 +12,9 @@ router whose gates are either
 - ``posterior`` (flexmoe's posterior router): a causal naive-Bayes posterior over the domains
   (public data first, then the owners) from the tokens up to each position, ``log post_t(d) =
   log prior(d) + tau * sum_{s <= t} log p(x_s | d)`` with ``log p(v | d) = log(c_dv + alpha) -
-  log(N_d + alpha V)`` from each domain's unigram counts ``c_d``; the token runs the public
+  log(N_d + alpha V)`` from each domain's unigram counts ``c_d`` (and, with bigram counts ``b_d``
+  hashed into buckets, ``log p(x_t | x_{t-1}, d) = log(b_d[h(x_{t-1}, x_t)] + k p(x_t | d)) -
+  log(c_d x_{t-1} + k)`` for every position after a row's first); the token runs the public
   expert and the most probable owner ``d*``, weighted by the owners' pairwise routers
   ``s_d = softmax(l_0, l_d)[1]`` (``l_d = r_d . x + min(beta_d, 0)``, ``l_0 = r_0 . x``):
   ``g_0 = post(0) + sum_d post(d) (1 - s_d)``, ``g_{d*} = post(d*) s_{d*}``, others 0;
@@ -36,48 +38,75 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_flexmoe import FlexMoEConfig
 
 ROUTER_KINDS = ("posterior", "clamped", "affine")
+# flexmoe.core.posterior.bigram_bucket's hash; flexmoe's tests check this copy against it.
+_HASH_A, _HASH_B, _MASK32 = 0x5BD1E995, 0x27D4EB2F, 0xFFFFFFFF
+
+
+def bigram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
+    """The bucket of each adjacent token pair: the top bits of a 32-bit multiplicative hash."""
+    bits = int(buckets).bit_length() - 1
+    h = (prev.long() * _HASH_A + cur.long()) & _MASK32
+    return ((h * _HASH_B) & _MASK32) >> (32 - bits)
 
 
 class Posterior:
     """The posterior over domains of the forward in progress, shared by every layer's router.
 
-    ``source`` is layer 0's router, which holds the statistics (``unigram`` ``[E, V]``,
-    ``log_prior``, ``temperature``, ``smoothing``, ``reset_tokens``). ``sums`` ``[B, E]`` (float64)
-    are each row's running ``tau * sum log p(x_s | d)`` after ``length`` positions, so a forward
-    continuing a cache of that length adds only its new tokens.
+    ``source`` is layer 0's router, which holds the statistics (``unigram`` ``[E, V]``, optionally
+    ``bigram`` ``[E, K]`` and ``bigram_weight``, ``log_prior``, ``temperature``, ``smoothing``,
+    ``reset_tokens``). ``last`` carries each row's last token for the next position's bigram.
+    ``sums`` ``[B, E]`` (float64) are each row's running ``tau * sum log p(x_s | d)`` after
+    ``length`` positions, so a forward continuing a cache of that length adds only its new tokens.
     """
 
     def __init__(self, source: nn.Module):
         self.source = source
         self.probs = None  # [B * S, E] float32
         self.sums = None
+        self.last = None
         self.length = 0
         self.scanned = 0  # positions read so far, for checks
         self._table = None
 
     def table(self) -> torch.Tensor:
-        """``tau * log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
+        """``log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
         src = self.source
-        key = (id(src.unigram), src.unigram._version, float(src.temperature), float(src.smoothing))
+        key = (id(src.unigram), src.unigram._version, float(src.smoothing))
         if self._table is None or self._table[0] != key:
             c = src.unigram.double() + float(src.smoothing)
-            table = float(src.temperature) * (c.log() - c.sum(-1, keepdim=True).log())
-            self._table = (key, table.T.contiguous())
+            self._table = (key, (c.log() - c.sum(-1, keepdim=True).log()).T.contiguous())
         return self._table[1]
+
+    def log_likelihoods(self, ids: torch.Tensor, before) -> torch.Tensor:
+        """``log p(x_t | d)`` ``[B, S, E]`` (float64): unigram, or interpolated bigram after a
+        previous token (``before`` ``[B]`` the one preceding ``ids[:, 0]``, ``None`` at row start)."""
+        src = self.source
+        uni = self.table()
+        ll = uni[ids]
+        if not hasattr(src, "bigram"):
+            return ll
+        B, S = ids.shape
+        E = uni.shape[1]
+        start = ids.new_full((B, 1), -1) if before is None else before.to(ids)[:, None]
+        prev = torch.cat([start, ids[:, :-1]], 1)
+        has = prev >= 0
+        prev = prev.clamp(min=0)
+        pair = src.bigram.index_select(1, bigram_bucket(prev, ids, src.bigram.shape[1]).reshape(-1))
+        pair = pair.T.reshape(B, S, E).double()
+        k = float(src.bigram_weight)
+        context = src.unigram.double().T[prev]
+        bi = (pair + k * ll.exp()).log() - (context + k).log()
+        return torch.where(has[..., None], bi, ll)
 
     @torch.no_grad()
     def advance(self, input_ids: torch.Tensor, attention_mask=None, past: int = 0) -> None:
         """Set :attr:`probs` for ``input_ids`` ``[B, S]`` continuing ``past`` cached positions;
         positions a 2-D ``attention_mask`` masks (padding) add no evidence."""
-        table = self.table()
-        ids = input_ids.to(table.device)
+        ids = input_ids.to(self.source.unigram.device).long()
         B, S = ids.shape
-        E = table.shape[1]
-        ll = table[ids]  # [B, S, E]
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
-            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
+        E = self.source.unigram.shape[0]
         if past == 0:
-            carry = ll.new_zeros(B, E)
+            carry, before = None, None
         elif self.sums is None or self.length != past or self.sums.shape != (B, E):
             raise RuntimeError(
                 f"the posterior router's running sums cover {self.length} positions, but this forward continues a "
@@ -85,7 +114,12 @@ class Posterior:
                 "search and caches reordered or cropped behind its back are not supported"
             )
         else:
-            carry = self.sums
+            carry, before = self.sums, self.last
+        ll = float(self.source.temperature) * self.log_likelihoods(ids, before)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
+            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
+        if carry is None:
+            carry = ll.new_zeros(B, E)
         sums = torch.cat([carry[:, None], ll], 1).cumsum(1)[:, 1:]
         reset = self.source.reset_tokens.to(ids.device, torch.long)  # token ids, whatever dtype loading gave it
         if reset.numel():  # subtract the sums up to the last document end before each position
@@ -97,6 +131,7 @@ class Posterior:
             self.sums = torch.where(ends[:, -1:], 0.0, sums[:, -1])
         else:
             self.sums = sums[:, -1]
+        self.last = ids[:, -1].clone()
         self.length = past + S
         self.scanned += S
         log_prior = self.source.log_prior.to(sums)
@@ -116,12 +151,15 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts))
         self.posterior = None  # a Posterior, set by FlexMoEForCausalLM
         if statistics is not None:
-            vocab, resets = statistics["vocab_size"], statistics["reset_tokens"]
+            vocab, resets, buckets = statistics["vocab_size"], statistics["reset_tokens"], statistics["buckets"]
             self.register_buffer("unigram", torch.zeros(num_experts, vocab))
             self.register_buffer("log_prior", torch.zeros(num_experts))
             self.register_buffer("temperature", torch.ones(()))
             self.register_buffer("smoothing", torch.ones(()))
             self.register_buffer("reset_tokens", torch.zeros(resets, dtype=torch.long))
+            if buckets:
+                self.register_buffer("bigram", torch.zeros(num_experts, buckets))
+                self.register_buffer("bigram_weight", torch.ones(()))
 
     def effective_bias(self) -> torch.Tensor:
         b = self.bias.float()
@@ -201,7 +239,8 @@ class FlexMoEPreTrainedModel(PreTrainedModel):
     # Routers compute in float32 and the posterior's counts and temperature must not round to bf16
     # (flexmoe keeps them in float32 whatever the model's dtype); reset_tokens stay token ids.
     _keep_in_fp32_modules_strict = [
-        f"router.{name}" for name in ("weight", "bias", "unigram", "log_prior", "temperature", "smoothing")
+        f"router.{name}"
+        for name in ("weight", "bias", "unigram", "bigram", "bigram_weight", "log_prior", "temperature", "smoothing")
     ]
 
 
@@ -221,7 +260,11 @@ class FlexMoEForCausalLM(FlexMoEPreTrainedModel, GenerationMixin):
         kinds = config.moe_router
         layers = self.model.layers
         kinds = [kinds] * len(layers) if isinstance(kinds, str) else list(kinds)
-        stats = {"vocab_size": config.vocab_size, "reset_tokens": len(config.moe_reset_tokens or [])}
+        stats = {
+            "vocab_size": config.vocab_size,
+            "reset_tokens": len(config.moe_reset_tokens or []),
+            "buckets": config.moe_bigram_buckets or 0,
+        }
         for L, (layer, kind) in enumerate(zip(layers, kinds)):
             holds = kind == "posterior" and config.moe_statistics_layer == L
             router = Router(kind, config.hidden_size, E, stats if holds else None)
