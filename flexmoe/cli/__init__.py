@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import sys
 import types
 import typing
@@ -21,6 +22,10 @@ from jsonargparse import auto_cli
 
 from flexmoe import __version__
 from flexmoe.core.errors import InputError
+
+# The one error line: long enough for a path, a field and both values, short enough to read. The
+# values may come from another party's file (a 20 MB owner name must not become a 20 MB line).
+ERROR_CHARS = 800
 
 # name -> "module:function"; a command's module is imported only when that command runs,
 # so `flexmoe assemble` does not pay for importing Lightning.
@@ -125,9 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     Bad input -- an :class:`~flexmoe.core.errors.InputError` (``ArtifactError`` is one) or an
     ``OSError`` (a missing or unwritable path) -- prints one line for the person who made the
     mistake and exits with status 1. Any other exception is a bug and keeps its traceback.
-    ``FLEXMOE_DEBUG=1`` shows the traceback of bad input too.
+    ``FLEXMOE_DEBUG=1`` shows the traceback of bad input too. The line is cut to
+    :data:`ERROR_CHARS` characters. SIGTERM ends the command as Ctrl-C does, so that what it was
+    writing is removed (:mod:`flexmoe.core.io`) instead of left half-written.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = None
     try:
         if argv[:1] == ["train-expert"]:
             # LightningCLI owns this command's parser: every Trainer option is available. Imported
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             from flexmoe.cli.train_expert import train_expert_cli
 
             return train_expert_cli(argv[1:])
+        previous = _terminate_cleanly()
         # Build only the parser of the command asked for (all of them for `flexmoe --help`).
         names = [a for a in argv[:1] if a in COMMANDS] or list(COMMANDS)
         auto_cli(
@@ -150,8 +159,36 @@ def main(argv: list[str] | None = None) -> None:
         bad = _bad_input(e)
         if bad is None or os.environ.get("FLEXMOE_DEBUG"):
             raise
-        print(f"flexmoe: error: {str(bad) or type(bad).__name__}", file=sys.stderr)
+        print(f"flexmoe: error: {error_line(bad)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def error_line(e: BaseException, limit: int = ERROR_CHARS) -> str:
+    """``e``'s message as one line of at most about ``limit`` characters, saying how much was cut."""
+    text = " ".join((str(e) or type(e).__name__).split())
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters; FLEXMOE_DEBUG=1 shows all)"
+    return text
+
+
+def _terminate_cleanly():
+    """Turn SIGTERM (``kill``, a job scheduler's time limit) into ``SystemExit``, so that the
+    ``finally`` and ``except`` blocks that remove partial output run; Python's default ends the
+    process without them. Only from the main thread and where no handler is set (``train-expert``
+    leaves SIGTERM to Lightning). Returns the handler to restore, or ``None``."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _bad_input(e: BaseException | None) -> BaseException | None:

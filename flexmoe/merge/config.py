@@ -39,15 +39,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from flexmoe.core.errors import InputError
+from flexmoe.core.parsing import MAX_YAML_BYTES, load_yaml, shorten
 from flexmoe.merge.dare import dare_method
 from flexmoe.merge.kernel import MergeMethod, check_compatible, merge_dirs
 from flexmoe.merge.stream import DEFAULT_SHARD_BYTES, SafetensorsDir, check_same_architecture
@@ -100,6 +101,22 @@ _ALIASES = {
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PARAMETERS = ("density", "trim", "sign", "lam", "drop", "seed", "then")
+# What each key holds, checked before anything uses it: (accepts, in words).
+_Path = (str, os.PathLike)
+_TYPES = {
+    "method": (str, "a method name"),
+    "base": (_Path, "a model directory"),
+    "density": ("number", "a number"),
+    "lam": ("number", "a number"),
+    "drop": ("number", "a number"),
+    "seed": ("integer", "an integer"),
+    "trim": (str, "a string"),
+    "sign": (str, "a string"),
+    "then": (str, "a string"),
+    "dtype": (str, "a string"),
+    "max_shard_size": ((str, "integer"), "a number of bytes or a size like '5GB'"),
+}
+_MAX_SHARD_BYTES = 2**50
 
 
 def _or(value, default):
@@ -132,6 +149,9 @@ class MergeConfig:
         def fail(msg: str):
             raise MergeConfigError(where + msg)
 
+        problem = _type_problem(self)
+        if problem is not None:
+            fail(problem)
         if self.method not in METHODS:
             hint = _ALIASES.get(self.method) or next(iter(difflib.get_close_matches(str(self.method), METHODS)), None)
             fail(
@@ -197,10 +217,15 @@ class MergeConfig:
         path = Path(path)
         if not path.is_file():
             raise MergeConfigError(f"{path}: no such config file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise MergeConfigError(f"{path}: not valid YAML: {e}") from e
+            # Bounded: no alias bomb, no nesting deep enough to overflow the parser (core.parsing).
+            data = load_yaml(raw.decode("utf-8"), what=str(path))
+        except UnicodeDecodeError as e:
+            raise MergeConfigError(f"{path}: not valid YAML: not UTF-8 text ({e.reason})") from None
+        except InputError as e:
+            raise MergeConfigError(str(e)) from None
         return cls.from_dict(data, source=path)
 
     @classmethod
@@ -216,8 +241,10 @@ class MergeConfig:
         unknown = [k for k in data if k not in known]
         if unknown:
             hints = [
-                f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), known, 1)) else repr(k)
-                for k in unknown
+                f"{shorten(k, 80)!r} (did you mean {m[0]!r}?)"
+                if (m := difflib.get_close_matches(str(k)[:80], known, 1))
+                else shorten(repr(k), 80)
+                for k in unknown[:10]
             ]
             raise MergeConfigError(f"{where}unknown key {', '.join(hints)}; known keys: {', '.join(known)}")
         for key in ("method", "models"):
@@ -230,9 +257,9 @@ class MergeConfig:
         if source is not None:
             root = Path(source).resolve().parent
             if isinstance(data.get("models"), list):
-                data["models"] = [str(root / str(m)) for m in data["models"]]
-            if data.get("base") is not None:
-                data["base"] = str(root / str(data["base"]))
+                data["models"] = [str(root / m) if isinstance(m, str) else m for m in data["models"]]
+            if isinstance(data.get("base"), str):
+                data["base"] = str(root / data["base"])
         return cls(**data, source=str(source) if source is not None else None)
 
     def to_dict(self) -> dict:
@@ -271,15 +298,55 @@ class MergeConfig:
         )
 
 
+def _type_problem(config: MergeConfig) -> str | None:
+    """What is of the wrong type in ``config`` (as parsed from YAML, anything can be anywhere),
+    or ``None``: every later check may then rely on the types."""
+
+    def ok(value, accepts) -> bool:
+        accepts = accepts if isinstance(accepts, tuple) else (accepts,)
+        for a in accepts:
+            if a == "number" and _is_number(value):
+                return True
+            if a == "integer" and isinstance(value, int) and not isinstance(value, bool):
+                return True
+            if isinstance(a, type) and isinstance(value, a):
+                return True
+        return False
+
+    for name, (accepts, words) in _TYPES.items():
+        value = getattr(config, name)
+        if value is not None and not ok(value, accepts):
+            return f"{name}: expected {words}, got {type(value).__name__} {shorten(value, 80)}"
+    if not isinstance(config.models, (list, tuple)) or not all(isinstance(m, _Path) for m in config.models):
+        return "models: give a list of model directories, e.g. models: [expert_a/, expert_b/]"
+    if config.weights is not None and not (
+        isinstance(config.weights, (list, tuple)) and all(_is_number(w) for w in config.weights)
+    ):
+        return f"weights: give one finite number per model ({len(config.models)} models)"
+    if config.seed is not None and not 0 <= config.seed < 2**63:
+        return f"seed: expected an integer in [0, 2**63), got {shorten(str(config.seed), 40)}"
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int) and size > 0:
+    if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= _MAX_SHARD_BYTES:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size must be a number of bytes or like '5GB' / '500MiB', got {size!r}")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
+    m = re.fullmatch(r"\s*([0-9]{1,15}(?:\.[0-9]{1,15})?)\s*([KMGT]i?B)\s*", str(size)[:100], re.IGNORECASE)
+    value = 0
+    if m:
+        unit = m.group(2).upper()
+        base = 1024 if "I" in unit else 1000
+        value = int(float(m.group(1)) * base ** ("KMGT".index(unit[0]) + 1))
+    if not 0 < value <= _MAX_SHARD_BYTES:
+        raise ValueError(
+            f"max_shard_size must be a number of bytes or like '5GB' / '500MiB', at most 1 PiB, "
+            f"got {shorten(size, 80)!r}"
+        )
+    return value
 
 
 def merge(config: str, out: str) -> Path:
