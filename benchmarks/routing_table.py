@@ -707,7 +707,7 @@ def main(argv=None):
     if not args.skip_btm:
         from flexmoe.merge import BTMEnsemble
 
-        btm = BTMEnsemble([public_model(public)] + [singles[o] for o in owners]).eval()
+        btm = BTMEnsemble([public_model(public)] + [singles[o] for o in owners], prior=None, top_k=None).eval()
         evaluate("btm (public+singles)", btm, domains, args, results)
 
     from flexmoe.evaluate import oracle_perplexity

@@ -10,7 +10,9 @@ token of every row (``seq_len - 1`` per row), i.e. ``exp`` of what ``transformer
 
 Models are given as strings: a dense ``transformers`` directory, any format :func:`flexmoe.load`
 opens, or ``btm:DIR1,DIR2,...`` for a :class:`~flexmoe.merge.BTMEnsemble` of those
-directories. ``oracle`` routing (each domain through its own model) is the bound on routing.
+directories, in the paper's default configuration (top-3 domains per position); the table has no
+held-out text besides what it scores, so its cached prior stays at its uniform start. ``oracle``
+routing (each domain through its own model) is the bound on routing.
 """
 
 from __future__ import annotations

@@ -1074,7 +1074,7 @@ def _run(cfg: DemoConfig, root: Path, threads: int, fast: bool) -> dict:
     members = [models.with_expert_mlp(o) for o in OWNERS]
     table.score("weighted_soup", CausalWeightedSoup(members, uniform, cfg.weighted_soup_prefix))
     del members, uniform
-    table.score("btm", BTMEnsemble([models.public(), *singles.values()], top_k=cfg.btm_top_k))
+    table.score("btm", BTMEnsemble([models.public(), *singles.values()], prior=None, top_k=cfg.btm_top_k))
     ensembles, fitted = btm_with_cached_prior(cfg, [models.public(), *singles.values()], held_out)
     btm_priors = {
         "fitted_prior": fitted,

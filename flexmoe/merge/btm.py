@@ -14,13 +14,20 @@ are the Bayesian posterior given everything before it, the mixture's probability
 sequence is ``sum_j p(D=j) p(x | D=j)`` exactly (the chain rule telescopes), so its total NLL
 is at most the best member's plus ``-log p(D=best)``.
 
-The paper's two refinements (section 4.1, following DEMix, Gururangan et al. 2022):
+The paper's configuration (section 4.1, following DEMix, Gururangan et al. 2022) is the default:
 
 * **cached prior** (``prior="ema"``): ``p(D=j)`` is an exponential moving average, with
-  ``ema_alpha=0.3``, of the posteriors of a few held-out sequences from the evaluation domain
-  (:meth:`BTMEnsemble.fit_prior`);
-* **top-k** (``top_k``; the paper keeps 3 domains, :data:`PAPER_TOP_K`): at every position only
-  the ``k`` most probable domains are kept and their weights renormalised to sum to 1.
+  ``ema_alpha=0.3``, of the domain posterior on held-out text of the evaluation domain,
+  refreshed every ``update_every`` tokens of that text (by default, once per held-out
+  sequence); each refresh's posterior is Bayes' rule under the prior as it stands, so the
+  estimate keeps updating as evidence arrives (:meth:`BTMEnsemble.fit_prior`,
+  :meth:`BTMEnsemble.update_prior`). Before any held-out text is seen the EMA is at its start,
+  the uniform prior;
+* **top-k** (``top_k``, default :data:`PAPER_TOP_K` = 3): at every position only the ``k``
+  most probable domains are kept and their weights renormalised to sum to 1.
+
+``prior=None`` (uniform, fixed), explicit weights, and ``top_k=None`` (every domain) remain
+available for ablations.
 
 :func:`btm_average` is the paper's other way to use the experts (section 4.2): one dense model
 whose parameters are the experts' average weighted by such a posterior.
@@ -46,6 +53,7 @@ from transformers.utils import ModelOutput
 from flexmoe.merge.soup import average
 
 PAPER_TOP_K = 3  # BTM (section 4.1) keeps the top-3 domains per position
+PAPER_EMA_ALPHA = 0.3  # the EMA's weight on each refresh of the cached prior (DEMix, BTM section 4.1)
 Rows = torch.Tensor | Sequence[torch.Tensor]
 
 
@@ -85,23 +93,28 @@ class BTMEnsemble(nn.Module):
     Args:
         models: the member LMs (``transformers`` causal LMs or flexmoe MoEs), all over the
             same vocabulary and on the same device.
-        prior: ``p(D=j)`` per member: any non-negative weights (normalised here); ``None`` is
-            uniform; ``"ema"`` is the paper's cached prior, estimated by :meth:`fit_prior`
-            from ``held_out`` (or by calling it before the first forward pass).
-        top_k: keep this many domains per position and renormalise (``None``: all). The
-            paper uses :data:`PAPER_TOP_K` = 3.
-        ema_alpha: the EMA's weight on each new held-out sequence (the paper: 0.3).
-        held_out: token ids of held-out sequences of the evaluation domain for ``prior="ema"``
-            (``[S, T]`` or a list of 1-D tensors), used at once by :meth:`fit_prior`.
+        prior: ``p(D=j)`` per member. ``"ema"`` (the default) is the paper's cached prior: uniform
+            until held-out text updates it (``held_out``, :meth:`fit_prior`, :meth:`update_prior`).
+            Also accepted: any non-negative weights (normalised here, fixed) or ``None``
+            (uniform, fixed).
+        top_k: keep this many domains per position and renormalise (default: the paper's
+            :data:`PAPER_TOP_K` = 3; ``None``: all).
+        ema_alpha: the EMA's weight on each refresh (the paper: 0.3).
+        update_every: refresh the cached prior every this many held-out tokens (``None``: once
+            per held-out sequence).
+        held_out: token ids of held-out text of the evaluation domain for ``prior="ema"``
+            (``[S, T]`` or a list of 1-D tensors, read as one stream in that order), used at once
+            by :meth:`fit_prior`.
     """
 
     def __init__(
         self,
         models: Sequence[nn.Module],
-        prior: Sequence[float] | torch.Tensor | str | None = None,
+        prior: Sequence[float] | torch.Tensor | str | None = "ema",
         *,
-        top_k: int | None = None,
-        ema_alpha: float = 0.3,
+        top_k: int | None = PAPER_TOP_K,
+        ema_alpha: float = PAPER_EMA_ALPHA,
+        update_every: int | None = None,
         held_out: Rows | None = None,
     ):
         super().__init__()
@@ -113,17 +126,17 @@ class BTMEnsemble(nn.Module):
             raise ValueError(f"BTM members must share one vocabulary, but their output sizes are {sizes}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k is how many domains to keep per position, an integer >= 1 or None; got {top_k!r}")
-        if not 0.0 < ema_alpha <= 1.0:
-            raise ValueError(f"ema_alpha is the EMA's weight on each new sequence, in (0, 1]; got {ema_alpha}")
+        _check_alpha(ema_alpha)
+        _check_every(update_every)
         if isinstance(prior, str) and prior != "ema":
             raise ValueError(f"prior must be weights, None (uniform) or 'ema'; got {prior!r}")
         if held_out is not None and prior != "ema":
             raise ValueError("held_out sequences estimate the cached prior; pass prior='ema' with them")
         self.members = nn.ModuleList(models)
         self.vocab_size = sizes[0]
-        self.top_k, self.ema_alpha = top_k, ema_alpha
+        self.top_k, self.ema_alpha, self.update_every = top_k, ema_alpha, update_every
         self.prior_kind = "ema" if prior == "ema" else "fixed"
-        self._prior_ready = prior != "ema"
+        self.prior_refreshes = 0  # how many held-out blocks the cached prior has seen
         self.register_buffer("log_prior", self._log_prior(None if prior == "ema" else prior, len(models)))
         if held_out is not None:
             self.fit_prior(held_out)
@@ -142,7 +155,7 @@ class BTMEnsemble(nn.Module):
     @classmethod
     def from_dirs(cls, paths: Sequence[str | os.PathLike], prior=None, *, dtype: torch.dtype | None = None, **kwargs):
         """Load each member with :func:`flexmoe.load` (dense ``transformers`` or any flexmoe format);
-        ``kwargs`` go to the constructor (``top_k``, ``ema_alpha``, ``held_out``)."""
+        ``kwargs`` go to the constructor (``top_k``, ``ema_alpha``, ``update_every``, ``held_out``)."""
         # deferred: formats.load pulls in transformers' Auto model classes (~0.9 s), needed only to load from disk
         from flexmoe.formats.load import load
 
@@ -173,19 +186,50 @@ class BTMEnsemble(nn.Module):
         return torch.softmax(torch.stack(scores, dim=-1), dim=-1)
 
     @torch.no_grad()
-    def fit_prior(self, rows: Rows, *, ema_alpha: float | None = None, batch_size: int = 8) -> torch.Tensor:
-        """Estimate the cached prior from held-out sequences and use it from now on.
+    def fit_prior(
+        self,
+        rows: Rows,
+        *,
+        ema_alpha: float | None = None,
+        update_every: int | None = None,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Estimate the cached prior from held-out text, starting from uniform, and use it from
+        now on: :meth:`update_prior` from ``π_0`` uniform. Returns the prior ``[N]``."""
+        self.log_prior = self._log_prior(None, self.num_members).to(self.log_prior.device)
+        self.prior_refreshes = 0
+        return self.update_prior(rows, ema_alpha=ema_alpha, update_every=update_every, batch_size=batch_size)
 
-        BTM section 4.1 (after DEMix): ``π_0`` uniform, then for each held-out sequence
-        ``x^(i)``, in the order given, ``π_i = (1 - α) π_{i-1} + α p(D | x^(i))`` with
-        ``p(D | x^(i))`` its :meth:`sequence_posterior` and ``α = ema_alpha``. The uniform start
-        keeps every domain's prior at least ``(1 - α)^S / N`` after ``S`` sequences, so strong
-        evidence can still bring a domain back. ``rows``: ``[S, T]`` token ids, or a list of
-        1-D tensors of any lengths (>= 2 tokens each). Returns ``π_S`` ``[N]``.
+    @torch.no_grad()
+    def update_prior(
+        self,
+        rows: Rows,
+        *,
+        ema_alpha: float | None = None,
+        update_every: int | None = None,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Continue the cached prior's exponential moving average over more held-out text.
+
+        BTM section 4.1 (after DEMix): the held-out text is read as one stream, in the order
+        given, and cut into blocks ``b`` of ``update_every`` predicted tokens (``None``: one
+        block per sequence; a final shorter block counts too). At each block the prior
+        ``π`` is refreshed with the posterior of that block under it::
+
+            p(D=j | b) ∝ π_j · Π_{t in b} p_j(x_{t+1} | x_{<=t})
+            π ← (1 − α) π + α · p(D | b)
+
+        with ``α = ema_alpha``. Each member predicts every token from the start of its own
+        sequence (the context runs across block boundaries, not across sequences). Because
+        ``π`` stays a mixture with the previous prior, a domain's weight never falls below
+        ``(1 − α)`` times its previous value per block, so strong evidence can bring it back.
+        ``rows``: ``[S, T]`` token ids, or a list of 1-D tensors of any lengths (>= 2 tokens
+        each). Returns ``π`` ``[N]`` float32, which the ensemble uses from now on.
         """
         alpha = self.ema_alpha if ema_alpha is None else ema_alpha
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"ema_alpha is the EMA's weight on each new sequence, in (0, 1]; got {alpha}")
+        every = self.update_every if update_every is None else update_every
+        _check_alpha(alpha)
+        _check_every(every)
         device = self.log_prior.device
         if isinstance(rows, torch.Tensor):
             if rows.dim() != 2:
@@ -194,14 +238,42 @@ class BTMEnsemble(nn.Module):
         else:
             batches = [torch.as_tensor(r).reshape(1, -1) for r in rows]
         if not batches or any(b.shape[1] < 2 for b in batches):
-            raise ValueError("fit_prior needs at least one held-out sequence of two or more tokens")
-        pi = torch.full((self.num_members,), 1.0 / self.num_members, dtype=torch.float64, device=device)
+            raise ValueError("the cached prior needs at least one held-out sequence of two or more tokens")
+        log_pi = self.log_prior.double()
+        pending = torch.zeros(self.num_members, dtype=torch.float64, device=device)
+        filled = 0
+
+        def refresh(log_pi, evidence):
+            post = torch.softmax(log_pi + evidence, dim=-1)
+            self.prior_refreshes += 1
+            return torch.log((1 - alpha) * log_pi.exp() + alpha * post)
+
         for batch in batches:
-            for post in self.sequence_posterior(batch.to(device)):
-                pi = (1 - alpha) * pi + alpha * post.to(pi)
-        self.log_prior = torch.log(pi).float()
-        self._prior_ready = True
-        return pi.float()
+            token_lp = self._token_logprobs(batch.to(device))  # [N, B, T-1]
+            for row in token_lp.unbind(1):  # [N, T-1], in the stream's order
+                if every is None:
+                    log_pi = refresh(log_pi, row.sum(-1))
+                    continue
+                pos = 0
+                while pos < row.shape[1]:
+                    take = min(every - filled, row.shape[1] - pos)
+                    pending += row[:, pos : pos + take].sum(-1)
+                    pos, filled = pos + take, filled + take
+                    if filled == every:
+                        log_pi, pending, filled = refresh(log_pi, pending), torch.zeros_like(pending), 0
+        if filled:
+            log_pi = refresh(log_pi, pending)
+        self.log_prior = log_pi.float()
+        return self.prior
+
+    def _token_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``log p_j(x_{t+1} | x_{<=t})`` ``[N, B, T-1]`` float64 for every member ``j``."""
+        out = []
+        for model in self.members:
+            logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+            out.append(lp.double())
+        return torch.stack(out)
 
     # -- the mixture -----------------------------------------------------------------------
 
@@ -219,13 +291,6 @@ class BTMEnsemble(nn.Module):
     def log_posterior(self, log_joints: Sequence[torch.Tensor]) -> torch.Tensor:
         """``log p(D=j | x_{<=t})`` ``[B, T, N]`` from every member's :meth:`log_joint`."""
         return torch.log_softmax(torch.stack(list(log_joints), dim=-1), dim=-1)
-
-    def _check_prior(self) -> None:
-        if not self._prior_ready:
-            raise RuntimeError(
-                "this ensemble uses the cached prior (prior='ema') but it has not been estimated yet; "
-                "call ensemble.fit_prior(held_out_rows) or pass held_out= to the constructor"
-            )
 
     def _member_logprobs(self, model, input_ids, attention_mask, next_ids, keep):
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -245,7 +310,6 @@ class BTMEnsemble(nn.Module):
         ``attention_mask`` (1 = real token) keeps padding out of the prefix evidence.
         ``labels`` as in ``transformers``: the inputs (shifted inside), ``-100`` ignored.
         """
-        self._check_prior()
         next_ids = input_ids[:, 1:, None]
         keep = attention_mask[:, 1:].to(torch.float32) if attention_mask is not None else None
         if self.top_k is not None and self.top_k < self.num_members:
@@ -324,7 +388,6 @@ class BTMEnsemble(nn.Module):
         posterior (and its top-k) is updated with every new token, exactly as :meth:`forward`
         computes it on the whole sequence.
         """
-        self._check_prior()
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and not temperature > 0:
@@ -386,6 +449,16 @@ class BTMEnsemble(nn.Module):
         if eos and pad_token_id is None:
             pad_token_id = eos[0]  # as transformers does when a model has no pad token
         return eos, pad_token_id
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"ema_alpha is the EMA's weight on each refresh of the prior, in (0, 1]; got {alpha}")
+
+
+def _check_every(every: int | None) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"update_every is a number of held-out tokens per prior refresh (>= 1) or None; got {every!r}")
 
 
 def _cache_argument(model: nn.Module) -> str:

@@ -8,12 +8,13 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe.data.corpus import local_corpus
 from flexmoe.data.packing import pack_domain
-from flexmoe.lora import LoraHub
+from flexmoe.lora import LoraHub, lora_factors
 from flexmoe.testing import license_texts, train_peft_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -102,13 +103,60 @@ def test_peft_models_and_saved_directories_are_the_same_adapters(pool):
     assert from_dirs.loss([0, 0, 1]) < from_dirs.loss([1, 0, 0])  # the unicode adapter fits unicode text
 
 
+def _nll(model, ids, first):
+    """Mean next-token NLL of ``ids`` ``[T]`` from position ``first`` on, computed directly."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].float(), dim=-1)
+    return float(-logp.gather(-1, ids[1:, None])[first - 1 :].mean())
+
+
 def test_pairs_put_the_loss_on_the_output_tokens_only(pool):
-    base, tokenizer, _, dirs, _ = pool
-    hub = LoraHub(copy.deepcopy(base), dirs, [("U+0041 A ", "LATIN CAPITAL LETTER A")], tokenizer=tokenizer)
+    """With one-hot weights the composition is that adapter; its loss on a pair is the mean NLL of
+    the output's tokens given the input, and on a plain string that of every token after the first,
+    both computed here with the adapter's own peft model."""
+    base, tokenizer, _, dirs, models = pool
+    source, target = "U+0041 A ", "LATIN CAPITAL LETTER A"
+    hub = LoraHub(copy.deepcopy(base), dirs, [(source, target)], tokenizer=tokenizer, progress=False)
     batch = hub.batches[0]
-    n_in = len(tokenizer("U+0041 A ", add_special_tokens=False)["input_ids"])
+    src = tokenizer(source, add_special_tokens=False)["input_ids"]
+    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+    n_in = len(src)
     assert (batch["labels"][0, :n_in] == -100).all() and (batch["labels"][0, n_in:] >= 0).all()
-    assert hub.loss([0, 0, 1]) != hub.loss([0, 0, 1], ["U+0041 A LATIN CAPITAL LETTER A"])
+    unicode = models["unicode"]
+    assert hub.loss([0, 0, 1]) == pytest.approx(_nll(unicode, torch.tensor(src + tgt), n_in), abs=1e-5)
+    whole = torch.tensor(tokenizer(source + target, add_special_tokens=False)["input_ids"])
+    assert hub.loss([0, 0, 1], [source + target]) == pytest.approx(_nll(unicode, whole, 1), abs=1e-5)
+
+
+def test_the_composition_is_the_weighted_sum_of_the_a_and_b_factors(pool, ids):
+    """Eq. 2 is element-wise on A and on B, ``(sum w_i B_i)(sum w_i A_i)``, not a weighted sum of
+    the updates ``sum w_i B_i A_i``: checked against forward hooks on a plain copy of the base that
+    add ``scaling · B A x`` with A and B combined here from the adapters' own factors."""
+    base, tokenizer, tasks, dirs, models = pool
+    ids = ids % len(tokenizer)
+    w = [0.6, -0.9, 1.3]
+    factors = [lora_factors(models[name]) for name in ("licenses", "code", "unicode")]
+    hub = LoraHub(copy.deepcopy(base), dirs, ["x y z"], tokenizer=tokenizer, progress=False)
+
+    def with_updates(update):
+        reference = copy.deepcopy(base)
+        for name in factors[0]:
+            delta = update(name)
+            reference.get_submodule(name).register_forward_hook(lambda m, args, out, d=delta: out + args[0] @ d.T)
+        with torch.no_grad():
+            return reference(input_ids=ids).logits
+
+    def composed(name):
+        A = sum(wi * f[name].A for wi, f in zip(w, factors))
+        B = sum(wi * f[name].B for wi, f in zip(w, factors))
+        return factors[0][name].scaling * B @ A
+
+    hub.combine(w)
+    with torch.no_grad():
+        got = hub.model(input_ids=ids).logits
+    torch.testing.assert_close(got, with_updates(composed), atol=1e-5, rtol=1e-5)
+    summed = with_updates(lambda name: sum(wi * f[name].delta() for wi, f in zip(w, factors)))
+    assert (got - summed).abs().max() > 1e-2  # the check can tell the two compositions apart
 
 
 def test_incompatible_or_unsafe_adapters_are_refused(pool, tmp_path):
@@ -151,7 +199,22 @@ def test_seq2seq_models_work_too(pool, tmp_path):
                     p.normal_(generator=torch.Generator().manual_seed(i))
         adapter.save_pretrained(tmp_path / f"t5_{i}")
     pairs = [("GNU General Public", " License"), ("Permission is hereby", " granted")]
+    plain = copy.deepcopy(t5)
     hub = LoraHub(t5, [tmp_path / "t5_0", tmp_path / "t5_1"], pairs, tokenizer=tokenizer, budget=6, progress=False)
     result = hub.fit()
     assert len(result.history) <= 6 and result.objective == min(c.objective for c in result.history)
-    assert hub.loss([1, 0]) != hub.loss([0, 1])
+    # the loss of a composition, computed directly: adapter 0's peft model with A and B replaced by
+    # the weighted sums of the two saved adapters' factors, and T5's own loss on each pair's output
+    saved = [load_file(str(tmp_path / f"t5_{i}" / "adapter_model.safetensors")) for i in range(2)]
+    for w in ([1.0, 0.0], [0.3, -1.2]):
+        reference = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "t5_0").eval()
+        state = {k: w[0] * saved[0][k] + w[1] * saved[1][k] for k in saved[0]}
+        set_peft_model_state_dict(reference, state)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for source, target in pairs:
+                x = torch.tensor([tokenizer(source, add_special_tokens=False)["input_ids"]])
+                y = torch.tensor([tokenizer(target, add_special_tokens=False)["input_ids"]])
+                total += float(reference(input_ids=x, labels=y).loss) * y.numel()
+                count += y.numel()
+        assert hub.loss(w) == pytest.approx(total / count, abs=1e-5), w

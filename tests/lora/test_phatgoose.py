@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexmoe import ArtifactError
+from flexmoe.artifacts.peft_adapters import LoraFactors
 from flexmoe.data.corpus import local_corpus
 from flexmoe.data.packing import pack_domain
 from flexmoe.evaluate import perplexity
 from flexmoe.lora import GatedAdapter, Phatgoose, gated, lora_factors, train_gates
-from flexmoe.testing import license_texts, train_peft_lora
+from flexmoe.testing import license_texts, tiny_model, train_peft_lora
 
 TARGETS = ["lm_head"]
 
@@ -97,6 +98,69 @@ def test_one_adapter_at_top_1_is_that_adapter_exactly(experts, ids):
     model = Phatgoose(copy.deepcopy(base), gated_adapters[:1], top_k=1)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, peft_models["licenses"](input_ids=ids).logits, atol=1e-5)
+
+
+def _standardise(t):
+    """LN without learned parameters, written out: zero mean, unit (biased) variance, eps 1e-5."""
+    mean = t.mean(-1, keepdim=True)
+    return (t - mean) / torch.sqrt(((t - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
+
+
+def _synthetic_adapters(base, modules_of, ranks, seed=0):
+    """Gated adapters with random LoRA factors and gates, adapter j on ``modules_of[j]``."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = []
+    for j, (modules, rank) in enumerate(zip(modules_of, ranks)):
+        factors, gates = {}, {}
+        for name in modules:
+            layer = base.get_submodule(name)
+            A = torch.randn(rank, layer.in_features, generator=g) / layer.in_features**0.5
+            B = torch.randn(layer.out_features, rank, generator=g) * 0.5
+            factors[name] = LoraFactors(A, B, scaling=0.5 + j / 4)
+            gates[name] = torch.randn(layer.in_features, generator=g) * 2
+        adapters.append(GatedAdapter(f"adapter{j}", factors, gates))
+    return adapters
+
+
+def test_routing_is_the_papers_formula_with_several_adapters_at_top_2(ids):
+    """Four adapters (ranks and scalings differ; one of them skips a module), top-2, against the
+    formula computed directly with forward hooks on a plain copy of the base model: per token and
+    module, ``p = softmax_j(LN(x) . LN(v_j) / sqrt(d))`` over the adapters of that module, the two
+    largest kept and renormalised, ``y = W x + sum_{j in top-2} p_j scaling_j B_j A_j x``."""
+    base = tiny_model("llama").eval()
+    both = ["lm_head", "model.layers.1.self_attn.o_proj"]
+    adapters = _synthetic_adapters(base, [both, ["lm_head"], both, both], ranks=[2, 4, 3, 2])
+    model = Phatgoose(copy.deepcopy(base), adapters, top_k=2)
+    reference = copy.deepcopy(base)
+    chosen = []
+
+    def hook(name):
+        members = [a for a in adapters if name in a.modules]
+
+        def add_routed_lora(module, args, out):
+            x = args[0].float()
+            d = x.shape[-1]
+            gates = _standardise(torch.stack([a.gates[name] for a in members]))
+            p = torch.softmax(_standardise(x) @ gates.T / d**0.5, dim=-1)
+            top = p.topk(2, dim=-1)
+            chosen.append(top.indices.flatten(0, -2))
+            w = torch.zeros_like(p).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+            for j, a in enumerate(members):
+                out = out + w[..., j, None] * (x @ a.modules[name].delta().T)
+            return out
+
+        return add_routed_lora
+
+    for name in both:
+        reference.get_submodule(name).register_forward_hook(hook(name))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+        everything = Phatgoose(copy.deepcopy(base), adapters, top_k=4)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - base(input_ids=ids).logits).abs().max() > 0.1  # the adapters matter
+    assert (everything - got).abs().max() > 0.01  # and so does keeping only two of them
+    pairs = {tuple(sorted(row.tolist())) for c in chosen for row in c}
+    assert len(pairs) >= 3, pairs  # tokens pick different pairs
 
 
 def test_evaluation_and_generate_work(experts):

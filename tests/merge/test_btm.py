@@ -222,24 +222,69 @@ def test_posterior_concentrates_on_the_in_domain_expert(domains):
         assert out.loss.item() <= nll_in + math.log(2) / (rows.shape[1] - 1) + 1e-5
 
 
+def _token_logprobs(models, rows):
+    """Every member's log-probability of each next token, ``[N, S, T-1]``, computed directly."""
+    with torch.no_grad():
+        return torch.stack(
+            [_logprobs(m, rows)[:, :-1].gather(-1, rows[:, 1:, None]).squeeze(-1).double() for m in models]
+        )
+
+
+def _ema(prior, evidence, alpha=0.3):
+    """One refresh of the cached prior, written out: π ← (1 − α) π + α · softmax(log π + evidence)."""
+    post = prior * torch.exp(evidence - evidence.max())
+    return (1 - alpha) * prior + alpha * post / post.sum()
+
+
 def test_ema_prior_moves_toward_the_held_out_domain(domains):
     (code, code_rows), (prose, prose_rows) = domains["code"], domains["prose"]
     for j, rows in enumerate([code_rows, prose_rows]):
-        ensemble = BTMEnsemble([code, prose], prior="ema", held_out=rows[:4])
+        ensemble = BTMEnsemble([code, prose], held_out=rows[:4])
         prior = ensemble.prior
         assert prior[j] > 0.7, prior
-        # exactly the EMA (alpha = 0.3) of the sequences' uniform-prior posteriors, from uniform
+        # one refresh per held-out sequence, each under the prior as it stands, from uniform
+        lp = _token_logprobs([code, prose], rows[:4]).sum(-1)  # [N, S]
         expected = torch.full((2,), 0.5, dtype=torch.float64)
-        for row in rows[:4]:
-            with torch.no_grad():
-                ll = torch.stack(
-                    [-m(row[None], labels=row[None]).loss.double() * (row.numel() - 1) for m in (code, prose)]
-                )
-            expected = 0.7 * expected + 0.3 * torch.softmax(ll, 0)
+        for s in range(4):
+            expected = _ema(expected, lp[:, s])
         torch.testing.assert_close(prior.double(), expected, atol=1e-5, rtol=0)
+        assert ensemble.prior_refreshes == 4
         # more held-out sequences, or a larger alpha, move it further
         assert ensemble.fit_prior(rows)[j] > prior[j]
-        assert BTMEnsemble([code, prose], prior="ema").fit_prior(rows[:4], ema_alpha=0.6)[j] > prior[j]
+        assert BTMEnsemble([code, prose]).fit_prior(rows[:4], ema_alpha=0.6)[j] > prior[j]
+
+
+def test_cached_prior_is_refreshed_every_n_tokens_of_the_stream(domains):
+    """``update_every=N``: the held-out rows are one stream cut into blocks of N predicted tokens,
+    across row boundaries (a last, shorter block counts too), and each block's posterior is taken
+    under the prior as it stands. Blocks of 8 tokens carry little evidence each, so that differs
+    clearly from an EMA of uniform-prior posteriors."""
+    (code, code_rows), (prose, _) = domains["code"], domains["prose"]
+    rows = code_rows[:3]  # 3 x 47 predicted tokens = 141 = 17 blocks of 8 and one of 5
+    ensemble = BTMEnsemble([code, prose], update_every=8)
+    got = ensemble.fit_prior(rows)
+    stream = _token_logprobs([code, prose], rows).reshape(2, -1)  # row after row
+    expected = torch.full((2,), 0.5, dtype=torch.float64)
+    uniform_posteriors = expected.clone()
+    for start in range(0, stream.shape[1], 8):
+        evidence = stream[:, start : start + 8].sum(-1)
+        expected = _ema(expected, evidence)
+        uniform_posteriors = 0.7 * uniform_posteriors + 0.3 * torch.softmax(evidence, 0)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    assert ensemble.prior_refreshes == 18
+    assert (got.double() - uniform_posteriors).abs().max() > 0.05  # the test tells the two apart
+    with pytest.raises(ValueError, match="update_every"):
+        ensemble.fit_prior(rows, update_every=0)
+
+
+def test_cached_prior_tracks_the_domain_of_a_long_stream(domains):
+    """Refreshed as evidence arrives, the prior follows the stream: it goes to the code expert on
+    code, then, continued on prose, moves over to the prose expert."""
+    (code, code_rows), (prose, prose_rows) = domains["code"], domains["prose"]
+    ensemble = BTMEnsemble([code, prose], update_every=16)
+    assert ensemble.fit_prior(code_rows)[0] > 0.9
+    assert ensemble.update_prior(prose_rows)[1] > 0.9
+    assert ensemble.update_prior(code_rows)[0] > 0.9
 
 
 def test_ema_prior_weighs_recent_sequences_more(domains):
@@ -250,16 +295,28 @@ def test_ema_prior_weighs_recent_sequences_more(domains):
     assert code_last[0] > 0.5 > prose_last[0]
 
 
-def test_ema_prior_must_be_fitted_before_use(ids):
-    ensemble = BTMEnsemble(_members(2), prior="ema")
-    with pytest.raises(RuntimeError, match="fit_prior"):
-        ensemble(ids)
+def test_the_papers_configuration_is_the_default(ids):
+    """Cached EMA prior (alpha 0.3, uniform until held-out text refreshes it) and top-3."""
+    members = _members(5)
+    ensemble = BTMEnsemble(members)
+    assert ensemble.prior_kind == "ema" and ensemble.top_k == 3 and ensemble.ema_alpha == 0.3
+    torch.testing.assert_close(ensemble.prior, torch.full((5,), 0.2))
+    out = ensemble(ids)
+    assert ((out.posterior > 0).sum(-1) == 3).all()  # top-3 keeps three domains at every position
+    full = BTMEnsemble(members, prior=None, top_k=None)(ids).posterior
+    kept = full * torch.zeros_like(full).scatter(-1, full.topk(3, dim=-1).indices, 1.0)
+    torch.testing.assert_close(out.posterior, kept / kept.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_prior_settings_are_checked(ids):
     with pytest.raises(ValueError, match="prior='ema'"):
-        BTMEnsemble(_members(2), held_out=ids)
+        BTMEnsemble(_members(2), prior=None, held_out=ids)
     with pytest.raises(ValueError, match="ema_alpha"):
         BTMEnsemble(_members(2), prior="ema", ema_alpha=0.0)
     with pytest.raises(ValueError, match="'ema'"):
         BTMEnsemble(_members(2), prior="cached")
+    with pytest.raises(ValueError, match="update_every"):
+        BTMEnsemble(_members(2), update_every=-3)
 
 
 # -- top-k ----------------------------------------------------------------------------------------

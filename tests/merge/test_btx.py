@@ -173,6 +173,54 @@ def test_moe_finetune_lowers_the_loss_and_balances(public_dir, text_rows):
     assert not any(n.endswith("router.bias") for n in changed)
 
 
+def _usage(moe, rows):
+    """Each expert's share of the top-2 routing slots, mean over layers, computed from the
+    recorded router logits."""
+    moe.eval()
+    with torch.no_grad(), flexmoe.record_router_logits(moe) as logits:
+        moe(input_ids=rows, use_cache=False)
+    shares = [torch.bincount(x.topk(2, -1).indices.reshape(-1), minlength=3).float() / (2 * x.shape[0]) for x in logits]
+    return torch.stack(shares).mean(0)
+
+
+def _lopsided(moe, rows):
+    """Point routers 0 and 1 along each layer's mean MLP input and router 2 against it: expert 2
+    is left out of most tokens' top 2."""
+    means = []
+    hooks = [
+        b.register_forward_pre_hook(lambda m, args: means.append(args[0].detach().flatten(0, -2).mean(0)))
+        for b in moe_blocks(moe)
+    ]
+    with torch.no_grad():
+        moe(input_ids=rows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for block, x in zip(moe_blocks(moe), means):
+            u = x / x.norm() ** 2
+            block.router.weight.copy_(torch.stack([u, u, -u]))
+    return moe
+
+
+def test_load_balancing_evens_expert_usage(public_dir, text_rows):
+    """The same lopsided start and the same steps, with and without the load-balancing loss: with
+    it the neglected expert wins back a share of the tokens, without it it does not. (A larger
+    coefficient than BTX's 0.01 makes the effect visible within 8 steps.)"""
+    shares, before = {}, None
+    for coef in (0.0, 1.0):
+        seed, experts = _public_branches(public_dir)
+        moe = _lopsided(btx(experts, seed), text_rows)
+        before = _usage(moe, text_rows)
+        _finetune(MoEFinetune(moe, train="moe", balance_coef=coef, lr=1e-2, warmup_steps=2, max_steps=8), text_rows, 8)
+        shares[coef] = _usage(moe, text_rows)
+    assert before[2] < 0.1, before  # the construction: expert 2 is rarely in the top 2
+    assert shares[0.0][2] <= before[2] + 0.02, shares  # the LM loss alone does not bring it back
+    assert shares[1.0][2] >= before[2] + 0.08, shares  # load balancing does
+    spread = {c: float(s.max() - s.min()) for c, s in shares.items()}
+    assert spread[1.0] < spread[0.0] - 0.1, spread
+    assert MoEFinetune(btx(_branches()[1])).hparams.balance_coef == 0.01  # BTX's coefficient by default
+
+
 def test_moe_finetune_can_train_only_experts_and_router(public_dir, text_rows):
     seed, experts = _public_branches(public_dir)
     moe = btx(experts, seed)

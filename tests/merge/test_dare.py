@@ -85,3 +85,34 @@ def test_bad_settings_are_refused(kwargs, match):
     base = _state(0)
     with pytest.raises(ValueError, match=match):
         dare(base, [_ft(base, 1)], **kwargs)
+
+
+def test_models_are_dropped_independently_and_rescaled_then_summed():
+    """Two models at p = 0.5: every merged entry is ``Σ_i w_i m_i τ_i / (1 − p)`` for masks
+    ``m_i`` in {0, 1}, and the four mask patterns each turn up about a quarter of the time."""
+    base = _state(0)
+    fts = [_ft(base, 1), _ft(base, 2)]
+    taus = [ft["w"] - base["w"] for ft in fts]
+    merged = dare(base, fts, drop=0.5, seed=5, weights=[1.0, -2.0])["w"] - base["w"]
+    candidates = torch.stack([(m0 * taus[0] - 2.0 * m1 * taus[1]) / 0.5 for m0 in (0, 1) for m1 in (0, 1)])
+    error, pattern = (candidates - merged).abs().min(0)
+    assert error.max() < 1e-5
+    counts = torch.bincount(pattern, minlength=4).float() / merged.numel()
+    assert ((counts - 0.25).abs() < 0.04).all(), counts
+
+
+def test_dare_ties_is_ties_on_the_sparsified_task_vectors():
+    """``then="ties"``: the sign election and disjoint mean, written out here, applied to each
+    model's DARE-sparsified task vector (read back with the linear merge and one weight at 1)."""
+    base = _state(0)
+    fts = [_ft(base, s) for s in (1, 2, 3)]
+    kept = []
+    for i in range(3):
+        one_hot = [1.0 if j == i else 0.0 for j in range(3)]
+        kept.append(dare(base, fts, drop=0.6, seed=9, weights=one_hot)["w"] - base["w"])
+    stack = torch.stack(kept)
+    elected = stack.sum(0).sign()
+    agree = (stack.sign() == elected) & (stack != 0)
+    expected = (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
+    merged = dare(base, fts, drop=0.6, seed=9, then="ties", lam=0.5)["w"]
+    torch.testing.assert_close(merged, base["w"] + 0.5 * expected, atol=1e-5, rtol=0)

@@ -89,6 +89,11 @@ def test_task_arithmetic_equals_the_sum_of_weighted_task_vectors():
     expected = (1.0 * taus[0] - 0.5 * taus[1] + 2.0 * taus[2]).apply(base, scale=0.7)
     _same_weights(merged, expected, atol=1e-6)
     assert merged is not base
+    # and both are θ0 + λ Σ w_i (θ_i − θ0), written out on the state dicts
+    b, states = base.state_dict(), [f.state_dict() for f in fts]
+    for name, t in merged.state_dict().items():
+        direct = b[name] + 0.7 * sum(w * (s[name] - b[name]) for w, s in zip([1.0, -0.5, 2.0], states))
+        torch.testing.assert_close(t, direct, atol=1e-6, rtol=0, msg=name)
 
 
 def _text_ids(text: str, n_tokens: int = 96):
@@ -146,12 +151,21 @@ def _preds(model, ids):
 def test_disentanglement_error_is_the_papers_definition(two_tasks):
     """ξ = Σ_t P_{x~D_t}[f(x; θ0 + α_t τ_t) ≠ f(x; θ0 + α1 τ1 + α2 τ2)], per predicted token."""
     base, (t1, t2), (d1, d2) = two_tasks
-    a1, a2 = 1.5, -2.0
-    both = (a1 * t1 + a2 * t2).apply(base)
-    expected = float((_preds(t1.apply(base, a1), d1) != _preds(both, d1)).float().mean())
-    expected += float((_preds(t2.apply(base, a2), d2) != _preds(both, d2)).float().mean())
-    assert expected > 0  # two random edits of this size interfere somewhere
-    assert disentanglement_error(base, base, t1, t2, a1, a2, (d1, d2)) == pytest.approx(expected)
+
+    def edited(x1, x2):  # θ0 + x1 τ1 + x2 τ2, written out on a copy of the base's weights
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(x1 * t1.deltas[name] + x2 * t2.deltas[name])
+        return model
+
+    # (1.5, -2) interferes on nearly every token; (0.4, -0.2) on some, so a wrong sign or scale shows
+    for a1, a2 in [(1.5, -2.0), (0.4, -0.2)]:
+        both = edited(a1, a2)
+        expected = float((_preds(edited(a1, 0.0), d1) != _preds(both, d1)).float().mean())
+        expected += float((_preds(edited(0.0, a2), d2) != _preds(both, d2)).float().mean())
+        assert expected > 0  # two random edits of this size interfere somewhere
+        assert disentanglement_error(base, base, t1, t2, a1, a2, (d1, d2)) == pytest.approx(expected)
 
 
 def test_disentanglement_error_is_zero_at_the_origin_and_symmetric_in_the_tasks(two_tasks):

@@ -21,8 +21,9 @@ def _deltas(merged, base):
     return {k: merged[k] - base[k] for k in base}
 
 
-def _reference(base, fts, density, trim, lam=1.0, sign="mass", weights=None):
-    """TIES written out densely, for comparison: explicit concatenation and sort."""
+def _reference(base, fts, density, trim, lam=1.0, sign="mass", weights=None, tie_break="zero"):
+    """TIES written out densely, for comparison: explicit concatenation and sort. A tied vote
+    gives 0 (``"zero"``) or the majority elected sign of the trim scope (``"majority"``)."""
     names = sorted(base)
     w = torch.tensor(weights if weights is not None else [1.0] * len(fts), dtype=torch.float64)
     trimmed = []
@@ -42,13 +43,24 @@ def _reference(base, fts, density, trim, lam=1.0, sign="mass", weights=None):
                 keep[flat.abs().argsort(descending=True, stable=True)[: round(density * flat.numel())]] = True
                 out[n] = deltas[n] * keep.reshape(deltas[n].shape)
             trimmed.append(out)
-    merged = {}
+    elected = {}
     for n in names:
         stack = torch.stack([t[n] for t in trimmed])  # [N, ...]
         wb = w.reshape(-1, *[1] * (stack.dim() - 1))
         votes = {"mass": stack, "weighted_mass": stack * wb, "count": stack.sign()}[sign]
-        elected = votes.sum(0).sign()
-        agree = (stack.sign() == elected) & (stack != 0)
+        elected[n] = votes.sum(0).sign()
+    if tie_break == "majority":
+        scopes = [names] if trim == "global" else [[n] for n in names]
+        for scope in scopes:
+            majority = sum(elected[n].sum() for n in scope).sign()
+            for n in scope:
+                elected[n] = torch.where(elected[n] == 0, majority, elected[n])
+    merged = {}
+    for n in names:
+        stack = torch.stack([t[n] for t in trimmed])
+        wb = w.reshape(-1, *[1] * (stack.dim() - 1))
+        elected_n = elected[n]
+        agree = (stack.sign() == elected_n) & (stack != 0)
         den = (agree * wb).sum(0)
         mean = torch.where(den > 0, (stack * agree * wb).sum(0) / den.clamp_min(1e-300), 0.0)
         merged[n] = (base[n].double() + lam * mean).float()
@@ -66,6 +78,62 @@ def test_matches_the_algorithm_written_out(trim, sign, weights):
     expected = _reference(base, fts, 0.3, trim, lam=0.8, sign=sign, weights=weights)
     for k in base:
         torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("tie_break", ["zero", "majority"])
+@pytest.mark.parametrize("trim", ["global", "per_tensor"])
+@pytest.mark.parametrize("sign,weights", [("mass", None), ("weighted_mass", [1.0, 2.0, 0.5]), ("count", None)])
+def test_tied_votes_match_the_algorithm_written_out(tie_break, trim, sign, weights):
+    """Deltas on a grid of 1/8 (exact in float32), the second model the first one's mirror on
+    most entries, so that many votes are exactly tied under every sign rule."""
+    g = torch.Generator().manual_seed(0)
+
+    def grid(shape):
+        return torch.randint(-8, 9, shape, generator=g).float() / 8
+
+    base = {k: grid(s) for k, s in SHAPES.items()}
+    taus = [{k: grid(s) for k, s in SHAPES.items()} for _ in range(3)]
+    for k, t in taus[1].items():
+        mirror = torch.rand(t.shape, generator=g) < 0.7
+        t[mirror] = -taus[0][k][mirror]
+        if sign == "weighted_mass":  # weights 1 and 2: a tie needs the second at half the first
+            t[mirror] = t[mirror] / 2
+        taus[2][k][torch.rand(t.shape, generator=g) < 0.7] = 0.0  # the third abstains there
+    fts = [{k: base[k] + t[k] for k in base} for t in taus]
+    merged = ties(base, fts, density=0.6, lam=0.5, trim=trim, sign=sign, weights=weights, tie_break=tie_break)
+    expected = _reference(base, fts, 0.6, trim, lam=0.5, sign=sign, weights=weights, tie_break=tie_break)
+    for k in base:
+        torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_tie_break_by_hand():
+    """Two models, every entry kept (density 1), mass vote. Elected signs of ``w``: 0, −, +, 0,
+    +, + (majority +); of ``v``: 0, − (majority −); of the whole model: + (4 − 2 ... = +1)."""
+    base = {"v": torch.zeros(2), "w": torch.zeros(6)}
+    fts = [
+        {"w": torch.tensor([2.0, -1.0, 3.0, 1.0, 1.0, 4.0]), "v": torch.tensor([-1.0, -2.0])},
+        {"w": torch.tensor([-2.0, -3.0, 1.0, -1.0, 0.5, 0.0]), "v": torch.tensor([1.0, -1.0])},
+    ]
+    # a tie gives 0 (algorithm 1 as printed; the default)
+    zero = ties(base, fts, density=1.0)
+    assert zero["w"].tolist() == [0.0, -2.0, 2.0, 0.0, 0.75, 4.0] and zero["v"].tolist() == [0.0, -1.5]
+    # the whole model's majority is +: ties take the mean of the positive deltas
+    glob = ties(base, fts, density=1.0, tie_break="majority")
+    assert glob["w"].tolist() == [2.0, -2.0, 2.0, 1.0, 0.75, 4.0] and glob["v"].tolist() == [1.0, -1.5]
+    # per tensor: w's majority is +, v's is −
+    per = ties(base, fts, density=1.0, trim="per_tensor", tie_break="majority")
+    assert per["w"].tolist() == [2.0, -2.0, 2.0, 1.0, 0.75, 4.0] and per["v"].tolist() == [-1.0, -1.5]
+    # a tied majority leaves the tied entries at the base value
+    even = ties(
+        {"w": torch.zeros(3)},
+        [{"w": torch.tensor([1.0, 1.0, -1.0])}, {"w": torch.tensor([-1.0, 2.0, -3.0])}],
+        density=1.0,
+        tie_break="majority",
+        lam=2.0,
+    )
+    assert even["w"].tolist() == [0.0, 3.0, -4.0]
+    with pytest.raises(ValueError, match="tie_break"):
+        ties(base, fts, density=1.0, tie_break="minority")
 
 
 def test_per_tensor_trim_keeps_exactly_density_of_each_tensor():
