@@ -42,10 +42,12 @@ Targets: flexmoe >= 1.0x the faster transformers implementation at every E;
 flexmoe tokens/s at 16 experts >= 0.9x at 2 experts; MoE(2)/dense within 5% of its FLOP bound.
 
 ``--posterior`` also times each merged model routed by the domain posterior
-(``flexmoe.core.posterior.use_posterior_routers``; random integral unigram counts per domain, so
-the chosen owner varies) next to its token router, timed in the same round robin; target:
+(``flexmoe.core.posterior.use_posterior_routers``; random integral unigram counts per domain and
+hashed bigram counts in the default recipe's 2^20 buckets, so the chosen owner varies) next to its
+token router, timed in the same round robin; target:
 posterior >= 0.97x the token router's tokens/s at every E (same top-2 expert work, plus the
-posterior's table look-up and cumulative sum once per forward and the gates in every layer).
+posterior's table and bigram look-ups and cumulative sum once per forward and the gates in every
+layer).
 
     .venv/bin/python benchmarks/moe_inference.py                    # defaults
     .venv/bin/python benchmarks/moe_inference.py --cycles 3 --experts 2 16   # quick look
@@ -75,6 +77,7 @@ import flexmoe
 from flexmoe.core.posterior import use_posterior_routers
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.routing import mlp_inputs
+from flexmoe.spec import RoutingRecipe
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,20 @@ def merged_model(dense: nn.Module, experts: int, top_k: int, ids: torch.Tensor, 
 
 
 def posterior_model(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A copy of ``model`` routed by the domain posterior, from random integral unigram counts."""
+    """A copy of ``model`` routed by the domain posterior as the default recipe routes (unigram and
+    hashed bigram counts, its temperature and bigram weight), from random integral counts."""
     g = torch.Generator().manual_seed(seed)
     E, V = moe_blocks(model)[0].num_experts, model.config.vocab_size
-    return use_posterior_routers(copy.deepcopy(model), torch.randint(0, 100, (E, V), generator=g).float())
+    recipe = RoutingRecipe()
+    unigram = torch.randint(0, 100, (E, V), generator=g).float()
+    bigram = torch.randint(0, 3, (E, recipe.bigram_buckets), generator=g).float()
+    return use_posterior_routers(
+        copy.deepcopy(model),
+        unigram,
+        bigram=bigram,
+        temperature=recipe.temperature,
+        bigram_weight=recipe.bigram_weight,
+    )
 
 
 def expert_load(model: nn.Module, ids: torch.Tensor) -> tuple[float, float]:

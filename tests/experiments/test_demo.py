@@ -26,8 +26,8 @@ OVERRIDES = {"eval_batch_size": 16}
 FAST = dataclasses.replace(DemoConfig.fast(), **OVERRIDES)
 DOMAINS = ["public", *OWNERS]
 # flexolmo's average must be below MARGIN x each rival's average that the demo promises. Measured
-# on --fast: at most 0.967x (against flexolmo_token), and 1.00x btm; the margin leaves room for
-# noise, not for a regression.
+# on --fast (2026-12-07, bigram statistics): at most 0.958x (against flexolmo_token), and 0.991x
+# btm; the margin leaves room for noise, not for a regression.
 MARGIN = 0.98
 METHOD_KEYS = [
     "public",
@@ -225,7 +225,8 @@ def test_flexolmo_is_the_posterior_routed_default_and_holds_the_fast_presets_ord
     """The default merged model routes by the posterior (the report records its routers' kind)
     and, on the --fast preset, is below what the demo promises it is below, by MARGIN, and within
     BTM_TARGET x `btm`. `btx` is left out: at this size its MoE fine-tuning on the public data
-    helps every domain, and it was below `flexolmo` when measured."""
+    helps every domain, and `flexolmo` was only 0.996x it when measured (87.28 vs 87.61), within
+    noise of the margin."""
     _, report = run
     assert report["settings"]["flexolmo"]["posterior"]["router_kind"] == ["posterior"]
     avg = {m: r["average"] for m, r in report["methods"].items()}
