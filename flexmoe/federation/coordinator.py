@@ -3,11 +3,15 @@
 FlexOlmo steps 3-5 (docs/design.md): every owner's reply is rebuilt into an artifact file and put
 through all of :class:`~flexmoe.ExpertArtifact`'s checks (layout, identity against the spec's
 fingerprint and sha256, shapes against the public model, finite values, the owner's own name);
-a bad reply is rejected with its reason and the rest go on. Each accepted artifact is written to
+a bad reply is rejected with its reason and the rest go on. Every reply from any node is checked
+as it came before anything is built from it (:mod:`flexmoe.federation.records`: records, types,
+declared sizes against the public model, metrics): whatever a node sends costs at most its own
+rejection, a note, or its owner's rejection, never the run. Each accepted artifact is written to
 ``out-dir/artifacts/`` the moment it is accepted, atomically, with what else the owner sent in
 ``out-dir/received/``; so a coordinator that dies mid-run loses no accepted work, and a rerun
 with ``resume=true`` asks only the owners still missing. Owners are keyed by their node-config
-name, never by Flower's random node id.
+name, never by Flower's random node id; with run config ``owner-keys`` a node is an owner only if
+it holds that owner's SuperNode key (:mod:`flexmoe.federation.identity`).
 
 Files in ``out-dir``::
 
@@ -27,7 +31,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -49,6 +53,7 @@ from flexmoe.core.surgery import settings as moe_settings
 from flexmoe.data.documents import read_documents
 from flexmoe.evaluate import perplexity
 from flexmoe.federation import router_rounds
+from flexmoe.federation.identity import OwnerKeys
 from flexmoe.federation.records import (
     EXPERT,
     MANIFEST,
@@ -56,14 +61,18 @@ from flexmoe.federation.records import (
     OWNER,
     PROXY,
     QUERY_MESSAGE,
-    REPLY_RECORDS,
     SPEC,
     TRAIN,
     TRAIN_MESSAGE,
+    ReplyError,
     arrays_to_tensors,
+    check_records,
+    expert_layout,
     manifest_to_metadata,
+    query_owner,
     record_bytes,
     record_to_proxy,
+    train_metrics,
 )
 from flexmoe.federation.report import (
     ACCEPTED,
@@ -73,6 +82,7 @@ from flexmoe.federation.report import (
     TRAINING,
     WAITING,
     OwnerState,
+    clip,
     run_report,
     say,
     write_report,
@@ -82,6 +92,13 @@ from flexmoe.formats.load import detect_format, load_public_model
 from flexmoe.owner.proxy import ProxySelection
 from flexmoe.spec import FederationSpec
 from flexmoe.training.router_tuning import tune_router
+
+
+def reason(e: BaseException) -> str:
+    """Why a reply was refused, for the report: the error's message (an :class:`ArtifactError`'s or
+    :class:`ReplyError`'s names the field), else its type and message, cut to a readable length."""
+    known = isinstance(e, (ArtifactError, ReplyError, InputError))
+    return clip(str(e) if known and str(e) else f"{type(e).__name__}: {e}")
 
 
 class Coordinator:
@@ -94,7 +111,11 @@ class Coordinator:
         self.spec = FederationSpec.load(settings.spec)
         self.public_path = settings.public_model or self.spec.public_model
         self.owners = {name: OwnerState(name) for name in settings.expected_owners}
-        self.nodes: dict[int, str | None] = {}  # node id -> owner name (None until it says)
+        # node id -> the owner it answers for in this run; None until it says, or when it is no owner
+        # (not expected, not its key, or another node answers for that owner).
+        self.nodes: dict[int, str | None] = {}
+        self.keys: OwnerKeys | None = None
+        self.layout: dict[str, tuple[int, ...]] = {}
         self.pending: dict[str, tuple[str, int]] = {}  # message id -> ("query" | "train", node id)
         self.earlier: list[Path] = []
         self.connect_deadline = 0.0
@@ -150,6 +171,8 @@ class Coordinator:
                 f"{self.out} holds the results of an earlier run; set run config 'resume=true' to keep its accepted "
                 "experts and train only the missing owners, or choose another 'out-dir'"
             )
+        if self.s.owner_keys:
+            self.keys = OwnerKeys(self.s.owner_keys, self.s.expected_owners)
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         self.received_dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.artifacts_dir / ".incoming").glob("*.safetensors"):
@@ -173,28 +196,55 @@ class Coordinator:
                 f"{self.s.spec} says {self.spec.fingerprint[:16]}...; "
                 "set run config 'public-model' to the published model"
             )
+        self.layout = expert_layout(self.public, bigram_buckets=self.spec.routing.bigram_buckets)
         if self.s.public_data:
             self.public_docs = read_documents(self.s.public_data)
         for path in self.earlier:
             owner = path.name.removesuffix(".safetensors")
             if owner not in self.owners:
-                self.notes.append(f"{path.name} is from an owner not in expected-owners; left out")
+                self.note(f"{path.name} is from an owner not in expected-owners; left out")
                 continue
             try:
-                self.check_artifact(path, owner)
-            except ArtifactError as e:
+                artifact = self.check_artifact(path, owner)
+            except Exception as e:  # whatever a kept file holds, it costs only its owner's place
                 path.rename(path.with_name(path.name + ".invalid"))
-                self.notes.append(f"kept artifact of {owner!r} failed its checks ({e}); asking {owner!r} again")
+                self.note(f"kept artifact of {owner!r} failed its checks ({reason(e)}); asking {owner!r} again")
                 continue
             state = self.owners[owner]
-            received = self.received_dir / f"{owner}.json"
-            if received.is_file():
-                for k, v in json.loads(received.read_text()).items():
-                    if k in ("metrics", "proxy", "upload_bytes", "training_tokens", "node_id", "seconds_to_reply"):
-                        setattr(state, k, v)
+            self.restore_received(state)
+            state.training_tokens = artifact.training_tokens
             state.status, state.resumed = ACCEPTED, True
             state.artifact, state.artifact_sha256 = str(path), file_sha256(path)
             say(f"resume: keeping the accepted expert of {owner!r} ({path})")
+
+    def restore_received(self, state: OwnerState) -> None:
+        """What a kept owner sent besides its expert, from ``received/<owner>.json``, checked again
+        like a fresh reply; anything unreadable or malformed is left out, with a note."""
+        received = self.received_dir / f"{state.name}.json"
+        if not received.is_file():
+            return
+        try:
+            kept = json.loads(received.read_text())
+            metrics = kept.get("metrics") or {}
+            state.metrics = train_metrics(MetricRecord(metrics), state.name, len(self.public_layers))
+            proxy = kept.get("proxy")
+            if proxy is not None:
+                state.proxy = ProxySelection.from_dict(proxy).to_dict()
+            for k in ("upload_bytes", "seconds_to_reply"):
+                if isinstance(kept.get(k), (int, float)) and not isinstance(kept.get(k), bool):
+                    setattr(state, k, kept[k])
+        except Exception as e:  # a kept file may hold anything; it only feeds the report
+            state.metrics, state.proxy = {}, None
+            self.note(f"{received.name} could not be read back ({reason(e)}); its metrics and proxy set are left out")
+
+    @property
+    def public_layers(self) -> list[int]:
+        """Layer indices of the public model (what per-layer metrics may be as long as)."""
+        return sorted({int(k.split(".")[1]) for k in self.layout if k.startswith("layers.")})
+
+    def note(self, text: str) -> None:
+        """A line in the report's notes (cut to a readable length: it may quote a node)."""
+        self.notes.append(clip(text))
 
     # -- collecting the experts -------------------------------------------------------------------
     def collect(self) -> None:
@@ -222,9 +272,23 @@ class Coordinator:
                 time.sleep(self.s.poll_interval)
 
     def query_new_nodes(self) -> None:
-        """Ask each newly connected SuperNode which owner it is (while any owner is awaited)."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
-        if not new or not any(o.status == WAITING for o in self.owners.values()):
+        """Ask each newly connected SuperNode which owner it is (while any owner is awaited). With
+        ``owner-keys``, a node whose key is bound to no expected owner is not asked at all."""
+        if not any(o.status == WAITING for o in self.owners.values()):
+            return
+        if self.keys is None:
+            new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
+        else:
+            new = []
+            for info in self.grid.get_nodes():
+                if info.node_id in self.nodes:
+                    continue
+                if self.keys.owner(info.public_key) is None:
+                    self.nodes[info.node_id] = None
+                    self.note(f"SuperNode {info.node_id} holds a key bound to no expected owner (owner-keys); ignored")
+                else:
+                    new.append(info.node_id)
+        if not new:
             return
         messages = [self.message(RecordDict({OWNER: ConfigRecord({"want": "name"})}), n, QUERY_MESSAGE) for n in new]
         for n, mid in zip(new, self.grid.push_messages(messages)):
@@ -237,20 +301,39 @@ class Coordinator:
         return Message(content, node, kind, group_id=f"flexmoe-{self.spec.sha256[:12]}", ttl=ttl)
 
     def on_query(self, reply: Message, node: int) -> None:
-        """A SuperNode said who it is: send the spec if it is an owner still to train."""
+        """A SuperNode said who it is: send the spec if it is an owner still to train. Whatever
+        the reply holds, the worst it earns the node is a note and no spec."""
         if reply.has_error():
-            self.notes.append(f"SuperNode {node} did not say which owner it is: {reply.error.reason}")
+            self.note(f"SuperNode {node} did not say which owner it is: {reply.error.reason}")
             return
-        name = str(reply.content.config_records[OWNER]["name"])
-        self.nodes[node] = name
+        try:
+            if reply.metadata.src_node_id != node:
+                raise ReplyError(f"SuperNode {node}", "sender", node, reply.metadata.src_node_id)
+            name = query_owner(reply.content, f"SuperNode {node}")
+        except Exception as e:
+            self.note(f"SuperNode {node} is not taken as an owner: {reason(e)}")
+            return
         state = self.owners.get(name)
         if state is None:
-            self.notes.append(f"SuperNode {node} is owner {name!r}, who is not in expected-owners; ignored")
+            self.note(f"SuperNode {node} is owner {name!r}, who is not in expected-owners; ignored")
+            return
+        if self.keys is not None:
+            bound = self.keys.owner(self.node_key(node))
+            if bound != name:
+                self.note(
+                    f"SuperNode {node} says it is owner {name!r} but holds the key of {bound!r} (owner-keys); ignored"
+                )
+                return
+        if name in self.nodes.values():
+            self.note(f"SuperNode {node} is owner {name!r} again; another SuperNode answers for it, ignored")
             return
         if state.status != WAITING:
+            if state.status == ACCEPTED and state.resumed:  # its node in this run, for router tuning
+                self.nodes[node], state.node_id = name, node
             why = "its expert is already accepted" if state.status == ACCEPTED else f"it is {state.status}"
-            self.notes.append(f"SuperNode {node} is owner {name!r} again; not asked to train ({why})")
+            self.note(f"SuperNode {node} is owner {name!r} again; not asked to train ({why})")
             return
+        self.nodes[node] = name
         content = RecordDict(
             {
                 SPEC: ConfigRecord({"json": self.spec.to_json(), "sha256": self.spec.sha256}),
@@ -263,52 +346,56 @@ class Coordinator:
         say(f"owner {name!r} connected (SuperNode {node}); spec sent, training")
         self.progress()
 
+    def node_key(self, node: int) -> bytes:
+        """The public key the SuperLink holds for ``node`` (empty if it has none)."""
+        return next((info.public_key for info in self.grid.get_nodes() if info.node_id == node), b"")
+
     def on_train(self, reply: Message, node: int) -> None:
-        state = self.owners[self.nodes[node]]
-        if state.status != TRAINING:
+        """An owner's expert came back: accepted if every check passes, else that owner is
+        rejected with the reason, whatever the reply holds."""
+        state = self.owners.get(self.nodes.get(node) or "")
+        if state is None or state.status != TRAINING or state.node_id != node:
             return
         state.seconds_to_reply = time.monotonic() - state.sent_at
         if reply.has_error():
             self.resolve(state, FAILED, f"the owner's training failed or it went away: {reply.error.reason}")
             return
         try:
+            if reply.metadata.src_node_id != node:
+                raise ReplyError(state.name, "sender", f"SuperNode {node}", reply.metadata.src_node_id)
             self.accept(state, reply.content)
-        except (ArtifactError, KeyError, TypeError, ValueError) as e:
-            self.resolve(state, REJECTED, str(e) or type(e).__name__)
+        except Exception as e:  # a reply can hold anything: its sender's rejection, never the run's end
+            self.resolve(state, REJECTED, reason(e))
 
     def accept(self, state: OwnerState, content: RecordDict) -> None:
-        """Validate a reply as an artifact file; keep it (atomically) only if every check passes."""
+        """Validate a reply as an artifact file; keep it (atomically) only if every check passes.
+        The records, the expert's declared layout (against the public model), the manifest, the
+        metrics and the proxy selection are checked before a tensor is copied or a file written."""
         owner = state.name
-        extra = sorted(set(content.keys()) - REPLY_RECORDS)
-        if extra:
-            raise ArtifactError(
-                owner,
-                "reply records",
-                sorted(REPLY_RECORDS),
-                f"also {extra}",
-                hint="an owner sends its expert, manifest, metrics and proxy ids, nothing else",
-            )
-        if EXPERT not in content.array_records or MANIFEST not in content.config_records:
-            raise ArtifactError(
-                owner, "reply records", "an 'expert' ArrayRecord and a 'manifest' ConfigRecord", sorted(content.keys())
-            )
-        tensors = arrays_to_tensors(content.array_records[EXPERT], owner)
+        check_records(
+            content,
+            owner,
+            required={EXPERT: ArrayRecord, MANIFEST: ConfigRecord},
+            optional={METRICS: MetricRecord, PROXY: ConfigRecord},
+        )
         metadata = manifest_to_metadata(content.config_records[MANIFEST], owner)
+        metrics = train_metrics(content[METRICS], owner, len(self.public_layers)) if METRICS in content else {}
+        selection = record_to_proxy(content[PROXY], owner) if PROXY in content else None
+        tensors = arrays_to_tensors(content.array_records[EXPERT], owner, self.layout)
         incoming = self.artifacts_dir / ".incoming"
         incoming.mkdir(exist_ok=True)
         staged = incoming / f"{owner}.safetensors"
-        save_file(tensors, str(staged), metadata=metadata)
         try:
+            save_file(tensors, str(staged), metadata=metadata)
+            del tensors
             artifact = self.check_artifact(staged, owner)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
         proxy = None
-        if PROXY in content.config_records:
-            selection = record_to_proxy(content.config_records[PROXY])
+        if selection is not None:
             if self.public_docs is not None and selection.num_public != len(self.public_docs):
-                self.notes.append(
+                self.note(
                     f"{owner!r}'s proxy selection indexes {selection.num_public} public documents, the "
                     f"coordinator's public data has {len(self.public_docs)}; proxy set not used"
                 )
@@ -336,14 +423,18 @@ class Coordinator:
         self.resolve(state, ACCEPTED, None)
 
     def check_artifact(self, path: Path, owner: str) -> ExpertArtifact:
-        """Every ExpertArtifact check, plus: the artifact is the sending owner's own, and it carries
-        the statistics the spec's routing recipe needs (the posterior recipe: the owner's token
-        counts, ``stats.unigram``). The merge would refuse it otherwise, so it is refused here, with
-        the reason, while the other owners' experts go on."""
+        """Every ExpertArtifact check, plus: the artifact is the sending owner's own, and it carries the
+        statistics the spec's routing recipe needs (the posterior recipe: the owner's token counts,
+        ``stats.unigram`` and ``stats.bigram`` in the spec's bucket count). The merge would refuse
+        it otherwise, so it is refused here, with the reason, while the other owners' experts go on."""
         artifact = ExpertArtifact.load(path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         artifact.validate(self.public, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner", owner, artifact.owner, hint="an owner may only send its own expert")
+        self.check_counts(artifact)
+        # The bucket count of its bigram counts (when it ships them) is the spec's: the merge needs
+        # every owner's in the same buckets.
+        artifact.check_token_statistics(self.public.config.vocab_size, self.spec.routing.bigram_buckets or None)
         recipe = self.recipe
         if lacks_statistics(artifact, recipe):
             needed = f"{statistics_needed(recipe)} (the spec's routing recipe {recipe.method!r} needs them)"
@@ -351,9 +442,29 @@ class Coordinator:
             raise ArtifactError(owner, "routing statistics", needed, "none", source=path, hint=hint)
         return artifact
 
-    def resolve(self, state: OwnerState, status: str, reason: str | None) -> None:
-        state.status, state.reason = status, reason
-        say(f"owner {state.name!r}: {status}" + (f" ({reason})" if reason else ""))
+    def check_counts(self, artifact: ExpertArtifact) -> None:
+        """Token counts no owner following the spec can exceed: ``training_tokens`` (``max_steps``
+        batches of ``batch_size`` rows of ``seq_len``) and ``stats_tokens`` (the routing recipe
+        measures at most ``stats_tokens`` tokens, in whole rows of ``seq_len``). ``stats_tokens``
+        weights an owner's covariance in the pooled one, so an inflated count would silence the
+        other owners (or overflow)."""
+        e, owner = self.spec.expert, artifact.owner
+        bounds = {
+            "training_tokens": e.max_steps * e.batch_size * e.seq_len,
+            "stats_tokens": max(self.spec.routing.stats_tokens, e.seq_len),
+        }
+        for key, bound in bounds.items():
+            text = artifact.metadata.get(key)
+            if text is None:
+                continue
+            if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= bound):
+                raise ArtifactError(
+                    owner, f"metadata {key!r}", f"an integer of at most {bound} (what the spec's recipe implies)", text
+                )
+
+    def resolve(self, state: OwnerState, status: str, why: str | None) -> None:
+        state.status, state.reason = status, clip(why) if why else None
+        say(f"owner {state.name!r}: {status}" + (f" ({state.reason})" if why else ""))
         self.progress()
 
     # -- merging ------------------------------------------------------------------------------
@@ -393,7 +504,7 @@ class Coordinator:
         if tune and merged.routing["method"] == "posterior":
             note = "router tuning tunes token routers; the posterior recipe was not tuned"
             self.summary["router_tuning"] = {"skipped": note}
-            self.notes.append(note)
+            self.note(note)
         elif tune:
             self.phase = "tuning the router"
             self.progress()
@@ -461,7 +572,7 @@ class Coordinator:
             try:
                 r = perplexity(model, {name: docs}, tokenizer, seq_len=seq_len, max_tokens=32 * seq_len)
             except ValueError as e:  # too little text for one row
-                self.notes.append(f"routing usage on {name} not measured: {e}")
+                self.note(f"routing usage on {name} not measured: {e}")
                 continue
             usage[name] = {"perplexity": r["per_domain"][name], "top1_share": r["routing"][name]}
         return usage

@@ -81,12 +81,42 @@ def write_report(out_dir: str | os.PathLike, report: dict) -> tuple[Path, Path]:
     )
 
 
+# Characters of one reason or note in the report: a node's error text is the node's to choose.
+MAX_REASON = 1000
+
+
+def clip(text, limit: int = MAX_REASON) -> str:
+    """``text`` as one line of at most ``limit`` characters (the rest counted, not shown)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def _num(v, fmt: str = ".3f") -> str:
-    return "-" if v is None else (f"{v:{fmt}}" if isinstance(v, float) else str(v))
+    """A number for the table; anything else (a value an owner chose) as a short escaped cell."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:{fmt}}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 10**18:
+        return str(v)
+    return _cell(v, 40)
+
+
+def _cell(v, limit: int = MAX_REASON) -> str:
+    return clip(v if isinstance(v, str) else repr(v), limit).replace("|", "\\|")
+
+
+def _shares(v) -> str | None:
+    """A per-layer share list as ``0.12, 0.34``; ``None`` unless it is a list of numbers."""
+    if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return None
+    return ", ".join(f"{float(x):.2f}" for x in v[:64])
 
 
 def render(report: dict) -> str:
-    """The human-readable summary of :func:`write_report`'s ``report``."""
+    """The human-readable summary of :func:`write_report`'s ``report``. Values an owner sent
+    (metrics, proxy sets) are shown only in the form expected of them, escaped and cut short; a
+    value of another form shows as itself in short, never as an error."""
     lines = [f"# Federation report: {report['status']}", ""]
     spec = report["spec"]
     lines += [
@@ -111,19 +141,24 @@ def render(report: dict) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, o in report["owners"].items():
-        m = o.get("metrics") or {}
+        m = o.get("metrics") if isinstance(o.get("metrics"), dict) else {}
         status = o["status"] + (" (kept from an earlier run)" if o.get("resumed") else "")
-        why = (o.get("reason") or "").replace("|", "\\|").replace("\n", " ")
-        proxy = len(o["proxy"]["indices"]) if o.get("proxy") else "-"
+        why = _cell(o.get("reason") or "")
+        indices = o["proxy"].get("indices") if isinstance(o.get("proxy"), dict) else None
+        proxy = len(indices) if isinstance(indices, list) else "-"
         lines.append(
             f"| {name} | {status} | {why} | {_num(o.get('training_tokens'))} | {_num(m.get('train-loss'))} | "
             f"{_num(m.get('val-loss'))} | {_num(o.get('upload_bytes'))} | {proxy} | "
             f"{_num(o.get('seconds_to_reply'), '.1f')} |"
         )
-    own = {n: o["metrics"].get("router-top1-own") for n, o in report["owners"].items() if o.get("metrics")}
+    own = {
+        n: _shares(o["metrics"].get("router-top1-own"))
+        for n, o in report["owners"].items()
+        if isinstance(o.get("metrics"), dict)
+    }
     if any(own.values()):
         lines += ["", "Share of each owner's training tokens routed (top-1) to its own expert, per layer:", ""]
-        lines += [f"- {n}: {', '.join(f'{x:.2f}' for x in v)}" for n, v in own.items() if v]
+        lines += [f"- {n}: {v}" for n, v in own.items() if v]
     if report.get("experts"):
         lines += ["", "## Merged model", "", f"- experts, in order: {', '.join(report['experts'])}"]
         recipe = report.get("routing_recipe") or {}
@@ -179,5 +214,5 @@ def render(report: dict) -> str:
             mean = [sum(layer.get(e, 0.0) for layer in layers) / len(layers) for e in experts]
             lines.append(f"| {name} | {r['perplexity']:.2f} | " + " | ".join(f"{x:.2f}" for x in mean) + " |")
     if report.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+        lines += ["", "## Notes", ""] + [f"- {clip(n)}" for n in report["notes"]]
     return "\n".join(lines) + "\n"

@@ -3,10 +3,15 @@
 Each round, every accepted owner still connected trains the merged model's routers on its own
 text (message ``train.router``; the owner's side is
 :func:`flexmoe.federation.task.tune_router_round`) while the coordinator does the same on the
-public data; the round's routers are ``start + server_lr * mean(change)`` over the participants
-(:func:`~flexmoe.training.router_tuning.aggregate_router_rows`). Replies are checked like
-artifacts; an owner that fails or sends bad routers sits the round out, and after two such rounds
-in a row is left out of the rest.
+public data. An owner speaks only for its own expert: its reply may change its own router row and
+bias and the public expert's row ``r_0``, nothing else (:func:`owner_change` refuses it
+otherwise), and each change is clipped to what the recipe's local steps can honestly move a row
+(:func:`change_bounds`). The round's routers are :func:`robust_aggregate` of the changes: per row,
+the coordinate-wise median over the participants allowed to change it, scaled as
+``start + server_lr * mean(change)`` over the participants would be (each row's median equals that
+mean when at most two participants change the row, so only ``r_0`` is aggregated differently).
+Replies are checked like artifacts, before a byte is copied; an owner that fails or sends a bad
+reply sits the round out, and after two such rounds in a row is left out of the rest.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from flwr.app import ConfigRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import content_sha256
+from flexmoe.core.surgery import settings as moe_settings
 from flexmoe.data.packing import pack_documents
 from flexmoe.federation.records import (
     EXPERT,
@@ -27,25 +34,27 @@ from flexmoe.federation.records import (
     ROUTER_MESSAGE,
     ROUTERS,
     SPEC,
+    ReplyError,
     arrays_to_tensors,
+    check_records,
     read_artifact_file,
+    round_metrics,
     tensors_to_arrays,
 )
 from flexmoe.federation.report import say
 from flexmoe.federation.task import ROUTER_DOCUMENTS
-from flexmoe.training.router_tuning import (
-    aggregate_router_rows,
-    check_router_rows,
-    local_router_round,
-    router_rows,
-    set_router_rows,
-)
+from flexmoe.spec import RouterTuningRecipe
+from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
 
 if TYPE_CHECKING:  # the coordinator calls in here; only the type is needed
     from flexmoe.federation.coordinator import Coordinator
 
 # Rounds in a row an owner may fail before it is left out of the rest.
 STRIKES = 2
+# How far above the largest change honest local steps can make a row a change may go before it is
+# clipped (change_bounds): AdamW moves a coordinate at most about 1.17 lr a step with the recipe's
+# betas (0.9, 0.95), plus the decay; 2 leaves room for its epsilon and the rounding of the sum.
+CLIP_MARGIN = 2.0
 
 
 def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer) -> dict:
@@ -56,50 +65,51 @@ def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer)
     files = {o: read_artifact_file(c.artifacts_dir / f"{o}.safetensors") for o in owners}  # read once
     hashes = {o: content_sha256(*files[o]) for o in owners}
     node_of = {name: node for node, name in c.nodes.items() if name}
+    row_of = {o: moe_settings(model).owners.index(o) for o in owners}  # expert j's router row is row j
     active = [o for o in owners if o in node_of]
     for o in sorted(set(owners) - set(active)):
-        c.notes.append(f"router tuning: owner {o!r} is not connected in this run; its data is not used")
+        c.note(f"router tuning: owner {o!r} is not connected in this run; its data is not used")
     has_experts = dict.fromkeys(owners, False)
     strikes = dict.fromkeys(owners, 0)
     rounds = []
     for r in range(recipe.rounds):
         t = time.monotonic()
         start = router_rows(model)
+        bounds = change_bounds(start, recipe)
         sent = _send_round(c, r, start, files, hashes, [o for o in active if not has_experts[o]], active, node_of)
         public = local_router_round(model, public_rows, recipe, r, seed=c.s.seed)  # meanwhile, the public share
-        updates, losses = [router_rows(model)], {"public": public["loss_last"]}
+        public_rows_after, losses = router_rows(model), {"public": public["loss_last"]}
         set_router_rows(model, start)
         replies = _replies(c, sent)
-        for owner in sorted(replies):  # a fixed order: the average does not depend on who answered first
+        changes = {}
+        for owner in sorted(replies):  # a fixed order: the aggregate does not depend on who answered first
             reply = replies[owner]
             problem = reply if isinstance(reply, str) else None
             if problem is None:
                 try:
-                    rows = arrays_to_tensors(reply.content.array_records[ROUTERS], owner)
-                    check_router_rows(rows, model, owner)
-                except (ArtifactError, KeyError, TypeError, ValueError) as e:
-                    problem = f"bad routers: {e}"
+                    change, metrics = _read_reply(reply, node_of[owner], model, start, bounds, row_of[owner], owner)
+                except Exception as e:  # whatever a reply holds, its owner sits the round out
+                    problem = f"bad reply: {e}" if isinstance(e, (ArtifactError, ReplyError)) else f"bad reply: {e!r}"
             if problem is not None:
                 has_experts[owner] = False  # resend the experts next time, in case it lost them
                 strikes[owner] += 1
-                c.notes.append(f"router tuning round {r}: owner {owner!r} sat out ({problem})")
+                c.note(f"router tuning round {r}: owner {owner!r} sat out ({problem})")
                 continue
             strikes[owner] = 0
             has_experts[owner] = True
-            updates.append(rows)
-            metrics = dict(reply.content.metric_records.get(METRICS, {}))
+            changes[row_of[owner]] = change
             losses[owner] = float(metrics.get("loss-last", float("nan")))
         dropped = [o for o in active if strikes[o] >= STRIKES]
         for o in dropped:
-            c.notes.append(f"router tuning: owner {o!r} failed {STRIKES} rounds in a row; left out of the rest")
+            c.note(f"router tuning: owner {o!r} failed {STRIKES} rounds in a row; left out of the rest")
         active = [o for o in active if o not in dropped]
-        if len(updates) == 1:
-            c.notes.append(
+        if not changes:
+            c.note(
                 f"router tuning stopped at round {r}: no owner returned routers, and tuning on "
                 "public data alone would teach it to send everything to the public expert"
             )
             break
-        set_router_rows(model, aggregate_router_rows(start, updates, server_lr=recipe.server_lr))
+        set_router_rows(model, robust_aggregate(start, public_rows_after, changes, server_lr=recipe.server_lr))
         rounds.append(
             {
                 "round": r,
@@ -109,10 +119,117 @@ def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer)
             }
         )
         say(
-            f"router tuning round {r + 1}/{recipe.rounds}: {len(updates) - 1} owner(s) + public, "
+            f"router tuning round {r + 1}/{recipe.rounds}: {len(changes)} owner(s) + public, "
             f"{time.monotonic() - t:.1f} s"
         )
-    return {"rounds": rounds, "local_steps": recipe.local_steps, "steps": len(rounds) * recipe.local_steps}
+    return {
+        "rounds": rounds,
+        "local_steps": recipe.local_steps,
+        "steps": len(rounds) * recipe.local_steps,
+        "clip_margin": CLIP_MARGIN,
+    }
+
+
+def _read_reply(reply, node: int, model, start, bounds, row: int, owner: str):
+    """An owner's reply to a round, checked before use: from its node, the ``routers`` (declared
+    layout first, then values) and ``metrics`` records only; returns its clipped change
+    (:func:`owner_change`) and its metrics."""
+    if reply.metadata.src_node_id != node:
+        raise ReplyError(owner, "sender", f"SuperNode {node}", reply.metadata.src_node_id)
+    content = reply.content
+    check_records(content, owner, required={ROUTERS: ArrayRecord}, optional={METRICS: MetricRecord})
+    metrics = round_metrics(content[METRICS], owner) if METRICS in content else {}
+    rows = arrays_to_tensors(content[ROUTERS], owner, {k: tuple(v.shape) for k, v in start.items()})
+    check_router_rows(rows, model, owner)
+    return owner_change(start, rows, row, owner, bounds), metrics
+
+
+def change_bounds(start: dict[str, torch.Tensor], recipe: RouterTuningRecipe) -> dict[str, torch.Tensor]:
+    """Per router tensor, per row, the largest change (L2 norm) an owner's reply may make: what
+    ``recipe.local_steps`` AdamW steps at peak ``lr`` can move it, times :data:`CLIP_MARGIN`.
+    AdamW moves each coordinate by at most about ``lr`` a step (Kingma & Ba, 2015, section 2.1,
+    with the recipe's betas) plus the decay ``lr * weight_decay * |w|``, so a row of ``H``
+    coordinates moves at most ``steps * lr * (sqrt(H) + weight_decay * |row|)``. Biases move only
+    when the recipe trains them (``train_bias``); otherwise their bound is 0."""
+    steps, lr, wd = recipe.local_steps, recipe.lr, recipe.weight_decay
+    out = {}
+    for name, t in start.items():
+        t = t.float()
+        if t.dim() == 2:
+            out[name] = CLIP_MARGIN * steps * lr * (t.shape[1] ** 0.5 + wd * t.norm(dim=1))
+        elif recipe.train_bias:
+            out[name] = CLIP_MARGIN * steps * lr * (1 + wd * t.abs())
+        else:
+            out[name] = torch.zeros_like(t)
+    return out
+
+
+def owner_change(
+    start: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], row: int, owner: str, bounds: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The change ``owner`` (expert ``row``) made to the routers, refused (an
+    :class:`ArtifactError`) if it changed another owner's row or any bias but its own, and each
+    changed row clipped to its norm bound (``bounds``, :func:`change_bounds`)."""
+    out = {}
+    for name, s0 in start.items():
+        change = rows[name].double() - s0.double()  # float64: 3e38 - (-3e38) and its norm stay finite
+        allowed = torch.zeros(s0.shape[0], dtype=torch.bool)
+        allowed[row] = True
+        if s0.dim() == 2:
+            allowed[0] = True  # r_0: every owner's text says "not the public expert here"
+        moved = change.reshape(s0.shape[0], -1).ne(0).any(dim=1)
+        if (moved & ~allowed).any():
+            where = [int(i) for i in (moved & ~allowed).nonzero().flatten()[:8]]
+            raise ArtifactError(
+                owner,
+                f"rows of {name}",
+                f"changes only to rows {sorted(int(i) for i in allowed.nonzero().flatten())} (its own and r_0)",
+                f"changes to rows {where}",
+                hint="an owner may change only its own router row and bias, and the public expert's row",
+            )
+        norms = change.reshape(s0.shape[0], -1).norm(dim=1)
+        bound = bounds[name].double()
+        scale = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+        out[name] = (change * scale.view(-1, *([1] * (change.dim() - 1)))).float()
+    return out
+
+
+def robust_aggregate(
+    start: dict[str, torch.Tensor],
+    public: dict[str, torch.Tensor],
+    changes: dict[int, dict[str, torch.Tensor]],
+    *,
+    server_lr: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """One round's routers from the coordinator's own ``public`` routers and the owners'
+    ``changes`` (expert row -> :func:`owner_change`'s). Row ``j`` of each tensor has as sources the
+    public participant and every owner allowed to change it (owner ``j``; every owner for the
+    weight row 0); it becomes ``start_j + server_lr * (sources / participants) * median_j``, where
+    ``median_j`` is the coordinate-wise median of the sources' changes (the mean of the middle two
+    for an even count) and ``server_lr`` defaults to the number of participants. With at most
+    two sources the median is their mean, and this is ``start + server_lr * mean(change)`` over the
+    participants (:func:`~flexmoe.training.router_tuning.aggregate_router_rows`); on ``r_0``, which
+    every owner may move, fewer than half the sources cannot move any coordinate of it outside the
+    range of the others'."""
+    participants = 1 + len(changes)
+    lr = participants if server_lr is None else server_lr
+    out = {}
+    for name, s0 in start.items():
+        s0 = s0.float()
+        mine = public[name].float() - s0
+        new = s0.clone()
+        for j in range(s0.shape[0]):
+            sources = [mine[j]]
+            if j == 0 and s0.dim() == 2:
+                sources += [changes[k][name][0] for k in sorted(changes)]
+            elif j in changes:
+                sources.append(changes[j][name][j])
+            ordered = torch.stack(sources).sort(dim=0).values
+            n = len(sources)
+            median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+            new[j] = s0[j] + lr * n / participants * median
+        out[name] = new
+    return out
 
 
 def _send_round(c: Coordinator, r: int, start, files, hashes, lacking, active, node_of) -> dict:

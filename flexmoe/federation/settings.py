@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -30,6 +30,20 @@ def as_list(value, key: str) -> list[str]:
     if not isinstance(value, str):
         raise TypeError(f"config key {key!r} must be a comma-separated string, got {value!r}")
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def as_bindings(value, key: str) -> dict[str, str]:
+    """``"alice=/keys/alice.pub,bob=/keys/bob.pub"`` as ``{"alice": "/keys/alice.pub", ...}``."""
+    out = {}
+    for item in as_list(value, key):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"config key {key!r} must be 'owner=path' pairs separated by commas, got {item!r}")
+        if name in out:
+            raise ValueError(f"config key {key!r} names owner {name!r} twice")
+        out[name] = _path(path)
+    return out
 
 
 def _path(value: str) -> str:
@@ -59,6 +73,10 @@ class CoordinatorSettings:
         allow_approximate: export to a transformers format even when it drops router biases.
         seed: training seed sent to every owner.
         poll_interval: seconds between polls of the SuperLink.
+        owner_keys: each expected owner's public key file (the ``.pub`` it registered with the
+            SuperLink), run config ``owner-keys = "alice=/keys/alice.pub,bob=/keys/bob.pub"``: a
+            SuperNode is then an owner only if it presents that owner's key
+            (:mod:`flexmoe.federation.identity`). Empty: owners are who their node config says.
     """
 
     spec: str
@@ -76,6 +94,7 @@ class CoordinatorSettings:
     allow_approximate: bool = False
     seed: int = 0
     poll_interval: float = 1.0
+    owner_keys: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.spec:
@@ -100,6 +119,12 @@ class CoordinatorSettings:
         if self.router_tuning and not self.public_data:
             raise ValueError(
                 "router tuning needs the public data: set run config 'public-data' or 'router-tuning=false'"
+            )
+        if self.owner_keys and set(self.owner_keys) != set(self.expected_owners):
+            raise ValueError(
+                "run config 'owner-keys' must name a key file for every expected owner and no one else: missing "
+                f"{sorted(set(self.expected_owners) - set(self.owner_keys))}, "
+                f"not expected {sorted(set(self.owner_keys) - set(self.expected_owners))}"
             )
 
     @property
@@ -127,6 +152,8 @@ def _run_config_value(f, key: str, value):
     """One run-config value as the :class:`CoordinatorSettings` field ``f`` holds it."""
     if f.name == "expected_owners":
         return as_list(value, key)
+    if f.name == "owner_keys":
+        return as_bindings(value, key)
     if f.name == "router_tuning":
         return None if value == "spec" else as_bool(value, key)
     if f.type == "bool":

@@ -5,7 +5,8 @@
   Lightning ``Trainer``), against the owner's own copy of the public model.
 * :func:`tune_router_round`: the owner's share of one round of federated router tuning
   (``RouterTuningRecipe.data="owners"``): rebuild the merged model from the received experts,
-  train its routers on the owner's own text, return them.
+  train its routers on the owner's own text, return them with only the rows it may change
+  changed (:func:`own_rows_only`).
 
 :mod:`flexmoe.federation.client_app` turns Flower messages into these calls and their results
 into replies; nothing here sees a message.
@@ -156,6 +157,7 @@ def tune_router_round(
     tokenizer = AutoTokenizer.from_pretrained(public_path)
     text = pack_documents(read_documents(s.data_path), tokenizer, spec.router_tuning.seq_len, ROUTER_DOCUMENTS)
     result = local_router_round(model, text, spec.router_tuning, round_index, seed=seed)
+    rows = own_rows_only(router_rows(model), routers, owners.index(s.owner) + 1)
     metrics = {
         "round": round_index,
         "steps": result["steps"],
@@ -163,7 +165,23 @@ def tune_router_round(
         "loss-last": result["loss_last"],
         "seconds": time.perf_counter() - started,
     }
-    return router_rows(model), metrics
+    return rows, metrics
+
+
+def own_rows_only(rows: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], row: int) -> dict:
+    """``rows`` (every layer's router weight ``[E, H]`` and bias ``[E]``) with every change undone
+    except to the public expert's row ``r_0`` (which every owner's text teaches: "not the public
+    expert here") and to the owner's own row ``row`` and bias. Each owner speaks for its own expert
+    only; the coordinator refuses a reply that changes anything else
+    (:func:`flexmoe.federation.router_rounds.owner_change`)."""
+    out = {}
+    for name, t in rows.items():
+        keep = torch.zeros(t.shape[0], dtype=torch.bool)
+        keep[row] = True
+        if name.endswith(".weight"):
+            keep[0] = True
+        out[name] = torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, start[name])
+    return out
 
 
 def _kept_expert(s: OwnerSettings, spec: FederationSpec, public, cache: Path, owner: str, sha: str, sent):

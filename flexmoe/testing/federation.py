@@ -106,6 +106,7 @@ class Deployment:
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.keys: dict[str, Path] = {}  # SuperNode name -> its registered public key file (with auth)
         self.certs = make_certificates(self.root / "certs") if tls else None
         self.cli_home = self.root / "cli-home"
         self.cli_home.mkdir(exist_ok=True)
@@ -187,6 +188,7 @@ class Deployment:
         if self.auth:
             private, public = make_supernode_key(self.root / "keys", name)
             self.flwr("supernode", "register", str(public), "test")
+            self.keys[name] = public
             argv += ["--auth-supernode-private-key", str(private)]
         return self._start(f"supernode-{name}", argv)
 

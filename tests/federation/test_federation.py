@@ -13,9 +13,7 @@ import json
 import os
 import signal
 import struct
-import sysconfig
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from flexmoe.artifacts.guard import ArtifactError
-from flexmoe.core.hashing import content_sha256, file_sha256, fingerprint
+from flexmoe.core.hashing import content_sha256, file_sha256
 from flexmoe.federation.client_app import app, reply_content
 from flexmoe.federation.coordinator import Coordinator, OwnerState
 from flexmoe.federation.records import (
@@ -34,89 +32,20 @@ from flexmoe.federation.records import (
     REPLY_RECORDS,
     ROUND,
     ROUTERS,
+    ReplyError,
     arrays_to_tensors,
     read_artifact_file,
     tensors_to_arrays,
 )
+from flexmoe.federation.router_rounds import change_bounds, owner_change
 from flexmoe.federation.settings import CoordinatorSettings, OwnerSettings
 from flexmoe.federation.task import OwnerResult
 from flexmoe.formats.load import load_public_model
-from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe, RoutingRecipe
-from flexmoe.testing import license_texts
 from flexmoe.testing.faults import app_with_faults, inject_fault
 from flexmoe.testing.federation import Deployment, wait_for
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "federation"
-CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
 RUN_TIMEOUT = 480.0  # seconds; generous for a loaded 2-core machine
-
-
-@dataclass
-class World:
-    root: Path
-    spec: Path
-    public_model: Path
-    public_data: Path
-    data: dict[str, Path]
-
-    def run_config(self, out: Path, owners: str, **overrides) -> dict:
-        return {
-            "spec": str(self.spec),
-            "expected-owners": owners,
-            "out-dir": str(out),
-            "public-data": str(self.public_data),
-            "router-tuning": True,
-            "allow-approximate": True,
-            "connect-timeout": 300.0,
-            "train-timeout": 300.0,
-            "poll-interval": 1.0,
-            **overrides,
-        }
-
-    def node(self, owner: str, data: str | None = None, **extra) -> dict:
-        return {
-            "owner": owner,
-            "data-path": str(self.data[data or owner]),
-            "work-dir": str(self.root / "owners" / owner),
-            **extra,
-        }
-
-
-def _write_jsonl(path: Path, docs: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(public_dir, tmp_path_factory) -> World:
-    """The public model and spec, two owners' small corpora (licences, Python code) and the public corpus."""
-    root = tmp_path_factory.mktemp("federation")
-    spec = FederationSpec(
-        public_model=str(public_dir),
-        fingerprint=fingerprint(load_public_model(public_dir)),
-        embedder=None,  # the hidden-state router init and TF-IDF proxy selection: no embedder to load
-        expert=ExpertRecipe(max_steps=10, batch_size=4, seq_len=32, warmup_steps=2),
-        # Federated router tuning: 2 Flower rounds of 2 local steps on each owner's text and the public data.
-        router_tuning=RouterTuningRecipe(
-            data="owners", rounds=2, max_steps=4, batch_size=4, seq_len=32, warmup_steps=1
-        ),
-        proxy=ProxyBudget(min_docs=3),
-        # The token router: federated router tuning tunes token routers (the posterior recipe, the
-        # default, is not tuned), and this run checks the tuning rounds and the FlexOlmo export.
-        routing=RoutingRecipe(method="lda"),
-    )
-    spec.save(root / "spec.json")
-    licences = [t[:3000] for t in license_texts()]
-    code = [p.read_text()[:3000] for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:24]]
-    data = {
-        "licences": _write_jsonl(root / "data" / "licences" / "train.jsonl", licences[:8]).parent,
-        "code": _write_jsonl(root / "data" / "code" / "train.jsonl", code[:12]).parent,
-        "canary": _write_jsonl(root / "data" / "canary" / "train.jsonl", [CANARY * 20, *licences[:6]]).parent,
-    }
-    data.update(a=data["licences"], b=data["code"], c=data["licences"], d=data["code"])
-    public = _write_jsonl(root / "data" / "public.jsonl", licences[8:] + code[12:])
-    return World(root, root / "spec.json", Path(public_dir), public, data)
 
 
 def _state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -252,39 +181,6 @@ def test_tls_and_supernode_auth_resume_after_the_coordinator_is_killed(crash_run
 # -- one owner's reply, in process ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def owner_reply(world, tmp_path_factory):
-    """The real ClientApp ``train`` handler, called in this process, for an owner whose text
-    holds a canary sentence."""
-    spec = FederationSpec.load(world.spec)
-    node_config = {
-        "owner": "canary",
-        "data-path": str(world.data["canary"]),
-        "public-data": str(world.public_data),
-        "share-proxy": True,
-        "work-dir": str(tmp_path_factory.mktemp("canary-owner")),
-    }
-    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-    content = RecordDict(
-        {"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}), "train": ConfigRecord({"seed": 0})}
-    )
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="flexmoe",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLEXMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        reply = app(Message(content, metadata=metadata), context)
-    return reply, node_config, spec
-
-
 def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
     from transformers import AutoTokenizer
 
@@ -308,9 +204,9 @@ def test_a_reply_carries_no_local_text_or_token_ids(owner_reply, world):
     # Nowhere in the serialised reply: the local text, its data path, or its token ids (as
     # int32 or int64, the widths a packed dataset or a tensor would use).
     wire = b"".join(r.deflate() for r in content.values()) + b"".join(a.data for a in content[EXPERT].values())
-    assert CANARY.encode() not in wire and CANARY[:24].encode() not in wire
+    assert world.canary.encode() not in wire and world.canary[:24].encode() not in wire
     assert node_config["data-path"].encode() not in wire
-    ids = AutoTokenizer.from_pretrained(world.public_model)(CANARY, add_special_tokens=False)["input_ids"][:8]
+    ids = AutoTokenizer.from_pretrained(world.public_model)(world.canary, add_special_tokens=False)["input_ids"][:8]
     for fmt in ("<%di", "<%dq"):
         assert struct.pack(fmt % len(ids), *ids) not in wire
 
@@ -376,6 +272,13 @@ def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owne
     check_router_rows(rows, model, "canary")
     assert not torch.equal(rows["layers.0.router.weight"], start["layers.0.router.weight"])
     assert torch.equal(rows["layers.0.router.bias"], start["layers.0.router.bias"])  # biases do not train
+    # Only its own row and r_0 changed, each by less than the clipping bound: honest steps are never clipped.
+    bounds = change_bounds(start, spec.router_tuning)
+    change = owner_change(start, rows, 1, "canary", bounds)
+    for name in start:
+        torch.testing.assert_close(change[name], rows[name] - start[name], rtol=0, atol=0)
+        moved = (rows[name] - start[name]).reshape(len(start[name]), -1).norm(dim=1)
+        assert (moved <= bounds[name] / 2).all(), (name, moved, bounds[name])  # within the bound without its margin
     assert first.content[METRICS]["steps"] == spec.router_tuning.local_steps
     again = app(_router_message(spec, start, sha), context)  # the expert kept from the first round
     torch.testing.assert_close(arrays_to_tensors(again.content[ROUTERS], "canary"), rows, rtol=0, atol=0)
@@ -424,7 +327,7 @@ def test_the_coordinator_rejects_anything_sent_besides_the_expert(owner_reply, c
     reply, _, _ = owner_reply
     content = RecordDict(dict(reply.content))
     content["notes"] = ConfigRecord({"text": "some local text"})
-    with pytest.raises(ArtifactError, match="reply records"):
+    with pytest.raises(ReplyError, match="records: expected only"):
         coordinator.accept(OwnerState("canary"), content)
 
 
