@@ -59,7 +59,13 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.expert import ExpertArtifact, ExpertFile
-from flexmoe.artifacts.guard import ArtifactError, read_safetensors_header
+from flexmoe.artifacts.guard import (
+    MAX_OWNER_NAME,
+    ArtifactError,
+    HeaderBounds,
+    check_owner_name,
+    read_safetensors_header,
+)
 from flexmoe.artifacts.load import is_lora_file, load_expert
 from flexmoe.artifacts.unigram import (
     BIGRAM_TENSOR,
@@ -104,6 +110,7 @@ def assemble(
     normalize: bool = False,
     spec_sha256: str | None = None,
     public_router_embedding=None,
+    bounds: HeaderBounds | None = None,
 ) -> nn.Module:
     """Build the merged ``[public, e_1 ... e_n]`` MoE (FlexOlmo step 3), **in place**.
 
@@ -115,15 +122,23 @@ def assemble(
     Router row 0 is set to the ``r_0`` the owners trained against (:func:`public_router_rows`):
     ``public_router_embedding`` is the spec's ``r_pub`` (``[H]`` or ``[L, H]``), which the
     artifacts must match; files too old to record their ``r_0`` are taken to have used it.
+    ``bounds``: what each file may hold (:func:`load_expert`; default from ``public_model``'s
+    config). Every artifact is validated, plausibility included
+    (:class:`~flexmoe.artifacts.expert.Plausibility`), before the model is touched.
     """
     if is_moe(public_model) and settings(public_model).num_experts != 1:
         raise InputError("assemble() takes the public model (dense, or a MoE with only the public expert)")
     fp = fingerprint(public_model)
+    if bounds is None and not all(isinstance(a, ExpertArtifact) for a in artifacts):
+        bounds = HeaderBounds.for_expert(public_model.config)
     loaded = [
-        a if isinstance(a, ExpertArtifact) else load_expert(a, public_model, fingerprint=fp, spec_sha256=spec_sha256)
+        a
+        if isinstance(a, ExpertArtifact)
+        else load_expert(a, public_model, fingerprint=fp, spec_sha256=spec_sha256, bounds=bounds)
         for a in artifacts
     ]
     for a in loaded:
+        check_owner(a.owner, a.source)
         a.validate(public_model, fingerprint=fp, spec_sha256=spec_sha256)
     owners = [PUBLIC] + [a.owner for a in loaded]
     if len(set(owners)) != len(owners):
@@ -207,6 +222,20 @@ def public_router_rows(
 
 
 # -- the rules shared by every caller -----------------------------------------------------------
+
+
+def check_owner(owner, source=None) -> None:
+    """Refuse an owner name that a merged model could not carry (empty, a path, control
+    characters, surrounding spaces: :func:`~flexmoe.artifacts.guard.check_owner_name`), which
+    would otherwise be written into ``flexmoe_config.json`` and refused when the model is reopened."""
+    if not check_owner_name(owner):
+        raise ArtifactError(
+            str(owner),
+            "owner",
+            f"1 to {MAX_OWNER_NAME} printable characters, no '/' or '\\', not '.' or '..', no surrounding spaces",
+            repr(owner),
+            source=source,
+        )
 
 
 class MissingRoutingStatistics(InputError):
@@ -492,12 +521,16 @@ def merge_experts(
             spec_sha256=spec_sha256,
             allow_approximate=allow_approximate,
             public_router_embedding=r_pub,
+            bigram_buckets=asked.bigram_buckets or None,
         )
         return MergedModel(None, {"method": "published"}, format, written, tokenizer)
     public = load_public_model(public_model).eval()
     fp = fingerprint(public)
+    bounds = HeaderBounds.for_expert(public.config, bigram_buckets=asked.bigram_buckets or None)
     loaded = [
-        a if isinstance(a, ExpertArtifact) else load_expert(a, public, fingerprint=fp, spec_sha256=spec_sha256)
+        a
+        if isinstance(a, ExpertArtifact)
+        else load_expert(a, public, fingerprint=fp, spec_sha256=spec_sha256, bounds=bounds)
         for a in artifacts
     ]
     model = assemble(
@@ -553,8 +586,11 @@ class _ArtifactSource:
     a failure there discards the unfinished export.
     """
 
-    def __init__(self, public: nn.Module, paths, *, top_k, normalize, spec_sha256, public_router_embedding=None):
+    def __init__(
+        self, public: nn.Module, paths, *, top_k, normalize, spec_sha256, public_router_embedding=None, bounds=None
+    ):
         self.model, self.config = public, public.config
+        self.bounds = bounds or HeaderBounds.for_expert(public.config)
         self.top_k, self.normalize, self.spec_sha256 = top_k, normalize, spec_sha256
         self.paths = [Path(p) for p in paths]
         self.mlp_prefixes = mlp_prefixes(public)
@@ -563,9 +599,10 @@ class _ArtifactSource:
         self._router_rows = []  # per artifact and layer: (embedding, bias, public row or None) as read up front
         sources = {}
         for path in self.paths:
-            metadata = read_safetensors_header(path).get("__metadata__") or {}
+            metadata = read_safetensors_header(path, bounds=self.bounds).get("__metadata__") or {}
             owner = metadata.get("owner", path.name)
             stub = ExpertArtifact(owner=owner, tensors={}, metadata=metadata, source=str(path))
+            check_owner(stub.owner, path)
             stub.check_identity(fingerprint=self.fingerprint, spec_sha256=spec_sha256)
             if stub.owner in self.owners:
                 raise ArtifactError(
@@ -602,7 +639,9 @@ class _ArtifactSource:
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         if j == 0:
             return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
-        art = ExpertArtifact.load(self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
+        art = ExpertArtifact.load(
+            self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256, bounds=self.bounds
+        )
         art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
         for L, (emb, bias, _) in enumerate(self._router_rows[j - 1]):
             _, emb2, bias2 = art.layer(L)
@@ -668,6 +707,7 @@ def assemble_to_dir(
     spec_sha256: str | None = None,
     allow_approximate: bool = False,
     public_router_embedding=None,
+    bigram_buckets: int | None = None,
 ) -> Path:
     """FlexOlmo step 3 straight to disk: ``[public, e_1 ... e_n]`` without building the MoE.
 
@@ -675,7 +715,9 @@ def assemble_to_dir(
     against it (fingerprint, and ``spec_sha256`` when given), then writes the public shard and one
     shard per artifact, holding at most one artifact in memory. The result equals
     ``export(assemble(public, artifacts, top_k, normalize=normalize, public_router_embedding=...),
-    out_dir, format)``. Tokenizer files in ``public_dir`` are copied along.
+    out_dir, format)``. Tokenizer files in ``public_dir`` are copied along. Every file is read
+    within :meth:`~flexmoe.artifacts.guard.HeaderBounds.for_expert` of the public config
+    (``bigram_buckets``: the recipe's, default the largest table allowed).
     """
     public = load_public_model(public_dir).eval()
     source = _ArtifactSource(
@@ -685,6 +727,7 @@ def assemble_to_dir(
         normalize=normalize,
         spec_sha256=spec_sha256,
         public_router_embedding=public_router_embedding,
+        bounds=HeaderBounds.for_expert(public.config, bigram_buckets=bigram_buckets),
     )
     return write_checkpoint(
         source, out_dir, format, allow_approximate=allow_approximate, files=tokenizer_files(public_dir)

@@ -42,7 +42,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from flexmoe.artifacts.expert import MLPInputStats
+from flexmoe.artifacts.expert import MLPInputStats, Plausibility
+from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.moe import AffineRouter, Router
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 from flexmoe.data.packing import spread_rows
@@ -387,6 +388,40 @@ def class_mixture(classes: Sequence[MLPInputStats], within: torch.Tensor) -> MLP
     return MLPInputStats(mean=mu, count=sum(c.count for c in classes), covariance=within.double() + between)
 
 
+def check_statistics_plausible(
+    owner: str, stats: MLPInputStats, public: MLPInputStats, bounds: Plausibility, *, source=None
+) -> None:
+    """Refuse an owner's MLP-input statistics that no honest run produces, measured against the
+    public class's on public data (``public``: mean and covariance per layer). In every layer the
+    owner's mean lies within ``bounds.statistics`` public standard deviations of the public mean
+    (``||mu_j - mu_pub|| <= k sqrt(tr Sigma_pub)``) and its covariance's trace is at most ``k^2``
+    times the public one's. Both keep the discriminant's rows (``Sigma^-1 mu``) and biases within
+    float32 and the merged logits finite; a mean at 1e30 would make them NaN. Honest owners
+    measured at most 0.67 and 0.93 (docs/trust.md)."""
+    k = bounds.statistics
+    for L in range(public.mean.shape[0]):
+        spread = float(torch.trace(public.covariance[L].double()))
+        far = float(torch.linalg.vector_norm(stats.mean[L].double() - public.mean[L].double()))
+        if not far <= k * math.sqrt(spread):
+            raise ArtifactError(
+                owner,
+                f"layers.{L}.stats.mean",
+                f"within {k:g} public standard deviations of the public mean (distance <= {k * math.sqrt(spread):.4g})",
+                f"distance {far:.4g}",
+                source=source,
+            )
+        if stats.covariance is not None:
+            trace = float(torch.trace(stats.covariance[L].double()))
+            if not trace <= k * k * spread:
+                raise ArtifactError(
+                    owner,
+                    f"layers.{L}.stats.covariance",
+                    f"a trace at most {k * k:g} x the public one ({k * k * spread:.4g})",
+                    f"{trace:.4g}",
+                    source=source,
+                )
+
+
 def route(
     model: nn.Module,
     artifacts: Sequence,
@@ -395,6 +430,7 @@ def route(
     *,
     exportable: bool = False,
     batch_size: int = 8,
+    plausibility: Plausibility | None = None,
 ) -> dict:
     """Set an assembled model's routers by the routing recipe (the coordinator's step after
     :func:`flexmoe.assemble`), in place. Returns a summary for the report.
@@ -411,6 +447,8 @@ def route(
             :func:`class_mixture`) so the model exports exactly to a ``transformers``
             FlexOlmo/Mixtral checkpoint, at some cost in routing quality (docs/routing.md);
             otherwise the routers keep their biases (:class:`AffineRouter`, native format only).
+        plausibility: how far an owner's statistics may sit from the public class's
+            (:func:`check_statistics_plausible`; default :class:`~flexmoe.artifacts.expert.Plausibility`).
     """
     # route() builds token routers: for the posterior recipe, its token router (the LDA a
     # transformers export carries); the posterior itself is set by flexmoe.assembly.merge_experts.
@@ -436,9 +474,14 @@ def route(
         pub = mlp_input_moments(
             public, spread_rows(public_rows, recipe.stats_tokens), batch_size=batch_size, covariance=True
         )
+    for owner, s in zip(owners, stats):
+        check_statistics_plausible(owner, s, pub, plausibility or Plausibility(), source=by_owner[owner].source)
     if recipe.covariance == "pooled":
-        every = [pub, *stats]
-        cov = sum(s.covariance * s.count for s in every) / sum(s.count for s in every)
+        # Each class counts for at most the tokens the recipe takes statistics over (what an
+        # honest owner ships), so one owner declaring 10**15 tokens cannot silence the others.
+        cap = max(pub.count, recipe.stats_tokens)
+        weights = [float(min(s.count, cap)) for s in (pub, *stats)]
+        cov = sum(s.covariance * w for s, w in zip((pub, *stats), weights)) / sum(weights)
     else:
         cov = pub.covariance
     lda_router(model, pub.mean, [s.mean for s in stats], cov, shrinkage=recipe.shrinkage)

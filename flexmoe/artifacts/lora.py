@@ -36,7 +36,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.artifacts.expert import FORMAT_VERSION, ExpertArtifact, ExpertFile, add_token_statistics
+from flexmoe.artifacts.expert import (
+    _COUNTS,
+    FORMAT_VERSION,
+    LAYER_INDEX,
+    MAX_WIDTH,
+    ExpertArtifact,
+    ExpertFile,
+    add_token_statistics,
+    metadata_count,
+)
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
 from flexmoe.artifacts.unigram import TOKEN_STATISTICS
@@ -44,7 +53,13 @@ from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
 LORA_FORMAT_VERSION = "lora-1"
-_LORA_KEY = re.compile(r"^layers\.(\d+)\.(expert\.(.+)\.lora_[AB])$")
+_LORA_KEY = re.compile(rf"layers\.{LAYER_INDEX}\.(expert\.(.+)\.lora_[AB])")  # fullmatch
+# |scaling| bound: peft's alpha / r (default here 2) or rsLoRA's alpha / sqrt(r), with alpha up to
+# 4r and r up to 2**16, stays below 2**10. The materialised weights are then held to the expert
+# weight scale (flexmoe.artifacts.expert.Plausibility), which is what bounds the expert itself;
+# this bound keeps W + scaling * B A from overflowing float32 before that check can run.
+MAX_LORA_SCALING = 2.0**10
+_RANK = (1, MAX_WIDTH)
 _REQUIRED_METADATA = (
     "format_version",
     "owner",
@@ -69,11 +84,11 @@ class LoraExpertArtifact(ExpertFile):
     # -- metadata accessors (fingerprint, spec_sha256, num_layers, training_tokens: inherited)
     @property
     def rank(self) -> int:
-        return int(self.metadata["lora_rank"])
+        return metadata_count(self.metadata, "lora_rank", self.owner, self.source, bounds=_RANK)
 
     @property
     def scaling(self) -> float:
-        return float(self.metadata["lora_scaling"])
+        return _scaling(self.metadata, self.owner, self.source)
 
     @property
     def targets(self) -> list[str]:
@@ -168,14 +183,15 @@ class LoraExpertArtifact(ExpertFile):
         """Self-consistency: key layout, layers, targets, the rank in every factor, dtypes, finite
         values. Router rows and routing statistics follow a full artifact's rules and are checked
         by :meth:`flexmoe.ExpertArtifact.check_structure` itself."""
-        n, r, dtype = self.num_layers, self.rank, self.metadata["dtype"]
         lora = {k: v for k, v in self.tensors.items() if ".expert." in k}
         shared = {k: v for k, v in self.tensors.items() if k not in lora}
         ExpertArtifact(self.owner, shared, self.metadata, self.source).check_structure()
+        n, dtype = self.num_layers, self.metadata["dtype"]  # bounded by the check above
+        r = metadata_count(self.metadata, "lora_rank", self.owner, self.source, bounds=_RANK)
         expected = {f"expert.{t}.lora_{ab}" for t in self.targets for ab in "AB"}
         per_layer: dict[int, set[str]] = {L: set() for L in range(n)}
         for name in lora:
-            m = _LORA_KEY.match(name)
+            m = _LORA_KEY.fullmatch(name)
             if m is None or int(m.group(1)) not in per_layer:
                 raise self._error("tensor names", f"layers.{{0..{n - 1}}}.expert.{{name}}.lora_{{A,B}}", name)
             per_layer[int(m.group(1))].add(m.group(2))
@@ -283,17 +299,11 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
     for key in _REQUIRED_METADATA:
         if key not in metadata:
             raise ArtifactError(owner, f"metadata {key!r}", "present", "missing", source=path)
-    for key in ("num_layers", "hidden_size", "intermediate_size", "training_tokens", "lora_rank"):
-        if not metadata[key].isdigit():
-            raise ArtifactError(owner, f"metadata {key!r}", "a non-negative integer", metadata[key], source=path)
-    if int(metadata["lora_rank"]) < 1:
-        raise ArtifactError(owner, "metadata 'lora_rank'", "a positive integer", metadata["lora_rank"], source=path)
-    try:
-        scaling = float(metadata["lora_scaling"])
-    except ValueError:
-        scaling = math.nan
-    if not math.isfinite(scaling):
-        raise ArtifactError(owner, "metadata 'lora_scaling'", "a finite number", metadata["lora_scaling"], source=path)
+    for key in _COUNTS:
+        if key in _REQUIRED_METADATA or key in metadata:
+            metadata_count(metadata, key, owner, path)
+    metadata_count(metadata, "lora_rank", owner, path, bounds=_RANK)
+    _scaling(metadata, owner, path)
     targets = metadata["lora_targets"].split(",")
     if not all(targets) or len(set(targets)) != len(targets):
         raise ArtifactError(
@@ -305,3 +315,21 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
         )
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
+
+
+def _scaling(metadata: dict, owner: str, source) -> float:
+    """``lora_scaling`` as a float with ``|scaling| <= MAX_LORA_SCALING``, else an :class:`ArtifactError`."""
+    text = metadata.get("lora_scaling")
+    try:
+        scaling = float(text) if isinstance(text, str) and len(text) <= 80 else math.nan
+    except ValueError:
+        scaling = math.nan
+    if not abs(scaling) <= MAX_LORA_SCALING:
+        raise ArtifactError(
+            owner,
+            "metadata 'lora_scaling'",
+            f"a number with |scaling| <= {MAX_LORA_SCALING:g} (alpha / rank)",
+            text,
+            source=source,
+        )
+    return scaling

@@ -27,6 +27,7 @@ from typing import Literal
 
 from transformers import AutoTokenizer
 
+from flexmoe.artifacts.guard import HeaderBounds
 from flexmoe.artifacts.load import load_expert
 from flexmoe.artifacts.unigram import require_token_statistics, write_public_statistics
 from flexmoe.assembly import merge_experts
@@ -178,7 +179,8 @@ def add_expert(
     """
 
     def change(moe):
-        artifact = load_expert(expert, moe, fingerprint=fingerprint(moe))
+        bounds = HeaderBounds.for_expert(moe.config, bigram_buckets=bigram_buckets(moe))
+        artifact = load_expert(expert, moe, fingerprint=fingerprint(moe), bounds=bounds)
         if artifact.owner in settings(moe).owners:
             raise InputError(f"{model} already holds an expert of owner {artifact.owner!r} ({expert})")
         if routes_by_posterior(moe):
@@ -231,6 +233,16 @@ def routes_by_posterior(moe) -> bool:
 def routes_by_bigram(moe) -> bool:
     """Whether a merged model's posterior router also reads bigram counts."""
     return any(isinstance(b.router, PosteriorRouter) and b.router.holds_bigram for b in moe_blocks(moe))
+
+
+def bigram_buckets(moe) -> int | None:
+    """The number of bigram buckets a merged model's posterior router reads, which is all a new
+    owner's file may carry of them; ``None`` (any table a recipe allows: an owner ships its spec's
+    bigrams whatever the routing) when the model does not route by them."""
+    for b in moe_blocks(moe):
+        if isinstance(b.router, PosteriorRouter) and b.router.holds_bigram:
+            return int(b.router.bigram.shape[1])
+    return None
 
 
 def _rewrite(model, out, format, top_k, allow_approximate, change) -> str:

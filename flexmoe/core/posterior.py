@@ -57,6 +57,23 @@ from torch import nn
 from flexmoe.core.errors import InputError
 from flexmoe.core.moe import PerExpertRouter, Router, RouterFormatError, register_router
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
+from flexmoe.modeling.domain_posterior import (
+    MAX_BIGRAM_BITS,
+    RunningPosterior,
+    bigram_bucket,
+    posterior_gates,
+    unigram_log_probs,
+)
+
+__all__ = [
+    "MAX_BIGRAM_BITS",
+    "CausalPosterior",
+    "PosteriorRouter",
+    "attach_posterior",
+    "bigram_bucket",
+    "unigram_log_probs",
+    "use_posterior_routers",
+]
 
 ROWS = {"weight": "router.embedding", "bias": "router.bias"}
 # Per-domain statistics, held by layer 0's router only; named as an expert artifact names them.
@@ -64,79 +81,16 @@ STATISTICS = {"unigram": "stats.unigram", "log_prior": "posterior.log_prior"}
 BIGRAM = {"bigram": "stats.bigram"}
 SETTINGS = ("temperature", "smoothing", "reset_tokens")
 BIGRAM_SETTINGS = ("bigram_weight",)
-# The bucket hash: two multiplicative rounds on 32 bits. Both multipliers are below 2**31 and the
-# values they multiply below 2**32, so every product fits int64 (no overflow for any vocabulary).
-_HASH_A, _HASH_B, _MASK32 = 0x5BD1E995, 0x27D4EB2F, 0xFFFFFFFF
-MAX_BIGRAM_BITS = 24
 
 
-def bigram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
-    """The bucket ``[0, buckets)`` of each adjacent token pair ``(prev, cur)`` (int64 tensors of
-    ids of one shape; ``buckets`` a power of two up to ``2**24``): the top bits of a 32-bit
-    multiplicative hash of the pair. The owners, the coordinator and the exported model's code
-    all count and look up pairs with this one function (the exported copy is tested equal)."""
-    bits = int(buckets).bit_length() - 1
-    if buckets < 2 or 1 << bits != buckets or bits > MAX_BIGRAM_BITS:
-        raise InputError(f"bigram buckets must be a power of two from 2 to 2**{MAX_BIGRAM_BITS}, got {buckets}")
-    h = (prev.long() * _HASH_A + cur.long()) & _MASK32
-    return ((h * _HASH_B) & _MASK32) >> (32 - bits)
-
-
-def unigram_log_probs(unigram: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """``log p(v | d) = log(c_dv + alpha) - log(N_d + alpha V)`` for counts ``[E, V]``, in float64."""
-    c = unigram.double() + smoothing
-    return c.log() - c.sum(-1, keepdim=True).log()
-
-
-class CausalPosterior:
+class CausalPosterior(RunningPosterior):
     """The posterior over domains of every position of the forward in progress, shared by every
     layer's :class:`PosteriorRouter` of one model; installed by :func:`attach_posterior`.
 
-    Called as a forward pre-hook of the decoder. ``sums`` ``[B, E]`` (float64) are the running
-    ``tau * sum_s log p(x_s | d)`` of each row after the ``length`` positions seen so far, so a
-    forward that continues a KV cache of that length adds only its new tokens; a forward with an
-    empty cache starts again. ``scanned`` counts the positions read (per row), for checks.
+    Called as a forward pre-hook of the decoder: reads the forward's ``input_ids`` once and
+    advances the running per-row sums (:class:`~flexmoe.modeling.domain_posterior.RunningPosterior`,
+    the arithmetic the exported modeling code shares) from where the KV cache left them.
     """
-
-    def __init__(self, source: PosteriorRouter):
-        self.source = source  # layer 0's router: the statistics and settings
-        self.probs: torch.Tensor | None = None  # [B * S, E] float32, this forward's posterior
-        self.sums: torch.Tensor | None = None
-        self.last: torch.Tensor | None = None  # [B] each row's last token so far (the next pair's first)
-        self.length = 0
-        self.scanned = 0
-        self._table: tuple[tuple, torch.Tensor] | None = None
-
-    def table(self) -> torch.Tensor:
-        """``log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
-        src = self.source
-        key = (id(src.unigram), src.unigram._version, float(src.smoothing))
-        if self._table is None or self._table[0] != key:
-            self._table = (key, unigram_log_probs(src.unigram, float(src.smoothing)).T.contiguous())
-        return self._table[1]
-
-    def log_likelihoods(self, ids: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
-        """``log p(x_t | d)`` ``[B, S, E]`` (float64) of every position of ``ids`` ``[B, S]``:
-        the unigram model's, or with bigram statistics the interpolated bigram model's (module
-        docstring) for every position that has a previous token (``before`` ``[B]``: the token
-        preceding ``ids[:, 0]``, ``None`` at the start of the rows)."""
-        src = self.source
-        uni = self.table()
-        ll = uni[ids]
-        if not src.holds_bigram:
-            return ll
-        B, S = ids.shape
-        E = uni.shape[1]
-        start = ids.new_full((B, 1), -1) if before is None else before.to(ids)[:, None]
-        prev = torch.cat([start, ids[:, :-1]], 1)
-        has = prev >= 0
-        prev = prev.clamp(min=0)
-        pair = src.bigram.index_select(1, bigram_bucket(prev, ids, src.bigram.shape[1]).reshape(-1))
-        pair = pair.T.reshape(B, S, E).double()
-        k = float(src.bigram_weight)
-        context = src.unigram.double().T[prev]  # c_d(prev): how often the previous token occurs
-        bi = (pair + k * ll.exp()).log() - (context + k).log()
-        return torch.where(has[..., None], bi, ll)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -148,51 +102,6 @@ class CausalPosterior:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = 0 if cache is None else int(cache.get_seq_length())
         self.advance(input_ids, kwargs.get("attention_mask"), past)
-
-    @torch.no_grad()
-    def advance(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, past: int = 0) -> None:
-        """Set :attr:`probs` for ``input_ids`` ``[B, S]`` continuing ``past`` cached positions.
-
-        Positions a 2-D ``attention_mask`` masks (padding) add no evidence. The sums are
-        sequential (a cumulative sum seeded with the carried sums, in float64), and the last token
-        carries over for the bigram of the next one, so a row advanced token by token gets the same
-        posterior as the row read at once.
-        """
-        ids = input_ids.to(self.source.unigram.device).long()
-        B, S = ids.shape
-        E = self.source.unigram.shape[0]
-        if past == 0:
-            carry, before = None, None
-        elif self.sums is None or self.length != past or self.sums.shape != (B, E):
-            have = "nothing" if self.sums is None else f"{self.length} positions of {self.sums.shape[0]} rows"
-            raise RuntimeError(
-                f"the posterior router's running sums cover {have}, but this forward continues a cache of {past} "
-                f"positions of {B} rows over {E} experts. It follows the cache of the last sequence it saw; "
-                "beam search and caches reordered or cropped behind its back are not supported"
-            )
-        else:
-            carry, before = self.sums, self.last
-        ll = float(self.source.temperature) * self.log_likelihoods(ids, before)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
-            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
-        if carry is None:
-            carry = ll.new_zeros(B, E)
-        sums = torch.cat([carry[:, None], ll], 1).cumsum(1)[:, 1:]
-        reset = self.source.reset_tokens.to(ids.device)
-        if reset.numel():  # subtract the sums up to the last document end before each position
-            ends = torch.isin(ids, reset)
-            last = torch.where(ends, torch.arange(S, device=ids.device), -1).cummax(1).values
-            previous_end = torch.cat([last.new_full((B, 1), -1), last[:, :-1]], 1)
-            base = sums.gather(1, previous_end.clamp(min=0)[..., None].expand(-1, -1, E))
-            sums = torch.where((previous_end >= 0)[..., None], sums - base, sums)
-            self.sums = torch.where(ends[:, -1:], 0.0, sums[:, -1])
-        else:
-            self.sums = sums[:, -1]
-        self.last = ids[:, -1].clone()
-        self.length = past + S
-        self.scanned += S
-        log_prior = self.source.log_prior.to(sums)
-        self.probs = torch.softmax(sums + log_prior, dim=-1).float().reshape(B * S, E)
 
     def for_tokens(self, n: int, num_experts: int) -> torch.Tensor:
         probs = self.probs
@@ -290,17 +199,11 @@ class PosteriorRouter(PerExpertRouter):
                 "this PosteriorRouter is not attached to a model: call router.attach(model) "
                 "(flexmoe.load and use_posterior_routers do)"
             )
-        E = self.num_experts
-        post = self.posterior.for_tokens(x.shape[0], E)
-        if E == 1:
+        post = self.posterior.for_tokens(x.shape[0], self.num_experts)
+        if self.num_experts == 1:
             return torch.ones_like(post)
         logits = F.linear(x.float(), self.frozen(self.weight.float())) + self.frozen(self.effective_bias())
-        own = logits[:, 1:]
-        pair = torch.softmax(torch.stack([logits[:, :1].expand_as(own), own], dim=-1), dim=-1)  # [T, n, 2]
-        owner = post[:, 1:].argmax(-1, keepdim=True)  # d* - 1
-        public = post[:, :1] + (post[:, 1:] * pair[..., 0]).sum(-1, keepdim=True)
-        chosen = post[:, 1:].gather(1, owner) * pair[..., 1].gather(1, owner)
-        return torch.cat([public, torch.zeros_like(own).scatter(1, owner, chosen)], dim=-1)
+        return posterior_gates(post, logits)
 
     def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise RouterFormatError(
@@ -392,7 +295,9 @@ def use_posterior_routers(
         bigram = torch.as_tensor(bigram)
         if bigram.dim() != 2 or bigram.shape[0] != E:
             raise InputError(f"bigram counts have shape {list(bigram.shape)}; this model needs [{E}, buckets]")
-        bigram_bucket(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), bigram.shape[1])
+        K = bigram.shape[1]
+        if K < 2 or K & (K - 1) or K > 2**MAX_BIGRAM_BITS:
+            raise InputError(f"bigram counts need a power of two of buckets up to 2**{MAX_BIGRAM_BITS}, got {K}")
         if not (torch.isfinite(bigram).all() and (bigram >= 0).all()):
             raise InputError("bigram counts must be finite and non-negative")
         if not bigram_weight > 0:

@@ -12,6 +12,7 @@ Opt-out, opt-in and freezing speak only the router protocol
 from __future__ import annotations
 
 import copy
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -150,6 +151,7 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
     s = settings(model)
     if artifact.owner in s.owners:
         raise ValueError(f"an expert owned by {artifact.owner!r} is already in the model")
+    _check_owner_names([*s.owners, artifact.owner])
     artifact.validate(model, fingerprint=fingerprint(model) if check_fingerprint else None)
     blocks = moe_blocks(model)
     for L, block in enumerate(blocks):
@@ -181,12 +183,34 @@ def _router_state(artifact: ExpertArtifact, L: int) -> dict[str, torch.Tensor]:
     return state
 
 
+# What an owner name may be, as flexmoe.artifacts.guard.check_owner_name says for the names in
+# other parties' files (a floor above this one, so not importable here; a test checks the two
+# agree): 1 to 128 printable characters, no path separator, not "." or "..", no surrounding
+# whitespace. A name becomes a file name, a line of a report and an entry of flexmoe_config.json,
+# which flexmoe.load refuses to reopen otherwise.
+_OWNER_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
+
+
+def valid_owner_name(name) -> bool:
+    """Whether ``name`` can name an expert in a model flexmoe writes and reopens."""
+    return (
+        isinstance(name, str)
+        and _OWNER_NAME.fullmatch(name) is not None
+        and name.isprintable()
+        and name.strip() == name
+        and name not in (".", "..")
+    )
+
+
 def _check_owner_names(owners: list[str]) -> None:
+    for o in owners:
+        if not valid_owner_name(o):
+            raise ValueError(
+                f"owner names must be 1 to 128 printable characters without '/' or '\\', not '.' or '..', "
+                f"without surrounding spaces; got {o!r:.200}"
+            )
     if len(set(owners)) != len(owners):
         raise ValueError(f"owner names must be unique, got {owners}")
-    for o in owners:
-        if not o or not isinstance(o, str):
-            raise ValueError(f"owner names must be non-empty strings, got {o!r}")
 
 
 def use_affine_routers(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ Four on-disk formats (docs/design.md, "Export formats"); :mod:`flexmoe.formats.l
 ``remote``    the native layout (``base_config.json`` and the same tensors under the same names)
     plus a ``config.json`` of ``model_type`` ``flexmoe`` whose ``auto_map`` names the modeling
     code copied beside it (``configuration_flexmoe.py``, ``modeling_flexmoe.py``, from
-    :mod:`flexmoe.formats.remote_code`), so ``AutoModelForCausalLM.from_pretrained(dir,
+    :mod:`flexmoe.modeling`), so ``AutoModelForCausalLM.from_pretrained(dir,
     trust_remote_code=True)`` builds the merged model, any router flexmoe's modeling code knows
     (``posterior``, ``clamped``, ``affine``) included, without flexmoe installed. Its
     ``config.json`` copies every field of the dense base's config (the decoder is the base
@@ -69,12 +69,12 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from flexmoe import modeling as remote_code
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_dir
 from flexmoe.core.moe import ExpertRouter
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
-from flexmoe.formats import remote_code
-from flexmoe.formats.remote_code.configuration_flexmoe import FlexMoEConfig
+from flexmoe.modeling.configuration_flexmoe import FlexMoEConfig
 
 log = logging.getLogger(__name__)
 

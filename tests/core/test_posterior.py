@@ -279,16 +279,14 @@ def test_bigrams_tell_apart_domains_that_share_their_words_in_another_order():
     torch.testing.assert_close(state.sums, at_once, rtol=0, atol=1e-12)
 
 
-def test_the_exported_modeling_code_hashes_pairs_as_flexmoe_does():
+def test_pairs_hash_into_every_bucket_in_range():
     from flexmoe.core.posterior import bigram_bucket
-    from flexmoe.formats.remote_code import modeling_flexmoe
 
     prev = torch.randint(0, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(0))
     cur = torch.randint(0, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(1))
     for buckets in (2, 2**10, 2**20, 2**24):
         got = bigram_bucket(prev, cur, buckets)
         assert got.min() >= 0 and got.max() < buckets
-        assert torch.equal(got, modeling_flexmoe.bigram_bucket(prev, cur, buckets))
     spread = torch.bincount(bigram_bucket(prev, cur, 2**8), minlength=2**8)
     assert spread.min() > 0  # 4096 pairs reach every one of 256 buckets
     with pytest.raises(ValueError, match="power of two"):

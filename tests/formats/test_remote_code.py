@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import flexmoe
+import flexmoe.modeling
 from flexmoe.core.errors import InputError
 from flexmoe.core.posterior import PosteriorRouter, use_posterior_routers
 from flexmoe.core.surgery import moe_blocks, settings, upcycle
 from flexmoe.formats.export import export
 from flexmoe.formats.load import detect_format, load
-from flexmoe.formats.remote_code import FILES
+from flexmoe.modeling import FILES
 from flexmoe.testing import VOCAB, perturb_, tiny_model
 
 TOL = 1e-4
@@ -148,7 +149,7 @@ def test_the_export_holds_the_native_layout_a_config_json_and_the_modeling_code(
         k: base[k] for k in ("hidden_size", "num_hidden_layers", "rope_parameters")
     }
     assert detect_format(directory) == "remote"
-    source = Path(flexmoe.formats.remote_code.__file__).parent
+    source = Path(flexmoe.modeling.__file__).parent
     for name in FILES:  # shipped as they are
         assert (directory / name).read_bytes() == (source / name).read_bytes()
 

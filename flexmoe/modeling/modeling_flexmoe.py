@@ -36,106 +36,9 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_flexmoe import FlexMoEConfig
+from .domain_posterior import RunningPosterior, posterior_gates
 
 ROUTER_KINDS = ("posterior", "clamped", "affine")
-# flexmoe.core.posterior.bigram_bucket's hash; flexmoe's tests check this copy against it.
-_HASH_A, _HASH_B, _MASK32 = 0x5BD1E995, 0x27D4EB2F, 0xFFFFFFFF
-
-
-def bigram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
-    """The bucket of each adjacent token pair: the top bits of a 32-bit multiplicative hash."""
-    bits = int(buckets).bit_length() - 1
-    h = (prev.long() * _HASH_A + cur.long()) & _MASK32
-    return ((h * _HASH_B) & _MASK32) >> (32 - bits)
-
-
-class Posterior:
-    """The posterior over domains of the forward in progress, shared by every layer's router.
-
-    ``source`` is layer 0's router, which holds the statistics (``unigram`` ``[E, V]``, optionally
-    ``bigram`` ``[E, K]`` and ``bigram_weight``, ``log_prior``, ``temperature``, ``smoothing``,
-    ``reset_tokens``). ``last`` carries each row's last token for the next position's bigram.
-    ``sums`` ``[B, E]`` (float64) are each row's running ``tau * sum log p(x_s | d)`` after
-    ``length`` positions, so a forward continuing a cache of that length adds only its new tokens.
-    """
-
-    def __init__(self, source: nn.Module):
-        self.source = source
-        self.probs = None  # [B * S, E] float32
-        self.sums = None
-        self.last = None
-        self.length = 0
-        self.scanned = 0  # positions read so far, for checks
-        self._table = None
-
-    def table(self) -> torch.Tensor:
-        """``log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
-        src = self.source
-        key = (id(src.unigram), src.unigram._version, float(src.smoothing))
-        if self._table is None or self._table[0] != key:
-            c = src.unigram.double() + float(src.smoothing)
-            self._table = (key, (c.log() - c.sum(-1, keepdim=True).log()).T.contiguous())
-        return self._table[1]
-
-    def log_likelihoods(self, ids: torch.Tensor, before) -> torch.Tensor:
-        """``log p(x_t | d)`` ``[B, S, E]`` (float64): unigram, or interpolated bigram after a
-        previous token (``before`` ``[B]`` the one preceding ``ids[:, 0]``, ``None`` at row start)."""
-        src = self.source
-        uni = self.table()
-        ll = uni[ids]
-        if not hasattr(src, "bigram"):
-            return ll
-        B, S = ids.shape
-        E = uni.shape[1]
-        start = ids.new_full((B, 1), -1) if before is None else before.to(ids)[:, None]
-        prev = torch.cat([start, ids[:, :-1]], 1)
-        has = prev >= 0
-        prev = prev.clamp(min=0)
-        pair = src.bigram.index_select(1, bigram_bucket(prev, ids, src.bigram.shape[1]).reshape(-1))
-        pair = pair.T.reshape(B, S, E).double()
-        k = float(src.bigram_weight)
-        context = src.unigram.double().T[prev]
-        bi = (pair + k * ll.exp()).log() - (context + k).log()
-        return torch.where(has[..., None], bi, ll)
-
-    @torch.no_grad()
-    def advance(self, input_ids: torch.Tensor, attention_mask=None, past: int = 0) -> None:
-        """Set :attr:`probs` for ``input_ids`` ``[B, S]`` continuing ``past`` cached positions;
-        positions a 2-D ``attention_mask`` masks (padding) add no evidence."""
-        ids = input_ids.to(self.source.unigram.device).long()
-        B, S = ids.shape
-        E = self.source.unigram.shape[0]
-        if past == 0:
-            carry, before = None, None
-        elif self.sums is None or self.length != past or self.sums.shape != (B, E):
-            raise RuntimeError(
-                f"the posterior router's running sums cover {self.length} positions, but this forward continues a "
-                f"cache of {past} positions of {B} rows: it follows the cache of the last sequence it saw; beam "
-                "search and caches reordered or cropped behind its back are not supported"
-            )
-        else:
-            carry, before = self.sums, self.last
-        ll = float(self.source.temperature) * self.log_likelihoods(ids, before)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= S:
-            ll = ll * attention_mask[:, -S:].to(ll)[..., None]
-        if carry is None:
-            carry = ll.new_zeros(B, E)
-        sums = torch.cat([carry[:, None], ll], 1).cumsum(1)[:, 1:]
-        reset = self.source.reset_tokens.to(ids.device, torch.long)  # token ids, whatever dtype loading gave it
-        if reset.numel():  # subtract the sums up to the last document end before each position
-            ends = torch.isin(ids, reset)
-            last = torch.where(ends, torch.arange(S, device=ids.device), -1).cummax(1).values
-            before = torch.cat([last.new_full((B, 1), -1), last[:, :-1]], 1)
-            base = sums.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, E))
-            sums = torch.where((before >= 0)[..., None], sums - base, sums)
-            self.sums = torch.where(ends[:, -1:], 0.0, sums[:, -1])
-        else:
-            self.sums = sums[:, -1]
-        self.last = ids[:, -1].clone()
-        self.length = past + S
-        self.scanned += S
-        log_prior = self.source.log_prior.to(sums)
-        self.probs = torch.softmax(sums + log_prior, dim=-1).float().reshape(B * S, E)
 
 
 class Router(nn.Module):
@@ -149,7 +52,7 @@ class Router(nn.Module):
         self.kind = kind
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_experts))
-        self.posterior = None  # a Posterior, set by FlexMoEForCausalLM
+        self.posterior = None  # a RunningPosterior, set by FlexMoEForCausalLM
         if statistics is not None:
             vocab, resets, buckets = statistics["vocab_size"], statistics["reset_tokens"], statistics["buckets"]
             self.register_buffer("unigram", torch.zeros(num_experts, vocab))
@@ -174,18 +77,10 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float()) + self.effective_bias()
         if self.kind != "posterior":
             return torch.softmax(logits, dim=-1)
-        E = self.weight.shape[0]
         post = self.posterior.probs
-        if post is None or post.shape != (x.shape[0], E):
+        if post is None or post.shape != (x.shape[0], self.weight.shape[0]):
             raise RuntimeError("the posterior router needs the whole model's forward, called with input_ids")
-        if E == 1:
-            return torch.ones_like(post)
-        own = logits[:, 1:]
-        pair = torch.softmax(torch.stack([logits[:, :1].expand_as(own), own], dim=-1), dim=-1)  # [T, n, 2]
-        owner = post[:, 1:].argmax(-1, keepdim=True)  # d* - 1
-        public = post[:, :1] + (post[:, 1:] * pair[..., 0]).sum(-1, keepdim=True)
-        chosen = post[:, 1:].gather(1, owner) * pair[..., 1].gather(1, owner)
-        return torch.cat([public, torch.zeros_like(own).scatter(1, owner, chosen)], dim=-1)
+        return posterior_gates(post, logits)
 
 
 class MoEBlock(nn.Module):
@@ -277,7 +172,7 @@ class FlexMoEForCausalLM(FlexMoEPreTrainedModel, GenerationMixin):
             holder = config.moe_statistics_layer
             if holder is None or not hasattr(layers[holder].mlp.router, "unigram"):
                 raise ValueError(f"moe_statistics_layer={holder} names no posterior-routed layer")
-            self._posterior = Posterior(layers[holder].mlp.router)
+            self._posterior = RunningPosterior(layers[holder].mlp.router)
         for router in routers:
             router.posterior = self._posterior
         params = inspect.signature(self.model.forward).parameters
@@ -286,7 +181,7 @@ class FlexMoEForCausalLM(FlexMoEPreTrainedModel, GenerationMixin):
 
     @property
     def posterior(self):
-        """The :class:`Posterior` of the last forward (``None`` without posterior routers)."""
+        """The :class:`RunningPosterior` of the last forward (``None`` without posterior routers)."""
         return self._posterior
 
     def get_input_embeddings(self):
