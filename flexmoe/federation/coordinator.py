@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.expert import ExpertArtifact
-from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.artifacts.guard import ArtifactError, HeaderBounds
 from flexmoe.assembly import (
     STATISTICS_HINT,
     UNIGRAM_HINT,
@@ -124,6 +124,7 @@ class Coordinator:
         self.summary: dict = {}
         self.started = time.monotonic()
         self.public = None
+        self.bounds: HeaderBounds | None = None
         self.public_docs: list[str] | None = None
 
     # -- the run ------------------------------------------------------------------------------
@@ -189,6 +190,11 @@ class Coordinator:
     def prepare(self) -> None:
         """Check the spec against the coordinator's public model; keep valid earlier artifacts."""
         self.public = load_public_model(self.public_path).eval()
+        # What an expert file for this public model and spec can hold: a file declaring more is
+        # refused from its header, before any tensor is read.
+        self.bounds = HeaderBounds.for_expert(
+            self.public.config, bigram_buckets=self.spec.routing.bigram_buckets or None
+        )
         fp = fingerprint(self.public)
         if fp != self.spec.fingerprint:
             raise ValueError(
@@ -427,7 +433,10 @@ class Coordinator:
         statistics the spec's routing recipe needs (the posterior recipe: the owner's token counts,
         ``stats.unigram`` and ``stats.bigram`` in the spec's bucket count). The merge would refuse
         it otherwise, so it is refused here, with the reason, while the other owners' experts go on."""
-        artifact = ExpertArtifact.load(path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
+        artifact = ExpertArtifact.load(
+            path, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256, bounds=self.bounds
+        )
+        # Fit and plausibility (router rows, biases, weight scales, statistics): docs/trust.md.
         artifact.validate(self.public, fingerprint=self.spec.fingerprint, spec_sha256=self.spec.sha256)
         if artifact.owner != owner:
             raise ArtifactError(owner, "owner", owner, artifact.owner, hint="an owner may only send its own expert")
