@@ -41,11 +41,13 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-# Parameter merges: soups, task arithmetic, TIES, DARE (one kernel, flexmoe.merge.kernel), and merge configs.
+# Parameter merges: soups, task arithmetic (and its tangent-space form), TIES, DARE (one kernel,
+# flexmoe.merge.kernel), and merge configs.
 from flexmoe.merge.config import MergeConfig, MergeConfigError, merge
 from flexmoe.merge.dare import dare, dare_dirs
 from flexmoe.merge.kernel import MergeMethod, merge_dirs, merge_in_memory
 from flexmoe.merge.soup import WeightedSoup, average, average_dirs
+from flexmoe.merge.tangent import LinearizedModel, linearize
 from flexmoe.merge.task_arithmetic import (
     TaskVector,
     analogy,
@@ -60,6 +62,7 @@ from flexmoe.merge.ties import ties, ties_dirs
 __all__ += [
     "MergeConfig",
     "MergeConfigError",
+    "LinearizedModel",
     "MergeMethod",
     "TaskVector",
     "WeightedSoup",
@@ -70,6 +73,7 @@ __all__ += [
     "dare_dirs",
     "disentanglement_error",
     "disentanglement_grid",
+    "linearize",
     "merge",
     "merge_dirs",
     "merge_in_memory",
