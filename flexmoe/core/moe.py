@@ -239,6 +239,41 @@ class PerExpertRouter(nn.Module):
         """Nothing to reconnect: this router reads only the token it routes."""
 
 
+class _ClampedBias(torch.autograd.Function):
+    """``min(beta, 0)`` whose gradient does not die above the clamp.
+
+    Owners' biases start at ``beta = 0``, exactly on the clamp's boundary, and AdamW's first step
+    moves every parameter by about ``lr`` in the sign of its gradient: a bias pushed up once sits
+    at ``beta > 0``, where ``min(beta, 0)`` is flat, and a plain clamp would never let it learn
+    again. Forward is the clamp, unchanged (every export and every exactness property keeps it);
+    backward passes the gradient where ``beta <= 0`` and, above the clamp, only when descent would
+    move ``beta`` back down (a positive gradient), so the bias can return to where it acts. The
+    FlexOlmo reference router adds ``torch.minimum(expert_bias, 0)`` to the owners' logits: the same
+    forward, with a gradient that is 0 above the clamp (and halved exactly on it).
+    """
+
+    @staticmethod
+    def forward(ctx, beta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(beta)
+        return beta.clamp(max=0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (beta,) = ctx.saved_tensors
+        return torch.where((beta <= 0) | (grad > 0), grad, torch.zeros_like(grad))
+
+
+def clamped_bias(beta: torch.Tensor) -> torch.Tensor:
+    """Owners' effective biases from the raw ``beta`` ``[E]``: ``min(beta_j, 0)`` for ``j >= 1`` and
+    exactly 0 for the public expert (index 0), in float32, differentiable as
+    :class:`_ClampedBias` explains."""
+    b = _ClampedBias.apply(beta.float())
+    # Multiply rather than assign so the graph stays differentiable for owners.
+    mask = torch.ones_like(b)
+    mask[0] = 0.0
+    return b * mask
+
+
 @register_router
 class Router(PerExpertRouter):
     """Linear router with one embedding row and one clamped bias per expert.
@@ -271,11 +306,7 @@ class Router(PerExpertRouter):
         return cls.from_rows(state["weight"], state["bias"], dtype=dtype)
 
     def effective_bias(self) -> torch.Tensor:
-        b = self.bias.float().clamp(max=0.0)
-        # Multiply rather than assign so the graph stays differentiable for owners.
-        mask = torch.ones_like(b)
-        mask[0] = 0.0
-        return b * mask
+        return clamped_bias(self.bias)
 
     def linear_gate(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight.detach(), self.effective_bias().detach()

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.core.errors import InputError
-from flexmoe.core.moe import PerExpertRouter, Router, RouterFormatError, register_router
+from flexmoe.core.moe import PerExpertRouter, Router, RouterFormatError, clamped_bias, register_router
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 from flexmoe.modeling.domain_posterior import (
     MAX_BIGRAM_BITS,
@@ -187,10 +187,7 @@ class PosteriorRouter(PerExpertRouter):
         super().append_expert(state)
 
     def effective_bias(self) -> torch.Tensor:
-        b = self.bias.float().clamp(max=0.0)
-        mask = torch.ones_like(b)
-        mask[0] = 0.0
-        return b * mask
+        return clamped_bias(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gates ``[T, E]`` (float32) for ``x`` ``[T, H]``: ``g_0``, ``g_{d*}``, zeros elsewhere."""

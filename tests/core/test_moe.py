@@ -63,12 +63,17 @@ def test_effective_bias_clamps_owners_and_pins_public():
     assert r.effective_bias().tolist() == [0.0, 0.0, -4.0]
 
 
-def test_negative_bias_gets_gradient_positive_does_not():
+def test_a_bias_above_the_clamp_gets_gradient_only_towards_it():
+    """A negative bias always learns; one above the clamp only when descent lowers it."""
     r = Router(4, 3)
     with torch.no_grad():
         r.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
-    r(torch.randn(6, 4))[:, 1:].sum().backward()
-    assert r.bias.grad[1] == 0 and r.bias.grad[2] != 0 and r.bias.grad[0] == 0
+    x = torch.randn(6, 4)
+    r(x)[:, 1:].sum().backward()  # descent lowers every owner bias
+    assert r.bias.grad[1] == 6 and r.bias.grad[2] == 6 and r.bias.grad[0] == 0
+    r.zero_grad()
+    (-r(x)[:, 1:].sum()).backward()  # descent raises them: the clamped one stays put
+    assert r.bias.grad[1] == 0 and r.bias.grad[2] == -6 and r.bias.grad[0] == 0
 
 
 def test_router_logits_are_float32_for_half_models():
@@ -286,3 +291,34 @@ def test_inference_fast_path_gives_the_modules_numbers_exactly(public_dir):
     with torch.no_grad():
         block(x)
     assert torch.equal(x, before)
+
+
+def test_an_owner_bias_pushed_above_the_clamp_can_still_learn():
+    """beta starts at 0, on min(beta, 0)'s boundary; one AdamW step up leaves it above the clamp.
+    The effective bias there is 0 as before, but a loss that wants the bias lower still moves it
+    back (a plain clamp's gradient would be 0 for good); a loss that wants it higher does not
+    move it further."""
+
+    router = Router(hidden_size=4, num_experts=2)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(router.parameters(), lr=0.1, weight_decay=0.0)
+    # one step that wants owner 1 more often pushes beta_1 up, past the clamp
+    (-router(x).log_softmax(-1)[:, 1].mean()).backward()
+    opt.step()
+    assert router.bias[1] > 0 and router.effective_bias()[1] == 0
+    opt.zero_grad()
+    # now owner 1 should be used less: the bias must come back down
+    (-router(x).log_softmax(-1)[:, 0].mean()).backward()
+    assert router.bias.grad[1] > 0
+    for _ in range(5):
+        opt.step()
+        opt.zero_grad()
+        (-router(x).log_softmax(-1)[:, 0].mean()).backward()
+    assert router.bias[1] < 0 and router.effective_bias()[1] < 0
+    # above the clamp, a gradient that wants it higher is not passed (the clamp's own behaviour)
+    with torch.no_grad():
+        router.bias[1] = 0.5
+    router.zero_grad()
+    (-router(x).log_softmax(-1)[:, 1].mean()).backward()
+    assert router.bias.grad[1] == 0
+    assert router.bias.grad[0] == 0  # the public expert's bias is 0 whatever it holds
