@@ -338,6 +338,8 @@ def main(
         ref = table["public model"][d] if d == "public" else own_expert[d]
         what = "the public model" if d == "public" else "its own model"
         print(f"merged / {what} on {d} text: {merged_ppl[d] / ref:.3f}")
+    for d in own_expert:  # what the owners gain by joining: their text, against the public model alone
+        print(f"merged / public model on the owner's {d} text: {merged_ppl[d] / table['public model'][d]:.3f}")
     print("(The posterior router sends each row to the public expert and the owner its text so far most")
     print(" resembles, mixed by that owner's own router: close to each owner's own model on its text.)")
     print()

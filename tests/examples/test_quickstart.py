@@ -16,18 +16,18 @@ pytestmark = pytest.mark.slow  # trains a public model and two owners
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 # The merged model's perplexity over the reference model's (the public model on public text, the
-# owner's own model on its text) may be at most this. Measured: 0.986-0.999 at the small settings
-# below, 0.981-1.025 at the script's defaults; the slack is for noise, not for routing elsewhere.
+# owner's own model on its text) may be at most this. Measured at the settings below: 1.005-1.019
+# (2026-12-07; 0.981-1.025 at the script's defaults before); the slack is for noise, not for
+# routing elsewhere. On each owner's text the merged model must beat the public model: measured
+# 0.815 (code) and 0.935 (licences) at the settings below.
 CLOSE = 1.03
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
+    # The script's own training steps (fewer leave the owners' experts no better than the public
+    # model on their own text); less data and fewer evaluation windows.
     small = [
-        "--public_steps",
-        "10",
-        "--owner_steps",
-        "5",
         "--files",
         "15",
         "--max_bytes",
@@ -62,3 +62,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert sorted(ratios) == ["code", "licenses", "public"], r.stdout
     for domain, ratio in ratios.items():
         assert float(ratio) <= CLOSE, (domain, ratio, r.stdout)
+    # and on every owner's held-out text the merged model beats the public model alone
+    gains = dict(re.findall(r"merged / public model on the owner's (\w+) text: ([\d.]+)", r.stdout))
+    assert sorted(gains) == ["code", "licenses"], r.stdout
+    for domain, ratio in gains.items():
+        assert float(ratio) < 1.0, (domain, ratio, r.stdout)
