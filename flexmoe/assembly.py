@@ -75,10 +75,11 @@ from flexmoe.artifacts.unigram import (
     load_public_statistics,
 )
 from flexmoe.core.errors import InputError
-from flexmoe.core.hashing import fingerprint
+from flexmoe.core.hashing import content_sha256, fingerprint
 from flexmoe.core.io import atomic_write_text
 from flexmoe.core.moe import Router
 from flexmoe.core.posterior import use_posterior_routers
+from flexmoe.core.provenance import ExpertProvenance, Provenance
 from flexmoe.core.surgery import PUBLIC, add_expert, decoder_layers, is_moe, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.data.packing import pack_domain
 from flexmoe.data.statistics import packed_token_statistics
@@ -366,13 +367,7 @@ def public_token_statistics(
     theirs (rows of ``seq_len``, EOS after each document), so both count the same kind of stream."""
     buckets = recipe.bigram_buckets if recipe.needs_bigram else 0
     if _has_public_file(spec, spec_path):
-        counts = load_public_statistics(spec, spec_path, vocab_size)
-        if buckets and (counts.bigram is None or counts.bigram.shape[0] != buckets):
-            raise InputError(
-                f"the spec's public statistics carry no bigram counts in {buckets} buckets, which the recipe needs: "
-                "rewrite the spec with `flexmoe spec --public-data ...`, or pass the public text instead"
-            )
-        return TokenStatistics(counts.unigram, counts.bigram if buckets else None), "spec"
+        return load_public_statistics(spec, spec_path, vocab_size, bigram_buckets=buckets), "spec"
     packer = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     return packed_token_statistics(list(public_documents), packer, seq_len, vocab_size, buckets), "public_documents"
 
@@ -568,6 +563,7 @@ def merge_experts(
         summary["seq_len"] = seq_len
     if asked.needs_unigram and not recipe.needs_unigram:
         summary.update(recipe="posterior", router="token (lda)", note=TOKEN_ROUTER_NOTE.format(format=format))
+    settings(model).provenance.set_routing(summary)  # the model card names the recipe
     merged = MergedModel(model.eval(), summary, format, tokenizer=tokenizer)
     if out is not None:
         merged.export(out, allow_approximate=allow_approximate)
@@ -582,8 +578,9 @@ class _ArtifactSource:
 
     Up front, each file's header is checked (size, truncation, fingerprint, spec, owner) and
     only its router rows are read. The full validation (shapes, dtypes, NaN/Inf, fit to the
-    public model) happens in :meth:`expert`, which loads one artifact when its shard is written;
-    a failure there discards the unfinished export.
+    public model) happens in :meth:`expert`, which loads one artifact when its shard is written
+    and records its provenance, as :func:`~flexmoe.core.surgery.add_expert` would; a failure there
+    discards the unfinished export.
     """
 
     def __init__(
@@ -596,6 +593,7 @@ class _ArtifactSource:
         self.mlp_prefixes = mlp_prefixes(public)
         self.fingerprint = fingerprint(public)
         self.owners = [PUBLIC]
+        self.provenance = Provenance(routing={"method": "published"})
         self._router_rows = []  # per artifact and layer: (embedding, bias, public row or None) as read up front
         sources = {}
         for path in self.paths:
@@ -650,6 +648,8 @@ class _ArtifactSource:
                 raise ArtifactError(
                     art.owner, f"layers.{L}.router", "the contents read at the start", changed, source=art.source
                 )
+        sha = content_sha256(art.tensors, art.metadata)
+        self.provenance.add(ExpertProvenance.of(art.owner, art.metadata, art.tensors, sha))
         return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
 
     def renormalisation_gap(self) -> float | None:

@@ -37,6 +37,7 @@ from flexmoe.artifacts.guard import read_safetensors_header
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import file_sha256
 from flexmoe.core.io import atomic_file
+from flexmoe.core.parsing import parse_count, shorten
 from flexmoe.core.posterior import MAX_BIGRAM_BITS
 from flexmoe.spec import FederationSpec, PublicStatistics
 
@@ -49,6 +50,8 @@ PUBLIC_STATISTICS_SUFFIX = ".public_stats.safetensors"
 # float32 rounds a count above 2**24 to within this relative error, so a large total may differ
 # from the float32 vector's sum by up to that share of itself.
 _FLOAT32_RELATIVE = 2.0**-24
+# No honest total of tokens or pairs comes near this (float64 holds every integer up to it).
+_MAX_COUNT = 2**53
 
 
 class TokenStatistics(NamedTuple):
@@ -74,13 +77,21 @@ def _counts_problem(counts: torch.Tensor, name: str, what: str, size, total_fiel
     if bool(fractional.any()):
         first = int(fractional.nonzero()[0, 0])
         return f"values of {name}", "integral counts", f"{float(counts[first])!r} at index {first}"
-    text = str(total) if total is not None else None
-    if text is None or not (text.isascii() and text.isdigit()):
-        return f"metadata {total_field!r}", f"a non-negative integer with {name}", text
-    expected, summed = int(text), float(counts.double().sum())
+    expected = _count(total)
+    if expected is None:
+        return f"metadata {total_field!r}", f"a non-negative integer up to 2**53 with {name}", shorten(total, 60)
+    summed = float(counts.double().sum())
     if abs(summed - expected) > expected * _FLOAT32_RELATIVE:
         return f"sum of {name}", f"{total_field} = {expected}", f"{summed:.0f}"
     return None
+
+
+def _count(value) -> int | None:
+    """A recorded total (a decimal string or an int) as an int in ``[0, 2**53]``, else ``None``."""
+    try:
+        return parse_count(value, what="count", maximum=_MAX_COUNT)
+    except InputError:
+        return None
 
 
 def unigram_problem(counts: torch.Tensor, tokens, vocab_size: int | None = None) -> tuple[str, object, object] | None:
@@ -101,8 +112,9 @@ def bigram_problem(
     n = counts.shape[0]
     if n < 2 or n & (n - 1) or n > 1 << MAX_BIGRAM_BITS:
         return f"shape of {BIGRAM_TENSOR}", f"a power of two up to 2**{MAX_BIGRAM_BITS}", [n]
-    if tokens is not None and str(tokens).isdigit() and int(str(pairs)) > int(str(tokens)):
-        return f"metadata {BIGRAM_PAIRS!r}", f"at most {UNIGRAM_TOKENS} = {tokens}", pairs
+    most = _count(tokens)
+    if most is not None and _count(pairs) > most:
+        return f"metadata {BIGRAM_PAIRS!r}", f"at most {UNIGRAM_TOKENS} = {most}", pairs
     return None
 
 
@@ -204,12 +216,16 @@ def write_public_statistics(spec_path: str | os.PathLike, statistics: TokenStati
 
 
 def load_public_statistics(
-    spec: FederationSpec, spec_path: str | os.PathLike, vocab_size: int | None = None
+    spec: FederationSpec,
+    spec_path: str | os.PathLike,
+    vocab_size: int | None = None,
+    bigram_buckets: int | None = None,
 ) -> TokenStatistics:
     """The public domain's counts recorded in ``spec`` (loaded from ``spec_path``): the file next
     to it, refused unless its sha256 is the one the spec records and its counts keep
-    :func:`statistics_problem`'s rules (``vocab_size``: the public model's; the bucket count: the
-    spec's recipe's). Bigram counts are read only when the spec's recipe routes by them."""
+    :func:`statistics_problem`'s rules (``vocab_size``: the public model's). Bigram counts are read
+    in ``bigram_buckets`` buckets (default: the spec's recipe's; ``0``: not read), for a merge
+    whose recipe differs from the spec's."""
     record = spec.public_statistics
     if record is None:
         raise InputError(
@@ -227,10 +243,17 @@ def load_public_statistics(
         )
     header = read_safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
-    buckets = spec.routing.bigram_buckets or None
+    buckets = (spec.routing.bigram_buckets if bigram_buckets is None else bigram_buckets) or None
     wanted = {UNIGRAM_TENSOR, BIGRAM_TENSOR} if buckets else {UNIGRAM_TENSOR}
     if not {UNIGRAM_TENSOR} <= set(header) <= {UNIGRAM_TENSOR, BIGRAM_TENSOR} or not wanted <= set(header):
-        raise InputError(f"public statistics {path}: tensors: expected {sorted(wanted)}, got {sorted(header)}")
+        hint = ""
+        if UNIGRAM_TENSOR in header and BIGRAM_TENSOR not in header:
+            hint = (
+                f": the recipe routes by bigram counts in {buckets} buckets and this file has none; rewrite the spec "
+                "with `flexmoe spec --public-data ...`, pass the public text instead, or route by unigrams "
+                "(bigram_buckets=0)"
+            )
+        raise InputError(f"public statistics {path}: tensors: expected {sorted(wanted)}, got {sorted(header)}{hint}")
     with safe_open(str(path), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in wanted}
     totals = {k: v for k, v in metadata.items() if k == UNIGRAM_TOKENS or (k == BIGRAM_PAIRS and buckets)}

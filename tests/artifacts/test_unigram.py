@@ -197,3 +197,20 @@ def test_a_header_length_that_begins_like_a_pickle_or_zip_is_still_safetensors(t
     pickled.write_bytes(pickle.dumps({"x": [0.0, 0.0]}))
     with pytest.raises(ArtifactError, match="a pickle"):
         read_safetensors_header(pickled)
+
+
+def test_public_statistics_are_read_for_the_merges_recipe_not_only_the_specs(tmp_path):
+    """A spec whose public file holds unigrams only (written before bigram statistics) serves a merge
+    that routes by unigrams; one that routes by bigrams is told what to do."""
+    from flexmoe.artifacts.unigram import TokenStatistics, load_public_statistics, write_public_statistics
+    from flexmoe.core.errors import InputError
+    from flexmoe.spec import FederationSpec
+
+    spec_path = tmp_path / "spec.json"
+    record = write_public_statistics(spec_path, TokenStatistics(counts_of()))
+    spec = FederationSpec(public_model="m", fingerprint="f" * 64, public_statistics=record)
+    assert spec.routing.needs_bigram
+    with pytest.raises(InputError, match=r"has none; rewrite the spec .* bigram_buckets=0"):
+        load_public_statistics(spec, spec_path, VOCAB_SIZE)
+    got = load_public_statistics(spec, spec_path, VOCAB_SIZE, bigram_buckets=0)
+    assert torch.equal(got.unigram, counts_of()) and got.bigram is None
