@@ -210,7 +210,7 @@ def test_public_statistics_are_read_for_the_merges_recipe_not_only_the_specs(tmp
     record = write_public_statistics(spec_path, TokenStatistics(counts_of()))
     spec = FederationSpec(public_model="m", fingerprint="f" * 64, public_statistics=record)
     assert spec.routing.needs_bigram
-    with pytest.raises(InputError, match=r"has none; rewrite the spec .* bigram_buckets=0"):
+    with pytest.raises(InputError, match=r"has none; rewrite the spec .*\(bigram_buckets=0\)"):
         load_public_statistics(spec, spec_path, VOCAB_SIZE)
     got = load_public_statistics(spec, spec_path, VOCAB_SIZE, bigram_buckets=0)
     assert torch.equal(got.unigram, counts_of()) and got.bigram is None
