@@ -8,6 +8,7 @@
     flexmoe export --model merged/ --format native --out merged_native/
     flexmoe add-expert --model merged/ --expert c.safetensors --out merged_abc/
     flexmoe opt-out --model merged/ --owner b --out merged_without_b/
+    flexmoe export --model merged/ --evaluation eval.json --out merged_card/
     flexmoe tune-router --model merged/ --proxy a=a.proxy.json --public-data public_text/ --out tuned/
 
 Every command also takes ``--config FILE.yaml`` (and ``--print_config`` to write one), as
@@ -33,6 +34,7 @@ from flexmoe.artifacts.unigram import require_token_statistics, write_public_sta
 from flexmoe.assembly import merge_experts
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
+from flexmoe.core.parsing import read_json
 from flexmoe.core.posterior import PosteriorRouter
 from flexmoe.core.surgery import PUBLIC, moe_blocks, set_top_k, settings
 from flexmoe.core.surgery import add_expert as add_to_model
@@ -43,6 +45,7 @@ from flexmoe.evaluate import eval_models, parse_domains
 from flexmoe.formats.export import DEFAULT_FORMAT, FORMATS
 from flexmoe.formats.export import export as export_model
 from flexmoe.formats.load import detect_format, load, load_public_model
+from flexmoe.formats.model_card import evaluation_from_result
 from flexmoe.merge.config import merge as merge_recipe
 from flexmoe.owner.embed import router_embedding
 from flexmoe.owner.proxy import ProxySelection
@@ -142,8 +145,15 @@ def assemble(
         print(f"flexmoe: note: {merged.routing['note']}; use --format native for the posterior router")
 
 
-def export(model: str, out: str, format: Format = DEFAULT_FORMAT, allow_approximate: bool = False) -> None:
-    """Re-export a flexmoe model directory (native, FlexOlmo or Mixtral) in another format.
+def export(
+    model: str,
+    out: str,
+    format: Format = DEFAULT_FORMAT,
+    allow_approximate: bool = False,
+    evaluation: str | None = None,
+) -> None:
+    """Re-export a flexmoe model directory (native, FlexOlmo or Mixtral) in another format, with
+    its model card (``README.md``) regenerated from the provenance it carries.
 
     Args:
         model: Model directory written by flexmoe, or a transformers FlexOlmo/Mixtral checkpoint.
@@ -151,8 +161,15 @@ def export(model: str, out: str, format: Format = DEFAULT_FORMAT, allow_approxim
         format: ``flexolmo``, ``mixtral``, ``native`` or ``auto`` (the base's transformers format
             when it holds the model exactly, else native).
         allow_approximate: Export even where the format cannot represent the model exactly.
+        evaluation: ``flexmoe eval --json`` output for this model: its table goes into the model
+            card (and is dropped again when an expert is added or opted out).
     """
-    export_model(load(model), out, format=format, allow_approximate=allow_approximate, tokenizer=model)
+    moe = load(model)
+    if evaluation is not None:
+        path = Path(evaluation)
+        table = evaluation_from_result(read_json(path.parent, path.name), source=path.name)
+        settings(moe).provenance.evaluation = table
+    export_model(moe, out, format=format, allow_approximate=allow_approximate, tokenizer=model)
     print(f"flexmoe: exported {model} -> {out} ({format})")
 
 
@@ -396,6 +413,7 @@ def tune_router(
 
     def change(moe):
         summary = tune(moe, proxy_documents=proxies, public_documents=public_docs, tokenizer=model, recipe=recipe)
+        settings(moe).provenance.evaluation = None  # it scored the routers before tuning
         print(
             f"flexmoe: router tuning {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
             f"{summary['loss_last']:.3f}"

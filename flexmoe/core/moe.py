@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from flexmoe.core.errors import InputError
+from flexmoe.core.provenance import Provenance
 
 
 @dataclass
@@ -42,12 +43,14 @@ class MoESettings:
 
     ``owners[j]`` names expert ``j`` (``owners[0]`` is the public model). ``top_k=None``
     means "all experts". The blocks hold a reference to one instance, so changing it
-    here changes every layer at once.
+    here changes every layer at once. ``provenance`` records who contributed each owner expert
+    (:mod:`flexmoe.core.provenance`); surgery keeps it in step with ``owners``.
     """
 
     owners: list[str] = field(default_factory=lambda: ["public"])
     top_k: int | None = None
     normalize: bool = False
+    provenance: Provenance = field(default_factory=Provenance, repr=False, compare=False)
     # Set by :func:`record_router_logits`; each block appends its float32 logits.
     recorded: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
 

@@ -7,6 +7,9 @@ Mistral, Qwen2, Qwen3 are tested).
 
 Opt-out, opt-in and freezing speak only the router protocol
 (:class:`~flexmoe.core.moe.ExpertRouter`), so they work whatever router each layer holds.
+Opt-out and opt-in also keep the model's provenance (:mod:`flexmoe.core.provenance`) in step:
+the owner's record goes or comes with its expert, so the model card an export renders from it
+always describes the experts the model holds.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from flexmoe.core.hashing import fingerprint
+from flexmoe.core.hashing import content_sha256, fingerprint
 from flexmoe.core.moe import AffineRouter, MoEBlock, MoESettings, Router
+from flexmoe.core.provenance import ExpertProvenance
 
 if TYPE_CHECKING:  # pragma: no cover
     from flexmoe.artifacts.expert import ExpertArtifact
@@ -123,7 +127,8 @@ def opt_out(model: nn.Module, expert: int | str) -> nn.Module:
     """Remove one owner's expert MLP, router row and bias from every layer (in place).
 
     FlexOlmo's opt-out (section 3.3): the remaining experts and routers are untouched, so
-    the model is exactly what it would have been had that owner never joined.
+    the model is exactly what it would have been had that owner never joined. The owner's
+    provenance record goes too; the history keeps that it opted out.
     """
     j = expert_index(model, expert)
     if j == 0:
@@ -133,7 +138,7 @@ def opt_out(model: nn.Module, expert: int | str) -> nn.Module:
         keep = [i for i in range(block.num_experts) if i != j]
         block.experts = nn.ModuleList([block.experts[i] for i in keep])
         block.router.keep_experts(keep)
-    del s.owners[j]
+    s.provenance.opt_out(s.owners.pop(j))
     if s.top_k is not None and s.top_k > s.num_experts:
         s.top_k = s.num_experts
     return model
@@ -146,13 +151,17 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
     layer count, tensor names, shapes and dtypes); nobody else is retrained. Each layer's router
     takes the artifact's tensors of that layer other than the expert's
     (:meth:`~flexmoe.core.moe.ExpertRouter.append_expert`); if one refuses, the model is left
-    as it was.
+    as it was. The model's provenance records the owner, the artifact's content hash and what it
+    carried (:class:`~flexmoe.core.provenance.ExpertProvenance`).
     """
     s = settings(model)
     if artifact.owner in s.owners:
         raise ValueError(f"an expert owned by {artifact.owner!r} is already in the model")
     _check_owner_names([*s.owners, artifact.owner])
     artifact.validate(model, fingerprint=fingerprint(model) if check_fingerprint else None)
+    record = ExpertProvenance.of(
+        artifact.owner, artifact.metadata, artifact.tensors, content_sha256(artifact.tensors, artifact.metadata)
+    )
     blocks = moe_blocks(model)
     for L, block in enumerate(blocks):
         try:
@@ -166,6 +175,7 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
         expert.load_state_dict(artifact.layer(L)[0])
         block.experts.append(expert)
     s.owners.append(artifact.owner)
+    s.provenance.add(record)
     return model
 
 

@@ -44,6 +44,11 @@ writer serves :func:`export` (an MoE in memory) and :func:`flexmoe.assembly.asse
 public model plus artifact files, streamed one expert at a time so memory does not grow with the
 number of owners).
 Every export is built in a temporary sibling directory and renamed into place when complete.
+
+Every export, whatever its format, also carries the model's provenance (who contributed each
+expert, the artifact hashes, what each owner shared, the routing recipe, the evaluation:
+:mod:`flexmoe.core.provenance`) in ``flexmoe_config.json`` and the model card rendered from it,
+``README.md`` (:mod:`flexmoe.formats.model_card`).
 """
 
 from __future__ import annotations
@@ -73,7 +78,9 @@ from flexmoe import modeling as remote_code
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_dir
 from flexmoe.core.moe import ExpertRouter
+from flexmoe.core.provenance import Provenance
 from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
+from flexmoe.formats.model_card import write_model_card
 from flexmoe.modeling.configuration_flexmoe import FlexMoEConfig
 
 log = logging.getLogger(__name__)
@@ -124,6 +131,7 @@ class _ModelSource:
         s = settings(model)
         self.model, self.config = model, model.config
         self.owners, self.top_k, self.normalize = list(s.owners), s.top_k, s.normalize
+        self.provenance: Provenance = s.provenance.copy()
         self.blocks = moe_blocks(model)
         self.mlp_prefixes = mlp_prefixes(model)
 
@@ -422,7 +430,9 @@ def dense_config(config: PreTrainedConfig) -> PreTrainedConfig:
 
 
 def write_checkpoint(source, out_dir, fmt: str, *, allow_approximate: bool, files=(), tokenizer=None) -> Path:
-    """Write ``source`` in format ``fmt`` (or ``"auto"``) into ``out_dir``, atomically."""
+    """Write ``source`` in format ``fmt`` (or ``"auto"``) into ``out_dir``, atomically, with its
+    provenance and model card. ``source.provenance`` is read after the shards are written (a
+    streamed source records each expert as it loads it)."""
     fmt = _resolve_format(fmt, source, allow_approximate)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -452,8 +462,10 @@ def write_checkpoint(source, out_dir, fmt: str, *, allow_approximate: bool, file
             "top_k": source.top_k,
             "normalize": source.normalize,
             "router": _router_kinds(source.routers()),
+            "provenance": source.provenance.to_json(),
         }
         (tmp / FLEXMOE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        write_model_card(tmp, source.provenance, meta, out_dir.name)
         generation = getattr(source.model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)

@@ -13,6 +13,10 @@ index lists is matched against the shards' headers and against the shapes the ba
 (built on the meta device, so no memory) before the model is built. The number of experts is the
 one the tensors on disk hold, so a ``flexmoe_config.json`` naming 20,000 owners is refused before
 one expert is copied. Every refusal is an :class:`~flexmoe.core.errors.InputError`.
+
+The provenance an export recorded in ``flexmoe_config.json`` (:mod:`flexmoe.core.provenance`) is
+checked field by field the same way and comes back in the model's settings, so an opt-out or a
+new expert re-exports a model card that describes the new model.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from flexmoe.core import posterior  # also registers the library's "posterior" r
 from flexmoe.core.errors import InputError
 from flexmoe.core.moe import Router, router_class
 from flexmoe.core.parsing import read_json, regular_file, shorten
-from flexmoe.core.surgery import PUBLIC, decoder_layers, moe_blocks, set_top_k, upcycle
+from flexmoe.core.provenance import Provenance
+from flexmoe.core.surgery import PUBLIC, decoder_layers, moe_blocks, set_top_k, settings, upcycle
 from flexmoe.formats.export import (
     BASE_CONFIG,
     FLEXMOE_CONFIG,
@@ -72,7 +77,7 @@ def load(path, *, dtype: torch.dtype | None = None) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     if model.config.model_type not in ("flex_olmo", "mixtral"):
         return model
-    return _from_hf_moe(model, meta)
+    return _from_hf_moe(model, meta, path)
 
 
 def _read_config(path: Path, name: str) -> dict:
@@ -134,6 +139,17 @@ def _check_native_meta(path: Path, meta: dict) -> None:
     kinds = meta.get("router", Router.kind)
     if not (isinstance(kinds, str) or (isinstance(kinds, list) and all(isinstance(k, str) for k in kinds))):
         raise InputError(f"{where}: router: expected a router kind or a list of them, got {shorten(kinds)}")
+
+
+def _provenance(path: Path, meta: dict | None, owners: list[str]) -> Provenance:
+    """The provenance ``flexmoe_config.json`` records for a model whose experts are ``owners``
+    (empty when it records none), checked (:meth:`~flexmoe.core.provenance.Provenance.from_json`)."""
+    if meta is None:
+        return Provenance()
+    try:
+        return Provenance.from_json(meta.get("provenance"), owners[1:])
+    except InputError as e:
+        raise InputError(f"{path / FLEXMOE_CONFIG}: {e}") from None
 
 
 def _base_config(path: Path) -> PreTrainedConfig:
@@ -198,14 +214,16 @@ def _check_native_tensors(path: Path, config: PreTrainedConfig, owners: int, ind
 
 def _load_native(path: Path, meta: dict, dtype) -> nn.Module:
     _check_native_meta(path, meta)
+    owners = meta["owners"]
+    provenance = _provenance(path, meta, owners)
     config = _base_config(path)
     dtype = dtype or getattr(torch, str(config.dtype or "float32").removeprefix("torch."))
-    owners = meta["owners"]
     index = _read_index(path)
     _check_native_tensors(path, config, len(owners), index)
     model = _empty_model(config, dtype)
     upcycle(model, len(owners) - 1, owners=owners[1:], normalize=meta["normalize"])
     set_top_k(model, meta["top_k"])
+    settings(model).provenance = provenance
     _load_routers(model, path, index, meta.get("router", Router.kind), dtype)
     expected = dict(dense_tensors(model, []))
     if set(index) != set(expected):
@@ -272,13 +290,15 @@ def _empty_model(config: PreTrainedConfig, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _from_hf_moe(hf: nn.Module, meta: dict | None) -> nn.Module:
+def _from_hf_moe(hf: nn.Module, meta: dict | None, path: Path) -> nn.Module:
     """A flexmoe MoE computing what a loaded FlexOlmo / Mixtral model computes."""
     config = hf.config
     num_experts = config.num_experts if config.model_type == "flex_olmo" else config.num_local_experts
     owners = [PUBLIC] + [f"expert_{i}" for i in range(1, num_experts)]
+    provenance = Provenance()
     if meta is not None and len(meta.get("owners", [])) == num_experts:
-        owners = list(meta["owners"])  # exported by flexmoe: keep the owners' names
+        owners = list(meta["owners"])  # exported by flexmoe: keep the owners' names and their records
+        provenance = _provenance(path, meta, owners)
     normalize = bool(config.norm_topk_prob) if config.model_type == "flex_olmo" else True
     top_k = config.num_experts_per_tok
     base_config = dense_config(config)
@@ -290,6 +310,7 @@ def _from_hf_moe(hf: nn.Module, meta: dict | None) -> nn.Module:
     del hf_state
     upcycle(model, num_experts - 1, owners=owners[1:], normalize=normalize)
     set_top_k(model, None if top_k >= num_experts else top_k)
+    settings(model).provenance = provenance
     with torch.no_grad():
         for hf_layer, block in zip(decoder_layers(hf), moe_blocks(model)):
             gate_up, down = hf_layer.mlp.experts.gate_up_proj, hf_layer.mlp.experts.down_proj
