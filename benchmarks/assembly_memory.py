@@ -61,29 +61,36 @@ def child(mode: str, work: Path, n: int, fmt: str) -> None:
     print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "wall_s": wall}))
 
 
-def setup(work: Path, arch: str, num_artifacts: int) -> None:
+def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, layers: int | None = None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import flexmoe
     from flexmoe.core.surgery import moe_blocks
+    from flexmoe.plan import KNOWN_CONFIGS
 
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    if shape:  # a real model's shape (flexmoe.plan), optionally with fewer decoder layers
+        fields = {**KNOWN_CONFIGS[shape], **({"num_hidden_layers": layers} if layers else {})}
+        config = AutoConfig.for_model(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     torch.manual_seed(0)
     public = AutoModelForCausalLM.from_config(config).eval()
-    print(f"public model: {arch}, {sum(p.numel() for p in public.parameters()) / 1e6:.1f}M parameters", flush=True)
+    size = sum(p.numel() * p.element_size() for p in public.parameters())
+    print(f"public model: {config.model_type}, {size / 4e6:.1f}M parameters, {size / 1e6:.0f} MB", flush=True)
+    (work / "public_bytes").write_text(str(size))
     public.save_pretrained(work / "public")
     fp = flexmoe.fingerprint(public)
     model = flexmoe.upcycle(public, 1)
@@ -111,6 +118,8 @@ def measure(mode: str, work: Path, n: int, fmt: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="llama", choices=["llama", "olmo2", "mistral", "qwen2", "qwen3"])
+    ap.add_argument("--shape", help="a known shape from flexmoe.plan (olmo2-1b, ...) instead of the 34M default")
+    ap.add_argument("--layers", type=int, help="with --shape: this many decoder layers")
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="owner experts to assemble")
     ap.add_argument("--format", default="native", help="native (keeps router biases), flexolmo, mixtral")
     ap.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison")
@@ -123,7 +132,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="flexmoe-assembly-") as tmp:
         work = Path(tmp)
-        setup(work, args.arch, max(args.experts))
+        setup(work, args.arch, max(args.experts), args.shape, args.layers)
+        public_mb = int((work / "public_bytes").read_text()) / 2**20
         rows = []
         for n in args.experts:
             s = measure("streaming", work, n, args.format)
@@ -131,7 +141,11 @@ def main() -> None:
             rows.append((n, s, m))
             print(f"  measured {n} experts", file=sys.stderr, flush=True)
     first = rows[0][1]["peak_mb"]
-    print(f"\nassembly of public + n experts ({args.arch}, format={args.format}); RSS in MB, time in s")
+    print(f"\nassembly of public + n experts ({args.shape or args.arch}, format={args.format}); RSS in MB, time in s")
+    print(
+        f"public model's weights: {public_mb:.0f} MB; stream peak over baseline / public weights: "
+        + ", ".join(f"{n} experts {(s['peak_mb'] - s['baseline_mb']) / public_mb:.2f}" for n, s, _ in rows)
+    )
     columns = ["experts", "baseline", "stream peak", "stream s", "in-mem peak", "in-mem s", "stream peak / first"]
     head = " | ".join(f"{c:>{w}}" for c, w in zip(columns, WIDTHS))
     print(head)

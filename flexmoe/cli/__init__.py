@@ -27,6 +27,9 @@ from flexmoe.core.errors import InputError
 # values may come from another party's file (a 20 MB owner name must not become a 20 MB line).
 ERROR_CHARS = 800
 
+# Commands whose first argument may be given without its option name: `flexmoe merge RECIPE.yaml`.
+POSITIONAL: dict[str, str] = {"merge": "--recipe", "inspect": "--file"}
+
 # name -> "module:function"; a command's module is imported only when that command runs,
 # so `flexmoe assemble` does not pay for importing Lightning.
 COMMANDS: dict[str, str] = {
@@ -38,8 +41,10 @@ COMMANDS: dict[str, str] = {
     "add-expert": "flexmoe.cli.commands:add_expert",
     "opt-out": "flexmoe.cli.commands:opt_out",
     "merge": "flexmoe.cli.commands:merge",
+    "inspect": "flexmoe.cli.inspect_artifact:inspect",
     "tune-router": "flexmoe.cli.commands:tune_router",
     "demo": "flexmoe.experiments.demo:demo",
+    "plan": "flexmoe.cli.plan:plan",
 }
 
 
@@ -68,8 +73,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
     for i, tok in enumerate(argv):
         if tok in COMMANDS:
             rest = argv[i + 1 :]
-            if tok == "merge" and rest and not rest[0].startswith("-"):
-                rest = ["--recipe", *rest]  # `flexmoe merge RECIPE.yaml --out DIR`
+            if tok in POSITIONAL and rest and not rest[0].startswith("-"):
+                rest = [POSITIONAL[tok], *rest]  # `flexmoe merge RECIPE.yaml --out DIR`, `flexmoe inspect FILE`
             return argv[: i + 1] + normalize_options(rest, _option_kinds(command(tok)))
     return normalize_options(argv, {})
 
