@@ -54,7 +54,8 @@ def hash_tensor(h, name: str, t: torch.Tensor) -> None:
     """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes."""
     t = t.detach().to("cpu").contiguous()
     h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # The numpy view's buffer, not .tobytes(): hashing a 1.6 GB embedding must not copy it first.
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def file_sha256(path: str | os.PathLike) -> str:
