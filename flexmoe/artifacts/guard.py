@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.core.errors import InputError
-from flexmoe.core.parsing import load_json, parse_count, shorten
+from flexmoe.core.parsing import MAX_OWNER_NAME, load_json, parse_count, shorten, valid_owner_name
 
 DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
 
@@ -37,7 +37,6 @@ _MAX_METADATA_KEYS = 256
 _MAX_METADATA_VALUE = 64 * 2**10
 _MAX_NAME = 512
 _MAX_DIMS = 8
-MAX_OWNER_NAME = 128
 # Header JSON: {name: {"dtype", "shape": [...], "data_offsets": [...]}} is three levels deep.
 _HEADER_DEPTH = 4
 
@@ -64,7 +63,6 @@ _ITEMSIZE = {
 # Printable ASCII without spaces: every name flexmoe writes (``layers.3.expert.up_proj.weight``).
 # A fullmatch, so a trailing newline is not accepted the way ``$`` accepts it.
 _NAME = re.compile(rf"[!-~]{{1,{_MAX_NAME}}}")
-_OWNER = re.compile(rf"[^/\\\x00-\x1f\x7f]{{1,{MAX_OWNER_NAME}}}")
 
 
 class ArtifactError(InputError):
@@ -229,16 +227,9 @@ def _check_metadata(metadata, who: str, path: Path) -> str:
 
 
 def check_owner_name(name) -> bool:
-    """Whether ``name`` is an owner name flexmoe accepts from another party: 1 to
-    :data:`MAX_OWNER_NAME` printable characters without path separators, not ``.``/``..``,
-    without surrounding whitespace (a name becomes a file name and a line of a report)."""
-    return (
-        isinstance(name, str)
-        and _OWNER.fullmatch(name) is not None
-        and name.isprintable()
-        and name.strip() == name
-        and name not in (".", "..")
-    )
+    """Whether ``name`` is an owner name flexmoe accepts from another party
+    (:func:`flexmoe.core.parsing.valid_owner_name`, the one rule)."""
+    return valid_owner_name(name)
 
 
 def _check_entries(header: dict, who: str, path: Path, size: int, n: int, bounds: HeaderBounds | None) -> None:

@@ -251,3 +251,22 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return [x for pair in node.value for x in pair]
     return []
+
+
+MAX_OWNER_NAME = 128
+# 1 to MAX_OWNER_NAME characters, none of them a path separator or a control character.
+_OWNER_NAME = re.compile(rf"[^/\\\x00-\x1f\x7f]{{1,{MAX_OWNER_NAME}}}")
+
+
+def valid_owner_name(name) -> bool:
+    """Whether ``name`` can name an owner's expert: 1 to :data:`MAX_OWNER_NAME` printable
+    characters without path separators, not ``.`` or ``..``, without surrounding whitespace. A name
+    becomes a file name, a line of a report and an entry of ``flexmoe_config.json``, which
+    ``flexmoe.load`` refuses to reopen otherwise; the one rule for names from any party."""
+    return (
+        isinstance(name, str)
+        and _OWNER_NAME.fullmatch(name) is not None
+        and name.isprintable()
+        and name.strip() == name
+        and name not in (".", "..")
+    )

@@ -15,7 +15,6 @@ always describes the experts the model holds.
 from __future__ import annotations
 
 import copy
-import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from flexmoe.core.hashing import content_sha256, fingerprint
 from flexmoe.core.moe import AffineRouter, MoEBlock, MoESettings, Router
+from flexmoe.core.parsing import MAX_OWNER_NAME, valid_owner_name
 from flexmoe.core.provenance import ExpertProvenance
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -193,30 +193,11 @@ def _router_state(artifact: ExpertArtifact, L: int) -> dict[str, torch.Tensor]:
     return state
 
 
-# What an owner name may be, as flexmoe.artifacts.guard.check_owner_name says for the names in
-# other parties' files (a floor above this one, so not importable here; a test checks the two
-# agree): 1 to 128 printable characters, no path separator, not "." or "..", no surrounding
-# whitespace. A name becomes a file name, a line of a report and an entry of flexmoe_config.json,
-# which flexmoe.load refuses to reopen otherwise.
-_OWNER_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
-
-
-def valid_owner_name(name) -> bool:
-    """Whether ``name`` can name an expert in a model flexmoe writes and reopens."""
-    return (
-        isinstance(name, str)
-        and _OWNER_NAME.fullmatch(name) is not None
-        and name.isprintable()
-        and name.strip() == name
-        and name not in (".", "..")
-    )
-
-
 def _check_owner_names(owners: list[str]) -> None:
     for o in owners:
         if not valid_owner_name(o):
             raise ValueError(
-                f"owner names must be 1 to 128 printable characters without '/' or '\\', not '.' or '..', "
+                f"owner names must be 1 to {MAX_OWNER_NAME} printable characters without '/' or '\\', not '.' or '..', "
                 f"without surrounding spaces; got {o!r:.200}"
             )
     if len(set(owners)) != len(owners):

@@ -26,8 +26,9 @@ from flexmoe.artifacts.expert import MAX_LAYERS, Plausibility
 from flexmoe.artifacts.guard import check_owner_name
 from flexmoe.artifacts.load import load_expert
 from flexmoe.artifacts.lora import LoraExpertArtifact
+from flexmoe.core.parsing import valid_owner_name
 from flexmoe.core.posterior import use_posterior_routers
-from flexmoe.core.surgery import moe_blocks, upcycle, valid_owner_name
+from flexmoe.core.surgery import moe_blocks, upcycle
 from flexmoe.routing import mlp_input_moments, route
 from flexmoe.spec import RoutingRecipe
 from flexmoe.testing import VOCAB, perturb_, tiny_model
