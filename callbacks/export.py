@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.core.io import atomic_write_text
+from flexmoe.data.private_statistics import private_token_statistics, statistics_noise
 from flexmoe.data.statistics import token_statistics
 from flexmoe.owner.proxy import select_proxy
 from flexmoe.routing import owner_statistics
@@ -35,6 +38,12 @@ class ExportExpert(pl.Callback):
     buckets), so the coordinator can build the posterior router whatever recipe the spec names. They
     do not depend on the training step, so a checkpoint's artifact carries them too.
 
+    With a privacy recipe that releases the statistics privately (``statistics_epsilon`` of the
+    module's :class:`~flexmoe.spec.PrivacyRecipe`), the token counts are released by the Gaussian
+    mechanism (:func:`flexmoe.data.private_statistics.private_token_statistics`, drawn once per run
+    from a seed kept in the checkpoint, so a resumed run ships the same counts) and the MLP-input
+    moments are not shipped; the artifact's metadata records the epsilon (docs/privacy.md).
+
     With ``public_documents``, also select the proxy set (FlexOlmo section 3.4) at fit end and
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
     scores only, never local text.
@@ -51,6 +60,9 @@ class ExportExpert(pl.Callback):
         self.exports = 0
         self.proxy_path: Path | None = None
         self._tokens = None
+        self._statistics_noise: float | None = None
+        # Seeds the noise of privately released counts; from the OS, kept in the (local) checkpoint.
+        self._noise_seed = secrets.randbits(63)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
@@ -62,7 +74,8 @@ class ExportExpert(pl.Callback):
     def artifact(self, pl_module: pl.LightningModule, stats=None, tokens=None) -> ExpertArtifact:
         unigram, bigram = tokens if tokens is not None else (None, None)
         if hasattr(pl_module, "artifact"):
-            return pl_module.artifact(stats=stats, unigram=unigram, bigram=bigram)
+            kwargs = {"statistics_noise": self._statistics_noise} if self._statistics_noise is not None else {}
+            return pl_module.artifact(stats=stats, unigram=unigram, bigram=bigram, **kwargs)
         spec = self.spec
         return ExpertArtifact.from_model(
             find_moe_model(pl_module),
@@ -85,13 +98,35 @@ class ExportExpert(pl.Callback):
             spec = getattr(pl_module, "spec", None) or self.spec
             buckets = spec.routing.bigram_buckets if spec is not None else 0
             vocab_size = find_moe_model(pl_module).config.vocab_size
-            self._tokens = token_statistics(datamodule.train_rows, vocab_size, buckets)
+            recipe = getattr(pl_module, "privacy", None)
+            noise = statistics_noise(recipe)
+            if noise is None:
+                self._tokens = token_statistics(datamodule.train_rows, vocab_size, buckets)
+            else:
+                generator = torch.Generator().manual_seed(self._noise_seed)
+                self._tokens = private_token_statistics(
+                    datamodule.train_rows,
+                    vocab_size,
+                    buckets,
+                    noise_multiplier=noise,
+                    clip=recipe.statistics_clip,
+                    generator=generator,
+                )
+                self._statistics_noise = noise
         return self._tokens
 
     def routing_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """The owner's statistics for ``spec.routing`` (None when the recipe needs none)."""
         spec = getattr(pl_module, "spec", None) or self.spec
         if spec is None or spec.routing.owner_statistics is None:
+            return None
+        recipe = getattr(pl_module, "privacy", None)
+        if recipe is not None and recipe.private_statistics:
+            rank_zero_warn(
+                "the privacy recipe releases the statistics privately: the MLP-input moments are not shipped, so "
+                f"the coordinator cannot build the {spec.routing.token_router().method} token router from this "
+                "expert (the posterior router needs only the token counts)"
+            )
             return None
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_rows"):
@@ -133,7 +168,8 @@ class ExportExpert(pl.Callback):
         return atomic_write_text(path, selection.to_json(indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"exports": self.exports}
+        return {"exports": self.exports, "noise_seed": self._noise_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.exports = int(state_dict.get("exports", 0))
+        self._noise_seed = int(state_dict.get("noise_seed", self._noise_seed))

@@ -41,6 +41,71 @@ MAX_SPEC_BYTES = 64 * 2**20
 _INT_RANGE = (-(2**63), 2**63 - 1)
 
 
+PRIVACY_ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass
+class PrivacyRecipe:
+    """Differential privacy for what an owner ships (docs/privacy.md), off unless a spec or an
+    owner sets one. The unit protected is one packed training row (``seq_len`` tokens): a text
+    repeated in ``k`` rows is protected as ``k`` rows are (group privacy), not as one.
+
+    The expert (its MLP, router row and bias) trains with DP-SGD (Abadi et al., 2016): each row's
+    gradient clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``
+    on their sum, rows drawn by Poisson sampling (:mod:`flexmoe.training.privacy`). Give either
+    ``target_epsilon`` (the accountant picks the smallest noise that meets it at ``delta`` over
+    the recipe's ``max_steps``) or ``noise_multiplier``; neither trains the expert without DP.
+
+    ``statistics_epsilon``: the token counts the artifact carries (``stats.unigram``,
+    ``stats.bigram``) are released by the Gaussian mechanism at this epsilon and ``delta`` (each
+    row's count vector scaled to L2 norm at most ``statistics_clip``, noise added once, then
+    rounded and thresholded: :mod:`flexmoe.data.private_statistics`), composed with the expert's
+    by the same ``accountant``; the per-layer MLP-input moments are then not shipped. ``None``
+    ships the counts exact, and the artifact's metadata says that its epsilon does not cover them.
+    """
+
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    statistics_epsilon: float | None = None
+    statistics_clip: float = 16.0
+
+    def __post_init__(self):
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise InputError(
+                "PrivacyRecipe: give target_epsilon or noise_multiplier, not both "
+                f"(got {self.target_epsilon} and {self.noise_multiplier})"
+            )
+        for name in ("target_epsilon", "statistics_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InputError(f"PrivacyRecipe.{name} must be > 0 or null, got {value}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise InputError(f"PrivacyRecipe.noise_multiplier must be > 0 or null, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise InputError(f"PrivacyRecipe.delta must be in (0, 1), got {self.delta}")
+        _positive(self, "max_grad_norm", "statistics_clip")
+        if self.accountant not in PRIVACY_ACCOUNTANTS:
+            raise InputError(f"PrivacyRecipe.accountant must be one of {PRIVACY_ACCOUNTANTS}, got {self.accountant!r}")
+        if not (self.trains_privately or self.private_statistics):
+            raise InputError(
+                "PrivacyRecipe protects nothing: set target_epsilon or noise_multiplier (the expert) "
+                "and/or statistics_epsilon (the token counts)"
+            )
+
+    @property
+    def trains_privately(self) -> bool:
+        """Whether the expert trains with DP-SGD."""
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    @property
+    def private_statistics(self) -> bool:
+        """Whether the token counts are released with noise."""
+        return self.statistics_epsilon is not None
+
+
 @dataclass
 class ExpertRecipe:
     """How each owner trains its expert (FlexOlmo section 3.2; betas and clipping as in OLMo)."""
@@ -59,9 +124,14 @@ class ExpertRecipe:
     # Train the expert as a LoRA of this rank on a copy of the public MLP instead of a full copy
     # (flexmoe.lora); None trains the full MLP copy, as FlexOlmo does.
     lora_rank: int | None = None
+    # Differential privacy for the expert and the statistics it ships (PrivacyRecipe); None: off.
+    # Left out of the spec's JSON while None, so specs written before it keep their sha256.
+    privacy: PrivacyRecipe | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.privacy, dict):
+            self.privacy = _from_dict(PrivacyRecipe, self.privacy, "spec.expert.privacy")
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise InputError(f"lora_rank must be a positive integer or None, got {self.lora_rank}")
@@ -326,6 +396,8 @@ class FederationSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["expert"]["betas"] = list(d["expert"]["betas"])
+        if d["expert"]["privacy"] is None:
+            del d["expert"]["privacy"]  # as written before privacy existed: the same hash
         routing = d["routing"]
         if routing["method"] != "posterior" and all(routing[k] == v for k, v in POSTERIOR_DEFAULTS.items()):
             for k in POSTERIOR_DEFAULTS:  # as written before the posterior recipe: the same hash

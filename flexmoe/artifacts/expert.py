@@ -75,6 +75,7 @@ from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.io import atomic_file
 from flexmoe.core.parsing import parse_count
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
+from flexmoe.spec import PRIVACY_ACCOUNTANTS
 
 FORMAT_VERSION = "1"
 # Used with fullmatch; the layer index in ASCII digits without leading zeros, so that each layer
@@ -100,6 +101,30 @@ _COUNTS = {
     "unigram_tokens": (0, MAX_TOKENS),
     "bigram_pairs": (0, MAX_TOKENS),
 }
+
+# Differential privacy (flexmoe.spec.PrivacyRecipe, docs/privacy.md): what an owner's file records
+# when its privacy recipe was on. ``dp_epsilon`` at ``dp_delta`` covers what ``dp_covers`` lists
+# (``expert``: MLP, router row and bias by DP-SGD; ``stats.unigram``, ``stats.bigram``: the token
+# counts by the Gaussian mechanism), composed by ``dp_accountant``; anything else in the file was
+# computed exactly. Each float field: (low, high), open at 0 where a 0 would mean no noise.
+PRIVACY_COVERS = ("expert", UNIGRAM_TENSOR, BIGRAM_TENSOR)
+_PRIVACY_FLOATS = {
+    "dp_epsilon": (0.0, 1e6),
+    "dp_delta": (0.0, 1.0),
+    "dp_expert_epsilon": (0.0, 1e6),
+    "dp_noise_multiplier": (0.0, 1e6),
+    "dp_max_grad_norm": (0.0, 1e6),
+    "dp_sample_rate": (0.0, 1.0),
+    "dp_statistics_epsilon": (0.0, 1e6),
+    "dp_statistics_noise_multiplier": (0.0, 1e6),
+    "dp_statistics_clip": (0.0, 1e6),
+}
+_PRIVACY_REQUIRED = {
+    None: ("dp_epsilon", "dp_delta", "dp_accountant", "dp_covers"),
+    "expert": ("dp_expert_epsilon", "dp_noise_multiplier", "dp_max_grad_norm", "dp_sample_rate", "dp_steps"),
+    UNIGRAM_TENSOR: ("dp_statistics_epsilon", "dp_statistics_noise_multiplier", "dp_statistics_clip"),
+}
+PRIVACY_METADATA = (*_PRIVACY_FLOATS, "dp_accountant", "dp_covers", "dp_steps")
 
 
 @dataclass(frozen=True)
@@ -199,6 +224,30 @@ class ExpertFile(ABC):
         return self.tensors.get(UNIGRAM_TENSOR)
 
     @property
+    def privacy(self) -> dict[str, object] | None:
+        """What the owner's differential privacy recorded (``dp_epsilon``, ``dp_delta``,
+        ``dp_covers`` as a list, ... parsed; :data:`PRIVACY_METADATA`), or ``None`` for a file
+        trained and released without it."""
+        return privacy_fields(self.metadata, self.owner, self.source)
+
+    def privacy_summary(self) -> str:
+        """One line for the coordinator's report: the epsilon, what it covers, and what the file
+        carries outside it (exact)."""
+        dp = self.privacy
+        if dp is None:
+            return "no differential privacy"
+        covered = set(dp["dp_covers"])
+        exact = [] if "expert" in covered else ["expert"]
+        exact += [name for name in TOKEN_STATISTICS if name in self.tensors and name not in covered]
+        if "layers.0.stats.mean" in self.tensors:
+            exact.append("MLP-input moments")
+        line = (
+            f"DP epsilon {dp['dp_epsilon']:.3g} at delta {dp['dp_delta']:.3g} ({dp['dp_accountant']}) "
+            f"over {', '.join(dp['dp_covers'])}"
+        )
+        return line + (f"; exact: {', '.join(exact)}" if exact else "")
+
+    @property
     def bigram(self) -> torch.Tensor | None:
         """The hashed adjacent-pair counts of the owner's training text ``float32 [buckets]``, or
         ``None`` for a file that carries none."""
@@ -240,6 +289,7 @@ class ExpertFile(ABC):
         metadata = header.pop("__metadata__", None) or {}
         owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
         cls.check_metadata(metadata, owner, path)
+        privacy_fields(metadata, owner, path)
         for name, entry in header.items():
             if entry["dtype"] not in _DTYPES:
                 raise ArtifactError(
@@ -592,6 +642,54 @@ def _check_metadata(metadata: dict, owner: str, path: Path) -> None:
             metadata_count(metadata, key, owner, path)
     if metadata["dtype"] not in _DTYPES:
         raise ArtifactError(owner, "metadata 'dtype'", "one of F32, F16, BF16", metadata["dtype"], source=path)
+
+
+def privacy_fields(metadata: dict, owner: str, source=None) -> dict[str, object] | None:
+    """The differential-privacy fields of ``metadata`` parsed and checked
+    (:data:`PRIVACY_METADATA`: each float a finite decimal within its bound, the accountant one
+    flexmoe knows, ``dp_covers`` distinct names from :data:`PRIVACY_COVERS`, each part's own fields
+    present), or ``None`` when it has none. An :class:`ArtifactError` names the field otherwise."""
+    present = [k for k in metadata if isinstance(k, str) and k.startswith("dp_")]
+    if not present:
+        return None
+
+    def error(key, expected):
+        return ArtifactError(owner, f"metadata {key!r}", expected, metadata.get(key), source=source)
+
+    unknown = sorted(set(present) - set(PRIVACY_METADATA))
+    if unknown:
+        raise error(unknown[0], f"one of {', '.join(PRIVACY_METADATA)}")
+    covers_text = metadata.get("dp_covers")
+    covers = covers_text.split(",") if isinstance(covers_text, str) else []
+    if not covers or len(set(covers)) != len(covers) or not set(covers) <= set(PRIVACY_COVERS):
+        raise error("dp_covers", f"comma-separated distinct names from {', '.join(PRIVACY_COVERS)}")
+    required = list(_PRIVACY_REQUIRED[None])
+    for part in ("expert", UNIGRAM_TENSOR):
+        if part in covers:
+            required += _PRIVACY_REQUIRED[part]
+    for key in required:
+        if key not in metadata:
+            raise error(key, f"present (dp_covers = {covers_text})")
+    out: dict[str, object] = {"dp_covers": covers}
+    if metadata["dp_accountant"] not in PRIVACY_ACCOUNTANTS:
+        raise error("dp_accountant", f"one of {', '.join(PRIVACY_ACCOUNTANTS)}")
+    out["dp_accountant"] = metadata["dp_accountant"]
+    for key, (low, high) in _PRIVACY_FLOATS.items():
+        if key not in metadata:
+            continue
+        text = metadata[key]
+        try:
+            value = float(text) if isinstance(text, str) and len(text) <= 40 else math.nan
+        except ValueError:
+            value = math.nan
+        open_low = key != "dp_epsilon" and not key.endswith("_epsilon")
+        if not (low <= value <= high) or (open_low and value == low) or (key == "dp_delta" and value >= 1):
+            bracket = "(" if open_low else "["
+            raise error(key, f"a decimal number in {bracket}{low:g}, {high:g}]")
+        out[key] = value
+    if "dp_steps" in metadata:
+        out["dp_steps"] = metadata_count(metadata, "dp_steps", owner, source, bounds=(0, MAX_TOKENS))
+    return out
 
 
 def add_token_statistics(

@@ -8,6 +8,7 @@ cosine schedule with warmup and gradient clipping 1.0.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 from torchmetrics.text import Perplexity
 
-from flexmoe.artifacts.expert import ExpertArtifact
+from flexmoe.artifacts.expert import ExpertArtifact, privacy_fields
+from flexmoe.artifacts.unigram import TOKEN_STATISTICS
 from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
 from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint
@@ -25,8 +27,9 @@ from flexmoe.core.moe import record_router_logits, router_z_loss
 from flexmoe.core.surgery import freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
 from flexmoe.owner.embed import init_router
-from flexmoe.spec import ExpertRecipe, FederationSpec
+from flexmoe.spec import ExpertRecipe, FederationSpec, PrivacyRecipe
 from flexmoe.training.optim import adamw_cosine, clip_gradients
+from flexmoe.training.privacy import PrivateTraining, privacy_metadata
 
 
 class ExpertModule(pl.LightningModule):
@@ -46,6 +49,11 @@ class ExpertModule(pl.LightningModule):
             omitted, one is made from the model with the default recipe.
         owner: this owner's name, written into the artifact.
         check_fingerprint: refuse a public model whose fingerprint differs from the spec's.
+        privacy: differential privacy for this owner's expert and statistics
+            (:class:`~flexmoe.spec.PrivacyRecipe`; docs/privacy.md) when the spec sets none;
+            default: the spec's ``expert.privacy``. A spec that sets one fixes it. With DP-SGD
+            the module optimises manually (:mod:`flexmoe.training.privacy`: Poisson-sampled rows,
+            per-row clipping, noise) and trains on one process.
     """
 
     # What :meth:`artifact` builds (LoRA-sized experts use their own, flexmoe.lora).
@@ -57,6 +65,7 @@ class ExpertModule(pl.LightningModule):
         spec: FederationSpec | str | None = None,
         owner: str = "owner",
         check_fingerprint: bool = True,
+        privacy: PrivacyRecipe | None = None,
     ):
         super().__init__()
         model = load_public_model(public_model)
@@ -73,7 +82,20 @@ class ExpertModule(pl.LightningModule):
             )
         self.spec = spec
         self.owner = owner
-        self.save_hyperparameters({"spec": spec.to_dict(), "owner": owner})
+        if privacy is not None and spec.expert.privacy is not None and privacy != spec.expert.privacy:
+            raise InputError(
+                f"privacy={privacy} contradicts the spec's expert.privacy={spec.expert.privacy}; "
+                "the spec fixes the recipe"
+            )
+        self.privacy: PrivacyRecipe | None = spec.expert.privacy or privacy
+        # DP-SGD's state (accountant, noise); None trains as FlexOlmo does.
+        self.private = PrivateTraining(self.privacy) if self.privacy and self.privacy.trains_privately else None
+        if self.private is not None:
+            self.automatic_optimization = False  # one clipped gradient per row: training_step steps itself
+        hparams = {"spec": spec.to_dict(), "owner": owner}
+        if privacy is not None:
+            hparams["privacy"] = dataclasses.asdict(privacy)
+        self.save_hyperparameters(hparams)
         self.model = upcycle(model, num_experts=1, top_k=self.recipe.top_k, owners=[owner])
         if spec.public_router_embedding is not None:
             init_router(self.model, 0, torch.tensor(spec.public_router_embedding))
@@ -106,15 +128,12 @@ class ExpertModule(pl.LightningModule):
         return out, logits
 
     def training_step(self, batch, batch_idx):
+        if self.private is not None:
+            return self._private_step(batch)
         out, logits = self._lm_step(batch)
         z = router_z_loss(logits)
         loss = out.loss + self.recipe.z_loss_coef * z
-        n = batch["input_ids"].numel() * self.trainer.world_size
-        self.tokens_seen += n
-        now = time.perf_counter()
-        if self._t_last is not None:
-            self.log("train/tokens_per_s", n / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
-        self._t_last = now
+        self._count_tokens(batch["input_ids"].numel() * self.trainer.world_size)
         with torch.no_grad():
             usage = torch.stack([(layer.argmax(-1) == 1).float().mean() for layer in logits]).mean()
         self.log_dict(
@@ -129,6 +148,68 @@ class ExpertModule(pl.LightningModule):
         )
         self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
         return loss
+
+    def _count_tokens(self, n: int) -> None:
+        self.tokens_seen += n
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("train/tokens_per_s", n / max(now - self._t_last, 1e-9), on_step=True, prog_bar=True)
+        self._t_last = now
+
+    def _private_step(self, batch):
+        """One DP-SGD step (:mod:`flexmoe.training.privacy`) on a Poisson-sampled batch: each
+        row's gradient on its own, clipped, summed, noised; then AdamW and the schedule."""
+        opt = self.optimizers()
+        ids = batch["input_ids"]
+
+        def loss_of(row):
+            out, logits = self._lm_step({"input_ids": row})
+            return out.loss + self.recipe.z_loss_coef * router_z_loss(logits)
+
+        losses = self.private.clip_rows(opt.optimizer, ids, loss_of)
+        opt.step()
+        opt.zero_grad()
+        self.lr_schedulers().step()
+        self._count_tokens(ids.numel())
+        if losses:
+            loss = sum(losses) / len(losses)  # with the z-loss: no second forward for the logs
+            self.log_dict({"train/loss_with_z": loss, "train/rows": float(len(losses))}, on_step=True)
+            self.log("loss", loss, prog_bar=True, logger=False)
+        self.log("dp/epsilon_steps", float(self.private.steps), on_step=True)
+
+    def setup(self, stage: str) -> None:
+        """With DP-SGD: refuse what it cannot do, and draw the training rows by Poisson sampling
+        (the datamodule's train loader, replaced by :meth:`PrivateTraining.poisson_loader`)."""
+        if self.private is None or stage != "fit":
+            return
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise InputError(
+                f"DP-SGD training runs on one process, but this Trainer has {trainer.world_size}: the per-row "
+                "clipping and noise are not implemented across processes (DDP); train with devices=1, num_nodes=1"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise InputError(
+                "DP-SGD takes one noisy step per Poisson-sampled batch; accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches} is not supported (raise the spec's batch_size instead)"
+            )
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise InputError(
+                "DP-SGD training needs its data as a LightningDataModule (a TextDataModule), so that its rows can "
+                "be drawn by Poisson sampling: trainer.fit(module, datamodule=...)"
+            )
+        if getattr(datamodule, "_flexmoe_poisson", False):
+            return
+        loader = datamodule.train_dataloader
+        rows = len(loader().dataset)
+        self.private.calibrate(rows, self.recipe.batch_size, self._max_steps())
+        datamodule.train_dataloader = lambda: self.private.poisson_loader(loader())
+        datamodule._flexmoe_poisson = True
+
+    def _max_steps(self) -> int:
+        trainer = self._trainer
+        return trainer.max_steps if trainer is not None and trainer.max_steps > 0 else self.recipe.max_steps
 
     def on_validation_epoch_start(self):
         # States made under trainer.validate()'s inference mode cannot be updated in fit's
@@ -152,7 +233,7 @@ class ExpertModule(pl.LightningModule):
             # No decay on the router: decay would move the frozen rows that share its tensor.
             {"params": [p for p in params if id(p) in routers], "weight_decay": 0.0},
         ]
-        return adamw_cosine(
+        config = adamw_cosine(
             self,
             groups,
             lr=r.lr,
@@ -161,21 +242,54 @@ class ExpertModule(pl.LightningModule):
             min_lr_ratio=r.min_lr_ratio,
             max_steps=r.max_steps,
         )
+        return self._private_optimizer(config) if self.private is not None else config
+
+    def _private_optimizer(self, config: dict) -> dict:
+        """``config``'s AdamW behind Opacus's ``DPOptimizer`` (its schedule rebuilt on it), with the
+        frozen router rows masked out of the noise."""
+        if self.private.sample_rate is None:  # no Trainer datamodule set it up (a bare call)
+            raise InputError("DP-SGD's sampling rate is set in setup('fit'): train the module with a Trainer")
+        frozen = {}
+        for block in moe_blocks(self.model):
+            router, rows = block.router, block.router.trainable_rows
+            for attr in router.per_expert:
+                p = getattr(router, attr)
+                if isinstance(p, nn.Parameter) and p.requires_grad and rows is not None:
+                    frozen[p] = rows.reshape(-1, *([1] * (p.dim() - 1))).float()
+        dp = self.private.wrap(config["optimizer"], self.recipe.batch_size, frozen)
+        schedule = config["lr_scheduler"]["scheduler"]
+        config["optimizer"] = dp
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(dp, schedule.lr_lambdas[0])
+        return config
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, self.recipe.grad_clip)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["flexmoe_tokens_seen"] = self.tokens_seen
+        if self.private is not None:
+            checkpoint["flexmoe_privacy"] = self.private.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = int(checkpoint.get("flexmoe_tokens_seen", 0))
+        if self.private is not None:
+            if "flexmoe_privacy" not in checkpoint and self.tokens_seen:
+                raise InputError(
+                    "this checkpoint was trained without DP-SGD; a private run cannot resume it (its steps were "
+                    "never accounted): start the private run from the public model"
+                )
+            self.private.load_state_dict(checkpoint.get("flexmoe_privacy", {}))
 
-    def artifact(self, stats=None, unigram=None, bigram=None):
+    def artifact(self, stats=None, unigram=None, bigram=None, statistics_noise: float | None = None):
         """This owner's artifact as trained so far (:attr:`artifact_class`; with the routing
         statistics ``stats`` when given: :func:`flexmoe.routing.owner_statistics`; and the token
-        counts ``unigram`` and ``bigram``: :func:`flexmoe.data.statistics.token_statistics`)."""
-        return self.artifact_class.from_model(
+        counts ``unigram`` and ``bigram``: :func:`flexmoe.data.statistics.token_statistics`).
+
+        With a privacy recipe, the metadata records its guarantee (:func:`privacy_metadata`):
+        the expert's epsilon so far and, when the counts were released with noise of
+        ``statistics_noise`` (:func:`flexmoe.data.private_statistics.private_token_statistics`),
+        the two composed."""
+        art = self.artifact_class.from_model(
             self.model,
             owner=self.owner,
             expert=1,
@@ -186,6 +300,13 @@ class ExpertModule(pl.LightningModule):
             unigram=unigram,
             bigram=bigram,
         )
+        covers = ["expert"] if self.private is not None else []
+        if statistics_noise is not None:
+            covers += [name for name in TOKEN_STATISTICS if name in art.tensors]
+        if covers:
+            art.metadata.update(privacy_metadata(self.privacy, self.private, statistics_noise, covers))
+            privacy_fields(art.metadata, self.owner)
+        return art
 
 
 def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_documents=None) -> list[pl.Callback]:

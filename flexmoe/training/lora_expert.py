@@ -14,7 +14,7 @@ from torch import nn
 
 from flexmoe.artifacts.lora import LoraExpertArtifact
 from flexmoe.core.surgery import moe_blocks
-from flexmoe.spec import FederationSpec
+from flexmoe.spec import FederationSpec, PrivacyRecipe
 from flexmoe.training.expert import ExpertModule
 from flexmoe.training.optim import adamw_cosine
 
@@ -28,7 +28,8 @@ class LoraExpertModule(ExpertModule):
     >>> trainer.fit(module, data)                           # writes a LoraExpertArtifact
 
     Args:
-        public_model, spec, owner, check_fingerprint: as for :class:`~flexmoe.ExpertModule`.
+        public_model, spec, owner, check_fingerprint, privacy: as for :class:`~flexmoe.ExpertModule`
+            (with DP-SGD, only the LoRA factors and the router get per-row gradients and noise).
         rank: LoRA rank; default ``spec.expert.lora_rank`` (one of the two must be set; if both
             are, they must agree, since the spec fixes the recipe).
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``. Default ``2 * rank``.
@@ -46,8 +47,9 @@ class LoraExpertModule(ExpertModule):
         rank: int | None = None,
         alpha: float | None = None,
         target_modules: list[str] | None = None,
+        privacy: PrivacyRecipe | None = None,
     ):
-        super().__init__(public_model, spec, owner, check_fingerprint)
+        super().__init__(public_model, spec, owner, check_fingerprint, privacy)
         from peft import LoraConfig, inject_adapter_in_model  # deferred: peft is an optional extra (flexmoe[lora])
 
         spec_rank = self.recipe.lora_rank
@@ -95,7 +97,7 @@ class LoraExpertModule(ExpertModule):
             # No decay on the router: decay would move the frozen rows that share its tensor.
             {"params": routers, "weight_decay": 0.0},
         ]
-        return adamw_cosine(
+        config = adamw_cosine(
             self,
             groups,
             lr=r.lr,
@@ -104,3 +106,4 @@ class LoraExpertModule(ExpertModule):
             min_lr_ratio=r.min_lr_ratio,
             max_steps=r.max_steps,
         )
+        return self._private_optimizer(config) if self.private is not None else config
