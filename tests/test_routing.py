@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,21 @@ def test_lda_is_the_gaussian_posterior():
     torch.testing.assert_close(x @ W2.T + b2, (x @ W.T + b) / 2)
 
 
+def lda_by_formula(means, covariance, shrinkage, prior, temperature):
+    """The discriminant written out in numpy (Hastie et al., ESL eq. 4.10), independently of
+    flexmoe.routing: ``Σ_s = (1 − s) Σ + s · tr(Σ)/H · I``,
+    ``logit_c(x) = (μ_c^T Σ_s^-1 x − ½ μ_c^T Σ_s^-1 μ_c + log π_c) / T``."""
+    mu = np.asarray(means, dtype=np.float64)
+    cov = np.asarray(covariance, dtype=np.float64)
+    H = cov.shape[0]
+    shrunk = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / H * np.eye(H)
+    inv = np.linalg.inv(shrunk)
+    pi = np.asarray(prior, dtype=np.float64) / np.sum(prior)
+    W = np.stack([inv @ m for m in mu])
+    b = np.array([-0.5 * m @ inv @ m + np.log(p) for m, p in zip(mu, pi)])
+    return W / temperature, b / temperature
+
+
 def test_lda_router_writes_every_layer_and_checks_owner_count():
     model = merged(owners=2)
     ids = rows()
@@ -166,12 +182,20 @@ def test_lda_router_writes_every_layer_and_checks_owner_count():
     means = [stats.mean + 1.0, stats.mean - 1.0]
     with pytest.raises(ValueError, match="owner means"):
         lda_router(merged(owners=2), stats.mean, means[:1], stats.covariance)
-    lda_router(model, stats.mean, means, stats.covariance)
+    prior = [0.5, 0.3, 0.2]
+    lda_router(model, stats.mean, means, stats.covariance, prior=prior, shrinkage=0.3, temperature=1.5)
     for L, block in enumerate(moe_blocks(model)):
         assert isinstance(block.router, AffineRouter)
-        W, b = lda_weights(torch.stack([stats.mean[L], *(m[L] for m in means)]), stats.covariance[L])
-        torch.testing.assert_close(block.router.weight.double(), W, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(block.router.bias.double(), b, atol=1e-5, rtol=1e-5)
+        class_means = [stats.mean[L].numpy(), *(m[L].numpy() for m in means)]
+        W, b = lda_by_formula(class_means, stats.covariance[L].numpy(), 0.3, prior, 1.5)
+        np.testing.assert_allclose(block.router.weight.detach().double().numpy(), W, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(block.router.bias.detach().double().numpy(), b, rtol=1e-5, atol=1e-5)
+    # the defaults: shrinkage 0.1, a uniform prior, temperature 1
+    lda_router(model, stats.mean, means, stats.covariance)
+    class_means = [stats.mean[0].numpy(), *(m[0].numpy() for m in means)]
+    W, b = lda_by_formula(class_means, stats.covariance[0].numpy(), 0.1, [1, 1, 1], 1.0)
+    np.testing.assert_allclose(moe_blocks(model)[0].router.weight.detach().double().numpy(), W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moe_blocks(model)[0].router.bias.detach().double().numpy(), b, rtol=1e-5, atol=1e-5)
 
 
 def test_lda_weights_reject_bad_settings():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -16,7 +17,7 @@ from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.moe import AffineRouter, record_router_logits
 from flexmoe.core.surgery import moe_blocks, upcycle
 from flexmoe.data.datamodule import TextDataModule
-from flexmoe.routing import _OnlyPublic, fold_router_bias, lda_router, mlp_input_moments, owner_statistics, route
+from flexmoe.routing import _OnlyPublic, fold_router_bias, owner_statistics, route
 from flexmoe.spec import ExpertRecipe, FederationSpec, RoutingRecipe
 from flexmoe.testing import LICENSES, perturb_, tiny_model
 from flexmoe.training.expert import ExpertModule, expert_callbacks
@@ -46,9 +47,10 @@ def test_statistics_round_trip_through_the_artifact_file(tmp_path):
     back = ExpertArtifact.load(tmp_path / "o1.safetensors")
     s = back.routing_stats
     assert s.count == 8 * 16 and s.mean.shape == (2, 32) and s.covariance.shape == (2, 32, 32)
-    direct = mlp_input_moments(owner_model(1), rows(1), covariance=True)
-    torch.testing.assert_close(s.mean, direct.mean.float().double())
-    torch.testing.assert_close(s.covariance, direct.covariance.float().double())
+    # what was written is the mean and (population) covariance of the owner's MLP inputs
+    for L, x in enumerate(captured_mlp_inputs(owner_model(1), rows(1))):
+        np.testing.assert_allclose(s.mean[L].numpy(), x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.covariance[L].numpy(), np.cov(x.T, bias=True), rtol=1e-4, atol=1e-6)
     # Statistics are optional: an artifact without them has none, and the mean alone is allowed.
     assert ExpertArtifact.from_model(owner_model(1), owner="o1").routing_stats is None
     assert artifact_with_stats(1, rows(1), covariance=False).routing_stats.covariance is None
@@ -86,7 +88,26 @@ def test_only_public_computes_the_dense_public_model():
         assert torch.equal(merged(ids).logits, before)  # restored
 
 
+def captured_mlp_inputs(model, ids) -> list[np.ndarray]:
+    """Every decoder layer's MLP input on ``ids``, ``[tokens, H]`` float64, captured by a hook on
+    each ``mlp`` module (not through flexmoe.routing)."""
+    seen = []
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return [x.double().numpy() for x in seen]
+
+
 def test_route_is_lda_from_the_shipped_statistics():
+    """The routers ``route`` writes are the discriminant written out here in numpy from the
+    public model's MLP inputs on the public rows (captured directly) and the owners' shipped
+    means and covariances: pooled covariance weighted by token counts, shrunk by 0.3 towards
+    ``tr/H · I``, rows ``Σ^-1 μ_c``, biases ``−½ μ_c^T Σ^-1 μ_c + log(1/3)``."""
     arts = [artifact_with_stats(s, rows(s, lo=3 + 30 * (s - 1), hi=33 + 30 * (s - 1))) for s in (1, 2)]
     public_rows = rows(7, n=12)
     merged = flexmoe.assemble(tiny_model("olmo2"), arts, top_k=2)
@@ -94,15 +115,20 @@ def test_route_is_lda_from_the_shipped_statistics():
     assert summary["method"] == "lda" and not summary["folded"]
     assert all(isinstance(b.router, AffineRouter) for b in moe_blocks(merged))
 
-    reference = flexmoe.assemble(tiny_model("olmo2"), arts, top_k=2)
-    pub = mlp_input_moments(tiny_model("olmo2"), public_rows, covariance=True)
-    stats = [a.routing_stats for a in arts]
-    every = [pub, *stats]
-    pooled = sum(s.covariance * s.count for s in every) / sum(s.count for s in every)
-    lda_router(reference, pub.mean, [s.mean for s in stats], pooled, shrinkage=0.3)
-    for a, b in zip(moe_blocks(merged), moe_blocks(reference)):
-        torch.testing.assert_close(a.router.weight, b.router.weight)
-        torch.testing.assert_close(a.router.bias, b.router.bias)
+    public = captured_mlp_inputs(tiny_model("olmo2"), public_rows)
+    for L, block in enumerate(moe_blocks(merged)):
+        x = public[L]
+        owners = [(a.routing_stats.mean[L].numpy(), a.routing_stats.covariance[L].numpy()) for a in arts]
+        counts = [len(x)] + [a.routing_stats.count for a in arts]
+        covs = [np.cov(x.T, bias=True)] + [c for _, c in owners]
+        pooled = sum(n * c for n, c in zip(counts, covs)) / sum(counts)
+        H = pooled.shape[0]
+        inv = np.linalg.inv(0.7 * pooled + 0.3 * np.trace(pooled) / H * np.eye(H))
+        means = [x.mean(0)] + [m for m, _ in owners]
+        W = np.stack([inv @ m for m in means])
+        b = np.array([-0.5 * m @ inv @ m + np.log(1 / 3) for m in means])
+        np.testing.assert_allclose(block.router.weight.detach().double().numpy(), W, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(block.router.bias.detach().double().numpy(), b, rtol=1e-4, atol=1e-4)
 
 
 def test_route_names_the_owner_without_statistics():

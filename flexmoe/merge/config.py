@@ -10,6 +10,7 @@
     density: 0.2                         # required for ties: the fraction of entries kept
     trim: global                         # global (the paper) | per_tensor
     sign: mass                           # mass | weighted_mass | count
+    tie_break: zero                      # zero (the paper) | majority (the authors' code)
     lam: 1.0
     dtype: bfloat16                      # optional: float32 | float16 | bfloat16 (default: the base's)
 
@@ -22,11 +23,11 @@ method              required        optional
 ==================  ==============  ====================================================
 ``average``         --              ``weights``, ``dtype`` (no ``base``: a soup of models)
 ``task_arithmetic`` ``base``        ``weights``, ``lam``, ``dtype``
-``ties``            ``base``,       ``weights``, ``lam``, ``trim``, ``sign``, ``dtype``
-                    ``density``
+``ties``            ``base``,       ``weights``, ``lam``, ``trim``, ``sign``, ``tie_break``,
+                    ``density``     ``dtype``
 ``dare``            ``base``,       ``weights``, ``lam``, ``seed``, ``then``
-                    ``drop``        (``linear`` | ``ties``), ``sign`` (with ``then: ties``),
-                                    ``dtype``
+                    ``drop``        (``linear`` | ``ties``), ``sign`` and ``tie_break``
+                                    (with ``then: ties``), ``dtype``
 ==================  ==============  ====================================================
 
 Everything is checked before any weight is read: the method and its parameters (an unknown
@@ -78,14 +79,23 @@ METHODS: dict[str, MethodInfo] = {
     "ties": MethodInfo(
         True,
         ("density",),
-        ("weights", "lam", "trim", "sign"),
-        lambda c: ties_method(c.density, _or(c.lam, 1.0), _or(c.trim, "global"), _or(c.sign, "mass")),
+        ("weights", "lam", "trim", "sign", "tie_break"),
+        lambda c: ties_method(
+            c.density, _or(c.lam, 1.0), _or(c.trim, "global"), _or(c.sign, "mass"), _or(c.tie_break, "zero")
+        ),
     ),
     "dare": MethodInfo(
         True,
         ("drop",),
-        ("weights", "lam", "seed", "then", "sign"),
-        lambda c: dare_method(c.drop, _or(c.seed, 0), _or(c.then, "linear"), _or(c.lam, 1.0), _or(c.sign, "mass")),
+        ("weights", "lam", "seed", "then", "sign", "tie_break"),
+        lambda c: dare_method(
+            c.drop,
+            _or(c.seed, 0),
+            _or(c.then, "linear"),
+            _or(c.lam, 1.0),
+            _or(c.sign, "mass"),
+            _or(c.tie_break, "zero"),
+        ),
     ),
 }
 # Names other tools use, and what they are called here.
@@ -100,7 +110,7 @@ _ALIASES = {
     "ties_merging": "ties",
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PARAMETERS = ("density", "trim", "sign", "lam", "drop", "seed", "then")
+_PARAMETERS = ("density", "trim", "sign", "tie_break", "lam", "drop", "seed", "then")
 # What each key holds, checked before anything uses it: (accepts, in words).
 _Path = (str, os.PathLike)
 _TYPES = {
@@ -112,6 +122,7 @@ _TYPES = {
     "seed": ("integer", "an integer"),
     "trim": (str, "a string"),
     "sign": (str, "a string"),
+    "tie_break": (str, "a string"),
     "then": (str, "a string"),
     "dtype": (str, "a string"),
     "max_shard_size": ((str, "integer"), "a number of bytes or a size like '5GB'"),
@@ -135,6 +146,7 @@ class MergeConfig:
     density: float | None = None
     trim: str | None = None
     sign: str | None = None
+    tie_break: str | None = None
     lam: float | None = None
     drop: float | None = None
     seed: int | None = None
@@ -187,8 +199,10 @@ class MergeConfig:
                 f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not a parameter of {self.method} "
                 f"(it takes {', '.join((*info.required, *info.optional)) or 'no parameters'})"
             )
-        if self.method == "dare" and self.sign is not None and _or(self.then, "linear") != "ties":
-            fail("sign only matters for dare with then: ties")
+        if self.method == "dare" and _or(self.then, "linear") != "ties":
+            for key in ("sign", "tie_break"):
+                if getattr(self, key) is not None:
+                    fail(f"{key} only matters for dare with then: ties")
         if self.weights is not None:
             if isinstance(self.weights, (int, float)) or len(self.weights) != len(self.models):
                 fail(f"weights: give one number per model ({len(self.models)} models)")

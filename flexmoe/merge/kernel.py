@@ -19,6 +19,14 @@ total trimmed mass, weights not involved), ``"weighted_mass"`` uses ``c_i = w_i`
 ``"count"`` elects the sign more models agree on (``c_i τ̂_i`` replaced by ``sgn(τ̂_i)``).
 Without weights (every ``w_i = 1``) the two mass rules coincide.
 
+A tied vote (``γ = 0`` where some model kept the entry) gives 0 with ``tie_break="zero"``
+(algorithm 1 as printed). With ``"majority"`` (the TIES authors' released code) it takes
+``sgn(Σ γ)``, the majority of the elected signs over the trim scope: the whole model for
+``trim="global"`` (and for DARE, whose drop has no scope of its own), the tensor for
+``"per_tensor"``; a tied majority leaves the entry at 0. That sum needs every block of the
+scope before any of it is merged, so it is a pre-pass of the vote over the scope (skipped when
+the scope is a single block).
+
 Exactly ``round(density · n)`` entries survive the trim: of ``n`` entries in a tensor
 (``trim="per_tensor"``) or in all of a model's floating-point tensors together
 (``trim="global"``, the paper). Entries tied at the threshold are kept in storage order
@@ -38,9 +46,10 @@ Memory does not grow with the number of models: every method reads one input blo
 into fixed accumulators for the current block of rows (TIES keeps, per entry, the weighted sums
 and weights of the positive and of the negative deltas, and the sign rule's vote, which is
 all a sign election followed by a disjoint mean needs). ``trim="global"`` reads the inputs
-three times: twice for the thresholds, once to merge.
+three times: twice for the thresholds, once to merge; ``tie_break="majority"`` adds one more
+read of its scope (of the whole model when global, of a tensor larger than a block otherwise).
 
-One module of a little over 500 lines: every method is a setting of the same streaming loop,
+One module of under 600 lines: every method is a setting of the same streaming loop,
 and keeping them together is what stops the methods from drifting apart.
 """
 
@@ -75,6 +84,7 @@ from flexmoe.merge.stream import (
 Combine = Literal["mean", "sum", "disjoint_mean"]
 Trim = Literal["global", "per_tensor"]
 Sign = Literal["mass", "weighted_mass", "count"]
+TieBreak = Literal["zero", "majority"]
 Models = Union[nn.Module, Mapping[str, torch.Tensor]]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
@@ -90,6 +100,7 @@ class MergeMethod:
     seed: int = 0
     sign: Sign = "mass"
     lam: float = 1.0
+    tie_break: TieBreak = "zero"
 
     def __post_init__(self):
         if self.combine not in ("mean", "sum", "disjoint_mean"):
@@ -104,6 +115,14 @@ class MergeMethod:
             raise ValueError(f"trim must be 'global' or 'per_tensor', got {self.trim!r}")
         if self.sign not in ("mass", "weighted_mass", "count"):
             raise ValueError(f"sign must be 'mass', 'weighted_mass' or 'count', got {self.sign!r}")
+        if self.tie_break not in ("zero", "majority"):
+            raise ValueError(
+                f"tie_break must be 'zero' (a tied sign vote keeps the base value, TIES algorithm 1 as "
+                f"printed) or 'majority' (the majority elected sign, as the TIES authors' code), "
+                f"got {self.tie_break!r}"
+            )
+        if self.tie_break != "zero" and self.combine != "disjoint_mean":
+            raise ValueError("tie_break resolves tied sign votes; it applies to TIES and DARE with then='ties' only")
         if self.combine == "mean" and (self.density is not None or self.drop is not None or self.lam != 1.0):
             raise ValueError("a model soup averages parameters; density, drop and lam apply to task vectors")
 
@@ -289,11 +308,14 @@ def merge_tensors(
     names = check_compatible(models, base)
     w = _weights(weights, len(models), method)
     ref = base if base is not None else models[0]
-    quotas = None
+    majority_votes = method.combine == "disjoint_mean" and method.tie_break == "majority"
+    quotas = majority = None
+    pieces = [(n, b) for n in names if ref.spec(n)[0].is_floating_point for b in row_blocks(ref.spec(n)[1])]
     if method.density is not None and method.trim == "global":
-        pieces = [(n, b) for n in names if ref.spec(n)[0].is_floating_point for b in row_blocks(ref.spec(n)[1])]
         total = sum(_numel(ref.spec(n)[1]) for n in names if ref.spec(n)[0].is_floating_point)
         quotas = _quotas(base, models, pieces, kept_count(method.density, total))
+    if majority_votes and method.trim == "global":
+        majority = _majority(method, base, models, pieces, w, quotas)
     for name in names:
         src_dtype, shape = ref.spec(name)
         blocks = row_blocks(shape)
@@ -302,15 +324,19 @@ def merge_tensors(
                 yield name, ref.get(name, *rows)
             continue
         out_dtype = dtype or src_dtype
-        tensor_quotas = quotas
-        if method.density is not None and method.trim == "per_tensor" and len(blocks) > 1:
-            pieces = [(name, rows) for rows in blocks]
-            tensor_quotas = _quotas(base, models, pieces, kept_count(method.density, _numel(shape)))
+        tensor_quotas, tensor_majority = quotas, majority
+        if method.trim == "per_tensor" and len(blocks) > 1:
+            tensor_pieces = [(name, rows) for rows in blocks]
+            if method.density is not None:
+                tensor_quotas = _quotas(base, models, tensor_pieces, kept_count(method.density, _numel(shape)))
+            if majority_votes:
+                tensor_majority = _majority(method, base, models, tensor_pieces, w, tensor_quotas)
         for rows in blocks:
             if method.combine == "mean":
                 yield name, _soup(models, name, rows, w).to(out_dtype)
             else:
-                yield name, _merge_deltas(method, base, models, name, rows, w, tensor_quotas).to(out_dtype)
+                merged = _merge_deltas(method, base, models, name, rows, w, tensor_quotas, tensor_majority)
+                yield name, merged.to(out_dtype)
 
 
 def _soup(models, name, rows, w) -> torch.Tensor:
@@ -330,9 +356,41 @@ def _soup(models, name, rows, w) -> torch.Tensor:
     return acc
 
 
-def _merge_deltas(method: MergeMethod, base, models, name, rows, w, quotas) -> torch.Tensor:
+def _merge_deltas(method: MergeMethod, base, models, name, rows, w, quotas, majority=None) -> torch.Tensor:
     """One row block of one tensor; ``quotas``: per-model trim thresholds (None: this block is
-    the whole tensor and a per-tensor threshold is computed here)."""
+    the whole tensor and a per-tensor threshold is computed here); ``majority``: the sign a tied
+    vote takes under ``tie_break="majority"`` (None: this block is the whole scope and the
+    majority is taken from its own votes)."""
+    b0, acc = _sparsified_deltas(method, base, models, name, rows, w, quotas)
+    if method.combine == "sum":
+        merged = acc
+    else:
+        tie = 0
+        if method.tie_break == "majority":
+            tie = _sign(acc.balance()) if majority is None else majority
+        merged = acc.result(tie)
+    return b0 + method.lam * merged  # out of place: b0 may be the base model's own tensor
+
+
+def _majority(method: MergeMethod, base, models, pieces, w, quotas) -> int:
+    """The majority elected sign over ``pieces`` (row ranges of tensors; the trim scope):
+    ``sgn(Σ γ)`` from a pass of the sign vote, counted in integers so that it is exact at any
+    size. ``quotas`` as in :func:`_merge_deltas`."""
+    # A quota counts down the ties at its threshold as blocks go by: the merge pass needs its own.
+    quotas = None if quotas is None else [copy.copy(q) for q in quotas]
+    balance = 0
+    for name, rows in pieces:
+        balance += _sparsified_deltas(method, base, models, name, rows, w, quotas)[1].balance()
+    return _sign(balance)
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
+def _sparsified_deltas(method: MergeMethod, base, models, name, rows, w, quotas):
+    """The base's rows (in the compute dtype) and the models' trimmed or dropped task vectors
+    of one row block, accumulated: summed for ``combine="sum"``, else a :class:`_DisjointMean`."""
     b0 = base.get(name, *rows)
     b0 = b0.to(_compute_dtype(b0.dtype))
     acc = _DisjointMean(b0, method.sign) if method.combine == "disjoint_mean" else None
@@ -353,8 +411,7 @@ def _merge_deltas(method: MergeMethod, base, models, name, rows, w, quotas) -> t
                 acc.add_(d, alpha=w[i])
         else:
             acc.add(d, w[i])
-    merged = acc.result() if method.combine == "disjoint_mean" else acc
-    return b0 + method.lam * merged  # out of place: b0 may be the base model's own tensor
+    return b0, acc
 
 
 class _DisjointMean:
@@ -363,7 +420,8 @@ class _DisjointMean:
     Per entry it accumulates the weighted sums and weights of the positive and of the negative
     deltas separately, plus the vote of the sign rule. The elected sign then picks one side:
     ``Σ_{τ_i > 0} w_i τ_i / Σ_{τ_i > 0} w_i`` if the vote is positive, the negative side's mean
-    if it is negative, and 0 on a tied vote (or where no model kept the entry).
+    if it is negative, and on a tied vote the side of the sign :meth:`result` is given (0: none,
+    the entry keeps the base value). Where no model kept the entry both sides are empty: 0.
     """
 
     def __init__(self, like: torch.Tensor, sign: Sign):
@@ -382,13 +440,24 @@ class _DisjointMean:
         elif self.sign == "count":
             self.vote.add_(up.to(d.dtype)).sub_(down.to(d.dtype))
 
-    def result(self) -> torch.Tensor:
-        vote = self.pos + self.neg if self.sign == "weighted_mass" else self.vote
-        tiny = torch.finfo(vote.dtype).tiny
+    def _vote(self) -> torch.Tensor:
+        return self.pos + self.neg if self.sign == "weighted_mass" else self.vote
+
+    def balance(self) -> int:
+        """``Σ γ`` over the block: entries elected positive minus entries elected negative."""
+        vote = self._vote()
+        return int((vote > 0).sum()) - int((vote < 0).sum())
+
+    def result(self, tie: int = 0) -> torch.Tensor:
+        """The disjoint mean, a tied vote taking sign ``tie`` (-1, 0 or 1). Consumes the sums."""
+        elected = self._vote().sign()
+        if tie != 0:
+            elected = torch.where(elected == 0, float(tie), elected)
+        tiny = torch.finfo(elected.dtype).tiny
         # a side with no weight has a zero sum too, so 0 / tiny = 0 there
         up = self.pos.div_(self.w_pos.clamp_min_(tiny))
         down = self.neg.div_(self.w_neg.clamp_min_(tiny))
-        return torch.where(vote > 0, up, down).mul_(vote != 0)
+        return torch.where(elected > 0, up, down).mul_(elected != 0)
 
 
 # -- in memory and directory to directory ---------------------------------------------------------------

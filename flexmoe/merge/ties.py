@@ -20,16 +20,16 @@ paper and its authors' code differ; ``tie_break`` chooses:
 
 * ``"zero"`` (the default): the entry keeps the base value. This is algorithm 1 as printed:
   ``γ = sgn(Σ τ̂) = 0`` and no model's sign equals 0, so the disjoint set is empty. It is also
-  local (an entry's merge depends on that entry's deltas only), so it streams tensor by tensor
-  through the shared kernel, merges from directories (:func:`ties_dirs`) and agrees with
-  DARE-TIES; with real-valued fine-tuning deltas an exact tie is rare enough that the choice
-  seldom changes a merge.
+  local (an entry's merge depends on that entry's deltas only), so it needs no pass beyond the
+  merge itself; with real-valued fine-tuning deltas an exact tie is rare enough that the
+  choice seldom changes a merge.
 * ``"majority"``: a tied entry takes the majority sign, ``sgn(Σ γ)`` over the elected signs
   ``γ`` of the whole trim scope (the whole task vector for ``trim="global"``, which is how the
   authors' released code flattens a model; the tensor for ``trim="per_tensor"``), and then
   averages the entries of that sign like any other entry. This reproduces the released code's
-  merges; if the majority itself is tied the entry stays at the base value. It needs every
-  trimmed task vector at once, so it runs in memory only.
+  merges; if the majority itself is tied the entry stays at the base value. The kernel counts
+  the majority in a pass of the vote before the merge, so it streams from directories too
+  (:func:`ties_dirs`, YAML configs), at one more read of the inputs for a global trim.
 
 The kernel that does steps 1-4 is shared with the other methods: :mod:`flexmoe.merge.kernel`.
 """
@@ -39,21 +39,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from flexmoe.merge.kernel import MergeMethod, Sign, Trim, merge_dirs, merge_in_memory, rebuild_like
-from flexmoe.merge.stream import StateDictSource
-from flexmoe.merge.task_arithmetic import TaskVector
-
-TieBreak = Literal["zero", "majority"]
-TIE_BREAKS = ("zero", "majority")
+from flexmoe.merge.kernel import MergeMethod, Sign, TieBreak, Trim, merge_dirs, merge_in_memory
 
 
-def ties_method(density: float, lam: float = 1.0, trim: Trim = "global", sign: Sign = "mass") -> MergeMethod:
-    """The kernel settings of TIES (see the module docstring; ties of the vote give 0)."""
-    return MergeMethod(combine="disjoint_mean", density=density, lam=lam, trim=trim, sign=sign)
+def ties_method(
+    density: float, lam: float = 1.0, trim: Trim = "global", sign: Sign = "mass", tie_break: TieBreak = "zero"
+) -> MergeMethod:
+    """The kernel settings of TIES (see the module docstring)."""
+    return MergeMethod(combine="disjoint_mean", density=density, lam=lam, trim=trim, sign=sign, tie_break=tie_break)
 
 
 def ties(
@@ -71,68 +67,7 @@ def ties(
     """TIES-merge ``finetuned`` models (modules or state dicts) onto ``base``; returns the same
     kind as ``base``. ``density``: fraction of each task vector kept (the paper's k = 20%).
     ``tie_break``: what a tied sign vote gives (module docstring)."""
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"tie_break must be 'zero' (algorithm 1 as printed) or 'majority', got {tie_break!r}")
-    method = ties_method(density, lam, trim, sign)
-    if tie_break == "zero":
-        return merge_in_memory(method, finetuned, base, weights, dtype=dtype)
-    return _ties_majority(method, base, list(finetuned), weights, dtype)
-
-
-def _ties_majority(method: MergeMethod, base, finetuned: list, weights, dtype) -> object:
-    """TIES with tied votes resolved to the majority elected sign of the trim scope.
-
-    The kernel computes the merge with ties at 0 and each model's trimmed task vector (both on
-    task vectors against a zero base, so the values are exact); the tied entries are then
-    filled with the mean of the majority side, exactly as the disjoint mean treats any entry
-    whose vote has that sign."""
-    taus = [TaskVector.from_models(ft, base).deltas for ft in finetuned]
-    zeros = {name: torch.zeros_like(d) for name, d in taus[0].items()}
-    tie_free = merge_in_memory(
-        MergeMethod(combine="disjoint_mean", density=method.density, trim=method.trim, sign=method.sign),
-        taus,
-        zeros,
-        weights,
-    )
-    trim_only = MergeMethod(combine="sum", density=method.density, trim=method.trim)
-    trimmed = [merge_in_memory(trim_only, [tau], zeros) for tau in taus]
-    w = [1.0] * len(taus) if weights is None else [float(x) for x in weights]
-
-    votes, fills = {}, {}
-    for name in zeros:
-        stack = torch.stack([t[name] for t in trimmed])  # [N, ...]
-        wb = torch.tensor(w, dtype=stack.dtype, device=stack.device).reshape(-1, *[1] * (stack.dim() - 1))
-        vote = {"mass": stack, "weighted_mass": stack * wb, "count": stack.sign()}[method.sign].sum(0)
-        votes[name] = elected = vote.sign()
-        tied = (elected == 0) & (stack != 0).any(0)
-        up, down = stack > 0, stack < 0
-        tiny = torch.finfo(stack.dtype).tiny
-        fills[name] = (
-            tied,
-            (stack * up * wb).sum(0) / (up * wb).sum(0).clamp_min(tiny),
-            (stack * down * wb).sum(0) / (down * wb).sum(0).clamp_min(tiny),
-        )
-    if method.trim == "global":
-        total = sum(float(v.sum()) for v in votes.values())
-        majority = dict.fromkeys(votes, (total > 0) - (total < 0))
-    else:
-        majority = {name: int(v.sum().sign()) for name, v in votes.items()}
-
-    src = StateDictSource(base, "base")
-    out = {}
-    for name in src.names():
-        b = src.get(name)
-        if name not in zeros:
-            out[name] = b
-            continue
-        tied, up_mean, down_mean = fills[name]
-        m = majority[name]
-        merged = tie_free[name]
-        if m != 0:
-            merged = torch.where(tied, up_mean if m > 0 else down_mean, merged)
-        b0 = b.to(merged.dtype)
-        out[name] = (b0 + method.lam * merged).to(dtype or b.dtype)
-    return rebuild_like(base, out)
+    return merge_in_memory(ties_method(density, lam, trim, sign, tie_break), finetuned, base, weights, dtype=dtype)
 
 
 def ties_dirs(
@@ -149,11 +84,7 @@ def ties_dirs(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """:func:`ties` from ``save_pretrained`` directories to a new one, a tensor at a time
-    (``trim="global"`` reads the inputs three times: two passes find each model's threshold).
-    Streams with ``tie_break="zero"`` only; for ``"majority"`` load the models and use :func:`ties`."""
-    if tie_break != "zero":
-        raise ValueError(
-            f"ties_dirs streams one tensor at a time, which resolves tied sign votes to 0 only; "
-            f"tie_break={tie_break!r} needs every trimmed task vector at once: load the models and call ties()"
-        )
-    return merge_dirs(ties_method(density, lam, trim, sign), finetuned, out, base, weights, dtype=dtype)
+    (``trim="global"`` reads the inputs three times: two passes find each model's threshold;
+    ``tie_break="majority"`` adds a pass that counts the majority sign)."""
+    method = ties_method(density, lam, trim, sign, tie_break)
+    return merge_dirs(method, finetuned, out, base, weights, dtype=dtype)

@@ -116,3 +116,38 @@ def test_dare_ties_is_ties_on_the_sparsified_task_vectors():
     expected = (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
     merged = dare(base, fts, drop=0.6, seed=9, then="ties", lam=0.5)["w"]
     torch.testing.assert_close(merged, base["w"] + 0.5 * expected, atol=1e-5, rtol=0)
+
+
+def test_dare_ties_majority_gives_tied_votes_the_whole_models_majority_sign():
+    """``tie_break="majority"``: where the survivors' vote ties, the entry takes the majority of
+    the elected signs over the whole model (both tensors), written out here. Deltas on a grid of
+    1/8 with the second model mirroring the first, so that many votes tie after the drop."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (300,), "v": (4, 5)}
+    base = {k: torch.randint(-8, 9, s, generator=g).float() / 8 for k, s in shapes.items()}
+    taus = [{k: torch.randint(-8, 9, s, generator=g).float() / 8 for k, s in shapes.items()} for _ in range(3)]
+    for k in shapes:
+        taus[1][k] = torch.where(torch.rand(shapes[k], generator=g) < 0.8, -taus[0][k], taus[1][k])
+        taus[2][k][torch.rand(shapes[k], generator=g) < 0.8] = 0.0
+    # a whole-model majority that is negative, so that it differs from what 0 or + would give
+    taus[2]["w"][:150] = -1.0
+    fts = [{k: base[k] + t[k] for k in shapes} for t in taus]
+    kept = [
+        {
+            k: v - base[k]
+            for k, v in dare(base, fts, drop=0.5, seed=4, weights=[float(i == j) for j in range(3)]).items()
+        }
+        for i in range(3)
+    ]
+    elected = {k: torch.stack([t[k] for t in kept]).sum(0).sign() for k in shapes}
+    majority = sum(e.sum() for e in elected.values()).sign()
+    assert majority == -1 and all(bool((e == 0).any()) for e in elected.values())
+    merged = dare(base, fts, drop=0.5, seed=4, then="ties", tie_break="majority")
+    for k in shapes:
+        stack = torch.stack([t[k] for t in kept])
+        sign = torch.where(elected[k] == 0, majority, elected[k])
+        agree = (stack.sign() == sign) & (stack != 0)
+        expected = base[k] + (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
+        torch.testing.assert_close(merged[k], expected, atol=0, rtol=0, msg=k)
+    with pytest.raises(ValueError, match="tie_break"):
+        dare(base, fts, drop=0.5, tie_break="majority")  # then="linear" has no vote to break

@@ -16,10 +16,12 @@ from flexmoe.merge import (
     MergeConfigError,
     average,
     dare,
+    dare_dirs,
     kernel,
     merge,
     task_arithmetic,
     ties,
+    ties_dirs,
 )
 from flexmoe.merge.stream import SafetensorsDir
 from flexmoe.testing import perturb_, tiny_model
@@ -142,11 +144,57 @@ def test_small_shards_and_a_dtype_override(dirs, tmp_path):
     _equal_models(merged, expected)
 
 
-def test_config_round_trips(dirs):
+def test_config_round_trips(dirs, tmp_path):
     config = MergeConfig(
         method="ties", base=str(dirs["base"]), models=[str(dirs["ft0"])], density=0.2, trim="per_tensor"
     )
     assert MergeConfig.from_dict(config.to_dict()) == config
+    majority = MergeConfig(
+        method="ties", base=str(dirs["base"]), models=[str(dirs["ft0"])], density=0.2, tie_break="majority"
+    )
+    assert majority.to_dict()["tie_break"] == "majority"
+    again = MergeConfig.from_yaml(_write(tmp_path / "m.yaml", majority.to_dict()))
+    assert again == majority and again.method_settings().tie_break == "majority"
+    assert config.method_settings().tie_break == "zero"  # the default: algorithm 1 as printed
+    dare_ties = {"method": "dare", "base": str(dirs["base"]), "models": [str(dirs["ft0"])], "drop": 0.5}
+    dare_ties.update(then="ties", tie_break="majority")
+    assert MergeConfig.from_dict(dare_ties).method_settings().tie_break == "majority"
+
+
+# -- a tied sign vote resolved to the majority sign, streamed ----------------------------------------------
+
+
+def _grid_(model, generator, step):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-8, 9, p.shape, generator=generator).float() * step)
+
+
+@pytest.fixture(scope="module")
+def tied_dirs(tmp_path_factory, public_dir):
+    """A base and three fine-tuned models whose weights all lie on a grid of 1/64, so the task
+    vectors are exact in float32: the second model mirrors the first's task vector on 70% of the
+    entries and the third keeps the base there on 70%, so many sign votes tie exactly."""
+    root = tmp_path_factory.mktemp("tied")
+    g = torch.Generator().manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(public_dir)
+    _grid_(base, g, 1 / 64)
+    base.save_pretrained(root / "base")
+    models = [AutoModelForCausalLM.from_pretrained(public_dir) for _ in range(3)]
+    for m in models:
+        _grid_(m, g, 1 / 64)  # the task vectors, for now
+    params = [dict(m.named_parameters()) for m in models]
+    with torch.no_grad():
+        for name, b in base.named_parameters():
+            t0, t1, t2 = (p[name] for p in params)
+            mirror = torch.rand(b.shape, generator=g) < 0.7
+            t1[mirror] = -t0[mirror]
+            t2[torch.rand(b.shape, generator=g) < 0.7] = 0.0
+            for t in (t0, t1, t2):
+                t.add_(b)
+    for i, m in enumerate(models):
+        m.save_pretrained(root / f"ft{i}")
+    return {"base": root / "base", "models": [root / f"ft{i}" for i in range(3)]}
 
 
 # -- validation, before any weight is read ------------------------------------------------------------
@@ -176,6 +224,8 @@ def no_weight_reads(monkeypatch):
         ({"base": None}, "name the base model"),
         ({"models": []}, "models"),
         ({"dtype": "int8"}, "dtype"),
+        ({"tie_break": "minority"}, "tie_break must be 'zero' .* or 'majority'"),
+        ({"tie_break": 1}, "tie_break: expected a string"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(change, match, dirs, tmp_path, no_weight_reads):
@@ -196,6 +246,8 @@ def test_average_takes_no_base_and_dare_needs_drop(dirs, tmp_path, no_weight_rea
         MergeConfig(method="dare", base=str(dirs["base"]), models=[str(dirs["ft0"])])
     with pytest.raises(MergeConfigError, match="sign only matters"):
         MergeConfig(method="dare", base=str(dirs["base"]), models=[str(dirs["ft0"])], drop=0.5, sign="count")
+    with pytest.raises(MergeConfigError, match="tie_break only matters"):
+        MergeConfig(method="dare", base=str(dirs["base"]), models=[str(dirs["ft0"])], drop=0.5, tie_break="majority")
 
 
 def test_mismatched_architectures_are_refused_before_loading(dirs, tmp_path, no_weight_reads):
@@ -223,3 +275,36 @@ def test_missing_inputs_are_named(dirs, tmp_path, no_weight_reads):
     path = _write(tmp_path / "p.yaml", {"method": "average", "models": [str(dirs["ft0"]), str(pickled)]})
     with pytest.raises(MergeConfigError, match="does not unpickle"):
         merge(str(path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("blocks", [None, 1000], ids=["whole_tensors", "row_blocks"])
+@pytest.mark.parametrize("trim", ["global", "per_tensor"])
+def test_majority_tie_break_streams_from_directories(trim, blocks, tied_dirs, tmp_path, monkeypatch):
+    """``ties_dirs`` and a YAML config with ``tie_break: majority`` give the in-memory
+    ``ties(..., tie_break="majority")`` exactly, on models with many tied votes (the in-memory
+    merge is checked against TIES written out in tests/merge/test_ties.py). In row blocks of 1000
+    entries the majority of a per-tensor scope is counted over several blocks before the merge."""
+    if blocks is not None:
+        monkeypatch.setattr(kernel, "BLOCK_ENTRIES", blocks)
+    base, models = tied_dirs["base"], tied_dirs["models"]
+    loaded = [_load(m) for m in models]
+    expected = ties(_load(base), loaded, density=0.7, lam=0.5, trim=trim, tie_break="majority")
+    streamed = ties_dirs(base, models, tmp_path / "streamed", density=0.7, lam=0.5, trim=trim, tie_break="majority")
+    _equal_models(_load(streamed), expected)
+    config = {"method": "ties", "base": str(base), "models": [str(m) for m in models], "density": 0.7, "lam": 0.5}
+    config.update(trim=trim, tie_break="majority")
+    _equal_models(_load(merge(str(_write(tmp_path / "m.yaml", config)), str(tmp_path / "yaml"))), expected)
+    # the case has ties, and they matter: resolving them to 0 gives another model
+    zero = ties(_load(base), loaded, density=0.7, lam=0.5, trim=trim)
+    moved = sum(int((a != b).sum()) for a, b in zip(expected.state_dict().values(), zero.state_dict().values()))
+    assert moved > 100
+
+
+def test_dare_ties_majority_streams_from_directories(tied_dirs, tmp_path):
+    base, models = tied_dirs["base"], tied_dirs["models"]
+    loaded = [_load(m) for m in models]
+    expected = dare(_load(base), loaded, drop=0.5, seed=3, then="ties", tie_break="majority")
+    streamed = dare_dirs(base, models, tmp_path / "streamed", drop=0.5, seed=3, then="ties", tie_break="majority")
+    _equal_models(_load(streamed), expected)
+    zero = dare(_load(base), loaded, drop=0.5, seed=3, then="ties")
+    assert any(not torch.equal(a, b) for a, b in zip(expected.state_dict().values(), zero.state_dict().values()))

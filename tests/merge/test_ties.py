@@ -80,26 +80,41 @@ def test_matches_the_algorithm_written_out(trim, sign, weights):
         torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("tie_break", ["zero", "majority"])
-@pytest.mark.parametrize("trim", ["global", "per_tensor"])
-@pytest.mark.parametrize("sign,weights", [("mass", None), ("weighted_mass", [1.0, 2.0, 0.5]), ("count", None)])
-def test_tied_votes_match_the_algorithm_written_out(tie_break, trim, sign, weights):
-    """Deltas on a grid of 1/8 (exact in float32), the second model the first one's mirror on
-    most entries, so that many votes are exactly tied under every sign rule."""
-    g = torch.Generator().manual_seed(0)
+def tied_task_vectors(shapes, sign="mass", seed=0):
+    """Three task vectors on a grid of 1/8 (exact in float32), the second the first one's mirror
+    on most entries and the third abstaining on most, so that many votes are exactly tied under
+    every sign rule (``weighted_mass`` with weights 1, 2, ...: the mirror at half the size)."""
+    g = torch.Generator().manual_seed(seed)
 
     def grid(shape):
         return torch.randint(-8, 9, shape, generator=g).float() / 8
 
-    base = {k: grid(s) for k, s in SHAPES.items()}
-    taus = [{k: grid(s) for k, s in SHAPES.items()} for _ in range(3)]
+    taus = [{k: grid(s) for k, s in shapes.items()} for _ in range(3)]
     for k, t in taus[1].items():
         mirror = torch.rand(t.shape, generator=g) < 0.7
         t[mirror] = -taus[0][k][mirror]
-        if sign == "weighted_mass":  # weights 1 and 2: a tie needs the second at half the first
+        if sign == "weighted_mass":
             t[mirror] = t[mirror] / 2
-        taus[2][k][torch.rand(t.shape, generator=g) < 0.7] = 0.0  # the third abstains there
-    fts = [{k: base[k] + t[k] for k in base} for t in taus]
+        taus[2][k][torch.rand(t.shape, generator=g) < 0.7] = 0.0
+    return taus
+
+
+def _tied_case(sign):
+    base = {k: t * 4 for k, t in tied_task_vectors(SHAPES, seed=1)[0].items()}  # also on the grid
+    return base, [{k: base[k] + t[k] for k in base} for t in tied_task_vectors(SHAPES, sign)]
+
+
+@pytest.mark.parametrize("block", [None, 7], ids=["whole_tensors", "row_blocks"])
+@pytest.mark.parametrize("tie_break", ["zero", "majority"])
+@pytest.mark.parametrize("trim", ["global", "per_tensor"])
+@pytest.mark.parametrize("sign,weights", [("mass", None), ("weighted_mass", [1.0, 2.0, 0.5]), ("count", None)])
+def test_tied_votes_match_the_algorithm_written_out(tie_break, trim, sign, weights, block, monkeypatch):
+    """Many exactly tied votes (and many magnitudes tied at the trim threshold). In row blocks
+    of 7 entries the majority is counted in a pass before the merge (a.weight and b.weight span
+    several blocks), which must not use up the threshold's quota of tied magnitudes."""
+    if block is not None:
+        monkeypatch.setattr(kernel, "BLOCK_ENTRIES", block)
+    base, fts = _tied_case(sign)
     merged = ties(base, fts, density=0.6, lam=0.5, trim=trim, sign=sign, weights=weights, tie_break=tie_break)
     expected = _reference(base, fts, 0.6, trim, lam=0.5, sign=sign, weights=weights, tie_break=tie_break)
     for k in base:
