@@ -127,7 +127,10 @@ def opt_out(model: nn.Module, expert: int | str) -> nn.Module:
     """Remove one owner's expert MLP, router row and bias from every layer (in place).
 
     FlexOlmo's opt-out (section 3.3): the remaining experts and routers are untouched, so
-    the model is exactly what it would have been had that owner never joined. The owner's
+    with the published and posterior routings the model is exactly what it would have been had
+    that owner never joined. The ``lda`` routing's rows were fitted with every owner's statistics
+    pooled, so after an opt-out they are the old rows less the leaver's; routing again from the
+    remaining owners' statistics gives the merge without it (docs/routing.md). The owner's
     provenance record goes too; the history keeps that it opted out.
     """
     j = expert_index(model, expert)
