@@ -12,6 +12,11 @@ the coordinate-wise median over the participants allowed to change it, scaled as
 mean when at most two participants change the row, so only ``r_0`` is aggregated differently).
 Replies are checked like artifacts, before a byte is copied; an owner that fails or sends a bad
 reply sits the round out, and after two such rounds in a row is left out of the rest.
+
+With run config ``secure-aggregation`` the owners keep their changes, clipped on their own
+machines, and the coordinator learns only their sum (:mod:`flexmoe.federation.secure_sum`, Flower's
+SecAgg+): :func:`clip_sum` bounds the sum row by row and :func:`secure_aggregate` takes the mean
+where :func:`robust_aggregate` takes the median; nothing is checked or clipped per owner.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from safetensors.torch import save_file
 
 from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import content_sha256
+from flexmoe.core.io import atomic_file
 from flexmoe.core.surgery import settings as moe_settings
 from flexmoe.data.packing import pack_documents
 from flexmoe.federation.records import (
@@ -42,8 +49,8 @@ from flexmoe.federation.records import (
     tensors_to_arrays,
 )
 from flexmoe.federation.report import say
-from flexmoe.federation.task import ROUTER_DOCUMENTS
-from flexmoe.spec import RouterTuningRecipe
+from flexmoe.federation.secure_sum import SCOPES, SecureSum, secure_sum
+from flexmoe.federation.task import CLIP_MARGIN, ROUTER_DOCUMENTS, change_bounds, clip_rows
 from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
 
 if TYPE_CHECKING:  # the coordinator calls in here; only the type is needed
@@ -51,10 +58,6 @@ if TYPE_CHECKING:  # the coordinator calls in here; only the type is needed
 
 # Rounds in a row an owner may fail before it is left out of the rest.
 STRIKES = 2
-# How far above the largest change honest local steps can make a row a change may go before it is
-# clipped (change_bounds): AdamW moves a coordinate at most about 1.17 lr a step with the recipe's
-# betas (0.9, 0.95), plus the decay; 2 leaves room for its epsilon and the rounding of the sum.
-CLIP_MARGIN = 2.0
 
 
 def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer) -> dict:
@@ -71,23 +74,29 @@ def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer)
         c.note(f"router tuning: owner {o!r} is not connected in this run; its data is not used")
     has_experts = dict.fromkeys(owners, False)
     strikes = dict.fromkeys(owners, 0)
+    scope = c.s.secure_aggregation if c.s.secure_aggregation in SCOPES else ""
+    kept = c.out / "router-rounds"
     rounds = []
     for r in range(recipe.rounds):
         t = time.monotonic()
         start = router_rows(model)
         bounds = change_bounds(start, recipe)
-        sent = _send_round(c, r, start, files, hashes, [o for o in active if not has_experts[o]], active, node_of)
+        lacking = [o for o in active if not has_experts[o]]
+        sent = _send_round(c, r, start, files, hashes, lacking, active, node_of, scope)
         public = local_router_round(model, public_rows, recipe, r, seed=c.s.seed)  # meanwhile, the public share
         public_rows_after, losses = router_rows(model), {"public": public["loss_last"]}
         set_router_rows(model, start)
         replies = _replies(c, sent)
-        changes = {}
+        changes = {}  # expert row -> its owner's clipped change (plain rounds); None when kept for the secure sum
         for owner in sorted(replies):  # a fixed order: the aggregate does not depend on who answered first
             reply = replies[owner]
             problem = reply if isinstance(reply, str) else None
             if problem is None:
                 try:
-                    change, metrics = _read_reply(reply, node_of[owner], model, start, bounds, row_of[owner], owner)
+                    if scope:
+                        change, metrics = None, _read_secure_reply(reply, node_of[owner], owner)
+                    else:
+                        change, metrics = _read_reply(reply, node_of[owner], model, start, bounds, row_of[owner], owner)
                 except Exception as e:  # whatever a reply holds, its owner sits the round out
                     problem = f"bad reply: {e}" if isinstance(e, (ArtifactError, ReplyError)) else f"bad reply: {e!r}"
             if problem is not None:
@@ -99,6 +108,18 @@ def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer)
             has_experts[owner] = True
             changes[row_of[owner]] = change
             losses[owner] = float(metrics.get("loss-last", float("nan")))
+        secure = None
+        if scope and len(changes) >= 2:
+            ready = [o for o in sorted(replies) if o in losses]
+            secure, problem = _secure_round(c, r, start, bounds, [node_of[o] for o in ready])
+            if secure is None:
+                c.note(f"router tuning stopped at round {r}: {problem}")
+                break
+            for o in ready:
+                if node_of[o] not in secure.contributors:  # answered train.router, then left the protocol
+                    strikes[o] += 1
+                    del changes[row_of[o]], losses[o]
+                    c.note(f"router tuning round {r}: owner {o!r} sat out (it left the secure sum)")
         dropped = [o for o in active if strikes[o] >= STRIKES]
         for o in dropped:
             c.note(f"router tuning: owner {o!r} failed {STRIKES} rounds in a row; left out of the rest")
@@ -109,25 +130,121 @@ def tune_router_with_owners(c: Coordinator, model, owners: list[str], tokenizer)
                 "public data alone would teach it to send everything to the public expert"
             )
             break
-        set_router_rows(model, robust_aggregate(start, public_rows_after, changes, server_lr=recipe.server_lr))
-        rounds.append(
-            {
-                "round": r,
-                "owners": sorted(set(losses) - {"public"}),
-                "loss_last": losses,
-                "seconds": time.monotonic() - t,
+        if scope and secure is None:
+            c.note(
+                f"router tuning stopped at round {r}: only owner {next(iter(losses.keys() - {'public'}))!r} took "
+                "part, and a secure sum over one owner is that owner's change"
+            )
+            break
+        entry = {"round": r, "owners": sorted(set(losses) - {"public"}), "loss_last": losses}
+        if secure is None:
+            set_router_rows(model, robust_aggregate(start, public_rows_after, changes, server_lr=recipe.server_lr))
+        else:
+            total, clipped = clip_sum(secure, bounds, sorted(changes), scope)
+            set_router_rows(model, secure_aggregate(start, public_rows_after, total, len(changes), recipe.server_lr))
+            kept.mkdir(parents=True, exist_ok=True)
+            with atomic_file(kept / f"round-{r}.safetensors") as tmp:  # all the coordinator saw of the owners
+                save_file(secure.total, str(tmp), metadata={"owners": ",".join(entry["owners"]), "round": str(r)})
+            entry["secure"] = {
+                "scope": scope,
+                "clipping_range": secure.clipping_range,
+                "error_bound": secure.error_bound,
+                "clipped_rows": clipped,
+                "seconds": secure.seconds,
             }
-        )
+        entry["seconds"] = time.monotonic() - t
+        rounds.append(entry)
         say(
-            f"router tuning round {r + 1}/{recipe.rounds}: {len(changes)} owner(s) + public, "
-            f"{time.monotonic() - t:.1f} s"
+            f"router tuning round {r + 1}/{recipe.rounds}: {len(changes)} owner(s) + public"
+            + (f", secure sum {secure.seconds:.1f} s" if secure else "")
+            + f", {time.monotonic() - t:.1f} s"
         )
     return {
         "rounds": rounds,
         "local_steps": recipe.local_steps,
         "steps": len(rounds) * recipe.local_steps,
         "clip_margin": CLIP_MARGIN,
+        "secure_aggregation": scope or "off",
     }
+
+
+def _read_secure_reply(reply, node: int, owner: str) -> dict:
+    """An owner's reply to a secure round: from its node, its ``metrics`` record only (its change
+    goes into the secure sum, never into this reply); returns the metrics."""
+    if reply.metadata.src_node_id != node:
+        raise ReplyError(owner, "sender", f"SuperNode {node}", reply.metadata.src_node_id)
+    check_records(reply.content, owner, required={METRICS: MetricRecord})
+    return round_metrics(reply.content[METRICS], owner)
+
+
+def _secure_round(c: Coordinator, r: int, start, bounds, nodes: list[int]):
+    """The secure sum of round ``r`` over the owners' ``nodes`` (:func:`~flexmoe.federation.secure_sum.secure_sum`),
+    with SecAgg+'s clipping range at the round's largest row bound (no honest coordinate is
+    clipped). Returns ``(SecureSum, None)``, or ``(None, why)`` when it could not finish: too few
+    owners left to unmask, or a reply the workflow could not read (SecAgg+ does not say whose)."""
+    shapes = {name: tuple(t.shape) for name, t in start.items()}
+    clipping_range = max(float(b.max()) for b in bounds.values())
+    try:
+        result = secure_sum(
+            c.grid,
+            c.run_id,
+            nodes,
+            r,
+            shapes,
+            clipping_range=clipping_range,
+            timeout=c.s.train_timeout,
+        )
+    except Exception as e:  # a malformed protocol reply from any owner: the round cannot be summed
+        return None, f"the secure sum failed ({type(e).__name__}: {e})"
+    if result is None:
+        return None, "the secure sum halted: too few owners stayed in the protocol to unmask it"
+    return result, None
+
+
+def clip_sum(secure: SecureSum, bounds: dict[str, torch.Tensor], rows: list[int], scope: str):
+    """The secure sum with each row clipped to the most the contributors' honest, clipped changes
+    can add up to (plus SecAgg+'s quantization error): with ``own-rows``, owner ``j``'s bound on
+    row ``j`` (0 on the row of an owner not in the sum) and every contributor's on ``r_0``; with
+    ``all-rows``, every contributor's on every row. This bounds what all owners together move a
+    row, whatever one of them sent; it cannot say who sent what. Returns ``(sum, rows clipped)``."""
+    n, out, clipped = len(secure.contributors), {}, 0
+    for name, total in secure.total.items():
+        b = bounds[name].double()
+        if scope == "all-rows":
+            allowed = n * b
+        else:
+            allowed = torch.zeros_like(b)
+            allowed[rows] = b[rows]
+            if total.dim() == 2:
+                allowed[0] = n * b[0]
+        width = total[0].numel()
+        allowed = allowed + secure.error_bound * width**0.5  # a row of quantization errors
+        norms = total.reshape(total.shape[0], -1).norm(dim=1)
+        clipped += int((norms > allowed).sum())
+        out[name] = clip_rows(total, allowed)
+    return out, clipped
+
+
+def secure_aggregate(
+    start: dict[str, torch.Tensor],
+    public: dict[str, torch.Tensor],
+    total: dict[str, torch.Tensor],
+    owners: int,
+    server_lr: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """One secure round's routers: ``start + server_lr * (public change + total) / participants``,
+    the participants being the public data and the ``owners`` in ``total`` (the secure sum of
+    their changes); ``server_lr`` defaults to the number of participants. On every row only owner
+    ``j`` and the public data change (own rows) this is exactly :func:`robust_aggregate`; on ``r_0``
+    it is the mean where plain rounds take the coordinate-wise median."""
+    participants = 1 + owners
+    lr = participants if server_lr is None else server_lr
+    out = {}
+    for name, s0 in start.items():
+        s0 = s0.double()
+        change = public[name].double() - s0 + total[name].double()
+        out[name] = (s0 + lr / participants * change).float()
+    return out
 
 
 def _read_reply(reply, node: int, model, start, bounds, row: int, owner: str):
@@ -142,26 +259,6 @@ def _read_reply(reply, node: int, model, start, bounds, row: int, owner: str):
     rows = arrays_to_tensors(content[ROUTERS], owner, {k: tuple(v.shape) for k, v in start.items()})
     check_router_rows(rows, model, owner)
     return owner_change(start, rows, row, owner, bounds), metrics
-
-
-def change_bounds(start: dict[str, torch.Tensor], recipe: RouterTuningRecipe) -> dict[str, torch.Tensor]:
-    """Per router tensor, per row, the largest change (L2 norm) an owner's reply may make: what
-    ``recipe.local_steps`` AdamW steps at peak ``lr`` can move it, times :data:`CLIP_MARGIN`.
-    AdamW moves each coordinate by at most about ``lr`` a step (Kingma & Ba, 2015, section 2.1,
-    with the recipe's betas) plus the decay ``lr * weight_decay * |w|``, so a row of ``H``
-    coordinates moves at most ``steps * lr * (sqrt(H) + weight_decay * |row|)``. Biases move only
-    when the recipe trains them (``train_bias``); otherwise their bound is 0."""
-    steps, lr, wd = recipe.local_steps, recipe.lr, recipe.weight_decay
-    out = {}
-    for name, t in start.items():
-        t = t.float()
-        if t.dim() == 2:
-            out[name] = CLIP_MARGIN * steps * lr * (t.shape[1] ** 0.5 + wd * t.norm(dim=1))
-        elif recipe.train_bias:
-            out[name] = CLIP_MARGIN * steps * lr * (1 + wd * t.abs())
-        else:
-            out[name] = torch.zeros_like(t)
-    return out
 
 
 def owner_change(
@@ -187,10 +284,7 @@ def owner_change(
                 f"changes to rows {where}",
                 hint="an owner may change only its own router row and bias, and the public expert's row",
             )
-        norms = change.reshape(s0.shape[0], -1).norm(dim=1)
-        bound = bounds[name].double()
-        scale = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
-        out[name] = (change * scale.view(-1, *([1] * (change.dim() - 1)))).float()
+        out[name] = clip_rows(change, bounds[name]).float()
     return out
 
 
@@ -232,9 +326,10 @@ def robust_aggregate(
     return out
 
 
-def _send_round(c: Coordinator, r: int, start, files, hashes, lacking, active, node_of) -> dict:
+def _send_round(c: Coordinator, r: int, start, files, hashes, lacking, active, node_of, scope: str = "") -> dict:
     """Push round ``r`` to every ``active`` owner, with the experts (``files``: owner -> tensors,
-    metadata) to those ``lacking`` them; returns message id -> owner."""
+    metadata) to those ``lacking`` them; ``scope`` (``own-rows``, ``all-rows``) asks each owner to
+    keep its change for the secure sum instead of sending it. Returns message id -> owner."""
     owners = list(files)
     base = {
         SPEC: ConfigRecord({"json": c.spec.to_json(), "sha256": c.spec.sha256}),
@@ -244,6 +339,7 @@ def _send_round(c: Coordinator, r: int, start, files, hashes, lacking, active, n
                 "owners": ",".join(owners),
                 "sha256": ",".join(hashes[o] for o in owners),
                 "seed": c.s.seed,
+                "secure": scope,
             }
         ),
         ROUTERS: tensors_to_arrays(start),

@@ -77,6 +77,11 @@ class CoordinatorSettings:
             SuperLink), run config ``owner-keys = "alice=/keys/alice.pub,bob=/keys/bob.pub"``: a
             SuperNode is then an owner only if it presents that owner's key
             (:mod:`flexmoe.federation.identity`). Empty: owners are who their node config says.
+        secure_aggregation: federated router rounds with the coordinator seeing only the sum of
+            the owners' changes (Flower's SecAgg+, :mod:`flexmoe.federation.secure_sum`):
+            ``"own-rows"`` (run config ``true``: each owner changes only its own row and ``r_0``, as
+            in plain rounds), ``"all-rows"`` (each owner's text tunes every row), or ``"off"``
+            (``false``, the default: plain rounds, checked and aggregated per owner).
     """
 
     spec: str
@@ -95,6 +100,7 @@ class CoordinatorSettings:
     seed: int = 0
     poll_interval: float = 1.0
     owner_keys: dict[str, str] = field(default_factory=dict)
+    secure_aggregation: str = "off"
 
     def __post_init__(self):
         if not self.spec:
@@ -120,6 +126,11 @@ class CoordinatorSettings:
             raise ValueError(
                 "router tuning needs the public data: set run config 'public-data' or 'router-tuning=false'"
             )
+        if self.secure_aggregation not in SECURE_AGGREGATION:
+            raise ValueError(
+                "run config 'secure-aggregation' must be false, true (own-rows), 'own-rows' or 'all-rows', "
+                f"got {self.secure_aggregation!r}"
+            )
         if self.owner_keys and set(self.owner_keys) != set(self.expected_owners):
             raise ValueError(
                 "run config 'owner-keys' must name a key file for every expected owner and no one else: missing "
@@ -144,6 +155,7 @@ class CoordinatorSettings:
         return cls(**kwargs)
 
 
+SECURE_AGGREGATION = ("off", "own-rows", "all-rows")
 _CASTS = {"int": int, "float": float, "str": str}
 _PATHS = ("spec", "out_dir", "public_model", "public_data")
 
@@ -156,6 +168,10 @@ def _run_config_value(f, key: str, value):
         return as_bindings(value, key)
     if f.name == "router_tuning":
         return None if value == "spec" else as_bool(value, key)
+    if f.name == "secure_aggregation":  # true/false, or the scope by name
+        if isinstance(value, str) and value in SECURE_AGGREGATION:
+            return value
+        return "own-rows" if as_bool(value, key) else "off"
     if f.type == "bool":
         return as_bool(value, key)
     if f.name in _PATHS:
@@ -180,7 +196,9 @@ class OwnerSettings:
     Node-config keys: ``owner`` (name), ``data-path`` (local text: file, folder, glob, JSONL),
     ``public-model`` (local copy of the public model; default the spec's path), ``public-data``
     (local copy of the public corpus, needed to choose a proxy set), ``share-proxy`` (send the
-    proxy selection; default false), ``work-dir`` (where the owner keeps its artifact and logs).
+    proxy selection; default false), ``work-dir`` (where the owner keeps its artifact and logs),
+    ``require-secure-aggregation`` (refuse router rounds whose changes are not securely summed:
+    the owner's own guarantee that the coordinator sees only a sum; default false).
     """
 
     owner: str
@@ -189,6 +207,7 @@ class OwnerSettings:
     public_data: str = ""
     share_proxy: bool = False
     work_dir: str = ""
+    require_secure_aggregation: bool = False
 
     def __post_init__(self):
         if not self.owner:
@@ -243,4 +262,7 @@ class OwnerSettings:
             public_data=_path(str(n.get("public-data", ""))),
             share_proxy=as_bool(n.get("share-proxy", False), "share-proxy"),
             work_dir=_path(str(n.get("work-dir", ""))),
+            require_secure_aggregation=as_bool(
+                n.get("require-secure-aggregation", False), "require-secure-aggregation"
+            ),
         )

@@ -7,6 +7,9 @@
   (``RouterTuningRecipe.data="owners"``): rebuild the merged model from the received experts,
   train its routers on the owner's own text, return them with only the rows it may change
   changed (:func:`own_rows_only`).
+* :func:`clipped_change`: what an owner puts into a secure sum (``secure-aggregation``): its change
+  to the routers, clipped here, on its own machine, to :func:`change_bounds` (the coordinator,
+  which sees only the sum, cannot clip one owner's change).
 
 :mod:`flexmoe.federation.client_app` turns Flower messages into these calls and their results
 into replies; nothing here sees a message.
@@ -35,13 +38,17 @@ from flexmoe.data.documents import read_documents
 from flexmoe.data.packing import pack_documents
 from flexmoe.federation.settings import OwnerSettings
 from flexmoe.formats.load import load_public_model
-from flexmoe.spec import FederationSpec
+from flexmoe.spec import FederationSpec, RouterTuningRecipe
 from flexmoe.training.expert import ExpertModule, expert_callbacks
 from flexmoe.training.router_tuning import check_router_rows, local_router_round, router_rows, set_router_rows
 
 # Documents of the owner's text tokenised for a router-tuning round (the round takes only
 # ``local_steps * batch_size`` rows of them).
 ROUTER_DOCUMENTS = 2000
+# How far above the largest change honest local steps can make a row a change may go before it is
+# clipped (change_bounds): AdamW moves a coordinate at most about 1.17 lr a step with the recipe's
+# betas (0.9, 0.95), plus the decay; 2 leaves room for its epsilon and the rounding of the sum.
+CLIP_MARGIN = 2.0
 
 
 @dataclass
@@ -129,6 +136,7 @@ def tune_router_round(
     experts: Sequence[tuple[str, str]],
     received: Mapping[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
     routers: Mapping[str, torch.Tensor],
+    own_rows: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The owner's side of one round of federated router tuning.
 
@@ -137,7 +145,9 @@ def tune_router_round(
     ``work-dir/router-tuning/<sha256>.safetensors`` so later rounds need not carry them. Every
     expert is put through every :class:`~flexmoe.ExpertArtifact` check against the owner's own
     public model, the merged model is assembled, ``routers`` are loaded into it and trained on
-    the owner's text. Returns ``(routers, metrics)``.
+    the owner's text. Returns ``(routers, metrics)``, with every change but to the rows this owner
+    may change undone (:func:`own_rows_only`) unless ``own_rows`` is false (secure aggregation's
+    ``all-rows`` scope, where every owner's text tunes every row).
     """
     started = time.perf_counter()
     owners = [o for o, _ in experts]
@@ -157,7 +167,9 @@ def tune_router_round(
     tokenizer = AutoTokenizer.from_pretrained(public_path)
     text = pack_documents(read_documents(s.data_path), tokenizer, spec.router_tuning.seq_len, ROUTER_DOCUMENTS)
     result = local_router_round(model, text, spec.router_tuning, round_index, seed=seed)
-    rows = own_rows_only(router_rows(model), routers, owners.index(s.owner) + 1)
+    rows = router_rows(model)
+    if own_rows:
+        rows = own_rows_only(rows, routers, owners.index(s.owner) + 1)
     metrics = {
         "round": round_index,
         "steps": result["steps"],
@@ -182,6 +194,48 @@ def own_rows_only(rows: Mapping[str, torch.Tensor], start: Mapping[str, torch.Te
             keep[0] = True
         out[name] = torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, start[name])
     return out
+
+
+def change_bounds(start: Mapping[str, torch.Tensor], recipe: RouterTuningRecipe) -> dict[str, torch.Tensor]:
+    """Per router tensor, per row, the largest change (L2 norm) one owner's round may make: what
+    ``recipe.local_steps`` AdamW steps at peak ``lr`` can move it, times :data:`CLIP_MARGIN`.
+    AdamW moves each coordinate by at most about ``lr`` a step (Kingma & Ba, 2015, section 2.1,
+    with the recipe's betas) plus the decay ``lr * weight_decay * |w|``, so a row of ``H``
+    coordinates moves at most ``steps * lr * (sqrt(H) + weight_decay * |row|)``. Biases move only
+    when the recipe trains them (``train_bias``); otherwise their bound is 0. Both sides compute
+    it from the round's routers: the coordinator to clip a plain reply, an owner to clip what it
+    puts into a secure sum."""
+    steps, lr, wd = recipe.local_steps, recipe.lr, recipe.weight_decay
+    out = {}
+    for name, t in start.items():
+        t = t.float()
+        if t.dim() == 2:
+            out[name] = CLIP_MARGIN * steps * lr * (t.shape[1] ** 0.5 + wd * t.norm(dim=1))
+        elif recipe.train_bias:
+            out[name] = CLIP_MARGIN * steps * lr * (1 + wd * t.abs())
+        else:
+            out[name] = torch.zeros_like(t)
+    return out
+
+
+def clip_rows(change: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``change`` (float64, one row per expert) with each row scaled down to L2 norm ``bound[row]``
+    where it is longer; shorter rows are left exactly as they are."""
+    norms = change.reshape(change.shape[0], -1).norm(dim=1)
+    bound = bound.double()
+    scale = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return change * scale.view(-1, *([1] * (change.dim() - 1)))
+
+
+def clipped_change(
+    rows: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], recipe: RouterTuningRecipe
+) -> dict[str, torch.Tensor]:
+    """An owner's contribution to a secure sum: its routers after the round minus the round's
+    ``start``, each row clipped to :func:`change_bounds` (float32, like a plain reply's change
+    once the coordinator has clipped it). Clipping here is what bounds each owner's share of the
+    sum: the coordinator never sees the change on its own."""
+    bounds = change_bounds(start, recipe)
+    return {name: clip_rows(rows[name].double() - s0.double(), bounds[name]).float() for name, s0 in start.items()}
 
 
 def _kept_expert(s: OwnerSettings, spec: FederationSpec, public, cache: Path, owner: str, sha: str, sent):

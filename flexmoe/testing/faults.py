@@ -122,7 +122,7 @@ def fault_injection(msg: Message, context: Context, call_next) -> Message:
 
 app = ClientApp(mods=[fault_injection])
 app.query()(client_app.query)
-app.train()(client_app.train)
+app.train(mods=[client_app.secure_router_sum])(client_app.train)
 app.train("router")(client_app.router_round)
 
 
