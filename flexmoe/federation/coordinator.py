@@ -219,6 +219,7 @@ class Coordinator:
             state = self.owners[owner]
             self.restore_received(state)
             state.training_tokens = artifact.training_tokens
+            state.privacy = artifact.privacy_summary()
             state.status, state.resumed = ACCEPTED, True
             state.artifact, state.artifact_sha256 = str(path), file_sha256(path)
             say(f"resume: keeping the accepted expert of {owner!r} ({path})")
@@ -410,6 +411,7 @@ class Coordinator:
         final = self.artifacts_dir / f"{owner}.safetensors"
         state.metrics, state.proxy = metrics, proxy
         state.training_tokens = artifact.training_tokens
+        state.privacy = artifact.privacy_summary()
         state.upload_bytes = record_bytes(*content.values())
         atomic_write_json(
             self.received_dir / f"{owner}.json",

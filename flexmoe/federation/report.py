@@ -28,6 +28,7 @@ class OwnerState:
     seconds_to_reply: float | None = None
     upload_bytes: int | None = None
     training_tokens: int | None = None
+    privacy: str | None = None  # the artifact's differential privacy, in words (ExpertFile.privacy_summary)
     metrics: dict = field(default_factory=dict)
     proxy: dict | None = None
     artifact: str | None = None
@@ -137,8 +138,8 @@ def render(report: dict) -> str:
         "",
         "## Owners",
         "",
-        "| owner | status | why | tokens | train loss | val loss | sent (bytes) | proxy docs | reply (s) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| owner | status | why | tokens | privacy | train loss | val loss | sent (bytes) | proxy docs | reply (s) |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, o in report["owners"].items():
         m = o.get("metrics") if isinstance(o.get("metrics"), dict) else {}
@@ -147,7 +148,8 @@ def render(report: dict) -> str:
         indices = o["proxy"].get("indices") if isinstance(o.get("proxy"), dict) else None
         proxy = len(indices) if isinstance(indices, list) else "-"
         lines.append(
-            f"| {name} | {status} | {why} | {_num(o.get('training_tokens'))} | {_num(m.get('train-loss'))} | "
+            f"| {name} | {status} | {why} | {_num(o.get('training_tokens'))} | {_cell(o.get('privacy') or '-')} | "
+            f"{_num(m.get('train-loss'))} | "
             f"{_num(m.get('val-loss'))} | {_num(o.get('upload_bytes'))} | {proxy} | "
             f"{_num(o.get('seconds_to_reply'), '.1f')} |"
         )

@@ -473,6 +473,21 @@ def test_the_report_renders_whatever_an_owner_put_in_it(metrics, proxy, reason, 
     assert "| a | rejected |" in md
 
 
+def test_the_report_shows_each_owners_differential_privacy():
+    """The coordinator sees the epsilon an owner's artifact records (and what it ships exact)."""
+    owners = {
+        "a": OwnerState("a", status="accepted", privacy="DP epsilon 3 at delta 1e-05 (prv) over expert"),
+        "b": OwnerState("b", status="accepted", privacy="no differential privacy"),
+    }
+    spec = {"path": "s", "sha256": "0" * 64, "fingerprint": "1" * 64, "public_model": "p"}
+    report = run_report(
+        "merged", run_id=1, spec=spec, settings={"quorum": 0}, owners=owners, notes=[], seconds=1.0, summary={}
+    )
+    md = render(report)
+    assert report["owners"]["a"]["privacy"].startswith("DP epsilon 3")
+    assert "| DP epsilon 3 at delta 1e-05 (prv) over expert |" in md and "| no differential privacy |" in md
+
+
 # -- resume --------------------------------------------------------------------------------------
 
 
