@@ -49,6 +49,7 @@ from flexmoe.artifacts.expert import (
 from flexmoe.artifacts.guard import _DTYPE_NAMES, _DTYPES, ArtifactError
 from flexmoe.artifacts.peft_adapters import LoraFactors, lora_factors
 from flexmoe.artifacts.unigram import TOKEN_STATISTICS
+from flexmoe.core.hashing import content_sha256
 from flexmoe.core.hashing import fingerprint as model_fingerprint
 from flexmoe.core.surgery import decoder_layers, expert_index, is_moe, moe_blocks
 
@@ -281,6 +282,9 @@ class LoraExpertArtifact(ExpertFile):
         )
         art = ExpertArtifact(owner=self.owner, tensors=tensors, metadata=metadata, source=self.source)
         art.check_structure()
+        # What the owner sent is this LoRA file: the merged model's provenance names its content hash
+        # (the one `flexmoe inspect` prints for it), kept beside the object, never read from a file.
+        art.sent_content_sha256 = content_sha256(self.tensors, self.metadata)
         return art
 
 

@@ -162,9 +162,9 @@ def add_expert(model: nn.Module, artifact: ExpertArtifact, *, check_fingerprint:
         raise ValueError(f"an expert owned by {artifact.owner!r} is already in the model")
     _check_owner_names([*s.owners, artifact.owner])
     artifact.validate(model, fingerprint=fingerprint(model) if check_fingerprint else None)
-    record = ExpertProvenance.of(
-        artifact.owner, artifact.metadata, artifact.tensors, content_sha256(artifact.tensors, artifact.metadata)
-    )
+    # A LoRA-sized expert's materialised artifact names the hash of the file its owner sent.
+    sent = getattr(artifact, "sent_content_sha256", None) or content_sha256(artifact.tensors, artifact.metadata)
+    record = ExpertProvenance.of(artifact.owner, artifact.metadata, artifact.tensors, sent)
     blocks = moe_blocks(model)
     for L, block in enumerate(blocks):
         try:

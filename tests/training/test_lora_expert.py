@@ -134,6 +134,21 @@ def art_stats(art):
     return torch.stack([art.tensors[f"layers.{L}.stats.mean"] for L in range(art.num_layers)]).double()
 
 
+def test_a_merged_lora_expert_is_recorded_by_the_hash_of_the_file_its_owner_sent(trained, spec):
+    """The model card names what the owner sent (the LoRA file, as `flexmoe inspect` hashes it), not
+    the coordinator's materialised copy."""
+    from flexmoe.core.hashing import content_sha256
+    from flexmoe.core.surgery import settings
+
+    _, path = trained
+    lora = LoraExpertArtifact.load(path, fingerprint=spec.fingerprint)
+    full = lora.materialize(public(spec), spec.sha256)
+    merged = flexmoe.assemble(public(spec), [full], top_k=2, spec_sha256=spec.sha256)
+    (record,) = settings(merged).provenance.experts.values()
+    assert record.content_sha256 == content_sha256(lora.tensors, lora.metadata)
+    assert record.content_sha256 != content_sha256(full.tensors, full.metadata)
+
+
 def test_materialised_expert_merges_and_exports_like_a_full_one(trained, spec, tmp_path, ids):
     module, path = trained
     full = LoraExpertArtifact.load(path, fingerprint=spec.fingerprint).materialize(public(spec), spec.sha256)
