@@ -9,15 +9,15 @@ For each case, a fresh Python process (so no case inherits another's heap):
 3. trains it the way ``flexmoe train-expert`` does: :class:`~flexmoe.training.expert.ExpertModule`
    (upcycle, freeze the public model, AdamW over expert 1 and the routers, z-loss, clipping) in a
    Lightning ``Trainer`` for ``--steps`` optimizer steps on random token rows, optionally with the
-   decoder layers checkpointed (transformers' ``activation_checkpointing_enable``);
+   decoder layers checkpointed (the recipe's ``activation_checkpointing``);
 4. reads its peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``, the kernel's high-water mark:
    nothing between samples is missed).
 
 Measured = peak - baseline: what the model and its training added, the quantity the plan predicts
-(the plan's ``device="cpu"`` estimate, ``precision="32-true"``: ExpertModule trains in float32
-today). RSS rather than ``tracemalloc`` because torch's CPU tensors bypass Python's allocator; it
-also counts the allocator's fragmentation and the model-building transients, which is what a
-machine has to have.
+(the plan's ``device="cpu"`` estimate at the case's precision: ``32-true``, or ``bf16-mixed`` with
+the public model in bfloat16 and what trains in float32). RSS rather than ``tracemalloc`` because
+torch's CPU tensors bypass Python's allocator; it also counts the allocator's fragmentation and
+the model-building transients, which is what a machine has to have.
 
     .venv/bin/python benchmarks/plan_check.py                    # the docs/scale.md table (~10 min)
     .venv/bin/python benchmarks/plan_check.py --cases olmo2-150m  # one case
@@ -33,13 +33,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# name -> (known config, decoder layers (None: all), micro-batch, sequence length, checkpointing).
-# Sized so every case peaks under ~9 GB on this 24 GB machine.
-CASES: dict[str, tuple[str, int | None, int, int, bool]] = {
-    "olmo2-150m": ("olmo2-150m", None, 2, 256, False),
-    "olmo2-1b/4L": ("olmo2-1b", 4, 2, 256, False),
-    "olmo2-1b/4L-ckpt": ("olmo2-1b", 4, 2, 256, True),
-    "olmo2-7b/1L": ("olmo2-7b", 1, 1, 256, False),
+# name -> (known config, decoder layers (None: all), micro-batch, sequence length, checkpointing,
+# precision). Sized so every case peaks under ~9 GB on this 24 GB machine. The bf16-mixed cases
+# build the public model in bfloat16 (no float32 copy), as ExpertModule loads it under that recipe.
+CASES: dict[str, tuple[str, int | None, int, int, bool, str]] = {
+    "olmo2-150m": ("olmo2-150m", None, 2, 256, False, "32-true"),
+    "olmo2-1b/4L": ("olmo2-1b", 4, 2, 256, False, "32-true"),
+    "olmo2-1b/4L-ckpt": ("olmo2-1b", 4, 2, 256, True, "32-true"),
+    "olmo2-7b/1L": ("olmo2-7b", 1, 1, 256, False, "32-true"),
+    "olmo2-1b/4L-bf16": ("olmo2-1b", 4, 2, 256, False, "bf16-mixed"),
+    "olmo2-1b/4L-bf16-ckpt": ("olmo2-1b", 4, 2, 256, True, "bf16-mixed"),
 }
 
 
@@ -61,13 +64,14 @@ def child(case: str, steps: int) -> None:
     from flexmoe.spec import ExpertRecipe, FederationSpec
     from flexmoe.training.expert import ExpertModule
 
-    name, layers, batch, seq_len, ckpt = CASES[case]
+    name, layers, batch, seq_len, ckpt, precision = CASES[case]
     fields = {**KNOWN_CONFIGS[name], **({"num_hidden_layers": layers} if layers else {})}
     torch.manual_seed(0)
     rows = [{"input_ids": torch.randint(0, fields["vocab_size"], (seq_len,))} for _ in range(batch * steps)]
     loader = DataLoader(rows, batch_size=batch)
     trainer = pl.Trainer(
         accelerator="cpu",
+        precision=precision,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -78,17 +82,23 @@ def child(case: str, steps: int) -> None:
     baseline = _rss()
 
     config = AutoConfig.for_model(**fields)
-    public = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    recipe = ExpertRecipe(batch_size=batch, seq_len=seq_len, max_steps=steps, warmup_steps=0)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    public = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    recipe = ExpertRecipe(
+        batch_size=batch,
+        seq_len=seq_len,
+        max_steps=steps,
+        warmup_steps=0,
+        precision=precision,
+        activation_checkpointing=ckpt,
+    )
     spec = FederationSpec(public_model=name, fingerprint="0" * 64, embedder=None, expert=recipe)
     module = ExpertModule(public, spec, owner="owner", check_fingerprint=False)
-    if ckpt:
-        module.model.activation_checkpointing_enable()  # use_reentrant=False: frozen inputs are fine
     trainer.fit(module, train_dataloaders=loader)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     shape = ModelShape.from_config(config)
-    e = estimate(shape, Setting(batch, seq_len, checkpointing=ckpt, precision="32-true", device="cpu"))
+    e = estimate(shape, Setting(batch, seq_len, checkpointing=ckpt, precision=precision, device="cpu"))
     print(json.dumps({"baseline": baseline, "peak": peak, "predicted": e.peak, "estimate": e.to_dict()}))
 
 

@@ -18,7 +18,7 @@ from flexmoe.data.statistics import token_statistics
 from flexmoe.owner.proxy import select_proxy
 from flexmoe.routing import owner_statistics
 
-from ._common import find_moe_model
+from ._common import find_moe_model, fsdp_root, unsharded
 
 
 class ExportExpert(pl.Callback):
@@ -47,6 +47,12 @@ class ExportExpert(pl.Callback):
     With ``public_documents``, also select the proxy set (FlexOlmo section 3.4) at fit end and
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
     scores only, never local text.
+
+    Under FSDP every rank takes part (the parameters are gathered, a collective): the statistics'
+    forward passes run on every rank, the trainable tensors are gathered whole, and rank 0 writes.
+    The artifact is the same as on one device: the expert's tensors are float32 whatever the
+    precision (the module holds what trains in float32), the dtype the coordinator's float32
+    public model validates it against.
 
     Args:
         path: where the artifact goes (written atomically).
@@ -143,14 +149,24 @@ class ExportExpert(pl.Callback):
         return self.path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if trainer.is_global_zero:
-            self.export(pl_module, tokens=self.token_statistics(trainer, pl_module))
+        root = fsdp_root(trainer)
+        if root is None and not trainer.is_global_zero:
+            return
+        with unsharded(root, find_moe_model(pl_module)):
+            if trainer.is_global_zero:
+                self.export(pl_module, tokens=self.token_statistics(trainer, pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        root = fsdp_root(trainer)
+        if root is None and not trainer.is_global_zero:
+            return
+        with unsharded(root):  # every rank runs the statistics' forward passes under FSDP
+            stats = self.routing_statistics(trainer, pl_module)
+        with unsharded(root, find_moe_model(pl_module)):
+            if trainer.is_global_zero:
+                self.export(pl_module, stats=stats, tokens=self.token_statistics(trainer, pl_module))
         if not trainer.is_global_zero:
             return
-        stats = self.routing_statistics(trainer, pl_module)
-        self.export(pl_module, stats=stats, tokens=self.token_statistics(trainer, pl_module))
         if self.public_documents is not None:
             self.proxy_path = self.write_proxy(trainer, pl_module)
 

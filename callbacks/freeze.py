@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 
-from flexmoe.core.hashing import fingerprint
+from flexmoe.core.hashing import fingerprint, hash_tensor
 from flexmoe.core.surgery import freeze_public
 
-from ._common import find_moe_model
+from ._common import find_moe_model, fsdp_root
 
 
 class PublicModelChanged(RuntimeError):
@@ -28,6 +29,12 @@ class FreezePublicModel(BaseFinetuning):
     stray weight decay, a bug, a hook that wrote into a frozen weight — fails the run loudly
     instead of shipping a bad expert.
 
+    A module that holds the public model in another dtype than the spec's float32
+    (``precision="bf16-mixed"``) checked it against the spec when it loaded it and gives the
+    fingerprint of the tensors as it holds them (``held_fingerprint``), which is then the one
+    expected. Under FSDP each rank holds a shard of each tensor, so each rank checks that its own
+    frozen shards kept their bytes (the whole fingerprint would gather the whole model).
+
     Args:
         fingerprint: expected fingerprint; by default the one measured at fit start.
         trainable: indices of the experts that train (the owner's expert is 1).
@@ -38,6 +45,7 @@ class FreezePublicModel(BaseFinetuning):
         self.expected = fingerprint
         self.trainable = tuple(trainable)
         self.verified: str | None = None
+        self._shards: str | None = None  # under FSDP: this rank's frozen shards at fit start
 
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         # A module that declares what of itself trains (ExpertModule.freeze_public_model: a LoRA expert
@@ -53,14 +61,27 @@ class FreezePublicModel(BaseFinetuning):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.expected is None:
+        if fsdp_root(trainer) is not None:
+            self._shards = frozen_shards_digest(pl_module)
+        elif self.expected is None:
             self.expected = fingerprint(find_moe_model(pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if fsdp_root(trainer) is not None:
+            got = frozen_shards_digest(pl_module)
+            if got != self._shards:
+                raise PublicModelChanged(
+                    f"the frozen public model changed during training: rank {trainer.global_rank}'s frozen shards "
+                    "no longer hash as at fit start. Something updated a frozen tensor; the expert is not "
+                    "compatible with the federation."
+                )
+            self.verified = got
+            return
         got = fingerprint(find_moe_model(pl_module))
-        if got != self.expected:
+        expected = getattr(pl_module, "held_fingerprint", None) or self.expected
+        if got != expected:
             raise PublicModelChanged(
-                f"the frozen public model changed during training: fingerprint {got} != expected {self.expected}. "
+                f"the frozen public model changed during training: fingerprint {got} != expected {expected}. "
                 "Something updated a frozen tensor; the expert is not compatible with the federation."
             )
         self.verified = got
@@ -73,3 +94,13 @@ class FreezePublicModel(BaseFinetuning):
         self.expected = state_dict.pop("expected", self.expected)
         self.trainable = tuple(state_dict.pop("trainable", self.trainable))
         super().load_state_dict(state_dict)
+
+
+def frozen_shards_digest(pl_module: pl.LightningModule) -> str:
+    """sha256 over the frozen parameters as this process holds them (under FSDP with
+    ``use_orig_params``: its shard of each, outside the forward pass)."""
+    h = hashlib.sha256()
+    for name, p in find_moe_model(pl_module).named_parameters():
+        if not p.requires_grad:
+            hash_tensor(h, name, p)
+    return h.hexdigest()

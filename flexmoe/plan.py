@@ -59,7 +59,7 @@ from flexmoe.core.parsing import load_json, read_json
 from flexmoe.spec import ExpertRecipe
 
 GiB = 2**30
-Precision = Literal["32-true", "bf16-mixed"]
+Precision = Literal["32-true", "bf16-mixed"]  # the recipe's flexmoe.spec.PRECISIONS (tests/test_plan.py)
 Device = Literal["cuda", "cpu"]
 
 # Shapes of real public models, written down from their published configs, so a plan needs no

@@ -42,6 +42,13 @@ _INT_RANGE = (-(2**63), 2**63 - 1)
 
 
 PRIVACY_ACCOUNTANTS = ("prv", "rdp")
+# How an owner's step holds and computes its weights (Lightning precision names; docs/scale.md):
+# "32-true" everything in float32; "bf16-mixed" the frozen public model held in bfloat16, what
+# trains (expert 1, the routers) in float32 with its AdamW state, the step under bf16 autocast.
+PRECISIONS = ("32-true", "bf16-mixed")
+# ExpertRecipe fields left out of the spec's JSON while they keep these values, so every spec
+# written before they existed keeps its sha256 (the one its owners' artifacts carry).
+EXPERT_MEMORY_DEFAULTS = {"precision": "32-true", "activation_checkpointing": False}
 
 
 @dataclass
@@ -127,9 +134,16 @@ class ExpertRecipe:
     # Differential privacy for the expert and the statistics it ships (PrivacyRecipe); None: off.
     # Left out of the spec's JSON while None, so specs written before it keep their sha256.
     privacy: PrivacyRecipe | None = None
+    # Memory settings of the owner's step (flexmoe plan prices them): the precision (PRECISIONS)
+    # and recomputing each decoder layer's activations in the backward pass. Checkpointing gives
+    # the same gradients; bf16-mixed rounds the frozen weights and the matmuls to bfloat16.
+    precision: str = "32-true"
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if self.precision not in PRECISIONS:
+            raise InputError(f"ExpertRecipe.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if isinstance(self.privacy, dict):
             self.privacy = _from_dict(PrivacyRecipe, self.privacy, "spec.expert.privacy")
         _positive(self, "max_steps", "batch_size", "seq_len", "lr")
@@ -398,6 +412,9 @@ class FederationSpec:
         d["expert"]["betas"] = list(d["expert"]["betas"])
         if d["expert"]["privacy"] is None:
             del d["expert"]["privacy"]  # as written before privacy existed: the same hash
+        for k, v in EXPERT_MEMORY_DEFAULTS.items():
+            if d["expert"][k] == v:
+                del d["expert"][k]  # likewise
         routing = d["routing"]
         if routing["method"] != "posterior" and all(routing[k] == v for k, v in POSTERIOR_DEFAULTS.items()):
             for k in POSTERIOR_DEFAULTS:  # as written before the posterior recipe: the same hash

@@ -137,3 +137,12 @@ def test_device_check_cpu_path():
     rows = device_check.run(cuda=False, steps=2, experts=2)
     assert [r["what"] for r in rows] == ["owner steps", "owner steps (checkpointed)", "merged inference, 3 experts"]
     assert all(r["tokens_per_s"] > 0 and r["planned"] > 0 and r["measured"] > 0 for r in rows)
+
+
+def test_the_plans_precisions_are_the_recipes():
+    import typing
+
+    from flexmoe.plan import Precision
+    from flexmoe.spec import PRECISIONS
+
+    assert typing.get_args(Precision) == PRECISIONS

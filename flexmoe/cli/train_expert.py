@@ -28,6 +28,12 @@ def train_expert_cli(args: list[str] | None = None) -> None:
     ``--config cfg.yaml``. The spec fixes the public model, the sequence length and batch size
     (``--data.*`` options other than those stay free), and the callbacks that make an expert
     valid are always attached.
+
+    Memory (docs/scale.md): ``--model.precision bf16-mixed`` and
+    ``--model.activation_checkpointing true`` override the spec's recipe; the Trainer's precision
+    follows the module's unless ``--trainer.precision`` is given. ``--fsdp`` shards the model,
+    frozen public weights included, over ``--trainer.devices`` GPUs
+    (:meth:`~flexmoe.training.expert.ExpertModule.fsdp_strategy`).
     """
 
     class ExpertCLI(LightningCLI):
@@ -38,6 +44,9 @@ def train_expert_cli(args: list[str] | None = None) -> None:
             parser.add_argument("--max_steps", type=int | None, default=None, help="default: the spec's recipe")
             parser.add_argument(
                 "--public_data", type=list[str] | None, default=None, help="public corpus to select the proxy set from"
+            )
+            parser.add_argument(
+                "--fsdp", type=bool, default=False, help="shard the model over the GPUs with FSDP (several GPUs)"
             )
             parser.link_arguments("spec", "model.spec")
             parser.link_arguments("owner", "model.owner")
@@ -59,6 +68,15 @@ def train_expert_cli(args: list[str] | None = None) -> None:
                 cfg.trainer.max_steps if cfg.trainer.max_steps not in (None, -1) else spec.expert.max_steps
             )
             self._spec = spec
+
+        def instantiate_trainer(self, **kwargs):
+            # The Trainer runs the precision the module holds its weights for, and FSDP as the
+            # module configures it (its units follow what is frozen).
+            if self.config.trainer.precision is None:
+                kwargs.setdefault("precision", self.model.precision)
+            if self.config.fsdp:
+                kwargs.setdefault("strategy", self.model.fsdp_strategy())
+            return super().instantiate_trainer(**kwargs)
 
         def after_instantiate_classes(self):
             cfg = self.config

@@ -4,11 +4,28 @@ FlexOlmo section 3.2 (docs/design.md, step 4): the public model is upcycled into
 (expert 0 = the public MLP, expert 1 = a copy); only expert 1, its router row ``r_1`` and
 its bias ``beta_1`` train, with LM loss + router z-loss, AdamW(0.9, 0.95), weight decay 0,
 cosine schedule with warmup and gradient clipping 1.0.
+
+Memory at 1B-7B (docs/scale.md; ``flexmoe plan`` prices each setting), set by the recipe
+(``precision``, ``activation_checkpointing``) or by the owner, whose hardware it is:
+
+* ``precision="bf16-mixed"``: the public model is loaded in bfloat16 and stays there (no float32
+  copy of the frozen part); what trains (expert 1, the router tensors) is held in float32, so
+  AdamW's master weights, moments and gradients are float32 for it alone. Lightning's
+  ``MixedPrecision`` plugin (``Trainer(precision="bf16-mixed")``) runs the step under
+  ``torch.autocast(dtype=bfloat16)`` and leaves parameter dtypes alone, which is exactly that
+  split; ``bf16-true`` would cast the trainable weights to bfloat16 too, so it is refused.
+* ``activation_checkpointing``: transformers' ``activation_checkpointing_enable`` with
+  ``use_reentrant=False`` on every decoder layer (the non-reentrant form needs no input that
+  requires grad, so the frozen embeddings below the first layer are fine; same gradients).
+* several GPUs: :meth:`ExpertModule.fsdp_strategy`, Lightning's FSDP with the frozen public
+  model sharded too, in units of one dtype and one ``requires_grad``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -22,12 +39,12 @@ from flexmoe.artifacts.expert import ExpertArtifact, privacy_fields
 from flexmoe.artifacts.unigram import TOKEN_STATISTICS
 from flexmoe.callbacks import ExportExpert, FreezePublicModel, RouterEmbeddingInit, RouterStats
 from flexmoe.core.errors import InputError
-from flexmoe.core.hashing import fingerprint
+from flexmoe.core.hashing import fingerprint, hash_tensor, public_state
 from flexmoe.core.moe import record_router_logits, router_z_loss
-from flexmoe.core.surgery import freeze_public, moe_blocks, upcycle
+from flexmoe.core.surgery import decoder_layers, freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
 from flexmoe.owner.embed import init_router
-from flexmoe.spec import ExpertRecipe, FederationSpec, PrivacyRecipe
+from flexmoe.spec import PRECISIONS, ExpertRecipe, FederationSpec, PrivacyRecipe
 from flexmoe.training.optim import adamw_cosine, clip_gradients
 from flexmoe.training.privacy import PrivateTraining, privacy_metadata
 
@@ -54,6 +71,10 @@ class ExpertModule(pl.LightningModule):
             default: the spec's ``expert.privacy``. A spec that sets one fixes it. With DP-SGD
             the module optimises manually (:mod:`flexmoe.training.privacy`: Poisson-sampled rows,
             per-row clipping, noise) and trains on one process.
+        precision: ``"32-true"`` or ``"bf16-mixed"`` (module docstring); default the recipe's.
+            The ``Trainer`` must run the same precision (``bf16-mixed``: checked in ``setup``).
+        activation_checkpointing: recompute each decoder layer in the backward pass; default
+            the recipe's.
     """
 
     # What :meth:`artifact` builds (LoRA-sized experts use their own, flexmoe.lora).
@@ -66,16 +87,27 @@ class ExpertModule(pl.LightningModule):
         owner: str = "owner",
         check_fingerprint: bool = True,
         privacy: PrivacyRecipe | None = None,
+        precision: str | None = None,
+        activation_checkpointing: bool | None = None,
     ):
         super().__init__()
-        model = load_public_model(public_model)
         if isinstance(spec, (str, Path)):
             spec = FederationSpec.load(spec)
-        fp = fingerprint(model)
+        recipe = spec.expert if spec is not None else ExpertRecipe()
+        self.precision = precision or recipe.precision
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.activation_checkpointing = (
+            recipe.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+        )
+        # The dtype the frozen public model is held in; what trains is always float32.
+        self.public_dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
+        model = load_public_model(public_model, dtype=self.public_dtype)
+        fp = float32_fingerprint(model)
         if spec is None:
             name = public_model if isinstance(public_model, str) else getattr(model, "name_or_path", "") or "public"
             spec = FederationSpec(public_model=str(name), fingerprint=fp, embedder=None)
-        elif check_fingerprint and spec.fingerprint != fp:
+        elif check_fingerprint and fp != spec.fingerprint != files_fingerprint(model, public_model):
             raise InputError(
                 f"the public model does not match the spec: fingerprint {fp[:16]}... but the spec "
                 f"expects {spec.fingerprint[:16]}...; load the exact public model the coordinator published"
@@ -95,11 +127,19 @@ class ExpertModule(pl.LightningModule):
         hparams = {"spec": spec.to_dict(), "owner": owner}
         if privacy is not None:
             hparams["privacy"] = dataclasses.asdict(privacy)
+        if precision is not None or activation_checkpointing is not None:
+            hparams.update(precision=self.precision, activation_checkpointing=self.activation_checkpointing)
         self.save_hyperparameters(hparams)
         self.model = upcycle(model, num_experts=1, top_k=self.recipe.top_k, owners=[owner])
         if spec.public_router_embedding is not None:
             init_router(self.model, 0, torch.tensor(spec.public_router_embedding))
         self.freeze_public_model()
+        self.hold_weights()
+        # The spec's fingerprint is over float32 tensors; a public model held in bfloat16 is checked
+        # against its own fingerprint as loaded (FreezePublicModel at fit end). None: the spec's.
+        self.held_fingerprint = fingerprint(self.model) if self.public_dtype != torch.float32 else None
+        if self.activation_checkpointing:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.model.train()  # from_pretrained returns eval mode; dropout etc. follow the Trainer from here
         self.val_ppl = Perplexity()
         self.tokens_seen = 0
@@ -117,6 +157,15 @@ class ExpertModule(pl.LightningModule):
         trains less of its expert (:class:`~flexmoe.lora.LoraExpertModule`) says so here, once,
         whatever order Lightning runs the hooks in."""
         freeze_public(self.model, trainable)
+
+    def hold_weights(self) -> None:
+        """Hold what trains in float32 and the frozen rest in :attr:`public_dtype` (a no-op under
+        ``32-true``). Called after freezing, so a subclass that trains less (LoRA: the copy of the
+        MLP stays frozen) gets float32 for its trainable part alone."""
+        for p in self.model.parameters():
+            want = torch.float32 if p.requires_grad else self.public_dtype
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)
 
     def forward(self, input_ids, **kwargs):
         return self.model(input_ids=input_ids, **kwargs)
@@ -162,12 +211,18 @@ class ExpertModule(pl.LightningModule):
         opt = self.optimizers()
         ids = batch["input_ids"]
 
-        def loss_of(row):
-            out, logits = self._lm_step({"input_ids": row})
-            return out.loss + self.recipe.z_loss_coef * router_z_loss(logits)
+        precision = self.trainer.precision_plugin
 
-        losses = self.private.clip_rows(opt.optimizer, ids, loss_of)
-        opt.step()
+        def loss_of(row):
+            with precision.forward_context():
+                out, logits = self._lm_step({"input_ids": row})
+                return out.loss + self.recipe.z_loss_coef * router_z_loss(logits)
+
+        # Only the forward passes run under bf16-mixed's autocast: Opacus's clipping sums and the
+        # noise stay float32, as the float32 gradients they add up to.
+        with torch.autocast(self.device.type, enabled=False):
+            losses = self.private.clip_rows(opt.optimizer, ids, loss_of)
+            opt.step()
         opt.zero_grad()
         self.lr_schedulers().step()
         self._count_tokens(ids.numel())
@@ -178,11 +233,23 @@ class ExpertModule(pl.LightningModule):
         self.log("dp/epsilon_steps", float(self.private.steps), on_step=True)
 
     def setup(self, stage: str) -> None:
-        """With DP-SGD: refuse what it cannot do, and draw the training rows by Poisson sampling
-        (the datamodule's train loader, replaced by :meth:`PrivateTraining.poisson_loader`)."""
+        """Refuse a ``Trainer`` whose precision cannot run the weights as held; with DP-SGD, refuse
+        what it cannot do and draw the training rows by Poisson sampling (the datamodule's train
+        loader, replaced by :meth:`PrivateTraining.poisson_loader`)."""
+        trainer = self.trainer
+        if self.public_dtype != torch.float32 and trainer.precision != "bf16-mixed":
+            raise InputError(
+                f"this ExpertModule holds the public model in bfloat16 (precision={self.precision!r}) but the "
+                f"Trainer runs precision={trainer.precision!r}: give the Trainer precision='bf16-mixed' (autocast; "
+                "bf16-true would cast the float32 expert to bfloat16), or the module precision='32-true'"
+            )
         if self.private is None or stage != "fit":
             return
-        trainer = self.trainer
+        if _is_fsdp(getattr(trainer, "strategy", None)):
+            raise InputError(
+                "DP-SGD training does not run under FSDP: its per-row clipping and noise need every trainable "
+                "tensor whole on one process; train with one device and the default strategy"
+            )
         if trainer.world_size > 1:
             raise InputError(
                 f"DP-SGD training runs on one process, but this Trainer has {trainer.world_size}: the per-row "
@@ -206,6 +273,30 @@ class ExpertModule(pl.LightningModule):
         self.private.calibrate(rows, self.recipe.batch_size, self._max_steps())
         datamodule.train_dataloader = lambda: self.private.poisson_loader(loader())
         datamodule._flexmoe_poisson = True
+
+    def fsdp_strategy(self, **kwargs):
+        """Lightning's ``FSDPStrategy`` for this module on several GPUs (``FULL_SHARD``: the frozen
+        public model is sharded like the rest, not replicated): ``Trainer(strategy=module.fsdp_strategy(),
+        devices=8, precision=module.precision)``.
+
+        FSDP flattens each unit's parameters into one tensor, which must have one dtype, and
+        ``use_orig_params=True`` keeps the original parameters (the optimizer's groups, the router
+        tensor whose frozen row masks inside it) addressable. So the units are: every decoder
+        layer, and inside it every largest frozen submodule (attention, norms, expert 0), which
+        leaves the layer's own unit holding exactly its trainable, float32 tensors (expert 1 and
+        the router); the root keeps the embeddings, final norm and LM head. ``mixed_precision``
+        casts nothing: the weights stay as :meth:`hold_weights` holds them and the precision
+        plugin's autocast does the casting, as on one device. ``kwargs`` go to ``FSDPStrategy``.
+
+        Needs CUDA (Lightning and torch's FSDP refuse the CPU); DP-SGD refuses it (``setup``)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import MixedPrecision
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        units = {id(m) for m in fsdp_units(self.model)}
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
+        options = {"sharding_strategy": "FULL_SHARD", "use_orig_params": True, "mixed_precision": MixedPrecision()}
+        return FSDPStrategy(auto_wrap_policy=policy, **{**options, **kwargs})
 
     def _max_steps(self) -> int:
         trainer = self._trainer
@@ -307,6 +398,78 @@ class ExpertModule(pl.LightningModule):
             art.metadata.update(privacy_metadata(self.privacy, self.private, statistics_noise, covers))
             privacy_fields(art.metadata, self.owner)
         return art
+
+
+def float32_fingerprint(model: nn.Module) -> str:
+    """:func:`~flexmoe.core.hashing.fingerprint` of ``model`` as the coordinator loads it, in
+    float32: each tensor upcast on its own while hashed (one tensor's transient copy), so a
+    public model held in bfloat16 that was published in bfloat16 hashes to the spec's."""
+    if all(t.dtype == torch.float32 for _, t in public_state(model) if t.is_floating_point()):
+        return fingerprint(model)
+    h = hashlib.sha256()
+    for name, t in public_state(model):
+        hash_tensor(h, name, t.float() if t.is_floating_point() else t)
+    return h.hexdigest()
+
+
+def files_fingerprint(model: nn.Module, source) -> str | None:
+    """The float32 fingerprint of the public model's files in the directory ``source``, read one
+    tensor at a time (safetensors, memory-mapped), under the names ``model`` gives them; ``None``
+    when ``model`` is held in float32 (its own fingerprint is the one) or the files do not name
+    every tensor (a tied LM head is found under the embedding it shares storage with).
+
+    A public model published in float32 and held in bfloat16 loses bits, so its held copy cannot
+    hash to the spec's fingerprint; its files still can, without a float32 copy of the model."""
+    if isinstance(source, nn.Module) or not Path(source).is_dir():
+        return None
+    state = list(public_state(model))
+    if all(t.dtype == torch.float32 for _, t in state if t.is_floating_point()):
+        return None
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for file in sorted(Path(source).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    by_storage = {t.data_ptr(): name for name, t in state if name in where}
+    h = hashlib.sha256()
+    for name, t in state:
+        key = name if name in where else by_storage.get(t.data_ptr())
+        if key is None:
+            return None
+        with safe_open(where[key], "pt") as f:
+            x = f.get_tensor(key)
+        if x.shape != t.shape:
+            return None
+        hash_tensor(h, name, x.float() if x.is_floating_point() else x)
+        del x
+    return h.hexdigest()
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules :meth:`ExpertModule.fsdp_strategy` wraps as FSDP units: each decoder layer
+    and, inside it, every largest submodule whose parameters are all frozen; the layer's unit
+    then holds only what trains. Call it after freezing (``requires_grad`` decides)."""
+    units = []
+
+    def frozen_subtrees(module: nn.Module) -> None:
+        for child in module.children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                units.append(child)
+            elif params:
+                frozen_subtrees(child)
+
+    for layer in decoder_layers(model):
+        units.append(layer)
+        frozen_subtrees(layer)
+    return units
+
+
+def _is_fsdp(strategy) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_documents=None) -> list[pl.Callback]:

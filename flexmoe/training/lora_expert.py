@@ -28,8 +28,10 @@ class LoraExpertModule(ExpertModule):
     >>> trainer.fit(module, data)                           # writes a LoraExpertArtifact
 
     Args:
-        public_model, spec, owner, check_fingerprint, privacy: as for :class:`~flexmoe.ExpertModule`
-            (with DP-SGD, only the LoRA factors and the router get per-row gradients and noise).
+        public_model, spec, owner, check_fingerprint, privacy, precision, activation_checkpointing:
+            as for :class:`~flexmoe.ExpertModule` (with DP-SGD, only the LoRA factors and the router
+            get per-row gradients and noise; under ``bf16-mixed`` the copy of the MLP is held in
+            bfloat16 like the rest of the frozen model, the factors in float32).
         rank: LoRA rank; default ``spec.expert.lora_rank`` (one of the two must be set; if both
             are, they must agree, since the spec fixes the recipe).
         alpha: LoRA alpha; the update is scaled by ``alpha / rank``. Default ``2 * rank``.
@@ -48,8 +50,10 @@ class LoraExpertModule(ExpertModule):
         alpha: float | None = None,
         target_modules: list[str] | None = None,
         privacy: PrivacyRecipe | None = None,
+        precision: str | None = None,
+        activation_checkpointing: bool | None = None,
     ):
-        super().__init__(public_model, spec, owner, check_fingerprint, privacy)
+        super().__init__(public_model, spec, owner, check_fingerprint, privacy, precision, activation_checkpointing)
         from peft import LoraConfig, inject_adapter_in_model  # deferred: peft is an optional extra (flexmoe[lora])
 
         spec_rank = self.recipe.lora_rank
@@ -76,6 +80,7 @@ class LoraExpertModule(ExpertModule):
         self.lora_rank, self.lora_alpha, self.lora_targets = rank, alpha, targets
         self.hparams.update(rank=rank, alpha=alpha, target_modules=targets)
         self.freeze_public_model()  # again: the LoRA layers did not exist when ExpertModule froze
+        self.hold_weights()  # the factors in float32, whatever dtype peft made them in
 
     def freeze_public_model(self, trainable: tuple[int, ...] = (1,)) -> None:
         """As :meth:`ExpertModule.freeze_public_model`, except that of each trainable expert only
