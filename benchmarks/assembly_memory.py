@@ -8,16 +8,22 @@ negative biases) saved as safetensors.
 Then, for each number of experts n, two fresh Python processes (so neither inherits the other's
 heap) each assemble ``[public, e_1 ... e_n]`` into a new directory:
 
-- streaming: ``flexmoe.assemble_to_dir(public_dir, artifacts[:n], out)`` -- one artifact in
-  memory at a time;
+- streaming: ``flexmoe.assemble_to_dir(public_dir, artifacts[:n], out)`` -- one artifact
+  tensor in memory at a time;
 - in-memory: ``flexmoe.export(flexmoe.assemble(public, artifacts[:n]), out)`` -- the whole MoE.
 
 Each child reports its peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``, which includes
 the interpreter, torch and transformers: see the "baseline" column, the RSS just before the
-work starts) and wall time. The target: streaming peak at 8 experts <= 1.2x that at 2.
+work starts) and wall time, and what the resident set held at its peak (sampled from
+``/proc/self/status`` every 10 ms): file-backed pages (``RssFile``: the public checkpoint, which
+``from_pretrained`` memory-maps, and any artifact read through a map) and anonymous memory
+(``RssAnon``: tensors read into the heap). The targets: streaming peak at 8 experts <= 1.2x that
+at 2, and <= 1.3x the public model's weights over the baseline (docs/scale.md).
 
     .venv/bin/python benchmarks/assembly_memory.py
     .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --experts 2 4 8 16
+    .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --shape olmo2-1b --layers 4 --experts 2 8 \
+        --no-in-memory --keep /tmp/assembly-1b   # --keep: set up once, reuse on the next run
 """
 
 from __future__ import annotations
@@ -25,24 +31,48 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-WIDTHS = [7, 8, 11, 8, 11, 8, 19]
+WIDTHS = [7, 8, 11, 10, 10, 8, 11, 8, 19]
+
+
+def _status_mb() -> dict[str, float]:
+    """``VmRSS``, ``RssFile`` and ``RssAnon`` of this process, in MB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssFile", "RssAnon"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
 
 
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb().get("VmRSS", float("nan"))
+
+
+class _PeakSampler(threading.Thread):
+    """The ``/proc/self/status`` sample with the largest ``VmRSS``, every 10 ms until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = _status_mb()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.01):
+            sample = _status_mb()
+            if sample["VmRSS"] > self.peak["VmRSS"]:
+                self.peak = sample
 
 
 def child(mode: str, work: Path, n: int, fmt: str) -> None:
-    """Run one assembly and print ``{"peak_mb", "baseline_mb", "wall_s"}`` as JSON."""
+    """Run one assembly and print ``{"peak_mb", "baseline_mb", "wall_s", "file_mb", "anon_mb"}`` as JSON."""
     from transformers import AutoModelForCausalLM
 
     import flexmoe
@@ -50,6 +80,8 @@ def child(mode: str, work: Path, n: int, fmt: str) -> None:
     paths = sorted(work.glob("artifacts/owner_*.safetensors"))[:n]
     out = work / f"out-{mode}-{n}"
     baseline = _rss_mb()
+    sampler = _PeakSampler()
+    sampler.start()
     start = time.perf_counter()
     if mode == "streaming":
         flexmoe.assemble_to_dir(work / "public", paths, out, format=fmt)
@@ -57,8 +89,11 @@ def child(mode: str, work: Path, n: int, fmt: str) -> None:
         model = flexmoe.assemble(AutoModelForCausalLM.from_pretrained(work / "public"), paths)
         flexmoe.export(model, out, fmt)
     wall = time.perf_counter() - start
+    sampler.stopped.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "wall_s": wall}))
+    at_peak = {"file_mb": sampler.peak["RssFile"], "anon_mb": sampler.peak["RssAnon"]}
+    print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "wall_s": wall, **at_peak}))
 
 
 def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, layers: int | None = None) -> None:
@@ -90,7 +125,6 @@ def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, l
     public = AutoModelForCausalLM.from_config(config).eval()
     size = sum(p.numel() * p.element_size() for p in public.parameters())
     print(f"public model: {config.model_type}, {size / 4e6:.1f}M parameters, {size / 1e6:.0f} MB", flush=True)
-    (work / "public_bytes").write_text(str(size))
     public.save_pretrained(work / "public")
     fp = flexmoe.fingerprint(public)
     model = flexmoe.upcycle(public, 1)
@@ -105,6 +139,7 @@ def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, l
                 block.router.bias[1] = -float(torch.rand(1, generator=g))
             art = flexmoe.ExpertArtifact.from_model(model, owner=f"owner_{i}", fingerprint=fp)
             art.save(work / "artifacts" / f"owner_{i}.safetensors")
+    (work / "public_bytes").write_text(str(size))  # last: marks a complete setup for --keep
 
 
 def measure(mode: str, work: Path, n: int, fmt: str) -> dict:
@@ -123,6 +158,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="owner experts to assemble")
     ap.add_argument("--format", default="native", help="native (keeps router biases), flexolmo, mixtral")
     ap.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison")
+    ap.add_argument("--keep", type=Path, help="set up in this directory and keep it (reused when it holds a setup)")
     ap.add_argument("--child", choices=["streaming", "in-memory"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -131,8 +167,12 @@ def main() -> None:
         return child(args.child, args.work, args.n, args.format)
 
     with tempfile.TemporaryDirectory(prefix="flexmoe-assembly-") as tmp:
-        work = Path(tmp)
-        setup(work, args.arch, max(args.experts), args.shape, args.layers)
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / "public_bytes").exists():
+            setup(work, args.arch, max(args.experts), args.shape, args.layers)
+        for old in work.glob("out-*"):
+            shutil.rmtree(old)
         public_mb = int((work / "public_bytes").read_text()) / 2**20
         rows = []
         for n in args.experts:
@@ -146,7 +186,8 @@ def main() -> None:
         f"public model's weights: {public_mb:.0f} MB; stream peak over baseline / public weights: "
         + ", ".join(f"{n} experts {(s['peak_mb'] - s['baseline_mb']) / public_mb:.2f}" for n, s, _ in rows)
     )
-    columns = ["experts", "baseline", "stream peak", "stream s", "in-mem peak", "in-mem s", "stream peak / first"]
+    columns = ["experts", "baseline", "stream peak", "peak: file", "peak: anon", "stream s"]
+    columns += ["in-mem peak", "in-mem s", "stream peak / first"]
     head = " | ".join(f"{c:>{w}}" for c, w in zip(columns, WIDTHS))
     print(head)
     print("-" * len(head))
@@ -155,6 +196,8 @@ def main() -> None:
             n,
             f"{s['baseline_mb']:.0f}",
             f"{s['peak_mb']:.0f}",
+            f"{s['file_mb']:.0f}",
+            f"{s['anon_mb']:.0f}",
             f"{s['wall_s']:.2f}",
             f"{m['peak_mb']:.0f}" if m else "-",
             f"{m['wall_s']:.2f}" if m else "-",

@@ -37,10 +37,10 @@ Three rules hold for every caller:
 The module is a little over 600 lines on purpose: the in-memory and the streamed assembly share
 these rules and their checks, and splitting them would put one pipeline in two places.
 
-:func:`assemble_to_dir` streams the published merge to disk one expert at a time, so memory does
-not grow with the number of owners; :func:`merge_experts` uses it when asked to ``stream``. This
-floor sits above ``formats`` and ``routing``, which it composes, and below the owner side and
-training, which never need it.
+:func:`assemble_to_dir` streams the published merge to disk one artifact tensor at a time, so
+memory grows with neither the number of owners nor the size of their experts; :func:`merge_experts`
+uses it when asked to ``stream``. This floor sits above ``formats`` and ``routing``, which it
+composes, and below the owner side and training, which never need it.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer
 
-from flexmoe.artifacts.expert import ExpertArtifact, ExpertFile
+from flexmoe.artifacts.expert import LAYER_INDEX, ExpertArtifact, ExpertFile
 from flexmoe.artifacts.guard import (
     MAX_OWNER_NAME,
     ArtifactError,
@@ -75,7 +76,7 @@ from flexmoe.artifacts.unigram import (
     load_public_statistics,
 )
 from flexmoe.core.errors import InputError
-from flexmoe.core.hashing import content_sha256, fingerprint
+from flexmoe.core.hashing import ContentHash, fingerprint
 from flexmoe.core.io import atomic_write_text
 from flexmoe.core.moe import Router
 from flexmoe.core.posterior import use_posterior_routers
@@ -98,6 +99,8 @@ from flexmoe.routing import route
 from flexmoe.spec import DEFAULT_SEQ_LEN, FederationSpec, RoutingRecipe
 
 ArtifactLike = ExpertFile | str | os.PathLike
+# An owner's MLP weight in its artifact: layers.{L}.expert.{name}.
+_EXPERT_TENSOR = re.compile(rf"layers\.{LAYER_INDEX}\.expert\.(.+)")
 
 
 # -- step 1: assemble ---------------------------------------------------------------------------
@@ -482,7 +485,7 @@ def merge_experts(
         out: write the export here (a new or empty directory).
         allow_approximate: let an explicitly named ``transformers`` format drop what it cannot hold.
         stream: only the export is wanted: with the ``published`` recipe and artifact files that
-            are all full experts, write ``out`` one expert at a time (:func:`assemble_to_dir`)
+            are all full experts, write ``out`` one tensor at a time (:func:`assemble_to_dir`)
             and return no model. Other recipes need the model in memory.
 
     Returns the :class:`MergedModel`; its ``routing`` summary names the ``method`` the model routes
@@ -577,10 +580,10 @@ class _ArtifactSource:
     """The dense public model plus owners' artifact files (what :func:`assemble_to_dir` writes).
 
     Up front, each file's header is checked (size, truncation, fingerprint, spec, owner) and
-    only its router rows are read. The full validation (shapes, dtypes, NaN/Inf, fit to the
-    public model) happens in :meth:`expert`, which loads one artifact when its shard is written
-    and records its provenance, as :func:`~flexmoe.core.surgery.add_expert` would; a failure there
-    discards the unfinished export.
+    only its router rows are read. The full validation (shapes, dtypes, NaN/Inf, plausibility,
+    fit to the public model) happens when its shard is written (:meth:`expert_stream`), one
+    tensor at a time, so no artifact is ever held whole; its provenance is recorded then, as
+    :func:`~flexmoe.core.surgery.add_expert` would; a failure there discards the unfinished export.
     """
 
     def __init__(
@@ -637,7 +640,22 @@ class _ArtifactSource:
     def expert(self, j: int) -> list[dict[str, torch.Tensor]]:
         if j == 0:
             return [layer.mlp.state_dict() for layer in decoder_layers(self.model)]
-        art = ExpertArtifact.load(
+        state, tensors = self.expert_stream(j)
+        for L, name, t in tensors:
+            state[L][name] = t
+        return state
+
+    def expert_stream(self, j: int) -> tuple[list[dict[str, torch.Tensor]], Iterator[tuple[int, str, torch.Tensor]]]:
+        """Owner expert ``j`` (``j >= 1``) as :func:`~flexmoe.formats.export.write_shard_streamed`
+        writes it: the per-layer state dicts of what the file declares (``meta`` tensors, whose
+        names, shapes and dtypes are already checked against the public model), and an iterator
+        of ``(layer, name, tensor)`` that reads the MLP weights one at a time.
+
+        The iterator reads every tensor of the file in sorted name order, checks its values as
+        :meth:`~flexmoe.artifacts.expert.ExpertArtifact.validate` would (plausibility included)
+        and hashes it; only when the last one has passed does it record the expert's provenance.
+        A failure raises from the iterator, and the unfinished export is discarded."""
+        art = ExpertArtifact.open(
             self.paths[j - 1], fingerprint=self.fingerprint, spec_sha256=self.spec_sha256, bounds=self.bounds
         )
         art.validate(self.model, fingerprint=self.fingerprint, spec_sha256=self.spec_sha256)
@@ -648,9 +666,17 @@ class _ArtifactSource:
                 raise ArtifactError(
                     art.owner, f"layers.{L}.router", "the contents read at the start", changed, source=art.source
                 )
-        sha = content_sha256(art.tensors, art.metadata)
-        self.provenance.add(ExpertProvenance.of(art.owner, art.metadata, art.tensors, sha))
-        return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))]
+        return [art.layer(L)[0] for L in range(len(self.mlp_prefixes))], self._read(art)
+
+    def _read(self, art: ExpertArtifact) -> Iterator[tuple[int, str, torch.Tensor]]:
+        content = ContentHash()
+        for name, t in art.read_tensors(self.model):
+            content.add(name, t)
+            m = _EXPERT_TENSOR.fullmatch(name)
+            if m is not None:
+                yield int(m.group(1)), m.group(2), t
+            del t  # one tensor at a time
+        self.provenance.add(ExpertProvenance.of(art.owner, art.metadata, art.tensors, content.hexdigest(art.metadata)))
 
     def renormalisation_gap(self) -> float | None:
         return None  # would need the whole MoE in memory, which is what this source avoids
@@ -713,7 +739,8 @@ def assemble_to_dir(
 
     Loads the dense public model once (float32, as owners load it), validates every artifact
     against it (fingerprint, and ``spec_sha256`` when given), then writes the public shard and one
-    shard per artifact, holding at most one artifact in memory. The result equals
+    shard per artifact, reading, checking and writing one artifact tensor at a time (never a
+    whole artifact: docs/scale.md). The result equals
     ``export(assemble(public, artifacts, top_k, normalize=normalize, public_router_embedding=...),
     out_dir, format)``. Tokenizer files in ``public_dir`` are copied along. Every file is read
     within :meth:`~flexmoe.artifacts.guard.HeaderBounds.for_expert` of the public config

@@ -46,6 +46,7 @@ import math
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ FORMAT_VERSION = "1"
 # Used with fullmatch; the layer index in ASCII digits without leading zeros, so that each layer
 # has one spelling (``layers.03`` would be read as layer 3 and then looked up as ``layers.3``).
 LAYER_INDEX = r"(0|[1-9][0-9]{0,8})"
+# What ExpertArtifact.open leaves unread until read_tensors: the tensors that grow with the model.
+_STREAMED = re.compile(rf"layers\.{LAYER_INDEX}\.(expert\..+|stats\.covariance)")
 _KEY = re.compile(
     rf"layers\.{LAYER_INDEX}\.(expert\.(.+)|router\.embedding|router\.bias|router\.public_embedding"
     r"|stats\.mean|stats\.covariance)"
@@ -285,6 +288,24 @@ class ExpertFile(ABC):
         (:meth:`HeaderBounds.for_expert`); with them, a file declaring more is refused from its
         header, before any tensor is read. Every coordinator-side caller passes them."""
         path = Path(path)
+        header, metadata, owner = cls._checked_header(path, max_bytes, bounds)
+        tensors = {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    tensors[name] = f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise _unreadable(owner, path, e) from e
+        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
+        art.check_structure()
+        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
+        return art
+
+    @classmethod
+    def _checked_header(cls, path: Path, max_bytes: int, bounds: HeaderBounds | None) -> tuple[dict, dict, str]:
+        """``(tensor entries, metadata, owner)`` of the file's header, checked before any tensor is
+        read: the guard's checks, the metadata's (:meth:`check_metadata`, the privacy fields) and
+        every dtype one of F32, F16, BF16."""
         header = read_safetensors_header(path, max_bytes=max_bytes, bounds=bounds)
         metadata = header.pop("__metadata__", None) or {}
         owner = metadata.get("owner") if isinstance(metadata.get("owner"), str) else path.name
@@ -295,19 +316,7 @@ class ExpertFile(ABC):
                 raise ArtifactError(
                     owner, f"dtype of tensor {name}", "one of F32, F16, BF16", entry["dtype"], source=path
                 )
-        tensors = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    tensors[name] = f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ArtifactError(
-                owner, "file", "a readable safetensors file", f"{type(e).__name__}: {e}", source=path
-            ) from e
-        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
-        art.check_structure()
-        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
-        return art
+        return header, metadata, owner
 
     @staticmethod
     @abstractmethod
@@ -367,6 +376,92 @@ class ExpertArtifact(ExpertFile):
         prefix = f"layers.{index}.expert."
         state = {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
         return state, self.tensors[f"layers.{index}.router.embedding"], self.tensors[f"layers.{index}.router.bias"]
+
+    # -- streaming: one large tensor at a time ------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: str | None = None,
+        spec_sha256: str | None = None,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        bounds: HeaderBounds | None = None,
+    ):
+        """:meth:`load` without reading the large tensors: what the coordinator uses to stream an
+        artifact, so that it never holds a whole one (docs/scale.md).
+
+        The header gets every check :meth:`load` makes, and the small tensors (router rows and
+        biases, MLP-input means, token counts) are read and checked. Each tensor that grows with
+        the model (:meth:`held` says which do not) stays a ``meta`` tensor of its declared shape
+        and dtype, so :meth:`check_structure` and :meth:`validate` check its name, shape and dtype
+        now; :meth:`read_tensors` reads it and checks its values, by the same rules."""
+        path = Path(path)
+        header, metadata, owner = cls._checked_header(path, max_bytes, bounds)
+        tensors = {}
+        try:
+            with safe_open(str(path), framework="pt", backend="pread") as f:
+                for name in sorted(header):
+                    entry = header[name]
+                    if cls.held(name):
+                        tensors[name] = f.get_tensor(name)
+                    else:
+                        tensors[name] = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]], device="meta")
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise _unreadable(owner, path, e) from e
+        art = cls(owner=metadata["owner"], tensors=tensors, metadata=dict(metadata), source=str(path))
+        art.check_structure()
+        art.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
+        return art
+
+    @staticmethod
+    def held(name: str) -> bool:
+        """Whether :meth:`open` reads tensor ``name`` at once: everything but the MLP weights and
+        the covariances, whose size grows with the model rather than with its width."""
+        return _STREAMED.fullmatch(name) is None
+
+    def read_tensors(
+        self, model: nn.Module | None = None, *, plausibility: Plausibility | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor ``(name, tensor)`` by sorted name, one at a time: those :meth:`open` left
+        unread are read now (never more than one at once), checked to be what the header declared
+        and checked for their values (:meth:`check_values`; with ``model``, the public model the
+        artifact was validated against, also for plausibility next to it, as
+        :meth:`check_plausible` does). An :class:`ArtifactError` stops the iteration at the first
+        problem, so a caller that writes what it is given must discard what it wrote."""
+        mlps = _public_mlps(model) if model is not None else None
+        bounds = plausibility or Plausibility()
+        reference: tuple[int, dict] | None = None
+        try:
+            handle = safe_open(str(self.source), framework="pt", backend="pread")
+        except Exception as e:  # the file went away or became unreadable since open()
+            raise _unreadable(self.owner, self.source, e) from e
+        with handle as f:
+            for name in sorted(self.tensors):
+                declared = self.tensors[name]
+                if not declared.is_meta:
+                    yield name, declared
+                    continue
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise _unreadable(self.owner, self.source, e) from e
+                if t.dtype != declared.dtype or t.shape != declared.shape:
+                    got = f"{_DTYPE_NAMES.get(t.dtype, t.dtype)} {list(t.shape)} (the file changed after it was opened)"
+                    want = f"{_DTYPE_NAMES.get(declared.dtype)} {list(declared.shape)}"
+                    raise self._error(f"tensor {name}", want, got)
+                self.check_values(name, t)
+                if mlps is not None:
+                    m = _KEY.fullmatch(name)
+                    L = int(m.group(1))
+                    if m.group(3) is not None:
+                        if reference is None or reference[0] != L:
+                            reference = (L, _scale_reference(mlps[L]))
+                        self._check_scale(L, m.group(3), t, reference[1], bounds)
+                    elif name.endswith("stats.covariance"):
+                        self._check_covariance(name, t, bounds)
+                yield name, t
+                del t
 
     # -- building ---------------------------------------------------------------------
     @classmethod
@@ -492,17 +587,24 @@ class ExpertArtifact(ExpertFile):
                     raise self._error(f"dtype of {name}", "F32", _DTYPE_NAMES.get(t.dtype, t.dtype))
             elif _DTYPE_NAMES.get(t.dtype) != dtype:
                 raise self._error(f"dtype of {name}", dtype, _DTYPE_NAMES.get(t.dtype, t.dtype))
-            if not torch.isfinite(t).all():
-                bad = int((~torch.isfinite(t)).sum())
-                raise self._error(f"values of {name}", "finite numbers", f"{bad} NaN/Inf entries")
-            if name.endswith("stats.covariance"):
-                asym = float((t - t.T).abs().max())
-                if asym > 1e-3 * max(1.0, float(t.abs().max())) or bool((t.diagonal() < 0).any()):
-                    raise self._error(
-                        f"values of {name}",
-                        "a covariance (symmetric, non-negative diagonal)",
-                        f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}",
-                    )
+        for name, t in self.tensors.items():
+            if name not in TOKEN_STATISTICS and not t.is_meta:  # a tensor open() left unread: read_tensors
+                self.check_values(name, t)
+
+    def check_values(self, name: str, t: torch.Tensor) -> None:
+        """Tensor ``name``'s values, whatever the public model: finite, and a covariance symmetric
+        with a non-negative diagonal (part of :meth:`check_structure`, one tensor at a time)."""
+        if not _finite(t):
+            bad = int((~torch.isfinite(t)).sum())
+            raise self._error(f"values of {name}", "finite numbers", f"{bad} NaN/Inf entries")
+        if name.endswith("stats.covariance"):
+            asym = float((t - t.T).abs().max())
+            if asym > 1e-3 * max(1.0, float(t.abs().max())) or bool((t.diagonal() < 0).any()):
+                raise self._error(
+                    f"values of {name}",
+                    "a covariance (symmetric, non-negative diagonal)",
+                    f"asymmetry {asym:.3g}, min diagonal {float(t.diagonal().min()):.3g}",
+                )
 
     def validate(
         self,
@@ -517,10 +619,7 @@ class ExpertArtifact(ExpertFile):
         fingerprint and spec hash, and that its values are plausible next to the public model
         (``plausibility``, default :class:`Plausibility`)."""
         self.check_identity(fingerprint=fingerprint, spec_sha256=spec_sha256)
-        if is_moe(model):
-            mlps = [b.experts[0] for b in moe_blocks(model)]
-        else:
-            mlps = [layer.mlp for layer in decoder_layers(model)]
+        mlps = _public_mlps(model)
         if self._count("num_layers") != len(mlps):
             raise self._error("num_layers", len(mlps), self.num_layers)
         if self.metadata.get("architecture") != model.config.model_type:
@@ -550,7 +649,8 @@ class ExpertArtifact(ExpertFile):
     def check_plausible(self, mlps: list[nn.Module], hidden: int, bounds: Plausibility) -> None:
         """The values are plausible next to the public MLPs ``mlps`` (one per layer) of width
         ``hidden``: router rows and biases, expert weight scales, and a positive semi-definite
-        covariance (:class:`Plausibility`). Shapes were checked by :meth:`validate`."""
+        covariance (:class:`Plausibility`). Shapes were checked by :meth:`validate`. A tensor
+        :meth:`open` left unread is checked when :meth:`read_tensors` reads it."""
         row_bound = bounds.router_row_bound(hidden)
         for L, mlp in enumerate(mlps):
             state, _, bias = self.layer(L)
@@ -565,27 +665,79 @@ class ExpertArtifact(ExpertFile):
             b = float(bias.double().abs().max())
             if not b <= bounds.router_bias:
                 raise self._error(f"values of layers.{L}.router.bias", f"|beta| <= {bounds.router_bias:g}", f"{b:.4g}")
-            public = {k: v.detach() for k, v in mlp.state_dict().items()}
-            squares = sum(_rms(v) ** 2 * v.numel() for v in public.values())
-            floor = math.sqrt(squares / max(1, sum(v.numel() for v in public.values())))
-            for name, ref in public.items():
-                got = state[name]
-                ref_rms = _rms(ref) or floor
-                ref_max = max(float(ref.abs().max()) if ref.numel() else 0.0, ref_rms)
-                rms, peak = _rms(got), float(got.abs().max()) if got.numel() else 0.0
-                limit = bounds.weight_scale
-                if not (rms <= limit * ref_rms and peak <= limit * ref_max):
-                    raise self._error(
-                        f"scale of layers.{L}.expert.{name}",
-                        f"RMS <= {limit:g} x the public tensor's ({limit * ref_rms:.3g}), "
-                        f"largest entry <= {limit:g} x its ({limit * ref_max:.3g})",
-                        f"RMS {rms:.4g}, largest entry {peak:.4g}",
-                    )
+            reference = None
+            for name, got in state.items():
+                if not got.is_meta:
+                    reference = reference or _scale_reference(mlp)
+                    self._check_scale(L, name, got, reference, bounds)
             key = f"layers.{L}.stats.covariance"
-            if key in self.tensors:
-                problem = covariance_problem(self.tensors[key], bounds.covariance_tolerance)
-                if problem is not None:
-                    raise self._error(f"values of {key}", *problem)
+            if key in self.tensors and not self.tensors[key].is_meta:
+                self._check_covariance(key, self.tensors[key], bounds)
+
+    def _check_scale(self, L: int, name: str, got: torch.Tensor, reference: dict, bounds: Plausibility) -> None:
+        """Expert tensor ``name`` of layer ``L`` within ``bounds.weight_scale`` of the public
+        tensor's RMS and largest entry (``reference``: :func:`_scale_reference` of that layer)."""
+        ref_rms, ref_max = reference[name]
+        rms, peak = _rms(got), _abs_max(got)
+        limit = bounds.weight_scale
+        if not (rms <= limit * ref_rms and peak <= limit * ref_max):
+            raise self._error(
+                f"scale of layers.{L}.expert.{name}",
+                f"RMS <= {limit:g} x the public tensor's ({limit * ref_rms:.3g}), "
+                f"largest entry <= {limit:g} x its ({limit * ref_max:.3g})",
+                f"RMS {rms:.4g}, largest entry {peak:.4g}",
+            )
+
+    def _check_covariance(self, key: str, covariance: torch.Tensor, bounds: Plausibility) -> None:
+        problem = covariance_problem(covariance, bounds.covariance_tolerance)
+        if problem is not None:
+            raise self._error(f"values of {key}", *problem)
+
+
+def _public_mlps(model: nn.Module) -> list[nn.Module]:
+    """The public MLP of every decoder layer: the dense model's, or expert 0 of a flexmoe MoE."""
+    if is_moe(model):
+        return [b.experts[0] for b in moe_blocks(model)]
+    return [layer.mlp for layer in decoder_layers(model)]
+
+
+def _scale_reference(mlp: nn.Module) -> dict[str, tuple[float, float]]:
+    """Per tensor of a public MLP, the ``(RMS, largest entry)`` an expert's is compared with
+    (:attr:`Plausibility.weight_scale`): a zero tensor (a bias may be) takes the layer's MLP RMS,
+    and the largest entry is at least the RMS."""
+    public = {k: v.detach() for k, v in mlp.state_dict().items()}
+    squares = sum(_rms(v) ** 2 * v.numel() for v in public.values())
+    floor = math.sqrt(squares / max(1, sum(v.numel() for v in public.values())))
+    reference = {}
+    for name, ref in public.items():
+        ref_rms = _rms(ref) or floor
+        reference[name] = (ref_rms, max(_abs_max(ref), ref_rms))
+    return reference
+
+
+# Both from aminmax, which needs no temporary the size of the tensor (abs() and isfinite() do):
+# the artifact's tensors are checked one at a time, each as large as a layer's MLP matrix.
+def _abs_max(t: torch.Tensor) -> float:
+    """The largest ``|entry|`` of ``t`` (0 for an empty tensor; NaN when it holds one)."""
+    if not t.numel():
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high)) if not (low.isnan() or high.isnan()) else math.nan
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: a NaN makes both extremes NaN, an infinity one of them."""
+    if not t.numel():
+        return True
+    low, high = torch.aminmax(t)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def _unreadable(owner: str, source, error: Exception) -> ArtifactError:
+    """safetensors' own errors for a file it cannot read, as an :class:`ArtifactError`."""
+    return ArtifactError(
+        owner, "file", "a readable safetensors file", f"{type(error).__name__}: {error}", source=source
+    )
 
 
 def _rms(t: torch.Tensor) -> float:

@@ -71,9 +71,29 @@ def content_sha256(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     """sha256 of an expert's tensors (name, dtype, shape, bytes, by sorted name) and metadata (sorted
     items): the same for the same expert however its file was written, so owners and coordinator can
     name the experts of a merge by hash."""
-    h = hashlib.sha256()
+    h = ContentHash()
     for name in sorted(tensors):
-        hash_tensor(h, name, tensors[name])
-    for key in sorted(metadata):
-        h.update(f"{key}={metadata[key]}\n".encode())
-    return h.hexdigest()
+        h.add(name, tensors[name])
+    return h.hexdigest(metadata)
+
+
+class ContentHash:
+    """:func:`content_sha256` fed one tensor at a time, for a caller that never holds them all
+    (the coordinator's streamed assembly): :meth:`add` each tensor in sorted name order, then
+    :meth:`hexdigest` with the metadata."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._last: str | None = None
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"tensors are hashed in sorted name order: {name!r} came after {self._last!r}")
+        self._last = name
+        hash_tensor(self._h, name, t)
+
+    def hexdigest(self, metadata: Mapping[str, str]) -> str:
+        h = self._h.copy()
+        for key in sorted(metadata):
+            h.update(f"{key}={metadata[key]}\n".encode())
+        return h.hexdigest()

@@ -41,8 +41,8 @@ config field is copied, because the classes' defaults differ (``rms_norm_eps``, 
 Weights are written in shards: one for the dense tensors, all routers and expert 0 (the public
 model), then one per owner expert, plus the standard ``model.safetensors.index.json``. The same
 writer serves :func:`export` (an MoE in memory) and :func:`flexmoe.assembly.assemble_to_dir` (the
-public model plus artifact files, streamed one expert at a time so memory does not grow with the
-number of owners).
+public model plus artifact files, streamed one tensor at a time by
+:func:`write_shard_streamed`, so memory grows with neither the number of owners nor their size).
 Every export is built in a temporary sibling directory and renamed into place when complete.
 
 Every export, whatever its format, also carries the model's provenance (who contributed each
@@ -59,7 +59,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import struct
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -490,7 +491,16 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
             weight_map[key] = name
             total += t.numel() * t.element_size()
 
+    stream = getattr(source, "expert_stream", None)  # a source that reads each expert one tensor at a time
     for j in range(num_experts):
+        if j and stream is not None:
+            declared, tensors = stream(j)
+            layout = {}
+            for prefix, state in zip(source.mlp_prefixes, declared):
+                layout.update({_layout(fmt, prefix, j, name): t for name, t in state.items()})
+            total += write_shard_streamed(directory / names[j], layout, _renamed(tensors, source.mlp_prefixes, fmt, j))
+            weight_map.update(dict.fromkeys(layout, names[j]))
+            continue
         shard = dict(source.dense_tensors()) if j == 0 else {}
         if j == 0:
             for prefix, router in zip(source.mlp_prefixes, source.routers()):
@@ -501,6 +511,61 @@ def _write_shards(source, directory: Path, fmt: str) -> None:
         del shard  # the artifact this shard came from goes with it
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# safetensors lays a file's tensors out by dtype, the widest first, then by name: the order
+# save_file writes, for the float dtypes an expert may hold.
+_SAFETENSORS_DTYPES = {torch.float32: (0, "F32"), torch.bfloat16: (1, "BF16"), torch.float16: (2, "F16")}
+
+
+def write_shard_streamed(
+    path: Path, declared: dict[str, torch.Tensor], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> int:
+    """Write a safetensors shard whose tensors arrive one at a time, in any order, and return its
+    data size in bytes: the header from ``declared`` (name -> a tensor of the right shape and
+    dtype; a ``meta`` tensor will do), then each tensor of ``tensors`` at its offset as it comes.
+
+    The file is byte for byte what ``save_file(..., metadata={"format": "pt"})`` writes for the
+    same tensors (its order, header and padding; tests/test_assembly_streaming.py), so a streamed
+    export and an in-memory one are the same files. ``tensors`` must give every declared tensor
+    exactly once, with its declared shape and dtype."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets, at = {}, 0
+    for name in sorted(declared, key=lambda k: (_safetensors_dtype(declared[k])[0], k)):
+        t = declared[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _safetensors_dtype(t)[1], "shape": list(t.shape), "data_offsets": [at, at + size]}
+        offsets[name], at = at, at + size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    start = 8 + len(raw)
+    written = set()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, t in tensors:
+            want = declared.get(name)
+            if want is None or name in written or t.dtype != want.dtype or t.shape != want.shape:
+                raise ValueError(f"{path.name}: {name!r} {t.dtype} {list(t.shape)} was not declared, or came twice")
+            f.seek(start + offsets[name])
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            written.add(name)
+            del t  # before the next one is read
+    if len(written) != len(declared):
+        raise ValueError(f"{path.name}: never given {sorted(set(declared) - written)[:4]}")
+    return at
+
+
+def _renamed(tensors, prefixes: Sequence[str], fmt: str, j: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Expert ``j``'s ``(layer, name, tensor)`` under their on-disk names, holding none of them."""
+    for L, name, t in tensors:
+        yield _layout(fmt, prefixes[L], j, name), t
+        del t
+
+
+def _safetensors_dtype(t: torch.Tensor) -> tuple[int, str]:
+    if t.dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"a streamed shard holds float32, bfloat16 or float16 tensors, not {t.dtype}")
+    return _SAFETENSORS_DTYPES[t.dtype]
 
 
 # -- public API ------------------------------------------------------------------------------
