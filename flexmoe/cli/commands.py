@@ -136,7 +136,7 @@ def assemble(
         spec_sha256=spec_sha256,
         out=out,
         allow_approximate=allow_approximate,
-        stream=True,  # the published merge goes to disk one expert at a time
+        stream=True,  # the published merge goes to disk one artifact tensor at a time
     )
     router = merged.routing.get("router", merged.routing["method"])
     fmt = detect_format(out)
