@@ -248,6 +248,7 @@ def _check_entries(header: dict, who: str, path: Path, size: int, n: int, bounds
         ok = (
             isinstance(entry, dict)
             and set(entry) == {"dtype", "shape", "data_offsets"}
+            and isinstance(entry["dtype"], str)  # a list or dict is unhashable: checked before the lookup
             and entry["dtype"] in _ITEMSIZE
             and isinstance(entry["shape"], list)
             and len(entry["shape"]) <= _MAX_DIMS

@@ -198,3 +198,14 @@ def test_a_pickle_is_still_recognised_and_a_header_length_of_0x80_is_not_one(tmp
     body += b" " * (640 - len(body))
     path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 8)
     assert read_safetensors_header(path)["x"]["shape"] == [2]
+
+
+@pytest.mark.parametrize("dtype", [[], {}, ["F32"], 1.5, None])
+def test_a_dtype_that_is_not_a_string_is_refused_by_name(tmp_path, dtype):
+    """Found by the property test above: an unhashable dtype once reached a dict look-up."""
+    header = {"x": {"dtype": dtype, "shape": [], "data_offsets": [0, 0]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(ArtifactError, match="x"):
+        read_safetensors_header(path)
