@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, log, pretrain_public, read_jsonl
+from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, fit_expert, log, pretrain_public, read_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -195,8 +195,7 @@ def train(work: Path, spec, documents: list[str], owner: str, tag: str, options:
     """Train one owner's expert under ``options`` (cached); returns its artifact path and time."""
     import lightning.pytorch as pl
 
-    from flexmoe.data.datamodule import TextDataModule
-    from flexmoe.training.expert import ExpertModule, expert_callbacks
+    from flexmoe.training.expert import ExpertModule
 
     art = work / "experts" / f"{owner}-{tag}.safetensors"
     meta = art.with_suffix(".json")
@@ -213,29 +212,17 @@ def train(work: Path, spec, documents: list[str], owner: str, tag: str, options:
         module = LoraExpertModule(spec.public_model, spec, owner=owner, rank=options["rank"])
     else:
         module = ExpertModule(spec.public_model, spec, owner=owner, privacy=options.get("privacy"))
-    data = TextDataModule(
-        str(source),
-        spec.public_model,
+    seconds, rows = fit_expert(
+        module,
+        spec,
+        source,
+        art,
+        work=work,
+        steps=args.expert_steps,
         seq_len=args.seq_len,
         batch_size=args.expert_batch,
-        val_fraction=0.0,
-        cache_dir=str(work / "cache"),
     )
-    trainer = pl.Trainer(
-        max_steps=args.expert_steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=expert_callbacks(spec, art),
-    )
-    t = time.perf_counter()
-    trainer.fit(module, data)
-    info = {"train_s": round(time.perf_counter() - t, 1), "rows": data.num_train_sequences}
+    info = {"train_s": round(seconds, 1), "rows": rows}
     meta.write_text(json.dumps(info))
     return {**info, "path": art}
 

@@ -34,7 +34,7 @@ import os
 import time
 from pathlib import Path
 
-from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, log, pretrain_public, read_jsonl
+from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, fit_expert, log, pretrain_public, read_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -62,9 +62,8 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
     """Train one expert (cached); returns its artifact path, trained-number count and time."""
     import lightning.pytorch as pl
 
-    from flexmoe.data.datamodule import TextDataModule
     from flexmoe.lora import LoraExpertModule
-    from flexmoe.training.expert import ExpertModule, expert_callbacks
+    from flexmoe.training.expert import ExpertModule
 
     art = work / "experts" / f"{owner}-{variant}.safetensors"
     meta = art.with_suffix(".json")
@@ -81,29 +80,17 @@ def train(work: Path, public: Path, paths, owner: str, variant: str, rank: int |
         from flexmoe.core.surgery import moe_blocks
 
         trained = sum(p.numel() for b in moe_blocks(module.model) for p in b.experts[1].parameters())
-    data = TextDataModule(
-        str(paths[owner] / "train.jsonl"),
-        str(public),
+    seconds, _ = fit_expert(
+        module,
+        spec,
+        paths[owner] / "train.jsonl",
+        art,
+        work=work,
+        steps=args.expert_steps,
         seq_len=args.seq_len,
         batch_size=args.expert_batch,
-        val_fraction=0.0,
-        cache_dir=str(work / "cache"),
     )
-    trainer = pl.Trainer(
-        max_steps=args.expert_steps,
-        max_epochs=-1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=expert_callbacks(spec, art),
-    )
-    t = time.perf_counter()
-    trainer.fit(module, data)
-    info = {"trained": trained, "train_s": round(time.perf_counter() - t, 1), "lr": lr}
+    info = {"trained": trained, "train_s": round(seconds, 1), "lr": lr}
     meta.write_text(json.dumps(info))
     return {**info, "path": art}
 

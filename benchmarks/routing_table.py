@@ -61,7 +61,7 @@ from torch import nn
 from flexmoe.core.moe import PerExpertRouter, RouterFormatError, register_router
 from flexmoe.core.surgery import moe_blocks
 from flexmoe.routing import layer_lda
-from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, log, pretrain_public, read_jsonl
+from flexmoe.testing.harness import PUBLIC_DOMAINS, build_corpus, fit_expert, log, pretrain_public, read_jsonl
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -321,8 +321,7 @@ def mixed_source(work: Path, paths, owner: str, fraction: float) -> Path:
 def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> dict[str, Path]:
     import lightning.pytorch as pl
 
-    from flexmoe.data.datamodule import TextDataModule
-    from flexmoe.training.expert import ExpertModule, expert_callbacks
+    from flexmoe.training.expert import ExpertModule
 
     out = {}
     for owner in owners:
@@ -335,27 +334,8 @@ def train_experts(work: Path, spec, paths, owners, public_mix: float = 0.0) -> d
         pl.seed_everything(SEED, verbose=False)
         module = ExpertModule(spec.public_model, spec, owner=owner)
         source = mixed_source(work, paths, owner, public_mix) if public_mix else paths[owner] / "train.jsonl"
-        data = TextDataModule(
-            str(source),
-            spec.public_model,
-            seq_len=spec.expert.seq_len,
-            batch_size=spec.expert.batch_size,
-            val_fraction=0.0,
-            cache_dir=str(work / "cache"),
-        )
-        trainer = pl.Trainer(
-            max_steps=spec.expert.max_steps,
-            max_epochs=-1,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=expert_callbacks(spec, art),
-        )
-        trainer.fit(module, data)
+        e = spec.expert
+        fit_expert(module, spec, source, art, work=work, steps=e.max_steps, seq_len=e.seq_len, batch_size=e.batch_size)
         TIMINGS[f"expert_{owner}_s"] = round(time.perf_counter() - t, 1)
     return out
 

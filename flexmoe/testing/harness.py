@@ -65,3 +65,41 @@ def pretrain_public(
         progress_bar=False,
     )
     return out
+
+
+def fit_expert(
+    module, spec, source: str | Path, artifact: Path, *, work: Path, steps: int, seq_len: int, batch_size: int
+) -> tuple[float, int]:
+    """Train an owner's expert ``module`` on the documents at ``source`` the way an owner does
+    (:func:`~flexmoe.training.expert.expert_callbacks` on a CPU Lightning ``Trainer`` with a
+    :class:`~flexmoe.data.datamodule.TextDataModule`, its cache under ``work/cache``), writing
+    ``artifact``; returns the seconds ``fit`` took and the packed rows it trained on. The one
+    owner-training loop of the benchmarks."""
+    import lightning.pytorch as pl  # deferred: Lightning, only for the benchmarks that train
+
+    from flexmoe.data.datamodule import TextDataModule
+    from flexmoe.training.expert import expert_callbacks
+
+    data = TextDataModule(
+        str(source),
+        spec.public_model,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        val_fraction=0.0,
+        cache_dir=str(Path(work) / "cache"),
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=expert_callbacks(spec, artifact),
+    )
+    t = time.perf_counter()
+    trainer.fit(module, data)
+    return time.perf_counter() - t, data.num_train_sequences
