@@ -26,7 +26,7 @@ from typing import Any
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_write_text
 from flexmoe.core.parsing import load_json, read_json, shorten
-from flexmoe.core.posterior import MAX_BIGRAM_BITS
+from flexmoe.core.posterior import MAX_BIGRAM_BITS, valid_bucket_count
 
 SPEC_VERSION = 1
 # Tokens per training sequence when nothing says otherwise. The owners' routing statistics are
@@ -271,7 +271,7 @@ class RoutingRecipe:
             raise InputError(f"routing shrinkage must be in [0, 1], got {self.shrinkage}")
         _positive(self, "stats_tokens", "temperature", "smoothing", "bigram_weight")
         b = self.bigram_buckets
-        if isinstance(b, bool) or not isinstance(b, int) or (b and (b < 2 or b & (b - 1) or b > 2**MAX_BIGRAM_BITS)):
+        if not ((type(b) is int and b == 0) or valid_bucket_count(b)):  # 0: unigrams only
             raise InputError(
                 f"RoutingRecipe.bigram_buckets must be 0 (unigrams only) or a power of two from 2 to "
                 f"2**{MAX_BIGRAM_BITS}, got {b!r}"

@@ -38,7 +38,7 @@ from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import file_sha256
 from flexmoe.core.io import atomic_file
 from flexmoe.core.parsing import parse_count, shorten
-from flexmoe.core.posterior import MAX_BIGRAM_BITS
+from flexmoe.core.posterior import MAX_BIGRAM_BITS, valid_bucket_count
 from flexmoe.spec import FederationSpec, PublicStatistics
 
 UNIGRAM_TENSOR = "stats.unigram"
@@ -110,7 +110,7 @@ def bigram_problem(
     if problem is not None:
         return problem
     n = counts.shape[0]
-    if n < 2 or n & (n - 1) or n > 1 << MAX_BIGRAM_BITS:
+    if not valid_bucket_count(n):
         return f"shape of {BIGRAM_TENSOR}", f"a power of two up to 2**{MAX_BIGRAM_BITS}", [n]
     most = _count(tokens)
     if most is not None and _count(pairs) > most:

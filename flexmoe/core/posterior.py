@@ -63,6 +63,7 @@ from flexmoe.modeling.domain_posterior import (
     bigram_bucket,
     posterior_gates,
     unigram_log_probs,
+    valid_bucket_count,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "bigram_bucket",
     "unigram_log_probs",
     "use_posterior_routers",
+    "valid_bucket_count",
 ]
 
 ROWS = {"weight": "router.embedding", "bias": "router.bias"}
@@ -292,9 +294,10 @@ def use_posterior_routers(
         bigram = torch.as_tensor(bigram)
         if bigram.dim() != 2 or bigram.shape[0] != E:
             raise InputError(f"bigram counts have shape {list(bigram.shape)}; this model needs [{E}, buckets]")
-        K = bigram.shape[1]
-        if K < 2 or K & (K - 1) or K > 2**MAX_BIGRAM_BITS:
-            raise InputError(f"bigram counts need a power of two of buckets up to 2**{MAX_BIGRAM_BITS}, got {K}")
+        if not valid_bucket_count(bigram.shape[1]):
+            raise InputError(
+                f"bigram counts need a power of two of buckets up to 2**{MAX_BIGRAM_BITS}, got {bigram.shape[1]}"
+            )
         if not (torch.isfinite(bigram).all() and (bigram >= 0).all()):
             raise InputError("bigram counts must be finite and non-negative")
         if not bigram_weight > 0:

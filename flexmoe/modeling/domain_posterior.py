@@ -29,14 +29,25 @@ _HASH_A, _HASH_B, _MASK32 = 0x5BD1E995, 0x27D4EB2F, 0xFFFFFFFF
 MAX_BIGRAM_BITS = 24
 
 
+def valid_bucket_count(buckets) -> bool:
+    """Whether ``buckets`` can count bigrams: an int (not a bool), a power of two from 2 to
+    ``2**MAX_BIGRAM_BITS``. The one rule for the recipe, the files and the router."""
+    return (
+        isinstance(buckets, int)
+        and not isinstance(buckets, bool)
+        and 2 <= buckets <= 1 << MAX_BIGRAM_BITS
+        and buckets & (buckets - 1) == 0
+    )
+
+
 def bigram_bucket(prev: torch.Tensor, cur: torch.Tensor, buckets: int) -> torch.Tensor:
     """The bucket ``[0, buckets)`` of each adjacent token pair ``(prev, cur)`` (int64 tensors of
     ids of one shape; ``buckets`` a power of two up to ``2**24``): the top bits of a 32-bit
     multiplicative hash of the pair. Owners, the coordinator and the exported model count and
     look up pairs with this one function."""
-    bits = int(buckets).bit_length() - 1
-    if buckets < 2 or 1 << bits != buckets or bits > MAX_BIGRAM_BITS:
+    if not valid_bucket_count(buckets):
         raise ValueError(f"bigram buckets must be a power of two from 2 to 2**{MAX_BIGRAM_BITS}, got {buckets}")
+    bits = buckets.bit_length() - 1
     h = (prev.long() * _HASH_A + cur.long()) & _MASK32
     return ((h * _HASH_B) & _MASK32) >> (32 - bits)
 
