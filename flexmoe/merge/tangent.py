@@ -55,8 +55,9 @@ class LinearizedModel(nn.Module):
     ``transformers`` causal LM) gives a :class:`LinearizedOutput`, with the loss when ``labels``
     is passed. ``use_cache`` is forced off: a key-value cache is not part of ``f``'s output.
 
-    Dropout and other randomness must be off (``eval()`` mode): ``f(x; θ0)`` and its Jacobian
-    are taken in one pass, which is only the Taylor expansion of a deterministic ``f``.
+    Dropout and other randomness must be off (the module in inference mode, ``train(False)``):
+    ``f(x; θ0)`` and its Jacobian are taken in one pass, which is only the Taylor expansion of a
+    deterministic ``f``.
     """
 
     def __init__(self, model: nn.Module):

@@ -282,3 +282,22 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def message_to(node: int, content, message_type: str, message_id: str = "m1"):
+    """A coordinator's message ``content`` of ``message_type`` to ``node`` in run 1, as a Flower
+    ``Message``: what the tests hand a ClientApp directly, without a SuperLink."""
+    from flwr.app import Message, Metadata  # deferred: only the federation tests build messages
+
+    metadata = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="flexmoe",
+        created_at=time.time(),
+        ttl=3600,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)

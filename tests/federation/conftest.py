@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from flexmoe.core.hashing import fingerprint
 from flexmoe.federation.client_app import app
 from flexmoe.formats.load import load_public_model
 from flexmoe.spec import ExpertRecipe, FederationSpec, ProxyBudget, RouterTuningRecipe, RoutingRecipe
 from flexmoe.testing import license_texts
+from flexmoe.testing.federation import message_to
 
 CANARY = "zqxv-canary-7351 the owner's secret sentence that must never leave its machine"
 
@@ -108,18 +108,7 @@ def owner_reply(world, tmp_path_factory):
     content = RecordDict(
         {"spec": ConfigRecord({"json": spec.to_json(), "sha256": spec.sha256}), "train": ConfigRecord({"seed": 0})}
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="flexmoe",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEXMOE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        reply = app(Message(content, metadata=metadata), context)
+        reply = app(message_to(7, content, "train"), context)
     return reply, node_config, spec

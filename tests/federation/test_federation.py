@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from flexmoe.artifacts.guard import ArtifactError
 from flexmoe.core.hashing import content_sha256, file_sha256
@@ -42,7 +42,7 @@ from flexmoe.federation.settings import CoordinatorSettings, OwnerSettings
 from flexmoe.federation.task import OwnerResult
 from flexmoe.formats.load import load_public_model
 from flexmoe.testing.faults import app_with_faults, inject_fault
-from flexmoe.testing.federation import Deployment, wait_for
+from flexmoe.testing.federation import Deployment, message_to, wait_for
 
 APP = Path(__file__).resolve().parents[2] / "examples" / "federation"
 RUN_TIMEOUT = 480.0  # seconds; generous for a loaded 2-core machine
@@ -225,18 +225,7 @@ def _router_message(spec, start, sha: str, experts=None) -> Message:
             tensors_to_arrays(experts[0]),
             ConfigRecord(experts[1]),
         )
-    metadata = Metadata(
-        run_id=1,
-        message_id="r1",
-        src_node_id=0,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="flexmoe",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train.router",
-    )
-    return Message(content, metadata=metadata)
+    return message_to(7, content, "train.router", message_id="r1")
 
 
 def test_an_owner_tunes_the_routers_on_its_text_and_sends_back_only_routers(owner_reply, world, tmp_path):
