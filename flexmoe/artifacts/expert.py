@@ -134,7 +134,7 @@ PRIVACY_METADATA = (*_PRIVACY_FLOATS, "dp_accountant", "dp_covers", "dp_steps")
 class Plausibility:
     """How far an accepted expert's values may sit from the public model's: the bounds
     :meth:`ExpertArtifact.validate` checks (and, for the MLP-input statistics, which need the
-    public data's, :func:`flexmoe.routing.route`). Each is a margin of 15-60x over what honest
+    public data's, :func:`flexmoe.routing.route`). Each sits 24-670x above the largest value honest
     experts measured (docs/trust.md: the command and the numbers), so an honest owner never meets
     it, while every value inside keeps the merged model's logits finite
     (tests/artifacts/test_plausibility.py). They bound magnitudes, not intent: which tokens an
