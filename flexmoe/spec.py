@@ -26,7 +26,7 @@ from typing import Any
 from flexmoe.core.errors import InputError
 from flexmoe.core.io import atomic_write_text
 from flexmoe.core.parsing import load_json, read_json, shorten
-from flexmoe.core.posterior import MAX_BIGRAM_BITS, valid_bucket_count
+from flexmoe.modeling.domain_posterior import MAX_BIGRAM_BITS, valid_bucket_count
 
 SPEC_VERSION = 1
 # Tokens per training sequence when nothing says otherwise. The owners' routing statistics are

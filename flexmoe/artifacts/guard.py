@@ -27,6 +27,7 @@ import torch
 
 from flexmoe.core.errors import InputError
 from flexmoe.core.parsing import MAX_OWNER_NAME, load_json, parse_count, shorten, valid_owner_name
+from flexmoe.modeling.domain_posterior import MAX_BIGRAM_BITS
 
 DEFAULT_MAX_BYTES = 64 * 2**30  # a 64 GiB expert is already far past FlexOlmo's 7B experts
 
@@ -108,8 +109,6 @@ class HeaderBounds:
         statistics (mean and covariance), and the unigram (``vocab_size``) and bigram counts
         (``bigram_buckets``, default the largest table the posterior recipe allows); every
         element at most 4 bytes (float32)."""
-        from flexmoe.core.posterior import MAX_BIGRAM_BITS
-
         hidden = _config_int(config, "hidden_size")
         inter = _config_int(config, "intermediate_size")
         layers = _config_int(config, "num_hidden_layers")

@@ -7,7 +7,7 @@ vocabulary (:func:`flexmoe.data.statistics.unigram_counts`)::
 
 with their total in the metadata ``unigram_tokens`` (a decimal string), and, when the spec's
 routing recipe asks for them, the counts of adjacent token pairs within the packed rows, hashed
-into the recipe's number of buckets (:func:`flexmoe.core.posterior.bigram_bucket`)::
+into the recipe's number of buckets (:func:`flexmoe.modeling.domain_posterior.bigram_bucket`)::
 
     stats.bigram     [buckets]     float32, integral counts
 
@@ -38,7 +38,7 @@ from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import file_sha256
 from flexmoe.core.io import atomic_file
 from flexmoe.core.parsing import parse_count, shorten
-from flexmoe.core.posterior import MAX_BIGRAM_BITS, valid_bucket_count
+from flexmoe.modeling.domain_posterior import MAX_BIGRAM_BITS, valid_bucket_count
 from flexmoe.spec import FederationSpec, PublicStatistics
 
 UNIGRAM_TENSOR = "stats.unigram"

@@ -13,8 +13,9 @@ and the causal, tempered naive-Bayes posterior over domains at position ``t`` of
 
 (``tau`` the temperature; the sum restarts after a document-end token when asked). With bigram
 statistics (each domain's counts ``b_d`` of adjacent token pairs, hashed into ``K`` buckets by
-:func:`bigram_bucket`; the default recipe ships them) a token after the row's first is scored by
-the domain's bigram model interpolated towards its unigram (a Dirichlet prior of weight ``k``):
+:func:`flexmoe.modeling.domain_posterior.bigram_bucket`; the default recipe ships them) a token
+after the row's first is scored by the domain's bigram model interpolated towards its unigram (a
+Dirichlet prior of weight ``k``):
 
     log p(x_t | x_{t-1}, d) = log(b_d[h(x_{t-1}, x_t)] + k p(x_t | d)) - log(c_d x_{t-1} + k)
 
@@ -60,9 +61,7 @@ from flexmoe.core.surgery import decoder_layers, moe_blocks, settings
 from flexmoe.modeling.domain_posterior import (
     MAX_BIGRAM_BITS,
     RunningPosterior,
-    bigram_bucket,
     posterior_gates,
-    unigram_log_probs,
     valid_bucket_count,
 )
 
@@ -71,8 +70,6 @@ __all__ = [
     "CausalPosterior",
     "PosteriorRouter",
     "attach_posterior",
-    "bigram_bucket",
-    "unigram_log_probs",
     "use_posterior_routers",
     "valid_bucket_count",
 ]
@@ -271,7 +268,8 @@ def use_posterior_routers(
     ``reset_at_eos``: restart the posterior after every ``config.eos_token_id`` token. Off by
     default: a packed evaluation row holds documents of one source, whose evidence carries over,
     and a prompt is one document; turn it on for rows that pack documents of different sources.
-    ``bigram``: adjacent-pair counts ``[E, K]`` hashed into ``K`` buckets (:func:`bigram_bucket`),
+    ``bigram``: adjacent-pair counts ``[E, K]`` hashed into ``K`` buckets
+    (:func:`~flexmoe.modeling.domain_posterior.bigram_bucket`),
     rows as ``unigram``'s, interpolated towards the unigram with weight ``bigram_weight``; ``None``
     routes by unigrams alone. Sets ``top_k`` to 2 (the public expert and the chosen owner).
     """

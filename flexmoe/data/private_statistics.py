@@ -32,7 +32,7 @@ import torch
 
 from flexmoe.artifacts.unigram import TokenStatistics
 from flexmoe.core.errors import InputError
-from flexmoe.core.posterior import bigram_bucket
+from flexmoe.modeling.domain_posterior import bigram_bucket
 from flexmoe.spec import PrivacyRecipe
 
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from flexmoe.artifacts.unigram import TokenStatistics
-from flexmoe.core.posterior import bigram_bucket
 from flexmoe.data.packing import tokenize_and_pack
+from flexmoe.modeling.domain_posterior import bigram_bucket
 
 
 def unigram_counts(tokens: torch.Tensor | Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def unigram_counts(tokens: torch.Tensor | Iterable[Sequence[int]], vocab_size: i
 
 def bigram_counts(rows: torch.Tensor, buckets: int) -> torch.Tensor:
     """How often each adjacent pair of tokens within a row of ``rows`` ``[N, S]`` occurs, hashed
-    into ``buckets`` (:func:`flexmoe.core.posterior.bigram_bucket`): ``float32 [buckets]``,
+    into ``buckets`` (:func:`flexmoe.modeling.domain_posterior.bigram_bucket`): ``float32 [buckets]``,
     integral values, ``N (S - 1)`` pairs in all (pairs never straddle two rows: a row is what the
     model sees at once)."""
     rows = torch.as_tensor(rows).long()

@@ -280,7 +280,7 @@ def test_bigrams_tell_apart_domains_that_share_their_words_in_another_order():
 
 
 def test_pairs_hash_into_every_bucket_in_range():
-    from flexmoe.core.posterior import bigram_bucket
+    from flexmoe.modeling.domain_posterior import bigram_bucket
 
     prev = torch.randint(0, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(0))
     cur = torch.randint(0, 2**31 - 1, (4096,), generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from flexmoe.artifacts.unigram import statistics_problem, statistics_tensors
-from flexmoe.core.posterior import bigram_bucket
 from flexmoe.data.private_statistics import (
     accountant_epsilon,
     clipped_token_counts,
@@ -15,6 +14,7 @@ from flexmoe.data.private_statistics import (
     statistics_noise_multiplier,
 )
 from flexmoe.data.statistics import token_statistics
+from flexmoe.modeling.domain_posterior import bigram_bucket
 
 VOCAB, BUCKETS = 50, 64
 
