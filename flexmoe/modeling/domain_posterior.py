@@ -78,13 +78,15 @@ class RunningPosterior:
         self.scanned = 0
         self._table = None
 
-    def table(self) -> torch.Tensor:
-        """``log p(v | d)`` as ``[V, E]`` float64, recomputed when the statistics change."""
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p(v | d)`` and the counts ``c_dv``, each ``[V, E]`` float64, computed once per
+        change of the statistics (not once per forward: generation calls it for every token)."""
         src = self.source
         key = (id(src.unigram), src.unigram._version, float(src.smoothing))
         if self._table is None or self._table[0] != key:
-            self._table = (key, unigram_log_probs(src.unigram, float(src.smoothing)).T.contiguous())
-        return self._table[1]
+            log_probs = unigram_log_probs(src.unigram, float(src.smoothing)).T.contiguous()
+            self._table = (key, log_probs, src.unigram.double().T.contiguous())
+        return self._table[1], self._table[2]
 
     def log_likelihoods(self, ids: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
         """``log p(x_t | d)`` ``[B, S, E]`` (float64) of every position of ``ids`` ``[B, S]``: the
@@ -92,7 +94,7 @@ class RunningPosterior:
         position that has a previous token (``before`` ``[B]``: the token preceding ``ids[:, 0]``,
         ``None`` at the start of the rows)."""
         src = self.source
-        uni = self.table()
+        uni, counts = self.tables()
         ll = uni[ids]
         if getattr(src, "bigram", None) is None:
             return ll
@@ -105,7 +107,7 @@ class RunningPosterior:
         pair = src.bigram.index_select(1, bigram_bucket(prev, ids, src.bigram.shape[1]).reshape(-1))
         pair = pair.T.reshape(B, S, E).double()
         k = float(src.bigram_weight)
-        context = src.unigram.double().T[prev]  # c_d(prev): how often the previous token occurs
+        context = counts[prev]  # c_d(prev): how often the previous token occurs
         bi = (pair + k * ll.exp()).log() - (context + k).log()
         return torch.where(has[..., None], bi, ll)
 
