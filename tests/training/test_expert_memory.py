@@ -126,10 +126,34 @@ def test_bf16_checkpointed_run_resumes_to_the_same_expert(public_dir, public, tm
         return module.artifact().tensors
 
     run(stop_at=5)  # "crashes" at step 5, after the checkpoint at step 3
-    resumed = run(ckpt_path=next((tmp_path / "ck").glob("*step=3*.ckpt")))
+    ckpt = next((tmp_path / "ck").glob("*step=3*.ckpt"))
+    # The checkpoint keeps what trains and the public model's fingerprint, not the frozen weights.
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = ExpertModule(spec.public_model, spec, owner="o")
+    trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable
+    assert saved["flexmoe_public_fingerprint"] == spec.fingerprint
+    resumed = run(ckpt_path=ckpt)
     full = run()
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_checkpoint_resumes_only_against_its_public_model(public_dir, public, tmp_path):
+    spec = make_spec(public_dir, public, batch_size=4, seq_len=32)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ExpertModule(spec.public_model, spec, owner="o"), owner_data(spec, tmp_path))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    saved = torch.load(tmp_path / "one.ckpt", map_location="cpu", weights_only=True)
+    saved["flexmoe_public_fingerprint"] = "0" * 64
+    torch.save(saved, tmp_path / "other.ckpt")
+    again = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                       limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(InputError, match="trained against the public model 0000"):
+        module = ExpertModule(spec.public_model, spec, owner="o")
+        again.fit(module, owner_data(spec, tmp_path), ckpt_path=tmp_path / "other.ckpt")
 
 
 class StopAt(pl.Callback):
