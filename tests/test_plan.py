@@ -146,3 +146,18 @@ def test_the_plans_precisions_are_the_recipes():
     from flexmoe.spec import PRECISIONS
 
     assert typing.get_args(Precision) == PRECISIONS
+
+
+def test_cli_plans_the_specs_precision_unless_told(capsys, tmp_path: Path):
+    from flexmoe.spec import FederationSpec
+
+    (tmp_path / "config.json").write_text(json.dumps(KNOWN_CONFIGS["olmo2-1b"]))
+    for precision in ("32-true", "bf16-mixed"):
+        spec = FederationSpec(public_model=str(tmp_path), fingerprint="0" * 64, expert=ExpertRecipe(precision=precision))
+        spec.save(tmp_path / "spec.json")
+        main(["plan", "--spec", str(tmp_path / "spec.json"), "--json"])
+        assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == precision
+    main(["plan", "--spec", str(tmp_path / "spec.json"), "--precision", "32-true", "--json"])
+    assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == "32-true"
+    main(["plan", "--model", "olmo2-1b", "--json"])  # no spec: what an owner at scale runs
+    assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == "bf16-mixed"

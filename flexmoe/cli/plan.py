@@ -14,7 +14,7 @@ def plan(
     spec: str | None = None,
     memory: str | None = None,
     devices: int = 1,
-    precision: Precision = "bf16-mixed",
+    precision: Precision | None = None,
     device: Device = "cuda",
     batch_size: int | None = None,
     seq_len: int | None = None,
@@ -35,8 +35,9 @@ def plan(
             without one, the default recipe.
         memory: memory per device (80GB, 80GiB, 24000MB); with it, the settings that fit.
         devices: devices the owner trains on (data parallel, or FSDP sharding).
-        precision: 32-true (float32 throughout, what ExpertModule runs today) or bf16-mixed
-            (public weights in bfloat16, the expert in float32 under autocast).
+        precision: 32-true (float32 throughout) or bf16-mixed (public weights in bfloat16, the
+            expert in float32 under autocast). Default: the spec's recipe's, or bf16-mixed
+            without a spec (what an owner at 1B-7B runs).
         device: cuda (adds AdamW's foreach workspace and 1 GiB for the CUDA runtime) or cpu.
         batch_size: override the recipe's batch size (rows per optimizer step, all devices).
         seq_len: override the recipe's sequence length.
@@ -54,6 +55,7 @@ def plan(
     recipe = ExpertRecipe(
         **{**vars(recipe), "batch_size": batch_size or recipe.batch_size, "seq_len": seq_len or recipe.seq_len}
     )
+    precision = precision or (recipe.precision if loaded else "bf16-mixed")
     budget = parse_memory(memory) if memory else None
     result = make_plan(shape, recipe, memory=budget, devices=devices, precision=precision, device=device, model=name)
     if json:
