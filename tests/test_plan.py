@@ -153,7 +153,8 @@ def test_cli_plans_the_specs_precision_unless_told(capsys, tmp_path: Path):
 
     (tmp_path / "config.json").write_text(json.dumps(KNOWN_CONFIGS["olmo2-1b"]))
     for precision in ("32-true", "bf16-mixed"):
-        spec = FederationSpec(public_model=str(tmp_path), fingerprint="0" * 64, expert=ExpertRecipe(precision=precision))
+        recipe = ExpertRecipe(precision=precision)
+        spec = FederationSpec(public_model=str(tmp_path), fingerprint="0" * 64, expert=recipe)
         spec.save(tmp_path / "spec.json")
         main(["plan", "--spec", str(tmp_path / "spec.json"), "--json"])
         assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == precision
