@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 from transformers import AutoTokenizer
 
 from flexmoe.artifacts.guard import ArtifactError
+from flexmoe.core.hashing import hash_tensor
 from flexmoe.core.surgery import is_moe, moe_blocks, settings
 from flexmoe.data.packing import pack_documents
 from flexmoe.spec import RouterTuningRecipe
@@ -57,8 +58,7 @@ def frozen_digest(model: nn.Module) -> str:
         t = named[name]
         if t is None or id(t) in routers:
             continue
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensor(h, name, t)  # no copy of each tensor's bytes (a merged 7B's experts are GBs)
     return h.hexdigest()
 
 
