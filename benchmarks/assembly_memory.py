@@ -24,6 +24,12 @@ at 2, and <= 1.3x the public model's weights over the baseline (docs/scale.md).
     .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --experts 2 4 8 16
     .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --shape olmo2-1b --layers 4 --experts 2 8 \
         --no-in-memory --keep /tmp/assembly-1b   # --keep: set up once, reuse on the next run
+    .venv/bin/python benchmarks/assembly_memory.py --arch olmo2 --shape olmo2-1b --experts 8 \
+        --no-in-memory --zero-experts    # the whole 1B: artifacts as holes, ~38 GB of disk for the export
+
+``--zero-experts`` writes every expert's MLP weights as zeros and punches them out of the files
+(``fallocate --dig-holes``), so eight whole-1B artifacts cost no disk; the assembly reads, checks
+and writes each tensor exactly as it would any other values, so what it holds is the same.
 """
 
 from __future__ import annotations
@@ -96,7 +102,14 @@ def child(mode: str, work: Path, n: int, fmt: str) -> None:
     print(json.dumps({"peak_mb": peak, "baseline_mb": baseline, "wall_s": wall, **at_peak}))
 
 
-def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, layers: int | None = None) -> None:
+def setup(
+    work: Path,
+    arch: str,
+    num_artifacts: int,
+    shape: str | None = None,
+    layers: int | None = None,
+    zero_experts: bool = False,
+) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,11 +147,17 @@ def setup(work: Path, arch: str, num_artifacts: int, shape: str | None = None, l
             for block in moe_blocks(model):
                 block.experts[1].load_state_dict(block.experts[0].state_dict())
                 for p in block.experts[1].parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+                    if zero_experts:
+                        p.zero_()
+                    else:
+                        p.add_(torch.randn(p.shape, generator=g) * 0.01)
                 block.router.weight[1] = torch.randn(config.hidden_size, generator=g)
                 block.router.bias[1] = -float(torch.rand(1, generator=g))
             art = flexmoe.ExpertArtifact.from_model(model, owner=f"owner_{i}", fingerprint=fp)
-            art.save(work / "artifacts" / f"owner_{i}.safetensors")
+            path = work / "artifacts" / f"owner_{i}.safetensors"
+            art.save(path)
+            if zero_experts:  # the zero pages become holes: 8 x 3.2 GB of artifacts at 1B take no disk
+                subprocess.run(["fallocate", "--dig-holes", str(path)], check=True)
     (work / "public_bytes").write_text(str(size))  # last: marks a complete setup for --keep
 
 
@@ -158,6 +177,11 @@ def main() -> None:
     ap.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8], help="owner experts to assemble")
     ap.add_argument("--format", default="native", help="native (keeps router biases), flexolmo, mixtral")
     ap.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison")
+    ap.add_argument(
+        "--zero-experts",
+        action="store_true",
+        help="experts' MLP weights all zero, stored as holes (8 x 1B artifacts fit the disk; memory is the same)",
+    )
     ap.add_argument("--keep", type=Path, help="set up in this directory and keep it (reused when it holds a setup)")
     ap.add_argument("--child", choices=["streaming", "in-memory"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -170,7 +194,7 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "public_bytes").exists():
-            setup(work, args.arch, max(args.experts), args.shape, args.layers)
+            setup(work, args.arch, max(args.experts), args.shape, args.layers, args.zero_experts)
         for old in work.glob("out-*"):
             shutil.rmtree(old)
         public_mb = int((work / "public_bytes").read_text()) / 2**20
