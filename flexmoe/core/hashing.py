@@ -50,12 +50,27 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def hash_tensor(h, name: str, t: torch.Tensor) -> None:
-    """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes."""
+# Elements converted at a time when a tensor is hashed as another dtype: 64 MB of float32.
+CAST_CHUNK = 1 << 24
+
+
+def hash_tensor(h, name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Feed one named tensor into the sha256 ``h``: name, dtype, shape, then its raw bytes.
+
+    With ``dtype``, the tensor is hashed as if cast to it first (a bfloat16 public model hashed
+    as the coordinator's float32 copy), converting :data:`CAST_CHUNK` elements at a time: sha256
+    reads a stream, so the digest is the whole cast tensor's without ever holding it (a 7B
+    model's embedding would be a 1.6 GB float32 copy)."""
     t = t.detach().to("cpu").contiguous()
-    h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
-    # The numpy view's buffer, not .tobytes(): hashing a 1.6 GB embedding must not copy it first.
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    dtype = dtype or t.dtype
+    h.update(f"{name}|{str(dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+    flat = t.reshape(-1)
+    if dtype == t.dtype:
+        # The numpy view's buffer, not .tobytes(): hashing a 1.6 GB embedding must not copy it first.
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
+        return
+    for start in range(0, flat.numel(), CAST_CHUNK):
+        h.update(memoryview(flat[start : start + CAST_CHUNK].to(dtype).view(torch.uint8).numpy()))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -430,13 +430,13 @@ class ExpertModule(pl.LightningModule):
 
 def float32_fingerprint(model: nn.Module) -> str:
     """:func:`~flexmoe.core.hashing.fingerprint` of ``model`` as the coordinator loads it, in
-    float32: each tensor upcast on its own while hashed (one tensor's transient copy), so a
+    float32: each tensor upcast while hashed, 64 MB at a time (:func:`hash_tensor`), so a
     public model held in bfloat16 that was published in bfloat16 hashes to the spec's."""
     if all(t.dtype == torch.float32 for _, t in public_state(model) if t.is_floating_point()):
         return fingerprint(model)
     h = hashlib.sha256()
     for name, t in public_state(model):
-        hash_tensor(h, name, t.float() if t.is_floating_point() else t)
+        hash_tensor(h, name, t, torch.float32 if t.is_floating_point() else None)
     return h.hexdigest()
 
 
@@ -469,7 +469,7 @@ def files_fingerprint(model: nn.Module, source) -> str | None:
             x = f.get_tensor(key)
         if x.shape != t.shape:
             return None
-        hash_tensor(h, name, x.float() if x.is_floating_point() else x)
+        hash_tensor(h, name, x, torch.float32 if x.is_floating_point() else None)
         del x
     return h.hexdigest()
 
