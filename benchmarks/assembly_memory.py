@@ -183,10 +183,12 @@ def main() -> None:
         help="experts' MLP weights all zero, stored as holes (8 x 1B artifacts fit the disk; memory is the same)",
     )
     ap.add_argument("--keep", type=Path, help="set up in this directory and keep it (reused when it holds a setup)")
-    ap.add_argument("--child", choices=["streaming", "in-memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["setup", "streaming", "in-memory"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "setup":
+        return setup(args.work, args.arch, args.n, args.shape, args.layers, args.zero_experts)
     if args.child:
         return child(args.child, args.work, args.n, args.format)
 
@@ -194,7 +196,12 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if not (work / "public_bytes").exists():
-            setup(work, args.arch, max(args.experts), args.shape, args.layers, args.zero_experts)
+            # In a child too: a process started from this one inherits its peak resident set
+            # (Linux keeps ru_maxrss across fork and exec), so this one must stay small.
+            cmd = [sys.executable, __file__, "--child", "setup", "--work", str(work), "--n", str(max(args.experts))]
+            cmd += ["--arch", args.arch] + (["--shape", args.shape] if args.shape else [])
+            cmd += (["--layers", str(args.layers)] if args.layers else []) + (["--zero-experts"] * args.zero_experts)
+            subprocess.run(cmd, check=True)
         for old in work.glob("out-*"):
             shutil.rmtree(old)
         public_mb = int((work / "public_bytes").read_text()) / 2**20
