@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 
-from flexmoe.core.surgery import decoder_layers, is_moe
+from flexmoe.core.surgery import is_moe
 
 
 def find_moe_model(pl_module: nn.Module) -> nn.Module:
@@ -29,31 +26,3 @@ def _safe_is_moe(module: nn.Module) -> bool:
         return is_moe(module)
     except TypeError:
         return False
-
-
-def fsdp_root(trainer) -> nn.Module | None:
-    """The root FSDP unit when ``trainer`` shards the model with Lightning's ``FSDPStrategy``."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy = getattr(trainer, "strategy", None)
-    return strategy.model if isinstance(strategy, FSDPStrategy) else None
-
-
-@contextlib.contextmanager
-def unsharded(root: nn.Module | None, model: nn.Module | None = None) -> Iterator[None]:
-    """Within the block, FSDP-sharded parameters are whole on every rank (a collective: every rank
-    must enter), read-only: with ``model``, those of its decoder-layer units, which hold exactly
-    what trains (expert 1 and the router: :func:`flexmoe.training.expert.fsdp_units` wraps every
-    frozen part of a layer in a unit of its own); without, the root unit's own (embeddings, final
-    norm, LM head), so the inner model runs forward while its layer units gather as in training.
-    Nothing happens when ``root`` is None (no FSDP)."""
-    if root is None:
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    units = [root] if model is None else [u for u in FSDP.fsdp_modules(root) if u in set(decoder_layers(model))]
-    with contextlib.ExitStack() as stack:
-        for unit in units:
-            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False))
-        yield

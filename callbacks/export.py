@@ -13,12 +13,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from flexmoe.artifacts.expert import ExpertArtifact
 from flexmoe.core.io import atomic_write_text
+from flexmoe.core.sharding import gathered_layers, is_sharded, reshard
 from flexmoe.data.private_statistics import private_token_statistics, statistics_noise
 from flexmoe.data.statistics import token_statistics
 from flexmoe.owner.proxy import select_proxy
 from flexmoe.routing import owner_statistics
 
-from ._common import find_moe_model, fsdp_root, unsharded
+from ._common import find_moe_model
 
 
 class ExportExpert(pl.Callback):
@@ -48,8 +49,11 @@ class ExportExpert(pl.Callback):
     write it beside the artifact as ``<path stem>.proxy.json``: public document ids and
     scores only, never local text.
 
-    Under FSDP every rank takes part (the parameters are gathered, a collective): the statistics'
-    forward passes run on every rank, the trainable tensors are gathered whole, and rank 0 writes.
+    Under FSDP (``ExpertModule.fsdp_strategy``: FSDP2, the model's units hold ``DTensor`` shards)
+    every rank takes part, since gathering is a collective: the statistics' forward passes run on
+    every rank (each unit gathers as in training), the decoder layers' trainable tensors are then
+    gathered whole onto rank 0's CPU, one at a time (:func:`~flexmoe.core.sharding.gathered_layers`),
+    and rank 0 builds the artifact and writes it.
     The artifact is the same as on one device: the expert's tensors are float32 whatever the
     precision (the module holds what trains in float32), the dtype the coordinator's float32
     public model validates it against.
@@ -149,20 +153,27 @@ class ExportExpert(pl.Callback):
         return self.path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        root = fsdp_root(trainer)
-        if root is None and not trainer.is_global_zero:
+        model = find_moe_model(pl_module)
+        sharded = is_sharded(model)
+        if not sharded and not trainer.is_global_zero:
             return
-        with unsharded(root, find_moe_model(pl_module)):
+        with gathered_layers(model, keep=trainer.is_global_zero):  # under FSDP: every rank takes part
             if trainer.is_global_zero:
                 self.export(pl_module, tokens=self.token_statistics(trainer, pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        root = fsdp_root(trainer)
-        if root is None and not trainer.is_global_zero:
+        model = find_moe_model(pl_module)
+        sharded = is_sharded(model)
+        if not sharded and not trainer.is_global_zero:
             return
-        with unsharded(root):  # every rank runs the statistics' forward passes under FSDP
+        # The statistics' forward passes run as training's do, under the precision plugin's
+        # context: bf16-mixed's autocast, without which the bfloat16 activations would meet the
+        # float32 expert; without an autograd graph (nothing steps here). Under FSDP every rank runs
+        # them over the same rows, so each unit's gathers match across ranks as in training.
+        with trainer.precision_plugin.forward_context(), torch.no_grad():
             stats = self.routing_statistics(trainer, pl_module)
-        with unsharded(root, find_moe_model(pl_module)):
+        reshard(model)  # FSDP2 leaves the root unit gathered after a forward pass without backward
+        with gathered_layers(model, keep=trainer.is_global_zero):
             if trainer.is_global_zero:
                 self.export(pl_module, stats=stats, tokens=self.token_statistics(trainer, pl_module))
         if not trainer.is_global_zero:

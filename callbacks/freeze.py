@@ -6,12 +6,14 @@ import hashlib
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 
 from flexmoe.core.hashing import fingerprint, hash_tensor
+from flexmoe.core.sharding import is_sharded, local_shard, reshard
 from flexmoe.core.surgery import freeze_public
 
-from ._common import find_moe_model, fsdp_root
+from ._common import find_moe_model
 
 
 class PublicModelChanged(RuntimeError):
@@ -32,8 +34,12 @@ class FreezePublicModel(BaseFinetuning):
     A module that holds the public model in another dtype than the spec's float32
     (``precision="bf16-mixed"``) checked it against the spec when it loaded it and gives the
     fingerprint of the tensors as it holds them (``held_fingerprint``), which is then the one
-    expected. Under FSDP each rank holds a shard of each tensor, so each rank checks that its own
-    frozen shards kept their bytes (the whole fingerprint would gather the whole model).
+    expected. Under FSDP (FSDP2: ``ExpertModule.fsdp_strategy``) each rank holds a shard of each
+    tensor, so each rank checks that its own frozen shards kept their bytes from fit start (the
+    whole fingerprint would gather the whole model; the module checked it at load, before
+    sharding), and the ranks share their verdicts (an all-gather of one flag each), so every rank
+    fails together, naming the ranks whose shards changed, rather than one rank failing while
+    the others wait in the export's gathers.
 
     Args:
         fingerprint: expected fingerprint; by default the one measured at fit start.
@@ -61,19 +67,21 @@ class FreezePublicModel(BaseFinetuning):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if fsdp_root(trainer) is not None:
+        if is_sharded(find_moe_model(pl_module)):
             self._shards = frozen_shards_digest(pl_module)
         elif self.expected is None:
             self.expected = fingerprint(find_moe_model(pl_module))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if fsdp_root(trainer) is not None:
+        if is_sharded(find_moe_model(pl_module)):
             got = frozen_shards_digest(pl_module)
-            if got != self._shards:
+            flags = trainer.strategy.all_gather(torch.tensor([int(got != self._shards)]))
+            changed = [rank for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+            if changed:
                 raise PublicModelChanged(
-                    f"the frozen public model changed during training: rank {trainer.global_rank}'s frozen shards "
-                    "no longer hash as at fit start. Something updated a frozen tensor; the expert is not "
-                    "compatible with the federation."
+                    f"the frozen public model changed during training: the frozen shards of rank(s) {changed} no "
+                    "longer hash as at fit start. Something updated a frozen tensor; the expert is not compatible "
+                    "with the federation."
                 )
             self.verified = got
             return
@@ -97,10 +105,12 @@ class FreezePublicModel(BaseFinetuning):
 
 
 def frozen_shards_digest(pl_module: pl.LightningModule) -> str:
-    """sha256 over the frozen parameters as this process holds them (under FSDP with
-    ``use_orig_params``: its shard of each, outside the forward pass)."""
+    """sha256 over the frozen parameters as this process holds them: under FSDP2, its shard of
+    each (every unit resharded first: a root left gathered by a forward pass would read whole)."""
+    model = find_moe_model(pl_module)
+    reshard(model)
     h = hashlib.sha256()
-    for name, p in find_moe_model(pl_module).named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
-            hash_tensor(h, name, p)
+            hash_tensor(h, name, local_shard(p))
     return h.hexdigest()

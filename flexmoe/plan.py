@@ -224,8 +224,8 @@ def estimate(shape: ModelShape, setting: Setting) -> MemoryEstimate:
     grads, moments = 4 * trainable, 8 * trainable
     layer_working = 0
     if s.fsdp and s.devices > 1:
-        # FULL_SHARD: every parameter, gradient and moment is split over the devices; a layer's
-        # parameters are gathered whole while it runs (and the next one is prefetched).
+        # FSDP2 (ExpertModule.fsdp_strategy): every parameter, gradient and moment is split over the
+        # devices; a layer's units are gathered whole while it runs (and the next one's prefetched).
         frozen, weights, grads, moments = (math.ceil(x / s.devices) for x in (frozen, weights, grads, moments))
         layer_working = 2 * (shape.layer_params * frozen_bytes + (shape.mlp_params + 2 * shape.hidden_size) * 4)
     elif s.devices > 1:

@@ -32,8 +32,8 @@ def train_expert_cli(args: list[str] | None = None) -> None:
     Memory (docs/scale.md): ``--model.precision bf16-mixed`` and
     ``--model.activation_checkpointing true`` override the spec's recipe; the Trainer's precision
     follows the module's unless ``--trainer.precision`` is given. ``--fsdp`` shards the model,
-    frozen public weights included, over ``--trainer.devices`` GPUs
-    (:meth:`~flexmoe.training.expert.ExpertModule.fsdp_strategy`).
+    frozen public weights included, over ``--trainer.devices`` devices with FSDP2 (GPUs, or CPU
+    processes with ``--trainer.accelerator cpu``; :meth:`~flexmoe.training.expert.ExpertModule.fsdp_strategy`).
     """
 
     class ExpertCLI(LightningCLI):
@@ -46,7 +46,7 @@ def train_expert_cli(args: list[str] | None = None) -> None:
                 "--public_data", type=list[str] | None, default=None, help="public corpus to select the proxy set from"
             )
             parser.add_argument(
-                "--fsdp", type=bool, default=False, help="shard the model over the GPUs with FSDP (several GPUs)"
+                "--fsdp", type=bool, default=False, help="shard the model over the devices with FSDP2 (several devices)"
             )
             parser.link_arguments("spec", "model.spec")
             parser.link_arguments("owner", "model.owner")

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from flexmoe.core.moe import MoEBlock
+from flexmoe.core.sharding import copy_row
 from flexmoe.core.surgery import decoder_layers, expert_index, moe_blocks
 from flexmoe.spec import DEFAULT_EMBEDDER
 
@@ -228,7 +229,9 @@ def _mean_mlp_inputs(texts, model, tokenizer, batch_size, seq_len) -> torch.Tens
     handles = [layer.mlp.register_forward_pre_hook(capture(L), with_kwargs=True) for L, layer in enumerate(layers)]
     try:
         model.eval()
-        with torch.inference_mode():
+        # no_grad, not inference_mode: on a model sharded with FSDP2 the buffers its first gather
+        # allocates are kept for training, which cannot use tensors made in inference mode.
+        with torch.no_grad():
             for start in range(0, len(docs), batch_size):
                 batch = docs[start : start + batch_size]
                 width = max(len(d) for d in batch)
@@ -250,7 +253,8 @@ def _mean_mlp_inputs(texts, model, tokenizer, batch_size, seq_len) -> torch.Tens
 
 def init_router(model: nn.Module, expert: int | str, rows: torch.Tensor) -> None:
     """Write ``rows`` (``[L, H]``, or ``[H]`` for every layer) into expert ``expert``'s router row
-    ``r_expert`` of every MoE layer; every other row, and every bias, is left untouched."""
+    ``r_expert`` of every MoE layer; every other row, and every bias, is left untouched. On a
+    model sharded with FSDP2 every rank calls it with the same ``rows``."""
     blocks = moe_blocks(model)
     if not blocks:
         raise TypeError(f"{type(model).__name__} is a dense model; call flexmoe.upcycle(model) before init_router")
@@ -266,7 +270,5 @@ def init_router(model: nn.Module, expert: int | str, rows: torch.Tensor) -> None
         )
     if not torch.isfinite(rows).all():
         raise ValueError(f"router rows for expert {expert!r} contain NaN or Inf")
-    with torch.no_grad():
-        for L, block in enumerate(blocks):
-            w = block.router.weight
-            w[j].copy_(rows[L].to(w.device, w.dtype))
+    for L, block in enumerate(blocks):
+        copy_row(block.router.weight, j, rows[L])  # under FSDP2 a collective: every rank calls this

@@ -17,14 +17,14 @@ Memory at 1B-7B (docs/scale.md; ``flexmoe plan`` prices each setting), set by th
 * ``activation_checkpointing``: transformers' ``activation_checkpointing_enable`` with
   ``use_reentrant=False`` on every decoder layer (the non-reentrant form needs no input that
   requires grad, so the frozen embeddings below the first layer are fine; same gradients).
-* several GPUs: :meth:`ExpertModule.fsdp_strategy`, Lightning's FSDP with the frozen public
-  model sharded too, in units of one dtype and one ``requires_grad``.
+* several devices: :meth:`ExpertModule.fsdp_strategy`, torch's FSDP2 through Lightning's
+  ``ModelParallelStrategy``, with the frozen public model sharded too, in units of one dtype and
+  one ``requires_grad`` (:meth:`ExpertModule.configure_model`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import time
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torchmetrics.text import Perplexity
 
@@ -42,10 +43,12 @@ from flexmoe.core.errors import InputError
 from flexmoe.core.hashing import fingerprint, hash_tensor, public_state
 from flexmoe.core.moe import record_router_logits, router_z_loss
 from flexmoe.core.parsing import shorten
+from flexmoe.core.sharding import gathered_layers, is_sharded, reshard
 from flexmoe.core.surgery import decoder_layers, freeze_public, moe_blocks, upcycle
 from flexmoe.formats.load import load_public_model
 from flexmoe.owner.embed import init_router
 from flexmoe.spec import PRECISIONS, ExpertRecipe, FederationSpec, PrivacyRecipe
+from flexmoe.training.checkpoint_io import use_streaming_checkpoints
 from flexmoe.training.optim import adamw_cosine, clip_gradients
 from flexmoe.training.privacy import PrivateTraining, privacy_metadata
 
@@ -234,10 +237,13 @@ class ExpertModule(pl.LightningModule):
         self.log("dp/epsilon_steps", float(self.private.steps), on_step=True)
 
     def setup(self, stage: str) -> None:
-        """Refuse a ``Trainer`` whose precision cannot run the weights as held; with DP-SGD, refuse
-        what it cannot do and draw the training rows by Poisson sampling (the datamodule's train
-        loader, replaced by :meth:`PrivateTraining.poisson_loader`)."""
+        """Refuse a ``Trainer`` whose precision cannot run the weights as held; save checkpoints
+        without a copy of them in memory (:func:`use_streaming_checkpoints`, unless the Trainer was
+        given its own checkpoint IO); with DP-SGD, refuse what it cannot do and draw the training
+        rows by Poisson sampling (the datamodule's train loader, replaced by
+        :meth:`PrivateTraining.poisson_loader`)."""
         trainer = self.trainer
+        use_streaming_checkpoints(trainer)
         if self.public_dtype != torch.float32 and trainer.precision != "bf16-mixed":
             raise InputError(
                 f"this ExpertModule holds the public model in bfloat16 (precision={self.precision!r}) but the "
@@ -248,8 +254,8 @@ class ExpertModule(pl.LightningModule):
             return
         if _is_fsdp(getattr(trainer, "strategy", None)):
             raise InputError(
-                "DP-SGD training does not run under FSDP: its per-row clipping and noise need every trainable "
-                "tensor whole on one process; train with one device and the default strategy"
+                "DP-SGD training does not run under FSDP (ModelParallelStrategy): its per-row clipping and noise "
+                "need every trainable tensor whole on one process; train with one device and the default strategy"
             )
         if trainer.world_size > 1:
             raise InputError(
@@ -275,29 +281,45 @@ class ExpertModule(pl.LightningModule):
         datamodule.train_dataloader = lambda: self.private.poisson_loader(loader())
         datamodule._flexmoe_poisson = True
 
-    def fsdp_strategy(self, **kwargs):
-        """Lightning's ``FSDPStrategy`` for this module on several GPUs (``FULL_SHARD``: the frozen
-        public model is sharded like the rest, not replicated): ``Trainer(strategy=module.fsdp_strategy(),
-        devices=8, precision=module.precision)``.
+    def fsdp_strategy(self, **kwargs) -> ShardedExpertStrategy:
+        """The strategy for several devices: ``Trainer(strategy=module.fsdp_strategy(), devices=8,
+        precision=module.precision)`` (:class:`ShardedExpertStrategy`: Lightning's
+        ``ModelParallelStrategy``, torch's FSDP2, data parallel over every device). The frozen
+        public model is sharded like the rest, not replicated: each rank holds one slice of every
+        tensor, in units :meth:`configure_model` applies. Runs on GPUs (NCCL) and on the CPU (gloo,
+        ``accelerator="cpu"``); DP-SGD refuses it (``setup``). ``kwargs`` go to the strategy."""
+        return ShardedExpertStrategy(**kwargs)
 
-        FSDP flattens each unit's parameters into one tensor, which must have one dtype, and
-        ``use_orig_params=True`` keeps the original parameters (the optimizer's groups, the router
-        tensor whose frozen row masks inside it) addressable. So the units are: every decoder
-        layer, and inside it every largest frozen submodule (attention, norms, expert 0), which
-        leaves the layer's own unit holding exactly its trainable, float32 tensors (expert 1 and
-        the router); the root keeps the embeddings, final norm and LM head. ``mixed_precision``
-        casts nothing: the weights stay as :meth:`hold_weights` holds them and the precision
-        plugin's autocast does the casting, as on one device. ``kwargs`` go to ``FSDPStrategy``.
+    def configure_model(self) -> None:
+        """Under :class:`ShardedExpertStrategy`, shard the model with FSDP2 (``fully_shard``) on
+        the strategy's data-parallel mesh; under any other strategy, nothing.
 
-        Needs CUDA (Lightning and torch's FSDP refuse the CPU); DP-SGD refuses it (``setup``)."""
-        from lightning.pytorch.strategies import FSDPStrategy
-        from torch.distributed.fsdp import MixedPrecision
-        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+        FSDP2 gathers and reduces each unit's parameters as one group, which must have one original
+        dtype. So the units are :func:`fsdp_units`: inside every decoder layer each largest frozen
+        submodule (attention, norms, expert 0; sharded first: FSDP2 takes inner units before outer),
+        then the layer itself, whose own group is exactly its trainable, float32 tensors (expert 1
+        and the router), then the root (embeddings, final norm, LM head). Parameters stay
+        ``nn.Parameter``s (``DTensor`` shards between steps, whole tensors inside a unit's forward),
+        so the optimizer's groups, ``requires_grad`` and the router tensor whose frozen row is
+        masked inside its forward (``trainable_rows``, a buffer, replicated) work as on one device:
+        the frozen row's gradient is zero on the rank that holds it, and AdamW without decay leaves
+        it unchanged. ``MixedPrecisionPolicy()`` casts nothing: the weights stay as
+        :meth:`hold_weights` holds them and the precision plugin's autocast does the casting, as on
+        one device (under ``ModelParallelStrategy`` Lightning's ``bf16-mixed`` is its plain
+        ``MixedPrecision`` plugin, ``torch.autocast``). Called again by a later ``fit`` or
+        ``validate``, it finds the model sharded and does nothing."""
+        trainer = self._trainer
+        if trainer is None or not _is_fsdp(trainer.strategy) or is_sharded(self.model):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        units = {id(m) for m in fsdp_units(self.model)}
-        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
-        options = {"sharding_strategy": "FULL_SHARD", "use_orig_params": True, "mixed_precision": MixedPrecision()}
-        return FSDPStrategy(auto_wrap_policy=policy, **{**options, **kwargs})
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy()
+        units = fsdp_units(self.model)
+        layers = set(decoder_layers(self.model))
+        for unit in [u for u in units if u not in layers] + [u for u in units if u in layers]:
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        fully_shard(self.model, mesh=mesh, mp_policy=policy)
 
     def _max_steps(self) -> int:
         trainer = self._trainer
@@ -407,18 +429,24 @@ class ExpertModule(pl.LightningModule):
         With a privacy recipe, the metadata records its guarantee (:func:`privacy_metadata`):
         the expert's epsilon so far and, when the counts were released with noise of
         ``statistics_noise`` (:func:`flexmoe.data.private_statistics.private_token_statistics`),
-        the two composed."""
-        art = self.artifact_class.from_model(
-            self.model,
-            owner=self.owner,
-            expert=1,
-            spec_sha256=self.spec.sha256,
-            training_tokens=self.tokens_seen,
-            fingerprint=self.spec.fingerprint,
-            stats=stats,
-            unigram=unigram,
-            bigram=bigram,
-        )
+        the two composed.
+
+        Under FSDP (:meth:`fsdp_strategy`) this is a collective: every rank calls it, the decoder
+        layers' trainable tensors are gathered whole for it (:func:`gathered_layers`) and every
+        rank gets the whole artifact (``ExportExpert`` gathers on every rank and builds it on rank
+        0 alone)."""
+        with gathered_layers(self.model):
+            art = self.artifact_class.from_model(
+                self.model,
+                owner=self.owner,
+                expert=1,
+                spec_sha256=self.spec.sha256,
+                training_tokens=self.tokens_seen,
+                fingerprint=self.spec.fingerprint,
+                stats=stats,
+                unigram=unigram,
+                bigram=bigram,
+            )
         covers = ["expert"] if self.private is not None else []
         if statistics_noise is not None:
             covers += [name for name in TOKEN_STATISTICS if name in art.tensors]
@@ -475,9 +503,10 @@ def files_fingerprint(model: nn.Module, source) -> str | None:
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules :meth:`ExpertModule.fsdp_strategy` wraps as FSDP units: each decoder layer
-    and, inside it, every largest submodule whose parameters are all frozen; the layer's unit
-    then holds only what trains. Call it after freezing (``requires_grad`` decides)."""
+    """The modules :meth:`ExpertModule.configure_model` shards as FSDP2 units (besides the root):
+    each decoder layer and, after it, every largest submodule inside it whose parameters are all
+    frozen; the layer's own group then holds only what trains. Call it after freezing
+    (``requires_grad`` decides)."""
     units = []
 
     def frozen_subtrees(module: nn.Module) -> None:
@@ -495,9 +524,95 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _is_fsdp(strategy) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
+    return isinstance(strategy, ModelParallelStrategy)
 
-    return isinstance(strategy, FSDPStrategy)
+
+class ShardedExpertStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (torch's FSDP2) as an owner's run uses it
+    (:meth:`ExpertModule.fsdp_strategy`): data parallel over every device of every node, tensor
+    parallel 1 (``"auto"`` in Lightning would make every device of a node tensor parallel, which
+    this module does not implement); ``ExpertModule.configure_model`` applies the sharding. Runs
+    on CUDA (NCCL) and on the CPU (gloo).
+
+    Checkpoints are one file, written by rank 0 (``save_distributed_checkpoint=False``), holding
+    what trains and not the frozen public model, as on one device (``ExpertModule.on_save_checkpoint``:
+    it is reloaded from the spec's directory and checked against its fingerprint). A distributed
+    (DCP) checkpoint is refused: its loader asks the files for every key of the model, the frozen
+    ones too, and they are not there. To write the file, the state dict gathers only the
+    trainable tensors (a collective, one tensor at a time; rank 0 keeps them on the CPU), never
+    the public model; on resume every rank reads the file (memory-mapped) and keeps its own
+    shards, and the frozen weights stay those the module loaded and checked.
+
+    Args:
+        data_parallel_size: ``"auto"`` (every device) or the number of devices.
+        kwargs: the rest of ``ModelParallelStrategy``'s arguments (``process_group_backend``,
+            ``timeout``).
+    """
+
+    def __init__(self, data_parallel_size: int | str = "auto", save_distributed_checkpoint: bool = False, **kwargs):
+        if save_distributed_checkpoint:
+            raise InputError(
+                "an owner's checkpoint leaves the frozen public weights out, and a distributed (DCP) checkpoint "
+                "cannot be loaded without them: use save_distributed_checkpoint=False (one file from rank 0)"
+            )
+        tensor_parallel = kwargs.pop("tensor_parallel_size", 1)
+        if tensor_parallel not in (1, "auto"):
+            raise InputError(f"tensor parallelism is not implemented for an owner's expert (got {tensor_parallel})")
+        super().__init__(data_parallel_size, 1, save_distributed_checkpoint=False, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Lightning's setup, with validation, test and prediction under ``no_grad`` rather than
+        ``inference_mode``: a forward pass in inference mode would leave FSDP2 with gather buffers
+        that training cannot use afterwards ("Inplace update to inference tensor outside
+        InferenceMode", seen on the CPU when the first forward ran in inference mode). Lightning
+        makes the same switch itself for its FSDP1 strategy and under gloo, not under
+        ``ModelParallelStrategy`` with NCCL, where the sanity check's validation would otherwise be
+        the first forward."""
+        loops = (trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop)
+        for loop in loops:
+            loop.inference_mode = False
+        super().setup(trainer)
+
+    def lightning_module_state_dict(self) -> dict:
+        """What trains, whole, on rank 0 (empty elsewhere); the frozen keys are left out here,
+        before they are gathered, rather than by ``on_save_checkpoint`` after."""
+        module = self.lightning_module
+        reshard(module)  # a gathered root would read whole, not as DTensor shards
+        frozen = set(module._frozen_state_keys())
+        out = {}
+        for key, t in module.state_dict().items():
+            if key in frozen:
+                continue
+            whole = t.full_tensor() if hasattr(t, "full_tensor") else t  # an all-gather: same keys, same order
+            if self.global_rank == 0:
+                out[key] = whole.detach().cpu()
+        return out
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Lightning's loading of a single-file checkpoint into the shards, with the frozen
+        public keys allowed to be missing (they are the module's own) and every other key still
+        required when ``strict_loading`` is on."""
+        module = self.lightning_module
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise InputError(f"{path} is a distributed checkpoint directory; an owner's run resumes from one file")
+        strict = module.strict_loading
+        if strict:
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only).get("state_dict", {})
+            frozen = set(module._frozen_state_keys())
+            missing = sorted(k for k in module.state_dict() if k not in frozen and k not in saved)
+            if missing:
+                raise InputError(f"the checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
+        module.strict_loading = False
+        try:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            module.strict_loading = strict
 
 
 def expert_callbacks(spec: FederationSpec, out: str | os.PathLike, public_documents=None) -> list[pl.Callback]:

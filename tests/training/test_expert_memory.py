@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import flexmoe
 from flexmoe.core.errors import InputError
+from flexmoe.core.sharding import is_sharded
 from flexmoe.core.surgery import decoder_layers, moe_blocks
 from flexmoe.spec import ExpertRecipe, FederationSpec, PrivacyRecipe
 from flexmoe.testing import VOCAB, tiny_model
@@ -145,6 +146,7 @@ def test_a_checkpoint_resumes_only_against_its_public_model(public_dir, public, 
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                          limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(ExpertModule(spec.public_model, spec, owner="o"), owner_data(spec, tmp_path))
+    assert type(trainer.strategy.checkpoint_io).__name__ == "StreamingCheckpointIO"  # no in-memory copy on save
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     saved = torch.load(tmp_path / "one.ckpt", map_location="cpu", weights_only=True)
     saved["flexmoe_public_fingerprint"] = "0" * 64
@@ -195,7 +197,7 @@ def test_dp_sgd_refuses_fsdp(public_dir, public):
     pytest.importorskip("opacus")
     spec = make_spec(public_dir, public, privacy=PrivacyRecipe(noise_multiplier=1.0))
     module = ExpertModule(spec.public_model, spec)
-    # Lightning builds no FSDP Trainer without CUDA; setup only reads these of it.
+    # setup only reads these of the Trainer (a real one would launch processes to get that far).
     module._trainer = SimpleNamespace(precision="32-true", strategy=module.fsdp_strategy(), world_size=1)
     with pytest.raises(InputError, match="does not run under FSDP"):
         module.setup("fit")
@@ -203,27 +205,19 @@ def test_dp_sgd_refuses_fsdp(public_dir, public):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fsdp_units_each_hold_one_dtype_and_one_requires_grad(public_dir, public, precision):
-    """What FSDP (use_orig_params) needs of each unit's flat parameter, checked without CUDA: the
-    policy wraps every decoder layer and its frozen parts, so each unit's own parameters (those not
-    in a nested unit) have one dtype; the layer's own are exactly what trains."""
-    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-
+    """What FSDP2 needs of each unit's parameter group (one original dtype), checked without
+    processes: ``configure_model`` shards every decoder layer, its frozen parts and the root, so
+    each unit's own parameters (those not in a nested unit) have one dtype and one
+    ``requires_grad``; a layer's own are exactly what trains. The sharded runs:
+    test_expert_fsdp.py."""
     spec = make_spec(public_dir, public, precision=precision)
     module = ExpertModule(spec.public_model, spec)
-    strategy = module.fsdp_strategy()
-    assert strategy.kwargs["use_orig_params"] and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
-    assert strategy.mixed_precision == MixedPrecision()  # no casts: autocast does them
-    policy = strategy.kwargs["auto_wrap_policy"]
-    wrapped = [m for m in module.modules() if policy(m, recurse=False, nonwrapped_numel=0)]
-    assert wrapped == fsdp_units(module.model)
+    units = fsdp_units(module.model)
+    assert all(layer in units for layer in decoder_layers(module.model))
     owner = {}
-    for unit in [module, *wrapped]:
+    for unit in [module.model, *units]:  # the root first: an inner unit claims its parameters after
         for p in unit.parameters():
-            owner.setdefault(id(p), (unit, p))  # modules() order: the innermost unit is seen last
-        for m in unit.modules():
-            if m is not unit and m in wrapped:
-                for p in m.parameters():
-                    owner[id(p)] = (m, p)
+            owner[id(p)] = (unit, p)
     kinds = {}
     for unit, p in owner.values():
         kinds.setdefault(id(unit), set()).add((p.dtype, p.requires_grad))
@@ -234,12 +228,26 @@ def test_fsdp_units_each_hold_one_dtype_and_one_requires_grad(public_dir, public
     assert trainable == sum(p.numel() for u in decoder_layers(module.model) for p in u.parameters() if p.requires_grad)
 
 
-def test_fsdp_strategy_needs_cuda(public_dir, public):
-    """Lightning refuses FSDP without a GPU, and so does torch's FSDP ("needs a non-CPU accelerator
-    device"): the sharded run is a GPU check (docs/scale.md)."""
-    module = ExpertModule(public_dir, make_spec(public_dir, public))
-    with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        pl.Trainer(accelerator="cpu", devices=2, strategy=module.fsdp_strategy())
+def test_fsdp_strategy_runs_on_the_cpu(public_dir, public):
+    """FSDP2 through Lightning's ModelParallelStrategy builds a CPU Trainer (gloo; the sharded
+    runs: test_expert_fsdp.py): data parallel over every device, bf16-mixed as autocast (Lightning's
+    plain MixedPrecision plugin, not FSDP's), checkpoints in one file."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = ExpertModule(public_dir, make_spec(public_dir, public, precision="bf16-mixed"))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=module.fsdp_strategy(), precision="bf16-mixed",
+                         logger=False)  # fmt: skip
+    strategy = trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy) and strategy.num_processes == 2
+    assert type(trainer.precision_plugin) is MixedPrecision
+    assert not strategy._save_distributed_checkpoint
+    with pytest.raises(InputError, match="save_distributed_checkpoint=False"):
+        module.fsdp_strategy(save_distributed_checkpoint=True)
+    with pytest.raises(InputError, match="tensor parallelism"):
+        module.fsdp_strategy(tensor_parallel_size=2)
+    module.configure_model()  # without a Trainer (or under another strategy): nothing is sharded
+    assert not is_sharded(module.model)
 
 
 def test_lora_expert_under_bf16_trains_float32_factors(public_dir, public, tmp_path):
