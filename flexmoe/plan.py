@@ -228,6 +228,10 @@ def estimate(shape: ModelShape, setting: Setting) -> MemoryEstimate:
         # devices; a layer's units are gathered whole while it runs (and the next one's prefetched).
         frozen, weights, grads, moments = (math.ceil(x / s.devices) for x in (frozen, weights, grads, moments))
         layer_working = 2 * (shape.layer_params * frozen_bytes + (shape.mlp_params + 2 * shape.hidden_size) * 4)
+        # The root unit (embeddings, final norm, LM head) stays gathered from its forward pass to
+        # its backward: whole, less the shard already counted.
+        root = shape.dense_params - shape.num_layers * shape.layer_params
+        layer_working += math.ceil(root * frozen_bytes * (1 - 1 / s.devices))
     elif s.devices > 1:
         grads *= 2  # DDP's gradient buckets hold a second copy of what trains
 

@@ -162,3 +162,12 @@ def test_cli_plans_the_specs_precision_unless_told(capsys, tmp_path: Path):
     assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == "32-true"
     main(["plan", "--model", "olmo2-1b", "--json"])  # no spec: what an owner at scale runs
     assert json.loads(capsys.readouterr().out)["estimates"][0]["setting"]["precision"] == "bf16-mixed"
+
+
+def test_fsdp_counts_the_root_unit_gathered_whole():
+    """FSDP2 keeps the root unit (embeddings, final norm, LM head) gathered from its forward pass to
+    its backward: the plan counts it whole, beside the shards of everything else."""
+    shape = model_shape("olmo2-7b")
+    root = 2 * shape.vocab_size * shape.hidden_size + shape.hidden_size
+    one, eight = (estimate(shape, Setting(1, 128, fsdp=True, devices=d, checkpointing=True)) for d in (2, 8))
+    assert eight.activations - one.activations == pytest.approx(2 * root * (1 / 2 - 1 / 8), rel=1e-6)
