@@ -16,7 +16,7 @@ The memory-lean owner recipe end to end (:mod:`flexmoe.training.expert`), agains
 Each run is a fresh process; measured = its peak resident set (``ru_maxrss``) minus its resident
 set after the imports, as ``benchmarks/plan_check.py`` measures, against the plan's CPU estimate.
 
-    .venv/bin/python benchmarks/owner_1b.py --layers 4 --steps 2   # the docs/scale.md rows
+    .venv/bin/python benchmarks/owner_1b.py --layers 16 --steps 2  # the whole 1B (docs/scale.md, ~17 GB)
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def train(work: Path, steps: int, resume: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 16 (4: ~5 GB on this machine)")
+    ap.add_argument("--layers", type=int, default=16, help="decoder layers of the 16 (16: ~17 GB; 4: ~6 GB)")
     ap.add_argument("--steps", type=int, default=2, help="steps before the checkpoint (then one more, resumed)")
     ap.add_argument("--work", type=Path, default=None, help="where the public model, checkpoint and artifact go")
     ap.add_argument("--child", choices=("build", "train", "resume"), help=argparse.SUPPRESS)
