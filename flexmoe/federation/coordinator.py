@@ -254,12 +254,31 @@ class Coordinator:
         self.notes.append(clip(text))
 
     # -- collecting the experts -------------------------------------------------------------------
+    @property
+    def tunes_with_owners(self) -> bool:
+        """Whether the merge will run router rounds with the owners' nodes (router tuning on, on
+        the owners' data, of a token router: a posterior-routed merge is not tuned)."""
+        tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
+        return bool(tune) and self.spec.router_tuning.data == "owners" and not self.recipe.needs_unigram
+
+    def awaits_node(self, o: OwnerState) -> bool:
+        """Whether owner ``o``'s SuperNode is still to be found in this run: it has not trained yet,
+        or its expert was kept from an earlier run (``resume``) and the router rounds need its node."""
+        if o.status == WAITING:
+            return True
+        return o.status == ACCEPTED and o.resumed and o.node_id is None and self.tunes_with_owners
+
     def collect(self) -> None:
         """Query every SuperNode that connects, send the spec to the expected owners not yet
-        accepted, and take their replies as they come, until each owner is resolved."""
+        accepted, and take their replies as they come, until each owner is resolved; and, when
+        the router rounds will need them, find the nodes of the owners whose experts were kept from
+        an earlier run (until they answer or ``connect-timeout`` passes: a resumed owner that does
+        not connect only sits the rounds out)."""
         self.phase = "collecting"
         self.progress()
-        while any(o.status in (WAITING, TRAINING) for o in self.owners.values()):
+        while any(o.status in (WAITING, TRAINING) for o in self.owners.values()) or (
+            any(self.awaits_node(o) for o in self.owners.values()) and time.monotonic() < self.connect_deadline
+        ):
             self.query_new_nodes()
             replies = list(self.grid.pull_messages(list(self.pending))) if self.pending else []
             for reply in replies:
@@ -279,9 +298,10 @@ class Coordinator:
                 time.sleep(self.s.poll_interval)
 
     def query_new_nodes(self) -> None:
-        """Ask each newly connected SuperNode which owner it is (while any owner is awaited). With
+        """Ask each newly connected SuperNode which owner it is (while any owner's node is awaited:
+        :meth:`awaits_node`). With
         ``owner-keys``, a node whose key is bound to no expected owner is not asked at all."""
-        if not any(o.status == WAITING for o in self.owners.values()):
+        if not any(self.awaits_node(o) for o in self.owners.values()):
             return
         if self.keys is None:
             new = [n for n in self.grid.get_node_ids() if n not in self.nodes]

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from flexmoe.core.errors import InputError
 from flexmoe.federation.coordinator import Coordinator
 from flexmoe.federation.identity import OwnerKeys
-from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, ROUTERS, STYPE
+from flexmoe.federation.records import EXPERT, MANIFEST, METRICS, OWNER, PROXY, QUERY_MESSAGE, ROUTERS, STYPE
 from flexmoe.federation.report import ACCEPTED, REJECTED, TRAINING, WAITING, OwnerState, render, run_report
 from flexmoe.federation.router_rounds import change_bounds, owner_change, robust_aggregate
 from flexmoe.federation.settings import CoordinatorSettings
@@ -517,6 +517,33 @@ def test_resume_sets_aside_a_kept_expert_that_now_fails_and_a_malformed_received
     assert c.owners["canary"].status == ACCEPTED and c.owners["canary"].metrics == {}
     assert any("could not be read back" in n for n in c.notes)
     assert "| canary | accepted (kept from an earlier run) |" in _rendered(c)
+
+
+def test_resume_finds_the_nodes_of_kept_owners_for_the_router_rounds(owner_reply, world, tmp_path):
+    """Every expert was kept from an earlier run, so nobody trains; the router rounds still need
+    the owners' nodes, so the coordinator keeps asking newly connected SuperNodes who they are
+    (until they answer or connect-timeout passes), but sends no one the spec."""
+    from safetensors.torch import save_file
+
+    from flexmoe.federation.records import read_artifact_file
+
+    _, node_config, _ = owner_reply
+    tensors, metadata = read_artifact_file(Path(node_config["work-dir"]) / "canary.safetensors")
+    (tmp_path / "artifacts").mkdir(parents=True)
+    save_file(tensors, str(tmp_path / "artifacts" / "canary.safetensors"), metadata=metadata)
+    asked = []
+    grid = FakeGrid({5: lambda m: asked.append(m.metadata.message_type) or _owner("canary")})
+    c = _coordinator(world, tmp_path, grid=grid, resume=True, router_tuning=True)
+    assert c.tunes_with_owners and c.owners["canary"].status == ACCEPTED and c.owners["canary"].resumed
+    c.collect()
+    assert c.owners["canary"].node_id == 5 and c.nodes == {5: "canary"}
+    assert asked == [QUERY_MESSAGE]  # asked who it is, never to train again
+
+    # Without router rounds with the owners, nobody is asked anything.
+    asked.clear()
+    c = _coordinator(world, tmp_path, grid=grid, resume=True, router_tuning=False)
+    c.collect()
+    assert asked == [] and c.owners["canary"].node_id is None
 
 
 # -- router rounds: only its own row, clipped, aggregated robustly ----------------------------------
