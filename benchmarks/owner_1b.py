@@ -31,14 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from plan_check import rss  # the same measurement: peak RSS minus RSS after the imports
+
 SEQ_LEN, MICRO_BATCH = 256, 2
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def build(work: Path, layers: int) -> None:
@@ -77,7 +72,7 @@ def train(work: Path, steps: int, resume: bool) -> None:
     from flexmoe.spec import FederationSpec
     from flexmoe.training.expert import ExpertModule, expert_callbacks
 
-    baseline = _rss()
+    baseline = rss()
     spec = FederationSpec.load(work / "spec.json")
     torch.manual_seed(0)
     vocab = 100352

@@ -46,7 +46,8 @@ CASES: dict[str, tuple[str, int | None, int, int, bool, str]] = {
 }
 
 
-def _rss() -> int:
+def rss() -> int:
+    """This process's resident set now, in bytes (``VmRSS``); peaks come from ``ru_maxrss``."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -79,7 +80,7 @@ def child(case: str, steps: int) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    baseline = _rss()
+    baseline = rss()
 
     config = AutoConfig.for_model(**fields)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32

@@ -255,11 +255,15 @@ class Coordinator:
 
     # -- collecting the experts -------------------------------------------------------------------
     @property
+    def router_tuning_on(self) -> bool:
+        """Whether router tuning is asked for: the run config's ``router-tuning``, else the spec's."""
+        return bool(self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning)
+
+    @property
     def tunes_with_owners(self) -> bool:
         """Whether the merge will run router rounds with the owners' nodes (router tuning on, on
         the owners' data, of a token router: a posterior-routed merge is not tuned)."""
-        tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
-        return bool(tune) and self.spec.router_tuning.data == "owners" and not self.recipe.needs_unigram
+        return self.router_tuning_on and self.spec.router_tuning.data == "owners" and not self.recipe.needs_unigram
 
     def awaits_node(self, o: OwnerState) -> bool:
         """Whether owner ``o``'s SuperNode is still to be found in this run: it has not trained yet,
@@ -531,7 +535,7 @@ class Coordinator:
             k: v for k, v in merged.routing.items() if isinstance(v, (str, int, float, bool))
         }
         self.summary["merge_seconds"] = time.monotonic() - t
-        tune = self.spec.router_tuning.enabled if self.s.router_tuning is None else self.s.router_tuning
+        tune = self.router_tuning_on
         if tune and merged.routing["method"] == "posterior":
             note = "router tuning tunes token routers; the posterior recipe was not tuned"
             self.summary["router_tuning"] = {"skipped": note}

@@ -382,7 +382,8 @@ class ExpertModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         """Keep what trains, not the frozen public model: the public model is reloaded from the
         spec's directory and checked against its fingerprint on resume, so saving it again would
-        only cost disk and time (2.96 GB of a 1B owner's checkpoint, 14.6 GB of a 7B one's in bfloat16).
+        only cost disk and time (in bfloat16, by the parameter counts: 2.97 GB of a 1B owner's
+        checkpoint, 14.6 GB of a 7B one's).
         The fingerprint is recorded so a resume against another public model is refused."""
         state = checkpoint.get("state_dict")
         if state is not None:
@@ -596,21 +597,24 @@ class ShardedExpertStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Lightning's loading of a single-file checkpoint into the shards, with the frozen
         public keys allowed to be missing (they are the module's own) and every other key still
-        required when ``strict_loading`` is on."""
+        required when ``strict_loading`` is on. Always ``weights_only``: an owner's checkpoint holds
+        tensors and plain values, and nothing in it is unpickled as code, whatever the caller asked.
+        The key check reads the file memory-mapped, so it reads the pickled structure, not the
+        tensors' bytes, before Lightning loads it."""
         module = self.lightning_module
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():
             raise InputError(f"{path} is a distributed checkpoint directory; an owner's run resumes from one file")
         strict = module.strict_loading
         if strict:
-            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only).get("state_dict", {})
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=True).get("state_dict", {})
             frozen = set(module._frozen_state_keys())
             missing = sorted(k for k in module.state_dict() if k not in frozen and k not in saved)
             if missing:
                 raise InputError(f"the checkpoint {path} lacks {len(missing)} trainable tensors, e.g. {missing[:3]}")
         module.strict_loading = False
         try:
-            return super().load_checkpoint(path, weights_only=weights_only)
+            return super().load_checkpoint(path, weights_only=True)
         finally:
             module.strict_loading = strict
 
